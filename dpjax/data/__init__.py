@@ -1,0 +1,1 @@
+"""Data: samplers (host side), pipelines and text loading."""

@@ -1,0 +1,125 @@
+"""Host-side index samplers with fixed physical shapes.
+
+Poisson sampling (each unit independently with probability q, arXiv
+1607.00133) gives a batch of random size; to keep `jit` compiling once, each
+logical batch is cut into physical batches of a fixed size, padded with
+masked rows. A logical batch that overflows one physical batch is SPLIT into
+several (gradient accumulation), never truncated: truncation would change
+the sampling distribution the accountant assumes.
+
+Every draw is a pure function of `(seed, step)`, so a run resumed at step k
+sees exactly the batches of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, NamedTuple
+
+import numpy as np
+
+
+class PhysicalBatch(NamedTuple):
+  indices: np.ndarray  # [P] int64; padded rows hold index 0
+  mask: np.ndarray     # [P] float32; 1 for a real row, 0 for padding
+
+
+def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed), int(stream), int(step)])
+
+
+def pad_to_physical(indices: np.ndarray, physical_batch_size: int,
+                    min_batches: int = 1) -> List[PhysicalBatch]:
+  """Cuts `indices` into `[P]`-shaped masked batches (at least `min_batches`)."""
+  if physical_batch_size < 1:
+    raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+  n = len(indices)
+  num = max(min_batches, -(-n // physical_batch_size))
+  out = []
+  for b in range(num):
+    chunk = indices[b * physical_batch_size:(b + 1) * physical_batch_size]
+    idx = np.zeros(physical_batch_size, np.int64)
+    mask = np.zeros(physical_batch_size, np.float32)
+    idx[:len(chunk)] = chunk
+    mask[:len(chunk)] = 1.0
+    out.append(PhysicalBatch(idx, mask))
+  return out
+
+
+class PoissonSampler:
+  """Poisson sampling of units with rate q, as fixed-shape masked batches.
+
+  Formal guarantees:
+    At every step each of the `num_units` units is included independently with
+    probability `sampling_rate`, independently across steps; this is the
+    sampling of `dp_accounting.PoissonSampledDpEvent(sampling_rate, ...)`.
+    No included unit is ever dropped (overflow goes to extra physical batches).
+  """
+
+  STREAM = 0
+
+  def __init__(self, num_units: int, sampling_rate: float, physical_batch_size: int,
+               seed: int):
+    if num_units < 1:
+      raise ValueError(f"num_units must be >= 1, got {num_units}")
+    if not (0.0 < sampling_rate <= 1.0):
+      raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+    if physical_batch_size < 1:
+      raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+    self.num_units = int(num_units)
+    self.sampling_rate = float(sampling_rate)
+    self.physical_batch_size = int(physical_batch_size)
+    self.seed = int(seed)
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self.num_units * self.sampling_rate
+
+  def sample_indices(self, step: int) -> np.ndarray:
+    """The sorted unit indices included at `step`."""
+    rng = _rng(self.seed, step, self.STREAM)
+    # Binomial count then a uniform subset of that size: the same law as N
+    # independent Bernoulli(q) draws, at O(count) cost for the subset.
+    count = rng.binomial(self.num_units, self.sampling_rate)
+    return np.sort(rng.choice(self.num_units, size=count, replace=False))
+
+  def batches(self, step: int) -> List[PhysicalBatch]:
+    """The physical batches of logical step `step` (at least one, maybe all padding)."""
+    return pad_to_physical(self.sample_indices(step), self.physical_batch_size)
+
+
+class ShuffledSampler:
+  """Fixed-size batches from a fresh permutation each epoch (no privacy claim).
+
+  Disjoint shuffled batches are not what Poisson or without-replacement
+  accountants analyse; use this for non-private baselines and evaluation.
+  """
+
+  STREAM = 1
+
+  def __init__(self, num_units: int, batch_size: int, seed: int, drop_remainder: bool = True):
+    if num_units < 1 or batch_size < 1:
+      raise ValueError(f"num_units and batch_size must be >= 1, got {num_units}, {batch_size}")
+    if drop_remainder and batch_size > num_units:
+      raise ValueError(f"batch_size={batch_size} > num_units={num_units} with drop_remainder")
+    self.num_units = int(num_units)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.drop_remainder = drop_remainder
+
+  @property
+  def steps_per_epoch(self) -> int:
+    if self.drop_remainder:
+      return self.num_units // self.batch_size
+    return math.ceil(self.num_units / self.batch_size)
+
+  def batches(self, step: int) -> List[PhysicalBatch]:
+    epoch, pos = divmod(step, self.steps_per_epoch)
+    perm = _rng(self.seed, epoch, self.STREAM).permutation(self.num_units)
+    idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+    return pad_to_physical(idx, self.batch_size)
+
+
+def eval_batches(num_units: int, batch_size: int) -> Iterator[PhysicalBatch]:
+  """Every unit once, in order, as masked fixed-shape batches."""
+  yield from pad_to_physical(np.arange(num_units), batch_size)

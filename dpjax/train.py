@@ -1,0 +1,333 @@
+"""The generic private training loop, built only from dpjax's public parts.
+
+One logical step of DP-SGD (arXiv 1607.00133) is
+
+    indices ~ PoissonSampler(q)                      host side, fixed shapes
+    g = sum over physical batches of clipped_grad()  gradient accumulation
+    params <- optimizer(normalize(mechanism(g)))     noise once, on the sum
+
+Metrics go to `metrics.jsonl`; checkpoints (orbax) hold the parameters, the
+optimizer state (which holds the noise key), and the step count, from which
+the accountant recomputes the budget spent: a resumed run neither reuses
+noise nor forgets spent privacy.
+
+Training loss and accuracy logged here are computed on private data and are
+NOT privatised: they are for monitoring, not for release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax import accounting
+from dpjax.clipping import clipped_grad
+from dpjax.data.sampling import PoissonSampler, ShuffledSampler, eval_batches
+from dpjax.mechanisms import gaussian, laplace, normalize
+
+PyTree = Any
+
+
+class Task(NamedTuple):
+  """What the loop trains: a per-example loss over trainable params and data.
+
+  Attributes:
+    name: a short name for logs.
+    params: the initial trainable parameters (the only ones clipped, noised
+      and updated).
+    frozen: parameters passed to the loss but never trained.
+    loss_fn: `(params, example, frozen) -> (loss, metrics)` for ONE example
+      (no batch axis); `metrics` is a dict of scalars (e.g. accuracy).
+    train: the private training split, a dict of `[N, ...]` arrays.
+    splits: held-out splits by name (e.g. "dev", "test"), same layout.
+  """
+  name: str
+  params: PyTree
+  frozen: PyTree
+  loss_fn: Callable
+  train: Dict[str, np.ndarray]
+  splits: Dict[str, Dict[str, np.ndarray]]
+
+
+class TrainState(NamedTuple):
+  params: PyTree
+  opt_state: PyTree
+  step: jax.Array  # int32 scalar: logical steps taken (what the accountant charges)
+
+
+def private_transform(*, noise_multiplier: float, sensitivity: float, expected_batch_size: float,
+                      optimizer: optax.GradientTransformation, key: jax.Array,
+                      mechanism: str = "gaussian") -> optax.GradientTransformation:
+  """mechanism -> normalize(expected batch) -> optimizer, as one optax chain."""
+  if mechanism == "gaussian":
+    noise = gaussian(noise_multiplier, sensitivity, key)
+  elif mechanism == "laplace":
+    noise = laplace(noise_multiplier, sensitivity, key)
+  else:
+    raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+  return optax.chain(noise, normalize(expected_batch_size), optimizer)
+
+
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
+                   warmup_steps: int = 0, total_steps: int = 0) -> optax.GradientTransformation:
+  if warmup_steps > 0 and total_steps > warmup_steps:
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
+                                            end_value=learning_rate * 0.1)
+  else:
+    lr = learning_rate
+  if name == "adamw":
+    return optax.adamw(lr, weight_decay=weight_decay)
+  if name == "adam":
+    return optax.adam(lr)
+  if name == "sgd":
+    return optax.sgd(lr, momentum=0.9)
+  raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {name!r}")
+
+
+def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
+  return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+
+def _num_rows(data: Dict[str, np.ndarray]) -> int:
+  return len(next(iter(data.values())))
+
+
+def make_eval_fn(task: Task) -> Callable:
+  """Jitted `(params, batch, mask) -> summed metrics` over a masked batch."""
+  def per_example(params, ex):
+    loss, metrics = task.loss_fn(params, ex, task.frozen)
+    return dict(metrics, loss=loss)
+
+  @jax.jit
+  def eval_fn(params, batch, mask):
+    out = jax.vmap(per_example, in_axes=(None, 0))(params, batch)
+    return {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in out.items()}
+  return eval_fn
+
+
+def evaluate(task: Task, params: PyTree, split: str, batch_size: int,
+             eval_fn: Optional[Callable] = None) -> Dict[str, float]:
+  """Mean metrics of `params` over one held-out split."""
+  data = task.splits[split]
+  eval_fn = eval_fn or make_eval_fn(task)
+  n = _num_rows(data)
+  totals: Dict[str, float] = {}
+  for pb in eval_batches(n, batch_size):
+    out = eval_fn(params, _take(data, pb.indices), jnp.asarray(pb.mask))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return {k: v / n for k, v in totals.items()}
+
+
+@dataclasses.dataclass
+class RunResult:
+  params: PyTree
+  final_metrics: Dict[str, Any]
+  workdir: Optional[str]
+
+
+def _checkpoint_manager(workdir: str):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _save(mngr, state: TrainState) -> None:
+  import orbax.checkpoint as ocp
+  mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, template: TrainState) -> Optional[TrainState]:
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(template))
+  return jax.tree.map(jnp.asarray, restored)
+
+
+def resolve_noise(cfg, sampling_rate: float) -> float:
+  """The noise multiplier: given directly, or calibrated to the target epsilon."""
+  if not cfg.private:
+    return 0.0
+  if cfg.get("noise_multiplier") is not None:
+    return float(cfg.noise_multiplier)
+  return accounting.calibrate_noise(cfg.target_epsilon, cfg.delta, sampling_rate, cfg.steps,
+                                    accountant=cfg.accountant, mechanism=cfg.mechanism)
+
+
+def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
+          stop_at_step: Optional[int] = None) -> RunResult:
+  """Runs (or resumes) `cfg` on `task`, writing to `workdir` when given.
+
+  Required config fields: private, steps, seed, learning_rate, optimizer,
+  physical_batch_size, log_every; private runs also need l2_clip_norm,
+  delta, accountant, mechanism and either sampling_rate or batch_size, and
+  either noise_multiplier or target_epsilon. `stop_at_step` ends the run early
+  (after checkpointing) as an interruption would.
+  """
+  n = _num_rows(task.train)
+  if cfg.private:
+    q = cfg.get("sampling_rate") or cfg.batch_size / n
+    sampler = PoissonSampler(n, q, cfg.physical_batch_size, cfg.seed)
+    expected = sampler.expected_batch_size
+  else:
+    q = None
+    sampler = ShuffledSampler(n, cfg.batch_size, cfg.seed)
+    expected = float(cfg.batch_size)
+  sigma = resolve_noise(cfg, q)
+
+  optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.get("weight_decay", 0.0),
+                             cfg.get("warmup_steps", 0), cfg.steps)
+  key = jax.random.PRNGKey(cfg.seed)
+  if cfg.private:
+    grad_fn = clipped_grad(task.loss_fn, l2_clip_norm=cfg.l2_clip_norm, has_aux=True,
+                           microbatch_size=cfg.get("microbatch_size"))
+    tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
+                           expected_batch_size=expected, optimizer=optimizer, key=key,
+                           mechanism=cfg.mechanism)
+  else:
+    grad_fn = None
+    tx = optax.chain(normalize(expected), optimizer)
+
+  def plain_grad(params, batch, mask):
+    def total(p):
+      loss, metrics = jax.vmap(task.loss_fn, in_axes=(None, 0, None))(p, batch, task.frozen)
+      return jnp.sum(jnp.where(mask > 0, loss, 0.0)), (loss, metrics)
+    g, (loss, metrics) = jax.grad(total, has_aux=True)(params)
+    return g, loss, metrics
+
+  @jax.jit
+  def accumulate(gsum, params, batch, mask):
+    if grad_fn is not None:
+      g, aux = grad_fn(params, batch, task.frozen, mask=mask)
+      loss, metrics = aux.loss, aux.loss_aux
+    else:
+      g, loss, metrics = plain_grad(params, batch, mask)
+    stats = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in dict(metrics, loss=loss).items()}
+    return jax.tree.map(jnp.add, gsum, g), stats
+
+  @jax.jit
+  def apply(state: TrainState, gsum):
+    updates, opt_state = tx.update(gsum, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+  state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
+  mngr = None
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(dict(cfg), indent=2))
+    mngr = _checkpoint_manager(workdir)
+    restored = _restore(mngr, state)
+    if restored is not None:
+      state = restored
+
+  def eps_at(step: int) -> float:
+    if not cfg.private:
+      return math.inf
+    return accounting.epsilon_spent(sigma, q, step, cfg.delta, cfg.accountant, cfg.mechanism)
+
+  eval_fn = make_eval_fn(task) if task.splits else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  start = int(state.step)
+  end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+  header = {"event": "start", "task": task.name, "private": bool(cfg.private),
+            "noise_multiplier": sigma, "sampling_rate": q, "expected_batch_size": expected,
+            "steps": cfg.steps, "resumed_from": start,
+            "privacy_unit": cfg.get("privacy_unit", "example")}
+  _log(metrics_path, header)
+
+  bar = _progress(range(start, end), progress, initial=start, total=cfg.steps)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  window: Dict[str, float] = {}
+  t0, seen = time.perf_counter(), 0
+  last: Dict[str, Any] = {}
+  for step in bar:
+    gsum = zeros
+    for pb in sampler.batches(step):
+      gsum, stats = accumulate(gsum, state.params, _take(task.train, pb.indices),
+                               jnp.asarray(pb.mask))
+      for k, v in stats.items():
+        window[k] = window.get(k, 0.0) + float(v)
+      seen += int(pb.mask.sum())
+      window["count"] = window.get("count", 0.0) + float(pb.mask.sum())
+    state = apply(state, gsum)
+    done = step + 1
+    if done % cfg.log_every == 0 or done == end:
+      cnt = max(window.pop("count", 0.0), 1.0)
+      rec = {"step": done, **{f"train_{k}": v / cnt for k, v in window.items()},
+             "epsilon": eps_at(done), "delta": cfg.get("delta"),
+             "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+      if eval_fn is not None and "dev" in task.splits:
+        rec.update({f"dev_{k}": v for k, v in
+                    evaluate(task, state.params, "dev", cfg.physical_batch_size, eval_fn).items()})
+      _log(metrics_path, rec)
+      last = rec
+      window = {}
+      if hasattr(bar, "set_postfix"):
+        bar.set_postfix({k: f"{rec[k]:.3g}" for k in
+                         ("train_loss", "dev_accuracy", "epsilon") if k in rec})
+    if mngr is not None and (done % cfg.get("checkpoint_every", 10**9) == 0 or done == end):
+      _save(mngr, state)
+
+  final = dict(last)
+  final["step"] = int(state.step)
+  final["epsilon"] = eps_at(int(state.step))
+  if int(state.step) == cfg.steps and eval_fn is not None:
+    for split in task.splits:
+      for k, v in evaluate(task, state.params, split, cfg.physical_batch_size, eval_fn).items():
+        final[f"{split}_{k}"] = v
+    _log(metrics_path, dict(final, event="final"))
+  if workdir and int(state.step) == cfg.steps:
+    _plot_curves(metrics_path, os.path.join(workdir, "curves.png"))
+  return RunResult(state.params, final, workdir)
+
+
+def _log(path: Optional[str], rec: Dict[str, Any]) -> None:
+  if path is None:
+    return
+  with open(path, "a") as f:
+    f.write(json.dumps(rec, default=float) + "\n")
+
+
+def _progress(it, enabled: bool, initial: int, total: int):
+  if not enabled:
+    return it
+  from tqdm.auto import tqdm
+  return tqdm(it, initial=initial, total=total, desc="train", dynamic_ncols=True)
+
+
+def _plot_curves(metrics_path: str, out_path: str) -> None:
+  """loss, dev accuracy and epsilon against step, from metrics.jsonl."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  recs = [json.loads(l) for l in open(metrics_path)]
+  recs = [r for r in recs if "step" in r and "event" not in r]
+  if not recs:
+    return
+  panels = [("train_loss", "train loss"), ("dev_accuracy", "dev accuracy"),
+            ("epsilon", "epsilon spent")]
+  panels = [(k, t) for k, t in panels if any(k in r for r in recs)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+  for ax, (k, title) in zip(np.atleast_1d(axes), panels):
+    pts = [(r["step"], r[k]) for r in recs if k in r and r[k] is not None and math.isfinite(r[k])]
+    if pts:
+      ax.plot(*zip(*pts), marker=".")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,40 @@
+"""Tiny pure-JAX models used across tests (no Flax needed)."""
+
+import jax
+import jax.numpy as jnp
+
+
+def mlp_init(key, d_in=5, d_hidden=7, d_out=3):
+  k1, k2 = jax.random.split(key)
+  return {"dense": {"w": jax.random.normal(k1, (d_in, d_hidden)) * 0.5, "b": jnp.zeros(d_hidden)},
+          "out": {"w": jax.random.normal(k2, (d_hidden, d_out)) * 0.5, "b": jnp.zeros(d_out)}}
+
+
+def mlp_loss(params, ex):
+  """Cross-entropy of one example {'x': [d_in], 'y': int}."""
+  h = jnp.tanh(ex["x"] @ params["dense"]["w"] + params["dense"]["b"])
+  logits = h @ params["out"]["w"] + params["out"]["b"]
+  return -jax.nn.log_softmax(logits)[ex["y"]]
+
+
+def transformer_init(key, vocab=11, d=8, seq=6):
+  ks = jax.random.split(key, 6)
+  n = lambda k, s: jax.random.normal(k, s) * 0.3
+  return {"embed": n(ks[0], (vocab, d)), "pos": n(ks[1], (seq, d)),
+          "attn": {"q": n(ks[2], (d, d)), "k": n(ks[3], (d, d)), "v": n(ks[4], (d, d))},
+          "ln": {"scale": jnp.ones(d)}, "head": n(ks[5], (d, vocab))}
+
+
+def transformer_loss(params, ex):
+  """Next-token loss of one sequence {'tokens': [T]} through one causal attention block."""
+  t = ex["tokens"]
+  x = params["embed"][t] + params["pos"][: t.shape[0]]
+  q, k, v = (x @ params["attn"][n] for n in "qkv")
+  scores = q @ k.T / jnp.sqrt(x.shape[-1])
+  causal = jnp.tril(jnp.ones((t.shape[0], t.shape[0]), bool))
+  scores = jnp.where(causal, scores, -1e9)
+  x = x + jax.nn.softmax(scores) @ v
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * params["ln"]["scale"]
+  logits = x @ params["head"]
+  logp = jax.nn.log_softmax(logits[:-1])
+  return -jnp.mean(jnp.take_along_axis(logp, t[1:, None], axis=-1))

@@ -1,0 +1,93 @@
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+from scipy import stats
+
+from dpjax import accounting
+
+
+def _dp_accounting_eps(event, delta, kind):
+  acc = (pld.PLDAccountant(value_discretization_interval=1e-4) if kind == "pld"
+         else rdp.RdpAccountant())
+  return acc.compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 500), (0.7, 0.05, 100), (2.0, 1.0, 10)])
+def test_epsilon_equals_dp_accounting(kind, sigma, q, steps):
+  inner = dp_accounting.GaussianDpEvent(sigma)
+  step = inner if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, inner)
+  want = _dp_accounting_eps(dp_accounting.SelfComposedDpEvent(step, steps), 1e-5, kind)
+  got = accounting.epsilon(accounting.dpsgd_event(sigma, q, steps), 1e-5, accountant=kind)
+  assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_unsampled_gaussian_matches_closed_form():
+  """q = 1: T steps of sigma compose to one Gaussian with sigma/sqrt(T) (Balle & Wang 2018)."""
+  sigma, steps, eps = 3.0, 4, 1.0
+  mu = math.sqrt(steps) / sigma
+  exact = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+  got = accounting.delta(accounting.dpsgd_event(sigma, 1.0, steps), eps, accountant="pld")
+  assert exact <= got <= exact * 1.01  # pessimistic PLD: an upper bound, and tight
+
+
+def test_laplace_unsampled_is_one_over_multiplier():
+  got = accounting.epsilon(accounting.dpsgd_event(2.0, 1.0, 3, mechanism="laplace"), 1e-9, "pld")
+  assert got <= 3 * 0.5 + 1e-3  # basic composition bounds it
+  assert got > 0.5
+
+
+def test_composed_phases_equal_sum_of_parts_in_rdp():
+  a = accounting.dpsgd_event(1.0, 0.02, 100)
+  b = accounting.dpsgd_event(2.0, 0.02, 300)
+  both = accounting.epsilon(accounting.compose([a, b]), 1e-5, "pld")
+  want = pld.PLDAccountant(value_discretization_interval=1e-4).compose(a).compose(b)
+  assert both == pytest.approx(want.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_fixed_batch_uses_replace_one_rdp():
+  ev = accounting.fixed_batch_event(1.0, dataset_size=1000, batch_size=10, steps=100)
+  want = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  assert accounting.epsilon(ev, 1e-5, "rdp") == pytest.approx(
+      want.compose(ev).get_epsilon(1e-5), rel=1e-9)
+  with pytest.raises(ValueError, match="PLD accountant does not support"):
+    accounting.epsilon(ev, 1e-5, "pld")
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibrate_noise_round_trips(kind, target):
+  q, steps, delta = 0.02, 200, 1e-5
+  sigma = accounting.calibrate_noise(target, delta, q, steps, accountant=kind)
+  eps = accounting.epsilon(accounting.dpsgd_event(sigma, q, steps), delta, kind)
+  assert target * 0.99 <= eps <= target
+
+
+def test_epsilon_spent_before_first_step_and_without_noise():
+  assert accounting.epsilon_spent(1.0, 0.1, 0, 1e-5) == 0.0
+  assert accounting.epsilon_spent(0.0, 0.1, 5, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_epsilon=0.0), "epsilon must be finite and > 0"),
+    (dict(target_epsilon=-2.0), "epsilon must be finite and > 0"),
+    (dict(delta=0.0), "delta must be in"),
+    (dict(delta=1.0), "delta must be in"),
+    (dict(sampling_rate=0.0), "sampling_rate must be in"),
+    (dict(sampling_rate=1.5), "sampling_rate must be in"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+])
+def test_impossible_inputs_raise(kwargs, match):
+  args = dict(target_epsilon=1.0, delta=1e-5, sampling_rate=0.01, steps=10)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    accounting.calibrate_noise(**args)
+
+
+def test_unknown_accountant_and_bad_noise():
+  with pytest.raises(ValueError, match="accountant must be one of"):
+    accounting.epsilon(accounting.dpsgd_event(1.0, 0.1, 1), 1e-5, "moments")
+  with pytest.raises(ValueError, match="noise_multiplier must be finite and > 0"):
+    accounting.dpsgd_event(-1.0, 0.1, 1)

@@ -1,0 +1,83 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dpjax
+from dpjax import mechanisms
+
+
+class GaussianTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_std_within_two_percent_over_a_million_draws(self):
+    tx = mechanisms.gaussian(noise_multiplier=0.7, l2_clip_norm=2.0, key=jax.random.PRNGKey(0))
+    zeros = {"a": jnp.zeros((1000, 500)), "b": jnp.zeros(500_000)}
+    noisy, _ = self.variant(tx.update)(zeros, tx.init(zeros))
+    draws = np.concatenate([np.ravel(x) for x in jax.tree.leaves(noisy)])
+    assert draws.size == 10**6
+    assert abs(draws.std() / 1.4 - 1.0) < 0.02
+    assert abs(draws.mean()) < 0.01
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_noise_added_to_the_sum_and_never_repeats(self):
+    tx = mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(1))
+    grads = {"w": jnp.full((64,), 3.0), "v": jnp.full((64,), 3.0)}
+    state = tx.init(grads)
+    update = self.variant(tx.update)
+    out1, state = update(grads, state)
+    out2, state = update(grads, state)
+    n1, n2 = out1["w"] - 3.0, out2["w"] - 3.0
+    assert not np.allclose(n1, n2)
+    assert not np.allclose(out1["w"], out1["v"])  # each leaf its own key
+    assert int(state.count) == 2
+    assert abs(float(jnp.mean(jnp.concatenate([n1, n2])))) < 0.5
+
+
+def test_bf16_grads_get_f32_noise_and_keep_dtype():
+  tx = mechanisms.gaussian(1e-3, 1.0, jax.random.PRNGKey(2))
+  g = jnp.full((4096,), 256.0, jnp.bfloat16)
+  out, _ = tx.update(g, tx.init(g))
+  assert out.dtype == jnp.bfloat16
+  # bf16 has an 8-bit mantissa: 256 + 1e-3 noise rounds back to 256 exactly,
+  # while the noise itself, drawn in f32, is not quantised to zero first.
+  small = jnp.zeros((4096,), jnp.bfloat16)
+  noise, _ = tx.update(small, tx.init(small))
+  assert float(jnp.std(noise.astype(jnp.float32))) == pytest.approx(1e-3, rel=0.05)
+  assert np.all(np.asarray(out, np.float32) == 256.0)
+
+
+def test_laplace_scale_and_variance():
+  tx = mechanisms.laplace(noise_multiplier=0.5, l1_clip_norm=2.0, key=jax.random.PRNGKey(3))
+  z = jnp.zeros(10**6)
+  out, _ = tx.update(z, tx.init(z))
+  # Laplace(0, b) has E|x| = b and var = 2 b^2, b = 1.0 here.
+  assert float(jnp.mean(jnp.abs(out))) == pytest.approx(1.0, rel=0.01)
+  assert float(jnp.var(out)) == pytest.approx(2.0, rel=0.02)
+
+
+def test_normalize_divides_by_expected_batch_size():
+  tx = dpjax.normalize(expected_batch_size=8.0)
+  out, _ = tx.update({"w": jnp.full(3, 4.0)}, tx.init(None))
+  np.testing.assert_allclose(out["w"], 0.5)
+
+
+def test_chain_with_optax_and_state_holds_key():
+  key = jax.random.PRNGKey(4)
+  tx = optax.chain(mechanisms.gaussian(1.0, 1.0, key), dpjax.normalize(4.0), optax.sgd(1.0))
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  np.testing.assert_array_equal(state[0].key, key)
+  updates, state2 = tx.update({"w": jnp.ones(3)}, state, params)
+  assert updates["w"].shape == (3,)
+  assert not np.array_equal(state2[0].key, key)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_noise_multiplier(bad):
+  with pytest.raises(ValueError, match="noise_multiplier must be finite and >= 0"):
+    mechanisms.gaussian(bad, 1.0, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="expected_batch_size"):
+    dpjax.normalize(0)
