@@ -1,0 +1,76 @@
+"""`dpjax train | account` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _train(args) -> int:
+  from dpjax.config import load_config
+  from dpjax.tasks import build_task
+  from dpjax.train import train
+
+  cfg = load_config(args.config, args.set or [])
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  task = build_task(cfg)
+  result = train(cfg, task, workdir, progress=not args.no_progress)
+  unit = cfg.get("privacy_unit", "example")
+  summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
+  summary["privacy_unit"] = unit
+  print(json.dumps(summary, default=float))
+  if cfg.private:
+    print(f"privacy: ({summary['epsilon']:.3f}, {cfg.delta:g})-DP per {unit} "
+          f"({cfg.accountant} accountant, upper bound)")
+  print(f"run directory: {workdir}")
+  return 0
+
+
+def _account(args) -> int:
+  from dpjax import accounting
+  if args.target_epsilon is not None:
+    sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, args.sampling_rate,
+                                       args.steps, accountant=args.accountant)
+    print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon}))
+  else:
+    eps = accounting.epsilon_spent(args.noise_multiplier, args.sampling_rate, args.steps,
+                                   args.delta, accountant=args.accountant)
+    print(json.dumps({"epsilon": eps, "delta": args.delta, "accountant": args.accountant}))
+  return 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
+  sub = p.add_subparsers(dest="cmd", required=True)
+
+  t = sub.add_parser("train", help="run a config from configs/")
+  t.add_argument("config", nargs="?", default="configs/quickstart.py")
+  t.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
+  t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+  t.add_argument("--no-progress", action="store_true")
+  t.set_defaults(fn=_train)
+
+  a = sub.add_parser("account", help="epsilon of a DP-SGD run, or noise for a target epsilon")
+  a.add_argument("--sampling-rate", type=float, required=True)
+  a.add_argument("--steps", type=int, required=True)
+  a.add_argument("--delta", type=float, default=1e-5)
+  a.add_argument("--accountant", default="pld")
+  g = a.add_mutually_exclusive_group(required=True)
+  g.add_argument("--noise-multiplier", type=float)
+  g.add_argument("--target-epsilon", type=float)
+  a.set_defaults(fn=_account)
+
+  args = p.parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"dpjax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,45 @@
+"""Loading experiment configs: a Python file with `get_config()`, plus overrides."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+  """Runs `path`'s `get_config()` and applies `key.sub=value` overrides."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("dpjax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config()")
+  cfg = module.get_config()
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"override must look like key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    if parts[-1] not in node:
+      raise ValueError(f"unknown config key {key!r} in {path}")
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+      node[parts[-1]] = value
+  return cfg
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
