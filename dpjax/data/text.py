@@ -1,0 +1,77 @@
+"""Text data from local files: the RT sentences, tokenizers, padded token arrays.
+
+Everything loads from a local path (an asset directory or a test fixture);
+nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+RT_FILE = "movieReviewSnippets_GroundTruth.txt"
+
+
+def _split_of(text: str) -> str:
+  """Fixed 80/10/10 split by a hash of the sentence (stable across runs and machines)."""
+  bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % 10
+  return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
+
+
+def load_rt_polarity(path: Optional[str] = None):
+  """Rotten-Tomatoes sentences as a `datasets.DatasetDict` (train/dev/test).
+
+  `path` is a directory holding `movieReviewSnippets_GroundTruth.txt` (lines
+  `id<TAB>rating<TAB>sentence`, rating in [-4, 4]) or the file itself; by
+  default the fetched `rt-polarity` asset. Label = 1 if rating > 0, 0 if
+  rating < 0; zero-rated sentences are dropped.
+  """
+  import datasets
+  if path is None:
+    from dpjax import assets
+    path = assets.fetch("rt-polarity")
+  if os.path.isdir(path):
+    path = os.path.join(path, RT_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"RT sentences not found at {path}")
+  rows: Dict[str, Dict[str, list]] = {s: {"sentence": [], "label": [], "rating": []}
+                                      for s in ("train", "dev", "test")}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip():
+        continue
+      parts = line.split("\t")
+      if len(parts) < 3:
+        raise ValueError(f"{path}:{lineno}: expected id<TAB>rating<TAB>sentence, got {line[:80]!r}")
+      rating = float(parts[1])
+      if rating == 0:
+        continue
+      sentence = "\t".join(parts[2:]).strip()
+      split = rows[_split_of(sentence)]
+      split["sentence"].append(sentence)
+      split["label"].append(int(rating > 0))
+      split["rating"].append(rating)
+  return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()})
+
+
+def load_tokenizer(path: str):
+  """A Hugging Face tokenizer from a local directory (never the hub)."""
+  from transformers import AutoTokenizer
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory not found: {path}")
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, np.ndarray]:
+  """Token ids and attention mask, padded/truncated to `max_length`: `[N, T]` each."""
+  enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="max_length",
+                  return_tensors="np")
+  ids = enc["input_ids"].astype(np.int32)
+  mask = enc["attention_mask"].astype(np.int32)
+  if len(texts) and int(mask.sum(1).min()) == 0:
+    raise ValueError("tokenizer produced an empty encoding for some text")
+  return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,141 @@
+"""BERT/RoBERTa-family encoders (arXiv 1810.04805, 1907.11692) as Flax linen modules.
+
+One module covers both families; their differences are config: RoBERTa
+offsets position ids past the padding id and has a single token type.
+Post-LayerNorm blocks, GELU feed-forward, absolute learned positions.
+
+There is no dropout: per-example private training needs a key per example
+for it, and fine-tuning results here do not depend on it. The module exposes
+`embed`, `run_layers` and `classify` so a caller can run the frozen bottom
+of the network once and train only the top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  pad_token_id: int = 0
+  position_offset: int = 0  # RoBERTa: pad_token_id + 1; BERT: 0
+  num_labels: int = 2
+  pooling: str = "cls"      # "cls" (first token, then tanh pooler) or "mean"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    if self.pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+
+
+def _act(name: str):
+  if name == "gelu":
+    return lambda x: nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+    return lambda x: nn.gelu(x, approximate=True)
+  if name == "relu":
+    return nn.relu
+  raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+class SelfAttention(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, h, bias):  # h: [B, T, D]; bias: [B, 1, 1, T]
+    c = self.cfg
+    hd = c.hidden_size // c.num_heads
+    dense = lambda name: nn.Dense(c.hidden_size, name=name, dtype=c.dtype)
+    split = lambda x: x.reshape(x.shape[:2] + (c.num_heads, hd))
+    q, k, v = (split(dense(n)(h)) for n in ("query", "key", "value"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+    probs = jax.nn.softmax((scores + bias).astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(h.shape)
+    return dense("output")(out)
+
+
+class Layer(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, h, bias):
+    c = self.cfg
+    ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, dtype=c.dtype)
+    h = ln("attention_ln")(h + SelfAttention(c, name="attention")(h, bias))
+    ff = _act(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h))
+    return ln("output_ln")(h + nn.Dense(c.hidden_size, name="output", dtype=c.dtype)(ff))
+
+
+class Encoder(nn.Module):
+  """Token ids -> hidden states, plus a sequence-classification head."""
+  cfg: EncoderConfig
+
+  def setup(self):
+    c = self.cfg
+    self.word = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")
+    self.position = nn.Embed(c.max_position, c.hidden_size, name="position_embeddings")
+    self.token_type = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")
+    self.embed_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, name="embeddings_ln")
+    self.layers = [Layer(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.pooler = nn.Dense(c.hidden_size, name="pooler")
+    self.classifier = nn.Dense(c.num_labels, name="classifier")
+
+  def embed(self, input_ids, attention_mask, token_type_ids=None):
+    c = self.cfg
+    if c.position_offset:
+      # RoBERTa numbers real tokens from pad_id + 1 and gives padding pad_id.
+      pos = jnp.cumsum(attention_mask, axis=1) * attention_mask + c.pad_token_id
+    else:
+      pos = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    h = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
+    return self.embed_ln(h).astype(c.dtype)
+
+  def run_layers(self, h, attention_mask, start: int = 0, end: Optional[int] = None):
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    for layer in self.layers[start:end]:
+      h = layer(h, bias)
+    return h
+
+  def pool(self, h, attention_mask):
+    if self.cfg.pooling == "mean":
+      m = attention_mask[..., None].astype(h.dtype)
+      return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return jnp.tanh(self.pooler(h[:, 0]))
+
+  def classify(self, h, attention_mask):
+    return self.classifier(self.pool(h, attention_mask).astype(jnp.float32))
+
+  def __call__(self, input_ids, attention_mask, token_type_ids=None):
+    """Classification logits `[B, num_labels]`."""
+    h = self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask)
+    return self.classify(h, attention_mask)
+
+  def hidden_states(self, input_ids, attention_mask, token_type_ids=None):
+    """Last hidden states `[B, T, D]` (what `transformers`' BertModel returns)."""
+    return self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask)
+
+
+def init_params(cfg: EncoderConfig, key: jax.Array, seq_len: int = 8):
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  variables = Encoder(cfg).init(key, ids, jnp.ones_like(ids))
+  return variables["params"]

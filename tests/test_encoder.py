@@ -1,0 +1,51 @@
+"""Our Flax encoder against transformers' PyTorch BERT/RoBERTa, same tiny random weights."""
+
+import numpy as np
+import pytest
+
+from dpjax.models.encoder import Encoder
+from dpjax.models.hf import load_encoder
+
+torch = pytest.importorskip("torch", reason="torch (CPU) is needed for logit parity: "
+                            "pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny(model_type):
+  kw = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=40, num_labels=3)
+  if model_type == "bert":
+    cfg = transformers.BertConfig(**kw)
+    return transformers.BertForSequenceClassification(cfg).eval()
+  cfg = transformers.RobertaConfig(**kw, type_vocab_size=1, pad_token_id=1)
+  return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_logits_match_pytorch(tmp_path, model_type):
+  torch.manual_seed(0)
+  ref = _tiny(model_type)
+  ref.save_pretrained(tmp_path)  # config.json + model.safetensors
+  cfg, params = load_encoder(str(tmp_path), num_labels=3)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 97, (3, 11)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 7:] = 0
+  mask[2, 4:] = 0
+  ids[mask == 0] = ref.config.pad_token_id
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+  model = Encoder(cfg)
+  logits = model.apply({"params": params}, ids, mask)
+  np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
+  hidden = model.apply({"params": params}, ids, mask, method=Encoder.hidden_states)
+  valid = mask.astype(bool)
+  assert np.max(np.abs(np.asarray(hidden)[valid] - out.hidden_states[-1].numpy()[valid])) < 1e-4
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="model directory not found"):
+    load_encoder(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    load_encoder(str(tmp_path))
