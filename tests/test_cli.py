@@ -1,0 +1,24 @@
+import json
+
+from dpjax import accounting, cli
+
+
+def test_account_epsilon_matches_library(capsys):
+  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
+                   "--noise-multiplier", "1.0"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["epsilon"] == accounting.epsilon(accounting.dpsgd_event(1.0, 0.01, 100), 1e-5)
+
+
+def test_bad_input_exits_2_with_message(capsys):
+  assert cli.main(["account", "--sampling-rate", "2.0", "--steps", "10",
+                   "--target-epsilon", "1"]) == 2
+  assert "sampling_rate must be in (0, 1]" in capsys.readouterr().err
+  assert cli.main(["train", "configs/does_not_exist.py"]) == 2
+  assert "config file not found" in capsys.readouterr().err
+
+
+def test_assets_list(capsys):
+  assert cli.main(["assets", "list"]) == 0
+  out = capsys.readouterr().out
+  assert "minilm" in out and "rt-polarity" in out
