@@ -4,13 +4,13 @@ Same data, privacy and accounting as `quickstart.py`; all 6 layers, the
 embeddings and the head are clipped, noised and updated.
 """
 
-import ml_collections
+import os
 
-from configs import quickstart
+from dpjax.config import load_config
 
 
 def get_config():
-  c = quickstart.get_config()
+  c = load_config(os.path.join(os.path.dirname(__file__), "quickstart.py"))
   c.task.max_length = 64
   c.task.train_layers = 6
   c.task.train_embeddings = True

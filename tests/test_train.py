@@ -76,3 +76,12 @@ def test_config_override_errors(tmp_path):
   with pytest.raises(ValueError, match="unknown config key"):
     load_config(CONFIG, ["no_such_key=1"])
   assert load_config(CONFIG, ["steps=7"]).steps == 7
+
+
+def test_every_shipped_config_loads():
+  import glob
+  paths = glob.glob(os.path.join(os.path.dirname(CONFIG), "*.py"))
+  assert len(paths) >= 3
+  for p in paths:
+    cfg = load_config(p)
+    assert cfg.steps >= 1 and cfg.task.name
