@@ -1,0 +1,65 @@
+"""The text-classification task end to end on tiny local fixtures (no download)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dpjax.config import load_config
+from dpjax.tasks import build_task
+from dpjax.train import train
+
+torch = pytest.importorskip("torch", reason="torch (CPU) writes the tiny BERT fixture")
+transformers = pytest.importorskip("transformers")
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "plot", "the", "a"]
+
+
+@pytest.fixture
+def fixtures(tmp_path, monkeypatch):
+  monkeypatch.setenv("DPJAX_HOME", str(tmp_path / "home"))
+  model_dir = tmp_path / "bert"
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=24,
+                                max_position_embeddings=32)
+  transformers.BertModel(cfg).save_pretrained(model_dir)
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(400):
+    pos = i % 2 == 0
+    words = list(rng.choice(WORDS[:3] if pos else WORDS[3:6], 2)) + list(rng.choice(WORDS[6:], 2))
+    rng.shuffle(words)
+    lines.append(f"{i}\t{'2.0' if pos else '-2.0'}\t{' '.join(words)} {i}")
+  data_dir = tmp_path / "rt"
+  data_dir.mkdir()
+  (data_dir / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+  return str(model_dir), str(data_dir)
+
+
+@pytest.mark.parametrize("train_layers", [0, 1])
+def test_private_text_classification_learns(fixtures, train_layers):
+  model_dir, data_dir = fixtures
+  cfg = load_config(QUICKSTART, [
+      f"task.model='{model_dir}'", f"task.data='{data_dir}'", "task.max_length=8",
+      f"task.train_layers={train_layers}", "steps=30", "batch_size=64",
+      "physical_batch_size=64", "learning_rate=0.05", "target_epsilon=8.0"])
+  task = build_task(cfg)
+  assert set(task.params) == ({"classifier"} if train_layers == 0 else {"classifier", "layer_1"})
+  result = train(cfg, task, None, progress=False)
+  assert result.final_metrics["epsilon"] <= 8.0
+  assert result.final_metrics["test_accuracy"] > 0.75  # sentiment words decide the label
+  again = build_task(cfg)  # frozen features now come from the cache, identically
+  np.testing.assert_array_equal(again.train["hidden"], task.train["hidden"])
+
+
+def test_bad_model_path(fixtures):
+  _, data_dir = fixtures
+  cfg = load_config(QUICKSTART, ["task.model='/no/such/dir'",
+                                              f"task.data='{data_dir}'"])
+  with pytest.raises(FileNotFoundError, match="neither a known asset"):
+    build_task(cfg)
