@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 from typing import Sequence
@@ -32,14 +33,6 @@ def load_config(path: str, overrides: Sequence[str] = ()):
       node = node[p]
     if parts[-1] not in node:
       raise ValueError(f"unknown config key {key!r} in {path}")
-    with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
       node[parts[-1]] = value
   return cfg
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
