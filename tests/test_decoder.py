@@ -1,0 +1,258 @@
+"""Our Flax decoders against transformers' PyTorch Llama/GPT-2; KV cache; GGUF loading."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpjax.models.decoder import Decoder, causal_lm_loss, init_cache
+from dpjax.models.generate import generate, left_pad, sample_logits
+from dpjax.models.hf import (gguf_tokenizer, llama_cpp_permute, llama_cpp_unpermute,
+                             load_decoder, load_gguf)
+
+torch = pytest.importorskip("torch", reason="torch (CPU) is needed for logit parity: "
+                            "pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers")
+
+V = 101
+
+
+def _tiny(family, tie=False):
+  torch.manual_seed(0)
+  if family == "llama":
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tie, rope_theta=500.0, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+  cfg = transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "llama-tied", "gpt2"])
+def tiny(request, tmp_path_factory):
+  family = request.param.split("-")[0]
+  ref = _tiny(family, tie=request.param.endswith("tied"))
+  path = tmp_path_factory.mktemp(request.param)
+  ref.save_pretrained(path)
+  cfg, params = load_decoder(str(path))
+  return ref, cfg, params
+
+
+def _ids(shape, seed=0):
+  return np.random.default_rng(seed).integers(3, V, shape).astype(np.int32)
+
+
+def test_logits_match_pytorch(tiny):
+  ref, cfg, params = tiny
+  ids = _ids((3, 10))
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0                       # right padding: compare real positions
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+  logits, cache = Decoder(cfg).apply({"params": params}, ids, mask)
+  assert cache is None
+  valid = mask.astype(bool)
+  assert np.max(np.abs(np.asarray(logits)[valid] - out[valid])) < 1e-4
+
+
+def test_left_padding_does_not_change_logits(tiny):
+  _, cfg, params = tiny
+  seqs = [list(_ids((7,), 1)), list(_ids((4,), 2))]
+  ids, mask = left_pad(seqs, cfg.pad_token_id)
+  model = Decoder(cfg)
+  batched, _ = model.apply({"params": params}, ids, mask)
+  for b, s in enumerate(seqs):
+    alone, _ = model.apply({"params": params}, np.asarray([s], np.int32))
+    np.testing.assert_allclose(np.asarray(batched)[b, -len(s):], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_incremental_cache_equals_full_pass(tiny):
+  _, cfg, params = tiny
+  ids = _ids((2, 9), 3)
+  model = Decoder(cfg)
+  full, _ = model.apply({"params": params}, ids)
+  cache = init_cache(cfg, 2, 12)
+  head, cache = model.apply({"params": params}, ids[:, :5], cache=cache)
+  steps = [head]
+  for t in range(5, 9):
+    lg, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache)
+    steps.append(lg)
+  np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1),
+                             np.asarray(full), atol=1e-4)
+  assert int(cache.index) == 9 and int(cache.mask.sum()) == 18
+
+
+def test_greedy_generation_with_cache_equals_without(tiny):
+  _, cfg, params = tiny
+  ids, mask = left_pad([list(_ids((6,), 4)), list(_ids((3,), 5))], cfg.pad_token_id)
+  key = jax.random.PRNGKey(0)
+  kw = dict(max_new_tokens=8, temperature=0.0)
+  with_cache, _ = generate(cfg, params, ids, mask, key, use_cache=True, **kw)
+  without, _ = generate(cfg, params, ids, mask, key, use_cache=False, **kw)
+  assert with_cache.shape == (2, 8)
+  np.testing.assert_array_equal(np.asarray(with_cache), np.asarray(without))
+  # Teacher forcing on prompt + output: each new token is the argmax after its context.
+  seq = np.concatenate([ids[1:], np.asarray(with_cache)[1:]], 1)
+  seq_mask = np.concatenate([mask[1:], np.ones((1, 8), np.int32)], 1)
+  logits, _ = Decoder(cfg).apply({"params": params}, seq, seq_mask)
+  for t, tok in enumerate(np.asarray(with_cache)[1]):
+    assert tok == int(np.argmax(np.asarray(logits)[0, ids.shape[1] - 1 + t]))
+    if tok == cfg.eos_token_id:
+      break
+
+
+def test_sampled_generation_with_cache_equals_without(tiny):
+  _, cfg, params = tiny
+  ids, mask = left_pad([list(_ids((5,), 6))] * 3, cfg.pad_token_id)
+  kw = dict(max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9)
+  key = jax.random.PRNGKey(3)
+  a, _ = generate(cfg, params, ids, mask, key, use_cache=True, **kw)
+  b, _ = generate(cfg, params, ids, mask, key, use_cache=False, **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sample_logits_top_k_top_p_support():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.split(jax.random.PRNGKey(0), 1)[0]
+  k1 = np.asarray(sample_logits(logits, keys, top_k=2))
+  assert set(k1) == {0, 1}
+  assert abs(np.mean(k1 == 0) - 0.5 / 0.8) < 0.03        # renormalised over the top 2
+  p = np.asarray(sample_logits(logits, keys, top_p=0.85))  # 0.5 + 0.3 < 0.85 -> keep 3
+  assert set(p) == {0, 1, 2}
+  assert set(np.asarray(sample_logits(logits, keys, top_p=0.4))) == {0}
+  np.testing.assert_array_equal(np.asarray(sample_logits(logits, keys, temperature=0.0)), 0)
+  full = np.asarray(sample_logits(logits, keys))
+  assert abs(np.mean(full == 3) - 0.05) < 0.015
+  with pytest.raises(ValueError, match="top_p"):
+    sample_logits(logits, keys, top_p=0.0)
+
+
+def test_causal_lm_loss_masks_padding():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 6, 11)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 11, (2, 6)))
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+  loss = causal_lm_loss(logits, ids, mask)
+  logp = jax.nn.log_softmax(logits, -1)
+  ref0 = -np.mean([logp[0, t, ids[0, t + 1]] for t in range(3)])
+  ref1 = -np.mean([logp[1, t, ids[1, t + 1]] for t in range(2, 5)])
+  np.testing.assert_allclose(np.asarray(loss), [ref0, ref1], rtol=1e-5)
+  # Changing a padded token or its logits changes nothing.
+  ids2 = ids.at[0, 5].set((ids[0, 5] + 1) % 11)
+  logits2 = logits.at[0, 4:].add(3.0)
+  np.testing.assert_allclose(np.asarray(causal_lm_loss(logits2, ids2, mask)), np.asarray(loss))
+
+
+# ---------------------------------------------------------------------------
+# GGUF
+
+
+def _bytes_to_unicode():
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+      list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def _write_gguf(path, ref, qtype):
+  import gguf
+  c = ref.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  base = _bytes_to_unicode()
+  merges = ["h e", "l l", "he ll", "Ġ w", "o r"]
+  extra = ["he", "ll", "hell", "Ġw", "or"]
+  tokens = (["<pad>", "<s>", "</s>"] + base + extra)[:c.vocab_size]
+  tokens += [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
+  w.add_tokenizer_model("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_merges(merges)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.add_pad_token_id(0)
+  sd = {k: v.detach().numpy().astype(np.float32) for k, v in ref.state_dict().items()}
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+           "output_norm.weight", "lm_head.weight": "output.weight"}
+  per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  for i in range(c.num_hidden_layers):
+    for hf, gg in per_layer.items():
+      names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+  for hf, gg in names.items():
+    t = sd[hf]
+    if gg.endswith("attn_q.weight"):
+      t = llama_cpp_permute(t, c.num_attention_heads)
+    elif gg.endswith("attn_k.weight"):
+      t = llama_cpp_permute(t, c.num_key_value_heads)
+    if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+      q = gguf.quants.quantize(t, qtype)
+      w.add_tensor(gg, q, raw_shape=q.shape, raw_dtype=qtype)
+    else:
+      w.add_tensor(gg, t)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return tokens
+
+
+def test_llama_cpp_permutation_round_trip():
+  w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
+  np.testing.assert_array_equal(llama_cpp_unpermute(llama_cpp_permute(w, 6), 6), w)
+  assert not np.array_equal(llama_cpp_permute(w, 6), w)
+
+
+@pytest.mark.parametrize("qtype,atol", [("F32", 1e-4), ("Q8_0", 0.05)])
+def test_gguf_loads_tiny_llama(tmp_path, qtype, atol):
+  import gguf
+  # Room for the 256 byte-level tokens; Q8_0 blocks are 32 wide, so every row
+  # length (hidden 64, intermediate 96) is a multiple of 32.
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=False, rope_theta=500.0)
+  ref = transformers.LlamaForCausalLM(cfg).eval()
+  path = tmp_path / "tiny.gguf"
+  tokens = _write_gguf(path, ref, getattr(gguf.GGMLQuantizationType, qtype))
+  cfg, params = load_gguf(str(path))
+  assert (cfg.num_heads, cfg.kv_heads, cfg.tie_embeddings) == (
+      ref.config.num_attention_heads, ref.config.num_key_value_heads, False)
+  ids = _ids((2, 8), 7)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  logits, _ = Decoder(cfg).apply({"params": params}, ids)
+  err = np.max(np.abs(np.asarray(logits) - out))
+  assert err < atol, err
+
+  tok = gguf_tokenizer(str(path))
+  enc = tok("hello world")["input_ids"]
+  assert len(enc) > 0
+  assert tokens.index("hell") in enc and tokens.index("Ġw") in enc
+  assert tok.decode(enc) == "hello world"
+  assert tok.eos_token == "</s>"
+
+
+def test_gguf_missing_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+    load_gguf(str(tmp_path / "none.gguf"))
