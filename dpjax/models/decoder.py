@@ -222,12 +222,14 @@ class Decoder(nn.Module):
 
   def __call__(self, input_ids, attention_mask=None, *, cache: Optional[Cache] = None,
                prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None,
-               return_hidden: bool = False):
+               position_offset=0, return_hidden: bool = False):
     """Logits `[B, T, V]` (f32) and the updated cache (None without one).
 
     input_ids, attention_mask: [B, T]. With a cache, the T tokens go to slots
     `cache.index ...` and attend to every earlier real slot. `prefixes` maps a
-    layer index to its (key, value) prefix, each `[P, KVH, hd]`. With
+    layer index to its (key, value) prefix, each `[P, KVH, hd]`;
+    `position_offset` (int or [B, 1]) shifts the positions of real tokens, e.g.
+    to continue after a prefix taken from a real context. With
     `return_hidden`, also the hidden states after each block and the final
     norm (a tuple of L + 1 arrays `[B, T, D]`).
     """
@@ -237,7 +239,7 @@ class Decoder(nn.Module):
       attention_mask = jnp.ones((B, T), jnp.int32)
     attention_mask = attention_mask.astype(jnp.int32)
     seen = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)   # [B, 1]
-    positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0) + position_offset
     h = self.embed(input_ids).astype(c.dtype)
     if c.family == "gpt2":
       h = h + self.pos_embed(positions).astype(c.dtype)

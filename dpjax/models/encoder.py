@@ -13,7 +13,7 @@ of the network once and train only the top.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -59,12 +59,17 @@ class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, h, bias):  # h: [B, T, D]; bias: [B, 1, 1, T]
+  def __call__(self, h, bias, prefix=None):  # h: [B, T, D]; bias: [B, 1, 1, T]
     c = self.cfg
     hd = c.hidden_size // c.num_heads
     dense = lambda name: nn.Dense(c.hidden_size, name=name, dtype=c.dtype)
     split = lambda x: x.reshape(x.shape[:2] + (c.num_heads, hd))
     q, k, v = (split(dense(n)(h)) for n in ("query", "key", "value"))
+    if prefix is not None:   # (key, value), each [P, H, hd]: seen by every query
+      B, P = h.shape[0], prefix[0].shape[0]
+      k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(k.dtype), (B,) + prefix[0].shape), k], 1)
+      v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(v.dtype), (B,) + prefix[1].shape), v], 1)
+      bias = jnp.concatenate([jnp.zeros(bias.shape[:3] + (P,), bias.dtype), bias], -1)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
     probs = jax.nn.softmax((scores + bias).astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(h.shape)
@@ -75,10 +80,10 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, h, bias):
+  def __call__(self, h, bias, prefix=None):
     c = self.cfg
     ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, dtype=c.dtype)
-    h = ln("attention_ln")(h + SelfAttention(c, name="attention")(h, bias))
+    h = ln("attention_ln")(h + SelfAttention(c, name="attention")(h, bias, prefix))
     ff = _act(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h))
     return ln("output_ln")(h + nn.Dense(c.hidden_size, name="output", dtype=c.dtype)(ff))
 
@@ -109,11 +114,14 @@ class Encoder(nn.Module):
     h = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
     return self.embed_ln(h).astype(c.dtype)
 
-  def run_layers(self, h, attention_mask, start: int = 0, end: Optional[int] = None):
+  def run_layers(self, h, attention_mask, start: int = 0, end: Optional[int] = None,
+                 prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None):
+    """Layers start..end-1; `prefixes` maps a layer index to its (key, value) prefix."""
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                      jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    for layer in self.layers[start:end]:
-      h = layer(h, bias)
+    prefixes = prefixes or {}
+    for i, layer in enumerate(self.layers[start:end], start):
+      h = layer(h, bias, prefixes.get(i))
     return h
 
   def pool(self, h, attention_mask):
@@ -125,14 +133,15 @@ class Encoder(nn.Module):
   def classify(self, h, attention_mask):
     return self.classifier(self.pool(h, attention_mask).astype(jnp.float32))
 
-  def __call__(self, input_ids, attention_mask, token_type_ids=None):
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, prefixes=None):
     """Classification logits `[B, num_labels]`."""
-    h = self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask)
+    h = self.hidden_states(input_ids, attention_mask, token_type_ids, prefixes)
     return self.classify(h, attention_mask)
 
-  def hidden_states(self, input_ids, attention_mask, token_type_ids=None):
+  def hidden_states(self, input_ids, attention_mask, token_type_ids=None, prefixes=None):
     """Last hidden states `[B, T, D]` (what `transformers`' BertModel returns)."""
-    return self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask)
+    return self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask,
+                           prefixes=prefixes)
 
 
 def init_params(cfg: EncoderConfig, key: jax.Array, seq_len: int = 8):
