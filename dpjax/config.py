@@ -9,10 +9,26 @@ import os
 from typing import Sequence
 
 
+# The checkout dpjax is installed from (editable installs): its configs/ are
+# found from any working directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_path(path: str) -> str:
+  """`path` as given, else relative to the dpjax checkout (e.g. "configs/quickstart.py")."""
+  if os.path.isfile(path):
+    return path
+  if not os.path.isabs(path):
+    candidate = os.path.join(REPO_ROOT, path)
+    if os.path.isfile(candidate):
+      return candidate
+  raise FileNotFoundError(f"config file not found: {path} (looked in {os.getcwd()} and "
+                          f"{REPO_ROOT})")
+
+
 def load_config(path: str, overrides: Sequence[str] = ()):
   """Runs `path`'s `get_config()` and applies `key.sub=value` overrides."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path}")
+  path = resolve_config_path(path)
   spec = importlib.util.spec_from_file_location("dpjax_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

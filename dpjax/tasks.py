@@ -123,6 +123,7 @@ def text_classification(cfg) -> Task:
   data = load_rt_polarity(None if t.data == "rt-polarity" else t.data)
   model_dir = _resolve(t.model)
   mcfg, params = load_encoder(model_dir, num_labels=2, pooling=t.pooling,
+                              pool_scale=t.get("pool_scale", 1.0),
                               head_key=jax.random.PRNGKey(cfg.seed))
   model = Encoder(mcfg)
   L = mcfg.num_layers

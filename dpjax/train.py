@@ -135,6 +135,35 @@ class RunResult:
   workdir: Optional[str]
 
 
+_RUN_CONTROL = ("log_every", "checkpoint_every")   # may change when a run resumes
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _check_same_run(workdir: str, new: Dict[str, Any]) -> None:
+  """Refuses to resume a checkpoint written under a different config."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(new)
+  diff = sorted(k for k in set(old) | set(new)
+                if k not in _RUN_CONTROL and old.get(k) != new.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+    raise ValueError(f"{workdir} holds a checkpoint of a run with a different config "
+                     f"({changes}); resume with the same config or use a new workdir")
+
+
 def _checkpoint_manager(workdir: str):
   import orbax.checkpoint as ocp
   return ocp.CheckpointManager(
@@ -227,8 +256,10 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   mngr = None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
+    text = cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(dict(cfg), indent=2)
+    _check_same_run(workdir, json.loads(text))
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(dict(cfg), indent=2))
+      f.write(text)
     mngr = _checkpoint_manager(workdir)
     restored = _restore(mngr, state)
     if restored is not None:

@@ -49,3 +49,20 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     load_encoder(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="no config.json"):
     load_encoder(str(tmp_path))
+
+
+def test_mean_l2_pooling_is_scaled_unit_norm():
+  import jax.numpy as jnp
+
+  from dpjax.models.encoder import EncoderConfig
+  cfg = EncoderConfig(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2,
+                      intermediate_size=16, pooling="mean_l2", pool_scale=3.0)
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  pooled = Encoder(cfg).apply({"params": {}}, h, mask, method=Encoder.pool)
+  mean0 = np.asarray(h[0, :3]).mean(0)
+  np.testing.assert_allclose(pooled[0], 3.0 * mean0 / np.linalg.norm(mean0), rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), [3.0, 3.0], rtol=1e-5)
+  with pytest.raises(ValueError, match="pool_scale must be > 0"):
+    EncoderConfig(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                  pool_scale=0.0)

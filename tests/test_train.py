@@ -47,6 +47,17 @@ def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
   assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints"} <= set(os.listdir(part))
 
 
+def test_resuming_under_another_config_is_refused(tmp_path):
+  cfg = small_config()
+  task = build_task(cfg)
+  train(cfg, task, str(tmp_path), progress=False, stop_at_step=3)
+  with pytest.raises(ValueError, match=r"different config \(learning_rate: "):
+    train(small_config(learning_rate=cfg.learning_rate * 2), task, str(tmp_path), progress=False)
+  # Logging cadence may change on resume.
+  res = train(small_config(log_every=4), task, str(tmp_path), progress=False)
+  assert res.final_metrics["step"] == 12
+
+
 def test_interrupted_run_differs_without_restore(tmp_path):
   """Control for the test above: noise really depends on the restored key."""
   cfg = small_config()

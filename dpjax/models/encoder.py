@@ -34,15 +34,18 @@ class EncoderConfig:
   pad_token_id: int = 0
   position_offset: int = 0  # RoBERTa: pad_token_id + 1; BERT: 0
   num_labels: int = 2
-  pooling: str = "cls"      # "cls" (first token, then tanh pooler) or "mean"
+  pooling: str = "cls"      # "cls" (first token, then tanh pooler), "mean" or "mean_l2"
+  pool_scale: float = 1.0   # "mean_l2": the unit-norm embedding is scaled by this
   dtype: str = "float32"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                        f"num_heads {self.num_heads}")
-    if self.pooling not in ("cls", "mean"):
-      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+    if self.pooling not in ("cls", "mean", "mean_l2"):
+      raise ValueError(f"pooling must be 'cls', 'mean' or 'mean_l2', got {self.pooling!r}")
+    if not self.pool_scale > 0:
+      raise ValueError(f"pool_scale must be > 0, got {self.pool_scale}")
 
 
 def _act(name: str):
@@ -125,9 +128,16 @@ class Encoder(nn.Module):
     return h
 
   def pool(self, h, attention_mask):
-    if self.cfg.pooling == "mean":
+    if self.cfg.pooling in ("mean", "mean_l2"):
       m = attention_mask[..., None].astype(h.dtype)
-      return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+      pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+      if self.cfg.pooling == "mean":
+        return pooled
+      # The sentence-transformers embedding (mean, then unit norm); with a
+      # scaled linear head on top this is a cosine classifier.
+      pooled = pooled.astype(jnp.float32)
+      norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
+      return self.cfg.pool_scale * pooled / norm
     return jnp.tanh(self.pooler(h[:, 0]))
 
   def classify(self, h, attention_mask):

@@ -97,7 +97,7 @@ _ENCODER_SKIP = (r"embeddings\.position_ids", r"lm_head\..*", r"cls\..*")
 
 
 def encoder_config(path: str, *, num_labels: int = 2, pooling: str = "cls",
-                   dtype: str = "float32") -> EncoderConfig:
+                   pool_scale: float = 1.0, dtype: str = "float32") -> EncoderConfig:
   from transformers import AutoConfig
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -111,22 +111,24 @@ def encoder_config(path: str, *, num_labels: int = 2, pooling: str = "cls",
       layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act,
       pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
       position_offset=(hf.pad_token_id + 1) if roberta else 0,
-      num_labels=num_labels, pooling=pooling, dtype=dtype)
+      num_labels=num_labels, pooling=pooling, pool_scale=pool_scale, dtype=dtype)
 
 
 def load_encoder(path: str, *, num_labels: int = 2, pooling: str = "cls",
-                 head_key: Optional[jax.Array] = None, dtype: str = "float32"):
+                 pool_scale: float = 1.0, head_key: Optional[jax.Array] = None,
+                 dtype: str = "float32"):
   """`(EncoderConfig, params)` from a local HF BERT/RoBERTa directory.
 
   A checkpoint without a classification head (a bare encoder) gets a fresh
   head drawn from N(0, 0.02^2) with `head_key` (default key 0); with
-  `pooling="mean"` the pretrained tanh pooler is not used and not loaded.
+  mean pooling the pretrained tanh pooler is not used and not loaded.
   """
-  cfg = encoder_config(path, num_labels=num_labels, pooling=pooling, dtype=dtype)
+  cfg = encoder_config(path, num_labels=num_labels, pooling=pooling, pool_scale=pool_scale,
+                       dtype=dtype)
   weights = read_safetensors(path)
   weights = {re.sub(r"^(bert|roberta)\.", "", k): v for k, v in weights.items()}
   params = convert(weights, _ENCODER_RULES, _ENCODER_SKIP)
-  if pooling == "mean":
+  if pooling != "cls":
     params.pop("pooler", None)
   key = head_key if head_key is not None else jax.random.PRNGKey(0)
   k1, k2 = jax.random.split(key)
