@@ -24,8 +24,14 @@ def _train(args) -> int:
   summary["privacy_unit"] = unit
   print(json.dumps(summary, default=float))
   if cfg.private:
+    from dpjax.accounting import ESTIMATES
+    bound = "pld" if cfg.accountant in ESTIMATES else cfg.accountant
     print(f"privacy: ({summary['epsilon']:.3f}, {cfg.delta:g})-DP per {unit} "
-          f"({cfg.accountant} accountant, upper bound)")
+          f"({bound} accountant, upper bound)")
+    est = summary.get(f"epsilon_{cfg.accountant}_estimate")
+    if est is not None:
+      print(f"  {cfg.accountant} estimate: {est:.3f} (not a guarantee; the noise was "
+            f"calibrated with it)")
   print(f"run directory: {workdir}")
   return 0
 
@@ -39,7 +45,8 @@ def _account(args) -> int:
   else:
     eps = accounting.epsilon_spent(args.noise_multiplier, args.sampling_rate, args.steps,
                                    args.delta, accountant=args.accountant)
-    print(json.dumps({"epsilon": eps, "delta": args.delta, "accountant": args.accountant}))
+    print(json.dumps({"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+                      "upper_bound": args.accountant not in accounting.ESTIMATES}))
   return 0
 
 

@@ -265,10 +265,23 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     if restored is not None:
       state = restored
 
+  # "epsilon" is always an upper bound: with an estimating accountant
+  # (Edgeworth) it is the PLD epsilon of the noise used, and the estimate is
+  # logged beside it as epsilon_<accountant>_estimate.
+  bound_accountant = "pld" if cfg.get("accountant") in accounting.ESTIMATES else cfg.get(
+      "accountant")
+
   def eps_at(step: int) -> float:
     if not cfg.private:
       return math.inf
-    return accounting.epsilon_spent(sigma, q, step, cfg.delta, cfg.accountant, cfg.mechanism)
+    return accounting.epsilon_spent(sigma, q, step, cfg.delta, bound_accountant, cfg.mechanism)
+
+  def eps_fields(step: int) -> Dict[str, float]:
+    out = {"epsilon": eps_at(step)}
+    if cfg.private and cfg.accountant in accounting.ESTIMATES:
+      out[f"epsilon_{cfg.accountant}_estimate"] = accounting.epsilon_spent(
+          sigma, q, step, cfg.delta, cfg.accountant, cfg.mechanism)
+    return out
 
   eval_fn = make_eval_fn(task) if task.splits else None
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
@@ -299,7 +312,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     if done % cfg.log_every == 0 or done == end:
       cnt = max(window.pop("count", 0.0), 1.0)
       rec = {"step": done, **{f"train_{k}": v / cnt for k, v in window.items()},
-             "epsilon": eps_at(done), "delta": cfg.get("delta"),
+             **eps_fields(done), "delta": cfg.get("delta"),
              "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
       if eval_fn is not None and "dev" in task.splits:
         rec.update({f"dev_{k}": v for k, v in
@@ -315,7 +328,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
 
   final = dict(last)
   final["step"] = int(state.step)
-  final["epsilon"] = eps_at(int(state.step))
+  final.update(eps_fields(int(state.step)))
   if int(state.step) == cfg.steps and eval_fn is not None:
     for split in task.splits:
       for k, v in evaluate(task, state.params, split, cfg.physical_batch_size, eval_fn).items():

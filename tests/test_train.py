@@ -96,3 +96,17 @@ def test_every_shipped_config_loads():
   for p in paths:
     cfg = load_config(p)
     assert cfg.steps >= 1 and cfg.task.name
+
+
+def test_edgeworth_run_reports_pld_epsilon_beside_the_estimate():
+  cfg = small_config(steps=6, noise_multiplier=None, target_epsilon=4.0, accountant="edgeworth")
+  with pytest.warns(UserWarning, match="estimate"):
+    res = train(cfg, build_task(cfg), None, progress=False)
+  m = res.final_metrics
+  est = m["epsilon_edgeworth_estimate"]
+  assert est <= 4.0
+  # "epsilon" is the PLD upper bound for the noise the estimate chose.
+  with pytest.warns(UserWarning):
+    used = accounting.calibrate_noise(4.0, cfg.delta, 60 / 600, 6, accountant="edgeworth")
+  want = accounting.epsilon(accounting.dpsgd_event(used, 60 / 600, 6), cfg.delta, "pld")
+  assert m["epsilon"] == pytest.approx(want, rel=1e-9)

@@ -3,13 +3,16 @@
 `accountant="pld"` uses dp-accounting's privacy-loss-distribution accountant
 with pessimistic discretisation (arXiv 2106.08567): its epsilon is an upper
 bound. `accountant="rdp"` uses Renyi DP (arXiv 1702.07476, 1908.10530), also
-an upper bound, usually looser. Both take add/remove-one-unit events, except
+an upper bound, usually looser. `accountant="edgeworth"` is the Edgeworth
+estimate of EW-Tune (NOT a bound; calibrating with it warns) and
+`"edgeworth-bound"` its certified Berry-Esseen variant (dpjax.accounting.edgeworth). Both take add/remove-one-unit events, except
 fixed-batch (without-replacement) events, which are replace-one and RDP only.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict
 
 import dp_accounting
@@ -50,8 +53,21 @@ def _rdp_accountant(event):
   return rdp.RdpAccountant(neighboring_relation=_relation(event))
 
 
+def _edgeworth(certified: bool):
+  def make(event):
+    from dpjax.accounting.edgeworth import EdgeworthAccountant
+    if _relation(event) is NeighborRel.REPLACE_ONE:
+      raise ValueError("the Edgeworth accountant covers Poisson sampling (add/remove) only")
+    return EdgeworthAccountant(order=1, certified=certified)
+  return make
+
+
 # Accountant name -> factory taking the event. Other modules register more.
-ACCOUNTANTS: Dict[str, Callable] = {"pld": _pld_accountant, "rdp": _rdp_accountant}
+# "edgeworth" is an ESTIMATE (not an upper bound); the others are upper bounds.
+ACCOUNTANTS: Dict[str, Callable] = {"pld": _pld_accountant, "rdp": _rdp_accountant,
+                                    "edgeworth": _edgeworth(False),
+                                    "edgeworth-bound": _edgeworth(True)}
+ESTIMATES = frozenset({"edgeworth"})   # accountants whose epsilon is not a guarantee
 
 
 def _composed(event, accountant: str):
@@ -91,6 +107,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
   check_delta(delta)
   ev.check_sampling_rate(sampling_rate)
   ev.check_steps(steps)
+  if accountant in ESTIMATES:
+    warnings.warn(f"accountant={accountant!r} gives an estimate, not an upper bound: the noise "
+                  f"it calibrates may give epsilon > {target_epsilon}. Report the PLD epsilon "
+                  "of the noise used (dpjax.accounting.epsilon(..., accountant='pld')).",
+                  UserWarning, stacklevel=2)
 
   def eps_of(sigma: float) -> float:
     return epsilon(ev.dpsgd_event(sigma, sampling_rate, steps, mechanism), delta, accountant)
@@ -99,6 +120,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
   while eps_of(hi) > target_epsilon:
     hi *= 2.0
     if hi > 1e5:
+      if accountant == "edgeworth-bound":
+        from dpjax.accounting.edgeworth import EdgeworthAccountant
+        acc = EdgeworthAccountant(certified=True)
+        acc.compose(ev.dpsgd_event(hi, sampling_rate, steps, mechanism))
+        raise ValueError(f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
+                         f"any noise level: {acc.report(delta)['reason']} after {steps} steps")
       raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
                        f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})")
   lo = hi / 2.0
