@@ -1,0 +1,78 @@
+"""User-level accounting for ELS/ULS against example-level PLD, group privacy and brute force."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld
+from scipy import special, stats
+
+from dpjax import accounting
+from dpjax.accounting import user_level as U
+
+
+def test_els_with_one_example_per_user_is_example_level():
+  for sigma, q, steps in ((1.0, 0.01, 200), (0.7, 0.05, 20)):
+    els = U.els_epsilon(sigma, q, steps, 1, 1e-5)
+    # The same PLD accountant at the same discretisation, fed the example-level event.
+    acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                            value_discretization_interval=U.MOG_DISCRETIZATION)
+    acc.compose(accounting.dpsgd_event(sigma, q, steps))
+    assert els == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    ex = accounting.epsilon(accounting.dpsgd_event(sigma, q, steps), 1e-5, "pld")
+    assert els == pytest.approx(ex, rel=2e-3)      # dpjax's default (finer) discretisation
+
+
+def _brute_force_epsilon(sigma, q, G, steps, delta, h=2e-3):
+  """A LOWER bound on ELS epsilon: losses rounded down on a fine grid, composed by convolution."""
+  probs = stats.binom.pmf(np.arange(G + 1), G, q)
+  x = np.linspace(-14 * sigma, G + 14 * sigma, 400_001)
+  dx = x[1] - x[0]
+  logp = stats.norm.logpdf(x, scale=sigma)
+  logm = special.logsumexp(stats.norm.logpdf(x[:, None], loc=np.arange(G + 1), scale=sigma),
+                           b=probs, axis=1)
+  deltas = []
+  for num, loss in ((logm, logm - logp), (logp, logp - logm)):     # remove, add
+    w = np.exp(num) * dx
+    k = np.floor(loss / h).astype(np.int64)                         # round DOWN: optimistic
+    lo = k.min()
+    pmf = np.bincount(k - lo, weights=w)
+    total, off = pmf, lo
+    for _ in range(steps - 1):
+      total, off = np.convolve(total, pmf), off + lo
+    vals = (np.arange(len(total)) + off) * h
+    deltas.append(lambda e, t=total, v=vals: float(np.sum(t * np.maximum(0.0, 1 - np.exp(e - v)))))
+  f = lambda e: max(d(e) for d in deltas) - delta
+  if f(0.0) <= 0:
+    return 0.0
+  hi = 1.0
+  while f(hi) > 0:
+    hi *= 2
+  lo = 0.0
+  for _ in range(50):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+  return lo
+
+
+@pytest.mark.parametrize("sigma,q,G,steps", [(0.8, 0.2, 3, 1), (1.0, 0.1, 3, 3),
+                                             (1.5, 0.3, 2, 4)])
+def test_els_between_brute_force_and_group_privacy(sigma, q, G, steps):
+  delta = 1e-4
+  els = U.els_epsilon(sigma, q, steps, G, delta)
+  brute = _brute_force_epsilon(sigma, q, G, steps, delta)
+  group = U.group_privacy_epsilon(sigma, q, steps, G, delta)
+  assert brute <= els <= group, (brute, els, group)
+  assert els <= brute * 1.02 + 1e-3          # and tight: PLD is close to the truth
+
+
+def test_els_grows_with_G_and_uls_is_the_user_level_gaussian():
+  eps = [U.els_epsilon(1.0, 0.05, 20, G, 1e-5) for G in (1, 2, 4)]
+  assert eps[0] < eps[1] < eps[2]
+  assert U.uls_event(1.0, 0.05, 20) == accounting.dpsgd_event(1.0, 0.05, 20)
+
+
+def test_bad_group_size_is_a_clear_error():
+  with pytest.raises(ValueError, match="G must be an integer >= 1, got 0"):
+    U.els_event(1.0, 0.1, 10, 0)
