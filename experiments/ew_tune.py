@@ -73,8 +73,9 @@ def finetune(args):
       q = cfg.batch_size / n
       sigma, _ = _sigma(cfg.target_epsilon, cfg.delta, q, cfg.steps, acc)
       m = res.final_metrics
+      pld_eps = accounting.epsilon(accounting.dpsgd_event(sigma, q, cfg.steps), cfg.delta, "pld")
       print(json.dumps({"accountant": acc, "seed": seed, "sigma": sigma,
-                        "epsilon_pld": m["epsilon"],
+                        "epsilon_pld": pld_eps, "epsilon_reported": m["epsilon"],
                         "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
                         "test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}),
             flush=True)
