@@ -60,3 +60,76 @@ def test_bad_sampler_args(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     PoissonSampler(**args)
+
+
+# ---------------------------------------------------------------------------
+# User-level samplers
+
+
+def _users(seed=0, n_users=40):
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1, 12, n_users)
+  ids = np.repeat([f"user{u:03d}" for u in range(n_users)], sizes)
+  return ids[rng.permutation(len(ids))], sizes
+
+
+def test_bound_contributions_keeps_at_most_G_deterministically():
+  from dpjax.data.sampling import bound_contributions
+  ids, sizes = _users()
+  idx = bound_contributions(ids, 4, seed=7)
+  # Users sort as user000, user001, ...: the order sizes were drawn in.
+  np.testing.assert_array_equal(idx.counts, np.minimum(sizes, 4))
+  for u, user in enumerate(idx.users):
+    kept = idx.examples[u, :idx.counts[u]]
+    assert len(set(kept)) == idx.counts[u] and np.all(ids[kept] == user)
+  again = bound_contributions(ids, 4, seed=7)
+  np.testing.assert_array_equal(again.examples, idx.examples)
+  other = bound_contributions(ids, 4, seed=8)
+  assert not np.array_equal(other.examples, idx.examples)
+  with pytest.raises(ValueError, match="G must be an integer >= 1"):
+    bound_contributions(ids, 0, seed=0)
+
+
+def test_els_sampler_bounds_users_and_matches_q():
+  from dpjax.data.sampling import ELSSampler, bound_contributions
+  ids, _ = _users(1)
+  idx = bound_contributions(ids, 3, seed=0)
+  kept = set(idx.kept_examples().tolist())
+  q, steps = 0.2, 400
+  s = ELSSampler(idx, q, physical_batch_size=16, seed=3)
+  hits = np.zeros(len(ids))
+  for t in range(steps):
+    chosen = np.concatenate([b.indices[b.mask > 0] for b in s.batches(t)])
+    assert set(chosen.tolist()) <= kept
+    per_user = {}
+    for i in chosen:
+      per_user[ids[i]] = per_user.get(ids[i], 0) + 1
+    assert max(per_user.values(), default=0) <= 3
+    hits[chosen] += 1
+  rate = hits[sorted(kept)] / steps
+  se = np.sqrt(q * (1 - q) / (steps * len(kept)))
+  assert abs(rate.mean() - q) < 3 * se
+  assert hits[[i for i in range(len(ids)) if i not in kept]].sum() == 0
+
+
+def test_uls_sampler_groups_users_and_matches_q():
+  from dpjax.data.sampling import ULSSampler, bound_contributions
+  ids, _ = _users(2)
+  idx = bound_contributions(ids, 5, seed=0)
+  q, steps = 0.25, 600
+  s = ULSSampler(idx, q, physical_users=6, seed=1)
+  counts = np.zeros(len(idx.users))
+  for t in range(steps):
+    for b in s.batches(t):
+      assert b.indices.shape == (6, 5) and b.example_mask.shape == (6, 5)
+      for row, m, em in zip(b.indices, b.mask, b.example_mask):
+        if m == 0:
+          assert em.sum() == 0
+          continue
+        users = set(ids[row[em > 0]])
+        assert len(users) == 1
+        u = int(np.searchsorted(idx.users, users.pop()))
+        assert em.sum() == idx.counts[u]
+        counts[u] += 1
+  se = np.sqrt(q * (1 - q) / (steps * len(idx.users)))
+  assert abs(counts.mean() / steps - q) < 3 * se

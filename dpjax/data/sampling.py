@@ -123,3 +123,122 @@ class ShuffledSampler:
 def eval_batches(num_units: int, batch_size: int) -> Iterator[PhysicalBatch]:
   """Every unit once, in order, as masked fixed-shape batches."""
   yield from pad_to_physical(np.arange(num_units), batch_size)
+
+
+# ---------------------------------------------------------------------------
+# User-level sampling (arXiv 2407.07737): contribution bounding, ELS and ULS.
+
+
+_BOUND_STREAM = 2
+
+
+class UserIndex(NamedTuple):
+  """Each user's examples after contribution bounding to at most G."""
+  users: np.ndarray      # [U] the distinct user ids, sorted
+  examples: np.ndarray   # [U, G] int64 example indices; padded slots hold 0
+  counts: np.ndarray     # [U] int64, examples kept per user (1..G)
+
+  @property
+  def G(self) -> int:
+    return int(self.examples.shape[1])
+
+  @property
+  def example_mask(self) -> np.ndarray:   # [U, G] float32
+    return (np.arange(self.G)[None, :] < self.counts[:, None]).astype(np.float32)
+
+  def kept_examples(self) -> np.ndarray:
+    """All kept example indices, sorted."""
+    return np.sort(self.examples[self.example_mask > 0])
+
+
+def bound_contributions(user_ids, G: int, seed: int) -> UserIndex:
+  """Keeps at most G examples per user, chosen uniformly by `seed` (before any sampling).
+
+  `user_ids[i]` is the user of example i. The choice depends only on
+  (seed, the dataset), never on the step, so each user contributes at most G
+  distinct examples over the whole run.
+  """
+  if int(G) != G or G < 1:
+    raise ValueError(f"max examples per user G must be an integer >= 1, got {G}")
+  user_ids = np.asarray(user_ids)
+  if user_ids.ndim != 1 or len(user_ids) == 0:
+    raise ValueError(f"user_ids must be a non-empty 1-D sequence, got shape {user_ids.shape}")
+  users, inverse = np.unique(user_ids, return_inverse=True)
+  order = np.argsort(inverse, kind="stable")
+  starts = np.searchsorted(inverse[order], np.arange(len(users)))
+  ends = np.append(starts[1:], len(order))
+  rng = _rng(seed, 0, _BOUND_STREAM)
+  examples = np.zeros((len(users), G), np.int64)
+  counts = np.zeros(len(users), np.int64)
+  for u, (a, b) in enumerate(zip(starts, ends)):
+    mine = order[a:b]
+    if len(mine) > G:
+      mine = np.sort(rng.choice(mine, size=G, replace=False))
+    examples[u, :len(mine)] = mine
+    counts[u] = len(mine)
+  return UserIndex(users, examples, counts)
+
+
+class ELSSampler(PoissonSampler):
+  """Example-level sampling over the bounded examples: each kept example w.p. q.
+
+  Formal guarantees:
+    Per step, each of a user's (at most G) kept examples is included
+    independently with probability q; examples beyond G are never seen. The
+    user-level accountant is `dpjax.accounting.user_level.els_event(sigma, q,
+    steps, G)`. Batches hold dataset example indices.
+  """
+
+  STREAM = 3
+
+  def __init__(self, index: UserIndex, sampling_rate: float, physical_batch_size: int,
+               seed: int):
+    self.index = index
+    self._kept = index.kept_examples()
+    super().__init__(len(self._kept), sampling_rate, physical_batch_size, seed)
+
+  def sample_indices(self, step: int) -> np.ndarray:
+    return self._kept[super().sample_indices(step)]
+
+
+class _UserPoisson(PoissonSampler):
+  STREAM = 4
+
+
+class UserBatch(NamedTuple):
+  indices: np.ndarray        # [P, G] int64 example indices
+  mask: np.ndarray           # [P] float32: 1 for a sampled user, 0 for padding
+  example_mask: np.ndarray   # [P, G] float32: which of the user's slots hold examples
+
+
+class ULSSampler:
+  """User-level sampling: each user w.p. q_user, with all of their (at most G) kept examples.
+
+  Formal guarantees:
+    Per step, each user is included independently with probability
+    `user_sampling_rate`; a sampled user is one privacy unit `[G, ...]`
+    (average its examples, then clip). The accountant is the subsampled
+    Gaussian with users as the unit (`user_level.uls_event`). Overflow users
+    go to extra physical batches, never dropped.
+  """
+
+  def __init__(self, index: UserIndex, user_sampling_rate: float, physical_users: int,
+               seed: int):
+    self.index = index
+    self._users = _UserPoisson(len(index.users), user_sampling_rate, physical_users, seed)
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self._users.expected_batch_size
+
+  def sample_users(self, step: int) -> np.ndarray:
+    return self._users.sample_indices(step)
+
+  def batches(self, step: int) -> List[UserBatch]:
+    out = []
+    ex_mask = self.index.example_mask
+    for pb in self._users.batches(step):
+      real = pb.mask[:, None]
+      out.append(UserBatch(self.index.examples[pb.indices] * (real > 0),
+                           pb.mask, ex_mask[pb.indices] * real))
+    return out
