@@ -76,3 +76,35 @@ def test_els_grows_with_G_and_uls_is_the_user_level_gaussian():
 def test_bad_group_size_is_a_clear_error():
   with pytest.raises(ValueError, match="G must be an integer >= 1, got 0"):
     U.els_event(1.0, 0.1, 10, 0)
+
+
+def test_per_user_clipping_on_uls_batches_matches_a_loop():
+  """ULS batch [users, G] -> mean over each user's real examples, then clip per user."""
+  import jax
+  import jax.numpy as jnp
+
+  import dpjax
+  from dpjax.data.sampling import ULSSampler, bound_contributions
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 12, 90)
+  x = rng.normal(size=(90, 5)).astype(np.float32)
+  y = rng.normal(size=90).astype(np.float32)
+  idx = bound_contributions(ids, 4, seed=0)
+  (b, *_) = ULSSampler(idx, 0.5, physical_users=12, seed=0).batches(0)
+  w = jnp.asarray(rng.normal(size=5), jnp.float32)
+
+  def user_loss(w, unit):       # unit: the user's [G, ...] rows and their mask
+    per = (unit["x"] @ w - unit["y"]) ** 2
+    return jnp.sum(per * unit["m"]) / jnp.maximum(jnp.sum(unit["m"]), 1.0)
+
+  batch = {"x": x[b.indices], "y": y[b.indices], "m": b.example_mask}
+  total, aux = dpjax.clipped_grad(user_loss, l2_clip_norm=0.3)(w, batch, mask=b.mask)
+  ref = np.zeros(5)
+  for u in range(12):
+    if b.mask[u] == 0:
+      continue
+    rows = b.indices[u][b.example_mask[u] > 0]
+    g = np.mean([2 * (x[i] @ np.asarray(w) - y[i]) * x[i] for i in rows], axis=0)
+    ref += g * min(1.0, 0.3 / np.linalg.norm(g))
+  np.testing.assert_allclose(np.asarray(total), ref, rtol=1e-5, atol=1e-6)
+  assert int(aux.num_units) == int(b.mask.sum()) > 0
