@@ -45,8 +45,13 @@ def _account(args) -> int:
   else:
     eps = accounting.epsilon_spent(args.noise_multiplier, args.sampling_rate, args.steps,
                                    args.delta, accountant=args.accountant)
-    print(json.dumps({"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
-                      "upper_bound": args.accountant not in accounting.ESTIMATES}))
+    out = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+           "upper_bound": args.accountant not in accounting.ESTIMATES}
+    if args.accountant == "edgeworth-bound" and eps == float("inf"):
+      acc = accounting.EdgeworthAccountant(certified=True)
+      acc.compose(accounting.dpsgd_event(args.noise_multiplier, args.sampling_rate, args.steps))
+      out["note"] = acc.report(args.delta)["reason"]
+    print(json.dumps(out))
   return 0
 
 

@@ -22,3 +22,15 @@ def test_assets_list(capsys):
   assert cli.main(["assets", "list"]) == 0
   out = capsys.readouterr().out
   assert "minilm" in out and "rt-polarity" in out
+
+
+def test_account_labels_estimates_and_vacuous_bounds(capsys):
+  import json
+  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
+                   "--noise-multiplier", "1.0", "--accountant", "edgeworth"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["upper_bound"] is False and out["epsilon"] > 0
+  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
+                   "--noise-multiplier", "1.0", "--accountant", "edgeworth-bound"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["upper_bound"] is True and "vacuous" in out["note"]
