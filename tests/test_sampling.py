@@ -133,3 +133,12 @@ def test_uls_sampler_groups_users_and_matches_q():
         counts[u] += 1
   se = np.sqrt(q * (1 - q) / (steps * len(idx.users)))
   assert abs(counts.mean() / steps - q) < 3 * se
+
+
+def test_median_group_size_and_contribution_report():
+  from dpjax.data.sampling import contribution_report, median_group_size
+  ids = np.array(["a"] * 1 + ["b"] * 3 + ["c"] * 4 + ["d"] * 10)
+  assert median_group_size(ids) == 3       # counts 1, 3, 4, 10 -> median 3.5 -> 3
+  rep = contribution_report(ids, [1, 3, 10])
+  assert [r["examples_kept"] for r in rep] == [4, 1 + 3 + 3 + 3, 18]
+  assert rep[-1]["fraction_kept"] == 1.0 and rep[1]["users_capped"] == 2

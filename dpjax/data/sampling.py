@@ -242,3 +242,30 @@ class ULSSampler:
       out.append(UserBatch(self.index.examples[pb.indices] * (real > 0),
                            pb.mask, ex_mask[pb.indices] * real))
     return out
+
+
+def median_group_size(user_ids) -> int:
+  """The ELS choice of G in arXiv 2407.07737: the median number of examples per user."""
+  _, counts = np.unique(np.asarray(user_ids), return_counts=True)
+  if len(counts) == 0:
+    raise ValueError("user_ids is empty")
+  return max(1, int(np.floor(np.median(counts))))
+
+
+def contribution_report(user_ids, group_sizes) -> List[dict]:
+  """For each G: how many examples contribution bounding keeps (the data side of the trade-off).
+
+  Larger G keeps more data but, under ELS, costs more user-level epsilon at
+  the same noise (see `dpjax.accounting.user_level.els_epsilon`).
+  """
+  _, counts = np.unique(np.asarray(user_ids), return_counts=True)
+  total = int(counts.sum())
+  out = []
+  for G in group_sizes:
+    if int(G) != G or G < 1:
+      raise ValueError(f"group sizes must be integers >= 1, got {G}")
+    kept = int(np.minimum(counts, G).sum())
+    out.append({"G": int(G), "users": int(len(counts)), "examples_kept": kept,
+                "fraction_kept": kept / total,
+                "users_capped": int(np.sum(counts > G))})
+  return out
