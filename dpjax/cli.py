@@ -24,10 +24,9 @@ def _train(args) -> int:
   summary["privacy_unit"] = unit
   print(json.dumps(summary, default=float))
   if cfg.private:
-    from dpjax.accounting import ESTIMATES
-    bound = "pld" if cfg.accountant in ESTIMATES else cfg.accountant
+    from dpjax.accounting import bound_accountant
     print(f"privacy: ({summary['epsilon']:.3f}, {cfg.delta:g})-DP per {unit} "
-          f"({bound} accountant, upper bound)")
+          f"({bound_accountant(cfg.accountant)} accountant, upper bound)")
     est = summary.get(f"epsilon_{cfg.accountant}_estimate")
     if est is not None:
       print(f"  {cfg.accountant} estimate: {est:.3f} (not a guarantee; the noise was "
@@ -48,9 +47,9 @@ def _account(args) -> int:
     out = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
            "upper_bound": args.accountant not in accounting.ESTIMATES}
     if args.accountant == "edgeworth-bound" and eps == float("inf"):
-      acc = accounting.EdgeworthAccountant(certified=True)
-      acc.compose(accounting.dpsgd_event(args.noise_multiplier, args.sampling_rate, args.steps))
-      out["note"] = acc.report(args.delta)["reason"]
+      from dpjax.accounting.edgeworth import bound_report
+      out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps,
+                                 args.delta)["reason"]
     print(json.dumps(out))
   return 0
 

@@ -268,13 +268,11 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   # "epsilon" is always an upper bound: with an estimating accountant
   # (Edgeworth) it is the PLD epsilon of the noise used, and the estimate is
   # logged beside it as epsilon_<accountant>_estimate.
-  bound_accountant = "pld" if cfg.get("accountant") in accounting.ESTIMATES else cfg.get(
-      "accountant")
-
   def eps_at(step: int) -> float:
     if not cfg.private:
       return math.inf
-    return accounting.epsilon_spent(sigma, q, step, cfg.delta, bound_accountant, cfg.mechanism)
+    bound = accounting.bound_accountant(cfg.accountant)
+    return accounting.epsilon_spent(sigma, q, step, cfg.delta, bound, cfg.mechanism)
 
   def eps_fields(step: int) -> Dict[str, float]:
     out = {"epsilon": eps_at(step)}

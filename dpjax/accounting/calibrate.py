@@ -5,7 +5,8 @@ with pessimistic discretisation (arXiv 2106.08567): its epsilon is an upper
 bound. `accountant="rdp"` uses Renyi DP (arXiv 1702.07476, 1908.10530), also
 an upper bound, usually looser. `accountant="edgeworth"` is the Edgeworth
 estimate of EW-Tune (NOT a bound; calibrating with it warns) and
-`"edgeworth-bound"` its certified Berry-Esseen variant (dpjax.accounting.edgeworth). Both take add/remove-one-unit events, except
+`"edgeworth-bound"` its certified Berry-Esseen variant
+(dpjax.accounting.edgeworth). All take add/remove-one-unit events, except
 fixed-batch (without-replacement) events, which are replace-one and RDP only.
 """
 
@@ -70,6 +71,11 @@ ACCOUNTANTS: Dict[str, Callable] = {"pld": _pld_accountant, "rdp": _rdp_accounta
 ESTIMATES = frozenset({"edgeworth"})   # accountants whose epsilon is not a guarantee
 
 
+def bound_accountant(accountant: str) -> str:
+  """The accountant whose epsilon is reported as the guarantee: PLD in place of an estimate."""
+  return "pld" if accountant in ESTIMATES else accountant
+
+
 def _composed(event, accountant: str):
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
@@ -121,11 +127,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
     hi *= 2.0
     if hi > 1e5:
       if accountant == "edgeworth-bound":
-        from dpjax.accounting.edgeworth import EdgeworthAccountant
-        acc = EdgeworthAccountant(certified=True)
-        acc.compose(ev.dpsgd_event(hi, sampling_rate, steps, mechanism))
+        from dpjax.accounting.edgeworth import bound_report
+        why = bound_report(hi, sampling_rate, steps, delta)["reason"]
         raise ValueError(f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
-                         f"any noise level: {acc.report(delta)['reason']} after {steps} steps")
+                         f"any noise level: {why} after {steps} steps")
       raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
                        f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})")
   lo = hi / 2.0

@@ -295,3 +295,14 @@ class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
     return {"epsilon_bound": eps, "berry_esseen_y": dy, "berry_esseen_x": dx,
             "vacuous": bool(math.isinf(eps)), "reason": reason,
             "steps": int(sum(n for _, _, n in self._phases))}
+
+
+def bound_report(noise_multiplier: float, sampling_rate: float, steps: int,
+                 delta: float) -> Dict[str, object]:
+  """`EdgeworthAccountant.report` of the certified bound for `steps` Poisson-sampled steps."""
+  acc = EdgeworthAccountant(certified=True)
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(sampling_rate,
+                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
+      int(steps)))
+  return acc.report(delta)

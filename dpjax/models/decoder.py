@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models.activations import activation
+
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -93,18 +95,6 @@ def init_cache(cfg: DecoderConfig, batch_size: int, size: int) -> Cache:
   shape = (cfg.num_layers, batch_size, size, cfg.kv_heads, cfg.dim_per_head)
   return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
                jnp.zeros((batch_size, size), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def _act(name: str):
-  if name == "silu":
-    return nn.silu
-  if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-    return lambda x: nn.gelu(x, approximate=True)
-  if name == "gelu":
-    return lambda x: nn.gelu(x, approximate=False)
-  if name == "relu":
-    return nn.relu
-  raise ValueError(f"unsupported hidden_act {name!r}")
 
 
 class RMSNorm(nn.Module):
@@ -184,7 +174,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, h):
     c = self.cfg
-    act = _act(c.act)
+    act = activation(c.act)
     dense = lambda n, f: nn.Dense(f, use_bias=c.family == "gpt2", dtype=c.dtype, name=n)
     if c.family == "llama":
       return dense("down", c.hidden_size)(act(dense("gate", c.intermediate_size)(h))
@@ -261,7 +251,7 @@ class Decoder(nn.Module):
         ks.append(kv[0])
         vs.append(kv[1])
     h = self.final_norm(h)
-    hidden[-1:] = [hidden[-1], h] if hidden else [h]
+    hidden.append(h)
     if c.tie_embeddings:
       logits = self.embed.attend(h.astype(jnp.float32))
     else:

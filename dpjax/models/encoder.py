@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models.activations import activation
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
@@ -46,16 +48,6 @@ class EncoderConfig:
       raise ValueError(f"pooling must be 'cls', 'mean' or 'mean_l2', got {self.pooling!r}")
     if not self.pool_scale > 0:
       raise ValueError(f"pool_scale must be > 0, got {self.pool_scale}")
-
-
-def _act(name: str):
-  if name == "gelu":
-    return lambda x: nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-    return lambda x: nn.gelu(x, approximate=True)
-  if name == "relu":
-    return nn.relu
-  raise ValueError(f"unsupported hidden_act {name!r}")
 
 
 class SelfAttention(nn.Module):
@@ -87,7 +79,7 @@ class Layer(nn.Module):
     c = self.cfg
     ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, dtype=c.dtype)
     h = ln("attention_ln")(h + SelfAttention(c, name="attention")(h, bias, prefix))
-    ff = _act(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h))
+    ff = activation(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h))
     return ln("output_ln")(h + nn.Dense(c.hidden_size, name="output", dtype=c.dtype)(ff))
 
 
