@@ -37,14 +37,18 @@ def _train(args) -> int:
 
 def _account(args) -> int:
   from dpjax import accounting
+  unit = {"unit": args.unit, "sampling": args.user_sampling if args.unit == "user" else None,
+          "G": args.G}
   if args.target_epsilon is not None:
     sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, args.sampling_rate,
-                                       args.steps, accountant=args.accountant)
-    print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon}))
+                                       args.steps, accountant=args.accountant, **unit)
+    print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon,
+                      "privacy_unit": args.unit}))
   else:
     eps = accounting.epsilon_spent(args.noise_multiplier, args.sampling_rate, args.steps,
-                                   args.delta, accountant=args.accountant)
-    out = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+                                   args.delta, accountant=args.accountant, **unit)
+    out = {"epsilon": eps, "delta": args.delta, "privacy_unit": args.unit,
+           "accountant": args.accountant,
            "upper_bound": args.accountant not in accounting.ESTIMATES}
     if args.accountant == "edgeworth-bound" and eps == float("inf"):
       from dpjax.accounting.edgeworth import bound_report
@@ -88,6 +92,12 @@ def main(argv=None) -> int:
   a.add_argument("--steps", type=int, required=True)
   a.add_argument("--delta", type=float, default=1e-5)
   a.add_argument("--accountant", default="pld")
+  a.add_argument("--unit", choices=["example", "user"], default="example",
+                 help="privacy unit of the reported epsilon")
+  a.add_argument("--user-sampling", choices=["els", "uls"], default="uls",
+                 help="with --unit user: sample examples (els; --sampling-rate per example) "
+                      "or users (uls; --sampling-rate per user)")
+  a.add_argument("--G", type=int, default=1, help="with --unit user: max examples per user")
   g = a.add_mutually_exclusive_group(required=True)
   g.add_argument("--noise-multiplier", type=float)
   g.add_argument("--target-epsilon", type=float)

@@ -66,7 +66,12 @@ def synthetic(cfg) -> Task:
       "head": {"w": jax.random.normal(k2, (t.hidden, t.num_classes)) / np.sqrt(t.hidden),
                "b": jnp.zeros(t.num_classes)},
   }
-  return Task("synthetic", params, {}, _mlp_loss, train, splits)
+  user_ids = None
+  if t.get("num_users"):
+    # Skewed user sizes (Zipf-like), as real user data is: a few users hold many examples.
+    weights = 1.0 / np.arange(1, t.num_users + 1)
+    user_ids = rng.choice(t.num_users, size=t.num_train, p=weights / weights.sum())
+  return Task("synthetic", params, {}, _mlp_loss, train, splits, user_ids)
 
 
 def _resolve(name_or_path: str) -> str:

@@ -6,6 +6,15 @@ One logical step of DP-SGD (arXiv 1607.00133) is
     g = sum over physical batches of clipped_grad()  gradient accumulation
     params <- optimizer(normalize(mechanism(g)))     noise once, on the sum
 
+The privacy unit is `cfg.privacy_unit`: "example", or "user" (the task then
+carries `user_ids`; each user is capped to `cfg.max_examples_per_user` = G
+examples before sampling, and `cfg.user_sampling` is "els" -- Poisson over
+the kept examples, clipped per example -- or "uls" -- Poisson over users,
+each user's loss the mean over its examples, clipped per user; see
+`dpjax.accounting.user_level`). Every epsilon logged is per that unit.
+With `cfg.data_devices` = n > 1, batches are split over a data mesh of n
+devices (`dpjax.data.pipeline`); noise is still one draw on the global sum.
+
 Metrics go to `metrics.jsonl`; checkpoints (orbax) hold the parameters, the
 optimizer state (which holds the noise key), and the step count, from which
 the accountant recomputes the budget spent: a resumed run neither reuses
@@ -31,7 +40,9 @@ import optax
 
 from dpjax import accounting
 from dpjax.clipping import clipped_grad
-from dpjax.data.sampling import PoissonSampler, ShuffledSampler, eval_batches
+from dpjax.data import pipeline
+from dpjax.data.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
+                                 bound_contributions, eval_batches, median_group_size)
 from dpjax.mechanisms import gaussian, laplace, normalize
 
 PyTree = Any
@@ -49,6 +60,7 @@ class Task(NamedTuple):
       (no batch axis); `metrics` is a dict of scalars (e.g. accuracy).
     train: the private training split, a dict of `[N, ...]` arrays.
     splits: held-out splits by name (e.g. "dev", "test"), same layout.
+    user_ids: `[N]` user of each training example (user-level DP only).
   """
   name: str
   params: PyTree
@@ -56,6 +68,7 @@ class Task(NamedTuple):
   loss_fn: Callable
   train: Dict[str, np.ndarray]
   splits: Dict[str, Dict[str, np.ndarray]]
+  user_ids: Optional[np.ndarray] = None
 
 
 class TrainState(NamedTuple):
@@ -186,14 +199,86 @@ def _restore(mngr, template: TrainState) -> Optional[TrainState]:
   return jax.tree.map(jnp.asarray, restored)
 
 
-def resolve_noise(cfg, sampling_rate: float) -> float:
-  """The noise multiplier: given directly, or calibrated to the target epsilon."""
+class UnitPlan(NamedTuple):
+  """How a run samples its privacy units, and what the accountant is told."""
+  unit: str                   # "example" | "user"
+  sampling: Optional[str]     # None (examples) | "els" | "uls"
+  G: int                      # max examples per user (1 for example level)
+  sampler: Any                # .batches(step) -> physical batches
+  sampling_rate: Optional[float]   # per unit the sampler draws (example, or user for ULS)
+  expected_batch_size: float  # expected units per step: the normaliser
+
+  def accounting_kwargs(self) -> Dict[str, Any]:
+    return {"unit": self.unit, "sampling": self.sampling, "G": self.G}
+
+
+def resolve_group_size(cfg, user_ids: np.ndarray) -> int:
+  """cfg.max_examples_per_user: an integer, or "median" (the ELS rule of arXiv 2407.07737)."""
+  G = cfg.get("max_examples_per_user", "median")
+  if G == "median":
+    return median_group_size(user_ids)
+  if isinstance(G, bool) or int(G) != G or G < 1:
+    raise ValueError(f"max_examples_per_user must be an integer >= 1 or 'median', got {G!r}")
+  return int(G)
+
+
+def plan_units(cfg, task: Task) -> UnitPlan:
+  """The sampler and sampling rate for `cfg.privacy_unit` (see the module docstring)."""
+  n = _num_rows(task.train)
+  unit = cfg.get("privacy_unit", "example")
+  sampling = cfg.get("user_sampling") if unit == "user" else None
+  if not cfg.private:
+    if unit != "example":
+      raise ValueError("privacy_unit='user' needs private=True")
+    return UnitPlan(unit, None, 1, ShuffledSampler(n, cfg.batch_size, cfg.seed), None,
+                    float(cfg.batch_size))
+  if unit == "example":
+    accounting.check_unit(unit, None, 1)
+    q = cfg.get("sampling_rate") or cfg.batch_size / n
+    sampler = PoissonSampler(n, q, cfg.physical_batch_size, cfg.seed)
+    return UnitPlan(unit, None, 1, sampler, q, sampler.expected_batch_size)
+  if task.user_ids is None:
+    raise ValueError(f"privacy_unit='user' needs a task with user_ids; task {task.name!r} "
+                     "has none")
+  if len(task.user_ids) != n:
+    raise ValueError(f"task.user_ids has {len(task.user_ids)} entries for {n} examples")
+  G = resolve_group_size(cfg, task.user_ids)
+  accounting.check_unit(unit, sampling, G)
+  index = bound_contributions(task.user_ids, G, cfg.seed)
+  if sampling == "els":
+    q = cfg.get("sampling_rate") or cfg.batch_size / len(index.kept_examples())
+    sampler = ELSSampler(index, q, cfg.physical_batch_size, cfg.seed)
+  else:
+    users = len(index.users)
+    q = cfg.get("sampling_rate") or cfg.users_per_step / users
+    sampler = ULSSampler(index, q, cfg.physical_batch_size, cfg.seed)
+  return UnitPlan(unit, sampling, G, sampler, q, sampler.expected_batch_size)
+
+
+def resolve_noise(cfg, plan: UnitPlan) -> float:
+  """The noise multiplier: given directly, or calibrated to the target epsilon per unit."""
   if not cfg.private:
     return 0.0
   if cfg.get("noise_multiplier") is not None:
     return float(cfg.noise_multiplier)
-  return accounting.calibrate_noise(cfg.target_epsilon, cfg.delta, sampling_rate, cfg.steps,
-                                    accountant=cfg.accountant, mechanism=cfg.mechanism)
+  return accounting.calibrate_noise(cfg.target_epsilon, cfg.delta, plan.sampling_rate,
+                                    cfg.steps, accountant=cfg.accountant,
+                                    mechanism=cfg.mechanism, **plan.accounting_kwargs())
+
+
+def user_mean_loss(loss_fn: Callable) -> Callable:
+  """A per-example loss -> the loss of one user `[G, ...]`: the mean over its valid examples.
+
+  The user's batch dict carries `_example_mask` `[G]` (1 for a real example);
+  metrics are averaged the same way.
+  """
+  def user_loss(params, user, frozen):
+    user = dict(user)
+    w = user.pop("_example_mask")
+    w = w / jnp.maximum(jnp.sum(w), 1.0)
+    loss, metrics = jax.vmap(loss_fn, in_axes=(None, 0, None))(params, user, frozen)
+    return jnp.sum(w * loss), {k: jnp.sum(w * v) for k, v in metrics.items()}
+  return user_loss
 
 
 def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
@@ -206,22 +291,23 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   either noise_multiplier or target_epsilon. `stop_at_step` ends the run early
   (after checkpointing) as an interruption would.
   """
-  n = _num_rows(task.train)
-  if cfg.private:
-    q = cfg.get("sampling_rate") or cfg.batch_size / n
-    sampler = PoissonSampler(n, q, cfg.physical_batch_size, cfg.seed)
-    expected = sampler.expected_batch_size
-  else:
-    q = None
-    sampler = ShuffledSampler(n, cfg.batch_size, cfg.seed)
-    expected = float(cfg.batch_size)
-  sigma = resolve_noise(cfg, q)
+  plan = plan_units(cfg, task)
+  sampler, q, expected = plan.sampler, plan.sampling_rate, plan.expected_batch_size
+  sigma = resolve_noise(cfg, plan)
+  per_user = plan.sampling == "uls"
+  mesh = None
+  if (cfg.get("data_devices") or 1) > 1:
+    if cfg.data_devices > jax.device_count():
+      raise ValueError(f"data_devices={cfg.data_devices} but only {jax.device_count()} "
+                       "devices are visible")
+    mesh = pipeline.make_mesh(jax.devices()[:cfg.data_devices])
 
   optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.get("weight_decay", 0.0),
                              cfg.get("warmup_steps", 0), cfg.steps)
   key = jax.random.PRNGKey(cfg.seed)
   if cfg.private:
-    grad_fn = clipped_grad(task.loss_fn, l2_clip_norm=cfg.l2_clip_norm, has_aux=True,
+    unit_loss = user_mean_loss(task.loss_fn) if per_user else task.loss_fn
+    grad_fn = clipped_grad(unit_loss, l2_clip_norm=cfg.l2_clip_norm, has_aux=True,
                            microbatch_size=cfg.get("microbatch_size"))
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
@@ -252,6 +338,18 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     updates, opt_state = tx.update(gsum, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
+  def host_batch(pb):
+    """A sampler's physical batch -> (device batch, unit mask)."""
+    if per_user:
+      batch = _take(task.train, pb.indices)                    # [P, G, ...]
+      batch["_example_mask"] = jnp.asarray(pb.example_mask)
+    else:
+      batch = _take(task.train, pb.indices)
+    mask = jnp.asarray(pb.mask)
+    if mesh is not None:
+      batch, mask = pipeline.shard_batch(batch, mesh), pipeline.shard_batch(mask, mesh)
+    return batch, mask
+
   state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
   mngr = None
   if workdir:
@@ -264,21 +362,23 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     restored = _restore(mngr, state)
     if restored is not None:
       state = restored
+  if mesh is not None:
+    state = pipeline.replicate(state, mesh)
 
-  # "epsilon" is always an upper bound: with an estimating accountant
-  # (Edgeworth) it is the PLD epsilon of the noise used, and the estimate is
-  # logged beside it as epsilon_<accountant>_estimate.
-  def eps_at(step: int) -> float:
+  # "epsilon" is always an upper bound per plan.unit: with an estimating
+  # accountant (Edgeworth) it is the PLD epsilon of the noise used, and the
+  # estimate is logged beside it as epsilon_<accountant>_estimate.
+  def eps_at(step: int, accountant: str) -> float:
     if not cfg.private:
       return math.inf
-    bound = accounting.bound_accountant(cfg.accountant)
-    return accounting.epsilon_spent(sigma, q, step, cfg.delta, bound, cfg.mechanism)
+    return accounting.epsilon_spent(sigma, q, step, cfg.delta, accountant, cfg.mechanism,
+                                    **plan.accounting_kwargs())
 
-  def eps_fields(step: int) -> Dict[str, float]:
-    out = {"epsilon": eps_at(step)}
+  def eps_fields(step: int) -> Dict[str, Any]:
+    out = {"epsilon": eps_at(step, accounting.bound_accountant(cfg.accountant)),
+           "privacy_unit": plan.unit}
     if cfg.private and cfg.accountant in accounting.ESTIMATES:
-      out[f"epsilon_{cfg.accountant}_estimate"] = accounting.epsilon_spent(
-          sigma, q, step, cfg.delta, cfg.accountant, cfg.mechanism)
+      out[f"epsilon_{cfg.accountant}_estimate"] = eps_at(step, cfg.accountant)
     return out
 
   eval_fn = make_eval_fn(task) if task.splits else None
@@ -287,23 +387,22 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
   header = {"event": "start", "task": task.name, "private": bool(cfg.private),
             "noise_multiplier": sigma, "sampling_rate": q, "expected_batch_size": expected,
-            "steps": cfg.steps, "resumed_from": start,
-            "privacy_unit": cfg.get("privacy_unit", "example")}
+            "steps": cfg.steps, "resumed_from": start, "privacy_unit": plan.unit,
+            "user_sampling": plan.sampling, "max_examples_per_user": plan.G}
   _log(metrics_path, header)
 
   bar = _progress(range(start, end), progress, initial=start, total=cfg.steps)
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)   # replicated like the params
   window: Dict[str, float] = {}
   t0, seen = time.perf_counter(), 0
   last: Dict[str, Any] = {}
   for step in bar:
     gsum = zeros
     for pb in sampler.batches(step):
-      gsum, stats = accumulate(gsum, state.params, _take(task.train, pb.indices),
-                               jnp.asarray(pb.mask))
+      gsum, stats = accumulate(gsum, state.params, *host_batch(pb))
       for k, v in stats.items():
         window[k] = window.get(k, 0.0) + float(v)
-      seen += int(pb.mask.sum())
+      seen += int(pb.example_mask.sum() if per_user else pb.mask.sum())
       window["count"] = window.get("count", 0.0) + float(pb.mask.sum())
     state = apply(state, gsum)
     done = step + 1

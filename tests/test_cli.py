@@ -34,3 +34,16 @@ def test_account_labels_estimates_and_vacuous_bounds(capsys):
                    "--noise-multiplier", "1.0", "--accountant", "edgeworth-bound"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["upper_bound"] is True and "vacuous" in out["note"]
+
+
+def test_account_user_level(capsys):
+  from dpjax.accounting import user_level
+  assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
+                   "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["privacy_unit"] == "user"
+  assert out["epsilon"] == user_level.els_epsilon(1.0, 0.05, 10, 3, 1e-5)
+  assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
+                   "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3",
+                   "--accountant", "rdp"]) == 2
+  assert "accountant='pld'" in capsys.readouterr().err

@@ -110,3 +110,75 @@ def test_edgeworth_run_reports_pld_epsilon_beside_the_estimate():
     used = accounting.calibrate_noise(4.0, cfg.delta, 60 / 600, 6, accountant="edgeworth")
   want = accounting.epsilon(accounting.dpsgd_event(used, 60 / 600, 6), cfg.delta, "pld")
   assert m["epsilon"] == pytest.approx(want, rel=1e-9)
+
+
+def user_config(sampling, **overrides):
+  cfg = small_config(privacy_unit="user", user_sampling=sampling, max_examples_per_user=4,
+                     users_per_step=8, physical_batch_size=16,
+                     batch_size=40)   # ELS: expected examples per step
+  cfg.task.num_users = 40
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_user_level_runs_report_user_epsilon(tmp_path):
+  from dpjax.accounting import user_level
+  from dpjax.data.sampling import bound_contributions
+  for sampling in ("els", "uls"):
+    cfg = user_config(sampling, steps=4)
+    task = build_task(cfg)
+    res = train(cfg, task, str(tmp_path / sampling), progress=False)
+    index = bound_contributions(task.user_ids, 4, cfg.seed)
+    if sampling == "els":
+      q = 40 / len(index.kept_examples())
+      want = user_level.els_epsilon(1.0, q, 4, 4, 1e-5)
+    else:
+      q = 8 / len(index.users)
+      want = accounting.epsilon(user_level.uls_event(1.0, q, 4), 1e-5)
+    assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert res.final_metrics["privacy_unit"] == "user"
+    start = json.loads(open(tmp_path / sampling / "metrics.jsonl").readline())
+    assert (start["privacy_unit"], start["user_sampling"], start["max_examples_per_user"]) == (
+        "user", sampling, 4)
+    assert np.isfinite(res.final_metrics["test_accuracy"])
+  # The same noise at the same rate costs a user more under ELS with G = 4
+  # than one example at example level.
+  assert user_level.els_epsilon(1.0, 0.05, 4, 4, 1e-5) > accounting.epsilon(
+      accounting.dpsgd_event(1.0, 0.05, 4), 1e-5)
+
+
+def test_user_level_calibration_meets_target():
+  cfg = user_config("els", noise_multiplier=None, target_epsilon=4.0, steps=3,
+                    max_examples_per_user=2)
+  res = train(cfg, build_task(cfg), None, progress=False)
+  assert 4.0 * 0.99 <= res.final_metrics["epsilon"] <= 4.0
+
+
+def test_uls_on_eight_devices_equals_one():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices (set in conftest)")
+  cfg = user_config("uls", steps=3)
+  task = build_task(cfg)
+  one = train(cfg, task, None, progress=False)
+  eight = train(user_config("uls", steps=3, data_devices=8), task, None, progress=False)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    assert len(b.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  other = train(user_config("uls", steps=3, seed=1), task, None, progress=False)
+  assert not np.allclose(np.asarray(one.params["head"]["w"]), np.asarray(other.params["head"]["w"]))
+
+
+def test_user_level_bad_configs_are_clear_errors():
+  cfg = user_config("els", accountant="rdp")
+  with pytest.raises(ValueError, match="ELS accountant covers Gaussian noise with accountant='pld'"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = user_config("both")
+  with pytest.raises(ValueError, match="sampling in"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = small_config(privacy_unit="user", user_sampling="uls")
+  with pytest.raises(ValueError, match="needs a task with user_ids"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = user_config("uls", max_examples_per_user=0)
+  with pytest.raises(ValueError, match="max_examples_per_user must be"):
+    train(cfg, build_task(cfg), None, progress=False)

@@ -108,3 +108,16 @@ def test_per_user_clipping_on_uls_batches_matches_a_loop():
     ref += g * min(1.0, 0.3 / np.linalg.norm(g))
   np.testing.assert_allclose(np.asarray(total), ref, rtol=1e-5, atol=1e-6)
   assert int(aux.num_units) == int(b.mask.sum()) > 0
+
+
+def test_group_size_tradeoff_rows():
+  counts = np.array([1, 2, 3, 8, 20])
+  rows = U.group_size_tradeoff(counts, [1, 3], 1.0, 2.0, 5, 1e-5)
+  assert [r["examples_kept"] for r in rows] == [5, 1 + 2 + 3 + 3 + 3]
+  assert rows[0]["sampling_rate"] == pytest.approx(2 / 5)
+  assert rows[0]["epsilon_els"] == pytest.approx(
+      accounting.epsilon(accounting.dpsgd_event(1.0, 0.4, 5), 1e-5), rel=2e-3)
+  for r in rows:
+    assert r["epsilon_els"] <= r["epsilon_group"] * (1 + 1e-3)   # coarser discretisation at G=1
+  with pytest.raises(ValueError, match="sampling_rate"):
+    U.group_size_tradeoff(counts, [1], 1.0, 10.0, 5, 1e-5)   # 10 expected of 5 kept

@@ -99,20 +99,70 @@ def delta(event: dp_accounting.DpEvent, epsilon: float, accountant: str = "pld")
   return float(_composed(event, accountant).get_delta(epsilon))
 
 
+UNITS = ("example", "user")
+USER_SAMPLING = ("els", "uls")
+
+
+def check_unit(unit: str, sampling, G: int) -> None:
+  """Validates a privacy unit and, for users, how batches sample them."""
+  if unit not in UNITS:
+    raise ValueError(f"privacy unit must be one of {UNITS}, got {unit!r}")
+  if unit == "user":
+    if sampling not in USER_SAMPLING:
+      raise ValueError(f"user-level DP needs sampling in {USER_SAMPLING} "
+                       f"(example- or user-level sampling), got {sampling!r}")
+    if int(G) != G or G < 1:
+      raise ValueError(f"max examples per user G must be an integer >= 1, got {G}")
+  elif sampling not in (None, "poisson"):
+    raise ValueError(f"example-level DP samples examples (Poisson); sampling={sampling!r} "
+                     "applies to privacy_unit='user'")
+
+
+def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                accountant: str = "pld", mechanism: str = "gaussian", *,
+                unit: str = "example", sampling=None, G: int = 1) -> float:
+  """Epsilon after `steps` Poisson-sampled DP-SGD steps (0.0 before the first), per `unit`.
+
+  unit="example": one example is the unit, `sampling_rate` is per example.
+  unit="user", sampling="uls": users are sampled with `sampling_rate`, each
+  contributes one clipped (mean) gradient: the subsampled Gaussian per user.
+  unit="user", sampling="els": examples are sampled with `sampling_rate` after
+  each user was capped to G examples: the user-level ELS accountant
+  (`user_level.els_epsilon`, PLD of a mixture of Gaussians; PLD only).
+  """
+  check_unit(unit, sampling, G)
+  if steps == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  if unit == "user" and sampling == "els":
+    if mechanism != "gaussian" or accountant != "pld":
+      raise ValueError("the user-level ELS accountant covers Gaussian noise with "
+                       f"accountant='pld', got mechanism={mechanism!r}, accountant={accountant!r}")
+    from dpjax.accounting.user_level import els_epsilon
+    check_delta(delta)
+    return els_epsilon(noise_multiplier, sampling_rate, steps, G, delta)
+  return epsilon(ev.dpsgd_event(noise_multiplier, sampling_rate, steps, mechanism), delta,
+                 accountant)
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
                     accountant: str = "pld", mechanism: str = "gaussian",
-                    rel_tol: float = 0.005) -> float:
+                    rel_tol: float = 0.005, *, unit: str = "example", sampling=None,
+                    G: int = 1) -> float:
   """Smallest noise multiplier (to `rel_tol` in epsilon) meeting the target.
 
-  Returns sigma such that `epsilon(dpsgd_event(sigma, q, steps), delta) <=
-  target_epsilon` and, unless sigma is pinned to the bracket's resolution, the
-  epsilon is within `rel_tol` below the target. Epsilon is monotone
-  decreasing in sigma, so a bracketed bisection on log(sigma) cannot fail.
+  Returns sigma such that `epsilon_spent(sigma, q, steps, delta, ...) <=
+  target_epsilon` (per `unit`, see `run_epsilon`) and, unless sigma is pinned
+  to the bracket's resolution, the epsilon is within `rel_tol` below the
+  target. Epsilon is monotone decreasing in sigma, so a bracketed bisection on
+  log(sigma) cannot fail.
   """
   check_epsilon(target_epsilon)
   check_delta(delta)
   ev.check_sampling_rate(sampling_rate)
   ev.check_steps(steps)
+  check_unit(unit, sampling, G)
   if accountant in ESTIMATES:
     warnings.warn(f"accountant={accountant!r} gives an estimate, not an upper bound: the noise "
                   f"it calibrates may give epsilon > {target_epsilon}. Report the PLD epsilon "
@@ -120,7 +170,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
                   UserWarning, stacklevel=2)
 
   def eps_of(sigma: float) -> float:
-    return epsilon(ev.dpsgd_event(sigma, sampling_rate, steps, mechanism), delta, accountant)
+    return epsilon_spent(sigma, sampling_rate, steps, delta, accountant, mechanism,
+                         unit=unit, sampling=sampling, G=G)
 
   hi = 1.0
   while eps_of(hi) > target_epsilon:
@@ -148,13 +199,3 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
       lo = mid
   return hi
 
-
-def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                  accountant: str = "pld", mechanism: str = "gaussian") -> float:
-  """Epsilon after `steps` Poisson-sampled steps (0.0 before the first step)."""
-  if steps == 0:
-    return 0.0
-  if noise_multiplier == 0:
-    return math.inf
-  return epsilon(ev.dpsgd_event(noise_multiplier, sampling_rate, steps, mechanism), delta,
-                 accountant)

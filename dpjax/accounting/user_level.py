@@ -21,6 +21,7 @@ by adding or removing ONE USER with all of their examples.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import dp_accounting
@@ -76,9 +77,10 @@ def els_accountant(noise_multiplier: float, sampling_rate: float, steps: int,
   return acc
 
 
+@functools.lru_cache(maxsize=256)
 def els_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, G: int,
                 delta: float) -> float:
-  """User-level epsilon of ELS (PLD, upper bound)."""
+  """User-level epsilon of ELS (PLD, upper bound); memoised, as the mixture's PLD is costly."""
   calibrate.check_delta(delta)
   return float(els_accountant(noise_multiplier, sampling_rate, steps, G).get_epsilon(delta))
 
@@ -114,3 +116,31 @@ def group_privacy_epsilon(noise_multiplier: float, sampling_rate: float, steps: 
     mid = 0.5 * (lo + hi)
     lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
   return G * hi
+
+
+def group_size_tradeoff(examples_per_user, group_sizes, noise_multiplier: float,
+                        batch_size: float, steps: int, delta: float):
+  """The ELS trade-off in G at fixed noise and fixed expected examples per step.
+
+  `examples_per_user[u]` is how many examples user u holds. For each G the
+  users are capped to G examples (kept = sum min(n_u, G)), ELS samples
+  q = batch_size / kept, and the user-level epsilon is reported by the tight
+  ELS accountant and by group privacy. Larger G keeps more data (and lowers
+  q) but lets one user weigh more in a batch.
+  """
+  import numpy as np
+  counts = np.asarray(examples_per_user)
+  if counts.ndim != 1 or len(counts) == 0 or np.any(counts < 1):
+    raise ValueError("examples_per_user must be a non-empty 1-D array of counts >= 1")
+  rows = []
+  for G in group_sizes:
+    check_group_size(G)
+    kept = int(np.minimum(counts, G).sum())
+    q = batch_size / kept
+    ev.check_sampling_rate(q)
+    rows.append({"G": int(G), "examples_kept": kept, "fraction_kept": kept / int(counts.sum()),
+                 "sampling_rate": q,
+                 "epsilon_els": els_epsilon(noise_multiplier, q, steps, int(G), delta),
+                 "epsilon_group": group_privacy_epsilon(noise_multiplier, q, steps, int(G),
+                                                        delta)})
+  return rows
