@@ -58,6 +58,38 @@ def _account(args) -> int:
   return 0
 
 
+def _account_lmo(argv) -> int:
+  """`dpjax account lmo`: epsilon of given LMO parameters, or the search for a target."""
+  from dpjax.accounting import lmo
+  p = argparse.ArgumentParser(prog="dpjax account lmo",
+                              description="LMO-DP noise: sound epsilon or parameter search")
+  p.add_argument("--sampling-rate", type=float, required=True)
+  p.add_argument("--steps", type=int, required=True)
+  p.add_argument("--delta", type=float, default=1e-5)
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--params", help='JSON of LMOParams fields, e.g. \'{"a1": 0.3, "k": 2}\'')
+  g.add_argument("--target-epsilon", type=float)
+  p.add_argument("--grid", help="JSON overriding parts of the paper's grid (keys a, theta_k, "
+                                "lam, Ub_Ua)")
+  p.add_argument("--objective", choices=["abs", "var"], default="abs")
+  args = p.parse_args(argv)
+  if args.params:
+    params = lmo.LMOParams(**json.loads(args.params))
+    eps = lmo.lmo_epsilon(params, args.sampling_rate, args.steps, args.delta)
+    print(json.dumps({"epsilon": eps, "delta": args.delta, "privacy_unit": "example",
+                      "upper_bound": True, "noise_abs": lmo.noise_magnitude(params, 1.0, "abs"),
+                      "params": params.as_dict()}))
+    return 0
+  res = lmo.lmo_search(args.target_epsilon, args.delta, args.sampling_rate, args.steps,
+                       grid=json.loads(args.grid) if args.grid else None,
+                       objective=args.objective, progress=True)
+  print(json.dumps({"params": res["params"].as_dict(), "epsilon": res["epsilon"],
+                    "noise": res["noise"], "objective": res["objective"],
+                    "evaluated": res["evaluated"], "privacy_unit": "example",
+                    "upper_bound": True}))
+  return 0
+
+
 def _assets(args) -> int:
   from dpjax import assets
   if args.action == "list":
@@ -87,7 +119,8 @@ def main(argv=None) -> int:
   t.add_argument("--no-progress", action="store_true")
   t.set_defaults(fn=_train)
 
-  a = sub.add_parser("account", help="epsilon of a DP-SGD run, or noise for a target epsilon")
+  a = sub.add_parser("account", help="epsilon of a DP-SGD run, or noise for a target epsilon "
+                                     "('dpjax account lmo --help' for LMO-DP noise)")
   a.add_argument("--sampling-rate", type=float, required=True)
   a.add_argument("--steps", type=int, required=True)
   a.add_argument("--delta", type=float, default=1e-5)
@@ -108,8 +141,11 @@ def main(argv=None) -> int:
   s.add_argument("names", nargs="*")
   s.set_defaults(fn=_assets)
 
-  args = p.parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
   try:
+    if argv[:2] == ["account", "lmo"]:
+      return _account_lmo(argv[2:])
+    args = p.parse_args(argv)
     return args.fn(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)

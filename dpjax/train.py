@@ -43,7 +43,7 @@ from dpjax.clipping import clipped_grad
 from dpjax.data import pipeline
 from dpjax.data.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
                                  bound_contributions, eval_batches, median_group_size)
-from dpjax.mechanisms import gaussian, laplace, normalize
+from dpjax.mechanisms import gaussian, laplace, lmo, normalize
 
 PyTree = Any
 
@@ -77,16 +77,25 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: logical steps taken (what the accountant charges)
 
 
+L1_MECHANISMS = ("laplace", "lmo")   # noise calibrated to the L1 sensitivity
+
+
 def private_transform(*, noise_multiplier: float, sensitivity: float, expected_batch_size: float,
                       optimizer: optax.GradientTransformation, key: jax.Array,
-                      mechanism: str = "gaussian") -> optax.GradientTransformation:
-  """mechanism -> normalize(expected batch) -> optimizer, as one optax chain."""
+                      mechanism: str = "gaussian", lmo_params=None) -> optax.GradientTransformation:
+  """mechanism -> normalize(expected batch) -> optimizer, as one optax chain.
+
+  `sensitivity` is the L2 sensitivity for "gaussian" and the L1 sensitivity
+  for "laplace" and "lmo" (whose noise comes from `lmo_params`).
+  """
   if mechanism == "gaussian":
     noise = gaussian(noise_multiplier, sensitivity, key)
   elif mechanism == "laplace":
     noise = laplace(noise_multiplier, sensitivity, key)
+  elif mechanism == "lmo":
+    noise = lmo(lmo_params, key, l1_clip_norm=sensitivity)
   else:
-    raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+    raise ValueError(f"mechanism must be 'gaussian', 'laplace' or 'lmo', got {mechanism!r}")
   return optax.chain(noise, normalize(expected_batch_size), optimizer)
 
 
@@ -255,9 +264,26 @@ def plan_units(cfg, task: Task) -> UnitPlan:
   return UnitPlan(unit, sampling, G, sampler, q, sampler.expected_batch_size)
 
 
+def resolve_lmo(cfg, plan: UnitPlan):
+  """LMO parameters: `cfg.lmo` (a dict of LMOParams fields), or searched for the target."""
+  from dpjax.accounting import lmo as lmo_acc
+  if plan.sampling == "els":
+    raise ValueError("LMO noise has no ELS user-level accountant; use user_sampling='uls' "
+                     "or privacy_unit='example'")
+  if cfg.accountant != "pld":
+    raise ValueError(f"LMO noise is accounted by its own PLD; set accountant='pld', "
+                     f"got {cfg.accountant!r}")
+  if cfg.get("lmo"):
+    return lmo_acc.LMOParams(**dict(cfg.lmo))
+  found = lmo_acc.lmo_search(cfg.target_epsilon, cfg.delta, plan.sampling_rate, cfg.steps,
+                             grid=dict(cfg.lmo_grid) if cfg.get("lmo_grid") else None,
+                             objective=cfg.get("lmo_objective", "abs"), progress=True)
+  return found["params"]
+
+
 def resolve_noise(cfg, plan: UnitPlan) -> float:
   """The noise multiplier: given directly, or calibrated to the target epsilon per unit."""
-  if not cfg.private:
+  if not cfg.private or cfg.mechanism == "lmo":
     return 0.0
   if cfg.get("noise_multiplier") is not None:
     return float(cfg.noise_multiplier)
@@ -294,6 +320,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   plan = plan_units(cfg, task)
   sampler, q, expected = plan.sampler, plan.sampling_rate, plan.expected_batch_size
   sigma = resolve_noise(cfg, plan)
+  lmo_params = resolve_lmo(cfg, plan) if cfg.private and cfg.mechanism == "lmo" else None
   per_user = plan.sampling == "uls"
   mesh = None
   if (cfg.get("data_devices") or 1) > 1:
@@ -307,11 +334,18 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   key = jax.random.PRNGKey(cfg.seed)
   if cfg.private:
     unit_loss = user_mean_loss(task.loss_fn) if per_user else task.loss_fn
-    grad_fn = clipped_grad(unit_loss, l2_clip_norm=cfg.l2_clip_norm, has_aux=True,
-                           microbatch_size=cfg.get("microbatch_size"))
+    if cfg.mechanism in L1_MECHANISMS:
+      if not cfg.get("l1_clip_norm"):
+        raise ValueError(f"mechanism={cfg.mechanism!r} needs l1_clip_norm (its noise is "
+                         "calibrated to the L1 sensitivity; L2 clipping does not bound it)")
+      clip = {"l1_clip_norm": cfg.l1_clip_norm}
+    else:
+      clip = {"l2_clip_norm": cfg.l2_clip_norm}
+    grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=cfg.get("microbatch_size"),
+                           **clip)
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
-                           mechanism=cfg.mechanism)
+                           mechanism=cfg.mechanism, lmo_params=lmo_params)
   else:
     grad_fn = None
     tx = optax.chain(normalize(expected), optimizer)
@@ -371,6 +405,9 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   def eps_at(step: int, accountant: str) -> float:
     if not cfg.private:
       return math.inf
+    if lmo_params is not None:
+      from dpjax.accounting.lmo import lmo_epsilon
+      return lmo_epsilon(lmo_params, q, step, cfg.delta) if step else 0.0
     return accounting.epsilon_spent(sigma, q, step, cfg.delta, accountant, cfg.mechanism,
                                     **plan.accounting_kwargs())
 
@@ -388,7 +425,8 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   header = {"event": "start", "task": task.name, "private": bool(cfg.private),
             "noise_multiplier": sigma, "sampling_rate": q, "expected_batch_size": expected,
             "steps": cfg.steps, "resumed_from": start, "privacy_unit": plan.unit,
-            "user_sampling": plan.sampling, "max_examples_per_user": plan.G}
+            "user_sampling": plan.sampling, "max_examples_per_user": plan.G,
+            "lmo": lmo_params.as_dict() if lmo_params is not None else None}
   _log(metrics_path, header)
 
   bar = _progress(range(start, end), progress, initial=start, total=cfg.steps)

@@ -47,3 +47,18 @@ def test_account_user_level(capsys):
                    "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3",
                    "--accountant", "rdp"]) == 2
   assert "accountant='pld'" in capsys.readouterr().err
+
+
+def test_account_lmo(capsys, tmp_path, monkeypatch):
+  from dpjax.accounting import lmo
+  monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
+  params = {"a1": 0.3, "a3": 0.2, "a4": 0.5, "theta": 1, "k": 2, "lam": 1, "Ua": 1, "Ub": 2}
+  assert cli.main(["account", "lmo", "--sampling-rate", "0.05", "--steps", "10",
+                   "--params", json.dumps(params)]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["epsilon"] == lmo.lmo_epsilon(lmo.LMOParams(**params), 0.05, 10, 1e-5)
+  grid = {"a": [0.3, 1.0], "theta_k": [[0.5, 1]], "lam": [5.0], "Ub_Ua": [[2, 1]]}
+  assert cli.main(["account", "lmo", "--sampling-rate", "0.05", "--steps", "10",
+                   "--target-epsilon", "2", "--grid", json.dumps(grid)]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["epsilon"] <= 2 and out["upper_bound"] is True

@@ -182,3 +182,19 @@ def test_user_level_bad_configs_are_clear_errors():
   cfg = user_config("uls", max_examples_per_user=0)
   with pytest.raises(ValueError, match="max_examples_per_user must be"):
     train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_lmo_is_one_config_change(tmp_path):
+  from dpjax.accounting import lmo as L
+  params = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
+  cfg = small_config(mechanism="lmo", lmo=params, l1_clip_norm=1.0, steps=6)
+  res = train(cfg, build_task(cfg), str(tmp_path), progress=False)
+  want = L.lmo_epsilon(L.LMOParams(**params), 60 / 600, 6, 1e-5)
+  assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-12)
+  start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert start["lmo"] == params
+  # L1 noise needs L1 clipping: refused without it, for Laplace as for LMO.
+  for mech in ("lmo", "laplace"):
+    cfg = small_config(mechanism=mech, lmo=params)
+    with pytest.raises(ValueError, match="needs l1_clip_norm"):
+      train(cfg, build_task(cfg), None, progress=False)
