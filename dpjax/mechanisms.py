@@ -36,9 +36,9 @@ def _check_scale(name: str, value: float, allow_zero: bool) -> None:
     raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
-def _noise_transform(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float,
+def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
                      key: chex.PRNGKey) -> optax.GradientTransformation:
-  """Adds `std_scale * sample(key, shape)` to every leaf, fresh key each step."""
+  """Adds `draw(step_key, leaves)` (one f32 noise array per leaf), fresh key each step."""
 
   def init_fn(params):
     del params
@@ -48,16 +48,21 @@ def _noise_transform(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_sc
     del params
     next_key, step_key = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
-    keys = jax.random.split(step_key, len(leaves))
-    noised = []
-    for leaf, k in zip(leaves, keys):
-      # Noise is drawn and added in f32 so bf16 gradients get full-precision
-      # noise; only the final sum is cast back to the gradient's dtype.
-      z = sample(k, leaf.shape) * std_scale
-      noised.append((leaf.astype(jnp.float32) + z).astype(leaf.dtype))
+    # Noise is drawn and added in f32 so bf16 gradients get full-precision
+    # noise; only the final sum is cast back to the gradient's dtype.
+    noised = [(leaf.astype(jnp.float32) + z).astype(leaf.dtype)
+              for leaf, z in zip(leaves, draw(step_key, leaves))]
     return jax.tree.unflatten(treedef, noised), NoiseState(next_key, state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
+  """A `draw` of i.i.d. `std_scale * sample(key, shape)`, one key per leaf."""
+  def draw(step_key, leaves):
+    keys = jax.random.split(step_key, len(leaves))
+    return [sample(k, leaf.shape) * std_scale for leaf, k in zip(leaves, keys)]
+  return draw
 
 
 def gaussian(noise_multiplier: float, l2_clip_norm: float,
@@ -88,7 +93,7 @@ def gaussian(noise_multiplier: float, l2_clip_norm: float,
   _check_scale("noise_multiplier", noise_multiplier, allow_zero=True)
   _check_scale("l2_clip_norm", l2_clip_norm, allow_zero=False)
   std = float(noise_multiplier) * float(l2_clip_norm)
-  return _noise_transform(lambda k, s: jax.random.normal(k, s, jnp.float32), std, key)
+  return _noise_transform(_iid(lambda k, s: jax.random.normal(k, s, jnp.float32), std), key)
 
 
 def laplace(noise_multiplier: float, l1_clip_norm: float,
@@ -112,7 +117,8 @@ def laplace(noise_multiplier: float, l1_clip_norm: float,
   _check_scale("noise_multiplier", noise_multiplier, allow_zero=True)
   _check_scale("l1_clip_norm", l1_clip_norm, allow_zero=False)
   scale = float(noise_multiplier) * float(l1_clip_norm)
-  return _noise_transform(lambda k, s: jax.random.laplace(k, s, jnp.float32), scale, key)
+  return _noise_transform(_iid(lambda k, s: jax.random.laplace(k, s, jnp.float32), scale),
+                          key)
 
 
 def normalize(expected_batch_size: float) -> optax.GradientTransformation:
@@ -185,23 +191,15 @@ def lmo(params, key: chex.PRNGKey, *, l1_clip_norm: Optional[float] = None,
       b = b + params.a4 * jax.random.uniform(ku, shape, jnp.float32, params.Ua, params.Ub)
     return b
 
-  def init_fn(p):
-    del p
-    return NoiseState(key=jnp.asarray(key), count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, p=None):
-    del p
-    next_key, step_key = jax.random.split(state.key)
+  def draw(step_key, leaves):
     kb, kn = jax.random.split(step_key)
-    leaves, treedef = jax.tree.flatten(updates)
     keys = jax.random.split(kn, len(leaves))
     b_step = sample_b(kb, ())
     out = []
     for i, (leaf, k) in enumerate(zip(leaves, keys)):
       kl, kbl = jax.random.split(k)
       b = sample_b(jax.random.fold_in(kbl, i), leaf.shape) if per_coordinate else b_step
-      z = jax.random.laplace(kl, leaf.shape, jnp.float32) * (delta / b)
-      out.append((leaf.astype(jnp.float32) + z).astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, out), NoiseState(next_key, state.count + 1)
+      out.append(jax.random.laplace(kl, leaf.shape, jnp.float32) * (delta / b))
+    return out
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _noise_transform(draw, key)

@@ -177,27 +177,6 @@ class LMOParams:
     v, e = self.cdf_many([x])
     return float(v[0]), e
 
-  def sf_upper(self, x: float) -> float:
-    """An upper bound on P(b > x)."""
-    val, err = self.cdf(x)
-    return min(1.0, 1.0 - val + err)
-
-  def inverse_moments(self) -> Tuple[float, float]:
-    """(E[1/b], E[1/b^2]) via 1/b^m = int t^(m-1) e^(-t b) dt / (m-1)!; inf if divergent."""
-    # Substitute t = e^s; integrand decays like M(-t) for large t.
-    s = np.linspace(-30.0, 40.0, 20001)
-    t = np.exp(s)
-    m = self.mgf(-t)
-    ds = s[1] - s[0]
-    e1 = float(np.sum(m * t) * ds)
-    e2 = float(np.sum(m * t * t) * ds)
-    # Divergence at t -> inf shows as a non-vanishing integrand at the end.
-    if m[-1] * t[-1] > 1e-6:
-      e1 = math.inf
-    if m[-1] * t[-1] ** 2 > 1e-6:
-      e2 = math.inf
-    return e1, e2
-
   def sample(self, rng: np.random.Generator, size) -> np.ndarray:
     b = np.zeros(size)
     if self.a1 > 0:
@@ -209,15 +188,35 @@ class LMOParams:
     return b
 
 
+def _unit_noise(cands: Sequence[LMOParams], objective: str) -> np.ndarray:
+  """Per-coordinate noise at sensitivity 1 for many candidates: E[1/b] or 2 E[1/b^2].
+
+  1/b^m = int t^(m-1) e^(-t b) dt / (m-1)!, so E[1/b^m] is an integral of the
+  MGF M(-t); t = e^s on a fixed grid. Divergence shows as a non-vanishing
+  integrand at the end of the grid (inf).
+  """
+  if objective not in ("abs", "var"):
+    raise ValueError(f"objective must be 'abs' or 'var', got {objective!r}")
+  s = np.linspace(-30.0, 40.0, 20001)
+  t = np.exp(s)
+  ds = s[1] - s[0]
+  power = 1 if objective == "abs" else 2
+  out = np.empty(len(cands))
+  for i in range(0, len(cands), 512):
+    chunk = cands[i:i + 512]
+    m = np.stack([c.mgf(-t) for c in chunk])
+    val = np.sum(m * t ** power, axis=1) * ds
+    diverges = m[:, -1] * t[-1] ** power > 1e-6
+    val = np.where(diverges, np.inf, val)
+    out[i:i + 512] = val if objective == "abs" else 2.0 * val
+  return out
+
+
 def noise_magnitude(params: LMOParams, sensitivity: float = 1.0,
                     objective: str = "abs") -> float:
   """Per-coordinate noise: E|Z| = Delta E[1/b] ("abs") or Var Z = 2 Delta^2 E[1/b^2] ("var")."""
-  e1, e2 = params.inverse_moments()
-  if objective == "abs":
-    return sensitivity * e1
-  if objective == "var":
-    return 2.0 * sensitivity ** 2 * e2
-  raise ValueError(f"objective must be 'abs' or 'var', got {objective!r}")
+  power = 1 if objective == "abs" else 2
+  return float(sensitivity ** power * _unit_noise([params], objective)[0])
 
 
 # --- the PLD accountant ------------------------------------------------------
@@ -422,23 +421,6 @@ def grid_candidates(grid: Optional[Dict] = None) -> List[LMOParams]:
   return out
 
 
-def _noise_vectorised(cands: Sequence[LMOParams], objective: str) -> np.ndarray:
-  """noise_magnitude for many candidates at once (same quadrature as inverse_moments)."""
-  s = np.linspace(-30.0, 40.0, 20001)
-  t = np.exp(s)
-  ds = s[1] - s[0]
-  power = 1 if objective == "abs" else 2
-  out = np.empty(len(cands))
-  for i in range(0, len(cands), 512):
-    chunk = cands[i:i + 512]
-    m = np.stack([c.mgf(-t) for c in chunk])
-    val = np.sum(m * t ** power, axis=1) * ds
-    diverges = m[:, -1] * t[-1] ** power > 1e-6
-    val = np.where(diverges, np.inf, val)
-    out[i:i + 512] = val if objective == "abs" else 2.0 * val
-  return out
-
-
 def _cache_path() -> str:
   from dpjax import assets
   return os.path.join(assets.home(), "cache", "lmo_epsilon.json")
@@ -463,7 +445,7 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
   cands = list(candidates) if candidates is not None else grid_candidates(grid)
   if not cands:
     raise ValueError("no candidates to search")
-  noise = _noise_vectorised(cands, objective)
+  noise = _unit_noise(cands, objective)
   order = np.argsort(noise, kind="stable")
   store: Dict[str, float] = {}
   path = _cache_path()
