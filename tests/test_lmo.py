@@ -171,3 +171,43 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="no candidate reaches"):
     L.lmo_search(1e-3, 1e-5, 0.5, 100, grid={"a": (0.5,), "theta_k": ((1, 2),), "lam": (5.0,),
                                               "Ub_Ua": ((2, 1),)}, cache=False)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_tail_bound_is_above_the_survival_function(params):
+  b = params.sample(np.random.default_rng(1), 200_000)
+  xs = np.quantile(b, [0.5, 0.9, 0.99, 0.999])
+  sf = params.sf_bound(xs)
+  assert np.all(sf >= np.array([np.mean(b > x) for x in xs]) - 0.002)
+  cdf, err = params.cdf_many(xs)
+  assert np.all(sf >= 1.0 - cdf - err)
+
+
+def test_calibrate_point_mass_matches_laplace_bisection():
+  """Scale calibration of pure Laplace == an independent bisection on dp-accounting's PLD."""
+  q, steps, delta, target = 0.1, 50, 1e-6, 2.0
+
+  def ref_eps(b):
+    p = pld_lib.from_laplace_mechanism(1 / b, sampling_prob=q, value_discretization_interval=1e-4,
+                                       use_connect_dots=False)
+    return p.self_compose(steps).get_epsilon_for_delta(delta)
+
+  lo, hi = 1e-3, 1e2
+  for _ in range(60):
+    mid = math.sqrt(lo * hi)
+    lo, hi = (mid, hi) if ref_eps(mid) <= target else (lo, mid)
+  got = L.lmo_calibrate(L.LMOParams.laplace(1.0), target, delta, q, steps, rtol=1e-3)
+  assert got["epsilon"] <= target
+  b = got["params"].a4 * got["params"].Ub
+  assert b == pytest.approx(lo, rel=2e-3)
+  assert got["noise"] == pytest.approx(1 / b, rel=1e-3)   # E|Lap(1/b)| = 1/b
+
+
+def test_calibrate_mixture_is_feasible_and_tight_at_small_delta():
+  shape = PARAMS[0]
+  q, steps, delta, target = 0.05, 40, 1e-10, 1.0
+  got = L.lmo_calibrate(shape, target, delta, q, steps)
+  assert got["epsilon"] <= target
+  assert got["params"] == shape.scaled(got["scale"])
+  # A little less noise (larger b) no longer meets the target.
+  assert L.lmo_epsilon(shape.scaled(got["scale"] * 1.01), q, steps, delta) > target

@@ -66,7 +66,7 @@ from dpjax.accounting import events as ev
 BINS = 128
 TAIL = 1e-12
 DISCRETIZATION = 1e-4
-_CDF_TOL = 1e-12
+_CDF_TOL = 5e-15   # allowance for float error of the closed-form CDF (values near 1)
 UNIFORM_CELLS = 64
 MAX_GRID = 2_000_000    # loss-grid cells per direction; coarser (still pessimistic) beyond
 
@@ -104,6 +104,12 @@ class LMOParams:
 
   def as_dict(self) -> Dict[str, float]:
     return dataclasses.asdict(self)
+
+  def scaled(self, c: float) -> "LMOParams":
+    """The same shape with b multiplied by c (a1, a3, a4 scaled): noise scale / c."""
+    if not (math.isfinite(c) and c > 0):
+      raise ValueError(f"scale must be finite and > 0, got {c}")
+    return dataclasses.replace(self, a1=self.a1 * c, a3=self.a3 * c, a4=self.a4 * c)
 
   # --- the distribution of b ------------------------------------------------
 
@@ -173,6 +179,25 @@ class LMOParams:
       out = fg - j
     return np.where(z > 0, np.clip(out, 0.0, 1.0), 0.0)
 
+  def sf_bound(self, xs) -> np.ndarray:
+    """An upper bound on P(b' > x), accurate in the far tail (no 1 - CDF cancellation).
+
+    b' <= a1 G + a3 E + a4 Ub, and P(a1 G + a3 E > z) <= P(a1 G > z/2) + P(a3 E > z/2).
+    """
+    z = np.asarray(xs, np.float64) - self.a4 * self.Ub
+    zp = np.maximum(z, 0.0)
+    has_g, has_e = self.a1 > 0, self.a3 > 0
+    if has_g and has_e:
+      out = (special.gammaincc(self.k, zp / 2 / (self.a1 * self.theta))
+             + np.exp(-zp / 2 / (self.a3 / self.lam)))
+    elif has_g:
+      out = special.gammaincc(self.k, zp / (self.a1 * self.theta))
+    elif has_e:
+      out = np.exp(-zp / (self.a3 / self.lam))
+    else:
+      out = np.zeros_like(zp)
+    return np.where(z > 0, np.minimum(out, 1.0), 1.0)
+
   def cdf(self, x: float) -> Tuple[float, float]:
     v, e = self.cdf_many([x])
     return float(v[0]), e
@@ -231,8 +256,7 @@ def _b_bins(params: LMOParams, bins: int, tail: float):
   b_max = None
   while b_max is None:
     ladder = start * np.geomspace(1.0, 8.0, 64)
-    vals, err = params.cdf_many(ladder)
-    ok = np.flatnonzero(1.0 - vals + err <= tail)
+    ok = np.flatnonzero(params.sf_bound(ladder) <= tail)
     if len(ok):
       b_max = float(ladder[ok[0]])
     start *= 8.0
@@ -333,14 +357,24 @@ def _epsilon_cached(params: LMOParams, q: float, steps: int, delta: float, bins:
   return float(composed.get_epsilon_for_delta(delta))
 
 
+def default_tail(delta: float, steps: int) -> float:
+  """TAIL, or less when T steps of it would use more than 10% of delta."""
+  return max(min(TAIL, 0.1 * delta / steps), 2 * _CDF_TOL)
+
+
 def lmo_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: float, *,
-                bins: int = BINS, tail: float = TAIL,
+                bins: int = BINS, tail: Optional[float] = None,
                 discretization: float = DISCRETIZATION) -> float:
-  """Upper bound on epsilon of `steps` Poisson-sampled LMO steps (per example, add/remove)."""
+  """Upper bound on epsilon of `steps` Poisson-sampled LMO steps (per example, add/remove).
+
+  `tail` (mass of b charged as infinite loss per step): `default_tail` if None.
+  """
   ev.check_sampling_rate(sampling_rate)
   ev.check_steps(steps)
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
+  if tail is None:
+    tail = default_tail(delta, steps)
   if tail * steps >= delta:
     raise ValueError(f"tail={tail} charged over {steps} steps reaches delta={delta}; "
                      "lower tail")
@@ -428,7 +462,7 @@ def _cache_path() -> str:
 
 def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps: int, *,
                grid: Optional[Dict] = None, candidates: Optional[Iterable[LMOParams]] = None,
-               objective: str = "abs", bins: int = BINS, tail: float = TAIL,
+               objective: str = "abs", bins: int = BINS, tail: Optional[float] = None,
                cache: bool = True, progress: bool = False) -> Dict:
   """The least-noise LMO parameters whose (sound) epsilon meets the target.
 
@@ -445,6 +479,8 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
   cands = list(candidates) if candidates is not None else grid_candidates(grid)
   if not cands:
     raise ValueError("no candidates to search")
+  if tail is None:
+    tail = default_tail(delta, steps)
   noise = _unit_noise(cands, objective)
   order = np.argsort(noise, kind="stable")
   store: Dict[str, float] = {}
@@ -485,3 +521,50 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
     raise ValueError(f"no candidate reaches epsilon={target_epsilon} at delta={delta}, "
                      f"q={sampling_rate}, {steps} steps (searched {evaluated} of {len(cands)})")
   return result
+
+
+def lmo_calibrate(shape: LMOParams, target_epsilon: float, delta: float, sampling_rate: float,
+                  steps: int, *, objective: str = "abs", bins: int = BINS,
+                  tail: Optional[float] = None, rtol: float = 2e-3) -> Dict:
+  """Scale a shape of b (`LMOParams.scaled`) to the least noise meeting the target.
+
+  For a fixed shape, scaling b up lowers the noise of every bin and raises
+  the b-revealed epsilon monotonically, so a bisection on log(scale) finds
+  the largest scale whose sound epsilon is <= target (to relative `rtol`;
+  the returned point is always feasible). Returns {"params", "noise",
+  "epsilon", "scale", "evaluated"} like `lmo_search`.
+  """
+  if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+    raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
+  if tail is None:
+    tail = default_tail(delta, steps)
+  n = [0]
+
+  def eps(c):
+    n[0] += 1
+    return lmo_epsilon(shape.scaled(c), sampling_rate, steps, delta, bins=bins, tail=tail)
+
+  lo, hi = None, None
+  c = 1.0
+  for _ in range(80):
+    if eps(c) <= target_epsilon:
+      lo = c
+      if hi is not None:
+        break
+      c *= 4.0
+    else:
+      hi = c
+      if lo is not None:
+        break
+      c /= 4.0
+  if lo is None or hi is None:
+    raise ValueError(f"could not bracket the scale of {shape} for epsilon={target_epsilon}")
+  while hi / lo > 1.0 + rtol:
+    mid = math.sqrt(lo * hi)
+    if eps(mid) <= target_epsilon:
+      lo = mid
+    else:
+      hi = mid
+  p = shape.scaled(lo)
+  return {"params": p, "noise": noise_magnitude(p, objective=objective),
+          "epsilon": eps(lo), "scale": lo, "evaluated": n[0], "objective": objective}
