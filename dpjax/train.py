@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import accounting
+from dpjax import accounting, flatness
 from dpjax.clipping import clipped_grad
 from dpjax.data import pipeline
 from dpjax.data.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
@@ -80,14 +80,9 @@ class TrainState(NamedTuple):
 L1_MECHANISMS = ("laplace", "lmo")   # noise calibrated to the L1 sensitivity
 
 
-def private_transform(*, noise_multiplier: float, sensitivity: float, expected_batch_size: float,
-                      optimizer: optax.GradientTransformation, key: jax.Array,
-                      mechanism: str = "gaussian", lmo_params=None) -> optax.GradientTransformation:
-  """mechanism -> normalize(expected batch) -> optimizer, as one optax chain.
-
-  `sensitivity` is the L2 sensitivity for "gaussian" and the L1 sensitivity
-  for "laplace" and "lmo" (whose noise comes from `lmo_params`).
-  """
+def noise_transform(*, noise_multiplier: float, sensitivity: float, key: jax.Array,
+                    mechanism: str = "gaussian", lmo_params=None) -> optax.GradientTransformation:
+  """The privatiser alone: "gaussian" (L2 sensitivity), "laplace" or "lmo" (L1)."""
   if mechanism == "gaussian":
     noise = gaussian(noise_multiplier, sensitivity, key)
   elif mechanism == "laplace":
@@ -96,7 +91,24 @@ def private_transform(*, noise_multiplier: float, sensitivity: float, expected_b
     noise = lmo(lmo_params, key, l1_clip_norm=sensitivity)
   else:
     raise ValueError(f"mechanism must be 'gaussian', 'laplace' or 'lmo', got {mechanism!r}")
-  return optax.chain(noise, normalize(expected_batch_size), optimizer)
+  return noise
+
+
+def private_transform(*, noise_multiplier: float, sensitivity: float, expected_batch_size: float,
+                      optimizer: optax.GradientTransformation, key: jax.Array,
+                      mechanism: str = "gaussian", lmo_params=None,
+                      after_noise: Optional[optax.GradientTransformation] = None
+                      ) -> optax.GradientTransformation:
+  """mechanism -> [after_noise] -> normalize(expected batch) -> optimizer, as one optax chain.
+
+  `sensitivity` is the L2 sensitivity for "gaussian" and the L1 sensitivity
+  for "laplace" and "lmo" (whose noise comes from `lmo_params`). `after_noise`
+  (e.g. `flatness.dp_sam`) sees only privatised gradients.
+  """
+  noise = noise_transform(noise_multiplier=noise_multiplier, sensitivity=sensitivity, key=key,
+                          mechanism=mechanism, lmo_params=lmo_params)
+  parts = [noise] + ([after_noise] if after_noise is not None else [])
+  return optax.chain(*parts, normalize(expected_batch_size), optimizer)
 
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
@@ -264,7 +276,26 @@ def plan_units(cfg, task: Task) -> UnitPlan:
   return UnitPlan(unit, sampling, G, sampler, q, sampler.expected_batch_size)
 
 
-def resolve_lmo(cfg, plan: UnitPlan):
+def resolve_sam(cfg) -> Optional[flatness.DPSAM]:
+  """`cfg.dp_sam` = dict(rho, mode="free", active_fraction=0.5, layerwise=True), or None."""
+  spec = cfg.get("dp_sam")
+  if not spec:
+    return None
+  spec = dict(spec)
+  unknown = set(spec) - {"rho", "mode", "active_fraction", "layerwise"}
+  if unknown or "rho" not in spec:
+    raise ValueError(f"dp_sam takes rho, mode, active_fraction, layerwise; got {sorted(spec)}")
+  frac = spec.get("active_fraction", 0.5)
+  if not 0 <= frac <= 1:
+    raise ValueError(f"dp_sam.active_fraction must be in [0, 1], got {frac}")
+  mode = spec.get("mode", "free")
+  if mode == "charged" and not cfg.private:
+    raise ValueError("dp_sam mode='charged' privatises an ascent gradient: needs private=True")
+  return flatness.dp_sam(spec["rho"], mode=mode, layerwise=spec.get("layerwise", True),
+                         active_steps=int(round(frac * cfg.steps)))
+
+
+def resolve_lmo(cfg, plan: UnitPlan, sam: Optional[flatness.DPSAM] = None):
   """LMO parameters: `cfg.lmo` (a dict of LMOParams fields), or searched for the target."""
   from dpjax.accounting import lmo as lmo_acc
   if plan.sampling == "els":
@@ -275,20 +306,28 @@ def resolve_lmo(cfg, plan: UnitPlan):
                      f"got {cfg.accountant!r}")
   if cfg.get("lmo"):
     return lmo_acc.LMOParams(**dict(cfg.lmo))
-  found = lmo_acc.lmo_search(cfg.target_epsilon, cfg.delta, plan.sampling_rate, cfg.steps,
+  found = lmo_acc.lmo_search(cfg.target_epsilon, cfg.delta, plan.sampling_rate,
+                             _releases(cfg, sam),
                              grid=dict(cfg.lmo_grid) if cfg.get("lmo_grid") else None,
                              objective=cfg.get("lmo_objective", "abs"), progress=True)
   return found["params"]
 
 
-def resolve_noise(cfg, plan: UnitPlan) -> float:
+def _releases(cfg, sam: Optional[flatness.DPSAM]) -> int:
+  """Privatised gradients the whole run releases (charged SAM adds its ascent steps)."""
+  if sam is None:
+    return int(cfg.steps)
+  return flatness.releases(int(cfg.steps), mode=sam.mode, active_steps=sam.active_steps)
+
+
+def resolve_noise(cfg, plan: UnitPlan, sam: Optional[flatness.DPSAM] = None) -> float:
   """The noise multiplier: given directly, or calibrated to the target epsilon per unit."""
   if not cfg.private or cfg.mechanism == "lmo":
     return 0.0
   if cfg.get("noise_multiplier") is not None:
     return float(cfg.noise_multiplier)
   return accounting.calibrate_noise(cfg.target_epsilon, cfg.delta, plan.sampling_rate,
-                                    cfg.steps, accountant=cfg.accountant,
+                                    _releases(cfg, sam), accountant=cfg.accountant,
                                     mechanism=cfg.mechanism, **plan.accounting_kwargs())
 
 
@@ -319,8 +358,9 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   """
   plan = plan_units(cfg, task)
   sampler, q, expected = plan.sampler, plan.sampling_rate, plan.expected_batch_size
-  sigma = resolve_noise(cfg, plan)
-  lmo_params = resolve_lmo(cfg, plan) if cfg.private and cfg.mechanism == "lmo" else None
+  sam = resolve_sam(cfg)
+  sigma = resolve_noise(cfg, plan, sam)
+  lmo_params = resolve_lmo(cfg, plan, sam) if cfg.private and cfg.mechanism == "lmo" else None
   per_user = plan.sampling == "uls"
   mesh = None
   if (cfg.get("data_devices") or 1) > 1:
@@ -345,10 +385,27 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
                            **clip)
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
-                           mechanism=cfg.mechanism, lmo_params=lmo_params)
+                           mechanism=cfg.mechanism, lmo_params=lmo_params, after_noise=sam)
   else:
     grad_fn = None
-    tx = optax.chain(normalize(expected), optimizer)
+    tx = optax.chain(*([sam] if sam is not None else []), normalize(expected), optimizer)
+
+  if sam is not None:
+    ascent_key = jax.random.fold_in(key, 0x5A4D)
+
+    @jax.jit
+    def perturb_free(params, opt_state):
+      return sam.perturb(params, flatness.find_state(opt_state))
+
+    @jax.jit
+    def perturb_charged(params, opt_state, asum, step):
+      # A fresh privatised ascent gradient: same mechanism, its own key per step
+      # (resume-safe), charged by `flatness.releases`.
+      t = noise_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
+                          key=jax.random.fold_in(ascent_key, step), mechanism=cfg.mechanism,
+                          lmo_params=lmo_params)
+      direction, _ = t.update(asum, t.init(asum))
+      return sam.perturb(params, flatness.find_state(opt_state), direction=direction)
 
   def plain_grad(params, batch, mask):
     def total(p):
@@ -405,6 +462,8 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   def eps_at(step: int, accountant: str) -> float:
     if not cfg.private:
       return math.inf
+    step = flatness.releases(step, mode=sam.mode if sam is not None else None,
+                             active_steps=sam.active_steps if sam is not None else None)
     if lmo_params is not None:
       from dpjax.accounting.lmo import lmo_epsilon
       return lmo_epsilon(lmo_params, q, step, cfg.delta) if step else 0.0
@@ -426,7 +485,10 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
             "noise_multiplier": sigma, "sampling_rate": q, "expected_batch_size": expected,
             "steps": cfg.steps, "resumed_from": start, "privacy_unit": plan.unit,
             "user_sampling": plan.sampling, "max_examples_per_user": plan.G,
-            "lmo": lmo_params.as_dict() if lmo_params is not None else None}
+            "lmo": lmo_params.as_dict() if lmo_params is not None else None,
+            "dp_sam": None if sam is None else {"rho": sam.rho, "mode": sam.mode,
+                                                "active_steps": sam.active_steps},
+            "releases": _releases(cfg, sam) if cfg.private else 0}
   _log(metrics_path, header)
 
   bar = _progress(range(start, end), progress, initial=start, total=cfg.steps)
@@ -435,9 +497,17 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   t0, seen = time.perf_counter(), 0
   last: Dict[str, Any] = {}
   for step in bar:
+    at = state.params
+    if sam is not None and sam.mode == "charged" and step < sam.active_steps:
+      asum = zeros   # an independent Poisson draw (stream offset by cfg.steps)
+      for pb in sampler.batches(step + cfg.steps):
+        asum, _ = accumulate(asum, state.params, *host_batch(pb))
+      at = perturb_charged(state.params, state.opt_state, asum, step)
+    elif sam is not None and sam.mode == "free":
+      at = perturb_free(state.params, state.opt_state)
     gsum = zeros
     for pb in sampler.batches(step):
-      gsum, stats = accumulate(gsum, state.params, *host_batch(pb))
+      gsum, stats = accumulate(gsum, at, *host_batch(pb))
       for k, v in stats.items():
         window[k] = window.get(k, 0.0) + float(v)
       seen += int(pb.example_mask.sum() if per_user else pb.mask.sum())

@@ -47,6 +47,11 @@ def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: fl
   cfg.seed = seed
   cfg.batch_size = batch_size
   cfg.users_per_step = _users_per_step(task, G, batch_size, seed)
+  if sampling == "uls":
+    # Each user row is [G, ...]: keep the physical batch near the users per
+    # step so padding users (G rows each) do not dominate the compute.
+    cfg.physical_batch_size = int(min(cfg.physical_batch_size,
+                                      max(4, 2 ** math.ceil(math.log2(cfg.users_per_step)))))
   res = train(cfg, task, None, progress=False).final_metrics
   return {"sampling": sampling, "G": G, "target_epsilon": eps, "seed": seed,
           "epsilon": res["epsilon"], "privacy_unit": res["privacy_unit"], **{
@@ -115,9 +120,9 @@ def shakespeare_experiment(args):
         r = _run(cfg, task, sampling, G, eps, seed, args.batch_size)
         r["test_perplexity"] = math.exp(r["test_nll_sum"] / r["test_tokens"])
         rows.append(r)
+        _write([r], "shakespeare")
         print(f"eps={eps} {sampling} G={G} seed={seed}: test ppl {r['test_perplexity']:.3f} "
               f"(user eps {r['epsilon']:.3f})", flush=True)
-  print(_write(rows, "shakespeare"))
   print("\n| user eps | " + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups))
         + " |")
   print("|---|" + "---|" * len(_settings(args.groups)))

@@ -198,3 +198,38 @@ def test_lmo_is_one_config_change(tmp_path):
     cfg = small_config(mechanism=mech, lmo=params)
     with pytest.raises(ValueError, match="needs l1_clip_norm"):
       train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
+  base = train(small_config(), build_task(small_config()), None, progress=False)
+  # rho = 0: the same run (to float rounding of another compiled graph; bit-exact
+  # equality of the transform itself is tested in test_flatness).
+  cfg = small_config(dp_sam=dict(rho=0.0))
+  zero = train(cfg, build_task(cfg), None, progress=False)
+  for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(zero.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+  want = lambda steps: accounting.epsilon_spent(1.0, 60 / 600, steps, 1e-5, "pld", "gaussian")
+  # Free mode: post-processing of released gradients, one release per step.
+  cfg = small_config(dp_sam=dict(rho=0.05, mode="free"))
+  free = train(cfg, build_task(cfg), None, progress=False)
+  assert free.final_metrics["epsilon"] == pytest.approx(want(12), rel=1e-9)
+  assert not np.allclose(np.asarray(jax.tree.leaves(free.params)[0]),
+                         np.asarray(jax.tree.leaves(base.params)[0]))
+  # Charged mode: one more release in each of the first half (6) of the steps.
+  cfg = small_config(dp_sam=dict(rho=0.05, mode="charged", active_fraction=0.5))
+  charged = train(cfg, build_task(cfg), str(tmp_path), progress=False)
+  assert charged.final_metrics["epsilon"] == pytest.approx(want(18), rel=1e-9)
+  start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert start["dp_sam"] == {"rho": 0.05, "mode": "charged", "active_steps": 6}
+  assert start["releases"] == 18
+  # A target epsilon is met with the extra releases counted.
+  cfg = small_config(noise_multiplier=None, target_epsilon=2.0,
+                     dp_sam=dict(rho=0.05, mode="charged"))
+  res = train(cfg, build_task(cfg), None, progress=False)
+  assert 1.9 < res.final_metrics["epsilon"] <= 2.0
+  for bad, msg in ((dict(rho=0.1, mode="raw"), "mode must be"),
+                   (dict(rho=0.1, active_fraction=2.0), "active_fraction"),
+                   (dict(mode="free"), "takes rho")):
+    cfg = small_config(dp_sam=bad)
+    with pytest.raises(ValueError, match=msg):
+      train(cfg, build_task(cfg), None, progress=False)
