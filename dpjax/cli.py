@@ -35,6 +35,23 @@ def _train(args) -> int:
   return 0
 
 
+def _distill(args) -> int:
+  from dpjax import distill
+  from dpjax.config import load_config
+
+  cfg = load_config(args.config, args.set or [])
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  run_dir = args.run_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  report = distill.run(cfg, run_dir, progress=not args.no_progress)
+  print(json.dumps(report, default=float))
+  b = report["budget"]
+  print(f"privacy: ({b['total']:.3f}, {b['delta']:g})-DP per example (PLD, upper bound): "
+        f"teacher {b['teacher']:.3f} + label histogram {b['histogram']:.3f} composed; "
+        "generation and student are post-processing")
+  print(f"run directory: {run_dir}")
+  return 0
+
+
 def _account(args) -> int:
   from dpjax import accounting
   unit = {"unit": args.unit, "sampling": args.user_sampling if args.unit == "user" else None,
@@ -118,6 +135,14 @@ def main(argv=None) -> int:
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   t.add_argument("--no-progress", action="store_true")
   t.set_defaults(fn=_train)
+
+  d = sub.add_parser("distill", help="DistilDP: DP teacher -> synthetic text -> student "
+                                     "(resumable stages in the run directory)")
+  d.add_argument("config", nargs="?", default="configs/distil_shakespeare.py")
+  d.add_argument("--run-dir", help="run directory (finished stages are skipped)")
+  d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+  d.add_argument("--no-progress", action="store_true")
+  d.set_defaults(fn=_distill)
 
   a = sub.add_parser("account", help="epsilon of a DP-SGD run, or noise for a target epsilon "
                                      "('dpjax account lmo --help' for LMO-DP noise)")

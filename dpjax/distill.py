@@ -236,3 +236,196 @@ def synthesize(cfg, params, prompts: Dict[Any, List[int]], counts: Dict[Any, int
   seconds = time.perf_counter() - t0
   return {"label": labels, "tokens": outs, "seconds": seconds,
           "tokens_per_s": generated / max(seconds, 1e-9)}
+
+
+# --- the three-stage pipeline -------------------------------------------------
+
+def truncate_decoder(params: PyTree, num_layers: int) -> PyTree:
+  """The first `num_layers` blocks of a decoder, with its embeddings and final norm."""
+  have = sorted(int(k.split("_")[1]) for k in params if k.startswith("layer_"))
+  if num_layers > len(have):
+    raise ValueError(f"cannot keep {num_layers} layers of a {len(have)}-layer decoder")
+  return {k: v for k, v in params.items()
+          if not k.startswith("layer_") or int(k.split("_")[1]) < num_layers}
+
+
+def student_task(teacher_cfg, teacher_params, student_cfg, student_init, data, splits, *,
+                 lam: float, temperature: float, alpha: float, key: jax.Array):
+  """A `train.Task` that distils `teacher_params` into a student on `data` (synthetic text).
+
+  Trainable: the student (and a width projection when alpha > 0 and the
+  widths differ); frozen: the teacher. Eval metrics are the student's own
+  next-token `nll_sum` / `tokens` on the (real, held-out) splits.
+  """
+  from dpjax.models.decoder import Decoder, causal_lm_loss
+  from dpjax.train import Task
+  teacher, student = Decoder(teacher_cfg), Decoder(student_cfg)
+  params = {"student": student_init}
+  project = alpha > 0 and student_cfg.hidden_size != teacher_cfg.hidden_size
+  if project:
+    params["projection"] = init_projection(key, student_cfg.hidden_size,
+                                           teacher_cfg.hidden_size)
+
+  def loss_fn(p, ex, frozen):
+    ids, mask = ex["input_ids"][None], ex["attention_mask"][None]
+    s_logits, _, s_hidden = student.apply({"params": p["student"]}, ids, mask, return_hidden=True)
+    t_logits, _, t_hidden = teacher.apply({"params": frozen["teacher"]}, ids, mask,
+                                          return_hidden=True)
+    proj = (lambda h: apply_projection(p["projection"], h)) if project else None
+    loss, _ = distillation_loss(s_logits, t_logits, ids, mask, lam=lam,
+                                temperature=temperature, alpha=alpha,
+                                student_hidden=s_hidden[-1], teacher_hidden=t_hidden[-1],
+                                projection=proj)
+    total, count = causal_lm_loss(s_logits, ids, mask, reduction="sum")
+    return loss, {"nll_sum": total[0], "tokens": count[0]}
+
+  return Task("distil-student", params, {"teacher": teacher_params}, loss_fn, data, splits)
+
+
+def _teacher_sigma(total_epsilon: float, delta: float, q: float, steps: int,
+                   histogram_event) -> float:
+  """Least teacher noise such that teacher + histogram compose to <= total_epsilon (PLD)."""
+  import dp_accounting
+
+  from dpjax.accounting import dpsgd_event
+  from dpjax.accounting import epsilon as eps_of
+
+  def total(sigma):
+    parts = [dpsgd_event(sigma, q, steps)] + ([histogram_event] if histogram_event else [])
+    return eps_of(dp_accounting.ComposedDpEvent(parts), delta, "pld")
+
+  lo, hi = 0.2, 1.0
+  while total(hi) > total_epsilon:
+    lo, hi = hi, hi * 2
+    if hi > 1e4:
+      raise ValueError(f"total_epsilon={total_epsilon} is not reachable (the histogram "
+                       "alone may spend it)")
+  while hi / lo > 1.002:
+    mid = math.sqrt(lo * hi)
+    lo, hi = (lo, mid) if total(mid) <= total_epsilon else (mid, hi)
+  return hi
+
+
+def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
+  """`dpjax distill`: teacher DP fine-tune -> synthetic text -> student, resumable.
+
+  Each stage writes under `run_dir` (teacher/ checkpoints, synthetic/ a
+  `datasets` directory + info.json, student/ checkpoints, report.json) and
+  is skipped when its output exists. The teacher's noise is calibrated so
+  that teacher + DP histogram meet `cfg.total_epsilon` together.
+  """
+  import json
+  import os
+
+  import datasets
+  import ml_collections
+
+  from dpjax.models.decoder import init_params
+  from dpjax.tasks import build_task, byte_decoder_config, encode_bytes
+  from dpjax.train import train
+  os.makedirs(run_dir, exist_ok=True)
+
+  # Stage 1: the DP teacher (the only reader of the private data, with the histogram).
+  tcfg = ml_collections.ConfigDict(cfg.teacher.to_dict(), type_safe=False)
+  if not tcfg.task.get("control_code"):
+    raise ValueError("the teacher task needs task.control_code=True (prompts by label)")
+  task = build_task(tcfg)
+  from dpjax.tasks import CONTROL_CODES
+  n = len(task.train["input_ids"])
+  q = tcfg.batch_size / n
+  hist_cfg = cfg.get("histogram")
+  h_event = None
+  if hist_cfg:
+    noise = histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta)
+    from dpjax.accounting import events as ev
+    h_event = (ev.laplace_step(noise, 1.0) if hist_cfg.mechanism == "laplace"
+               else ev.gaussian_step(noise, 1.0))
+  tcfg.delta = cfg.delta
+  tcfg.noise_multiplier = _teacher_sigma(cfg.total_epsilon, cfg.delta, q, tcfg.steps, h_event)
+  tcfg.target_epsilon = None
+  teacher_res = train(tcfg, task, os.path.join(run_dir, "teacher"), progress=progress)
+  teacher_cfg = byte_decoder_config(tcfg.task.model, tcfg.task.seq_len)
+
+  # Stage 2: synthetic text (post-processing), prompt counts from the DP histogram.
+  syn_dir, info_path = os.path.join(run_dir, "synthetic"), os.path.join(run_dir,
+                                                                          "synthetic_info.json")
+  g = cfg.generation
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    syn = datasets.load_from_disk(syn_dir)
+  else:
+    codes = list(CONTROL_CODES)
+    labels = [codes[i] for i in task.train["control"] if i < len(codes)]
+    if hist_cfg:
+      hist = dp_label_histogram(labels, codes, hist_cfg.epsilon, cfg.delta,
+                                mechanism=hist_cfg.mechanism,
+                                rng=np.random.default_rng(g.seed))
+      props = hist["proportions"]
+    else:
+      hist, props = None, {c: 1.0 for c in codes}     # uniform: no data read
+    counts = prompt_counts(props, g.num_samples)
+    prompts = {c: encode_bytes([c + "\t"], len(c) + 2)["input_ids"][0].tolist()
+               for c in codes}
+    gen = synthesize(teacher_cfg, teacher_res.params, prompts, counts,
+                     jax.random.PRNGKey(g.seed), batch_size=g.batch_size,
+                     max_new_tokens=tcfg.task.seq_len - max(len(p) for p in prompts.values()),
+                     top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
+                     progress=progress)
+    full = [prompts[c] + t for c, t in zip(gen["label"], gen["tokens"])]
+    syn = datasets.Dataset.from_dict({"label": gen["label"], "input_ids": full})
+    syn.save_to_disk(syn_dir)
+    info = {"histogram": hist, "counts": counts, "num_samples": len(full),
+            "tokens_per_s": gen["tokens_per_s"], "seconds": gen["seconds"]}
+    with open(info_path, "w") as f:
+      json.dump(info, f, indent=2, default=float)
+
+  # Stage 3: the student, on synthetic text only.
+  L = tcfg.task.seq_len
+  ids = np.zeros((len(syn), L), np.int32)
+  mask = np.zeros((len(syn), L), np.int32)
+  for i, row in enumerate(syn["input_ids"]):
+    row = row[:L]
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  s = cfg.student
+  scfg_model = byte_decoder_config(s.model, L)
+  if s.model.hidden_size == tcfg.task.model.hidden_size and s.get("init_from_public", True):
+    init = truncate_decoder(task.params, s.model.num_layers)   # public pretraining
+  else:
+    init = init_params(scfg_model, jax.random.PRNGKey(s.seed), L)
+  splits = {k: {c: v[c] for c in ("input_ids", "attention_mask")}
+            for k, v in task.splits.items()}
+  stask = student_task(teacher_cfg, teacher_res.params, scfg_model, init,
+                       {"input_ids": ids, "attention_mask": mask}, splits, lam=s.lam,
+                       temperature=s.temperature, alpha=s.alpha, key=jax.random.PRNGKey(s.seed))
+  student_cfg = ml_collections.ConfigDict(dict(
+      private=False, steps=s.steps, batch_size=s.batch_size, physical_batch_size=s.batch_size,
+      optimizer="adam", learning_rate=s.learning_rate, weight_decay=0.0, warmup_steps=0,
+      seed=s.seed, log_every=s.steps, checkpoint_every=s.steps, privacy_unit="example",
+      accountant="pld", mechanism="gaussian"))
+  student_res = train(student_cfg, stask, os.path.join(run_dir, "student"), progress=progress)
+
+  teacher_events = [dpsgd_event_for(tcfg, q)]
+  report = {
+      "budget": budget_report(teacher_events, info["histogram"] and {
+          "mechanism": info["histogram"]["mechanism"], "noise": info["histogram"]["noise"]},
+          cfg.delta),
+      "privacy_unit": "example",
+      "teacher_noise_multiplier": tcfg.noise_multiplier,
+      "teacher_test_perplexity": _ppl(teacher_res.final_metrics, "test"),
+      "student_test_perplexity": _ppl(student_res.final_metrics, "test"),
+      "synthetic_samples": info["num_samples"], "generation_tokens_per_s": info["tokens_per_s"],
+  }
+  with open(os.path.join(run_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2, default=float)
+  return report
+
+
+def dpsgd_event_for(tcfg, q: float):
+  from dpjax.accounting import dpsgd_event
+  return dpsgd_event(tcfg.noise_multiplier, q, tcfg.steps)
+
+
+def _ppl(metrics: Dict[str, Any], split: str) -> float:
+  return float(math.exp(metrics[f"{split}_nll_sum"] / metrics[f"{split}_tokens"]))

@@ -186,6 +186,7 @@ def text_classification(cfg) -> Task:
 
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2   # byte b is token b + 2
+CONTROL_CODES = ("comedy", "history", "romance", "tragedy")   # Shakespeare genres
 
 
 def encode_bytes(texts, seq_len: int) -> Dict[str, np.ndarray]:
@@ -250,6 +251,14 @@ def _pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, see
   return params
 
 
+def byte_decoder_config(model: Dict, seq_len: int):
+  """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP)."""
+  from dpjax.models.decoder import DecoderConfig
+  return DecoderConfig(family="llama", vocab_size=256 + BYTE_OFFSET, pad_token_id=BYTE_PAD,
+                       bos_token_id=BYTE_BOS, max_position=max(128, seq_len),
+                       tie_embeddings=True, **dict(model))
+
+
 @register("shakespeare_lm")
 def shakespeare_lm(cfg) -> Task:
   """Byte-level language modelling of Shakespeare speeches; each character is a user.
@@ -265,15 +274,20 @@ def shakespeare_lm(cfg) -> Task:
   """
   from dpjax.data.shakespeare import load_shakespeare
   from dpjax.data.text import load_rt_polarity
-  from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss
+  from dpjax.models.decoder import Decoder, causal_lm_loss
 
   t = cfg.task
   ds = load_shakespeare(None if t.data == "shakespeare" else t.data)
   rows = [r for split in ds for r in ds[split]]
   held = np.array([_held_out_user(r["user_id"], t.heldout_fraction) for r in rows])
-  texts = [r["line"] for r in rows]
+  if t.get("control_code"):   # DistilDP: "<genre>\t" before each speech
+    texts = [f"{r['genre']}\t{r['line']}" for r in rows]
+  else:
+    texts = [r["line"] for r in rows]
   users = np.array([r["user_id"] for r in rows])
   enc = encode_bytes(texts, t.seq_len)
+  enc["control"] = np.array([CONTROL_CODES.index(r["genre"]) if r["genre"] in CONTROL_CODES
+                             else len(CONTROL_CODES) for r in rows], np.int32)
   train = {k: v[~held] for k, v in enc.items()}
   test_idx = np.flatnonzero(held)
   order = np.random.default_rng(0).permutation(len(test_idx))
@@ -282,11 +296,12 @@ def shakespeare_lm(cfg) -> Task:
     dev_idx, test_idx = dev_idx[:t.max_eval], test_idx[:t.max_eval]
   splits = {"dev": {k: v[dev_idx] for k, v in enc.items()},
             "test": {k: v[test_idx] for k, v in enc.items()}}
-  mcfg = DecoderConfig(family="llama", vocab_size=256 + BYTE_OFFSET, pad_token_id=BYTE_PAD,
-                       bos_token_id=BYTE_BOS, max_position=max(128, t.seq_len),
-                       tie_embeddings=True, **dict(t.model))
-  rt = load_rt_polarity()
-  public = [s for split in rt for s in rt[split]["sentence"]]
+  mcfg = byte_decoder_config(t.model, t.seq_len)
+  if t.pretrain_steps:
+    rt = load_rt_polarity()
+    public = [s for split in rt for s in rt[split]["sentence"]]
+  else:
+    public = []
   params = _pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
   model = Decoder(mcfg)
 

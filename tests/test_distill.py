@@ -155,3 +155,58 @@ def test_synthesize_is_reproducible_and_follows_counts():
   assert a["tokens_per_s"] > 0
   with pytest.raises(ValueError, match="no prompt"):
     distill.synthesize(CFG, params, prompts, {"z": 1}, jax.random.PRNGKey(0), **kw)
+
+
+PLAY = """THE TRAGEDY OF TESTING
+
+ACT I.
+
+Scene I. A platform.
+
+{speeches}
+THE END
+"""
+
+
+def _fixture_plays(tmp_path):
+  rng = np.random.default_rng(0)
+  words = ["night", "king", "sword", "love", "fair", "cold", "crown", "ghost"]
+  for play in ("hamlet", "tempest", "henry_v"):
+    speeches = ""
+    for i in range(60):
+      who = ["Ber.", "Fran.", "Hor.", "Mar.", "First Clown."][i % 5]
+      line = " ".join(rng.choice(words, 6))
+      speeches += f"{who}\n{line.capitalize()}.\n\n"
+    (tmp_path / f"{play}_gut.txt").write_text(PLAY.format(speeches=speeches))
+  return str(tmp_path)
+
+
+@pytest.mark.slow
+def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
+  from dpjax.config import load_config
+  cfg = load_config("configs/distil_shakespeare.py")
+  (tmp_path / "plays").mkdir()
+  data = _fixture_plays(tmp_path / "plays")
+  tiny = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+  cfg.teacher.task.update(data=data, seq_len=24, pretrain_steps=0, max_eval=32,
+                          heldout_fraction=0.3, model=tiny)
+  cfg.teacher.update(steps=3, batch_size=32, physical_batch_size=32, log_every=3,
+                     checkpoint_every=3)
+  cfg.generation.update(num_samples=10, batch_size=4)
+  cfg.student.update(model=dict(tiny, num_layers=1), steps=2, batch_size=4)
+  run_dir = str(tmp_path / "run")
+  rep = distill.run(cfg, run_dir, progress=False)
+  b = rep["budget"]
+  assert b["total"] <= cfg.total_epsilon and b["total"] > 0.9 * cfg.total_epsilon
+  assert b["generation"] == 0.0 and b["student"] == 0.0
+  assert 0 < b["histogram"] <= 0.1 + 1e-9 and b["teacher"] < b["total"]
+  import datasets
+  syn = datasets.load_from_disk(f"{run_dir}/synthetic")
+  assert len(syn) == rep["synthetic_samples"] == 10
+  assert set(syn["label"]) <= {"comedy", "history", "romance", "tragedy"}
+  assert np.isfinite(rep["student_test_perplexity"]) and rep["student_test_perplexity"] > 1
+  # A second call skips every finished stage and reports the same.
+  mtime = (tmp_path / "run" / "synthetic_info.json").stat().st_mtime
+  again = distill.run(cfg, run_dir, progress=False)
+  assert (tmp_path / "run" / "synthetic_info.json").stat().st_mtime == mtime
+  assert again["student_test_perplexity"] == pytest.approx(rep["student_test_perplexity"])
