@@ -16,7 +16,8 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.task = ml_collections.ConfigDict(dict(
       name="text_classification", model="minilm", data="rt-polarity", max_length=48,
-      pooling="mean_l2", pool_scale=3.0, train_layers=0, train_embeddings=False))
+      pooling="mean_l2", pool_scale=3.0, train_layers=0, train_embeddings=False,
+      prefix_tokens=0, prefix_layers=None))
   c.private = True
   c.privacy_unit = "example"
   c.target_epsilon = 3.0

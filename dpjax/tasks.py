@@ -115,7 +115,9 @@ def text_classification(cfg) -> Task:
   then clips, noises and updates only the top layers and the head. With
   `train_layers == L` the whole network (embeddings included) is trained.
   Frozen features are computed from public weights, per example: the
-  per-example privacy analysis is unchanged.
+  per-example privacy analysis is unchanged. With `prefix_tokens > 0` the
+  top layers stay frozen and each gets a trainable key/value prefix
+  (`prefix_layers`: which of them keep one; the others have none at all).
   """
   from dpjax import assets
   from dpjax.data.text import encode, load_rt_polarity, load_tokenizer
@@ -168,20 +170,40 @@ def text_classification(cfg) -> Task:
     trainable_names += ["word_embeddings", "position_embeddings", "token_type_embeddings",
                         "embeddings_ln"]
   trainable = {k: params[k] for k in trainable_names}
+  frozen = {}
+  P = t.get("prefix_tokens", 0) or 0
+  if P:
+    # Prefix-tuning of the top layers: their weights are frozen, each keeps
+    # (or, per `prefix_layers`, has removed) a trainable key/value prefix.
+    from dpjax.models import adapters
+    if full:
+      raise ValueError("prefix_tokens needs train_embeddings=False")
+    on = list(t.get("prefix_layers") or [True] * t.train_layers)
+    if len(on) != t.train_layers:
+      raise ValueError(f"prefix_layers has {len(on)} entries for train_layers={t.train_layers}")
+    frozen = {k: trainable.pop(k) for k in list(trainable) if k.startswith("layer_")}
+    trainable["prefix"] = adapters.init_prefix(
+        jax.random.PRNGKey(cfg.seed + 1), num_layers=L, num_tokens=P,
+        num_kv_heads=mcfg.num_heads, head_dim=mcfg.hidden_size // mcfg.num_heads,
+        layers=[False] * start + on, scale=t.get("prefix_init_scale", 0.02))
 
   def loss_fn(p, ex, frozen):
-    del frozen
     mask = ex["attention_mask"][None]
+    prefixes = None
+    if "prefix" in p:
+      from dpjax.models.adapters import prefix_layers
+      prefixes = prefix_layers(p["prefix"])
+      p = {**frozen, **{k: v for k, v in p.items() if k != "prefix"}}
     if full:
       h = model.apply({"params": p}, ex["input_ids"][None], mask, method=Encoder.embed)
     else:
       h = ex["hidden"][None]
-    h = model.apply({"params": p}, h, mask, start, L, method=Encoder.run_layers)
+    h = model.apply({"params": p}, h, mask, start, L, prefixes, method=Encoder.run_layers)
     logits = model.apply({"params": p}, h, mask, method=Encoder.classify)[0]
     loss = -jax.nn.log_softmax(logits)[ex["label"]]
     return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
 
-  return Task(f"{os.path.basename(model_dir.rstrip('/'))}-rt", trainable, {}, loss_fn,
+  return Task(f"{os.path.basename(model_dir.rstrip('/'))}-rt", trainable, frozen, loss_fn,
               arrays["train"], {"dev": arrays["dev"], "test": arrays["test"]})
 
 

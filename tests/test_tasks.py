@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -63,3 +64,26 @@ def test_bad_model_path(fixtures):
                                               f"task.data='{data_dir}'"])
   with pytest.raises(FileNotFoundError, match="neither a known asset"):
     build_task(cfg)
+
+
+def test_prefix_tuning_task_freezes_layers_and_removes_prefixes(fixtures):
+  model_dir, data_dir = fixtures
+  base = [f"task.model='{model_dir}'", f"task.data='{data_dir}'", "task.max_length=8",
+          "task.train_layers=1", "steps=30", "batch_size=64", "physical_batch_size=64",
+          "learning_rate=0.05", "target_epsilon=8.0"]
+  cfg = load_config(QUICKSTART, base + ["task.prefix_tokens=3"])
+  task = build_task(cfg)
+  assert set(task.params) == {"classifier", "prefix"} and set(task.frozen) == {"layer_1"}
+  assert set(task.params["prefix"]) == {"layer_1"}
+  assert task.params["prefix"]["layer_1"]["key"].shape == (3, 2, 8)  # [P, heads, head dim]
+  result = train(cfg, task, None, progress=False)
+  assert result.final_metrics["test_accuracy"] > 0.75
+  # A removed prefix is no prefix: same logits as the plain model's frozen layer.
+  off = build_task(load_config(QUICKSTART, base + ["task.prefix_tokens=3",
+                                                   "task.prefix_layers=[False]"]))
+  assert off.params["prefix"] == {}
+  plain = build_task(load_config(QUICKSTART, base))
+  ex = jax.tree.map(lambda x: x[0], off.train)
+  got, _ = off.loss_fn(off.params, ex, off.frozen)
+  want, _ = plain.loss_fn(plain.params, ex, plain.frozen)
+  assert float(got) == float(want)
