@@ -37,4 +37,5 @@ def get_config():
   c.seed = 0
   c.log_every = 20
   c.checkpoint_every = 100
+  c.dp_sam = None   # e.g. {"rho": 0.05, "mode": "free"}: DP-Flat's in-layer min-max
   return c

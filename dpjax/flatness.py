@@ -183,7 +183,8 @@ def flatness_probe(loss: Callable[[PyTree], jax.Array], params: PyTree, directio
   `loss` must be a function of public data or of already-privatised values
   (the caller's choice decides the privacy cost; this function adds none).
   Returns [len(groups), len(alphas)]: row minus loss(params) is the
-  increase, small = flat.
+  increase, small = flat. `loss` is called as given (jit it yourself, with
+  its data as arguments rather than closed-over constants).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   dflat = jax.tree.leaves(direction)
@@ -191,7 +192,6 @@ def flatness_probe(loss: Callable[[PyTree], jax.Array], params: PyTree, directio
     raise ValueError("direction must have the structure of params")
   names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
            for path, _ in flat]
-  loss_j = jax.jit(loss)
   out = np.zeros((len(groups), len(alphas)))
   for gi, in_group in enumerate(groups):
     sel = [in_group(n) for n in names]
@@ -203,7 +203,7 @@ def flatness_probe(loss: Callable[[PyTree], jax.Array], params: PyTree, directio
     unit = [d / jnp.maximum(dn, 1e-30) if s else jnp.zeros_like(d) for d, s in zip(dflat, sel)]
     for ai, a in enumerate(alphas):
       moved = [p + a * pn * u for p, u in zip(leaves, unit)]
-      out[gi, ai] = float(loss_j(jax.tree_util.tree_unflatten(treedef, moved)))
+      out[gi, ai] = float(loss(jax.tree_util.tree_unflatten(treedef, moved)))
   return out
 
 
