@@ -4,7 +4,8 @@
 
 Model: `minilm`, bottom 4 layers frozen (cached features), the top 2 layers
 frozen with a trainable 8-token key/value prefix each, cosine head trained.
-DP-SGD: Poisson q = 512/8441, clip 1, sigma by PLD, Adam lr 0.01.
+DP-SGD: Poisson q = B/8441 (B = --batch-size, 512), clip 1, sigma by PLD,
+Adam lr 0.01.
 
 Variants (each one config change on the same run):
   plain         DP-SGD
@@ -51,12 +52,15 @@ from dpjax.train import train  # noqa: E402
 VARIANTS = ("plain", "+sam", "+sparse", "+wd", "all", "non-private")
 
 
+BATCH = {"size": 512}
+
+
 def base_config(steps, prefix_layers=None):
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
   cfg.task.train_layers = 2
   cfg.task.prefix_tokens = 8
   cfg.task.prefix_layers = prefix_layers
-  cfg.batch_size = 512
+  cfg.batch_size = BATCH["size"]
   cfg.physical_batch_size = 128
   cfg.steps = steps
   cfg.log_every = steps
@@ -157,9 +161,11 @@ def main():
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+  p.add_argument("--batch-size", type=int, default=512, help="expected batch (Poisson)")
   p.add_argument("--rho", type=float, default=0.05, help="dp_sam radius (x ||theta_k||)")
   p.add_argument("--lam", type=float, default=0.01, help="weight distillation weight")
   args = p.parse_args()
+  BATCH["size"] = args.batch_size
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   rows = []
   for eps in args.epsilons:
@@ -168,6 +174,7 @@ def main():
         continue
       for seed in range(args.seeds):
         r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam)
+        r["batch_size"] = args.batch_size
         rows.append(r)
         with open(os.path.join(HERE, "results", "dp_flat.jsonl"), "a") as f:
           f.write(json.dumps(r, default=float) + "\n")
