@@ -256,3 +256,29 @@ def weight_distillation(loss_fn: Callable, reference: PyTree, lam: float, *,
     return out + lam * reg(params)
 
   return wrapped
+
+
+def save_reference(params: PyTree, path: str) -> None:
+  """Write a reference copy (public or DP-trained) for `weight_distillation` to `.npz`."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+
+
+def load_reference(path: str, like: PyTree) -> PyTree:
+  """Read `save_reference`'s file into the structure of `like` (shapes checked)."""
+  import os
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"weight-distillation reference not found: {path}")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  with np.load(path) as z:
+    names = [jax.tree_util.keystr(k) for k, _ in flat]
+    missing = [n for n in names if n not in z.files]
+    if missing or len(z.files) != len(names):
+      raise ValueError(f"reference {path} does not match the trainable parameters "
+                       f"(missing {missing[:3]}, {len(z.files)} arrays for {len(names)})")
+    leaves = []
+    for n, (_, v) in zip(names, flat):
+      if z[n].shape != v.shape:
+        raise ValueError(f"reference {path}: {n} has shape {z[n].shape}, expected {v.shape}")
+      leaves.append(jnp.asarray(z[n], v.dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -313,6 +313,26 @@ def resolve_lmo(cfg, plan: UnitPlan, sam: Optional[flatness.DPSAM] = None):
   return found["params"]
 
 
+def with_weight_distillation(cfg, task: Task) -> Task:
+  """`cfg.weight_distillation` = dict(lam, reference): DP-Flat's term in every example's loss.
+
+  reference: "init" (the task's initial trainable parameters, e.g. public
+  pretrained weights: free) or a path written by `flatness.save_reference`
+  (a public or DP-trained copy; its own budget is the caller's to account).
+  """
+  spec = cfg.get("weight_distillation")
+  if not spec:
+    return task
+  spec = dict(spec)
+  if set(spec) != {"lam", "reference"}:
+    raise ValueError(f"weight_distillation takes lam and reference; got {sorted(spec)}")
+  if spec["reference"] == "init":
+    ref = task.params
+  else:
+    ref = flatness.load_reference(spec["reference"], task.params)
+  return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
+
+
 def _releases(cfg, sam: Optional[flatness.DPSAM]) -> int:
   """Privatised gradients the whole run releases (charged SAM adds its ascent steps)."""
   if sam is None:
@@ -359,6 +379,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   plan = plan_units(cfg, task)
   sampler, q, expected = plan.sampler, plan.sampling_rate, plan.expected_batch_size
   sam = resolve_sam(cfg)
+  task = with_weight_distillation(cfg, task)
   sigma = resolve_noise(cfg, plan, sam)
   lmo_params = resolve_lmo(cfg, plan, sam) if cfg.private and cfg.mechanism == "lmo" else None
   per_user = plan.sampling == "uls"

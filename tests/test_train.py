@@ -233,3 +233,31 @@ def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
     cfg = small_config(dp_sam=bad)
     with pytest.raises(ValueError, match=msg):
       train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
+  from dpjax import flatness
+  task = build_task(small_config())
+  ref = jax.tree.map(lambda p: p + 1.0, task.params)
+  path = str(tmp_path / "ref.npz")
+  flatness.save_reference(ref, path)
+  back = flatness.load_reference(path, task.params)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  from dpjax.train import with_weight_distillation
+  cfg = small_config(weight_distillation=dict(lam=0.5, reference=path))
+  wd = with_weight_distillation(cfg, task)
+  ex = jax.tree.map(lambda x: x[0], task.train)
+  gap = float(np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
+                          zip(jax.tree.leaves(task.params), jax.tree.leaves(ref)))))
+  got = float(wd.loss_fn(task.params, ex, task.frozen)[0])
+  assert got == pytest.approx(float(task.loss_fn(task.params, ex, task.frozen)[0]) + 0.5 * gap,
+                              rel=1e-5)
+  res = train(cfg, task, None, progress=False)           # runs end to end, same accounting
+  assert res.final_metrics["epsilon"] == pytest.approx(
+      accounting.epsilon_spent(1.0, 60 / 600, 12, 1e-5), rel=1e-9)
+  with pytest.raises(ValueError, match="does not match"):
+    flatness.load_reference(path, {"other": task.params})
+  with pytest.raises(FileNotFoundError):
+    with_weight_distillation(small_config(weight_distillation=dict(
+        lam=0.1, reference=str(tmp_path / "none.npz"))), task)
