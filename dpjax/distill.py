@@ -18,6 +18,7 @@ epsilon.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -321,7 +322,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
   import ml_collections
 
   from dpjax.models.decoder import init_params
-  from dpjax.tasks import build_task, byte_decoder_config, encode_bytes
+  from dpjax.tasks import build_task
   from dpjax.train import train
   os.makedirs(run_dir, exist_ok=True)
 
@@ -344,7 +345,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
   tcfg.noise_multiplier = _teacher_sigma(cfg.total_epsilon, cfg.delta, q, tcfg.steps, h_event)
   tcfg.target_epsilon = None
   teacher_res = train(tcfg, task, os.path.join(run_dir, "teacher"), progress=progress)
-  teacher_cfg = byte_decoder_config(tcfg.task.model, tcfg.task.seq_len)
+  teacher_cfg, encode = task.info["decoder"], task.info["encode"]
 
   # Stage 2: synthetic text (post-processing), prompt counts from the DP histogram.
   syn_dir, info_path = os.path.join(run_dir, "synthetic"), os.path.join(run_dir,
@@ -365,8 +366,10 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
     else:
       hist, props = None, {c: 1.0 for c in codes}     # uniform: no data read
     counts = prompt_counts(props, g.num_samples)
-    prompts = {c: encode_bytes([c + "\t"], len(c) + 2)["input_ids"][0].tolist()
-               for c in codes}
+    prompts = {}
+    for c in codes:
+      e = encode([c + "\t"], tcfg.task.seq_len)
+      prompts[c] = e["input_ids"][0][e["attention_mask"][0] > 0].tolist()
     gen = synthesize(teacher_cfg, teacher_res.params, prompts, counts,
                      jax.random.PRNGKey(g.seed), batch_size=g.batch_size,
                      max_new_tokens=tcfg.task.seq_len - max(len(p) for p in prompts.values()),
@@ -389,8 +392,10 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
     ids[i, :len(row)] = row
     mask[i, :len(row)] = 1
   s = cfg.student
-  scfg_model = byte_decoder_config(s.model, L)
-  if s.model.hidden_size == tcfg.task.model.hidden_size and s.get("init_from_public", True):
+  # The student: the teacher's architecture with `student.model` overrides
+  # (fewer layers, or another width).
+  scfg_model = dataclasses.replace(teacher_cfg, **dict(s.model))
+  if scfg_model.hidden_size == teacher_cfg.hidden_size and s.get("init_from_public", True):
     init = truncate_decoder(task.params, s.model.num_layers)   # public pretraining
   else:
     init = init_params(scfg_model, jax.random.PRNGKey(s.seed), L)

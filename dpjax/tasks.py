@@ -273,6 +273,37 @@ def _pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, see
   return params
 
 
+def pretrained_decoder(name_or_path: str):
+  """(DecoderConfig, params, encode) of a pretrained decoder: an asset name
+  (e.g. "smollm2-135m"), a `.gguf` file, a directory holding one, or a Hugging
+  Face directory. `encode(texts, seq_len)` -> BOS + tokens, right-padded."""
+  import glob
+
+  from dpjax.models import hf
+  path = _resolve(name_or_path)
+  ggufs = sorted(glob.glob(os.path.join(path, "*.gguf"))) if os.path.isdir(path) else []
+  if path.endswith(".gguf") or ggufs:
+    path = path if path.endswith(".gguf") else ggufs[0]
+    mcfg, params = hf.load_gguf(path)
+    tok = hf.gguf_tokenizer(path)
+  else:
+    from transformers import AutoTokenizer
+    mcfg, params = hf.load_decoder(path)
+    tok = AutoTokenizer.from_pretrained(path)
+
+  def encode(texts, seq_len: int) -> Dict[str, np.ndarray]:
+    ids = np.full((len(texts), seq_len), mcfg.pad_token_id, np.int32)
+    mask = np.zeros((len(texts), seq_len), np.int32)
+    bos = [] if mcfg.bos_token_id is None else [mcfg.bos_token_id]
+    for i, text in enumerate(texts):
+      row = (bos + tok(text, add_special_tokens=False)["input_ids"])[:seq_len]
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+  return mcfg, params, encode
+
+
 def byte_decoder_config(model: Dict, seq_len: int):
   """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP)."""
   from dpjax.models.decoder import DecoderConfig
@@ -302,12 +333,16 @@ def shakespeare_lm(cfg) -> Task:
   ds = load_shakespeare(None if t.data == "shakespeare" else t.data)
   rows = [r for split in ds for r in ds[split]]
   held = np.array([_held_out_user(r["user_id"], t.heldout_fraction) for r in rows])
+  if isinstance(t.model, str):     # a pretrained decoder: asset name, .gguf file or HF dir
+    mcfg, params, encode = pretrained_decoder(t.model)
+  else:
+    mcfg, encode = byte_decoder_config(t.model, t.seq_len), encode_bytes
   if t.get("control_code"):   # DistilDP: "<genre>\t" before each speech
     texts = [f"{r['genre']}\t{r['line']}" for r in rows]
   else:
     texts = [r["line"] for r in rows]
   users = np.array([r["user_id"] for r in rows])
-  enc = encode_bytes(texts, t.seq_len)
+  enc = encode(texts, t.seq_len)
   enc["control"] = np.array([CONTROL_CODES.index(r["genre"]) if r["genre"] in CONTROL_CODES
                              else len(CONTROL_CODES) for r in rows], np.int32)
   train = {k: v[~held] for k, v in enc.items()}
@@ -318,13 +353,14 @@ def shakespeare_lm(cfg) -> Task:
     dev_idx, test_idx = dev_idx[:t.max_eval], test_idx[:t.max_eval]
   splits = {"dev": {k: v[dev_idx] for k, v in enc.items()},
             "test": {k: v[test_idx] for k, v in enc.items()}}
-  mcfg = byte_decoder_config(t.model, t.seq_len)
-  if t.pretrain_steps:
-    rt = load_rt_polarity()
-    public = [s for split in rt for s in rt[split]["sentence"]]
-  else:
-    public = []
-  params = _pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
+  if not isinstance(t.model, str):
+    if t.pretrain_steps:
+      rt = load_rt_polarity()
+      public = [s for split in rt for s in rt[split]["sentence"]]
+    else:
+      public = []
+    params = _pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64,
+                              t.get("init_seed", 0))
   model = Decoder(mcfg)
 
   def loss_fn(p, ex, frozen):
@@ -334,7 +370,9 @@ def shakespeare_lm(cfg) -> Task:
     total, count = causal_lm_loss(logits, ids, mask, reduction="sum")
     return total[0] / jnp.maximum(count[0], 1.0), {"nll_sum": total[0], "tokens": count[0]}
 
-  return Task("shakespeare-bytes", params, {}, loss_fn, train, splits, users[~held])
+  name = "shakespeare-bytes" if not isinstance(t.model, str) else "shakespeare-lm"
+  return Task(name, params, {}, loss_fn, train, splits, users[~held],
+              info={"decoder": mcfg, "encode": encode})
 
 
 @register("user_mean")

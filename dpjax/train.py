@@ -61,6 +61,8 @@ class Task(NamedTuple):
     train: the private training split, a dict of `[N, ...]` arrays.
     splits: held-out splits by name (e.g. "dev", "test"), same layout.
     user_ids: `[N]` user of each training example (user-level DP only).
+    info: task facts other stages need (e.g. a language model's "decoder"
+      config and its "encode(texts, seq_len)" function), or None.
   """
   name: str
   params: PyTree
@@ -69,6 +71,7 @@ class Task(NamedTuple):
   train: Dict[str, np.ndarray]
   splits: Dict[str, Dict[str, np.ndarray]]
   user_ids: Optional[np.ndarray] = None
+  info: Optional[Dict[str, Any]] = None
 
 
 class TrainState(NamedTuple):

@@ -35,7 +35,9 @@ import ml_collections  # noqa: E402
 from dpjax import accounting, distill  # noqa: E402
 from dpjax.config import load_config  # noqa: E402
 from dpjax.models.decoder import Decoder, causal_lm_loss  # noqa: E402
-from dpjax.tasks import build_task, byte_decoder_config  # noqa: E402
+import dataclasses  # noqa: E402
+
+from dpjax.tasks import build_task  # noqa: E402
 from dpjax.train import Task, train  # noqa: E402
 
 
@@ -73,7 +75,8 @@ def run(eps, seed, workdir):
 
   t = cfg.teacher
   task = build_task(t)
-  scfg = byte_decoder_config(cfg.student.model, t.task.seq_len)
+  tcfg = task.info["decoder"]
+  scfg = dataclasses.replace(tcfg, **dict(cfg.student.model))
   init = distill.truncate_decoder(task.params, cfg.student.model.num_layers)
   q = t.batch_size / len(task.train["input_ids"])
 
@@ -93,7 +96,6 @@ def run(eps, seed, workdir):
   # DPKD: the same Poisson-sampled Gaussian mechanism released 2 x steps times.
   sigma = accounting.calibrate_noise(eps, cfg.delta, q, 2 * t.steps)
   teacher_res = train(student_cfg(True, sigma), task, None, progress=False)
-  tcfg = byte_decoder_config(t.task.model, t.task.seq_len)
   kd = _student_private_task(task, scfg, init, Decoder(tcfg), teacher_res.params,
                              lam=cfg.student.lam)
   res = train(student_cfg(True, sigma), kd, None, progress=False)

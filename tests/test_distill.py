@@ -210,3 +210,37 @@ def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
   again = distill.run(cfg, run_dir, progress=False)
   assert (tmp_path / "run" / "synthetic_info.json").stat().st_mtime == mtime
   assert again["student_test_perplexity"] == pytest.approx(rep["student_test_perplexity"])
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_gguf_teacher(tmp_path):
+  """The same pipeline with a pretrained GGUF decoder and its BPE tokenizer (SmolLM2's path)."""
+  import gguf
+  import torch
+  import transformers
+
+  from dpjax.config import load_config
+  from tests.test_decoder import _write_gguf
+  torch.manual_seed(0)
+  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=False, rope_theta=500.0)).eval()
+  path = tmp_path / "teacher.gguf"
+  _write_gguf(path, ref, gguf.GGMLQuantizationType.F32)
+  (tmp_path / "plays").mkdir()
+  cfg = load_config("configs/distil_shakespeare.py")
+  import ml_collections
+  task = dict(cfg.teacher.task.to_dict(), data=_fixture_plays(tmp_path / "plays"),
+              model=str(path), seq_len=24, max_eval=16, heldout_fraction=0.3)
+  cfg.teacher.task = ml_collections.ConfigDict(task)
+  cfg.teacher.update(steps=2, batch_size=16, physical_batch_size=16, log_every=2,
+                     checkpoint_every=2)
+  cfg.generation.update(num_samples=6, batch_size=3)
+  cfg.student.update(model=dict(num_layers=1), steps=2, batch_size=3)
+  rep = distill.run(cfg, str(tmp_path / "run"), progress=False)
+  assert rep["budget"]["total"] <= cfg.total_epsilon
+  assert np.isfinite(rep["student_test_perplexity"])
+  import datasets
+  syn = datasets.load_from_disk(str(tmp_path / "run" / "synthetic"))
+  assert len(syn) == 6 and all(ids[0] == 1 for ids in syn["input_ids"])   # BOS, then the code
