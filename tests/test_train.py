@@ -95,6 +95,9 @@ def test_every_shipped_config_loads():
   assert len(paths) >= 3
   for p in paths:
     cfg = load_config(p)
+    if "teacher" in cfg:       # a `dpjax distill` pipeline: its training stage
+      assert cfg.total_epsilon > 0 and cfg.student.steps >= 1
+      cfg = cfg.teacher
     assert cfg.steps >= 1 and cfg.task.name
 
 
