@@ -159,6 +159,7 @@ def main():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--first-seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
   p.add_argument("--batch-size", type=int, default=512, help="expected batch (Poisson)")
@@ -172,7 +173,7 @@ def main():
     for variant in args.variants:
       if variant == "non-private" and eps != args.epsilons[0]:
         continue
-      for seed in range(args.seeds):
+      for seed in range(args.first_seed, args.first_seed + args.seeds):
         r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam)
         r["batch_size"] = args.batch_size
         rows.append(r)
