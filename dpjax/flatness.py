@@ -104,6 +104,14 @@ def dp_sam(rho: float, *, mode: str = "free", layerwise: bool = True,
   `releases(steps, ...)`. The perturbation is zero at the first step of free
   mode (nothing released yet) and from `active_steps` on (DP-Flat perturbs
   during the first half of training). rho = 0 gives theta exactly.
+
+  Relation to `optax.contrib.sam`: there the adversarial step is an inner
+  optimizer applied to the gradients the outer loop feeds in on alternate
+  steps, i.e. to raw gradients; privatising those would cost a release per
+  ascent step. Here the ascent direction is an explicit input (the last
+  released gradient, or a privatised one you pass), so what it reads is
+  visible at the call site; `rho` plays the role of that transform's ascent
+  step size, with DP-Flat's layer-wise ||theta_k|| scaling.
   """
   _check_rho(rho)
   if mode not in MODES:
