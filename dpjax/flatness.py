@@ -106,9 +106,10 @@ def dp_sam(rho: float, *, mode: str = "free", layerwise: bool = True,
   during the first half of training). rho = 0 gives theta exactly.
 
   Relation to `optax.contrib.sam`: there the adversarial step is an inner
-  optimizer applied to the gradients the outer loop feeds in on alternate
-  steps, i.e. to raw gradients; privatising those would cost a release per
-  ascent step. Here the ascent direction is an explicit input (the last
+  optimizer applied to ordinary gradients (fed by the loop on alternate
+  steps in transparent mode, or computed by the transform's own gradient
+  call in opaque mode); privatising those would cost a release per ascent
+  step. Here the ascent direction is an explicit input (the last
   released gradient, or a privatised one you pass), so what it reads is
   visible at the call site; `rho` plays the role of that transform's ascent
   step size, with DP-Flat's layer-wise ||theta_k|| scaling.
