@@ -1,4 +1,4 @@
-"""`dpjax train | account | assets` command line."""
+"""`dpjax train | distill | account | assets` command line."""
 
 from __future__ import annotations
 
