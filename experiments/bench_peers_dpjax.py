@@ -1,0 +1,145 @@
+"""dpjax's configurations for the peer harness (shared/bench_peers/bench.py).
+
+  python experiments/bench_peers_dpjax.py G --batch 32 --seq 128 --bench-dir DIR [--out F]
+
+  G  dpjax_clipped_grad          dpjax.clipped_grad (vmap) + mechanisms.gaussian
+                                 + normalize + adamw
+  H  dpjax_clipped_grad_micro    the same with --microbatch N
+
+The model, data, optimizer, clip (1.0), noise multiplier (1.0), timing loop
+(first step, warm-ups, median of --steps) and the JSON record are the
+harness's own (`bench.jax_gpt`, its constants and fields), imported from
+`--bench-dir` (default $DPJAX_BENCH_PEERS, else ../shared/bench_peers next
+to the repository), so a G/H line is comparable with the A-F lines of the
+same run. Run it in its own process beside `run_all.sh` on the same GPU.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+NAMES = {"G": "dpjax_clipped_grad", "H": "dpjax_clipped_grad_micro"}
+
+
+def _bench(bench_dir):
+  path = os.path.join(bench_dir, "bench.py")
+  if not os.path.exists(path):
+    raise SystemExit(f"peer harness not found: {path} (pass --bench-dir)")
+  spec = importlib.util.spec_from_file_location("peer_bench", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("config", choices=sorted(NAMES))
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--d", type=int, default=768)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--vocab", type=int, default=50257)
+  p.add_argument("--npos", type=int, default=1024)
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--microbatch", type=int, default=None)
+  p.add_argument("--bench-dir", default=os.environ.get(
+      "DPJAX_BENCH_PEERS", os.path.join(os.path.dirname(HERE), "..", "shared", "bench_peers")))
+  p.add_argument("--out", default=None)
+  p.add_argument("--tag", default="")
+  a = p.parse_args()
+  a.untied = False
+  if a.config == "H" and not a.microbatch:
+    p.error("config H needs --microbatch N")
+  return a
+
+
+def run(a, bench):
+  import flax
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import dpjax
+  B, T, V = a.batch, a.seq, a.vocab
+  model = bench.jax_gpt(a)
+  k_init, k_data, k_noise = jax.random.split(jax.random.key(0), 3)
+  tokens = jax.random.randint(k_data, (B, T + 1), 0, V, dtype=jnp.int32)
+  params = model.init(k_init, tokens[:1, :T])["params"]
+
+  def loss_one(params, toks1):         # one sequence [T + 1]
+    logits = model.apply({"params": params}, toks1[None, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, toks1[None, 1:]).mean()
+
+  grad_fn = dpjax.clipped_grad(loss_one, l2_clip_norm=bench.CLIP,
+                               microbatch_size=a.microbatch if a.config == "H" else None)
+  tx = optax.chain(dpjax.mechanisms.gaussian(bench.NOISE_MULT, bench.CLIP, k_noise),
+                   dpjax.normalize(float(B)),
+                   optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD))
+
+  def step(params, opt_state, toks):
+    g, aux = grad_fn(params, toks)
+    upd, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, jnp.mean(aux.loss)
+
+  jstep = jax.jit(step, donate_argnums=(0, 1))
+  p, s = params, tx.init(params)
+  t0 = time.perf_counter()
+  p, s, loss = jstep(p, s, tokens)
+  jax.block_until_ready((p, s, loss))
+  first = time.perf_counter() - t0
+  for _ in range(a.warmup - 1):
+    p, s, loss = jstep(p, s, tokens)
+  jax.block_until_ready((p, s, loss))
+  times = []
+  for _ in range(a.steps):
+    t0 = time.perf_counter()
+    p, s, loss = jstep(p, s, tokens)
+    jax.block_until_ready((p, s, loss))
+    times.append(time.perf_counter() - t0)
+  dev = jax.devices()[0]
+  try:
+    peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+  except Exception:  # CPU backend may have none
+    peak = None
+  extra = dict(framework="jax", jax=jax.__version__, flax=flax.__version__,
+               optax=optax.__version__, dpjax=dpjax.__version__, device=str(dev.device_kind),
+               backend=jax.default_backend(), first_step_s=round(first, 3),
+               final_loss=float(loss), n_params=int(sum(x.size for x in jax.tree.leaves(params))))
+  return times, peak, extra
+
+
+def main():
+  a = parse()
+  rec = dict(config=a.config, name=NAMES[a.config], batch=a.batch, seq=a.seq, layers=a.layers,
+             d=a.d, heads=a.heads, vocab=a.vocab, microbatch=a.microbatch, tied=True, tag=a.tag,
+             python=platform.python_version())
+  try:
+    times, peak, extra = run(a, _bench(a.bench_dir))
+    med = statistics.median(times)
+    rec.update(status="ok", step_ms=round(med * 1e3, 3), step_ms_min=round(min(times) * 1e3, 3),
+               step_ms_max=round(max(times) * 1e3, 3), n_timed=len(times),
+               tokens_per_s=round(a.batch * a.seq / med, 1),
+               peak_gb=None if peak is None else round(peak / 1e9, 3), **extra)
+  except Exception as e:  # recorded as data, like the harness does (e.g. OOM)
+    rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
+    traceback.print_exc(file=sys.stderr)
+  line = json.dumps(rec)
+  print(line, flush=True)
+  if a.out:
+    with open(a.out, "a") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  main()
