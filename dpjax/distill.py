@@ -161,6 +161,12 @@ def prompt_counts(proportions: Dict[Any, float], total: int) -> Dict[Any, int]:
   return dict(zip(keys, out.tolist()))
 
 
+def histogram_event(mechanism: str, noise: float):
+  """The DpEvent of one noisy histogram release (sensitivity 1, every example counted)."""
+  from dpjax.accounting import events as ev
+  return ev.laplace_step(noise, 1.0) if mechanism == "laplace" else ev.gaussian_step(noise, 1.0)
+
+
 def budget_report(teacher_events: Sequence[Any], histogram: Optional[Dict[str, Any]],
                   delta: float) -> Dict[str, Any]:
   """Who spends epsilon: the teacher's DP-SGD and the histogram, composed by PLD.
@@ -171,16 +177,12 @@ def budget_report(teacher_events: Sequence[Any], histogram: Optional[Dict[str, A
   import dp_accounting
 
   from dpjax.accounting import epsilon as eps_of
-  from dpjax.accounting import events as ev
   teacher = dp_accounting.ComposedDpEvent(list(teacher_events))
   parts = [teacher]
   out = {"teacher": eps_of(teacher, delta, "pld"), "generation": 0.0, "student": 0.0,
          "histogram": 0.0, "delta": delta}
   if histogram is not None:
-    if histogram["mechanism"] == "laplace":
-      h = ev.laplace_step(histogram["noise"], 1.0)
-    else:
-      h = ev.gaussian_step(histogram["noise"], 1.0)
+    h = histogram_event(histogram["mechanism"], histogram["noise"])
     parts.append(h)
     out["histogram"] = eps_of(h, delta, "pld")
   out["total"] = eps_of(dp_accounting.ComposedDpEvent(parts), delta, "pld")
@@ -337,10 +339,8 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
   hist_cfg = cfg.get("histogram")
   h_event = None
   if hist_cfg:
-    noise = histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta)
-    from dpjax.accounting import events as ev
-    h_event = (ev.laplace_step(noise, 1.0) if hist_cfg.mechanism == "laplace"
-               else ev.gaussian_step(noise, 1.0))
+    h_event = histogram_event(hist_cfg.mechanism,
+                              histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta))
   tcfg.delta = cfg.delta
   tcfg.noise_multiplier = _teacher_sigma(cfg.total_epsilon, cfg.delta, q, tcfg.steps, h_event)
   tcfg.target_epsilon = None
@@ -411,11 +411,10 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
       accountant="pld", mechanism="gaussian"))
   student_res = train(student_cfg, stask, os.path.join(run_dir, "student"), progress=progress)
 
-  teacher_events = [dpsgd_event_for(tcfg, q)]
+  from dpjax.accounting import dpsgd_event
   report = {
-      "budget": budget_report(teacher_events, info["histogram"] and {
-          "mechanism": info["histogram"]["mechanism"], "noise": info["histogram"]["noise"]},
-          cfg.delta),
+      "budget": budget_report([dpsgd_event(tcfg.noise_multiplier, q, tcfg.steps)],
+                              info["histogram"], cfg.delta),
       "privacy_unit": "example",
       "teacher_noise_multiplier": tcfg.noise_multiplier,
       "teacher_test_perplexity": _ppl(teacher_res.final_metrics, "test"),
@@ -425,11 +424,6 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
   with open(os.path.join(run_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2, default=float)
   return report
-
-
-def dpsgd_event_for(tcfg, q: float):
-  from dpjax.accounting import dpsgd_event
-  return dpsgd_event(tcfg.noise_multiplier, q, tcfg.steps)
 
 
 def _ppl(metrics: Dict[str, Any], split: str) -> float:

@@ -51,6 +51,12 @@ def _path(name):
   return os.path.join(HERE, "results", f"lmo_{name}.jsonl")
 
 
+def _append(name, rows):
+  with open(_path(name), "a") as f:
+    for r in rows:
+      f.write(json.dumps(r, default=float) + "\n")
+
+
 def _load(name):
   if not os.path.exists(_path(name)):
     return []
@@ -78,9 +84,7 @@ def search(args):
       print(f"eps={eps:g} delta={delta:g}: best {best['shape']} E|Z|={best['noise']:.3f} "
             f"(eps {best['epsilon']:.4f}); Laplace E|Z|={lap['noise']:.3f}; worst shape "
             f"E|Z|={max(r['noise'] for r in found):.3f}", flush=True)
-  with open(_path("search"), "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  _append("search", rows)
   print("\n| delta | target eps | LMO best shape | LMO E|Z| / C1 | Laplace E|Z| / C1 | "
         "mixture shapes E|Z| / C1 (min - max) |")
   print("|---|---|---|---|---|---|")
@@ -128,9 +132,7 @@ def train_all(args):
           print(f"delta={delta:g} eps={eps:g} {mech} seed={seed}: test "
                 f"{100 * row['test_accuracy']:.2f}% (eps {row['epsilon']:.4f}, "
                 f"E|Z| {noise:.3f} x {norm} clip)", flush=True)
-  with open(_path("train"), "a") as f:
-    for r in rows:
-      f.write(json.dumps(r, default=float) + "\n")
+  _append("train", rows)
   print("\n| delta | target eps | Gaussian test acc (%) | LMO test acc (%) | "
         "Gaussian E|Z| / C2 | LMO E|Z| / C1 | sound eps (Gaussian / LMO) |")
   print("|---|---|---|---|---|---|---|")
