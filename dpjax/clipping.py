@@ -62,6 +62,8 @@ def _validate_clip_tree(clip: PyTree, name: str) -> None:
 class ClippedGradFn:
   """Callable returned by `clipped_grad`; see there for the contract."""
 
+  method = "vmap"
+
   def __init__(self, loss_fn, *, clip_norm, norm_ord, has_aux, keep_batch_dim,
                microbatch_size, nan_safe):
     self._loss_fn = loss_fn
@@ -93,56 +95,63 @@ class ClippedGradFn:
 
   # --- the computation -----------------------------------------------------
 
+  def _unit_loss(self, params, unit, args):
+    """(loss, aux) of one unit, as `loss_fn` defines it."""
+    if self.keep_batch_dim:
+      unit = jax.tree.map(lambda x: x[None], unit)
+    out = self._loss_fn(params, unit, *args)
+    if self.has_aux:
+      return out
+    return out, None
+
   def _per_unit(self, params, batch, args):
     """Per-unit (loss, loss_aux, grads) for a chunk; grads carry a unit axis."""
-    def unit_loss(p, unit):
-      if self.keep_batch_dim:
-        unit = jax.tree.map(lambda x: x[None], unit)
-      out = self._loss_fn(p, unit, *args)
-      if self.has_aux:
-        loss, aux = out
-      else:
-        loss, aux = out, None
-      return loss, aux
-
-    grad_fn = jax.value_and_grad(unit_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, u: self._unit_loss(p, u, args), has_aux=True)
     (loss, aux), grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
     return loss, aux, grads
+
+  def _factors(self, loss, norms, mask):
+    """(keep [U], dropped [U], clip factor per group): 0 for masked or dropped units."""
+    keep = mask > 0
+    dropped = jnp.zeros_like(keep)
+    if self.nan_safe:
+      total = sum(jax.tree.leaves(norms))
+      finite = jnp.isfinite(loss.astype(jnp.float32)) & jnp.isfinite(total)
+      dropped = keep & ~finite
+      keep = keep & finite
+    factors = jax.tree.map(
+        lambda c, n: jnp.where(keep, jnp.minimum(1.0, c / jnp.maximum(n, 1e-30)), 0.0),
+        self.clip_norm, norms)
+    return keep, dropped, factors
+
+  def _aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
+    return ClippedGradAux(
+        loss=jnp.where(keep, loss, 0.0),
+        norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
+        num_units=jnp.sum(keep.astype(jnp.int32)),
+        num_dropped=jnp.sum(dropped.astype(jnp.int32)), loss_aux=loss_aux)
 
   def _clip_chunk(self, params, batch, mask, args):
     loss, aux, grads = self._per_unit(params, batch, args)
     if self.per_layer:
       norms = jax.tree.map(lambda c, g: _leaf_norms(g, self.norm_ord), self.clip_norm, grads)
-      norm_leaves = jax.tree.leaves(norms)
-      total = sum(norm_leaves)
     else:
       norms = _leaf_norms(grads, self.norm_ord)
-      total = norms
-    keep = mask > 0
-    dropped = jnp.zeros_like(keep)
-    if self.nan_safe:
-      finite = jnp.isfinite(loss.astype(jnp.float32)) & jnp.isfinite(total)
-      dropped = keep & ~finite
-      keep = keep & finite
+    keep, dropped, factors = self._factors(loss, norms, mask)
 
-    def scale_group(c, g, n):
-      # where(), not multiply: 0 * NaN would leak a masked unit's NaN.
-      factor = jnp.where(keep, jnp.minimum(1.0, c / jnp.maximum(n, 1e-30)), 0.0)
+    def scale_group(factor, g):
       def leaf(x):
+        # where(), not multiply: 0 * NaN would leak a masked unit's NaN.
         safe = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
         return jnp.tensordot(factor.astype(jnp.float32), safe.astype(jnp.float32),
                              axes=1).astype(x.dtype)
       return jax.tree.map(leaf, g)
 
     if self.per_layer:
-      summed = jax.tree.map(scale_group, self.clip_norm, grads, norms)
+      summed = jax.tree.map(scale_group, factors, grads)
     else:
-      summed = scale_group(self.clip_norm, grads, norms)
-    loss = jnp.where(keep, loss, 0.0)
-    norms = jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms)
-    return summed, ClippedGradAux(
-        loss=loss, norms=norms, num_units=jnp.sum(keep.astype(jnp.int32)),
-        num_dropped=jnp.sum(dropped.astype(jnp.int32)), loss_aux=aux)
+      summed = scale_group(factors, grads)
+    return summed, self._aux(loss, norms, mask, keep, dropped, aux)
 
   def __call__(self, params: PyTree, batch: PyTree, *args,
                mask: Optional[chex.Array] = None):
@@ -198,6 +207,7 @@ def clipped_grad(
     keep_batch_dim: bool = False,
     microbatch_size: Optional[int] = None,
     nan_safe: bool = True,
+    method: str = "vmap",
 ) -> ClippedGradFn:
   """Like `jax.grad`, but returns the sum of per-unit clipped gradients.
 
@@ -230,6 +240,10 @@ def clipped_grad(
       with masked units to a multiple of it.
     nan_safe: drop (contribute zero for) any unit whose loss or gradient norm
       is not finite, instead of propagating NaN into the sum.
+    method: "vmap" (per-unit gradients by `jax.vmap`, any loss) or "ghost"
+      (ghost norms + book-keeping for linen `nn.Dense`/`nn.Embed` layers in one
+      backward pass, vmap for every other parameter; L2 only; `dpjax.ghost`).
+      Both return the same sum up to float rounding.
 
   Returns:
     A `ClippedGradFn`: `grad_fn(params, batch, *args, mask=None)` returns
@@ -254,6 +268,14 @@ def clipped_grad(
   if microbatch_size is not None and (int(microbatch_size) != microbatch_size or microbatch_size < 1):
     raise ValueError(f"microbatch_size must be a positive integer or None, got {microbatch_size!r}")
   clip = jax.tree.map(float, clip)
-  return ClippedGradFn(loss_fn, clip_norm=clip, norm_ord=ord_, has_aux=has_aux,
+  if method not in ("vmap", "ghost"):
+    raise ValueError(f"method must be 'vmap' or 'ghost', got {method!r}")
+  cls = ClippedGradFn
+  if method == "ghost":
+    if ord_ != 2:
+      raise ValueError("method='ghost' computes L2 norms only; use method='vmap' with l1_clip_norm")
+    from dpjax.ghost import GhostClippedGradFn  # ghost builds on this module
+    cls = GhostClippedGradFn
+  return cls(loss_fn, clip_norm=clip, norm_ord=ord_, has_aux=has_aux,
                        keep_batch_dim=keep_batch_dim, microbatch_size=microbatch_size,
                        nan_safe=nan_safe)

@@ -42,7 +42,7 @@ def fixtures(tmp_path, monkeypatch):
   return str(model_dir), str(data_dir)
 
 
-@pytest.mark.parametrize("train_layers", [0, 1])
+@pytest.mark.parametrize("train_layers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_private_text_classification_learns(fixtures, train_layers):
   model_dir, data_dir = fixtures
   cfg = load_config(QUICKSTART, [

@@ -58,6 +58,7 @@ def test_resuming_under_another_config_is_refused(tmp_path):
   assert res.final_metrics["step"] == 12
 
 
+@pytest.mark.slow
 def test_interrupted_run_differs_without_restore(tmp_path):
   """Control for the test above: noise really depends on the restored key."""
   cfg = small_config()
@@ -151,6 +152,7 @@ def test_user_level_runs_report_user_epsilon(tmp_path):
       accounting.dpsgd_event(1.0, 0.05, 4), 1e-5)
 
 
+@pytest.mark.slow
 def test_user_level_calibration_meets_target():
   cfg = user_config("els", noise_multiplier=None, target_epsilon=4.0, steps=3,
                     max_examples_per_user=2)

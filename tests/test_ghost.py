@@ -1,0 +1,219 @@
+"""Ghost-norm / book-keeping clipping equals the vmap path (dpjax/ghost.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpjax
+from dpjax.models import adapters
+from dpjax.models import decoder as dec
+from dpjax.models import encoder as enc
+
+VOCAB, T = 40, 20
+
+
+def _decoder(family, tied, dtype="float32"):
+  cfg = dec.DecoderConfig(family=family, vocab_size=VOCAB, hidden_size=16, num_layers=2,
+                          num_heads=4, num_kv_heads=2 if family == "llama" else None,
+                          intermediate_size=32, max_position=32, tie_embeddings=tied,
+                          dtype=dtype)
+  model = dec.Decoder(cfg)
+
+  def loss(p, ex, prefixes=None):
+    ids, mask = ex["ids"][None], ex["mask"][None]
+    logits, _ = model.apply({"params": p}, ids, mask, prefixes=prefixes)
+    return dec.causal_lm_loss(logits, ids, mask)[0]
+  return cfg, dec.init_params(cfg, jax.random.PRNGKey(0)), loss
+
+
+def _encoder():
+  cfg = enc.EncoderConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=4,
+                          intermediate_size=32, max_position=32, num_labels=3)
+  model = enc.Encoder(cfg)
+
+  def loss(p, ex):
+    logits = model.apply({"params": p}, ex["ids"][None], ex["mask"][None])
+    return -jax.nn.log_softmax(logits[0])[ex["label"]]
+  return cfg, enc.init_params(cfg, jax.random.PRNGKey(0)), loss
+
+
+def _batch(n=6, seed=0):
+  r = np.random.default_rng(seed)
+  ids = r.integers(1, VOCAB, (n, T))
+  ids[:, 3] = ids[:, 7]                       # repeated tokens: the embedding Gram has off-diagonals
+  lengths = r.integers(T // 2, T + 1, n)
+  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+  return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
+          "label": jnp.asarray(r.integers(0, 3, n))}
+
+
+def _both(loss, params, batch, *args, mask=None, **kw):
+  out = []
+  for method in ("vmap", "ghost"):
+    fn = dpjax.clipped_grad(loss, method=method, **kw)
+    out.append(jax.jit(lambda p, b, m, *a: fn(p, b, *a, mask=m))(params, batch, mask, *args))
+  return out
+
+
+def _rel_err(a, b):
+  num = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  den = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in jax.tree.leaves(a))
+  return num / den
+
+
+def _per_layer_clip(params, c=0.3):
+  return {k: c for k in params}
+
+
+MODELS = {
+    "gpt2-tied": lambda: _decoder("gpt2", True),
+    "gpt2-untied": lambda: _decoder("gpt2", False),
+    "llama-untied": lambda: _decoder("llama", False),
+    "llama-tied": lambda: _decoder("llama", True),
+    "encoder": _encoder,
+}
+
+
+@pytest.mark.parametrize("name,per_layer", [(n, False) for n in sorted(MODELS)]
+                         + [("gpt2-tied", True), ("encoder", True)])
+def test_ghost_equals_vmap(name, per_layer):
+  _, params, loss = MODELS[name]()
+  batch = _batch()
+  mask = jnp.array([1., 1., 0., 1., 1., 0.])     # two padding units
+  clip = _per_layer_clip(params) if per_layer else 0.5
+  (gv, av), (gg, ag) = _both(loss, params, batch, mask=mask, l2_clip_norm=clip)
+  assert _rel_err(gv, gg) < 1e-5
+  for nv, ng in zip(jax.tree.leaves(av.norms), jax.tree.leaves(ag.norms)):
+    np.testing.assert_allclose(ng, nv, rtol=1e-5)
+  assert int(ag.num_units) == 4
+  np.testing.assert_allclose(ag.loss, av.loss, rtol=1e-6)
+  # The clip bound binds (otherwise clipping would not be tested).
+  assert float(jnp.max(jax.tree.leaves(av.norms)[0])) > 0.5
+
+
+def test_rules_mixed_and_fallback():
+  _, params, loss = _decoder("gpt2", True)
+  rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, _batch())
+  assert rules["embed/embedding"] == "ghost"            # lookup + tied head, cross term
+  assert rules["pos_embed/embedding"] == "ghost"
+  assert rules["layer_0/attn/q/kernel"] == "materialised"  # T^2 = 400 > 16 * 16
+  assert rules["layer_0/mlp/up/kernel"] == "ghost"         # T^2 = 400 < 16 * 32
+  assert rules["layer_0/attn/q/bias"] == "materialised"
+  assert rules["layer_0/attn_norm/scale"] == "vmap"        # no rule: LayerNorm
+  assert set(rules.values()) == {"ghost", "materialised", "vmap"}
+
+
+def test_weight_used_outside_its_layer_falls_back():
+  """A kernel that also enters a regulariser is not taken by the rule, and the sum is still right."""
+  _, params, base = _decoder("gpt2", False)
+
+  def loss(p, ex):
+    k = p["layer_1"]["mlp"]["up"]["kernel"]
+    return base(p, ex) + 0.3 * jnp.sum(jnp.square(k - 0.1))
+
+  fn = dpjax.clipped_grad(loss, l2_clip_norm=0.5, method="ghost")
+  rules = fn.rules(params, _batch())
+  assert rules["layer_1/mlp/up/kernel"] == "vmap"
+  assert rules["layer_1/mlp/up/bias"] == "vmap"         # a site is taken whole or not at all
+  assert rules["layer_0/mlp/up/kernel"] == "ghost"
+  (gv, _), (gg, _) = _both(loss, params, _batch(), l2_clip_norm=0.5)
+  assert _rel_err(gv, gg) < 1e-5
+
+
+def test_lora_and_prefix_adapters():
+  cfg, base, loss = _decoder("llama", False)
+  lora = adapters.init_lora(base, jax.random.PRNGKey(1), rank=2, targets=r".*attn/(q|v)")
+  lora = jax.tree.map(lambda x: x + 0.1, lora)        # B = 0 would make A's gradient vanish
+  prefix = adapters.init_prefix(jax.random.PRNGKey(2), num_layers=2, num_tokens=3,
+                                num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head)
+  trainable = {"lora": lora, "prefix": prefix, "lm_head": base["lm_head"]}
+  frozen = {k: v for k, v in base.items() if k != "lm_head"}
+
+  def adapted(p, ex, frozen):
+    with adapters.lora(p["lora"]):
+      return loss(dict(frozen, lm_head=p["lm_head"]), ex, adapters.prefix_layers(p["prefix"]))
+
+  rules = dpjax.clipped_grad(adapted, l2_clip_norm=1.0, method="ghost").rules(
+      trainable, _batch(), frozen)
+  assert rules["lm_head/kernel"] == "ghost"
+  assert rules["lora/layer_0/attn/q/a"] == "vmap"
+  assert rules["prefix/layer_1/key"] == "vmap"
+  (gv, _), (gg, _) = _both(adapted, trainable, _batch(), frozen, l2_clip_norm=0.5)
+  assert _rel_err(gv, gg) < 1e-5
+
+
+def test_group_units_microbatch_and_aux():
+  """Units of G examples as one batch each (keep_batch_dim-style), scanned in microbatches."""
+  _, params, _ = _decoder("gpt2", True)
+  model = dec.Decoder(dec.DecoderConfig(family="gpt2", vocab_size=VOCAB, hidden_size=16,
+                                        num_layers=2, num_heads=4, intermediate_size=32,
+                                        max_position=32, tie_embeddings=True))
+
+  def user_loss(p, user):                     # user: [G, T]
+    logits, _ = model.apply({"params": p}, user["ids"], user["mask"])
+    per_ex = dec.causal_lm_loss(logits, user["ids"], user["mask"])
+    return jnp.mean(per_ex), {"first": per_ex[0]}
+
+  flat = _batch(n=8)
+  users = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), flat)
+  mask = jnp.array([1., 0., 1., 1.])
+  (gv, av), (gg, ag) = _both(user_loss, params, users, mask=mask, l2_clip_norm=0.4,
+                             has_aux=True, microbatch_size=3)
+  assert _rel_err(gv, gg) < 1e-5
+  np.testing.assert_allclose(ag.loss_aux["first"], av.loss_aux["first"], rtol=1e-6)
+
+
+def test_inner_vmap_takes_the_vmap_path():
+  """Layers under the loss's own vmap get no rule (their inputs cannot leave it)."""
+  _, params, loss = _decoder("gpt2", True)
+
+  def user_loss(p, user):
+    return jnp.mean(jax.vmap(loss, in_axes=(None, 0))(p, user))
+
+  users = jax.tree.map(lambda x: x.reshape((3, 2) + x.shape[1:]), _batch())
+  fn = dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, method="ghost")
+  assert set(fn.rules(params, users).values()) == {"vmap"}
+  (gv, _), (gg, _) = _both(user_loss, params, users, l2_clip_norm=0.4)
+  assert _rel_err(gv, gg) < 1e-5
+
+
+def test_nan_unit_dropped_like_vmap():
+  _, params, base = _decoder("gpt2", True)
+
+  def loss(p, ex):
+    return base(p, ex) * ex["scale"]
+
+  batch = dict(_batch(), scale=jnp.array([1., 1., jnp.nan, 1., 1., 1.]))
+  (gv, av), (gg, ag) = _both(loss, params, batch, l2_clip_norm=0.5)
+  assert int(ag.num_dropped) == int(av.num_dropped) == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(gg))
+  assert _rel_err(gv, gg) < 1e-5
+
+
+def test_bf16_compute_clips_exactly():
+  """bf16 layers, f32 params: norms in f32 match an f32 reference; each unit's share is <= C."""
+  _, params, loss16 = _decoder("llama", True, dtype="bfloat16")
+  _, _, loss32 = _decoder("llama", True)
+  batch = _batch()
+  (_, a32), _ = _both(loss32, params, batch, l2_clip_norm=0.5)
+  fn = dpjax.clipped_grad(loss16, l2_clip_norm=0.5, method="ghost")
+  g16, a16 = jax.jit(fn)(params, batch)
+  assert a16.norms.dtype == jnp.float32
+  np.testing.assert_allclose(a16.norms, a32.norms, rtol=3e-2)
+  # One unit at a time: its clipped contribution has norm <= C (up to f32 rounding).
+  for i in range(3):
+    one = jax.tree.map(lambda x: x[i:i + 1], batch)
+    g, _ = jax.jit(fn)(params, one)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g)))
+    assert float(norm) <= 0.5 * (1 + 1e-5)
+    assert float(norm) >= 0.5 * (1 - 3e-2)        # the bound binds: clipped to ~C
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
+
+
+def test_bad_method_and_l1_are_clear_errors():
+  with pytest.raises(ValueError, match="method must be"):
+    dpjax.clipped_grad(lambda p, x: 0.0, l2_clip_norm=1.0, method="fast")
+  with pytest.raises(ValueError, match="L2 norms only"):
+    dpjax.clipped_grad(lambda p, x: 0.0, l1_clip_norm=1.0, method="ghost")
