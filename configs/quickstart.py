@@ -29,6 +29,7 @@ def get_config():
   c.batch_size = 1024  # expected batch size; sampling_rate = batch_size / N
   c.physical_batch_size = 128
   c.microbatch_size = None
+  c.clipping_method = "vmap"  # or "ghost": ghost norms + book-keeping (same sums, one backward)
   c.steps = 300  # ~36 epochs of 8,441 training sentences
   c.optimizer = "adam"
   c.learning_rate = 0.01

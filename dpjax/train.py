@@ -13,7 +13,10 @@ the kept examples, clipped per example -- or "uls" -- Poisson over users,
 each user's loss the mean over its examples, clipped per user; see
 `dpjax.accounting.user_level`). Every epsilon logged is per that unit.
 With `cfg.data_devices` = n > 1, batches are split over a data mesh of n
-devices (`dpjax.data.pipeline`); noise is still one draw on the global sum.
+devices (`dpjax.data.pipeline`); with `cfg.model_devices` = m > 1 too, the
+mesh is n x m and parameters and optimizer state are split over its "model"
+axis. Noise is still one draw on the global sum. `cfg.clipping_method`
+"ghost" computes the clipped sums by ghost norms (`dpjax.ghost`).
 
 Metrics go to `metrics.jsonl`; checkpoints (orbax) hold the parameters, the
 optimizer state (which holds the noise key), and the step count, from which
@@ -387,11 +390,12 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   lmo_params = resolve_lmo(cfg, plan, sam) if cfg.private and cfg.mechanism == "lmo" else None
   per_user = plan.sampling == "uls"
   mesh = None
-  if (cfg.get("data_devices") or 1) > 1:
-    if cfg.data_devices > jax.device_count():
-      raise ValueError(f"data_devices={cfg.data_devices} but only {jax.device_count()} "
-                       "devices are visible")
-    mesh = pipeline.make_mesh(jax.devices()[:cfg.data_devices])
+  n_data, n_model = cfg.get("data_devices") or 1, cfg.get("model_devices") or 1
+  if n_data * n_model > 1:
+    if n_data * n_model > jax.device_count():
+      raise ValueError(f"data_devices={n_data} x model_devices={n_model} but only "
+                       f"{jax.device_count()} devices are visible")
+    mesh = pipeline.make_mesh(jax.devices()[:n_data * n_model], model=n_model)
 
   optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.get("weight_decay", 0.0),
                              cfg.get("warmup_steps", 0), cfg.steps)
@@ -406,7 +410,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     else:
       clip = {"l2_clip_norm": cfg.l2_clip_norm}
     grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=cfg.get("microbatch_size"),
-                           **clip)
+                           method=cfg.get("clipping_method") or "vmap", **clip)
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
                            mechanism=cfg.mechanism, lmo_params=lmo_params, after_noise=sam)
@@ -448,10 +452,15 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     stats = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in dict(metrics, loss=loss).items()}
     return jax.tree.map(jnp.add, gsum, g), stats
 
+  state_sharding = None    # set once the state is placed on the mesh
+
   @jax.jit
   def apply(state: TrainState, gsum):
     updates, opt_state = tx.update(gsum, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    if state_sharding is not None:   # keep the placement: one compilation, no resharding
+      new = jax.lax.with_sharding_constraint(new, state_sharding)
+    return new
 
   def host_batch(pb):
     """A sampler's physical batch -> (device batch, unit mask)."""
@@ -478,7 +487,8 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     if restored is not None:
       state = restored
   if mesh is not None:
-    state = pipeline.replicate(state, mesh)
+    state_sharding = pipeline.param_sharding(state, mesh)   # replicated on a data-only mesh
+    state = jax.device_put(state, state_sharding)
 
   # "epsilon" is always an upper bound per plan.unit: with an estimating
   # accountant (Edgeworth) it is the PLD epsilon of the noise used, and the

@@ -5,6 +5,8 @@
   G  dpjax_clipped_grad          dpjax.clipped_grad (vmap) + mechanisms.gaussian
                                  + normalize + adamw
   H  dpjax_clipped_grad_micro    the same with --microbatch N
+  I  dpjax_clipped_grad_ghost    the same with method="ghost" (ghost norms +
+                                 book-keeping, one backward pass)
 
 The model, data, optimizer, clip (1.0), noise multiplier (1.0), timing loop
 (first step, warm-ups, median of --steps) and the JSON record are the
@@ -26,7 +28,8 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-NAMES = {"G": "dpjax_clipped_grad", "H": "dpjax_clipped_grad_micro"}
+NAMES = {"G": "dpjax_clipped_grad", "H": "dpjax_clipped_grad_micro",
+         "I": "dpjax_clipped_grad_ghost"}
 
 
 def _bench(bench_dir):
@@ -82,7 +85,8 @@ def run(a, bench):
     return optax.softmax_cross_entropy_with_integer_labels(logits, toks1[None, 1:]).mean()
 
   grad_fn = dpjax.clipped_grad(loss_one, l2_clip_norm=bench.CLIP,
-                               microbatch_size=a.microbatch if a.config == "H" else None)
+                               microbatch_size=a.microbatch if a.config == "H" else None,
+                               method="ghost" if a.config == "I" else "vmap")
   tx = optax.chain(dpjax.mechanisms.gaussian(bench.NOISE_MULT, bench.CLIP, k_noise),
                    dpjax.normalize(float(B)),
                    optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD))

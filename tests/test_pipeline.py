@@ -7,7 +7,9 @@ import optax
 import pytest
 
 import dpjax
-from dpjax.data.pipeline import make_mesh, replicate, shard_batch
+import flax.linen as nn
+
+from dpjax.data.pipeline import make_mesh, param_sharding, replicate, shard_batch, shard_params
 
 
 def _loss(params, ex):
@@ -59,3 +61,63 @@ def test_indivisible_batch_is_a_clear_error():
     pytest.skip("needs 8 virtual devices")
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     shard_batch({"x": np.zeros((10, 2))}, make_mesh(jax.devices()[:8]))
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(nn.Dense(8)(x)))
+
+
+def _flax_run(mesh, method):
+  model = _MLP()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6)))["params"]
+
+  def loss(p, ex):
+    return -jax.nn.log_softmax(model.apply({"params": p}, ex["x"]))[ex["y"]]
+
+  grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=0.5, method=method)
+  tx = optax.chain(dpjax.mechanisms.gaussian(1.0, 0.5, jax.random.PRNGKey(3)),
+                   dpjax.normalize(16.0), optax.adam(0.05))
+  state = tx.init(params)
+  if mesh is not None:
+    params, state = shard_params(params, mesh), shard_params(state, mesh)
+
+  @jax.jit
+  def step(params, state, batch):
+    g, _ = grad_fn(params, batch)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  for t in range(3):
+    r = np.random.default_rng(t)
+    batch = {"x": r.normal(size=(16, 6)).astype(np.float32), "y": r.integers(0, 3, 16)}
+    if mesh is not None:
+      batch = shard_batch(batch, mesh)
+    params, state = step(params, state, batch)
+  return params
+
+
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
+def test_data_by_model_mesh_equals_one_device(method):
+  """A 4 x 2 ("data", "model") mesh, parameters split FSDP-style, gives one device's result."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices")
+  mesh = make_mesh(jax.devices()[:8], model=2)
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  one, split = _flax_run(None, method), _flax_run(mesh, method)
+  assert any("model" in str(x.sharding.spec) for x in jax.tree.leaves(split))
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_param_sharding_replicates_what_does_not_divide():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices")
+  mesh = make_mesh(jax.devices()[:8], model=4)
+  sh = param_sharding({"a": jnp.zeros((3, 5)), "b": jnp.zeros((6, 8)), "s": jnp.zeros(())}, mesh)
+  assert sh["a"].spec == jax.sharding.PartitionSpec()
+  assert sh["b"].spec == jax.sharding.PartitionSpec(None, "model")
+  assert sh["s"].spec == jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match="must be >= 1 and divide"):
+    make_mesh(jax.devices()[:8], model=3)

@@ -167,11 +167,27 @@ def test_uls_on_eight_devices_equals_one():
   task = build_task(cfg)
   one = train(cfg, task, None, progress=False)
   eight = train(user_config("uls", steps=3, data_devices=8), task, None, progress=False)
-  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+  fsdp = train(user_config("uls", steps=3, data_devices=4, model_devices=2), task, None,
+               progress=False)
+  for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
+                     jax.tree.leaves(fsdp.params)):
     assert len(b.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+  assert any("model" in str(x.sharding.spec) for x in jax.tree.leaves(fsdp.params))
   other = train(user_config("uls", steps=3, seed=1), task, None, progress=False)
   assert not np.allclose(np.asarray(one.params["head"]["w"]), np.asarray(other.params["head"]["w"]))
+
+
+def test_ghost_clipping_method_trains_like_vmap():
+  cfg = small_config(steps=3)
+  task = build_task(cfg)
+  vmap = train(cfg, task, None, progress=False)
+  ghost = train(small_config(steps=3, clipping_method="ghost"), task, None, progress=False)
+  for a, b in zip(jax.tree.leaves(vmap.params), jax.tree.leaves(ghost.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="method must be"):
+    train(small_config(steps=1, clipping_method="fast"), task, None, progress=False)
 
 
 def test_user_level_bad_configs_are_clear_errors():

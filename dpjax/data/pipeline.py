@@ -1,11 +1,13 @@
 """Placing fixed-shape batches on a device `Mesh` (one host or many).
 
 The private step is jitted once with `NamedSharding`s: the batch's leading
-(privacy-unit) axis is split over the mesh's "data" axis, parameters and
-optimizer state are replicated. `clipped_grad` sums over units, so XLA
-inserts the cross-device reduction; the noise transform then draws ONE noise
-vector from its (replicated) key for the global sum, identical on every
-device and host, never per device.
+(privacy-unit) axis is split over the mesh's "data" axis; parameters and
+optimizer state are replicated, or, on a 2-D `("data", "model")` mesh, split
+over "model" FSDP-style (`shard_params`). `clipped_grad` sums over units, so
+XLA inserts the cross-device reduction; the noise transform then draws ONE
+noise vector from its (replicated) key for the global sum. JAX's random bits
+do not depend on how the output is sharded, so every device computes its
+slice of the same vector a single device would draw: never noise per device.
 
 Multi-host: call `jax.distributed.initialize()` first; every process samples
 the same global index batch (samplers are pure in (seed, step)) and feeds only
@@ -29,10 +31,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 PyTree = Any
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = "data") -> Mesh:
-  """A 1-D data-parallel mesh over `devices` (default: all)."""
+MODEL_AXIS = "model"
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = "data",
+              model: int = 1) -> Mesh:
+  """A data-parallel mesh over `devices` (default: all).
+
+  With `model` > 1 the mesh is 2-D, `(axis, "model")` of shape
+  `(n // model, model)`: batches split over `axis`, parameters and optimizer
+  state split over "model" (`shard_params`, FSDP-style).
+  """
   devs = np.asarray(list(devices) if devices is not None else jax.devices())
-  return Mesh(devs, (axis,))
+  if model < 1 or devs.size % model:
+    raise ValueError(f"model={model} must be >= 1 and divide the {devs.size} devices")
+  if model == 1:
+    return Mesh(devs, (axis,))
+  return Mesh(devs.reshape(devs.size // model, model), (axis, MODEL_AXIS))
 
 
 def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
@@ -71,3 +86,30 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.device_put(tree, replicated(mesh))
+
+
+def param_sharding(tree: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
+  """FSDP-style shardings: each array split over `axis` along its largest divisible dim.
+
+  Arrays with no dimension divisible by the axis size (scalars, odd shapes)
+  are replicated. A 1-D mesh (no `axis`) replicates everything.
+  """
+  if axis not in mesh.axis_names:
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  n = mesh.shape[axis]
+
+  def one(x):
+    shape = np.shape(x)
+    dims = [d for d in np.argsort(shape)[::-1] if shape[d] % n == 0 and shape[d] >= n]
+    if not dims:
+      return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[int(dims[0])] = axis
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(one, tree)
+
+
+def shard_params(tree: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
+  """Places `tree` (parameters, optimizer state) with `param_sharding`."""
+  return jax.device_put(tree, param_sharding(tree, mesh, axis))
