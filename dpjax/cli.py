@@ -14,6 +14,11 @@ def _train(args) -> int:
   from dpjax.tasks import build_task
   from dpjax.train import train
 
+  if args.distributed:
+    if not args.workdir:
+      raise SystemExit("--distributed needs --workdir (every process must use the same one)")
+    import jax
+    jax.distributed.initialize()   # cluster from the environment (SLURM, TPU, GKE, ...)
   cfg = load_config(args.config, args.set or [])
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -134,6 +139,10 @@ def main(argv=None) -> int:
   t.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   t.add_argument("--no-progress", action="store_true")
+  t.add_argument("--distributed", action="store_true",
+                 help="multi-host: jax.distributed.initialize() first; every process runs "
+                      "this same command, feeds its slice of each global batch, and "
+                      "process 0 writes the metrics")
   t.set_defaults(fn=_train)
 
   d = sub.add_parser("distill", help="DistilDP: DP teacher -> synthetic text -> student "

@@ -475,13 +475,15 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     return batch, mask
 
   state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
+  lead = jax.process_index() == 0    # multi-host: one process writes metrics and plots
   mngr = None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     text = cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(dict(cfg), indent=2)
     _check_same_run(workdir, json.loads(text))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(text)
+    if lead:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(text)
     mngr = _checkpoint_manager(workdir)
     restored = _restore(mngr, state)
     if restored is not None:
@@ -512,7 +514,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     return out
 
   eval_fn = make_eval_fn(task) if task.splits else None
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir and lead else None
   start = int(state.step)
   end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
   header = {"event": "start", "task": task.name, "private": bool(cfg.private),
@@ -525,7 +527,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
             "releases": _releases(cfg, sam) if cfg.private else 0}
   _log(metrics_path, header)
 
-  bar = _progress(range(start, end), progress, initial=start, total=cfg.steps)
+  bar = _progress(range(start, end), progress and lead, initial=start, total=cfg.steps)
   zeros = jax.tree.map(jnp.zeros_like, state.params)   # replicated like the params
   window: Dict[str, float] = {}
   t0, seen = time.perf_counter(), 0
@@ -573,7 +575,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
       for k, v in evaluate(task, state.params, split, cfg.physical_batch_size, eval_fn).items():
         final[f"{split}_{k}"] = v
     _log(metrics_path, dict(final, event="final"))
-  if workdir and int(state.step) == cfg.steps:
+  if metrics_path and int(state.step) == cfg.steps:
     _plot_curves(metrics_path, os.path.join(workdir, "curves.png"))
   return RunResult(state.params, final, workdir)
 

@@ -62,3 +62,9 @@ def test_account_lmo(capsys, tmp_path, monkeypatch):
                    "--target-epsilon", "2", "--grid", json.dumps(grid)]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["epsilon"] <= 2 and out["upper_bound"] is True
+
+
+def test_distributed_train_needs_a_shared_workdir():
+  import pytest
+  with pytest.raises(SystemExit, match="--distributed needs --workdir"):
+    cli.main(["train", "configs/synthetic.py", "--distributed"])
