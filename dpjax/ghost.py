@@ -73,11 +73,9 @@ def _call_site(module, method: str, args, kwargs, index_of: Dict[int, int]):
     w = index_of.get(id(params.get("kernel")))
     if w is None:
       return None
-    b = None
-    if module.use_bias:
-      b = index_of.get(id(params.get("bias")))
-      if b is None:
-        return None
+    # An untracked bias (frozen, or not a leaf of params) is a constant of the
+    # layer; a tracked one is taken with its kernel.
+    b = index_of.get(id(params.get("bias"))) if module.use_bias else None
     return "dense", w, b, x
   if type(module) is nn.Embed and method in ("__call__", "attend"):
     w = index_of.get(id(params.get("embedding")))

@@ -1,6 +1,9 @@
 """DP-Flat ablation on MiniLM / Rotten-Tomatoes (prefix-tuning, CPU scale).
 
-  python experiments/dp_flat.py [--epsilons 1 3 8] [--seeds 3] [--steps 100]
+  python experiments/dp_flat.py [--epsilons 1 3 8] [--seeds 3] [--steps 100] [--mode full]
+
+Rows already in experiments/results/dp_flat.jsonl (same mode, variant,
+epsilon, seed, steps, batch size) are reused, so an interrupted grid resumes.
 
 Model: `minilm`, bottom 4 layers frozen (cached features), the top 2 layers
 frozen with a trainable 8-token key/value prefix each, cosine head trained.
@@ -55,11 +58,14 @@ VARIANTS = ("plain", "+sam", "+sparse", "+wd", "all", "non-private")
 BATCH = {"size": 512}
 
 
-def base_config(steps, prefix_layers=None):
+def base_config(steps, prefix_layers=None, mode="prefix"):
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
   cfg.task.train_layers = 2
-  cfg.task.prefix_tokens = 8
-  cfg.task.prefix_layers = prefix_layers
+  if mode == "prefix":
+    cfg.task.prefix_tokens = 8
+    cfg.task.prefix_layers = prefix_layers
+  else:                          # full fine-tuning of the top 2 layers, ghost clipping
+    cfg.clipping_method = "ghost"
   cfg.batch_size = BATCH["size"]
   cfg.physical_batch_size = 128
   cfg.steps = steps
@@ -131,11 +137,11 @@ def sharpness(task, params, rho_s=0.05, seed=0):
   return {"loss": l0, "max_increase": worst, "top_eigenvalue": lam}
 
 
-def run_variant(variant, eps, seed, steps, rho, lam):
+def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
   mask, curves = (None, None)
-  if variant in ("+sparse", "all"):
+  if variant in ("+sparse", "all") and mode == "prefix":
     mask, curves = sparse_mask(base_config(steps), seed)
-  cfg = base_config(steps, mask)
+  cfg = base_config(steps, mask, mode)
   cfg.seed = seed
   cfg.target_epsilon = eps
   if variant == "non-private":
@@ -148,7 +154,7 @@ def run_variant(variant, eps, seed, steps, rho, lam):
     task = task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, lam))
   res = train(cfg, task, None, progress=False)
   plain_task = build_task(cfg)   # sharpness of the task loss itself (no regulariser)
-  return {"variant": variant, "epsilon_target": eps, "seed": seed, "steps": steps,
+  return {"variant": variant, "mode": mode, "epsilon_target": eps, "seed": seed, "steps": steps,
           "epsilon": res.final_metrics["epsilon"], "prefix_layers": mask, "probe": curves,
           "test_accuracy": res.final_metrics["test_accuracy"],
           **sharpness(plain_task, res.params, seed=seed)}
@@ -165,19 +171,38 @@ def main():
   p.add_argument("--batch-size", type=int, default=512, help="expected batch (Poisson)")
   p.add_argument("--rho", type=float, default=0.05, help="dp_sam radius (x ||theta_k||)")
   p.add_argument("--lam", type=float, default=0.01, help="weight distillation weight")
+  p.add_argument("--mode", choices=("prefix", "full"), default="prefix",
+                 help="prefix-tuning of the top 2 layers, or full fine-tuning of them "
+                      "(ghost clipping; +sparse does not apply and is skipped)")
   args = p.parse_args()
   BATCH["size"] = args.batch_size
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+  path = os.path.join(HERE, "results", "dp_flat.jsonl")
+  done = {}
+  if os.path.exists(path):       # rows already there are reused, not re-run
+    for line in open(path):
+      r = json.loads(line)
+      done[(r.get("mode", "prefix"), r["variant"], r["epsilon_target"], r["seed"], r["steps"],
+            r["batch_size"])] = r
   rows = []
   for eps in args.epsilons:
     for variant in args.variants:
       if variant == "non-private" and eps != args.epsilons[0]:
         continue
+      if variant == "+sparse" and args.mode == "full":
+        continue
       for seed in range(args.first_seed, args.first_seed + args.seeds):
-        r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam)
+        old = next((r for k, r in done.items()
+                    if k[:2] == (args.mode, variant)
+                    and k[3:] == (seed, args.steps, args.batch_size)
+                    and (variant == "non-private" or k[2] == eps)), None)
+        if old is not None:
+          rows.append(old)
+          continue
+        r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode)
         r["batch_size"] = args.batch_size
         rows.append(r)
-        with open(os.path.join(HERE, "results", "dp_flat.jsonl"), "a") as f:
+        with open(path, "a") as f:
           f.write(json.dumps(r, default=float) + "\n")
         print(f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
               f"(eps {r['epsilon']:.3f}) sharpness: max increase {r['max_increase']:.4f}, "

@@ -217,3 +217,21 @@ def test_bad_method_and_l1_are_clear_errors():
     dpjax.clipped_grad(lambda p, x: 0.0, l2_clip_norm=1.0, method="fast")
   with pytest.raises(ValueError, match="L2 norms only"):
     dpjax.clipped_grad(lambda p, x: 0.0, l1_clip_norm=1.0, method="ghost")
+
+
+def test_trainable_kernels_with_frozen_biases():
+  """Only some kernels trainable (biases frozen, as `adapters.partition` leaves them)."""
+  _, params, loss = _encoder()
+  mask = adapters.trainable_mask(params, r"layer_1/.*/kernel|classifier/.*")
+  trainable, frozen = adapters.partition(params, mask)
+
+  def part_loss(p, ex, frozen):
+    return loss(adapters.combine(p, frozen), ex)
+
+  rules = dpjax.clipped_grad(part_loss, l2_clip_norm=1.0, method="ghost").rules(
+      trainable, _batch(), frozen)
+  assert rules["layer_1/intermediate/kernel"] == "ghost"
+  assert "layer_1/intermediate/bias" not in rules           # frozen: not a parameter here
+  assert rules["classifier/bias"] == "materialised"
+  (gv, _), (gg, _) = _both(part_loss, trainable, _batch(), frozen, l2_clip_norm=0.5)
+  assert _rel_err(gv, gg) < 1e-5
