@@ -325,18 +325,33 @@ class GhostClippedGradFn(ClippedGradFn):
     for i, g in dense_grads.items():
       c = factor_list[group_of[i]].astype(_F32)
       out[i] = jnp.tensordot(c, kept(g).astype(_F32), axes=1)
-    for i, us in uses.items():
-      c = factor_list[group_of[i]].astype(_F32)
-      total = jnp.zeros(leaves[i].shape, _F32)
-      for u in us:
-        right = kept(u.right).astype(_F32) * c[:, None, None]
-        if u.left_kind == "index":
-          ids = u.left.reshape(-1)
-          total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
-        else:
-          total = total + jnp.einsum("uti,utj->ij", kept(u.left), right,
-                                     preferred_element_type=_F32)
-      out[i] = total
+
+    def bookkeep(sanitize: bool):
+      """sum_u c_u left_u^T right_u per weight. Units with factor 0 must add exactly
+      0; with finite inputs c = 0 does it, a non-finite input needs the where()."""
+      prep = kept if sanitize else (lambda a: a)
+      sums = []
+      for i, us in uses.items():
+        c = factor_list[group_of[i]].astype(_F32)
+        total = jnp.zeros(leaves[i].shape, _F32)
+        for u in us:
+          right = prep(u.right).astype(_F32) * c[:, None, None]
+          if u.left_kind == "index":
+            ids = u.left.reshape(-1)
+            total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
+          else:
+            total = total + jnp.einsum("uti,utj->ij", prep(u.left), right,
+                                       preferred_element_type=_F32)
+        sums.append(total)
+      return sums
+
+    # Any non-finite activation or output gradient makes its unit's squared
+    # norm non-finite, so the copies that zero such units are made only then.
+    poisoned = jnp.any(~jnp.isfinite(sum(group_sq))) | jnp.any(~jnp.isfinite(loss.astype(_F32)))
+    if uses:
+      sums = jax.lax.cond(poisoned, lambda: bookkeep(True), lambda: bookkeep(False))
+      for i, total in zip(uses, sums):
+        out[i] = total
     summed = jax.tree.unflatten(treedef, [o.astype(l.dtype) for o, l in zip(out, leaves)])
     return summed, self._aux(loss, norms, mask, keep, dropped, aux)
 
