@@ -173,6 +173,7 @@ class RunResult:
   params: PyTree
   final_metrics: Dict[str, Any]
   workdir: Optional[str]
+  noise_multiplier: Optional[float] = None   # the sigma used (calibrated or given); None if not private
 
 
 _RUN_CONTROL = ("log_every", "checkpoint_every")   # may change when a run resumes
@@ -577,7 +578,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     _log(metrics_path, dict(final, event="final"))
   if metrics_path and int(state.step) == cfg.steps:
     _plot_curves(metrics_path, os.path.join(workdir, "curves.png"))
-  return RunResult(state.params, final, workdir)
+  return RunResult(state.params, final, workdir, sigma if cfg.private else None)
 
 
 def _log(path: Optional[str], rec: Dict[str, Any]) -> None:

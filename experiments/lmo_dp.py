@@ -98,7 +98,6 @@ def search(args):
 def train_all(args):
   import ml_collections
 
-  from dpjax.accounting import calibrate_noise
   from dpjax.tasks import build_task
   from dpjax.train import train
   searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in _load("search")}
@@ -116,14 +115,13 @@ def train_all(args):
               raise SystemExit(f"no search result for eps={eps}, delta={delta}: "
                                "run `python experiments/lmo_dp.py search` first")
             c.lmo = dict(searched[(eps, delta)]["params"])
-          res = train(c, task, None, progress=False).final_metrics
+          run = train(c, task, None, progress=False)
+          res = run.final_metrics
           if mech == "lmo":
             noise = L.noise_magnitude(L.LMOParams(**c.lmo), c.l1_clip_norm)
             norm = "L1"
-          else:
-            q = c.batch_size / len(next(iter(task.train.values())))
-            sigma = calibrate_noise(eps, delta, q, c.steps, accountant="pld")
-            noise = sigma * c.l2_clip_norm * np.sqrt(2 / np.pi)
+          else:   # E|Z| of one Gaussian coordinate with the sigma the run calibrated
+            noise = run.noise_multiplier * c.l2_clip_norm * np.sqrt(2 / np.pi)
             norm = "L2"
           row = {"mechanism": mech, "target_epsilon": eps, "delta": delta, "seed": seed,
                  "epsilon": res["epsilon"], "clip_norm": norm, "noise_abs": float(noise),

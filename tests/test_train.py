@@ -73,6 +73,9 @@ def test_private_run_learns_and_reports_epsilon():
   result = train(cfg, build_task(cfg), None, progress=False)
   assert result.final_metrics["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
   assert result.final_metrics["epsilon"] <= 4.0
+  # The sigma it reports is the one the accountant charges.
+  assert accounting.epsilon_spent(result.noise_multiplier, 60 / 600, 40, 1e-5) == pytest.approx(
+      result.final_metrics["epsilon"], rel=1e-9)
 
 
 def test_nonprivate_baseline_runs():
