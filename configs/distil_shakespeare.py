@@ -33,6 +33,7 @@ def get_config():
   t.batch_size = 256
   t.physical_batch_size = 128
   t.microbatch_size = None
+  t.clipping_method = "vmap"   # "ghost": the same clipped sums from one backward pass
   t.steps = 60
   t.optimizer = "adam"
   t.learning_rate = 1e-3

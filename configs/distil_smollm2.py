@@ -28,7 +28,8 @@ def get_config():
   task = c.teacher.task.to_dict()
   task.update(model="smollm2-135m", seq_len=128, pretrain_steps=0)
   c.teacher.task = ml_collections.ConfigDict(task)
-  c.teacher.update(batch_size=512, physical_batch_size=32, steps=200, learning_rate=3e-4)
+  c.teacher.update(batch_size=512, physical_batch_size=32, steps=200, learning_rate=3e-4,
+                   clipping_method="ghost")
   c.generation.update(num_samples=8192, batch_size=128)
   c.student = ml_collections.ConfigDict(dict(
       model=dict(num_layers=6), init_from_public=True, lam=0.4, temperature=1.0, alpha=0.0,
