@@ -42,7 +42,7 @@ user-level units, write the loss over the group as one batch
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
