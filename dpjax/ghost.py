@@ -31,6 +31,22 @@ cut, and a weight whose tangent still reaches anything (a regulariser on it,
 a manual `x @ W`) falls back to vmap. So the result equals the vmap path's
 whatever the loss does with its parameters; only the speed differs.
 
+Example:
+  >>> grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost")
+  >>> grads, aux = grad_fn(params, batch, mask=mask)      # as with method="vmap"
+  >>> grad_fn.rules(params, batch)["layer_0/mlp/up/kernel"]
+  'ghost'
+
+Formal guarantees: those of `clipped_grad` (add/remove sensitivity C, or
+the norm of the per-group bounds), because every unit's contribution is
+`c_u` times one vector -- the sum over the parameters of `x_u^T g_u`, the
+materialised rows, or the vmap gradient -- and `c_u` is computed from the
+norm of that same vector (the ghost norm is its exact norm, not an
+estimate). Which rule computes a parameter never depends on the data, only
+on shapes and on how the loss uses the parameter. As on the vmap path, the
+bound holds up to floating-point rounding of the norm (relative ~1e-6 in
+f32; norms and sums are accumulated in f32 under bf16 compute).
+
 Limits: only L2 clipping (there is no ghost L1 norm). A layer called inside
 a transform of the loss's own (an inner `jax.vmap` over a user's examples,
 `nn.scan`, `nn.remat`, an inner `jax.jit`) runs under another trace; it gets
