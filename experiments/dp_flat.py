@@ -15,6 +15,9 @@ Variants (each one config change on the same run):
   +sam          dp_sam(rho, mode="free"): perturbation from the previous
                 step's PRIVATISED gradient (post-processing, no extra cost),
                 first half of training, layer-wise ||theta_k|| scaling
+  +sam-charged  dp_sam(rho, mode="charged"): a fresh privatised ascent gradient
+                per active step, charged by the accountant (1.5 x the releases
+                at active_fraction 0.5, so more noise at the same epsilon)
   +sparse       flatness probe: loss along each layer's normalised gradient
                 direction, both computed on PUBLIC data; the sharper layer's
                 prefix is removed (not zeroed)
@@ -52,7 +55,7 @@ from dpjax.config import load_config  # noqa: E402
 from dpjax.tasks import build_task  # noqa: E402
 from dpjax.train import train  # noqa: E402
 
-VARIANTS = ("plain", "+sam", "+sparse", "+wd", "all", "non-private")
+VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 
 
 BATCH = {"size": 512}
@@ -148,6 +151,8 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
     cfg.private = False
   if variant in ("+sam", "all"):
     cfg.dp_sam = dict(rho=rho, mode="free", active_fraction=0.5)
+  if variant == "+sam-charged":
+    cfg.dp_sam = dict(rho=rho, mode="charged", active_fraction=0.5)
   task = build_task(cfg)
   if variant in ("+wd", "all"):
     ref = public_reference(cfg, seed)
