@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -410,8 +411,13 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
       clip = {"l1_clip_norm": cfg.l1_clip_norm}
     else:
       clip = {"l2_clip_norm": cfg.l2_clip_norm}
+    method = cfg.get("clipping_method") or "vmap"
+    if method == "ghost" and per_user:
+      warnings.warn("clipping_method='ghost' with user-level units: the user loss runs the "
+                    "per-example loss under its own vmap, where layers get no ghost rule; "
+                    "every parameter takes the vmap path (same result, no speed-up)")
     grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=cfg.get("microbatch_size"),
-                           method=cfg.get("clipping_method") or "vmap", **clip)
+                           method=method, **clip)
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
                            mechanism=cfg.mechanism, lmo_params=lmo_params, after_noise=sam)
