@@ -1,6 +1,7 @@
 """dpjax's configurations for the peer harness (shared/bench_peers/bench.py).
 
   python experiments/bench_peers_dpjax.py G --batch 32 --seq 128 --bench-dir DIR [--out F]
+  python experiments/bench_peers_dpjax.py --check [DIR]   # CPU: G/H/I == per-example loop
 
   G  dpjax_clipped_grad          dpjax.clipped_grad (vmap) + mechanisms.gaussian
                                  + normalize + adamw
@@ -145,5 +146,47 @@ def main():
       f.write(line + "\n")
 
 
+def check(bench_dir) -> int:
+  """CPU, tiny shapes: G, H and I equal a per-example loop on the harness's own model."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import dpjax
+  bench = _bench(bench_dir)
+  clip = 0.05                       # below every per-example norm: clipping binds
+  a = argparse.Namespace(vocab=97, d=32, heads=4, layers=2, npos=64, seq=12, batch=6,
+                         untied=False)
+  model = bench.jax_gpt(a)
+  toks = jax.random.randint(jax.random.key(3), (a.batch, a.seq + 1), 0, a.vocab)
+  params = model.init(jax.random.key(0), toks[:1, :a.seq])["params"]
+
+  def loss_one(p, t1):
+    logits = model.apply({"params": p}, t1[None, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, t1[None, 1:]).mean()
+
+  ref, norms = None, []
+  for i in range(a.batch):
+    g = jax.grad(loss_one)(params, toks[i])
+    n = optax.global_norm(g)
+    norms.append(float(n))
+    g = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip / n), g)
+    ref = g if ref is None else jax.tree.map(jnp.add, ref, g)
+  top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref))
+  ok = min(norms) > clip
+  for config, kw in (("G", {}), ("H", {"microbatch_size": 4}), ("I", {"method": "ghost"})):
+    got, _ = jax.jit(dpjax.clipped_grad(loss_one, l2_clip_norm=clip, **kw))(params, toks)
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    ok &= diff < 1e-5 * max(1.0, top)
+    print(f"{config} {NAMES[config]}: max|diff| vs loop {diff:.2e} (max|ref| {top:.3f})")
+  print("ALL OK" if ok else "MISMATCH")
+  return 0 if ok else 1
+
+
 if __name__ == "__main__":
+  if sys.argv[1:2] == ["--check"]:
+    bench_dir = sys.argv[2] if len(sys.argv) > 2 else os.environ.get(
+        "DPJAX_BENCH_PEERS", os.path.join(os.path.dirname(HERE), "..", "shared", "bench_peers"))
+    sys.exit(check(bench_dir))
   main()
