@@ -59,6 +59,54 @@ def _validate_clip_tree(clip: PyTree, name: str) -> None:
       raise ValueError(f"{name} must be finite and > 0 (every leaf), got {c}")
 
 
+class GroupMean:
+  """The loss of a unit of G examples: the weighted mean of a per-example loss.
+
+  Built by `group_mean`; called as `loss(params, unit, *args)` with every
+  leaf of `unit` shaped `[G, ...]` and `unit[weight_key]` `[G]` the example
+  weights (1 for a real example, 0 for padding), normalised to sum 1 over
+  the unit's real examples. Both clipping paths accept it like any unit loss;
+  the ghost path also sees its examples, so its layers keep their rule.
+  """
+
+  def __init__(self, example_loss: Callable[..., Any], *, weight_key: str, has_aux: bool):
+    self.example_loss = example_loss
+    self.weight_key = weight_key
+    self.has_aux = has_aux
+
+  def split(self, unit):
+    """(normalised weights [G], the examples without the weight entry)."""
+    unit = dict(unit)
+    w = unit.pop(self.weight_key).astype(jnp.float32)
+    return w / jnp.maximum(jnp.sum(w), 1.0), unit
+
+  def combine(self, w, out):
+    """Per-example outputs `[G, ...]` -> the unit's (loss, aux): weighted sums."""
+    mean = lambda v: jnp.tensordot(w, v.astype(jnp.float32), axes=1)
+    if self.has_aux:
+      loss, aux = out
+      return mean(loss), jax.tree.map(mean, aux)
+    return mean(out)
+
+  def __call__(self, params, unit, *args):
+    w, examples = self.split(unit)
+    in_axes = (None, 0) + (None,) * len(args)
+    return self.combine(w, jax.vmap(self.example_loss, in_axes=in_axes)(params, examples, *args))
+
+
+def group_mean(example_loss: Callable[..., Any], *, weight_key: str = "_example_mask",
+               has_aux: bool = False) -> GroupMean:
+  """A per-example loss -> the loss of a unit of G examples (e.g. one user's).
+
+  Example:
+    >>> loss = group_mean(lambda p, ex: jnp.sum(p * ex["x"]))
+    >>> unit = {"x": jnp.ones((3, 2)), "_example_mask": jnp.array([1., 1., 0.])}
+    >>> float(loss(jnp.ones(2), unit))      # mean over the 2 real examples
+    2.0
+  """
+  return GroupMean(example_loss, weight_key=weight_key, has_aux=has_aux)
+
+
 class ClippedGradFn:
   """Callable returned by `clipped_grad`; see there for the contract."""
 
@@ -268,6 +316,12 @@ def clipped_grad(
   if microbatch_size is not None and (int(microbatch_size) != microbatch_size or microbatch_size < 1):
     raise ValueError(f"microbatch_size must be a positive integer or None, got {microbatch_size!r}")
   clip = jax.tree.map(float, clip)
+  if isinstance(loss_fn, GroupMean):
+    if loss_fn.has_aux != has_aux:
+      raise ValueError(f"group_mean(..., has_aux={loss_fn.has_aux}) needs clipped_grad(..., "
+                       f"has_aux={loss_fn.has_aux}), got has_aux={has_aux}")
+    if keep_batch_dim:
+      raise ValueError("keep_batch_dim does not apply to a group_mean loss (its unit is [G, ...])")
   if method not in ("vmap", "ghost"):
     raise ValueError(f"method must be 'vmap' or 'ghost', got {method!r}")
   cls = ClippedGradFn

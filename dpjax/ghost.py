@@ -47,12 +47,17 @@ on shapes and on how the loss uses the parameter. As on the vmap path, the
 bound holds up to floating-point rounding of the norm (relative ~1e-6 in
 f32; norms and sums are accumulated in f32 under bf16 compute).
 
+User-level units: a loss built by `dpjax.clipping.group_mean` (a user's G
+examples, the weighted mean of a per-example loss) is opened up: each
+example runs under its own tape and the user's rows are its examples' rows,
+so the layers keep their rule. A loss that writes the group as one batch
+(`model.apply` on `[G, T]`) works as it is.
+
 Limits: only L2 clipping (there is no ghost L1 norm). A layer called inside
-a transform of the loss's own (an inner `jax.vmap` over a user's examples,
-`nn.scan`, `nn.remat`, an inner `jax.jit`) runs under another trace; it gets
-no rule and its weights take the vmap path (correct, not faster). For
-user-level units, write the loss over the group as one batch
-(`keep_batch_dim`-style) to get the ghost rule.
+a transform of the loss's own (an inner `jax.vmap` other than
+`group_mean`'s, `nn.scan`, `nn.remat`, an inner `jax.jit`) runs under
+another trace; it gets no rule and its weights take the vmap path
+(correct, not faster).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpjax.clipping import ClippedGradFn
+from dpjax.clipping import ClippedGradFn, GroupMean
 from dpjax.models.adapters import _path_str
 
 PyTree = Any
@@ -241,11 +246,14 @@ class GhostClippedGradFn(ClippedGradFn):
         tape = _Tape(index_of)
         tape_box.append(tape)
         with _intercept(tape):
-          loss, _ = self._unit_loss(jax.tree.unflatten(treedef, full), unit, args)
+          loss, _ = self._traced_loss(jax.tree.unflatten(treedef, full), unit, args)
         return loss
       primals = [all_leaves[i] for i in cand]
       return jax.jvp(loss_of, (primals,), (cand_tangents,))[1]
 
+    if self._group is not None:     # the layers are traced on one example of the unit
+      unit = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in unit.items()
+              if k != self._group.weight_key}
     tangents = [abstract(leaves[i]) for i in cand]
     closed = jax.make_jaxpr(forward)(abstract(leaves), unit, abstract(args), tangents)
     sites = tape_box[-1].sites
@@ -272,18 +280,36 @@ class GhostClippedGradFn(ClippedGradFn):
     fallback = [i for i in range(len(leaves)) if i not in taken]
     n_units = mask.shape[0]
 
-    def unit_fn(fb_leaves, taps, unit):
+    def taped(fb_leaves, taps, unit):
+      """(loss, aux) and the recorded layer inputs of one traced call."""
       full = list(leaves)
       for i, v in zip(fallback, fb_leaves):
         full[i] = v
       tape = _Tape({id(leaves[i]): i for i in taken}, sites, taps)
       with _intercept(tape):
-        loss, aux = self._unit_loss(jax.tree.unflatten(treedef, full), unit, args)
+        out = self._traced_loss(jax.tree.unflatten(treedef, full), unit, args)
       if len(tape.inputs) != len(sites):
         raise RuntimeError(f"ghost clipping: {len(tape.inputs)} layer calls, traced {len(sites)}")
-      return loss, (aux, tuple(tape.inputs))
+      return out, tuple(tape.inputs)
 
-    taps = [jnp.zeros((n_units,) + s.out.shape, s.out.dtype) for s in sites]
+    group = self._group
+
+    def unit_fn(fb_leaves, taps, unit):
+      if group is None:
+        (loss, aux), inputs = taped(fb_leaves, taps, unit)
+        return loss, (aux, inputs)
+      # One user's G examples, each under its own tape (inside this vmap): its
+      # rows are the G examples' rows, weighted through the mean's gradient.
+      w, examples = group.split(unit)
+      outs, inputs = jax.vmap(taped, in_axes=(None, 0, 0))(fb_leaves, taps, examples)
+      if group.has_aux:
+        loss, aux = group.combine(w, outs)
+      else:
+        loss, aux = group.combine(w, outs[0]), None
+      return loss, (aux, inputs)
+
+    per_unit = () if group is None else (jax.tree.leaves(batch)[0].shape[1],)
+    taps = [jnp.zeros((n_units,) + per_unit + s.out.shape, s.out.dtype) for s in sites]
     grad_fn = jax.value_and_grad(unit_fn, argnums=(0, 1), has_aux=True)
     (loss, (aux, inputs)), (g_fb, g_taps) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
         [leaves[i] for i in fallback], taps, batch)
@@ -385,6 +411,18 @@ class GhostClippedGradFn(ClippedGradFn):
     rules = _rules(sites, leaves)
     paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     return {p: rules.get(i, "vmap") for i, p in enumerate(paths)}
+
+  @property
+  def _group(self) -> Optional[GroupMean]:
+    return self._loss_fn if isinstance(self._loss_fn, GroupMean) else None
+
+  def _traced_loss(self, params, unit, args):
+    """(loss, aux) of the call the layers are traced in: the unit, or one example of a group."""
+    group = self._group
+    if group is None:
+      return self._unit_loss(params, unit, args)
+    out = group.example_loss(params, unit, *args)
+    return out if group.has_aux else (out, None)
 
   def _groups(self, params, n_leaves: int) -> List[int]:
     """Clip-group index of every flat leaf of `params`."""

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -43,7 +42,7 @@ import numpy as np
 import optax
 
 from dpjax import accounting, flatness
-from dpjax.clipping import clipped_grad
+from dpjax.clipping import clipped_grad, group_mean
 from dpjax.data import pipeline
 from dpjax.data.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
                                  bound_contributions, eval_batches, median_group_size)
@@ -363,15 +362,9 @@ def user_mean_loss(loss_fn: Callable) -> Callable:
   """A per-example loss -> the loss of one user `[G, ...]`: the mean over its valid examples.
 
   The user's batch dict carries `_example_mask` `[G]` (1 for a real example);
-  metrics are averaged the same way.
+  metrics are averaged the same way (`dpjax.clipping.group_mean`).
   """
-  def user_loss(params, user, frozen):
-    user = dict(user)
-    w = user.pop("_example_mask")
-    w = w / jnp.maximum(jnp.sum(w), 1.0)
-    loss, metrics = jax.vmap(loss_fn, in_axes=(None, 0, None))(params, user, frozen)
-    return jnp.sum(w * loss), {k: jnp.sum(w * v) for k, v in metrics.items()}
-  return user_loss
+  return group_mean(loss_fn, weight_key="_example_mask", has_aux=True)
 
 
 def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
@@ -411,13 +404,8 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
       clip = {"l1_clip_norm": cfg.l1_clip_norm}
     else:
       clip = {"l2_clip_norm": cfg.l2_clip_norm}
-    method = cfg.get("clipping_method") or "vmap"
-    if method == "ghost" and per_user:
-      warnings.warn("clipping_method='ghost' with user-level units: the user loss runs the "
-                    "per-example loss under its own vmap, where layers get no ghost rule; "
-                    "every parameter takes the vmap path (same result, no speed-up)")
     grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=cfg.get("microbatch_size"),
-                           method=method, **clip)
+                           method=cfg.get("clipping_method") or "vmap", **clip)
     tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
                            expected_batch_size=expected, optimizer=optimizer, key=key,
                            mechanism=cfg.mechanism, lmo_params=lmo_params, after_noise=sam)

@@ -235,3 +235,28 @@ def test_trainable_kernels_with_frozen_biases():
   assert rules["classifier/bias"] == "materialised"
   (gv, _), (gg, _) = _both(part_loss, trainable, _batch(), frozen, l2_clip_norm=0.5)
   assert _rel_err(gv, gg) < 1e-5
+
+
+def test_group_mean_units_keep_the_ghost_rule():
+  """User-level units built by group_mean: each example taped inside the user's vmap."""
+  _, params, loss = _decoder("gpt2", True)
+
+  def example_loss(p, ex, scale):
+    value = loss(p, ex) * scale
+    return value, {"scaled": value}
+
+  user_loss = dpjax.clipping.group_mean(example_loss, has_aux=True)
+  flat = _batch(n=9)
+  users = jax.tree.map(lambda x: x.reshape((3, 3) + x.shape[1:]), flat)
+  users["_example_mask"] = jnp.array([[1., 1., 0.], [1., 0., 0.], [1., 1., 1.]])
+  mask = jnp.array([1., 1., 0.])
+  fn = dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, has_aux=True, method="ghost")
+  rules = fn.rules(params, users, 2.0)
+  assert rules["embed/embedding"] == "ghost" and rules["layer_0/mlp/up/kernel"] == "ghost"
+  (gv, av), (gg, ag) = _both(user_loss, params, users, 2.0, mask=mask, l2_clip_norm=0.4,
+                             has_aux=True)
+  assert _rel_err(gv, gg) < 1e-5
+  np.testing.assert_allclose(ag.norms, av.norms, rtol=1e-5)
+  np.testing.assert_allclose(ag.loss_aux["scaled"], av.loss_aux["scaled"], rtol=1e-6)
+  with pytest.raises(ValueError, match="has_aux"):
+    dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, method="ghost")
