@@ -270,7 +270,7 @@ def clipped_grad(
   Example:
     >>> grad_fn = clipped_grad(lambda p, x: jnp.sum(p * x), l2_clip_norm=1.0)
     >>> g, aux = grad_fn(jnp.zeros(3), jnp.ones((4, 3)), mask=jnp.array([1., 1., 1., 0.]))
-    >>> g.round(3).tolist()  # three units, each clipped from norm sqrt(3) to 1
+    >>> [round(float(v), 3) for v in g]  # three units, each clipped from norm sqrt(3) to 1
     [1.732, 1.732, 1.732]
 
   Args:
