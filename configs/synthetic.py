@@ -19,6 +19,7 @@ def get_config():
   c.batch_size = 200  # expected batch size under Poisson sampling
   c.physical_batch_size = 128
   c.microbatch_size = None
+  c.clipping_method = "vmap"   # or "ghost" (same sums, one backward pass)
   c.steps = 100
   c.optimizer = "adam"
   c.learning_rate = 1e-2

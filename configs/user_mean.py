@@ -22,6 +22,7 @@ def get_config():
   c.l2_clip_norm = 1.0
   c.physical_batch_size = 512
   c.microbatch_size = None
+  c.clipping_method = "vmap"   # or "ghost" (same sums, one backward pass)
   c.steps = 50
   c.optimizer = "sgd"
   c.learning_rate = 0.1

@@ -29,6 +29,7 @@ def get_config():
   c.l2_clip_norm = 1.0
   c.physical_batch_size = 64
   c.microbatch_size = None
+  c.clipping_method = "vmap"   # or "ghost" (same sums, one backward pass)
   c.steps = 100
   c.optimizer = "adam"
   c.learning_rate = 1e-3

@@ -205,24 +205,30 @@ class _Use(NamedTuple):
   right: jax.Array  # [U, T, cols]
 
 
-def _rules(sites: Sequence[_Site], leaves) -> Dict[int, str]:
-  """The mixed rule per taken leaf: ghost, unless T^2 > rows * cols for a dense-only weight."""
+def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str]:
+  """The mixed rule per taken leaf: ghost unless T^2 > rows * cols (T: the unit's rows)."""
   tokens: Dict[int, int] = {}
-  indexed = set()
   out = {}
   for s in sites:
-    t = 1
+    t = group_size
     for d in s.out.shape[:-1]:     # rows of x^T g: every axis but the features
       t *= d
     tokens[s.weight] = tokens.get(s.weight, 0) + t
-    if s.kind == "embed":
-      indexed.add(s.weight)
     if s.bias is not None:
       out[s.bias] = "materialised"
   for i, t in tokens.items():
     rows, cols = leaves[i].shape
-    out[i] = "materialised" if i not in indexed and t * t > rows * cols else "ghost"
+    out[i] = "materialised" if t * t > rows * cols else "ghost"
   return out
+
+
+def _materialise(u: "_Use", shape, n_units: int):
+  """The per-unit gradient `left^T right` of one use, `[U, rows, cols]` (f32)."""
+  if u.left_kind == "dense":
+    return jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
+  units = jnp.arange(n_units)[:, None]
+  return jnp.zeros((n_units,) + tuple(shape), _F32).at[units, u.left].add(
+      u.right.astype(_F32), mode="drop")
 
 
 class GhostClippedGradFn(ClippedGradFn):
@@ -329,13 +335,11 @@ class GhostClippedGradFn(ClippedGradFn):
       else:  # attend: logits = x E^T, so dE = g^T x
         uses.setdefault(s.weight, []).append(_Use("dense", flat(g), flat(x)))
 
-    rules = _rules(sites, leaves)
+    rules = _rules(sites, leaves, per_unit[0] if per_unit else 1)
     sq: Dict[int, jax.Array] = {}
     for i, us in list(uses.items()):
       if rules[i] == "materialised":
-        g = sum(jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
-                for u in us)
-        dense_grads[i] = g
+        dense_grads[i] = sum(_materialise(u, leaves[i].shape, n_units) for u in us)
         del uses[i]
         continue
       acc = 0.0
@@ -401,14 +405,15 @@ class GhostClippedGradFn(ClippedGradFn):
     """How each parameter's per-unit norm and clipped sum are computed, by path.
 
     "ghost" (Gram of inputs x Gram of output gradients), "materialised"
-    (`x^T g` per unit from the taps: a bias, or a layer where T^2 > d_in d_out)
-    or "vmap" (no rule, or a use outside the intercepted layers). Traces the
+    (`x^T g` per unit from the taps: a bias, or a weight where T^2 > rows x
+    cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use outside the intercepted layers). Traces the
     loss once; nothing is computed.
     """
     leaves, treedef = jax.tree.flatten(params)
     unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batch)
     sites, taken = self._plan(leaves, treedef, unit, args)
-    rules = _rules(sites, leaves)
+    group_size = jax.tree.leaves(batch)[0].shape[1] if self._group is not None else 1
+    rules = _rules(sites, leaves, group_size)
     paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     return {p: rules.get(i, "vmap") for i, p in enumerate(paths)}
 
