@@ -141,6 +141,10 @@ def main():
 
   if args.memory_curve:
     limit = _device_bytes()
+    if limit is None:
+      print(json.dumps({"memory_curve": True, "skipped": "the backend reports no memory "
+                        f"limit ({jax.devices()[0].platform}); run it on a GPU"}), flush=True)
+      return
     for name in args.methods:
       fn, state = steps[name]
       fits, n = None, args.batch
