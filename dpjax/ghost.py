@@ -237,8 +237,18 @@ class GhostClippedGradFn(ClippedGradFn):
 
   method = "ghost"
 
-  def _plan(self, leaves, treedef, unit, args):
-    """Sites and the weight leaves the ghost rule may take (traced, not run)."""
+  def _plan(self, leaves, treedef, batch, args):
+    """(sites, the weight leaves the ghost rule may take, rows per unit's group).
+
+    Traced on one unit (or one example of a `group_mean` unit), not run.
+    """
+    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+                        batch)
+    group_size = 1
+    if self._group is not None:     # the layers are traced on one example of the unit
+      group_size = jax.tree.leaves(batch)[0].shape[1]
+      unit = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in unit.items()
+              if k != self._group.weight_key}
     cand = [i for i, x in enumerate(leaves) if _is_float(x)]
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)
     tape_box = []
@@ -258,9 +268,6 @@ class GhostClippedGradFn(ClippedGradFn):
       primals = [all_leaves[i] for i in cand]
       return jax.jvp(loss_of, (primals,), (cand_tangents,))[1]
 
-    if self._group is not None:     # the layers are traced on one example of the unit
-      unit = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in unit.items()
-              if k != self._group.weight_key}
     tangents = [abstract(leaves[i]) for i in cand]
     closed = jax.make_jaxpr(forward)(abstract(leaves), unit, abstract(args), tangents)
     sites = tape_box[-1].sites
@@ -276,14 +283,13 @@ class GhostClippedGradFn(ClippedGradFn):
       if not bad & taken:
         break
       taken -= bad
-    return [s for s in sites if s.weight in taken], taken
+    return [s for s in sites if s.weight in taken], taken, group_size
 
   def _clip_chunk(self, params, batch, mask, args):
     if self.norm_ord != 2:
       raise ValueError("ghost clipping computes L2 norms only; use method='vmap' with l1_clip_norm")
     leaves, treedef = jax.tree.flatten(params)
-    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-    sites, taken = self._plan(leaves, treedef, unit, args)
+    sites, taken, group_size = self._plan(leaves, treedef, batch, args)
     fallback = [i for i in range(len(leaves)) if i not in taken]
     n_units = mask.shape[0]
 
@@ -315,7 +321,7 @@ class GhostClippedGradFn(ClippedGradFn):
         loss, aux = group.combine(w, outs[0]), None
       return loss, (aux, inputs)
 
-    per_unit = () if group is None else (jax.tree.leaves(batch)[0].shape[1],)
+    per_unit = () if group is None else (group_size,)
     taps = [jnp.zeros((n_units,) + per_unit + s.out.shape, s.out.dtype) for s in sites]
     grad_fn = jax.value_and_grad(unit_fn, argnums=(0, 1), has_aux=True)
     (loss, (aux, inputs)), (g_fb, g_taps) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
@@ -336,7 +342,7 @@ class GhostClippedGradFn(ClippedGradFn):
       else:  # attend: logits = x E^T, so dE = g^T x
         uses.setdefault(s.weight, []).append(_Use("dense", flat(g), flat(x)))
 
-    rules = _rules(sites, leaves, per_unit[0] if per_unit else 1)
+    rules = _rules(sites, leaves, group_size)
     sq: Dict[int, jax.Array] = {}
     for i, us in list(uses.items()):
       if rules[i] == "materialised":
@@ -407,13 +413,11 @@ class GhostClippedGradFn(ClippedGradFn):
 
     "ghost" (Gram of inputs x Gram of output gradients), "materialised"
     (`x^T g` per unit from the taps: a bias, or a weight where T^2 > rows x
-    cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use outside the intercepted layers). Traces the
-    loss once; nothing is computed.
+    cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use
+    outside the intercepted layers). Traces the loss once; nothing is computed.
     """
     leaves, treedef = jax.tree.flatten(params)
-    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batch)
-    sites, taken = self._plan(leaves, treedef, unit, args)
-    group_size = jax.tree.leaves(batch)[0].shape[1] if self._group is not None else 1
+    sites, _, group_size = self._plan(leaves, treedef, batch, args)
     rules = _rules(sites, leaves, group_size)
     paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     return {p: rules.get(i, "vmap") for i, p in enumerate(paths)}
