@@ -309,8 +309,11 @@ def _teacher_sigma(total_epsilon: float, delta: float, q: float, steps: int,
   return hi
 
 
-def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
+def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any]:
   """`dpjax distill`: teacher DP fine-tune -> synthetic text -> student, resumable.
+
+  `task`: the teacher's task when the caller already built it from
+  `cfg.teacher` (`build_task(cfg.teacher)`); built here otherwise.
 
   Each stage writes under `run_dir` (teacher/ checkpoints, synthetic/ a
   `datasets` directory + info.json, student/ checkpoints, report.json) and
@@ -332,7 +335,8 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> Dict[str, Any]:
   tcfg = ml_collections.ConfigDict(cfg.teacher.to_dict(), type_safe=False)
   if not tcfg.task.get("control_code"):
     raise ValueError("the teacher task needs task.control_code=True (prompts by label)")
-  task = build_task(tcfg)
+  if task is None:
+    task = build_task(tcfg)
   from dpjax.tasks import CONTROL_CODES
   n = len(task.train["input_ids"])
   q = tcfg.batch_size / n

@@ -69,12 +69,13 @@ def run(eps, seed, workdir):
   cfg.total_epsilon = eps
   cfg.teacher.seed = cfg.generation.seed = cfg.student.seed = seed
   rows = {}
-  rep = distill.run(cfg, os.path.join(workdir, f"distil-eps{eps:g}-s{seed}"), progress=False)
+  t = cfg.teacher
+  task = build_task(t)
+  rep = distill.run(cfg, os.path.join(workdir, f"distil-eps{eps:g}-s{seed}"), progress=False,
+                    task=task)
   rows["teacher"] = (rep["teacher_test_perplexity"], rep["budget"]["teacher"])
   rows["DistilDP"] = (rep["student_test_perplexity"], rep["budget"]["total"])
 
-  t = cfg.teacher
-  task = build_task(t)
   tcfg = task.info["decoder"]
   scfg = dataclasses.replace(tcfg, **dict(cfg.student.model))
   init = distill.truncate_decoder(task.params, cfg.student.model.num_layers)

@@ -205,9 +205,11 @@ def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
   assert len(syn) == rep["synthetic_samples"] == 10
   assert set(syn["label"]) <= {"comedy", "history", "romance", "tragedy"}
   assert np.isfinite(rep["student_test_perplexity"]) and rep["student_test_perplexity"] > 1
-  # A second call skips every finished stage and reports the same.
+  # A second call (given the teacher task prebuilt) skips every finished
+  # stage and reports the same.
+  from dpjax.tasks import build_task
   mtime = (tmp_path / "run" / "synthetic_info.json").stat().st_mtime
-  again = distill.run(cfg, run_dir, progress=False)
+  again = distill.run(cfg, run_dir, progress=False, task=build_task(cfg.teacher))
   assert (tmp_path / "run" / "synthetic_info.json").stat().st_mtime == mtime
   assert again["student_test_perplexity"] == pytest.approx(rep["student_test_perplexity"])
 
