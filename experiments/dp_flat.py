@@ -165,6 +165,41 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
           **sharpness(plain_task, res.params, seed=seed)}
 
 
+def _ms(xs, fmt):
+  return f"{np.mean(xs):{fmt}} ± {np.std(xs):{fmt}}" if xs else "-"
+
+
+def report(rows, epsilons, variants):
+  """One markdown table per epsilon: accuracy (mean ± population std over
+  seeds), paired per-seed difference vs plain, both sharpness measures, and
+  which prefixes were kept."""
+  for e in epsilons:
+    at = lambda v: {r["seed"]: r for r in rows if r["variant"] == v
+                    and (v == "non-private" or r["epsilon_target"] == e)}
+    plain = at("plain")
+    print(f"\neps = {e:g}\n")
+    print("| variant | seeds | test acc (%) | paired diff. vs plain (points) "
+          "| max loss increase | top Hessian eigenvalue | prefixes kept |")
+    print("|---|---|---|---|---|---|---|")
+    for v in variants:
+      got = at(v)
+      if not got:
+        continue
+      seeds = sorted(got)
+      acc = [100 * got[k]["test_accuracy"] for k in seeds]
+      diff = ", ".join(f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
+                       for k in seeds if k in plain) if v != "plain" else "-"
+      kept = {"-" if got[k].get("mode") == "full" else
+              "all" if got[k].get("prefix_layers") is None else
+              f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
+              + "".join("1" if b else "0" for b in got[k]["prefix_layers"]) + ")"
+              for k in seeds}
+      print(f"| {v} | {','.join(map(str, seeds))} | {_ms(acc, '.2f')} | {diff or '-'} | "
+            f"{_ms([got[k]['max_increase'] for k in seeds], '.3f')} | "
+            f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} | "
+            f"{' / '.join(sorted(kept))} |")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +214,8 @@ def main():
   p.add_argument("--mode", choices=("prefix", "full"), default="prefix",
                  help="prefix-tuning of the top 2 layers, or full fine-tuning of them "
                       "(ghost clipping; +sparse does not apply and is skipped)")
+  p.add_argument("--report", action="store_true",
+                 help="print the tables from the rows already recorded; run nothing")
   args = p.parse_args()
   BATCH["size"] = args.batch_size
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -204,6 +241,8 @@ def main():
         if old is not None:
           rows.append(old)
           continue
+        if args.report:
+          continue
         r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode)
         r["batch_size"] = args.batch_size
         rows.append(r)
@@ -212,20 +251,7 @@ def main():
         print(f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
               f"(eps {r['epsilon']:.3f}) sharpness: max increase {r['max_increase']:.4f}, "
               f"top eig {r['top_eigenvalue']:.3f}, prefix {r['prefix_layers']}", flush=True)
-  print("\n| variant | " + " | ".join(f"eps {e:g}" for e in args.epsilons)
-        + " | max loss increase (eps 3) | top Hessian eig (eps 3) |")
-  print("|---|" + "---|" * (len(args.epsilons) + 2))
-  for v in args.variants:
-    cells = []
-    for e in args.epsilons:
-      acc = [100 * r["test_accuracy"] for r in rows if r["variant"] == v and
-             (r["epsilon_target"] == e or v == "non-private")]
-      cells.append(f"{np.mean(acc):.2f} ± {np.std(acc):.2f}" if acc else "-")
-    ref = [r for r in rows if r["variant"] == v and (r["epsilon_target"] == 3.0
-                                                      or v == "non-private")]
-    sh = (f"{np.mean([r['max_increase'] for r in ref]):.4f} | "
-          f"{np.mean([r['top_eigenvalue'] for r in ref]):.3f}") if ref else "- | -"
-    print(f"| {v} | " + " | ".join(cells) + f" | {sh} |")
+  report(rows, args.epsilons, args.variants)
 
 
 if __name__ == "__main__":
