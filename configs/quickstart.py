@@ -33,6 +33,7 @@ def get_config():
   c.steps = 300  # ~36 epochs of 8,441 training sentences
   c.optimizer = "adam"
   c.learning_rate = 0.01
+  c.learning_rates = None   # e.g. {"layer_": 1e-3}: own lr per top-level parameter-name prefix
   c.weight_decay = 0.0
   c.warmup_steps = 0
   c.seed = 0

@@ -118,7 +118,30 @@ def private_transform(*, noise_multiplier: float, sensitivity: float, expected_b
 
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
-                   warmup_steps: int = 0, total_steps: int = 0) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, total_steps: int = 0,
+                   learning_rates: dict | None = None) -> optax.GradientTransformation:
+  """`learning_rates` maps a prefix of a top-level parameter name to its own
+  learning rate (e.g. {"layer_": 1e-3} for encoder layers beside a head at
+  `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`."""
+  if learning_rates:
+    rates = {str(k): float(v) for k, v in learning_rates.items()}
+    for k, v in rates.items():
+      if not k or not v > 0:
+        raise ValueError(f"learning_rates needs non-empty name prefixes and positive rates, "
+                         f"got {k!r}: {v}")
+    txs = {"default": make_optimizer(name, learning_rate, weight_decay, warmup_steps,
+                                     total_steps)}
+    txs.update({k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
+                for k, v in rates.items()})
+
+    def labels(params):
+      if not isinstance(params, dict):
+        raise ValueError("learning_rates needs a dict of parameters (top-level names)")
+      def label(top):
+        hits = [k for k in rates if top.startswith(k)]
+        return max(hits, key=len) if hits else "default"
+      return {top: jax.tree.map(lambda _, l=label(top): l, sub) for top, sub in params.items()}
+    return optax.multi_transform(txs, labels)
   if warmup_steps > 0 and total_steps > warmup_steps:
     lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
                                             end_value=learning_rate * 0.1)
@@ -393,7 +416,7 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
     mesh = pipeline.make_mesh(jax.devices()[:n_data * n_model], model=n_model)
 
   optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.get("weight_decay", 0.0),
-                             cfg.get("warmup_steps", 0), cfg.steps)
+                             cfg.get("warmup_steps", 0), cfg.steps, cfg.get("learning_rates"))
   key = jax.random.PRNGKey(cfg.seed)
   if cfg.private:
     unit_loss = user_mean_loss(task.loss_fn) if per_user else task.loss_fn

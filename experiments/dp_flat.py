@@ -8,7 +8,8 @@ epsilon, seed, steps, batch size) are reused, so an interrupted grid resumes.
 Model: `minilm`, bottom 4 layers frozen (cached features), the top 2 layers
 frozen with a trainable 8-token key/value prefix each, cosine head trained.
 DP-SGD: Poisson q = B/8441 (B = --batch-size, 512), clip 1, sigma by PLD,
-Adam lr 0.01.
+Adam lr 0.01. --mode full trains the top 2 layers' weights instead of a
+prefix (ghost clipping), Adam --layer-lr (1e-3) for them, 0.01 for the head.
 
 Variants (each one config change on the same run):
   plain         DP-SGD
@@ -58,7 +59,7 @@ from dpjax.train import train  # noqa: E402
 VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 
 
-BATCH = {"size": 512}
+BATCH = {"size": 512, "layer_lr": 1e-3}
 
 
 def base_config(steps, prefix_layers=None, mode="prefix"):
@@ -69,6 +70,7 @@ def base_config(steps, prefix_layers=None, mode="prefix"):
     cfg.task.prefix_layers = prefix_layers
   else:                          # full fine-tuning of the top 2 layers, ghost clipping
     cfg.clipping_method = "ghost"
+    cfg.learning_rates = {"layer_": BATCH["layer_lr"]}   # the head keeps Adam 0.01
   cfg.batch_size = BATCH["size"]
   cfg.physical_batch_size = 128
   cfg.steps = steps
@@ -214,10 +216,14 @@ def main():
   p.add_argument("--mode", choices=("prefix", "full"), default="prefix",
                  help="prefix-tuning of the top 2 layers, or full fine-tuning of them "
                       "(ghost clipping; +sparse does not apply and is skipped)")
+  p.add_argument("--layer-lr", type=float, default=1e-3,
+                 help="--mode full: Adam learning rate of the trained encoder layers "
+                      "(the head keeps 0.01)")
   p.add_argument("--report", action="store_true",
                  help="print the tables from the rows already recorded; run nothing")
   args = p.parse_args()
   BATCH["size"] = args.batch_size
+  BATCH["layer_lr"] = args.layer_lr
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   path = os.path.join(HERE, "results", "dp_flat.jsonl")
   done = {}
@@ -225,7 +231,7 @@ def main():
     for line in open(path):
       r = json.loads(line)
       done[(r.get("mode", "prefix"), r["variant"], r["epsilon_target"], r["seed"], r["steps"],
-            r["batch_size"])] = r
+            r["batch_size"], r.get("layer_lr"))] = r
   rows = []
   for eps in args.epsilons:
     for variant in args.variants:
@@ -236,7 +242,8 @@ def main():
       for seed in range(args.first_seed, args.first_seed + args.seeds):
         old = next((r for k, r in done.items()
                     if k[:2] == (args.mode, variant)
-                    and k[3:] == (seed, args.steps, args.batch_size)
+                    and k[3:] == (seed, args.steps, args.batch_size,
+                                  args.layer_lr if args.mode == "full" else None)
                     and (variant == "non-private" or k[2] == eps)), None)
         if old is not None:
           rows.append(old)
@@ -245,6 +252,8 @@ def main():
           continue
         r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode)
         r["batch_size"] = args.batch_size
+        if args.mode == "full":
+          r["layer_lr"] = args.layer_lr
         rows.append(r)
         with open(path, "a") as f:
           f.write(json.dumps(r, default=float) + "\n")

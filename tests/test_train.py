@@ -285,3 +285,19 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   with pytest.raises(FileNotFoundError):
     with_weight_distillation(small_config(weight_distillation=dict(
         lam=0.1, reference=str(tmp_path / "none.npz"))), task)
+
+
+def test_learning_rates_per_parameter_group():
+  import jax.numpy as jnp
+  from dpjax.train import make_optimizer
+  params = {"layer_4": {"w": jnp.zeros(3)}, "layer_45": {"w": jnp.zeros(2)},
+            "classifier": {"w": jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer("adam", 0.01, learning_rates={"layer_": 1e-3, "layer_45": 1e-4})
+  upd, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step moves every coordinate by (almost exactly) its learning rate
+  np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
+  np.testing.assert_allclose(upd["layer_4"]["w"], -1e-3, rtol=1e-5)
+  np.testing.assert_allclose(upd["layer_45"]["w"], -1e-4, rtol=1e-5)   # longest prefix wins
+  with pytest.raises(ValueError, match="positive"):
+    make_optimizer("adam", 0.01, learning_rates={"layer_": 0.0})
