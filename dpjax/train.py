@@ -129,8 +129,8 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
       if not k or not v > 0:
         raise ValueError(f"learning_rates needs non-empty name prefixes and positive rates, "
                          f"got {k!r}: {v}")
-    txs = {"default": make_optimizer(name, learning_rate, weight_decay, warmup_steps,
-                                     total_steps)}
+    # label "" = the default group (an empty prefix is refused above, so it cannot collide)
+    txs = {"": make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)}
     txs.update({k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
                 for k, v in rates.items()})
 
@@ -139,7 +139,7 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
         raise ValueError("learning_rates needs a dict of parameters (top-level names)")
       def label(top):
         hits = [k for k in rates if top.startswith(k)]
-        return max(hits, key=len) if hits else "default"
+        return max(hits, key=len) if hits else ""
       return {top: jax.tree.map(lambda _, l=label(top): l, sub) for top, sub in params.items()}
     return optax.multi_transform(txs, labels)
   if warmup_steps > 0 and total_steps > warmup_steps:

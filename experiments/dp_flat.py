@@ -59,7 +59,7 @@ from dpjax.train import train  # noqa: E402
 VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 
 
-BATCH = {"size": 512, "layer_lr": 1e-3}
+SETTINGS = {"size": 512, "layer_lr": 1e-3}
 
 
 def base_config(steps, prefix_layers=None, mode="prefix"):
@@ -70,8 +70,8 @@ def base_config(steps, prefix_layers=None, mode="prefix"):
     cfg.task.prefix_layers = prefix_layers
   else:                          # full fine-tuning of the top 2 layers, ghost clipping
     cfg.clipping_method = "ghost"
-    cfg.learning_rates = {"layer_": BATCH["layer_lr"]}   # the head keeps Adam 0.01
-  cfg.batch_size = BATCH["size"]
+    cfg.learning_rates = {"layer_": SETTINGS["layer_lr"]}   # the head keeps Adam 0.01
+  cfg.batch_size = SETTINGS["size"]
   cfg.physical_batch_size = 128
   cfg.steps = steps
   cfg.log_every = steps
@@ -222,8 +222,8 @@ def main():
   p.add_argument("--report", action="store_true",
                  help="print the tables from the rows already recorded; run nothing")
   args = p.parse_args()
-  BATCH["size"] = args.batch_size
-  BATCH["layer_lr"] = args.layer_lr
+  SETTINGS["size"] = args.batch_size
+  SETTINGS["layer_lr"] = args.layer_lr
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   path = os.path.join(HERE, "results", "dp_flat.jsonl")
   done = {}

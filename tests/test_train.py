@@ -299,5 +299,9 @@ def test_learning_rates_per_parameter_group():
   np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
   np.testing.assert_allclose(upd["layer_4"]["w"], -1e-3, rtol=1e-5)
   np.testing.assert_allclose(upd["layer_45"]["w"], -1e-4, rtol=1e-5)   # longest prefix wins
+  # a prefix named like an internal group label does not capture the other parameters
+  tx = make_optimizer("adam", 0.01, learning_rates={"default": 1e-3})
+  upd, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
   with pytest.raises(ValueError, match="positive"):
     make_optimizer("adam", 0.01, learning_rates={"layer_": 0.0})
