@@ -31,8 +31,9 @@ public and never used by the private runs otherwise; it is disjoint from the
 private training split and from the test split reported.
 Sharpness (on 512 training examples, at the final parameters): the largest
 loss increase over 8 directions (the normalised gradient and 7 random ones)
-at radius rho_s * ||theta||, and the top Hessian eigenvalue by 20 power
-iterations of Hessian-vector products.
+at radius 0.05 ||theta|| (prefix mode) or 1e-3 ||theta_k|| per tensor (full
+mode; see SHARPNESS), and the top Hessian eigenvalue by power iteration of
+Hessian-vector products (at most 20, stopped once 3 estimates agree to 1e-4).
 Results are appended to experiments/results/dp_flat.jsonl.
 """
 
@@ -61,6 +62,14 @@ VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-priva
 
 SETTINGS = {"size": 512, "layer_lr": 1e-3}
 
+# Sharpness radius per mode: (rho_s, per tensor?). Prefix mode moves the whole
+# trained tree by 0.05 ||theta||. In full mode that radius saturates (the loss
+# rises by ~10 nats along the gradient at any rho_s >= 0.005, global or per
+# tensor), so full mode moves each tensor by 1e-3 ||theta_k||, the scaling of
+# DP-Flat's own min-max step (+2.4 nats along the gradient after 40 private
+# steps, +0.13 at the pretrained weights).
+SHARPNESS = {"prefix": (0.05, False), "full": (1e-3, True)}
+
 
 def base_config(steps, prefix_layers=None, mode="prefix"):
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
@@ -79,18 +88,39 @@ def base_config(steps, prefix_layers=None, mode="prefix"):
   return cfg
 
 
-def _mean_loss(task, split, n=None):
-  """Mean loss over a split as a function of params (data passed as jit ARGUMENTS:
-  closing over them would make XLA constant-fold ~80 MB of features)."""
-  data = task.splits[split] if split != "train" else task.train
-  idx = np.arange(len(data["label"]))[:n]
-  batch = jax.tree.map(lambda x: jnp.asarray(x[idx]), data)
+class _MeanLoss:
+  """Mean loss over (the first n examples of) a split, with its gradient and
+  Hessian-vector product, each one jitted function summed over chunks of
+  `chunk` examples. The data are jit ARGUMENTS: closing over them would make
+  XLA constant-fold ~80 MB of features."""
 
-  @jax.jit
-  def g(params, batch, frozen):
-    loss, _ = jax.vmap(task.loss_fn, in_axes=(None, 0, None))(params, batch, frozen)
-    return jnp.mean(loss)
-  return lambda params: g(params, batch, task.frozen)
+  def __init__(self, task, split, n=None, chunk=128):
+    data = task.splits[split] if split != "train" else task.train
+    idx = np.arange(len(data["label"]))[:n]
+    self.n = len(idx)
+    self.chunks = [jax.tree.map(lambda x: jnp.asarray(x[idx[i:i + chunk]]), data)
+                   for i in range(0, self.n, chunk)]
+    self.frozen = task.frozen
+
+    def total(params, batch, frozen):
+      loss, _ = jax.vmap(task.loss_fn, in_axes=(None, 0, None))(params, batch, frozen)
+      return jnp.sum(loss)
+    self._loss = jax.jit(total)
+    self._grad = jax.jit(jax.grad(total))
+    self._hvp = jax.jit(lambda p, v, b, f: jax.jvp(lambda q: jax.grad(total)(q, b, f), (p,), (v,))[1])
+
+  def _mean(self, fn, *args):
+    parts = [fn(*args, b, self.frozen) for b in self.chunks]
+    return jax.tree.map(lambda *xs: sum(xs) / self.n, *parts)
+
+  def __call__(self, params):
+    return self._mean(self._loss, params)
+
+  def grad(self, params):
+    return self._mean(self._grad, params)
+
+  def hvp(self, params, v):
+    return self._mean(self._hvp, params, v)
 
 
 def public_reference(cfg, seed):
@@ -109,8 +139,8 @@ def sparse_mask(cfg, seed):
   c = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
   c.seed = seed
   task = build_task(c)
-  loss = _mean_loss(task, "dev")
-  direction = jax.grad(loss)(task.params)
+  loss = _MeanLoss(task, "dev")
+  direction = loss.grad(task.params)
   layers = sorted(task.params["prefix"])
   groups = [(lambda name, l=l: name.startswith(f"prefix/{l}/")) for l in layers]
   curves = flatness.flatness_probe(loss, task.params, direction, groups,
@@ -118,28 +148,32 @@ def sparse_mask(cfg, seed):
   return flatness.select_layers(curves, keep=len(layers) - 1), curves.tolist()
 
 
-def sharpness(task, params, rho_s=0.05, seed=0):
-  loss = _mean_loss(task, "train", 512)
+def sharpness(task, params, rho_s=0.05, seed=0, layerwise=False):
+  """Max loss increase over 8 directions at radius rho_s (x ||theta||, or per
+  tensor x ||theta_k|| when layerwise) and the top Hessian eigenvalue."""
+  loss = _MeanLoss(task, "train", 512)
   l0 = float(loss(params))
-  g = jax.grad(loss)(params)
-  pn = float(optax.global_norm(params))
+  g = loss.grad(params)
   dirs = [g] + [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
                 for k in jax.random.split(jax.random.PRNGKey(seed), 7)]
-  worst = 0.0
-  for d in dirs:
-    dn = float(optax.global_norm(d))
-    moved = jax.tree.map(lambda p, x: p + rho_s * pn * x / dn, params, d)
-    worst = max(worst, float(loss(moved)) - l0)
-  hvp = lambda v: jax.jvp(jax.grad(loss), (params,), (v,))[1]
-  v = dirs[1]
-  lam = 0.0
-  for _ in range(20):
+  if layerwise:
+    step = lambda d: flatness.perturbation(params, d, rho_s, layerwise=True)
+  else:
+    pn = optax.global_norm(params)
+    step = lambda d: jax.tree.map(lambda x: rho_s * pn * x / optax.global_norm(d), d)
+  worst = max(float(loss(jax.tree.map(jnp.add, params, step(d)))) - l0 for d in dirs)
+  v, lam, lams = dirs[1], 0.0, []
+  for _ in range(20):            # power iteration; stops once 3 estimates agree to 1e-4
     n = float(optax.global_norm(v))
     v = jax.tree.map(lambda x: x / n, v)
-    hv = hvp(v)
+    hv = loss.hvp(params, v)
     lam = float(sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv))))
+    lams.append(lam)
+    if len(lams) >= 3 and max(abs(x - lam) for x in lams[-3:]) <= 1e-4 * abs(lam):
+      break
     v = hv
-  return {"loss": l0, "max_increase": worst, "top_eigenvalue": lam}
+  return {"loss": l0, "max_increase": worst, "top_eigenvalue": lam,
+          "power_iterations": len(lams)}
 
 
 def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
@@ -164,7 +198,14 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
   return {"variant": variant, "mode": mode, "epsilon_target": eps, "seed": seed, "steps": steps,
           "epsilon": res.final_metrics["epsilon"], "prefix_layers": mask, "probe": curves,
           "test_accuracy": res.final_metrics["test_accuracy"],
-          **sharpness(plain_task, res.params, seed=seed)}
+          "sharpness_radius": _radius(mode),
+          **sharpness(plain_task, res.params, *SHARPNESS[mode][:1], seed=seed,
+                      layerwise=SHARPNESS[mode][1])}
+
+
+def _radius(mode):
+  rho_s, per_tensor = SHARPNESS[mode]
+  return f"{rho_s:g} x " + ("||theta_k|| per tensor" if per_tensor else "||theta||")
 
 
 def _ms(xs, fmt):
@@ -230,7 +271,10 @@ def main():
   if os.path.exists(path):       # rows already there are reused, not re-run
     for line in open(path):
       r = json.loads(line)
-      done[(r.get("mode", "prefix"), r["variant"], r["epsilon_target"], r["seed"], r["steps"],
+      mode = r.get("mode", "prefix")
+      if r.get("sharpness_radius", _radius("prefix")) != _radius(mode):
+        continue                 # measured at another radius: superseded
+      done[(mode, r["variant"], r["epsilon_target"], r["seed"], r["steps"],
             r["batch_size"], r.get("layer_lr"))] = r
   rows = []
   for eps in args.epsilons:
