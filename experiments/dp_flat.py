@@ -156,11 +156,8 @@ def sharpness(task, params, rho_s=0.05, seed=0, layerwise=False):
   g = loss.grad(params)
   dirs = [g] + [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
                 for k in jax.random.split(jax.random.PRNGKey(seed), 7)]
-  if layerwise:
-    step = lambda d: flatness.perturbation(params, d, rho_s, layerwise=True)
-  else:
-    pn = optax.global_norm(params)
-    step = lambda d: jax.tree.map(lambda x: rho_s * pn * x / optax.global_norm(d), d)
+  radius = rho_s if layerwise else rho_s * optax.global_norm(params)
+  step = lambda d: flatness.perturbation(params, d, radius, layerwise=layerwise)
   worst = max(float(loss(jax.tree.map(jnp.add, params, step(d)))) - l0 for d in dirs)
   v, lam, lams = dirs[1], 0.0, []
   for _ in range(20):            # power iteration; stops once 3 estimates agree to 1e-4
@@ -199,7 +196,7 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
           "epsilon": res.final_metrics["epsilon"], "prefix_layers": mask, "probe": curves,
           "test_accuracy": res.final_metrics["test_accuracy"],
           "sharpness_radius": _radius(mode),
-          **sharpness(plain_task, res.params, *SHARPNESS[mode][:1], seed=seed,
+          **sharpness(plain_task, res.params, SHARPNESS[mode][0], seed=seed,
                       layerwise=SHARPNESS[mode][1])}
 
 
