@@ -212,15 +212,17 @@ def _ms(xs, fmt):
 def report(rows, epsilons, variants):
   """One markdown table per epsilon: accuracy (mean ± population std over
   seeds), paired per-seed difference vs plain, both sharpness measures, and
-  which prefixes were kept."""
+  (when prefixes are trained) which prefixes were kept."""
+  prefixes = any(r.get("mode") != "full" for r in rows)
   for e in epsilons:
     at = lambda v: {r["seed"]: r for r in rows if r["variant"] == v
                     and (v == "non-private" or r["epsilon_target"] == e)}
     plain = at("plain")
     print(f"\neps = {e:g}\n")
     print("| variant | seeds | test acc (%) | paired diff. vs plain (points) "
-          "| max loss increase | top Hessian eigenvalue | prefixes kept |")
-    print("|---|---|---|---|---|---|---|")
+          "| max loss increase | top Hessian eigenvalue |"
+          + (" prefixes kept |" if prefixes else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if prefixes else ""))
     for v in variants:
       got = at(v)
       if not got:
@@ -229,15 +231,14 @@ def report(rows, epsilons, variants):
       acc = [100 * got[k]["test_accuracy"] for k in seeds]
       diff = ", ".join(f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
                        for k in seeds if k in plain) if v != "plain" else "-"
-      kept = {"-" if got[k].get("mode") == "full" else
-              "all" if got[k].get("prefix_layers") is None else
+      kept = {"all" if got[k].get("prefix_layers") is None else
               f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
               + "".join("1" if b else "0" for b in got[k]["prefix_layers"]) + ")"
               for k in seeds}
       print(f"| {v} | {','.join(map(str, seeds))} | {_ms(acc, '.2f')} | {diff or '-'} | "
             f"{_ms([got[k]['max_increase'] for k in seeds], '.3f')} | "
-            f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} | "
-            f"{' / '.join(sorted(kept))} |")
+            f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} |"
+            + (f" {' / '.join(sorted(kept))} |" if prefixes else ""))
 
 
 def main():
