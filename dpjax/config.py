@@ -27,7 +27,14 @@ def resolve_config_path(path: str) -> str:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
-  """Runs `path`'s `get_config()` and applies `key.sub=value` overrides."""
+  """Runs `path`'s `get_config()`, fills every undeclared training key with its default
+  (`dpjax.spec.KEYS`; for a `dpjax distill` config, in its teacher section) and applies
+  `key.sub=value` overrides.
+
+  Values are Python literals (`steps=400`, `dp_sam={'rho': 0.05}`, `noise_multiplier=None`);
+  anything else is taken as a string. An unknown key, or a key below a value that is not
+  a section, is a `ValueError` naming it.
+  """
   path = resolve_config_path(path)
   spec = importlib.util.spec_from_file_location("dpjax_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -35,20 +42,36 @@ def load_config(path: str, overrides: Sequence[str] = ()):
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path} defines no get_config()")
   cfg = module.get_config()
+  from dpjax import spec as spec_lib
+  if spec_lib.is_train_config(cfg):
+    cfg = spec_lib.with_defaults(cfg)
+  elif "teacher" in cfg and spec_lib.is_train_config(cfg.teacher):
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
+      cfg.teacher = spec_lib.with_defaults(cfg.teacher)
   for item in overrides:
     if "=" not in item:
       raise ValueError(f"override must look like key=value, got {item!r}")
     key, raw = item.split("=", 1)
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
+    if raw.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+      value = float(raw)
+    else:
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        value = raw
     node = cfg
     parts = key.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
+      if not hasattr(node, "keys") or p not in node:
+        raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r} in {path} "
+                         f"(from --set {item}); `dpjax config {path}` lists the keys")
       node = node[p]
-    if parts[-1] not in node:
-      raise ValueError(f"unknown config key {key!r} in {path}")
+    if not hasattr(node, "keys") or parts[-1] not in node:
+      raise ValueError(f"unknown config key {key!r} in {path} (from --set {item}); "
+                       f"`dpjax config {path}` lists the keys")
     with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
-      node[parts[-1]] = value
+      try:
+        node[parts[-1]] = value
+      except TypeError as e:   # a type-safe ConfigDict field
+        raise ValueError(f"--set {item}: {e}") from None
   return cfg

@@ -167,17 +167,20 @@ def histogram_event(mechanism: str, noise: float):
   return ev.laplace_step(noise, 1.0) if mechanism == "laplace" else ev.gaussian_step(noise, 1.0)
 
 
-def budget_report(teacher_events: Sequence[Any], histogram: Optional[Dict[str, Any]],
+def budget_report(teacher: Any, histogram: Optional[Dict[str, Any]],
                   delta: float) -> Dict[str, Any]:
   """Who spends epsilon: the teacher's DP-SGD and the histogram, composed by PLD.
 
-  `teacher_events`: dp-accounting DpEvents of the teacher's training.
-  Generation, the synthetic set and the student add nothing (post-processing).
+  `teacher`: the teacher run's `Ledger` (`RunResult.ledger`), or a sequence of
+  dp-accounting DpEvents of its training. Generation, the synthetic set and
+  the student add nothing (post-processing).
   """
   import dp_accounting
 
   from dpjax.accounting import epsilon as eps_of
-  teacher = dp_accounting.ComposedDpEvent(list(teacher_events))
+  from dpjax.accounting.ledger import Ledger
+  events = [teacher.event()] if isinstance(teacher, Ledger) else list(teacher)
+  teacher = dp_accounting.ComposedDpEvent(events)
   parts = [teacher]
   out = {"teacher": eps_of(teacher, delta, "pld"), "generation": 0.0, "student": 0.0,
          "histogram": 0.0, "delta": delta}
@@ -285,30 +288,6 @@ def student_task(teacher_cfg, teacher_params, student_cfg, student_init, data, s
   return Task("distil-student", params, {"teacher": teacher_params}, loss_fn, data, splits)
 
 
-def _teacher_sigma(total_epsilon: float, delta: float, q: float, steps: int,
-                   histogram_event) -> float:
-  """Least teacher noise such that teacher + histogram compose to <= total_epsilon (PLD)."""
-  import dp_accounting
-
-  from dpjax.accounting import dpsgd_event
-  from dpjax.accounting import epsilon as eps_of
-
-  def total(sigma):
-    parts = [dpsgd_event(sigma, q, steps)] + ([histogram_event] if histogram_event else [])
-    return eps_of(dp_accounting.ComposedDpEvent(parts), delta, "pld")
-
-  lo, hi = 0.2, 1.0
-  while total(hi) > total_epsilon:
-    lo, hi = hi, hi * 2
-    if hi > 1e4:
-      raise ValueError(f"total_epsilon={total_epsilon} is not reachable (the histogram "
-                       "alone may spend it)")
-  while hi / lo > 1.002:
-    mid = math.sqrt(lo * hi)
-    lo, hi = (lo, mid) if total(mid) <= total_epsilon else (mid, hi)
-  return hi
-
-
 def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any]:
   """`dpjax distill`: teacher DP fine-tune -> synthetic text -> student, resumable.
 
@@ -338,17 +317,18 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   if task is None:
     task = build_task(tcfg)
   from dpjax.tasks import CONTROL_CODES
-  n = len(task.train["input_ids"])
-  q = tcfg.batch_size / n
   hist_cfg = cfg.get("histogram")
   h_event = None
   if hist_cfg:
     h_event = histogram_event(hist_cfg.mechanism,
                               histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta))
+  # The teacher's plan calibrates its noise so that its ledger and the
+  # histogram compose to total_epsilon.
   tcfg.delta = cfg.delta
-  tcfg.noise_multiplier = _teacher_sigma(cfg.total_epsilon, cfg.delta, q, tcfg.steps, h_event)
-  tcfg.target_epsilon = None
-  teacher_res = train(tcfg, task, os.path.join(run_dir, "teacher"), progress=progress)
+  tcfg.target_epsilon = cfg.total_epsilon
+  tcfg.noise_multiplier = None
+  teacher_res = train(tcfg, task, os.path.join(run_dir, "teacher"), progress=progress,
+                      extra_event=h_event)
   teacher_cfg, encode = task.info["decoder"], task.info["encode"]
 
   # Stage 2: synthetic text (post-processing), prompt counts from the DP histogram.
@@ -415,12 +395,11 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
       accountant="pld", mechanism="gaussian"))
   student_res = train(student_cfg, stask, os.path.join(run_dir, "student"), progress=progress)
 
-  from dpjax.accounting import dpsgd_event
   report = {
-      "budget": budget_report([dpsgd_event(tcfg.noise_multiplier, q, tcfg.steps)],
-                              info["histogram"], cfg.delta),
+      "budget": budget_report(teacher_res.ledger, info["histogram"], cfg.delta),
       "privacy_unit": "example",
-      "teacher_noise_multiplier": tcfg.noise_multiplier,
+      "teacher_noise_multiplier": teacher_res.noise_multiplier,
+      "teacher_ledger": teacher_res.ledger.to_json(),
       "teacher_test_perplexity": _ppl(teacher_res.final_metrics, "test"),
       "student_test_perplexity": _ppl(student_res.final_metrics, "test"),
       "synthetic_samples": info["num_samples"], "generation_tokens_per_s": info["tokens_per_s"],

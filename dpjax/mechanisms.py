@@ -57,6 +57,76 @@ def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# --- full-range samplers -------------------------------------------------------
+#
+# `jax.random.normal` in float32 is the inverse error function of a 23-bit
+# uniform: it never exceeds ~5.3 sigma, and float32 Laplace by the inverse
+# CDF is confined to about [-15.5, 16.6] scales. A release shifted past that
+# edge by one unit is told apart with certainty, far above any delta. Here
+# U in (0, 1) gets its binary exponent from EXPONENT_BITS random bits (the
+# number of leading zeros: U in [2^-(k+1), 2^-k) with probability 2^-(k+1))
+# and its significand from 23 more, so E = -log U is Exp(1) out to
+# `MAX_EXPONENTIAL` = 97 ln 2 ~ 67.2; Laplace is sign * E and the Gaussian
+# comes from E by Box-Muller, sqrt(2E) * (cos, sin)(2 pi V), out to
+# `MAX_GAUSSIAN` ~ 11.6 sigma. Within that range each draw is the float32
+# rounding of an exact sample; what remains is the floating-point caveat of
+# Mironov (CCS 2012): the set of attainable float32 values is not
+# translation invariant, so the output grid itself could in principle leak
+# through the lowest bits of a released value. dpjax adds noise in float32
+# to the float32 clipped sum and releases the sum (no snapping); see the
+# README's "What the guarantee assumes".
+
+EXPONENT_WORDS = 3                       # 96 bits for U's binary exponent
+EXPONENT_BITS = 32 * EXPONENT_WORDS
+MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)    # -log of the smallest U: 2^-97
+MAX_GAUSSIAN = math.sqrt(2.0 * MAX_EXPONENTIAL)
+
+
+def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -> chex.Array:
+  """-log U for U = 2^-k (1/2 + m 2^-24): k leading zeros of the words, m 23 bits of `significand`.
+
+  Args:
+    exponent_words: `[EXPONENT_WORDS, *shape]` uint32 random words.
+    significand: `[*shape]` uint32 random words (their top 23 bits are used).
+  Returns `[*shape]` float32 draws of Exp(1) (k capped at EXPONENT_BITS).
+  """
+  lz = jnp.zeros(significand.shape, jnp.int32)
+  done = jnp.zeros(significand.shape, jnp.bool_)
+  for w in exponent_words:
+    lz = lz + jnp.where(done, 0, jax.lax.clz(w).astype(jnp.int32))
+    done = done | (w != 0)
+  m = (significand >> 9).astype(jnp.float32)        # [0, 2^23): exact in float32
+  half_to_one = 0.5 + m * (2.0 ** -24)              # [1/2, 1) on an exact grid
+  return lz.astype(jnp.float32) * math.log(2.0) - jnp.log(half_to_one)
+
+
+def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
+  """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL."""
+  kw, km = jax.random.split(key)
+  shape = tuple(shape)
+  words = jax.random.bits(kw, (EXPONENT_WORDS,) + shape, jnp.uint32)
+  return exponential_from_bits(words, jax.random.bits(km, shape, jnp.uint32))
+
+
+def standard_laplace(key: chex.PRNGKey, shape) -> chex.Array:
+  """Laplace(0, 1) draws in float32, |x| out to MAX_EXPONENTIAL."""
+  ke, ks = jax.random.split(key)
+  sign = jnp.where(jax.random.bernoulli(ks, 0.5, tuple(shape)), 1.0, -1.0)
+  return sign * standard_exponential(ke, shape)
+
+
+def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
+  """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN."""
+  shape = tuple(shape)
+  size = math.prod(shape)
+  pairs = -(-size // 2)
+  ke, ku = jax.random.split(key)
+  r = jnp.sqrt(2.0 * standard_exponential(ke, (pairs,)))
+  theta = (2.0 * math.pi) * jax.random.uniform(ku, (pairs,), jnp.float32)
+  z = jnp.concatenate([r * jnp.cos(theta), r * jnp.sin(theta)])[:size]
+  return z.reshape(shape)
+
+
 def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
   """A `draw` of i.i.d. `std_scale * sample(key, shape)`, one key per leaf."""
   def draw(step_key, leaves):
@@ -93,7 +163,7 @@ def gaussian(noise_multiplier: float, l2_clip_norm: float,
   _check_scale("noise_multiplier", noise_multiplier, allow_zero=True)
   _check_scale("l2_clip_norm", l2_clip_norm, allow_zero=False)
   std = float(noise_multiplier) * float(l2_clip_norm)
-  return _noise_transform(_iid(lambda k, s: jax.random.normal(k, s, jnp.float32), std), key)
+  return _noise_transform(_iid(standard_normal, std), key)
 
 
 def laplace(noise_multiplier: float, l1_clip_norm: float,
@@ -117,8 +187,7 @@ def laplace(noise_multiplier: float, l1_clip_norm: float,
   _check_scale("noise_multiplier", noise_multiplier, allow_zero=True)
   _check_scale("l1_clip_norm", l1_clip_norm, allow_zero=False)
   scale = float(noise_multiplier) * float(l1_clip_norm)
-  return _noise_transform(_iid(lambda k, s: jax.random.laplace(k, s, jnp.float32), scale),
-                          key)
+  return _noise_transform(_iid(standard_laplace, scale), key)
 
 
 def normalize(expected_batch_size: float) -> optax.GradientTransformation:
@@ -199,7 +268,7 @@ def lmo(params, key: chex.PRNGKey, *, l1_clip_norm: Optional[float] = None,
     for i, (leaf, k) in enumerate(zip(leaves, keys)):
       kl, kbl = jax.random.split(k)
       b = sample_b(jax.random.fold_in(kbl, i), leaf.shape) if per_coordinate else b_step
-      out.append(jax.random.laplace(kl, leaf.shape, jnp.float32) * (delta / b))
+      out.append(standard_laplace(kl, leaf.shape) * (delta / b))
     return out
 
   return _noise_transform(draw, key)

@@ -71,7 +71,8 @@ def synthetic(cfg) -> Task:
     # Skewed user sizes (Zipf-like), as real user data is: a few users hold many examples.
     weights = 1.0 / np.arange(1, t.num_users + 1)
     user_ids = rng.choice(t.num_users, size=t.num_train, p=weights / weights.sum())
-  return Task("synthetic", params, {}, _mlp_loss, train, splits, user_ids)
+  return Task("synthetic", params, {}, _mlp_loss, train, splits, user_ids,
+              info={"num_classes": int(t.num_classes)})
 
 
 def _resolve(name_or_path: str) -> str:
@@ -204,7 +205,8 @@ def text_classification(cfg) -> Task:
     return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
 
   return Task(f"{os.path.basename(model_dir.rstrip('/'))}-rt", trainable, frozen, loss_fn,
-              arrays["train"], {"dev": arrays["dev"], "test": arrays["test"]})
+              arrays["train"], {"dev": arrays["dev"], "test": arrays["test"]},
+              info={"num_classes": 2})
 
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2   # byte b is token b + 2

@@ -18,10 +18,17 @@ mesh is n x m and parameters and optimizer state are split over its "model"
 axis. Noise is still one draw on the global sum. `cfg.clipping_method`
 "ghost" computes the clipped sums by ghost norms (`dpjax.ghost`).
 
-Metrics go to `metrics.jsonl`; checkpoints (orbax) hold the parameters, the
-optimizer state (which holds the noise key), and the step count, from which
-the accountant recomputes the budget spent: a resumed run neither reuses
-noise nor forgets spent privacy.
+Everything privacy-relevant comes from one `dpjax.plan.PrivacyPlan`, made
+before any compute or file (`prepare`). The run directory holds
+`config.json` (the validated spec; no secret), `metrics.jsonl` (strict
+JSON, one row per logged step even across resumes), orbax checkpoints (the
+parameters, the optimizer state with the noise key, and beside them the
+privacy ledger and the run's secret entropy), `privacy.json` (epsilon as the
+composition of the ledger, its delta, unit and accountant, the ledger, and
+whether the noise seed was secret) and `curves.png`. A `.lock` file keeps a
+second process out. A resumed run continues the same noise and batches; one
+that would change sigma, q or the unit is refused unless allowed, and then
+appends a ledger segment.
 
 Training loss and accuracy logged here are computed on private data and are
 NOT privatised: they are for monitoring, not for release.
@@ -34,6 +41,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
@@ -41,12 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import accounting, flatness
-from dpjax.clipping import clipped_grad, group_mean
+from dpjax import flatness
+from dpjax import spec as spec_lib
+from dpjax.accounting.ledger import Ledger
 from dpjax.data import pipeline
-from dpjax.data.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
-                                 bound_contributions, eval_batches, median_group_size)
-from dpjax.mechanisms import gaussian, laplace, lmo, normalize
+from dpjax.data.sampling import eval_batches
+from dpjax.plan import PrivacyPlan, ResumeRefused, Secret, make_plan
+from dpjax.spec import SpecError
 
 PyTree = Any
 
@@ -81,40 +90,6 @@ class TrainState(NamedTuple):
   params: PyTree
   opt_state: PyTree
   step: jax.Array  # int32 scalar: logical steps taken (what the accountant charges)
-
-
-L1_MECHANISMS = ("laplace", "lmo")   # noise calibrated to the L1 sensitivity
-
-
-def noise_transform(*, noise_multiplier: float, sensitivity: float, key: jax.Array,
-                    mechanism: str = "gaussian", lmo_params=None) -> optax.GradientTransformation:
-  """The privatiser alone: "gaussian" (L2 sensitivity), "laplace" or "lmo" (L1)."""
-  if mechanism == "gaussian":
-    noise = gaussian(noise_multiplier, sensitivity, key)
-  elif mechanism == "laplace":
-    noise = laplace(noise_multiplier, sensitivity, key)
-  elif mechanism == "lmo":
-    noise = lmo(lmo_params, key, l1_clip_norm=sensitivity)
-  else:
-    raise ValueError(f"mechanism must be 'gaussian', 'laplace' or 'lmo', got {mechanism!r}")
-  return noise
-
-
-def private_transform(*, noise_multiplier: float, sensitivity: float, expected_batch_size: float,
-                      optimizer: optax.GradientTransformation, key: jax.Array,
-                      mechanism: str = "gaussian", lmo_params=None,
-                      after_noise: Optional[optax.GradientTransformation] = None
-                      ) -> optax.GradientTransformation:
-  """mechanism -> [after_noise] -> normalize(expected batch) -> optimizer, as one optax chain.
-
-  `sensitivity` is the L2 sensitivity for "gaussian" and the L1 sensitivity
-  for "laplace" and "lmo" (whose noise comes from `lmo_params`). `after_noise`
-  (e.g. `flatness.dp_sam`) sees only privatised gradients.
-  """
-  noise = noise_transform(noise_multiplier=noise_multiplier, sensitivity=sensitivity, key=key,
-                          mechanism=mechanism, lmo_params=lmo_params)
-  parts = [noise] + ([after_noise] if after_noise is not None else [])
-  return optax.chain(*parts, normalize(expected_batch_size), optimizer)
 
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
@@ -196,10 +171,41 @@ class RunResult:
   params: PyTree
   final_metrics: Dict[str, Any]
   workdir: Optional[str]
-  noise_multiplier: Optional[float] = None   # the sigma used (calibrated or given); None if not private
+  noise_multiplier: Optional[float] = None   # the sigma of the last segment; None if not private
+  ledger: Ledger = Ledger()                  # what the run released, all segments
+  privacy: Optional[Dict[str, Any]] = None   # the privacy.json record
 
 
-_RUN_CONTROL = ("log_every", "checkpoint_every")   # may change when a run resumes
+def check_task_data(task: Task) -> None:
+  """Refuses data that would train silently wrong: non-finite values, labels out of range, empty.
+
+  Labels are checked when `task.info["num_classes"]` says how many there are.
+  """
+  classes = (task.info or {}).get("num_classes")
+  for name, data in {"train": task.train, **task.splits}.items():
+    if not data or _num_rows(data) == 0:
+      raise SpecError(f"task {task.name!r}: the {name} split is empty")
+    for key, arr in data.items():
+      rows = np.asarray(arr).reshape(len(arr), -1)
+      if rows.dtype.kind == "f":
+        for lo in range(0, len(rows), 4096):     # chunks: no full-size boolean copy
+          bad = ~np.isfinite(rows[lo:lo + 4096])
+          if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            raise SpecError(f"task {task.name!r}: {name} row {lo + i}, {key!r} holds "
+                            f"{rows[lo + i][bad[i]][0]} (values must be finite)")
+      if key == "label" and classes is not None:
+        bad = np.flatnonzero((rows < 0).any(axis=1) | (rows >= classes).any(axis=1))
+        if len(bad):
+          raise SpecError(f"task {task.name!r}: {name} row {int(bad[0])} has label "
+                          f"{rows[bad[0]][0]}, outside [0, {classes - 1}] ({classes} classes)")
+
+
+def _resumable_keys(allow_privacy_change: bool):
+  keys = set(spec_lib.RUN_CONTROL)
+  if allow_privacy_change:
+    keys |= {k.name for k in spec_lib.KEYS if k.privacy}
+  return keys
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -212,7 +218,7 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
-def _check_same_run(workdir: str, new: Dict[str, Any]) -> None:
+def _check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool) -> None:
   """Refuses to resume a checkpoint written under a different config."""
   path = os.path.join(workdir, "config.json")
   if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
@@ -220,127 +226,155 @@ def _check_same_run(workdir: str, new: Dict[str, Any]) -> None:
   with open(path) as f:
     old = _flat(json.load(f))
   new = _flat(new)
-  diff = sorted(k for k in set(old) | set(new)
-                if k not in _RUN_CONTROL and old.get(k) != new.get(k))
+  free = _resumable_keys(allow_privacy_change)
+  diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
   if diff:
     changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
-    raise ValueError(f"{workdir} holds a checkpoint of a run with a different config "
-                     f"({changes}); resume with the same config or use a new workdir")
+    raise ResumeRefused(f"{workdir} holds a checkpoint of a run with a different config "
+                        f"({changes}); resume with the same config or use a new workdir")
 
 
-def _checkpoint_manager(workdir: str):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+class _Checkpoints:
+  """Orbax checkpoints of the state with the ledger and the secret beside it (one atomic step)."""
+
+  def __init__(self, workdir: str):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.mngr = ocp.CheckpointManager(
+        self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  @staticmethod
+  def latest_meta(workdir: str) -> Optional[Dict[str, Any]]:
+    """The ledger, secret and step of the newest checkpoint in `workdir`, or None."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+      return None
+    import orbax.checkpoint as ocp
+    mngr = ocp.CheckpointManager(os.path.abspath(path))
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    if not os.path.isdir(os.path.join(path, str(step), "meta")):
+      raise ResumeRefused(f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
+                          "its budget cannot be composed: use a new workdir")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return {"step": int(step), "ledger": Ledger.from_json(meta["ledger"]),
+            "secret": Secret.from_json(meta["secret"])}
+
+  def save(self, state: TrainState, ledger: Ledger, secret: Secret) -> None:
+    ocp = self._ocp
+    meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
+    self.mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self.mngr.wait_until_finished()
+
+  def restore(self, template: TrainState) -> TrainState:
+    ocp = self._ocp
+    step = self.mngr.latest_step()
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template)))["state"]
+    return jax.tree.map(jnp.asarray, restored)
 
 
-def _save(mngr, state: TrainState) -> None:
-  import orbax.checkpoint as ocp
-  mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
+class _Lock:
+  """`<workdir>/.lock` holding the pid: one process per run directory."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.held = False
+
+  def acquire(self) -> None:
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          pid = int(open(self.path).read().strip() or 0)
+        except (OSError, ValueError):
+          pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+          raise RunLocked(f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
+                          f"{self.path}); wait for it or use another workdir")
+        os.remove(self.path)    # stale: its process is gone
+        continue
+      with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+      self.held = True
+      return
+
+  def release(self) -> None:
+    if self.held:
+      self.held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
 
 
-def _restore(mngr, template: TrainState) -> Optional[TrainState]:
-  import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  if step is None:
+class RunLocked(RuntimeError):
+  """Another live process holds the run directory."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.isfile(path):
     return None
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(template))
-  return jax.tree.map(jnp.asarray, restored)
+  with open(path) as f:
+    return json.load(f)
 
 
-class UnitPlan(NamedTuple):
-  """How a run samples its privacy units, and what the accountant is told."""
-  unit: str                   # "example" | "user"
-  sampling: Optional[str]     # None (examples) | "els" | "uls"
-  G: int                      # max examples per user (1 for example level)
-  sampler: Any                # .batches(step) -> physical batches
-  sampling_rate: Optional[float]   # per unit the sampler draws (example, or user for ULS)
-  expected_batch_size: float  # expected units per step: the normaliser
-
-  def accounting_kwargs(self) -> Dict[str, Any]:
-    return {"unit": self.unit, "sampling": self.sampling, "G": self.G}
+def _write_json_atomic(path: str, rec: Dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(json.dumps(strict_json(rec), indent=2, allow_nan=False) + "\n")
+  os.replace(tmp, path)
 
 
-def resolve_group_size(cfg, user_ids: np.ndarray) -> int:
-  """cfg.max_examples_per_user: an integer, or "median" (the ELS rule of arXiv 2407.07737)."""
-  G = cfg.get("max_examples_per_user", "median")
-  if G == "median":
-    return median_group_size(user_ids)
-  if isinstance(G, bool) or int(G) != G or G < 1:
-    raise ValueError(f"max_examples_per_user must be an integer >= 1 or 'median', got {G!r}")
-  return int(G)
+def strict_json(x: Any) -> Any:
+  """`x` with every non-finite float replaced by None and a `<key>_nonfinite` flag beside it."""
+  if isinstance(x, dict):
+    out = {}
+    for k, v in x.items():
+      if isinstance(v, (float, np.floating)) and not math.isfinite(float(v)):
+        out[k] = None
+        out[f"{k}_nonfinite"] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+      else:
+        out[k] = strict_json(v)
+    return out
+  if isinstance(x, (list, tuple)):
+    return [strict_json(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, jax.Array):
+    return strict_json(np.asarray(x).item())
+  return x
 
 
-def plan_units(cfg, task: Task) -> UnitPlan:
-  """The sampler and sampling rate for `cfg.privacy_unit` (see the module docstring)."""
-  n = _num_rows(task.train)
-  unit = cfg.get("privacy_unit", "example")
-  sampling = cfg.get("user_sampling") if unit == "user" else None
-  if not cfg.private:
-    if unit != "example":
-      raise ValueError("privacy_unit='user' needs private=True")
-    return UnitPlan(unit, None, 1, ShuffledSampler(n, cfg.batch_size, cfg.seed), None,
-                    float(cfg.batch_size))
-  if unit == "example":
-    accounting.check_unit(unit, None, 1)
-    q = cfg.get("sampling_rate") or cfg.batch_size / n
-    sampler = PoissonSampler(n, q, cfg.physical_batch_size, cfg.seed)
-    return UnitPlan(unit, None, 1, sampler, q, sampler.expected_batch_size)
-  if task.user_ids is None:
-    raise ValueError(f"privacy_unit='user' needs a task with user_ids; task {task.name!r} "
-                     "has none")
-  if len(task.user_ids) != n:
-    raise ValueError(f"task.user_ids has {len(task.user_ids)} entries for {n} examples")
-  G = resolve_group_size(cfg, task.user_ids)
-  accounting.check_unit(unit, sampling, G)
-  index = bound_contributions(task.user_ids, G, cfg.seed)
-  if sampling == "els":
-    q = cfg.get("sampling_rate") or cfg.batch_size / len(index.kept_examples())
-    sampler = ELSSampler(index, q, cfg.physical_batch_size, cfg.seed)
-  else:
-    users = len(index.users)
-    q = cfg.get("sampling_rate") or cfg.users_per_step / users
-    sampler = ULSSampler(index, q, cfg.physical_batch_size, cfg.seed)
-  return UnitPlan(unit, sampling, G, sampler, q, sampler.expected_batch_size)
-
-
-def resolve_sam(cfg) -> Optional[flatness.DPSAM]:
-  """`cfg.dp_sam` = dict(rho, mode="free", active_fraction=0.5, layerwise=True), or None."""
-  spec = cfg.get("dp_sam")
-  if not spec:
-    return None
-  spec = dict(spec)
-  unknown = set(spec) - {"rho", "mode", "active_fraction", "layerwise"}
-  if unknown or "rho" not in spec:
-    raise ValueError(f"dp_sam takes rho, mode, active_fraction, layerwise; got {sorted(spec)}")
-  frac = spec.get("active_fraction", 0.5)
-  if not 0 <= frac <= 1:
-    raise ValueError(f"dp_sam.active_fraction must be in [0, 1], got {frac}")
-  mode = spec.get("mode", "free")
-  if mode == "charged" and not cfg.private:
-    raise ValueError("dp_sam mode='charged' privatises an ascent gradient: needs private=True")
-  return flatness.dp_sam(spec["rho"], mode=mode, layerwise=spec.get("layerwise", True),
-                         active_steps=int(round(frac * cfg.steps)))
-
-
-def resolve_lmo(cfg, plan: UnitPlan, sam: Optional[flatness.DPSAM] = None):
-  """LMO parameters: `cfg.lmo` (a dict of LMOParams fields), or searched for the target."""
-  from dpjax.accounting import lmo as lmo_acc
-  if plan.sampling == "els":
-    raise ValueError("LMO noise has no ELS user-level accountant; use user_sampling='uls' "
-                     "or privacy_unit='example'")
-  if cfg.accountant != "pld":
-    raise ValueError(f"LMO noise is accounted by its own PLD; set accountant='pld', "
-                     f"got {cfg.accountant!r}")
-  if cfg.get("lmo"):
-    return lmo_acc.LMOParams(**dict(cfg.lmo))
-  found = lmo_acc.lmo_search(cfg.target_epsilon, cfg.delta, plan.sampling_rate,
-                             _releases(cfg, sam),
-                             grid=dict(cfg.lmo_grid) if cfg.get("lmo_grid") else None,
-                             objective=cfg.get("lmo_objective", "abs"), progress=True)
-  return found["params"]
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops rows of steps after `step` (they are replayed) and earlier final rows."""
+  if not os.path.isfile(path):
+    return
+  keep = []
+  for line in open(path):
+    if not line.strip():
+      continue
+    rec = json.loads(line)
+    if rec.get("event") == "final" or ("event" not in rec and rec.get("step", 0) > step):
+      continue
+    keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def with_weight_distillation(cfg, task: Task) -> Task:
@@ -363,81 +397,94 @@ def with_weight_distillation(cfg, task: Task) -> Task:
   return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
 
 
-def _releases(cfg, sam: Optional[flatness.DPSAM]) -> int:
-  """Privatised gradients the whole run releases (charged SAM adds its ascent steps)."""
-  if sam is None:
-    return int(cfg.steps)
-  return flatness.releases(int(cfg.steps), mode=sam.mode, active_steps=sam.active_steps)
+def _resume_point(workdir: Optional[str]):
+  """(checkpoint meta or None, the ledger privacy.json says ran, or None)."""
+  if not workdir or not os.path.isdir(workdir):
+    return None, None
+  meta = _Checkpoints.latest_meta(workdir)
+  ran = _read_json(os.path.join(workdir, "privacy.json"))
+  ran_ledger = Ledger.from_json(ran["ledger"]) if ran and ran.get("ledger") else None
+  return meta, ran_ledger
 
 
-def resolve_noise(cfg, plan: UnitPlan, sam: Optional[flatness.DPSAM] = None) -> float:
-  """The noise multiplier: given directly, or calibrated to the target epsilon per unit."""
-  if not cfg.private or cfg.mechanism == "lmo":
-    return 0.0
-  if cfg.get("noise_multiplier") is not None:
-    return float(cfg.noise_multiplier)
-  return accounting.calibrate_noise(cfg.target_epsilon, cfg.delta, plan.sampling_rate,
-                                    _releases(cfg, sam), accountant=cfg.accountant,
-                                    mechanism=cfg.mechanism, **plan.accounting_kwargs())
+def prepare(cfg, task: Task, workdir: Optional[str] = None, *,
+            allow_privacy_change: bool = False, extra_event=None):
+  """Validates `cfg` and `task` and makes the run's privacy plan; writes nothing.
 
-
-def user_mean_loss(loss_fn: Callable) -> Callable:
-  """A per-example loss -> the loss of one user `[G, ...]`: the mean over its valid examples.
-
-  The user's batch dict carries `_example_mask` `[G]` (1 for a real example);
-  metrics are averaged the same way (`dpjax.clipping.group_mean`).
+  Returns (spec, plan, checkpoint meta or None). Every bad input raises here
+  (a `ValueError` of one line), before any compute or file is written.
   """
-  return group_mean(loss_fn, weight_key="_example_mask", has_aux=True)
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  check_task_data(task)
+  meta, ran = _resume_point(workdir)
+  if workdir and meta is not None:
+    _check_same_run(workdir, spec.to_dict(), allow_privacy_change)
+  if meta is None:
+    secret = (Secret.from_seed(spec.noise_seed) if spec.noise_seed is not None
+              else Secret.fresh())
+    prior, start = Ledger(), 0
+  else:
+    secret, prior, start = meta["secret"], meta["ledger"], meta["step"]
+  plan = make_plan(spec, task, secret=secret, prior=prior, start_step=start,
+                   allow_privacy_change=allow_privacy_change, extra_event=extra_event)
+  if plan.private and prior.segments and ran is not None and ran.steps > start:
+    if plan.segment(plan.steps).privacy_key() != prior.segments[-1].privacy_key():
+      # Steps that ran past the checkpoint released outputs under the old plan;
+      # replaying them under a new one releases again: charge both.
+      plan = make_plan(spec, task, secret=secret, prior=ran, start_step=start,
+                       allow_privacy_change=True, extra_event=extra_event)
+  return spec, plan, meta
 
 
 def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
-          stop_at_step: Optional[int] = None) -> RunResult:
+          stop_at_step: Optional[int] = None, allow_privacy_change: bool = False,
+          extra_event=None) -> RunResult:
   """Runs (or resumes) `cfg` on `task`, writing to `workdir` when given.
 
-  Required config fields: private, steps, seed, learning_rate, optimizer,
-  physical_batch_size, log_every; private runs also need l2_clip_norm,
-  delta, accountant, mechanism and either sampling_rate or batch_size, and
-  either noise_multiplier or target_epsilon. `stop_at_step` ends the run early
-  (after checkpointing) as an interruption would.
+  `cfg` is a config (`ConfigDict` or dict) of the keys in `dpjax.spec.KEYS`
+  (missing keys take their defaults). `stop_at_step` ends the run early
+  (after checkpointing) as an interruption would. A resume whose privacy
+  (mechanism, sigma, q, unit) differs from what the checkpoint's ledger
+  recorded is refused unless `allow_privacy_change`; a target epsilon is then
+  met by the whole ledger. `extra_event`: another release the target must
+  cover too (DistilDP's histogram).
   """
-  plan = plan_units(cfg, task)
-  sampler, q, expected = plan.sampler, plan.sampling_rate, plan.expected_batch_size
-  sam = resolve_sam(cfg)
-  task = with_weight_distillation(cfg, task)
-  sigma = resolve_noise(cfg, plan, sam)
-  lmo_params = resolve_lmo(cfg, plan, sam) if cfg.private and cfg.mechanism == "lmo" else None
-  per_user = plan.sampling == "uls"
+  lead = jax.process_index() == 0    # multi-host: one process writes metrics and plots
+  lock = _Lock(workdir) if workdir and lead else None
+  if lock is not None and os.path.isdir(workdir):
+    lock.acquire()
+  try:
+    spec, plan, meta = prepare(cfg, task, workdir, allow_privacy_change=allow_privacy_change,
+                               extra_event=extra_event)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      if lock is not None and not lock.held:
+        lock.acquire()
+    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead: bool,
+         progress: bool, stop_at_step: Optional[int]) -> RunResult:
+  task = with_weight_distillation(spec, task)
+  sampler, sam, grad_fn = plan.sampler, plan.sam, plan.grad_fn
+  per_user = plan.per_user
   mesh = None
-  n_data, n_model = cfg.get("data_devices") or 1, cfg.get("model_devices") or 1
+  n_data, n_model = spec.data_devices, spec.model_devices
   if n_data * n_model > 1:
     if n_data * n_model > jax.device_count():
-      raise ValueError(f"data_devices={n_data} x model_devices={n_model} but only "
-                       f"{jax.device_count()} devices are visible")
+      raise SpecError(f"data_devices={n_data} x model_devices={n_model} but only "
+                      f"{jax.device_count()} devices are visible")
     mesh = pipeline.make_mesh(jax.devices()[:n_data * n_model], model=n_model)
 
-  optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.get("weight_decay", 0.0),
-                             cfg.get("warmup_steps", 0), cfg.steps, cfg.get("learning_rates"))
-  key = jax.random.PRNGKey(cfg.seed)
-  if cfg.private:
-    unit_loss = user_mean_loss(task.loss_fn) if per_user else task.loss_fn
-    if cfg.mechanism in L1_MECHANISMS:
-      if not cfg.get("l1_clip_norm"):
-        raise ValueError(f"mechanism={cfg.mechanism!r} needs l1_clip_norm (its noise is "
-                         "calibrated to the L1 sensitivity; L2 clipping does not bound it)")
-      clip = {"l1_clip_norm": cfg.l1_clip_norm}
-    else:
-      clip = {"l2_clip_norm": cfg.l2_clip_norm}
-    grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=cfg.get("microbatch_size"),
-                           method=cfg.get("clipping_method") or "vmap", **clip)
-    tx = private_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
-                           expected_batch_size=expected, optimizer=optimizer, key=key,
-                           mechanism=cfg.mechanism, lmo_params=lmo_params, after_noise=sam)
-  else:
-    grad_fn = None
-    tx = optax.chain(*([sam] if sam is not None else []), normalize(expected), optimizer)
+  optimizer = make_optimizer(spec.optimizer, spec.learning_rate, spec.weight_decay,
+                             spec.warmup_steps, spec.steps, spec.learning_rates)
+  tx = plan.transform(optimizer)
 
   if sam is not None:
-    ascent_key = jax.random.fold_in(key, 0x5A4D)
+    ascent_root = plan.secret.ascent_key()
 
     @jax.jit
     def perturb_free(params, opt_state):
@@ -445,11 +492,9 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
 
     @jax.jit
     def perturb_charged(params, opt_state, asum, step):
-      # A fresh privatised ascent gradient: same mechanism, its own key per step
-      # (resume-safe), charged by `flatness.releases`.
-      t = noise_transform(noise_multiplier=sigma, sensitivity=grad_fn.sensitivity(),
-                          key=jax.random.fold_in(ascent_key, step), mechanism=cfg.mechanism,
-                          lmo_params=lmo_params)
+      # A fresh privatised ascent gradient: same mechanism, its own key per
+      # step from the ascent stream (resume-safe), charged by the plan.
+      t = plan.noise_transform(jax.random.fold_in(ascent_root, step))
       direction, _ = t.update(asum, t.init(asum))
       return sam.perturb(params, flatness.find_state(opt_state), direction=direction)
 
@@ -464,10 +509,13 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   def accumulate(gsum, params, batch, mask):
     if grad_fn is not None:
       g, aux = grad_fn(params, batch, task.frozen, mask=mask)
-      loss, metrics = aux.loss, aux.loss_aux
+      loss, metrics, dropped = aux.loss, aux.loss_aux, aux.num_dropped
     else:
       g, loss, metrics = plain_grad(params, batch, mask)
-    stats = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in dict(metrics, loss=loss).items()}
+      dropped = jnp.sum(jnp.where(mask > 0, ~jnp.isfinite(loss), False))
+    stats = {k: jnp.sum(jnp.where((mask > 0) & jnp.isfinite(v), v, 0.0))
+             for k, v in dict(metrics, loss=loss).items()}
+    stats["dropped_units"] = dropped.astype(jnp.float32)
     return jax.tree.map(jnp.add, gsum, g), stats
 
   state_sharding = None    # set once the state is placed on the mesh
@@ -482,127 +530,137 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
 
   def host_batch(pb):
     """A sampler's physical batch -> (device batch, unit mask)."""
+    batch = _take(task.train, pb.indices)                        # [P, ...] or [P, G, ...]
     if per_user:
-      batch = _take(task.train, pb.indices)                    # [P, G, ...]
       batch["_example_mask"] = jnp.asarray(pb.example_mask)
-    else:
-      batch = _take(task.train, pb.indices)
     mask = jnp.asarray(pb.mask)
     if mesh is not None:
       batch, mask = pipeline.shard_batch(batch, mesh), pipeline.shard_batch(mask, mesh)
     return batch, mask
 
   state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
-  lead = jax.process_index() == 0    # multi-host: one process writes metrics and plots
-  mngr = None
+  ckpt = None
+  metrics_path = privacy_path = None
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    text = cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(dict(cfg), indent=2)
-    _check_same_run(workdir, json.loads(text))
     if lead:
       with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(text)
-    mngr = _checkpoint_manager(workdir)
-    restored = _restore(mngr, state)
-    if restored is not None:
-      state = restored
+        json.dump(strict_json(spec.to_dict()), f, indent=2)
+      metrics_path = os.path.join(workdir, "metrics.jsonl")
+      privacy_path = os.path.join(workdir, "privacy.json")
+    ckpt = _Checkpoints(workdir)
+    if meta is not None:
+      state = ckpt.restore(state)
+    else:
+      ckpt.save(state, Ledger(), plan.secret)   # the secret is kept before anything is released
   if mesh is not None:
     state_sharding = pipeline.param_sharding(state, mesh)   # replicated on a data-only mesh
     state = jax.device_put(state, state_sharding)
 
-  # "epsilon" is always an upper bound per plan.unit: with an estimating
-  # accountant (Edgeworth) it is the PLD epsilon of the noise used, and the
-  # estimate is logged beside it as epsilon_<accountant>_estimate.
-  def eps_at(step: int, accountant: str) -> float:
-    if not cfg.private:
-      return math.inf
-    step = flatness.releases(step, mode=sam.mode if sam is not None else None,
-                             active_steps=sam.active_steps if sam is not None else None)
-    if lmo_params is not None:
-      from dpjax.accounting.lmo import lmo_epsilon
-      return lmo_epsilon(lmo_params, q, step, cfg.delta) if step else 0.0
-    return accounting.epsilon_spent(sigma, q, step, cfg.delta, accountant, cfg.mechanism,
-                                    **plan.accounting_kwargs())
-
-  def eps_fields(step: int) -> Dict[str, Any]:
-    out = {"epsilon": eps_at(step, accounting.bound_accountant(cfg.accountant)),
-           "privacy_unit": plan.unit}
-    if cfg.private and cfg.accountant in accounting.ESTIMATES:
-      out[f"epsilon_{cfg.accountant}_estimate"] = eps_at(step, cfg.accountant)
-    return out
-
   eval_fn = make_eval_fn(task) if task.splits else None
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir and lead else None
   start = int(state.step)
-  end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
-  header = {"event": "start", "task": task.name, "private": bool(cfg.private),
-            "noise_multiplier": sigma, "sampling_rate": q, "expected_batch_size": expected,
-            "steps": cfg.steps, "resumed_from": start, "privacy_unit": plan.unit,
-            "user_sampling": plan.sampling, "max_examples_per_user": plan.G,
-            "lmo": lmo_params.as_dict() if lmo_params is not None else None,
+  end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
+  if metrics_path:
+    _truncate_metrics(metrics_path, start)
+  header = {"event": "start", "task": task.name, "private": plan.private,
+            "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
+            "expected_batch_size": plan.expected_batch_size, "steps": spec.steps,
+            "resumed_from": start, "privacy_unit": plan.unit, "user_sampling": plan.sampling,
+            "max_examples_per_user": plan.G,
+            "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
             "dp_sam": None if sam is None else {"rho": sam.rho, "mode": sam.mode,
                                                 "active_steps": sam.active_steps},
-            "releases": _releases(cfg, sam) if cfg.private else 0}
+            "releases": plan.ledger_at(spec.steps).releases if plan.private else 0,
+            "ledger_segments": len(plan.ledger_at(spec.steps).segments),
+            "noise_seed_secret": plan.noise_seed_secret}
   _log(metrics_path, header)
 
-  bar = _progress(range(start, end), progress and lead, initial=start, total=cfg.steps)
+  def write_privacy(step: int) -> Dict[str, Any]:
+    rec = plan.privacy_record(step)
+    if privacy_path:
+      _write_json_atomic(privacy_path, rec)
+    return rec
+
+  bar = _progress(range(start, end), progress and lead, initial=start, total=spec.steps)
   zeros = jax.tree.map(jnp.zeros_like, state.params)   # replicated like the params
   window: Dict[str, float] = {}
   t0, seen = time.perf_counter(), 0
   last: Dict[str, Any] = {}
+  dropped_total = units_total = 0.0
   for step in bar:
     at = state.params
     if sam is not None and sam.mode == "charged" and step < sam.active_steps:
-      asum = zeros   # an independent Poisson draw (stream offset by cfg.steps)
-      for pb in sampler.batches(step + cfg.steps):
+      asum = zeros   # an independent Poisson draw of the same step (draw 1)
+      for pb in sampler.batches(step, draw=1):
         asum, _ = accumulate(asum, state.params, *host_batch(pb))
       at = perturb_charged(state.params, state.opt_state, asum, step)
     elif sam is not None and sam.mode == "free":
       at = perturb_free(state.params, state.opt_state)
     gsum = zeros
+    step_units = step_dropped = 0.0
     for pb in sampler.batches(step):
       gsum, stats = accumulate(gsum, at, *host_batch(pb))
       for k, v in stats.items():
         window[k] = window.get(k, 0.0) + float(v)
       seen += int(pb.example_mask.sum() if per_user else pb.mask.sum())
-      window["count"] = window.get("count", 0.0) + float(pb.mask.sum())
+      step_units += float(pb.mask.sum())
+      step_dropped += float(stats["dropped_units"])
+    if step_units > 0 and step_dropped >= step_units:
+      raise RuntimeError(f"step {step + 1}: every one of the {int(step_units)} sampled units had "
+                         "a non-finite loss or gradient and was dropped; check the data and the "
+                         "learning rate (the run stopped before releasing this step)")
+    dropped_total += step_dropped
+    units_total += step_units
+    window["count"] = window.get("count", 0.0) + step_units
     state = apply(state, gsum)
     done = step + 1
-    if done % cfg.log_every == 0 or done == end:
+    if done % spec.log_every == 0 or done == end:
       cnt = max(window.pop("count", 0.0), 1.0)
+      dropped = window.pop("dropped_units", 0.0)
       rec = {"step": done, **{f"train_{k}": v / cnt for k, v in window.items()},
-             **eps_fields(done), "delta": cfg.get("delta"),
+             "dropped_units": int(dropped), **plan.epsilon_fields(done),
+             "delta": plan.delta,
              "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
       if eval_fn is not None and "dev" in task.splits:
         rec.update({f"dev_{k}": v for k, v in
-                    evaluate(task, state.params, "dev", cfg.physical_batch_size, eval_fn).items()})
+                    evaluate(task, state.params, "dev", spec.physical_batch_size, eval_fn).items()})
       _log(metrics_path, rec)
+      write_privacy(done)
       last = rec
       window = {}
       if hasattr(bar, "set_postfix"):
         bar.set_postfix({k: f"{rec[k]:.3g}" for k in
                          ("train_loss", "dev_accuracy", "epsilon") if k in rec})
-    if mngr is not None and (done % cfg.get("checkpoint_every", 10**9) == 0 or done == end):
-      _save(mngr, state)
+    if ckpt is not None and (done % spec.checkpoint_every == 0 or done == end):
+      ckpt.save(state, plan.ledger_at(done), plan.secret)
+  if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
+    warnings.warn(f"{int(dropped_total)} of {int(units_total)} sampled units "
+                  f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
+                  "were dropped (dropped_units in metrics.jsonl)", UserWarning, stacklevel=2)
 
   final = dict(last)
   final["step"] = int(state.step)
-  final.update(eps_fields(int(state.step)))
-  if int(state.step) == cfg.steps and eval_fn is not None:
+  final.update(plan.epsilon_fields(int(state.step)))
+  if int(state.step) == spec.steps and eval_fn is not None:
     for split in task.splits:
-      for k, v in evaluate(task, state.params, split, cfg.physical_batch_size, eval_fn).items():
+      for k, v in evaluate(task, state.params, split, spec.physical_batch_size, eval_fn).items():
         final[f"{split}_{k}"] = v
     _log(metrics_path, dict(final, event="final"))
-  if metrics_path and int(state.step) == cfg.steps:
+  privacy = write_privacy(int(state.step))
+  if metrics_path and int(state.step) == spec.steps:
     _plot_curves(metrics_path, os.path.join(workdir, "curves.png"))
-  return RunResult(state.params, final, workdir, sigma if cfg.private else None)
+  return RunResult(state.params, final, workdir,
+                   plan.noise_multiplier if plan.private else None,
+                   plan.ledger_at(int(state.step)), privacy)
+
+
+DROPPED_WARN_FRACTION = 0.01   # warn when more of the sampled units were dropped
 
 
 def _log(path: Optional[str], rec: Dict[str, Any]) -> None:
   if path is None:
     return
   with open(path, "a") as f:
-    f.write(json.dumps(rec, default=float) + "\n")
+    f.write(json.dumps(strict_json(rec), allow_nan=False) + "\n")
 
 
 def _progress(it, enabled: bool, initial: int, total: int):

@@ -38,7 +38,7 @@ from dpjax.models.decoder import Decoder, causal_lm_loss  # noqa: E402
 import dataclasses  # noqa: E402
 
 from dpjax.tasks import build_task  # noqa: E402
-from dpjax.train import Task, train  # noqa: E402
+from dpjax.train import Task, prepare, train  # noqa: E402
 
 
 def _ppl(metrics):
@@ -79,13 +79,13 @@ def run(eps, seed, workdir):
   tcfg = task.info["decoder"]
   scfg = dataclasses.replace(tcfg, **dict(cfg.student.model))
   init = distill.truncate_decoder(task.params, cfg.student.model.num_layers)
-  q = t.batch_size / len(task.train["input_ids"])
 
-  def student_cfg(private, sigma=None):
+  def student_cfg(private, sigma=None, steps=None):
     c = ml_collections.ConfigDict(t.to_dict(), type_safe=False)
     c.private = private
     c.noise_multiplier = sigma
-    c.target_epsilon = eps
+    c.target_epsilon = eps if sigma is None else None
+    c.steps = steps or c.steps
     c.log_every = c.checkpoint_every = c.steps
     return c
 
@@ -94,13 +94,16 @@ def run(eps, seed, workdir):
   res = train(student_cfg(False), _student_private_task(task, scfg, init), None, progress=False)
   rows["non-private"] = (_ppl(res.final_metrics), math.inf)
 
-  # DPKD: the same Poisson-sampled Gaussian mechanism released 2 x steps times.
-  sigma = accounting.calibrate_noise(eps, cfg.delta, q, 2 * t.steps)
+  # DPKD: the same Poisson-sampled Gaussian mechanism released 2 x steps times:
+  # the plan of a 2 x steps run gives the noise, the two ledgers the total.
+  _, plan, _ = prepare(student_cfg(True, steps=2 * t.steps), task)
+  sigma = plan.noise_multiplier
   teacher_res = train(student_cfg(True, sigma), task, None, progress=False)
   kd = _student_private_task(task, scfg, init, Decoder(tcfg), teacher_res.params,
                              lam=cfg.student.lam)
   res = train(student_cfg(True, sigma), kd, None, progress=False)
-  total = accounting.epsilon_spent(sigma, q, 2 * t.steps, cfg.delta)
+  total = accounting.epsilon(accounting.compose([teacher_res.ledger.event(), res.ledger.event()]),
+                             cfg.delta, "pld")
   rows["DPKD"] = (_ppl(res.final_metrics), total)
   rows["DPKD teacher"] = (_ppl(teacher_res.final_metrics), total)
   return rows, rep

@@ -69,12 +69,9 @@ def finetune(args):
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         res = train(cfg, task, None, progress=False)
-      n = len(task.train["label"])
-      q = cfg.batch_size / n
-      sigma, _ = _sigma(cfg.target_epsilon, cfg.delta, q, cfg.steps, acc)
       m = res.final_metrics
-      pld_eps = accounting.epsilon(accounting.dpsgd_event(sigma, q, cfg.steps), cfg.delta, "pld")
-      print(json.dumps({"accountant": acc, "seed": seed, "sigma": sigma,
+      pld_eps = res.ledger.epsilon(cfg.delta, "pld")     # the bound of the noise the run used
+      print(json.dumps({"accountant": acc, "seed": seed, "sigma": res.noise_multiplier,
                         "epsilon_pld": pld_eps, "epsilon_reported": m["epsilon"],
                         "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
                         "test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}),

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from dpjax import accounting, cli
 
 
@@ -68,3 +70,89 @@ def test_distributed_train_needs_a_shared_workdir():
   import pytest
   with pytest.raises(SystemExit, match="--distributed needs --workdir"):
     cli.main(["train", "configs/synthetic.py", "--distributed"])
+
+
+BAD_TRAIN = [
+    (["target_epsilon=3", "noise_multiplier=0.5"], "contradict each other"),
+    (["accountant='foo'", "target_epsilon=None", "noise_multiplier=1.0"],
+     "accountant must be one of"),
+    (["noise_multiplier=0", "target_epsilon=None"], "noise_multiplier must be finite and > 0, got 0"),
+    (["learning_rate=-0.1"], "learning_rate must be finite and > 0, got -0.1"),
+    (["steps=abc"], "steps must be an integer, got 'abc'"),
+    (["target_epsilon=inf"], "target_epsilon must be finite and > 0, got inf"),
+    (["tsk.x=1"], "unknown config key 'tsk'"),
+    (["task.nope=1"], "unknown config key 'task.nope'"),
+    (["log_every=0"], "log_every must be >= 1, got 0"),
+    (["mechanism='laplace'"], "needs l1_clip_norm"),
+    (["batch_size=100000"], "must be in (0, 1]: lower batch_size"),
+    (["private=False", "privacy_unit='user'"], "privacy_unit='user' needs private=True"),
+    (["delta=1.5"], "delta must be in (0, 1), got 1.5"),
+    (["dp_sam={'rho': 0.1, 'mode': 'raw'}"], "dp_sam.mode must be one of"),
+]
+
+
+@pytest.mark.parametrize("sets,msg", BAD_TRAIN)
+def test_bad_train_inputs_exit_2_with_one_line_and_no_files(tmp_path, capsys, sets, msg):
+  workdir = tmp_path / "run"
+  argv = ["train", "configs/synthetic.py", "--workdir", str(workdir), "--no-progress"]
+  for s in sets:
+    argv += ["--set", s]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("dpjax: error: ") and msg in err[0], err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--sampling-rate", "5", "--steps", "0", "--delta", "7", "--noise-multiplier", "1"],
+     "sampling_rate must be in (0, 1]"),
+    (["--sampling-rate", "0.1", "--steps", "0", "--noise-multiplier", "1"],
+     "steps must be an integer >= 1"),
+    (["--sampling-rate", "0.1", "--steps", "5", "--delta", "7", "--noise-multiplier", "1"],
+     "delta must be in (0, 1)"),
+    (["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "0"],
+     "noise_multiplier must be finite and > 0"),
+    (["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "1", "--accountant", "x"],
+     "--accountant must be one of"),
+])
+def test_bad_account_inputs_exit_2(capsys, argv, msg):
+  assert cli.main(["account"] + argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and msg in err[0], err
+
+
+def test_every_key_is_listed_and_settable(capsys):
+  from dpjax import spec
+  from dpjax.config import load_config
+  assert cli.main(["config", "configs/synthetic.py"]) == 0
+  out = capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--help"])
+  help_text = capsys.readouterr().out
+  for k in spec.KEYS:
+    if k.name == "task":
+      continue
+    assert f"\n{k.name} " in "\n" + out and f"  {k.name} " in help_text, k.name
+    value = {bool: "True", str: repr(k.choices[0]) if k.choices else "'x'"}.get(k.kind[0], "1")
+    cfg = load_config("configs/synthetic.py", [f"{k.name}={value}"])
+    assert k.name in cfg
+
+
+def test_laplace_is_settable_end_to_end(tmp_path, capsys):
+  w = tmp_path / "w"
+  assert cli.main(["train", "configs/synthetic.py", "--workdir", str(w), "--no-progress",
+                   "--set", "mechanism='laplace'", "--set", "l1_clip_norm=1.0",
+                   "--set", "sampling_rate=0.02", "--set", "steps=2",
+                   "--set", "noise_multiplier=2.0", "--set", "target_epsilon=None"]) == 0
+  out = capsys.readouterr().out
+  p = json.load(open(w / "privacy.json"))
+  assert p["ledger"][0]["mechanism"] == "laplace" and p["ledger"][0]["sampling_rate"] == 0.02
+  want = accounting.epsilon(accounting.dpsgd_event(2.0, 0.02, 2, "laplace"), 1e-5)
+  assert p["epsilon"] == pytest.approx(want, rel=1e-12)
+  assert f"({p['epsilon']:.3f}, 1e-05)-DP per example" in out
+  # Strict JSON everywhere in the run directory.
+  def no_constants(name):
+    raise AssertionError(f"non-JSON constant {name}")
+  for line in open(w / "metrics.jsonl"):
+    json.loads(line, parse_constant=no_constants)
+  json.loads(open(w / "privacy.json").read(), parse_constant=no_constants)

@@ -81,3 +81,57 @@ def test_bad_noise_multiplier(bad):
     mechanisms.gaussian(bad, 1.0, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="expected_batch_size"):
     dpjax.normalize(0)
+
+
+# --- full-range noise ---------------------------------------------------------
+
+def test_largest_attainable_noise_from_the_construction():
+  from scipy import stats
+  zeros = jnp.zeros((mechanisms.EXPONENT_WORDS, 1), jnp.uint32)
+  # All exponent bits zero and the smallest significand: the largest Exp(1) draw.
+  e_max = float(mechanisms.exponential_from_bits(zeros, jnp.zeros(1, jnp.uint32))[0])
+  assert e_max == pytest.approx(97 * np.log(2), rel=1e-6)
+  assert e_max == pytest.approx(mechanisms.MAX_EXPONENTIAL, rel=1e-6)
+  # Box-Muller reaches sqrt(2 E): at least 9 sigma (float32 inverse-erf stops near 5.3).
+  assert np.sqrt(2 * e_max) >= 9.0 and mechanisms.MAX_GAUSSIAN >= 9.0
+  # Laplace |x| = E reaches a tail at least as thin as the Gaussian's at 9 sigma.
+  assert np.exp(-e_max) <= 2 * stats.norm.sf(9.0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 31, 32, 33, 63, 64, 95])
+def test_exponent_is_the_count_of_leading_zero_bits(k):
+  # Words whose first set bit is bit k (counting from the top of word 0): U in [2^-(k+1), 2^-k).
+  words = np.zeros((mechanisms.EXPONENT_WORDS, 2), np.uint32)
+  words[k // 32, :] = np.uint32(1) << np.uint32(31 - k % 32)
+  sig = np.array([0, 0xFFFFFFFF], np.uint32)          # significand 1/2 and just below 1
+  e = np.asarray(mechanisms.exponential_from_bits(jnp.asarray(words), jnp.asarray(sig)),
+                 np.float64)
+  np.testing.assert_allclose(e, [(k + 1) * np.log(2), k * np.log(2) - np.log1p(-2.0 ** -24)],
+                             rtol=1e-6, atol=1e-7)
+
+
+def _moments(x):
+  x = np.asarray(x, np.float64).ravel()
+  return x.mean(), x.var(), np.mean((x - x.mean()) ** 4) / x.var() ** 2
+
+
+def test_gaussian_and_laplace_moments_and_tails_over_a_million_draws():
+  from scipy import stats
+  n = 10**6
+  zeros = {"a": jnp.zeros((500, 1000)), "b": jnp.zeros(500_001)}
+  for tx, std, kurt, sf in (
+      (mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(3)), 1.0, 3.0, 2 * stats.norm.sf(4)),
+      (mechanisms.laplace(1.0, 1.0, jax.random.PRNGKey(4)), np.sqrt(2), 6.0, np.exp(-9.0))):
+    noisy, _ = jax.jit(tx.update)(zeros, tx.init(zeros))
+    x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(noisy)])
+    assert x.size == n + 1
+    mean, var, k = _moments(x)
+    assert abs(mean) < 5 * std / np.sqrt(n)
+    assert abs(var / std**2 - 1) < 0.006
+    assert abs(k - kurt) < (0.05 if kurt == 3 else 0.3)
+    # The tail beyond 4 sigma (Gaussian) or 9 scales (Laplace), against the exact rate.
+    hits = np.sum(np.abs(x) > (4.0 if kurt == 3 else 9.0))
+    assert abs(hits - n * sf) < 5 * np.sqrt(n * sf)
+  # Kolmogorov-Smirnov against the exact Gaussian CDF.
+  z = np.ravel(mechanisms.standard_normal(jax.random.PRNGKey(5), (200_000,)))
+  assert stats.kstest(z, "norm").pvalue > 1e-3

@@ -45,3 +45,19 @@ def test_local_wordpiece_tokenizer_encodes(tmp_path):
   assert enc["attention_mask"].sum(1).tolist() == [6, 3]
   assert enc["input_ids"][0, :6].tolist() == [2, 5, 7, 6, 9, 3]
   assert np.all(enc["input_ids"][1, 3:] == 0)
+
+
+@pytest.mark.parametrize("rating", ["nan", "inf", "-inf", "7", "good"])
+def test_rt_bad_rating_names_the_line(tmp_path, rating):
+  rows = ROWS[:2] + [("9", rating, "Odd.")]
+  (tmp_path / "movieReviewSnippets_GroundTruth.txt").write_text(
+      "\n".join("\t".join(r) for r in rows) + "\n")
+  with pytest.raises(ValueError, match=rf":3: rating must be a number in \[-4, 4\], got '{rating}'"):
+    load_rt_polarity(str(tmp_path))
+
+
+def test_rt_non_utf8_names_the_line(tmp_path):
+  (tmp_path / "movieReviewSnippets_GroundTruth.txt").write_bytes(
+      b"1\t2\tFine.\n2\t-1\tCaf\xe9 noir.\n")
+  with pytest.raises(ValueError, match=r":2: not UTF-8"):
+    load_rt_polarity(str(tmp_path))

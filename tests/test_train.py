@@ -20,6 +20,7 @@ def small_config(**overrides):
   cfg.steps = 12
   cfg.batch_size = 60
   cfg.physical_batch_size = 32  # forces multi-batch (accumulated) steps
+  cfg.target_epsilon = None
   cfg.noise_multiplier = 1.0
   cfg.log_every = 3
   cfg.checkpoint_every = 3
@@ -29,7 +30,7 @@ def small_config(**overrides):
 
 
 def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
-  cfg = small_config()
+  cfg = small_config(noise_seed=7)   # the same noise in both runs
   task = build_task(cfg)
   full = train(cfg, task, str(tmp_path / "full"), progress=False)
   part = tmp_path / "part"
@@ -44,7 +45,11 @@ def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
   recs = [json.loads(l) for l in open(part / "metrics.jsonl")]
   starts = [r for r in recs if r.get("event") == "start"]
   assert [s["resumed_from"] for s in starts] == [0, 6]
-  assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints"} <= set(os.listdir(part))
+  assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints",
+          "privacy.json"} <= set(os.listdir(part))
+  # One row per logged step although steps 3-6 were written by both processes.
+  steps = [r["step"] for r in recs if "event" not in r]
+  assert steps == sorted(set(steps)) == [3, 6, 9, 12]
 
 
 def test_resuming_under_another_config_is_refused(tmp_path):
@@ -79,7 +84,7 @@ def test_private_run_learns_and_reports_epsilon():
 
 
 def test_nonprivate_baseline_runs():
-  cfg = small_config(private=False)
+  cfg = small_config(private=False, noise_multiplier=None)
   result = train(cfg, build_task(cfg), None, progress=False)
   assert result.final_metrics["epsilon"] == float("inf")
   assert result.final_metrics["test_accuracy"] > 0.6
@@ -166,12 +171,13 @@ def test_user_level_calibration_meets_target():
 def test_uls_on_eight_devices_equals_one():
   if jax.device_count() < 8:
     pytest.skip("needs 8 virtual devices (set in conftest)")
-  cfg = user_config("uls", steps=3)
+  cfg = user_config("uls", steps=3, noise_seed=1)
   task = build_task(cfg)
   one = train(cfg, task, None, progress=False)
-  eight = train(user_config("uls", steps=3, data_devices=8), task, None, progress=False)
+  eight = train(user_config("uls", steps=3, data_devices=8, noise_seed=1), task, None,
+                progress=False)
   fsdp = train(user_config("uls", steps=3, data_devices=4, model_devices=2,
-                           clipping_method="ghost"), task, None, progress=False)
+                           clipping_method="ghost", noise_seed=1), task, None, progress=False)
   for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
                      jax.tree.leaves(fsdp.params)):
     assert len(b.sharding.device_set) == 8
@@ -183,10 +189,11 @@ def test_uls_on_eight_devices_equals_one():
 
 
 def test_ghost_clipping_method_trains_like_vmap():
-  cfg = small_config(steps=3)
+  cfg = small_config(steps=3, noise_seed=3)
   task = build_task(cfg)
   vmap = train(cfg, task, None, progress=False)
-  ghost = train(small_config(steps=3, clipping_method="ghost"), task, None, progress=False)
+  ghost = train(small_config(steps=3, clipping_method="ghost", noise_seed=3), task, None,
+                progress=False)
   for a, b in zip(jax.tree.leaves(vmap.params), jax.tree.leaves(ghost.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="method must be"):
@@ -198,9 +205,9 @@ def test_user_level_bad_configs_are_clear_errors():
   with pytest.raises(ValueError, match="ELS accountant covers Gaussian noise with accountant='pld'"):
     train(cfg, build_task(cfg), None, progress=False)
   cfg = user_config("both")
-  with pytest.raises(ValueError, match="sampling in"):
+  with pytest.raises(ValueError, match="user_sampling must be one of 'els', 'uls', got 'both'"):
     train(cfg, build_task(cfg), None, progress=False)
-  cfg = small_config(privacy_unit="user", user_sampling="uls")
+  cfg = small_config(privacy_unit="user", user_sampling="uls", users_per_step=8)
   with pytest.raises(ValueError, match="needs a task with user_ids"):
     train(cfg, build_task(cfg), None, progress=False)
   cfg = user_config("uls", max_examples_per_user=0)
@@ -225,10 +232,10 @@ def test_lmo_is_one_config_change(tmp_path):
 
 
 def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
-  base = train(small_config(), build_task(small_config()), None, progress=False)
+  base = train(small_config(noise_seed=5), build_task(small_config()), None, progress=False)
   # rho = 0: the same run (to float rounding of another compiled graph; bit-exact
   # equality of the transform itself is tested in test_flatness).
-  cfg = small_config(dp_sam=dict(rho=0.0))
+  cfg = small_config(dp_sam=dict(rho=0.0), noise_seed=5)
   zero = train(cfg, build_task(cfg), None, progress=False)
   for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(zero.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
@@ -305,3 +312,84 @@ def test_learning_rates_per_parameter_group():
   np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
   with pytest.raises(ValueError, match="positive"):
     make_optimizer("adam", 0.01, learning_rates={"layer_": 0.0})
+
+
+def test_bad_data_is_refused_before_any_file(tmp_path):
+  from dpjax.spec import SpecError
+  cfg = small_config(steps=2)
+  task = build_task(cfg)
+  x = task.train["x"].copy()
+  x[17, 3] = np.nan
+  with pytest.raises(SpecError, match=r"train row 17, 'x' holds nan"):
+    train(cfg, task._replace(train=dict(task.train, x=x)), str(tmp_path / "a"), progress=False)
+  labels = task.train["label"].copy()
+  labels[5] = 7
+  with pytest.raises(SpecError, match=r"train row 5 has label 7, outside \[0, 3\] \(4 classes\)"):
+    train(cfg, task._replace(train=dict(task.train, label=labels)), str(tmp_path / "b"),
+          progress=False)
+  labels[5] = -1
+  with pytest.raises(SpecError, match=r"label -1"):
+    train(cfg, task._replace(train=dict(task.train, label=labels)), None, progress=False)
+  empty = {k: v[:0] for k, v in task.splits["dev"].items()}
+  with pytest.raises(SpecError, match="the dev split is empty"):
+    train(cfg, task._replace(splits=dict(task.splits, dev=empty)), None, progress=False)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
+  import jax.numpy as jnp
+  cfg = small_config(steps=3, log_every=1)
+  task = build_task(cfg)
+
+  def some_nan(params, ex, frozen):   # NaN for examples whose first feature is negative
+    loss, m = task.loss_fn(params, ex, frozen)
+    return loss + 0.0 * jnp.sqrt(ex["x"][0]), m
+
+  with pytest.warns(UserWarning, match="had a non-finite loss or gradient and were dropped"):
+    train(cfg, task._replace(loss_fn=some_nan), str(tmp_path / "w"), progress=False)
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if '"event"' not in l]
+  neg = int(np.sum(task.train["x"][:, 0] < 0))
+  assert all(r["dropped_units"] > 0 for r in rows) and neg > 0
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+  def all_nan(params, ex, frozen):
+    loss, m = task.loss_fn(params, ex, frozen)
+    return loss * jnp.nan, m
+
+  with pytest.raises(RuntimeError, match="every one of the .* sampled units"):
+    train(cfg, task._replace(loss_fn=all_nan), None, progress=False)
+
+
+def test_a_second_process_on_the_workdir_is_refused(tmp_path):
+  import subprocess
+  import sys
+  from dpjax.train import RunLocked
+  cfg = small_config(steps=2)
+  task = build_task(cfg)
+  w = tmp_path / "w"
+  os.makedirs(w)
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    (w / ".lock").write_text(str(holder.pid))
+    with pytest.raises(RunLocked, match=f"in use by process {holder.pid}"):
+      train(cfg, task, str(w), progress=False)
+    assert sorted(os.listdir(w)) == [".lock"]      # nothing else written
+  finally:
+    holder.kill()
+    holder.wait()
+  # A lock whose process is gone is stale: the run takes it and removes it at the end.
+  train(cfg, task, str(w), progress=False)
+  assert not (w / ".lock").exists()
+
+
+def test_nonprivate_metrics_are_strict_json(tmp_path):
+  cfg = small_config(private=False, noise_multiplier=None, steps=3)
+  train(cfg, build_task(cfg), str(tmp_path), progress=False)
+
+  def no_constants(name):
+    raise AssertionError(f"non-JSON constant {name}")
+  rows = [json.loads(l, parse_constant=no_constants) for l in open(tmp_path / "metrics.jsonl")]
+  final = [r for r in rows if r.get("event") == "final"][0]
+  assert final["epsilon"] is None and final["epsilon_nonfinite"] == "inf"
+  p = json.loads(open(tmp_path / "privacy.json").read(), parse_constant=no_constants)
+  assert p["private"] is False and p["ledger"] == []

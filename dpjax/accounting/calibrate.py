@@ -26,6 +26,7 @@ NeighborRel = dp_accounting.NeighboringRelation
 # Finer than dp-accounting's 1e-4 default costs time without changing the
 # epsilons we report beyond the third decimal; coarser stays an upper bound.
 PLD_DISCRETIZATION = 1e-4
+MOG_DISCRETIZATION = 1e-3
 
 
 def check_delta(delta: float) -> None:
@@ -47,7 +48,14 @@ def _pld_accountant(event):
   if rel is NeighborRel.REPLACE_ONE:
     raise ValueError("the PLD accountant does not support fixed-size batches sampled without "
                      "replacement; use accountant='rdp' or Poisson sampling")
-  return pld.PLDAccountant(rel, value_discretization_interval=PLD_DISCRETIZATION)
+  from dpjax.accounting.lmo import LMOAccountant, LMODpEvent
+  if ev.contains(event, LMODpEvent):
+    return LMOAccountant()
+  # The mixture's PLD (user-level ELS) is built on the coarser grid its own
+  # accountant uses (`user_level.MOG_DISCRETIZATION`); still an upper bound.
+  h = (MOG_DISCRETIZATION if ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent)
+       else PLD_DISCRETIZATION)
+  return pld.PLDAccountant(rel, value_discretization_interval=h)
 
 
 def _rdp_accountant(event):
@@ -131,6 +139,10 @@ def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, del
   (`user_level.els_epsilon`, PLD of a mixture of Gaussians; PLD only).
   """
   check_unit(unit, sampling, G)
+  check_delta(delta)
+  ev.check_sampling_rate(sampling_rate)
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be an integer >= 0, got {steps}")
   if steps == 0:
     return 0.0
   if noise_multiplier == 0:
@@ -173,17 +185,37 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
     return epsilon_spent(sigma, sampling_rate, steps, delta, accountant, mechanism,
                          unit=unit, sampling=sampling, G=G)
 
+  try:
+    return calibrate_scale(eps_of, target_epsilon, rel_tol)
+  except UnreachableTarget:
+    if accountant == "edgeworth-bound":
+      from dpjax.accounting.edgeworth import bound_report
+      why = bound_report(1e5, sampling_rate, steps, delta)["reason"]
+      raise ValueError(f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
+                       f"any noise level: {why} after {steps} steps") from None
+    raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
+                     f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})") from None
+
+
+class UnreachableTarget(ValueError):
+  """No noise scale within the search range meets the target epsilon."""
+
+
+def calibrate_scale(eps_of: Callable[[float], float], target_epsilon: float,
+                    rel_tol: float = 0.005, max_scale: float = 1e5) -> float:
+  """Smallest noise scale s (to `rel_tol` in epsilon) with `eps_of(s) <= target_epsilon`.
+
+  `eps_of` must be non-increasing in s (more noise never costs more), as
+  every accountant's epsilon of a fixed event shape is. Bracketed bisection
+  on log(s); raises ValueError when even `max_scale` misses the target.
+  """
+  check_epsilon(target_epsilon)
   hi = 1.0
   while eps_of(hi) > target_epsilon:
     hi *= 2.0
-    if hi > 1e5:
-      if accountant == "edgeworth-bound":
-        from dpjax.accounting.edgeworth import bound_report
-        why = bound_report(hi, sampling_rate, steps, delta)["reason"]
-        raise ValueError(f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
-                         f"any noise level: {why} after {steps} steps")
-      raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
-                       f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})")
+    if hi > max_scale:
+      raise UnreachableTarget(f"target_epsilon={target_epsilon} is unreachable with noise "
+                              f"scale <= {max_scale:g}")
   lo = hi / 2.0
   while eps_of(lo) <= target_epsilon:
     hi, lo = lo, lo / 2.0
@@ -198,4 +230,3 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
     else:
       lo = mid
   return hi
-

@@ -110,3 +110,15 @@ def is_replace_one(event: DpEvent) -> bool:
   if isinstance(event, dp_accounting.ComposedDpEvent):
     return any(is_replace_one(e) for e in event.events)
   return False
+
+
+def contains(event: DpEvent, kind: type) -> bool:
+  """Whether `event` holds an event of type `kind` anywhere in its composition."""
+  if isinstance(event, kind):
+    return True
+  if isinstance(event, (dp_accounting.SelfComposedDpEvent, dp_accounting.PoissonSampledDpEvent,
+                        dp_accounting.SampledWithoutReplacementDpEvent)):
+    return contains(event.event, kind)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return any(contains(e, kind) for e in event.events)
+  return False

@@ -56,6 +56,8 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import attr
+import dp_accounting
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import special
@@ -290,6 +292,20 @@ def _u_cdf(u, b, left: bool, shifted: bool):
   return np.where(below, 0.0, np.where(above, 1.0, mid))
 
 
+def _grid_step(b_hi: float, q: float, discretization: float) -> float:
+  """The loss-grid step: `discretization`, coarser (still pessimistic) past MAX_GRID cells."""
+  span = 2.0 * b_hi if q == 1 else math.log1p(-q + q * math.exp(min(b_hi, 700.0))) - math.log1p(
+      -q + q * math.exp(-b_hi))
+  return max(float(discretization), span / MAX_GRID)
+
+
+def grid_step(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail: float = TAIL,
+              discretization: float = DISCRETIZATION) -> float:
+  """The discretisation `step_pld` uses for these arguments (PLDs compose on one grid)."""
+  values, probs, _ = _b_bins(params, bins, tail)
+  return _grid_step(float(values[probs > 0].max()), float(sampling_rate), discretization)
+
+
 def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail: float = TAIL,
              discretization: float = DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
   """Privacy-loss distribution of ONE Poisson-sampled LMO step (add/remove, b revealed).
@@ -300,15 +316,12 @@ def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail:
   grid of `discretization` (pessimistic); bins are mixed with their weights.
   """
   ev.check_sampling_rate(sampling_rate)
-  q, h = float(sampling_rate), float(discretization)
+  q = float(sampling_rate)
   values, probs, inf_mass = _b_bins(params, bins, tail)
   keep = probs > 0
   values, probs = values[keep], probs[keep]
   b_hi = float(values.max())
-
-  span = 2.0 * b_hi if q == 1 else math.log1p(-q + q * math.exp(min(b_hi, 700.0))) - math.log1p(
-      -q + q * math.exp(-b_hi))
-  h = max(h, span / MAX_GRID)   # coarser grid: still pessimistic, bounded memory
+  h = _grid_step(b_hi, q, discretization)
 
   def mix(u, left, shifted):
     out = np.zeros(len(u))
@@ -380,6 +393,82 @@ def lmo_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: floa
                      "lower tail")
   return _epsilon_cached(params, float(sampling_rate), int(steps), float(delta), int(bins),
                          float(tail), float(discretization))
+
+
+# --- the event and its accountant --------------------------------------------
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class LMODpEvent(dp_accounting.DpEvent):
+  """One Poisson-sampled LMO-DP release (b revealed), per unit, add/remove.
+
+  Composed like any `DpEvent` (`SelfComposedDpEvent`, `ComposedDpEvent`) and
+  consumed by `LMOAccountant`, which `dpjax.accounting.epsilon(..., "pld")`
+  picks for events holding one.
+  """
+  params: LMOParams
+  sampling_rate: float
+
+
+class LMOAccountant(dp_accounting.PrivacyAccountant):
+  """PLD accountant for compositions of `LMODpEvent`s (an upper bound).
+
+  The tail of b charged as infinite loss depends on delta and on the number
+  of releases (`default_tail`), so the PLDs are built when epsilon or delta
+  is asked for. One kind of release composed T times gives exactly
+  `lmo_epsilon(params, q, T, delta)`; several kinds are composed on one
+  (the coarsest needed) loss grid.
+  """
+
+  def __init__(self):
+    super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    self._parts: Dict[Tuple[LMOParams, float], int] = {}
+
+  def _maybe_compose(self, event, count: int, do_compose: bool):
+    if isinstance(event, dp_accounting.NoOpDpEvent):
+      return None
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+      return self._maybe_compose(event.event, count * event.count, do_compose)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+      for e in event.events:
+        r = self._maybe_compose(e, count, False)
+        if r is not None:
+          return r
+      if do_compose:
+        for e in event.events:
+          self._maybe_compose(e, count, True)
+      return None
+    if isinstance(event, LMODpEvent):
+      if do_compose:
+        k = (event.params, float(event.sampling_rate))
+        self._parts[k] = self._parts.get(k, 0) + int(count)
+      return None
+    return self.CompositionErrorDetails(
+        invalid_event=event, error_message="the LMO accountant composes LMO-DP releases only")
+
+  def _pld(self, delta: float):
+    steps = sum(self._parts.values())
+    tail = default_tail(delta, steps)
+    if len(self._parts) == 1:
+      return None, tail
+    h = max(grid_step(p, q, tail=tail) for p, q in self._parts)
+    out = None
+    for (p, q), n in self._parts.items():
+      step = step_pld(p, q, tail=tail, discretization=h)
+      part = step.self_compose(n) if n > 1 else step
+      out = part if out is None else out.compose(part)
+    return out, tail
+
+  def get_epsilon(self, target_delta: float) -> float:
+    if not self._parts:
+      return 0.0
+    composed, tail = self._pld(target_delta)
+    if composed is None:
+      (p, q), n = next(iter(self._parts.items()))
+      return lmo_epsilon(p, q, n, target_delta, tail=tail)
+    return float(composed.get_epsilon_for_delta(target_delta))
+
+  def get_delta(self, target_epsilon: float) -> float:
+    raise NotImplementedError("the LMO accountant's tail depends on delta: ask for epsilon")
 
 
 # --- the RDP cross-check -----------------------------------------------------

@@ -66,7 +66,7 @@ def uls_event(noise_multiplier: float, user_sampling_rate: float,
 
 # The mixture's PLD is costly to build at 1e-4; at 1e-3 the epsilons agree to
 # ~1e-6 relative in our tests and remain upper bounds (pessimistic rounding).
-MOG_DISCRETIZATION = 1e-3
+MOG_DISCRETIZATION = calibrate.MOG_DISCRETIZATION
 
 
 def els_accountant(noise_multiplier: float, sampling_rate: float, steps: int,

@@ -7,8 +7,11 @@ masked rows. A logical batch that overflows one physical batch is SPLIT into
 several (gradient accumulation), never truncated: truncation would change
 the sampling distribution the accountant assumes.
 
-Every draw is a pure function of `(seed, step)`, so a run resumed at step k
-sees exactly the batches of an uninterrupted run.
+Every draw is a pure function of `(seed, step, draw)`, so a run resumed at
+step k sees exactly the batches of an uninterrupted run; `draw` separates
+independent draws of one step (e.g. charged DP-SAM's ascent batch, draw 1).
+The seed of a private run is secret (`dpjax.plan.Secret`): the batches are
+part of the mechanism.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ class PhysicalBatch(NamedTuple):
   mask: np.ndarray     # [P] float32; 1 for a real row, 0 for padding
 
 
-def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
-  return np.random.default_rng([int(seed), int(stream), int(step)])
+def _rng(seed: int, step: int, stream: int, draw: int = 0) -> np.random.Generator:
+  words = [int(seed), int(stream), int(step)] + ([int(draw)] if draw else [])
+  return np.random.default_rng(words)
 
 
 def pad_to_physical(indices: np.ndarray, physical_batch_size: int,
@@ -75,17 +79,17 @@ class PoissonSampler:
   def expected_batch_size(self) -> float:
     return self.num_units * self.sampling_rate
 
-  def sample_indices(self, step: int) -> np.ndarray:
-    """The sorted unit indices included at `step`."""
-    rng = _rng(self.seed, step, self.STREAM)
+  def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
+    """The sorted unit indices included at `step` (independent draws by `draw`)."""
+    rng = _rng(self.seed, step, self.STREAM, draw)
     # Binomial count then a uniform subset of that size: the same law as N
     # independent Bernoulli(q) draws, at O(count) cost for the subset.
     count = rng.binomial(self.num_units, self.sampling_rate)
     return np.sort(rng.choice(self.num_units, size=count, replace=False))
 
-  def batches(self, step: int) -> List[PhysicalBatch]:
+  def batches(self, step: int, draw: int = 0) -> List[PhysicalBatch]:
     """The physical batches of logical step `step` (at least one, maybe all padding)."""
-    return pad_to_physical(self.sample_indices(step), self.physical_batch_size)
+    return pad_to_physical(self.sample_indices(step, draw), self.physical_batch_size)
 
 
 class ShuffledSampler:
@@ -113,7 +117,8 @@ class ShuffledSampler:
       return self.num_units // self.batch_size
     return math.ceil(self.num_units / self.batch_size)
 
-  def batches(self, step: int) -> List[PhysicalBatch]:
+  def batches(self, step: int, draw: int = 0) -> List[PhysicalBatch]:
+    del draw   # no privacy claim: one fixed schedule
     epoch, pos = divmod(step, self.steps_per_epoch)
     perm = _rng(self.seed, epoch, self.STREAM).permutation(self.num_units)
     idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
@@ -197,8 +202,8 @@ class ELSSampler(PoissonSampler):
     self._kept = index.kept_examples()
     super().__init__(len(self._kept), sampling_rate, physical_batch_size, seed)
 
-  def sample_indices(self, step: int) -> np.ndarray:
-    return self._kept[super().sample_indices(step)]
+  def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
+    return self._kept[super().sample_indices(step, draw)]
 
 
 class _UserPoisson(PoissonSampler):
@@ -231,13 +236,13 @@ class ULSSampler:
   def expected_batch_size(self) -> float:
     return self._users.expected_batch_size
 
-  def sample_users(self, step: int) -> np.ndarray:
-    return self._users.sample_indices(step)
+  def sample_users(self, step: int, draw: int = 0) -> np.ndarray:
+    return self._users.sample_indices(step, draw)
 
-  def batches(self, step: int) -> List[UserBatch]:
+  def batches(self, step: int, draw: int = 0) -> List[UserBatch]:
     out = []
     ex_mask = self.index.example_mask
-    for pb in self._users.batches(step):
+    for pb in self._users.batches(step, draw):
       real = pb.mask[:, None]
       out.append(UserBatch(self.index.examples[pb.indices] * (real > 0),
                            pb.mask, ex_mask[pb.indices] * real))

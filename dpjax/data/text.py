@@ -7,6 +7,7 @@ nothing is downloaded here.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Dict, Optional, Sequence
 
@@ -39,18 +40,30 @@ def load_rt_polarity(path: Optional[str] = None):
     raise FileNotFoundError(f"RT sentences not found at {path}")
   rows: Dict[str, Dict[str, list]] = {s: {"sentence": [], "label": [], "rating": []}
                                       for s in ("train", "dev", "test")}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: "
+                         f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
       if not line.strip():
         continue
       parts = line.split("\t")
       if len(parts) < 3:
         raise ValueError(f"{path}:{lineno}: expected id<TAB>rating<TAB>sentence, got {line[:80]!r}")
-      rating = float(parts[1])
+      try:
+        rating = float(parts[1])
+      except ValueError:
+        rating = math.nan
+      if not (math.isfinite(rating) and -4 <= rating <= 4):
+        raise ValueError(f"{path}:{lineno}: rating must be a number in [-4, 4], got "
+                         f"{parts[1]!r}")
       if rating == 0:
         continue
       sentence = "\t".join(parts[2:]).strip()
+      if not sentence:
+        raise ValueError(f"{path}:{lineno}: empty sentence")
       split = rows[_split_of(sentence)]
       split["sentence"].append(sentence)
       split["label"].append(int(rating > 0))

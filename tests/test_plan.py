@@ -1,0 +1,178 @@
+"""The privacy plan and ledger in real runs: resumes, the target guard, secret noise.
+
+Every epsilon is checked against dp-accounting's own composition of the
+segments that really ran, built here from the sigmas and rates the runs
+logged (never through dpjax's accounting code).
+"""
+
+import json
+import os
+import shutil
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+from dp_accounting import pld
+
+from dpjax.config import load_config
+from dpjax.plan import BudgetExhausted, ResumeRefused
+from dpjax.tasks import build_task
+from dpjax.train import train
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+DELTA = 1e-5
+
+
+def cfg_of(**overrides):
+  cfg = load_config(CONFIG)
+  cfg.task.num_train = 600
+  cfg.task.num_eval = 100
+  cfg.steps = 6
+  cfg.batch_size = 60
+  cfg.physical_batch_size = 128
+  cfg.target_epsilon = None
+  cfg.noise_multiplier = 1.0
+  cfg.log_every = 3
+  cfg.checkpoint_every = 3
+  for k, v in overrides.items():
+    if k == "num_train":
+      cfg.task.num_train = v
+    else:
+      cfg[k] = v
+  return cfg
+
+
+def reference_epsilon(segments, delta=DELTA):
+  """dp-accounting's PLD epsilon of [(sigma, q, releases), ...] composed in order."""
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                          value_discretization_interval=1e-4)
+  for sigma, q, n in segments:
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
+  return acc.get_epsilon(delta)
+
+
+def starts(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
+          if '"event": "start"' in l]
+
+
+def run(cfg, workdir=None, **kw):
+  return train(cfg, build_task(cfg), None if workdir is None else str(workdir), progress=False,
+               **kw)
+
+
+def test_more_steps_with_a_target_is_refused_then_composed(tmp_path):
+  w = tmp_path / "w"
+  first = run(cfg_of(steps=6, noise_multiplier=None, target_epsilon=3.0), w)
+  s1 = first.noise_multiplier
+  longer = cfg_of(steps=12, noise_multiplier=None, target_epsilon=3.0)
+  with pytest.raises(ResumeRefused, match=r"steps: 6 -> 12.*allow-privacy-change"):
+    run(longer, w)
+  res = run(longer, w, allow_privacy_change=True)
+  s2 = res.noise_multiplier
+  assert s2 > s1
+  want = reference_epsilon([(s1, 0.1, 6), (s2, 0.1, 6)])
+  eps = res.final_metrics["epsilon"]
+  assert want <= eps <= want * (1 + 1e-9)
+  assert eps <= 3.0                                   # the target covers the whole ledger
+  p = json.load(open(w / "privacy.json"))
+  assert [(s["noise_multiplier"], s["steps"]) for s in p["ledger"]] == [(s1, 6), (s2, 6)]
+  assert p["epsilon"] == eps and p["delta"] == DELTA and p["privacy_unit"] == "example"
+
+
+def test_changed_sigma_deleted_config_and_copied_checkpoints(tmp_path):
+  w = tmp_path / "w"
+  run(cfg_of(steps=6), w)
+  # A changed sigma: refused even with config.json deleted (the ledger is in the checkpoint).
+  os.remove(w / "config.json")
+  with pytest.raises(ResumeRefused, match="noise_multiplier: 1 -> 1.5"):
+    run(cfg_of(steps=12, noise_multiplier=1.5), w)
+  # Checkpoints copied to a new workdir: the ledger comes along.
+  copy = tmp_path / "copy"
+  os.makedirs(copy)
+  shutil.copytree(w / "checkpoints", copy / "checkpoints")
+  with pytest.raises(ResumeRefused, match="noise_multiplier"):
+    run(cfg_of(steps=12, noise_multiplier=1.5), copy)
+  # The same sigma and q with more steps extends the one segment.
+  res = run(cfg_of(steps=12), copy)
+  assert res.final_metrics["epsilon"] == pytest.approx(reference_epsilon([(1.0, 0.1, 12)]),
+                                                       rel=1e-9)
+  assert len(res.ledger.segments) == 1 and res.ledger.steps == 12
+  res = run(cfg_of(steps=18, noise_multiplier=1.5), w, allow_privacy_change=True)
+  want = reference_epsilon([(1.0, 0.1, 6), (1.5, 0.1, 12)])
+  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
+
+
+def test_grown_data_changes_q_and_is_refused(tmp_path):
+  w = tmp_path / "w"
+  run(cfg_of(steps=6), w, stop_at_step=3)
+  grown = cfg_of(steps=6, num_train=3000)
+  with pytest.raises(ResumeRefused, match=r"different config \(task.num_train: 600 -> 3000\)"):
+    run(grown, w)
+  # The data grew without a config change (config.json gone): the ledger still sees q.
+  os.remove(w / "config.json")
+  with pytest.raises(ResumeRefused, match=r"sampling_rate: 0.1 -> 0.02"):
+    run(grown, w)
+  res = run(grown, w, allow_privacy_change=True)
+  want = reference_epsilon([(1.0, 0.1, 3), (1.0, 0.02, 3)])
+  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
+
+
+def test_steps_past_the_checkpoint_are_charged_when_the_plan_changes(tmp_path):
+  w = tmp_path / "w"
+  run(cfg_of(steps=12, checkpoint_every=6), w, stop_at_step=9)
+  # A kill after step 9 whose last checkpoint is step 6: privacy.json says 9 ran.
+  shutil.rmtree(w / "checkpoints" / "9")
+  assert json.load(open(w / "privacy.json"))["steps"] == 9
+  res = run(cfg_of(steps=12, checkpoint_every=6, noise_multiplier=2.0), w,
+            allow_privacy_change=True)
+  want = reference_epsilon([(1.0, 0.1, 9), (2.0, 0.1, 6)])
+  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
+  assert starts(w)[-1]["resumed_from"] == 6
+
+
+def test_target_guard(tmp_path):
+  from dpjax.spec import SpecError
+  with pytest.raises(SpecError, match="contradict"):
+    run(cfg_of(target_epsilon=3.0, noise_multiplier=0.5))
+  w = tmp_path / "w"
+  spent = run(cfg_of(steps=6, noise_multiplier=0.6), w).final_metrics["epsilon"]
+  assert spent > 3
+  with pytest.raises(BudgetExhausted, match=rf"already spent: the ledger holds eps={spent:.4g}"):
+    run(cfg_of(steps=12, noise_multiplier=None, target_epsilon=3.0), w,
+        allow_privacy_change=True)
+  assert len(os.listdir(w / "checkpoints")) >= 1 and starts(w)[-1]["resumed_from"] == 0
+
+
+def test_noise_is_secret_and_streams_are_separate(tmp_path):
+  a = run(cfg_of(), tmp_path / "a")
+  b = run(cfg_of(), tmp_path / "b")
+  # Same config, same seed: same initialisation, different noise.
+  assert not np.allclose(np.asarray(a.params["head"]["w"]), np.asarray(b.params["head"]["w"]))
+  for d in ("a", "b"):
+    text = open(tmp_path / d / "config.json").read() + open(tmp_path / d / "metrics.jsonl").read()
+    assert "entropy" not in text
+    assert json.load(open(tmp_path / d / "privacy.json"))["noise_seed_secret"] is True
+  # Rerunning from a's own config.json does not reproduce its noise.
+  cfg = cfg_of()
+  cfg.update(json.load(open(tmp_path / "a" / "config.json")))
+  c = run(cfg)
+  assert not np.allclose(np.asarray(a.params["head"]["w"]), np.asarray(c.params["head"]["w"]))
+  # A fixed noise_seed reproduces the run and says the guarantee assumes it is secret.
+  d = run(cfg_of(noise_seed=11), tmp_path / "d")
+  e = run(cfg_of(noise_seed=11))
+  for x, y in zip(jax.tree.leaves(d.params), jax.tree.leaves(e.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  p = json.load(open(tmp_path / "d" / "privacy.json"))
+  assert p["noise_seed_secret"] is False and "secret" in p["assumes"]
+
+
+def test_secret_streams_differ():
+  from dpjax.plan import Secret
+  s = Secret.fresh()
+  assert s.secret and Secret.fresh().entropy != s.entropy
+  keys = [np.asarray(s.noise_key()), np.asarray(s.ascent_key())]
+  assert not np.array_equal(*keys)
+  assert Secret.from_json(json.loads(json.dumps(s.to_json()))) == s
+  assert s.sampling_seed() != Secret.fresh().sampling_seed()
