@@ -28,7 +28,7 @@ def _train(args) -> int:
   result = train(cfg, task, workdir, progress=not args.no_progress,
                  allow_privacy_change=args.allow_privacy_change)
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
-  from dpjax.train import strict_json
+  from dpjax.rundir import strict_json
   print(json.dumps(strict_json(summary), allow_nan=False))
   p = result.privacy
   if p["private"]:
@@ -128,7 +128,7 @@ def _account(args) -> int:
       from dpjax.accounting.edgeworth import bound_report
       out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps,
                                  args.delta)["reason"]
-    from dpjax.train import strict_json
+    from dpjax.rundir import strict_json
     print(json.dumps(strict_json(out), allow_nan=False))
   return 0
 

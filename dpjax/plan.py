@@ -90,7 +90,7 @@ def guarantee_note(secret: bool) -> str:
           "noise_seed is fixed: the guarantee assumes that seed is secret")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a static jit argument
 class PrivacyPlan:
   """Everything privacy-relevant of one run (segment), decided once.
 

@@ -56,6 +56,7 @@ def test_lora_equals_merged_weights(cfg):
   np.testing.assert_allclose(adapted, merged, atol=2e-5)
 
 
+@pytest.mark.slow   # long; the default run keeps the suite under 15 min on CI
 def test_lora_private_gradient_matches_merged_loop():
   """Clipped per-example LoRA grads (interceptor, vmap) == a loop through merged weights."""
   params = init_decoder(DEC, jax.random.PRNGKey(0))

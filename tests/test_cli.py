@@ -44,7 +44,7 @@ def test_account_user_level(capsys):
                    "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["privacy_unit"] == "user"
-  assert out["epsilon"] == user_level.els_epsilon(1.0, 0.05, 10, 3, 1e-5)
+  assert out["epsilon"] == pytest.approx(user_level.els_epsilon(1.0, 0.05, 10, 3, 1e-5), rel=1e-9)
   assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
                    "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3",
                    "--accountant", "rdp"]) == 2

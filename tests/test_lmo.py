@@ -140,6 +140,7 @@ def test_two_dimensional_laplace_is_dominated_by_one_dimensional():
       assert d2 <= d1 + 1e-3
 
 
+@pytest.mark.slow   # long; the default run keeps the suite under 15 min on CI
 def test_search_equals_brute_force_on_small_grid(tmp_path, monkeypatch):
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   grid = {"a": (0.3, 1.0), "theta_k": ((0.5, 1),), "lam": (1.0, 5.0), "Ub_Ua": ((2, 1),)}

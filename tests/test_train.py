@@ -156,8 +156,9 @@ def test_user_level_runs_report_user_epsilon(tmp_path):
     assert np.isfinite(res.final_metrics["test_accuracy"])
   # The same noise at the same rate costs a user more under ELS with G = 4
   # than one example at example level.
-  assert user_level.els_epsilon(1.0, 0.05, 4, 4, 1e-5) > accounting.epsilon(
-      accounting.dpsgd_event(1.0, 0.05, 4), 1e-5)
+  q_els = 40 / len(bound_contributions(task.user_ids, 4, cfg.seed).kept_examples())
+  assert user_level.els_epsilon(1.0, q_els, 4, 4, 1e-5) > accounting.epsilon(
+      accounting.dpsgd_event(1.0, q_els, 4), 1e-5)
 
 
 @pytest.mark.slow
@@ -363,7 +364,7 @@ def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
 def test_a_second_process_on_the_workdir_is_refused(tmp_path):
   import subprocess
   import sys
-  from dpjax.train import RunLocked
+  from dpjax.rundir import RunLocked
   cfg = small_config(steps=2)
   task = build_task(cfg)
   w = tmp_path / "w"

@@ -52,10 +52,14 @@ def _pld_accountant(event):
   if ev.contains(event, LMODpEvent):
     return LMOAccountant()
   # The mixture's PLD (user-level ELS) is built on the coarser grid its own
-  # accountant uses (`user_level.MOG_DISCRETIZATION`); still an upper bound.
-  h = (MOG_DISCRETIZATION if ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent)
-       else PLD_DISCRETIZATION)
-  return pld.PLDAccountant(rel, value_discretization_interval=h)
+  # accountant uses (`MOG_DISCRETIZATION`); still an upper bound.
+  if ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent):
+    from dpjax.accounting.user_level import MixtureAccountant
+    mixture = MixtureAccountant()
+    if mixture.supports(event):
+      return mixture
+    return pld.PLDAccountant(rel, value_discretization_interval=MOG_DISCRETIZATION)
+  return pld.PLDAccountant(rel, value_discretization_interval=PLD_DISCRETIZATION)
 
 
 def _rdp_accountant(event):

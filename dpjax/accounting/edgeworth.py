@@ -53,6 +53,8 @@ import dp_accounting
 import numpy as np
 from scipy import integrate, optimize, special, stats
 
+from dpjax.accounting import events as ev
+
 BERRY_ESSEEN_C0 = 0.5600   # Shevtsova (2010), independent non-identical summands
 
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -222,7 +224,7 @@ def _epsilon_for(delta_fn, delta: float, eps_max: float = 500.0) -> float:
   return float(optimize.brentq(lambda e: delta_fn(e) - delta, a, b, xtol=1e-12, rtol=1e-10))
 
 
-class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
+class EdgeworthAccountant(ev.LeafAccountant):
   """dp-accounting-style accountant for Poisson-subsampled Gaussian events.
 
   `certified=False`: the Edgeworth estimate of the given `order` (NOT an upper
@@ -236,32 +238,20 @@ class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
     self.order, self.certified = order, certified
     self._phases: List[Tuple[float, float, int]] = []
 
-  def _maybe_compose(self, event, count: int, do_compose: bool):
-    err = lambda msg: self.CompositionErrorDetails(invalid_event=event, error_message=msg)
-    if isinstance(event, dp_accounting.NoOpDpEvent):
-      return None
-    if isinstance(event, dp_accounting.SelfComposedDpEvent):
-      return self._maybe_compose(event.event, count * event.count, do_compose)
-    if isinstance(event, dp_accounting.ComposedDpEvent):
-      for e in event.events:
-        r = self._maybe_compose(e, count, False)
-        if r is not None:
-          return r
-      if do_compose:
-        for e in event.events:
-          self._maybe_compose(e, count, True)
-      return None
+  def _leaf_error(self, event):
     if isinstance(event, dp_accounting.GaussianDpEvent):
-      if do_compose:
-        self._phases.append((event.noise_multiplier, 1.0, count))
       return None
     if isinstance(event, dp_accounting.PoissonSampledDpEvent):
-      if not isinstance(event.event, dp_accounting.GaussianDpEvent):
-        return err("the Edgeworth accountant handles Poisson-sampled Gaussian steps only")
-      if do_compose:
-        self._phases.append((event.event.noise_multiplier, event.sampling_probability, count))
-      return None
-    return err(f"unsupported event type {type(event).__name__}")
+      if isinstance(event.event, dp_accounting.GaussianDpEvent):
+        return None
+      return "the Edgeworth accountant handles Poisson-sampled Gaussian steps only"
+    return f"unsupported event type {type(event).__name__}"
+
+  def _compose_leaf(self, event, count: int) -> None:
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+      self._phases.append((event.noise_multiplier, 1.0, count))
+    else:
+      self._phases.append((event.event.noise_multiplier, event.sampling_probability, count))
 
   def composed(self) -> Composed:
     return compose_steps(self._phases)

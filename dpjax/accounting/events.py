@@ -10,7 +10,7 @@ replacement (replace-one neighbouring relation, arXiv 1908.10530).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import dp_accounting
 
@@ -122,3 +122,39 @@ def contains(event: DpEvent, kind: type) -> bool:
   if isinstance(event, dp_accounting.ComposedDpEvent):
     return any(contains(e, kind) for e in event.events)
   return False
+
+
+def leaf_events(event: DpEvent, count: int = 1) -> List[Tuple[DpEvent, int]]:
+  """`event` unrolled into (leaf event, times composed), NoOp events dropped, order kept."""
+  if isinstance(event, dp_accounting.NoOpDpEvent):
+    return []
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return leaf_events(event.event, count * event.count)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return [leaf for e in event.events for leaf in leaf_events(e, count)]
+  return [(event, count)]
+
+
+class LeafAccountant(dp_accounting.PrivacyAccountant):
+  """A `PrivacyAccountant` over leaf events: compositions are unrolled by `leaf_events`.
+
+  Subclasses say which leaves they support (`_leaf_error`: None or why not)
+  and how one is composed `count` times (`_compose_leaf`).
+  """
+
+  def _leaf_error(self, event: DpEvent) -> Optional[str]:
+    raise NotImplementedError
+
+  def _compose_leaf(self, event: DpEvent, count: int) -> None:
+    raise NotImplementedError
+
+  def _maybe_compose(self, event, count: int, do_compose: bool):
+    leaves = leaf_events(event, count)
+    for leaf, _ in leaves:
+      why = self._leaf_error(leaf)
+      if why is not None:
+        return self.CompositionErrorDetails(invalid_event=leaf, error_message=why)
+    if do_compose:
+      for leaf, n in leaves:
+        self._compose_leaf(leaf, n)
+    return None

@@ -409,7 +409,7 @@ class LMODpEvent(dp_accounting.DpEvent):
   sampling_rate: float
 
 
-class LMOAccountant(dp_accounting.PrivacyAccountant):
+class LMOAccountant(ev.LeafAccountant):
   """PLD accountant for compositions of `LMODpEvent`s (an upper bound).
 
   The tail of b charged as infinite loss depends on delta and on the number
@@ -423,27 +423,14 @@ class LMOAccountant(dp_accounting.PrivacyAccountant):
     super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     self._parts: Dict[Tuple[LMOParams, float], int] = {}
 
-  def _maybe_compose(self, event, count: int, do_compose: bool):
-    if isinstance(event, dp_accounting.NoOpDpEvent):
-      return None
-    if isinstance(event, dp_accounting.SelfComposedDpEvent):
-      return self._maybe_compose(event.event, count * event.count, do_compose)
-    if isinstance(event, dp_accounting.ComposedDpEvent):
-      for e in event.events:
-        r = self._maybe_compose(e, count, False)
-        if r is not None:
-          return r
-      if do_compose:
-        for e in event.events:
-          self._maybe_compose(e, count, True)
-      return None
+  def _leaf_error(self, event):
     if isinstance(event, LMODpEvent):
-      if do_compose:
-        k = (event.params, float(event.sampling_rate))
-        self._parts[k] = self._parts.get(k, 0) + int(count)
       return None
-    return self.CompositionErrorDetails(
-        invalid_event=event, error_message="the LMO accountant composes LMO-DP releases only")
+    return "the LMO accountant composes LMO-DP releases only"
+
+  def _compose_leaf(self, event, count: int) -> None:
+    k = (event.params, float(event.sampling_rate))
+    self._parts[k] = self._parts.get(k, 0) + int(count)
 
   def _pld(self, delta: float):
     steps = sum(self._parts.values())
