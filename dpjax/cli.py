@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from dpjax.rundir import RunLocked
+
 
 def _train(args) -> int:
   from dpjax.config import load_config
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
       return _account_lmo(argv[2:])
     args = p.parse_args(argv)
     return args.fn(args)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError, RunLocked) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)
     return 2
 

@@ -8,6 +8,8 @@ import importlib.util
 import os
 from typing import Sequence
 
+from dpjax import spec as spec_lib
+
 
 # The checkout dpjax is installed from (editable installs): its configs/ are
 # found from any working directory.
@@ -42,7 +44,6 @@ def load_config(path: str, overrides: Sequence[str] = ()):
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path} defines no get_config()")
   cfg = module.get_config()
-  from dpjax import spec as spec_lib
   if spec_lib.is_train_config(cfg):
     cfg = spec_lib.with_defaults(cfg)
   elif "teacher" in cfg and spec_lib.is_train_config(cfg.teacher):

@@ -68,8 +68,9 @@ def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
 # and its significand from 23 more, so E = -log U is Exp(1) out to
 # `MAX_EXPONENTIAL` = 97 ln 2 ~ 67.2; Laplace is sign * E and the Gaussian
 # comes from E by Box-Muller, sqrt(2E) * (cos, sin)(2 pi V), out to
-# `MAX_GAUSSIAN` ~ 11.6 sigma. Within that range each draw is the float32
-# rounding of an exact sample; what remains is the floating-point caveat of
+# `MAX_GAUSSIAN` ~ 11.6 sigma. Within that range the law is exact up to the
+# significand's 2^-24 grid (relative, at every scale of U) and float32
+# rounding of log, sqrt and cos; what remains is the floating-point caveat of
 # Mironov (CCS 2012): the set of attainable float32 values is not
 # translation invariant, so the output grid itself could in principle leak
 # through the lowest bits of a released value. dpjax adds noise in float32

@@ -459,7 +459,7 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
     step_units = sum(float(pb.mask.sum()) for pb, _ in stats)
     step_dropped = sum(float(s["dropped_units"]) for _, s in stats)
     if step_units > 0 and step_dropped >= step_units:
-      raise RuntimeError(f"step {step + 1}: every one of the {int(step_units)} sampled units had "
+      raise NonFiniteData(f"step {step + 1}: every one of the {int(step_units)} sampled units had "
                          "a non-finite loss or gradient and was dropped; check the data and the "
                          "learning rate (the run stopped before releasing this step)")
     for pb, s in stats:
@@ -502,6 +502,10 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
   return RunResult(state.params, final, workdir,
                    plan.noise_multiplier if plan.private else None,
                    plan.ledger_at(int(state.step)), plan.privacy_record(int(state.step)))
+
+
+class NonFiniteData(ValueError):
+  """Every unit a step sampled had a non-finite loss or gradient."""
 
 
 DROPPED_WARN_FRACTION = 0.01   # warn when more of the sampled units were dropped

@@ -357,7 +357,8 @@ def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
     loss, m = task.loss_fn(params, ex, frozen)
     return loss * jnp.nan, m
 
-  with pytest.raises(RuntimeError, match="every one of the .* sampled units"):
+  from dpjax.train import NonFiniteData
+  with pytest.raises(NonFiniteData, match="every one of the .* sampled units"):
     train(cfg, task._replace(loss_fn=all_nan), None, progress=False)
 
 
