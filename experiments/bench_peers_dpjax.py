@@ -28,7 +28,6 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 NAMES = {"G": "dpjax_clipped_grad", "H": "dpjax_clipped_grad_micro",
          "I": "dpjax_clipped_grad_ghost"}
 

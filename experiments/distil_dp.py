@@ -22,23 +22,21 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
 
-from dpjax import accounting, distill  # noqa: E402
-from dpjax.config import load_config  # noqa: E402
-from dpjax.models.decoder import Decoder, causal_lm_loss  # noqa: E402
-import dataclasses  # noqa: E402
+from dpjax import accounting, distill
+from dpjax.config import load_config
+from dpjax.models.decoder import Decoder, causal_lm_loss
+import dataclasses
 
-from dpjax.tasks import build_task  # noqa: E402
-from dpjax.train import Task, prepare, train  # noqa: E402
+from dpjax.tasks import build_task
+from dpjax.train import Task, prepare, train
 
 
 def _ppl(metrics):

@@ -40,22 +40,20 @@ Results are appended to experiments/results/dp_flat.jsonl.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
 
-from dpjax import flatness  # noqa: E402
-from dpjax.config import load_config  # noqa: E402
-from dpjax.tasks import build_task  # noqa: E402
-from dpjax.train import train  # noqa: E402
+from dpjax import flatness
+from dpjax.config import load_config
+from dpjax.tasks import build_task
+from dpjax.train import train
 
 VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 

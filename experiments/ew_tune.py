@@ -15,13 +15,11 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dpjax import accounting  # noqa: E402
+from dpjax import accounting
 
 TASKS = {"sst2": 67_349, "qnli": 104_743, "qqp": 363_846, "mnli": 392_702}
 BATCH, EPOCHS = 2000, 20

@@ -21,15 +21,13 @@ markdown tables.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from dpjax.accounting import lmo as L  # noqa: E402
-from dpjax.config import load_config  # noqa: E402
+from dpjax.accounting import lmo as L
+from dpjax.config import load_config
 
 EPSILONS = (0.1, 0.3, 1.0, 3.0)
 DELTAS = (1e-5, 1e-10)

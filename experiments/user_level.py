@@ -20,17 +20,15 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from dpjax.config import load_config  # noqa: E402
-from dpjax.data.sampling import bound_contributions  # noqa: E402
-from dpjax.tasks import build_task  # noqa: E402
-from dpjax.train import train  # noqa: E402
+from dpjax.config import load_config
+from dpjax.data.sampling import bound_contributions
+from dpjax.tasks import build_task
+from dpjax.train import train
 
 
 def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
