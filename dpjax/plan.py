@@ -308,12 +308,9 @@ def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_ste
     if spec.accountant != "pld":
       raise SpecError(f"LMO noise is accounted by its own PLD; set accountant='pld', got "
                       f"{spec.accountant!r}")
-  elif sampling == "els" and spec.accountant != "pld":
+  elif sampling == "els" and (spec.mechanism, spec.accountant) != ("gaussian", "pld"):
     raise SpecError("the user-level ELS accountant covers Gaussian noise with accountant='pld', "
                     f"got mechanism={spec.mechanism!r}, accountant={spec.accountant!r}")
-  if spec.mechanism == "laplace" and sampling == "els":
-    raise SpecError("the user-level ELS accountant covers Gaussian noise with accountant='pld', "
-                    "got mechanism='laplace'")
 
   args["origin"] = _origin(spec, extra_event)
   if not prior.segments:

@@ -48,7 +48,6 @@ from dpjax.accounting.ledger import Ledger
 from dpjax.data import pipeline
 from dpjax.data.sampling import eval_batches
 from dpjax.plan import PrivacyPlan, Secret, make_plan
-from dpjax.rundir import RunLocked, strict_json  # noqa: F401  (public through dpjax.train)
 from dpjax.spec import SpecError
 from dpjax.step import TrainState, accumulate, apply, apply_update, perturb
 
@@ -409,7 +408,6 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
       state = ckpt.restore(state)
     else:
       ckpt.save(state, Ledger(), plan.secret)   # the secret is kept before anything is released
-  apply_fn = apply
   if mesh is not None:
     sharding = pipeline.param_sharding(state, mesh)   # replicated on a data-only mesh
     state = jax.device_put(state, sharding)

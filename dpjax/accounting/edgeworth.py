@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import dp_accounting
 import numpy as np
