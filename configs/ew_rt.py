@@ -8,7 +8,7 @@ finetune` runs rdp / pld / edgeworth over seeds.
 
 import os
 
-from dpjax.config import load_config
+from dpjax.training.config import load_config
 
 
 def get_config():

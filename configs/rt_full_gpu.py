@@ -6,7 +6,7 @@ embeddings and the head are clipped, noised and updated.
 
 import os
 
-from dpjax.config import load_config
+from dpjax.training.config import load_config
 
 
 def get_config():

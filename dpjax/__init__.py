@@ -1,18 +1,26 @@
 """dpjax: differentially private fine-tuning of language models in JAX.
 
-The names users chain: `clipped_grad` (per-unit clipped gradient sums;
-`method="ghost"` computes them as in `dpjax.ghost`; `group_mean` makes the
-loss of a user's examples), the
-noise transforms in `dpjax.mechanisms`, `normalize`, the accountants in
-`dpjax.accounting`, DP-Flat's pieces in `dpjax.flatness` and DistilDP's in
-`dpjax.distill`.
+The names users chain: `clipped_grad` (per-unit clipped gradient sums, by
+vmap or `method="ghost"`; `group_mean` makes the loss of a user's examples),
+the noise transforms in `dpjax.mechanisms`, `normalize`, the accountants in
+`dpjax.accounting`, DP-Flat's pieces in `dpjax.flatness`, DistilDP's run in
+`dpjax.distill`, and `dpjax.train`, the training loop built from them.
+
+The layout (each layer imports only the ones below it; `tests/test_layout.py`
+checks it): `core` (clipping, mechanisms, sampling, accounting, checks) ->
+`models`, `data` (nothing private) -> `methods` (paper methods as transforms
+and events) -> `training` (spec, plan, step, loop) -> `tasks` -> `pipelines`
+(multi-stage runs) -> `cli`.
 """
 
-from dpjax import accounting, distill, flatness, ghost, mechanisms
-from dpjax.clipping import ClippedGradAux, clipped_grad, group_mean
-from dpjax.mechanisms import normalize
+from dpjax.core import accounting, mechanisms
+from dpjax.core.clipping import ClippedGradAux, clipped_grad, group_mean
+from dpjax.core.mechanisms import normalize
+from dpjax.methods import flatness
+from dpjax.pipelines import distil_dp as distill
+from dpjax.training.loop import Task, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ClippedGradAux", "accounting", "clipped_grad", "distill", "flatness",
-           "ghost", "group_mean", "mechanisms", "normalize"]
+__all__ = ["ClippedGradAux", "Task", "accounting", "clipped_grad", "distill", "flatness",
+           "group_mean", "mechanisms", "normalize", "train"]

@@ -8,13 +8,25 @@ import os
 import sys
 import time
 
-from dpjax.rundir import RunLocked
+from dpjax.training.rundir import RunLocked
+from dpjax.training.config import load_config
+from dpjax.tasks import build_task
+from dpjax.training.loop import train
+from dpjax.training import spec as spec_lib
+from dpjax.training.rundir import strict_json
+from dpjax.pipelines import distil_dp as distill
+from dpjax.core.accounting import ACCOUNTANTS
+from dpjax.core.checks import (check_delta, check_epsilon, check_max_examples_per_user,
+                               check_noise_multiplier, check_sampling_rate, check_steps)
+from dpjax.core import accounting
+from dpjax.core.accounting.ledger import Ledger, Segment
+from dpjax.core.accounting.edgeworth import bound_report
+from dpjax.core.accounting import lmo
+from dpjax.methods.lmo_search import lmo_search
+from dpjax import assets
 
 
 def _train(args) -> int:
-  from dpjax.config import load_config
-  from dpjax.tasks import build_task
-  from dpjax.train import train
 
   if args.distributed:
     if not args.workdir:
@@ -22,7 +34,6 @@ def _train(args) -> int:
     import jax
     jax.distributed.initialize()   # cluster from the environment (SLURM, TPU, GKE, ...)
   cfg = load_config(args.config, args.set or [])
-  from dpjax import spec as spec_lib
   spec_lib.validate(spec_lib.with_defaults(cfg))   # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -30,7 +41,6 @@ def _train(args) -> int:
   result = train(cfg, task, workdir, progress=not args.no_progress,
                  allow_privacy_change=args.allow_privacy_change)
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
-  from dpjax.rundir import strict_json
   print(json.dumps(strict_json(summary), allow_nan=False))
   p = result.privacy
   if p["private"]:
@@ -55,8 +65,6 @@ def privacy_line(p) -> str:
 
 
 def _config(args) -> int:
-  from dpjax import spec as spec_lib
-  from dpjax.config import load_config
   cfg = load_config(args.config, args.set or []) if args.config else None
   if cfg is not None and "teacher" in cfg:
     cfg = cfg.teacher
@@ -67,8 +75,6 @@ def _config(args) -> int:
 
 
 def _distill(args) -> int:
-  from dpjax import distill
-  from dpjax.config import load_config
 
   cfg = load_config(args.config, args.set or [])
   name = os.path.splitext(os.path.basename(args.config))[0]
@@ -84,9 +90,6 @@ def _distill(args) -> int:
 
 
 def _check_account_args(args) -> None:
-  from dpjax.accounting import ACCOUNTANTS
-  from dpjax.accounting.calibrate import check_delta, check_epsilon
-  from dpjax.accounting.events import check_noise_multiplier, check_sampling_rate, check_steps
   check_sampling_rate(args.sampling_rate)
   check_steps(args.steps)
   check_delta(args.delta)
@@ -96,13 +99,10 @@ def _check_account_args(args) -> None:
     check_noise_multiplier(args.noise_multiplier)
   if getattr(args, "target_epsilon", None) is not None:
     check_epsilon(args.target_epsilon)
-  if getattr(args, "G", 1) < 1:
-    raise ValueError(f"--G must be an integer >= 1, got {args.G}")
+  check_max_examples_per_user(getattr(args, "G", 1))
 
 
 def _account(args) -> int:
-  from dpjax import accounting
-  from dpjax.accounting.ledger import Ledger, Segment
   _check_account_args(args)
   sampling = args.user_sampling if args.unit == "user" else None
   G = args.G if args.unit == "user" else 1
@@ -114,30 +114,24 @@ def _account(args) -> int:
   if args.target_epsilon is not None:
     sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, args.sampling_rate,
                                        args.steps, accountant=args.accountant, unit=args.unit,
-                                       sampling=sampling, G=G)
+                                       sampling=sampling, max_examples_per_user=G)
     print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon,
                       "epsilon": ledger(sigma).epsilon(args.delta),
                       "privacy_unit": args.unit}))
   else:
-    if args.unit == "user" and sampling == "els" and args.accountant != "pld":
-      raise ValueError("the user-level ELS accountant covers Gaussian noise with "
-                       f"accountant='pld', got accountant={args.accountant!r}")
     eps = ledger(args.noise_multiplier).epsilon(args.delta)
     out = {"epsilon": eps, "delta": args.delta, "privacy_unit": args.unit,
            "accountant": args.accountant,
            "upper_bound": args.accountant not in accounting.ESTIMATES}
     if args.accountant == "edgeworth-bound" and eps == float("inf"):
-      from dpjax.accounting.edgeworth import bound_report
       out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps,
                                  args.delta)["reason"]
-    from dpjax.rundir import strict_json
     print(json.dumps(strict_json(out), allow_nan=False))
   return 0
 
 
 def _account_lmo(argv) -> int:
   """`dpjax account lmo`: epsilon of given LMO parameters, or the search for a target."""
-  from dpjax.accounting import lmo
   p = argparse.ArgumentParser(prog="dpjax account lmo",
                               description="LMO-DP noise: sound epsilon or parameter search")
   p.add_argument("--sampling-rate", type=float, required=True)
@@ -156,14 +150,13 @@ def _account_lmo(argv) -> int:
       params = lmo.LMOParams(**json.loads(args.params))
     except (TypeError, json.JSONDecodeError) as e:
       raise ValueError(f"--params must be a JSON object of LMOParams fields: {e}") from None
-    from dpjax.accounting.ledger import Ledger, Segment
     eps = Ledger((Segment("lmo", 0.0, args.sampling_rate, "example", None, 1, args.steps,
                           lmo=params.as_dict()),)).epsilon(args.delta)
     print(json.dumps({"epsilon": eps, "delta": args.delta, "privacy_unit": "example",
                       "upper_bound": True, "noise_abs": lmo.noise_magnitude(params, 1.0, "abs"),
                       "params": params.as_dict()}))
     return 0
-  res = lmo.lmo_search(args.target_epsilon, args.delta, args.sampling_rate, args.steps,
+  res = lmo_search(args.target_epsilon, args.delta, args.sampling_rate, args.steps,
                        grid=json.loads(args.grid) if args.grid else None,
                        objective=args.objective, progress=True)
   print(json.dumps({"params": res["params"].as_dict(), "epsilon": res["epsilon"],
@@ -174,7 +167,6 @@ def _account_lmo(argv) -> int:
 
 
 def _assets(args) -> int:
-  from dpjax import assets
   if args.action == "list":
     for a in assets.ASSETS.values():
       state = "fetched" if assets.is_fetched(a.name) else "not fetched"
@@ -195,7 +187,6 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 
-  from dpjax import spec as spec_lib
   t = sub.add_parser("train", help="run a config from configs/",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="config keys (--set KEY=VALUE; `dpjax config CONFIG` shows a "
@@ -232,7 +223,8 @@ def main(argv=None) -> int:
   a.add_argument("--user-sampling", choices=["els", "uls"], default="uls",
                  help="with --unit user: sample examples (els; --sampling-rate per example) "
                       "or users (uls; --sampling-rate per user)")
-  a.add_argument("--G", type=int, default=1, help="with --unit user: max examples per user")
+  a.add_argument("--max-examples-per-user", "--G", dest="G", type=int, default=1,
+                 help="with --unit user: the cap on each user's examples (G in the papers)")
   g = a.add_mutually_exclusive_group(required=True)
   g.add_argument("--noise-multiplier", type=float)
   g.add_argument("--target-epsilon", type=float)

@@ -26,17 +26,17 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpjax import accounting, distill
-from dpjax.config import load_config
+from dpjax.core import accounting
+from dpjax.pipelines import distil_dp as distill
+from dpjax.training.config import load_config
 from dpjax.models.decoder import Decoder, causal_lm_loss
 import dataclasses
 
 from dpjax.tasks import build_task
-from dpjax.train import Task, prepare, train
+from dpjax.training.loop import Task, prepare, train
 
 
 def _ppl(metrics):

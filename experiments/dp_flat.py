@@ -50,10 +50,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dpjax import flatness
-from dpjax.config import load_config
+from dpjax.methods import flatness
+from dpjax.training.config import load_config
 from dpjax.tasks import build_task
-from dpjax.train import train
+from dpjax.training.loop import train
 
 VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 import warnings
 
 
-from dpjax import accounting
+from dpjax.core import accounting
 
 TASKS = {"sst2": 67_349, "qnli": 104_743, "qqp": 363_846, "mnli": 392_702}
 BATCH, EPOCHS = 2000, 20
@@ -55,9 +54,9 @@ def table(args):
 
 
 def finetune(args):
-  from dpjax.config import load_config
+  from dpjax.training.config import load_config
   from dpjax.tasks import build_task
-  from dpjax.train import train
+  from dpjax.training.loop import train
   root = os.path.join(os.path.dirname(__file__), "..")
   for acc in args.accountants:
     for seed in args.seeds:

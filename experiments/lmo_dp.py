@@ -26,15 +26,16 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from dpjax.accounting import lmo as L
-from dpjax.config import load_config
+from dpjax.core.accounting import lmo as L
+from dpjax.methods import lmo_search as S
+from dpjax.training.config import load_config
 
 EPSILONS = (0.1, 0.3, 1.0, 3.0)
 DELTAS = (1e-5, 1e-10)
 SHAPES = [("laplace", L.LMOParams.laplace(1.0))] + [
     (f"gamma({theta},{k})+exp+unif[1,2]",
      L.LMOParams(a1=1.0, a3=1.0, a4=1.0, theta=float(theta), k=float(k), lam=1.0, Ua=1.0, Ub=2.0))
-    for theta, k in L.PAPER_GRID["theta_k"]]
+    for theta, k in S.PAPER_GRID["theta_k"]]
 
 
 def _config():
@@ -71,7 +72,7 @@ def search(args):
     for eps in args.epsilons:
       found = []
       for name, shape in tqdm(SHAPES, desc=f"eps={eps:g} delta={delta:g}", leave=False):
-        r = L.lmo_calibrate(shape, eps, delta, q, cfg.steps)
+        r = S.lmo_calibrate(shape, eps, delta, q, cfg.steps)
         found.append({"shape": name, "noise": r["noise"], "epsilon": r["epsilon"],
                       "params": r["params"].as_dict()})
       best = min(found, key=lambda r: r["noise"])
@@ -97,7 +98,7 @@ def train_all(args):
   import ml_collections
 
   from dpjax.tasks import build_task
-  from dpjax.train import train
+  from dpjax.training.loop import train
   searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in _load("search")}
   cfg = _config()
   task = build_task(cfg)

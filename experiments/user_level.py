@@ -25,10 +25,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from dpjax.config import load_config
-from dpjax.data.sampling import bound_contributions
+from dpjax.training.config import load_config
+from dpjax.core.sampling import bound_contributions
 from dpjax.tasks import build_task
-from dpjax.train import train
+from dpjax.training.loop import train
 
 
 def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
@@ -134,7 +134,7 @@ def shakespeare_experiment(args):
 
 
 def tradeoff(args):
-  from dpjax.accounting import user_level
+  from dpjax.core.accounting import user_level
   from dpjax.data.shakespeare import load_shakespeare
   ds = load_shakespeare()
   users = [u for split in ds for u in ds[split]["user_id"]]

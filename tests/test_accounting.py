@@ -5,7 +5,7 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from dpjax import accounting
+from dpjax.core import accounting
 
 
 def _dp_accounting_eps(event, delta, kind):

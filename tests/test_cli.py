@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dpjax import accounting, cli
+from dpjax.core import accounting
+from dpjax import cli
 
 
 def test_account_epsilon_matches_library(capsys):
@@ -39,7 +40,7 @@ def test_account_labels_estimates_and_vacuous_bounds(capsys):
 
 
 def test_account_user_level(capsys):
-  from dpjax.accounting import user_level
+  from dpjax.core.accounting import user_level
   assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
                    "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3"]) == 0
   out = json.loads(capsys.readouterr().out)
@@ -52,7 +53,7 @@ def test_account_user_level(capsys):
 
 
 def test_account_lmo(capsys, tmp_path, monkeypatch):
-  from dpjax.accounting import lmo
+  from dpjax.core.accounting import lmo
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   params = {"a1": 0.3, "a3": 0.2, "a4": 0.5, "theta": 1, "k": 2, "lam": 1, "Ua": 1, "Ub": 2}
   assert cli.main(["account", "lmo", "--sampling-rate", "0.05", "--steps", "10",
@@ -122,8 +123,8 @@ def test_bad_account_inputs_exit_2(capsys, argv, msg):
 
 
 def test_every_key_is_listed_and_settable(capsys):
-  from dpjax import spec
-  from dpjax.config import load_config
+  from dpjax.training import spec
+  from dpjax.training.config import load_config
   assert cli.main(["config", "configs/synthetic.py"]) == 0
   out = capsys.readouterr().out
   with pytest.raises(SystemExit):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpjax import accounting
-from dpjax.accounting.edgeworth import (EdgeworthAccountant, _loss, compose_steps,
+from dpjax.core import accounting
+from dpjax.core.accounting.edgeworth import (EdgeworthAccountant, _loss, compose_steps,
                                         delta_estimate, edgeworth_sf, step_cumulants)
 
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import dpjax
-from dpjax import flatness
+from dpjax.methods import flatness
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder, DecoderConfig
 from dpjax.models.decoder import init_params as init_decoder
@@ -30,7 +30,7 @@ def _setup(seed=0, n=16):
 
 def _run(params, batches, sam=None):
   grad_fn = dpjax.clipped_grad(_loss, l2_clip_norm=1.0)
-  noise = dpjax.mechanisms.gaussian(noise_multiplier=0.7, l2_clip_norm=1.0,
+  noise = dpjax.mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=1.0,
                                     key=jax.random.PRNGKey(3))
   parts = [noise] + ([sam] if sam is not None else []) + [dpjax.normalize(16.0), optax.adam(0.05)]
   tx = optax.chain(*parts)

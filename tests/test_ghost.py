@@ -245,7 +245,7 @@ def test_group_mean_units_keep_the_ghost_rule():
     value = loss(p, ex) * scale
     return value, {"scaled": value}
 
-  user_loss = dpjax.clipping.group_mean(example_loss, has_aux=True)
+  user_loss = dpjax.core.clipping.group_mean(example_loss, has_aux=True)
   flat = _batch(n=9)
   users = jax.tree.map(lambda x: x.reshape((3, 3) + x.shape[1:]), flat)
   users["_example_mask"] = jnp.array([[1., 1., 0.], [1., 0., 0.], [1., 1., 1.]])

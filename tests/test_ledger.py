@@ -4,8 +4,8 @@ import dp_accounting
 import pytest
 from dp_accounting import pld
 
-from dpjax.accounting import lmo, user_level
-from dpjax.accounting.ledger import Ledger, Segment
+from dpjax.core.accounting import lmo, user_level
+from dpjax.core.accounting.ledger import Ledger, Segment
 
 DELTA = 1e-5
 

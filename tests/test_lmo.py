@@ -12,7 +12,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import stats
 
 import dpjax
-from dpjax.accounting import lmo as L
+from dpjax.core.accounting import lmo as L
+from dpjax.methods import lmo_search as S
 
 PARAMS = [
     L.LMOParams(a1=0.3, a3=0.2, a4=0.5, theta=1, k=2, lam=1, Ua=1, Ub=2),
@@ -22,7 +23,7 @@ PARAMS = [
 
 
 def _noise(params, n=4000, per_coordinate=False, l1=1.0, seed=0):
-  tx = dpjax.mechanisms.lmo(params, jax.random.PRNGKey(seed), l1_clip_norm=l1,
+  tx = dpjax.mechanisms.lmo(params, jax.random.PRNGKey(seed), l1_sensitivity=l1,
                             per_coordinate=per_coordinate)
   update = jax.jit(tx.update)
   state = tx.init(None)
@@ -56,7 +57,7 @@ def test_noise_matches_density_ks(params):
 
 def test_shared_b_couples_coordinates():
   p = PARAMS[0]
-  tx = dpjax.mechanisms.lmo(p, jax.random.PRNGKey(0), l1_clip_norm=1.0)
+  tx = dpjax.mechanisms.lmo(p, jax.random.PRNGKey(0), l1_sensitivity=1.0)
   state = tx.init(None)
   update = jax.jit(tx.update)
   scales = []
@@ -144,7 +145,7 @@ def test_two_dimensional_laplace_is_dominated_by_one_dimensional():
 def test_search_equals_brute_force_on_small_grid(tmp_path, monkeypatch):
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   grid = {"a": (0.3, 1.0), "theta_k": ((0.5, 1),), "lam": (1.0, 5.0), "Ub_Ua": ((2, 1),)}
-  cands = L.grid_candidates(grid)
+  cands = S.grid_candidates(grid)
   target, q, steps = 3.0, 0.05, 30
   best = None
   for c in cands:
@@ -152,12 +153,12 @@ def test_search_equals_brute_force_on_small_grid(tmp_path, monkeypatch):
     noise = L.noise_magnitude(c)
     if eps <= target and (best is None or noise < best[0]):
       best = (noise, c)
-  res = L.lmo_search(target, 1e-5, q, steps, grid=grid)
+  res = S.lmo_search(target, 1e-5, q, steps, grid=grid)
   assert res["params"] == best[1]
   assert res["noise"] == pytest.approx(best[0], rel=1e-6)
   assert res["epsilon"] <= target
   # Cached: a second search evaluates from disk and agrees.
-  assert L.lmo_search(target, 1e-5, q, steps, grid=grid)["params"] == best[1]
+  assert S.lmo_search(target, 1e-5, q, steps, grid=grid)["params"] == best[1]
 
 
 def test_bad_inputs():
@@ -168,9 +169,9 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="exactly one"):
     dpjax.mechanisms.lmo(PARAMS[0], jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="dimension"):
-    dpjax.mechanisms.lmo(PARAMS[0], jax.random.PRNGKey(0), l2_clip_norm=1.0)
+    dpjax.mechanisms.lmo(PARAMS[0], jax.random.PRNGKey(0), l2_sensitivity=1.0)
   with pytest.raises(ValueError, match="no candidate reaches"):
-    L.lmo_search(1e-3, 1e-5, 0.5, 100, grid={"a": (0.5,), "theta_k": ((1, 2),), "lam": (5.0,),
+    S.lmo_search(1e-3, 1e-5, 0.5, 100, grid={"a": (0.5,), "theta_k": ((1, 2),), "lam": (5.0,),
                                               "Ub_Ua": ((2, 1),)}, cache=False)
 
 
@@ -197,7 +198,7 @@ def test_calibrate_point_mass_matches_laplace_bisection():
   for _ in range(60):
     mid = math.sqrt(lo * hi)
     lo, hi = (mid, hi) if ref_eps(mid) <= target else (lo, mid)
-  got = L.lmo_calibrate(L.LMOParams.laplace(1.0), target, delta, q, steps, rtol=1e-3)
+  got = S.lmo_calibrate(L.LMOParams.laplace(1.0), target, delta, q, steps, rtol=1e-3)
   assert got["epsilon"] <= target
   b = got["params"].a4 * got["params"].Ub
   assert b == pytest.approx(lo, rel=2e-3)
@@ -207,7 +208,7 @@ def test_calibrate_point_mass_matches_laplace_bisection():
 def test_calibrate_mixture_is_feasible_and_tight_at_small_delta():
   shape = PARAMS[0]
   q, steps, delta, target = 0.05, 40, 1e-10, 1.0
-  got = L.lmo_calibrate(shape, target, delta, q, steps)
+  got = S.lmo_calibrate(shape, target, delta, q, steps)
   assert got["epsilon"] <= target
   assert got["params"] == shape.scaled(got["scale"])
   # A little less noise (larger b) no longer meets the target.

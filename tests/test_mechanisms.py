@@ -6,14 +6,14 @@ import optax
 import pytest
 
 import dpjax
-from dpjax import mechanisms
+from dpjax.core import mechanisms
 
 
 class GaussianTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_std_within_two_percent_over_a_million_draws(self):
-    tx = mechanisms.gaussian(noise_multiplier=0.7, l2_clip_norm=2.0, key=jax.random.PRNGKey(0))
+    tx = mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=2.0, key=jax.random.PRNGKey(0))
     zeros = {"a": jnp.zeros((1000, 500)), "b": jnp.zeros(500_000)}
     noisy, _ = self.variant(tx.update)(zeros, tx.init(zeros))
     draws = np.concatenate([np.ravel(x) for x in jax.tree.leaves(noisy)])
@@ -50,7 +50,7 @@ def test_bf16_grads_get_f32_noise_and_keep_dtype():
 
 
 def test_laplace_scale_and_variance():
-  tx = mechanisms.laplace(noise_multiplier=0.5, l1_clip_norm=2.0, key=jax.random.PRNGKey(3))
+  tx = mechanisms.laplace(noise_multiplier=0.5, l1_sensitivity=2.0, key=jax.random.PRNGKey(3))
   z = jnp.zeros(10**6)
   out, _ = tx.update(z, tx.init(z))
   # Laplace(0, b) has E|x| = b and var = 2 b^2, b = 1.0 here.

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from dp_accounting import pld
 
-from dpjax.config import load_config
-from dpjax.plan import BudgetExhausted, ResumeRefused
+from dpjax.training.config import load_config
+from dpjax.training.plan import BudgetExhausted, ResumeRefused
 from dpjax.tasks import build_task
-from dpjax.train import train
+from dpjax.training.loop import train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
 DELTA = 1e-5
@@ -133,7 +133,7 @@ def test_steps_past_the_checkpoint_are_charged_when_the_plan_changes(tmp_path):
 
 
 def test_target_guard(tmp_path):
-  from dpjax.spec import SpecError
+  from dpjax.training.spec import SpecError
   with pytest.raises(SpecError, match="contradict"):
     run(cfg_of(target_epsilon=3.0, noise_multiplier=0.5))
   w = tmp_path / "w"
@@ -169,7 +169,7 @@ def test_noise_is_secret_and_streams_are_separate(tmp_path):
 
 
 def test_secret_streams_differ():
-  from dpjax.plan import Secret
+  from dpjax.training.plan import Secret
   s = Secret.fresh()
   assert s.secret and Secret.fresh().entropy != s.entropy
   keys = [np.asarray(s.noise_key()), np.asarray(s.ascent_key())]

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dpjax.data.sampling import PoissonSampler, ShuffledSampler, eval_batches
+from dpjax.core.sampling import PoissonSampler, ShuffledSampler, eval_batches
 
 
 def test_poisson_inclusion_rate_within_three_standard_errors():
@@ -74,7 +74,7 @@ def _users(seed=0, n_users=40):
 
 
 def test_bound_contributions_keeps_at_most_G_deterministically():
-  from dpjax.data.sampling import bound_contributions
+  from dpjax.core.sampling import bound_contributions
   ids, sizes = _users()
   idx = bound_contributions(ids, 4, seed=7)
   # Users sort as user000, user001, ...: the order sizes were drawn in.
@@ -91,7 +91,7 @@ def test_bound_contributions_keeps_at_most_G_deterministically():
 
 
 def test_els_sampler_bounds_users_and_matches_q():
-  from dpjax.data.sampling import ELSSampler, bound_contributions
+  from dpjax.core.sampling import ELSSampler, bound_contributions
   ids, _ = _users(1)
   idx = bound_contributions(ids, 3, seed=0)
   kept = set(idx.kept_examples().tolist())
@@ -113,7 +113,7 @@ def test_els_sampler_bounds_users_and_matches_q():
 
 
 def test_uls_sampler_groups_users_and_matches_q():
-  from dpjax.data.sampling import ULSSampler, bound_contributions
+  from dpjax.core.sampling import ULSSampler, bound_contributions
   ids, _ = _users(2)
   idx = bound_contributions(ids, 5, seed=0)
   q, steps = 0.25, 600
@@ -136,7 +136,7 @@ def test_uls_sampler_groups_users_and_matches_q():
 
 
 def test_median_group_size_and_contribution_report():
-  from dpjax.data.sampling import contribution_report, median_group_size
+  from dpjax.core.sampling import contribution_report, median_group_size
   ids = np.array(["a"] * 1 + ["b"] * 3 + ["c"] * 4 + ["d"] * 10)
   assert median_group_size(ids) == 3       # counts 1, 3, 4, 10 -> median 3.5 -> 3
   rep = contribution_report(ids, [1, 3, 10])

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax.config import load_config
+from dpjax.training.config import load_config
 from dpjax.tasks import build_task
-from dpjax.train import train
+from dpjax.training.loop import train
 
 torch = pytest.importorskip("torch", reason="torch (CPU) writes the tiny BERT fixture")
 transformers = pytest.importorskip("transformers")

@@ -1,6 +1,5 @@
 """User-level accounting for ELS/ULS against example-level PLD, group privacy and brute force."""
 
-import math
 
 import dp_accounting
 import numpy as np
@@ -8,8 +7,8 @@ import pytest
 from dp_accounting import pld
 from scipy import special, stats
 
-from dpjax import accounting
-from dpjax.accounting import user_level as U
+from dpjax.core import accounting
+from dpjax.core.accounting import user_level as U
 
 
 def test_els_with_one_example_per_user_is_example_level():
@@ -80,11 +79,10 @@ def test_bad_group_size_is_a_clear_error():
 
 def test_per_user_clipping_on_uls_batches_matches_a_loop():
   """ULS batch [users, G] -> mean over each user's real examples, then clip per user."""
-  import jax
   import jax.numpy as jnp
 
   import dpjax
-  from dpjax.data.sampling import ULSSampler, bound_contributions
+  from dpjax.core.sampling import ULSSampler, bound_contributions
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 12, 90)
   x = rng.normal(size=(90, 5)).astype(np.float32)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 from typing import Dict, Iterator, List, Optional
+from dpjax import assets
 
 GENRES: Dict[str, str] = {
     "alls_well_that_ends_well": "comedy", "as_you_like_it": "comedy",
@@ -167,7 +168,6 @@ def load_shakespeare(path: Optional[str] = None):
   """
   import datasets
   if path is None:
-    from dpjax import assets
     path = assets.fetch("shakespeare")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Shakespeare texts not found: {path} is not a directory")

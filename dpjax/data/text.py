@@ -12,6 +12,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+from dpjax import assets
 
 RT_FILE = "movieReviewSnippets_GroundTruth.txt"
 
@@ -32,7 +33,6 @@ def load_rt_polarity(path: Optional[str] = None):
   """
   import datasets
   if path is None:
-    from dpjax import assets
     path = assets.fetch("rt-polarity")
   if os.path.isdir(path):
     path = os.path.join(path, RT_FILE)

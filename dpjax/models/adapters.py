@@ -39,7 +39,7 @@ Pattern = Union[str, Sequence[str], Callable[[str], bool]]
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _matcher(pattern: Pattern) -> Callable[[str], bool]:

@@ -1,0 +1,104 @@
+"""Accountants by name, and epsilon/delta of any DpEvent.
+
+`accountant="pld"` uses dp-accounting's privacy-loss-distribution accountant
+with pessimistic discretisation (arXiv 2106.08567): its epsilon is an upper
+bound. Events holding LMO-DP releases go to `lmo.LMOAccountant`, ELS mixtures
+to `mixture.MixtureAccountant` (both PLD, both upper bounds).
+`accountant="rdp"` uses Renyi DP (arXiv 1702.07476, 1908.10530), also an
+upper bound, usually looser. `accountant="edgeworth"` is the Edgeworth
+estimate of EW-Tune (NOT a bound) and `"edgeworth-bound"` its certified
+Berry-Esseen variant (`edgeworth`). All take add/remove-one-unit events,
+except fixed-batch (without-replacement) events, which are replace-one and
+RDP only.
+
+A new kind of release plugs in as a `DpEvent` and an accountant for it
+(`events.LeafAccountant`), dispatched in `_pld_accountant`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.edgeworth import EdgeworthAccountant
+from dpjax.core.accounting.lmo import LMOAccountant, LMODpEvent
+from dpjax.core.accounting.mixture import MOG_DISCRETIZATION, MixtureAccountant
+from dpjax.core.checks import check_delta, check_epsilon
+
+NeighborRel = dp_accounting.NeighboringRelation
+
+# Finer than dp-accounting's 1e-4 default costs time without changing the
+# epsilons we report beyond the third decimal; coarser stays an upper bound.
+PLD_DISCRETIZATION = 1e-4
+
+
+def _relation(event) -> NeighborRel:
+  return NeighborRel.REPLACE_ONE if ev.is_replace_one(event) else NeighborRel.ADD_OR_REMOVE_ONE
+
+
+def _pld_accountant(event):
+  rel = _relation(event)
+  if rel is NeighborRel.REPLACE_ONE:
+    raise ValueError("the PLD accountant does not support fixed-size batches sampled without "
+                     "replacement; use accountant='rdp' or Poisson sampling")
+  if ev.contains(event, LMODpEvent):
+    return LMOAccountant()
+  # The mixture's PLD (user-level ELS) is built on the coarser grid its own
+  # accountant uses (`MOG_DISCRETIZATION`); still an upper bound.
+  if ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent):
+    mixture = MixtureAccountant()
+    if mixture.supports(event):
+      return mixture
+    return pld.PLDAccountant(rel, value_discretization_interval=MOG_DISCRETIZATION)
+  return pld.PLDAccountant(rel, value_discretization_interval=PLD_DISCRETIZATION)
+
+
+def _rdp_accountant(event):
+  return rdp.RdpAccountant(neighboring_relation=_relation(event))
+
+
+def _edgeworth(certified: bool):
+  def make(event):
+    if _relation(event) is NeighborRel.REPLACE_ONE:
+      raise ValueError("the Edgeworth accountant covers Poisson sampling (add/remove) only")
+    return EdgeworthAccountant(order=1, certified=certified)
+  return make
+
+
+# Accountant name -> factory taking the event.
+# "edgeworth" is an ESTIMATE (not an upper bound); the others are upper bounds.
+ACCOUNTANTS: Dict[str, Callable] = {"pld": _pld_accountant, "rdp": _rdp_accountant,
+                                    "edgeworth": _edgeworth(False),
+                                    "edgeworth-bound": _edgeworth(True)}
+ESTIMATES = frozenset({"edgeworth"})   # accountants whose epsilon is not a guarantee
+
+
+def bound_accountant(accountant: str) -> str:
+  """The accountant whose epsilon is reported as the guarantee: PLD in place of an estimate."""
+  return "pld" if accountant in ESTIMATES else accountant
+
+
+def composed(event: dp_accounting.DpEvent, accountant: str) -> dp_accounting.PrivacyAccountant:
+  """A fresh accountant of kind `accountant` with `event` composed into it."""
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
+  acc = ACCOUNTANTS[accountant](event)
+  if not acc.supports(event):
+    raise ValueError(f"accountant {accountant!r} does not support event {event}")
+  acc.compose(event)
+  return acc
+
+
+def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
+  """Upper bound on epsilon at `delta` for everything described by `event`."""
+  check_delta(delta)
+  return float(composed(event, accountant).get_epsilon(delta))
+
+
+def delta(event: dp_accounting.DpEvent, epsilon: float, accountant: str = "pld") -> float:
+  """Upper bound on delta at `epsilon` for everything described by `event`."""
+  check_epsilon(epsilon, allow_zero=True)
+  return float(composed(event, accountant).get_delta(epsilon))

@@ -1,0 +1,146 @@
+"""DpEvents for DP-SGD steps, in dp-accounting's event algebra.
+
+A training run is described by the events that actually happened; any
+accountant (`dpjax.core.accounting.epsilon`) consumes them. Builders here cover
+Poisson-sampled steps (the setting of arXiv 1607.00133 and of the PLD
+accountant, arXiv 2106.08567) and fixed-size batches drawn without
+replacement (replace-one neighbouring relation, arXiv 1908.10530).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import dp_accounting
+
+from dpjax.core.checks import check_noise_multiplier, check_sampling_rate, check_steps
+
+DpEvent = dp_accounting.DpEvent
+
+POISSON = "poisson"
+FIXED_BATCH = "fixed_batch"
+
+
+def gaussian_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
+  """One Poisson-sampled Gaussian step (q = 1: every unit, every step)."""
+  check_noise_multiplier(noise_multiplier)
+  check_sampling_rate(sampling_rate)
+  inner = dp_accounting.GaussianDpEvent(noise_multiplier)
+  if sampling_rate == 1.0:
+    return inner
+  return dp_accounting.PoissonSampledDpEvent(sampling_rate, inner)
+
+
+def laplace_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
+  """One Poisson-sampled Laplace step (noise_multiplier = scale / L1 sensitivity)."""
+  check_noise_multiplier(noise_multiplier)
+  check_sampling_rate(sampling_rate)
+  inner = dp_accounting.LaplaceDpEvent(noise_multiplier)
+  if sampling_rate == 1.0:
+    return inner
+  return dp_accounting.PoissonSampledDpEvent(sampling_rate, inner)
+
+
+def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int,
+                mechanism: str = "gaussian") -> DpEvent:
+  """`steps` Poisson-sampled DP-SGD steps at rate q with one noise multiplier.
+
+  Neighbouring relation: add/remove one unit (the unit being whatever
+  `clipped_grad` clipped: an example or a user).
+  """
+  check_steps(steps)
+  if mechanism == "gaussian":
+    step = gaussian_step(noise_multiplier, sampling_rate)
+  elif mechanism == "laplace":
+    step = laplace_step(noise_multiplier, sampling_rate)
+  else:
+    raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+  return dp_accounting.SelfComposedDpEvent(step, int(steps))
+
+
+def fixed_batch_event(noise_multiplier: float, dataset_size: int, batch_size: int,
+                      steps: int) -> DpEvent:
+  """`steps` Gaussian steps on batches of `batch_size` drawn without replacement.
+
+  Each step draws a uniformly random subset of fixed size, independently of
+  other steps. Valid under the replace-one relation only (accounted by RDP).
+  Shuffling into disjoint batches per epoch is NOT this event; no tight
+  accountant for it exists in dp-accounting, so dpjax does not claim one.
+  """
+  check_noise_multiplier(noise_multiplier)
+  check_steps(steps)
+  if not (1 <= batch_size <= dataset_size):
+    raise ValueError(
+        f"need 1 <= batch_size <= dataset_size, got batch_size={batch_size}, "
+        f"dataset_size={dataset_size}")
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SampledWithoutReplacementDpEvent(
+          int(dataset_size), int(batch_size),
+          dp_accounting.GaussianDpEvent(noise_multiplier)),
+      int(steps))
+
+
+def compose(events: Sequence[DpEvent]) -> DpEvent:
+  """Sequential composition of heterogeneous phases (e.g. a change of sigma)."""
+  if not events:
+    raise ValueError("compose needs at least one event")
+  return dp_accounting.ComposedDpEvent(list(events))
+
+
+def is_replace_one(event: DpEvent) -> bool:
+  """Whether the event is only meaningful under the replace-one relation."""
+  if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
+    return True
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return is_replace_one(event.event)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return any(is_replace_one(e) for e in event.events)
+  return False
+
+
+def contains(event: DpEvent, kind: type) -> bool:
+  """Whether `event` holds an event of type `kind` anywhere in its composition."""
+  if isinstance(event, kind):
+    return True
+  if isinstance(event, (dp_accounting.SelfComposedDpEvent, dp_accounting.PoissonSampledDpEvent,
+                        dp_accounting.SampledWithoutReplacementDpEvent)):
+    return contains(event.event, kind)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return any(contains(e, kind) for e in event.events)
+  return False
+
+
+def leaf_events(event: DpEvent, count: int = 1) -> List[Tuple[DpEvent, int]]:
+  """`event` unrolled into (leaf event, times composed), NoOp events dropped, order kept."""
+  if isinstance(event, dp_accounting.NoOpDpEvent):
+    return []
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return leaf_events(event.event, count * event.count)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return [leaf for e in event.events for leaf in leaf_events(e, count)]
+  return [(event, count)]
+
+
+class LeafAccountant(dp_accounting.PrivacyAccountant):
+  """A `PrivacyAccountant` over leaf events: compositions are unrolled by `leaf_events`.
+
+  Subclasses say which leaves they support (`_leaf_error`: None or why not)
+  and how one is composed `count` times (`_compose_leaf`).
+  """
+
+  def _leaf_error(self, event: DpEvent) -> Optional[str]:
+    raise NotImplementedError
+
+  def _compose_leaf(self, event: DpEvent, count: int) -> None:
+    raise NotImplementedError
+
+  def _maybe_compose(self, event, count: int, do_compose: bool):
+    leaves = leaf_events(event, count)
+    for leaf, _ in leaves:
+      why = self._leaf_error(leaf)
+      if why is not None:
+        return self.CompositionErrorDetails(invalid_event=leaf, error_message=why)
+    if do_compose:
+      for leaf, n in leaves:
+        self._compose_leaf(leaf, n)
+    return None

@@ -1,0 +1,205 @@
+"""The privacy ledger: what a run actually released, and the epsilon it composes to.
+
+A run is a sequence of segments; within one segment every release is the
+same mechanism with the same noise multiplier, sampling rate and privacy
+unit. A resume that keeps all of them extends the last segment; one that
+changes any of them (explicitly allowed) appends a new one. The epsilon a
+run reports is always `Ledger.epsilon`: the composition of every segment's
+`DpEvent` by one accountant, never a recomputation from the current config.
+
+Formal guarantees:
+  If each segment's releases are what its `event()` describes (add/remove of
+  one unit; Poisson sampling with independent draws per release; noise keys
+  never reused and secret), the whole run is `(Ledger.epsilon(delta), delta)`-DP
+  for that unit, with the PLD or RDP accountant an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import dp_accounting
+
+from dpjax.core import checks
+from dpjax.core.accounting import accountants
+from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.lmo import LMODpEvent, LMOParams
+from dpjax.core.accounting.user_level import els_step
+
+MECHANISMS = ("gaussian", "laplace", "lmo")
+
+# What must stay equal for a resume to extend a segment instead of adding one.
+PRIVACY_FIELDS = ("mechanism", "noise_multiplier", "sampling_rate", "unit", "sampling", "max_examples_per_user",
+                  "accountant", "lmo", "origin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Releases of one mechanism at one noise multiplier and one sampling rate.
+
+  Attributes:
+    mechanism: "gaussian" (L2 sensitivity), "laplace" or "lmo" (L1).
+    noise_multiplier: sigma (Gaussian), the Laplace scale / L1 sensitivity;
+      ignored by "lmo" (its noise is `lmo`).
+    sampling_rate: Poisson rate per unit (per example for ELS).
+    unit: "example" or "user".
+    sampling: None (examples), "els" or "uls" (users).
+    max_examples_per_user: the cap G on a user's examples (1 for examples).
+    steps: training steps in the segment.
+    extra_releases: privatised gradients beyond one per step (charged DP-SAM's
+      ascent gradients: same mechanism, own Poisson draw and noise).
+    accountant: the accountant the run was planned with.
+    lmo: LMO-DP parameters (`LMOParams.as_dict()`) for mechanism "lmo".
+    num_units: units the sampler drew from (informational).
+    origin: the spec values that chose the noise (e.g. the target epsilon and
+      the run's length it was calibrated over): a resume continues this
+      segment only when they are unchanged.
+  """
+  mechanism: str
+  noise_multiplier: float
+  sampling_rate: float
+  unit: str
+  sampling: Optional[str]
+  max_examples_per_user: int
+  steps: int
+  extra_releases: int = 0
+  accountant: str = "pld"
+  lmo: Optional[Dict[str, float]] = None
+  num_units: Optional[int] = None
+  origin: Optional[Dict[str, Any]] = None
+
+  def __post_init__(self):
+    if self.mechanism not in MECHANISMS:
+      raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+    checks.check_unit(self.unit, self.sampling, self.max_examples_per_user)
+    checks.check_accountant_covers(self.mechanism, self.unit, self.sampling, self.accountant)
+    checks.check_sampling_rate(self.sampling_rate)
+    checks.check_steps(self.steps, minimum=0, name="segment steps")
+    checks.check_steps(self.extra_releases, minimum=0, name="extra_releases")
+    if self.mechanism == "lmo":
+      if not self.lmo:
+        raise ValueError("an 'lmo' segment needs its LMO parameters")
+    else:
+      checks.check_noise_multiplier(self.noise_multiplier)
+
+  @property
+  def releases(self) -> int:
+    return int(self.steps) + int(self.extra_releases)
+
+  def privacy_key(self) -> Tuple:
+    return tuple(canonical(getattr(self, f)) for f in PRIVACY_FIELDS)
+
+  def differs_from(self, other: "Segment") -> Dict[str, Tuple[Any, Any]]:
+    """The privacy fields that differ: name -> (self's value, other's value)."""
+    return {f: (getattr(self, f), getattr(other, f)) for f in PRIVACY_FIELDS
+            if canonical(getattr(self, f)) != canonical(getattr(other, f))}
+
+  def step_event(self) -> dp_accounting.DpEvent:
+    """One release of this segment."""
+    if self.mechanism == "lmo":
+      return LMODpEvent(LMOParams(**self.lmo), self.sampling_rate)
+    if self.unit == "user" and self.sampling == "els":
+      return els_step(self.noise_multiplier, self.sampling_rate, self.max_examples_per_user)
+    if self.mechanism == "laplace":
+      return ev.laplace_step(self.noise_multiplier, self.sampling_rate)
+    return ev.gaussian_step(self.noise_multiplier, self.sampling_rate)
+
+  def event(self) -> dp_accounting.DpEvent:
+    """All the segment's releases (descent steps and charged ascent steps alike)."""
+    if self.releases == 0:
+      return dp_accounting.NoOpDpEvent()
+    return dp_accounting.SelfComposedDpEvent(self.step_event(), self.releases)
+
+  def with_steps(self, steps: int, extra_releases: int) -> "Segment":
+    return dataclasses.replace(self, steps=int(steps), extra_releases=int(extra_releases))
+
+  def to_json(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: Dict[str, Any]) -> "Segment":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "G" in d:   # checkpoints written before the field had its full name
+      d = {("max_examples_per_user" if k == "G" else k): v for k, v in d.items()}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"unknown ledger segment fields {sorted(unknown)}")
+    return cls(**d)
+
+
+def canonical(v):
+  """A comparable form of a segment field: numbers as floats, dicts as sorted tuples."""
+  if isinstance(v, bool) or v is None or isinstance(v, str):
+    return v
+  if isinstance(v, (int, float)):
+    return float(v)
+  if isinstance(v, dict):
+    return tuple(sorted((k, canonical(x)) for k, x in v.items()))
+  if isinstance(v, (list, tuple)):
+    return tuple(canonical(x) for x in v)
+  return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+  """The segments that ran, in order."""
+  segments: Tuple[Segment, ...] = ()
+
+  @property
+  def steps(self) -> int:
+    return sum(s.steps for s in self.segments)
+
+  @property
+  def releases(self) -> int:
+    return sum(s.releases for s in self.segments)
+
+  def event(self) -> dp_accounting.DpEvent:
+    events = [s.event() for s in self.segments if s.releases]
+    if not events:
+      return dp_accounting.NoOpDpEvent()
+    return events[0] if len(events) == 1 else ev.compose(events)
+
+  def record(self, segment: Segment) -> "Ledger":
+    """Extends the last segment when `segment` has the same privacy fields, else appends."""
+    if self.segments and self.segments[-1].privacy_key() == segment.privacy_key():
+      last = self.segments[-1]
+      merged = last.with_steps(last.steps + segment.steps,
+                               last.extra_releases + segment.extra_releases)
+      return Ledger(self.segments[:-1] + (merged,))
+    return Ledger(self.segments + (segment,))
+
+  def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
+    """Epsilon of everything released, by `accountant` (default: the segments' own).
+
+    0.0 before the first release. An estimating accountant ("edgeworth")
+    returns its estimate; `bound_accountant` names the one to report.
+    """
+    if not self.releases:
+      return 0.0
+    if accountant is None:
+      names = {s.accountant for s in self.segments}
+      if len(names) != 1:
+        raise ValueError(f"segments were planned with different accountants {sorted(names)}; "
+                         "name the accountant to compose them with")
+      accountant = names.pop()
+    return _epsilon(self.dumps(), float(delta), accountant)
+
+  def to_json(self) -> list:
+    return [s.to_json() for s in self.segments]
+
+  @classmethod
+  def from_json(cls, rows: Sequence[Dict[str, Any]]) -> "Ledger":
+    return cls(tuple(Segment.from_json(dict(r)) for r in rows))
+
+  def dumps(self) -> str:
+    return json.dumps(self.to_json(), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _epsilon(ledger_json: str, delta: float, accountant: str) -> float:
+  # Memoised: a run asks for the same ledger's epsilon at every log row, and a
+  # mixture (ELS) or LMO PLD is costly to build.
+  return accountants.epsilon(Ledger.from_json(json.loads(ledger_json)).event(), delta, accountant)

@@ -1,0 +1,147 @@
+"""User-level guarantees for example-level (ELS) and user-level (ULS) sampling.
+
+Charles et al. 2024 (arXiv 2407.07737). Each user holds at most G examples
+(contribution bounding happens before sampling). Neighbouring datasets differ
+by adding or removing ONE USER with all of their examples.
+
+- **ULS** samples users with probability q_user; a sampled user's clipped
+  contribution has norm <= C. One step is the Poisson-subsampled Gaussian at
+  the user level: `uls_event` is `dpsgd_event` with users as the unit.
+- **ELS** samples examples with probability q and clips each example to C.
+  A user's G examples enter independently, so J ~ Binomial(G, q) of them are
+  in a batch and the user's contribution has norm <= J C (worst case: all
+  aligned). One step is the mixture-of-Gaussians mechanism
+  N(0, sigma^2 C^2) vs sum_j Binom(G, q)(j) N(j C, sigma^2 C^2)
+  (dp-accounting's `MixtureOfGaussiansDpEvent`, arXiv 2310.15526), which
+  its PLD accountant composes with pessimistic discretisation: an upper
+  bound. For G = 1 it is exactly the example-level subsampled Gaussian.
+- **Group privacy** (the loose baseline): an example-level (eps, delta)
+  guarantee gives (G eps, G e^{(G-1) eps} delta) for a group of G examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import dp_accounting
+from dp_accounting import dp_event, pld
+from scipy import stats
+
+import numpy as np
+
+from dpjax.core.accounting import accountants
+from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.mixture import MOG_DISCRETIZATION
+from dpjax.core.checks import (check_delta, check_max_examples_per_user, check_noise_multiplier,
+                               check_sampling_rate, check_steps)
+
+
+
+
+def els_step(noise_multiplier: float, sampling_rate: float, max_examples_per_user: int) -> dp_accounting.DpEvent:
+  """One ELS step seen by one user with G examples (the mixture of Gaussians)."""
+  G = max_examples_per_user   # the papers' G
+  check_noise_multiplier(noise_multiplier)
+  check_sampling_rate(sampling_rate)
+  check_max_examples_per_user(G)
+  js = list(range(G + 1))
+  probs = [float(p) for p in stats.binom.pmf(js, G, sampling_rate)]
+  # Drop numerically-zero weights; the PLD is built from the remaining support.
+  keep = [(j, p) for j, p in zip(js, probs) if p > 0.0]
+  return dp_event.MixtureOfGaussiansDpEvent(
+      float(noise_multiplier), [float(j) for j, _ in keep], [p for _, p in keep])
+
+
+def els_event(noise_multiplier: float, sampling_rate: float, steps: int,
+              max_examples_per_user: int) -> dp_accounting.DpEvent:
+  """`steps` ELS steps: user-level event for PLD accounting."""
+  G = max_examples_per_user   # the papers' G
+  check_steps(steps)
+  return dp_accounting.SelfComposedDpEvent(els_step(noise_multiplier, sampling_rate, G),
+                                           int(steps))
+
+
+def uls_event(noise_multiplier: float, user_sampling_rate: float,
+              steps: int) -> dp_accounting.DpEvent:
+  """`steps` ULS steps: the subsampled Gaussian with users as the unit."""
+  return ev.dpsgd_event(noise_multiplier, user_sampling_rate, steps)
+
+
+def els_accountant(noise_multiplier: float, sampling_rate: float, steps: int,
+                   max_examples_per_user: int) -> pld.PLDAccountant:
+  G = max_examples_per_user   # the papers' G
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                          value_discretization_interval=MOG_DISCRETIZATION)
+  acc.compose(els_event(noise_multiplier, sampling_rate, steps, G))
+  return acc
+
+
+@functools.lru_cache(maxsize=256)
+def els_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int,
+                delta: float) -> float:
+  """User-level epsilon of ELS (PLD, upper bound); memoised, as the mixture's PLD is costly."""
+  G = max_examples_per_user   # the papers' G
+  check_delta(delta)
+  return float(els_accountant(noise_multiplier, sampling_rate, steps, G).get_epsilon(delta))
+
+
+def group_privacy_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int,
+                          delta: float, accountant: str = "pld") -> float:
+  """User-level epsilon of ELS from the example-level guarantee by group privacy.
+
+  Finds the example-level (eps_1, delta_1) with G e^{(G-1) eps_1} delta_1 =
+  delta on the example-level privacy curve, and returns G eps_1.
+  """
+  G = max_examples_per_user   # the papers' G
+  check_delta(delta)
+  check_max_examples_per_user(G)
+  event = ev.dpsgd_event(noise_multiplier, sampling_rate, steps)
+  if G == 1:
+    return accountants.epsilon(event, delta, accountant)
+  # delta_1(eps_1) decreases in eps_1 while the group's factor increases:
+  # bisect on eps_1 for G e^{(G-1) eps_1} delta_1(eps_1) = delta.
+  acc = accountants.composed(event, accountant)   # composed once, queried many times
+
+  def excess(e1: float) -> float:
+    d1 = float(acc.get_delta(e1))
+    return math.log(G) + (G - 1) * e1 + math.log(max(d1, 1e-300)) - math.log(delta)
+
+  lo, hi = 0.0, 1.0
+  while excess(hi) > 0:
+    lo, hi = hi, hi * 2
+    if hi > 1e4:
+      return math.inf
+  if excess(lo) <= 0:
+    return 0.0
+  for _ in range(50):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+  return G * hi
+
+
+def group_size_tradeoff(examples_per_user, group_sizes, noise_multiplier: float,
+                        batch_size: float, steps: int, delta: float):
+  """The ELS trade-off in G at fixed noise and fixed expected examples per step.
+
+  `examples_per_user[u]` is how many examples user u holds. For each G the
+  users are capped to G examples (kept = sum min(n_u, G)), ELS samples
+  q = batch_size / kept, and the user-level epsilon is reported by the tight
+  ELS accountant and by group privacy. Larger G keeps more data (and lowers
+  q) but lets one user weigh more in a batch.
+  """
+  counts = np.asarray(examples_per_user)
+  if counts.ndim != 1 or len(counts) == 0 or np.any(counts < 1):
+    raise ValueError("examples_per_user must be a non-empty 1-D array of counts >= 1")
+  rows = []
+  for G in group_sizes:
+    check_max_examples_per_user(G)
+    kept = int(np.minimum(counts, G).sum())
+    q = batch_size / kept
+    check_sampling_rate(q)
+    rows.append({"G": int(G), "examples_kept": kept, "fraction_kept": kept / int(counts.sum()),
+                 "sampling_rate": q,
+                 "epsilon_els": els_epsilon(noise_multiplier, q, steps, int(G), delta),
+                 "epsilon_group": group_privacy_epsilon(noise_multiplier, q, steps, int(G),
+                                                        delta)})
+  return rows

@@ -1,0 +1,116 @@
+"""Argument checks of the private core, written once.
+
+Every public entry point that takes a privacy parameter checks it here, at the
+boundary and before any compute, and fails with one line naming the argument,
+the value given and what is allowed. The config spec (`dpjax.training.spec`)
+and the CLI call the same functions, so a value is refused with the same words
+wherever it enters.
+
+Example:
+  >>> check_delta(1e-5)
+  >>> check_delta(2.0)
+  Traceback (most recent call last):
+  ...
+  ValueError: delta must be in (0, 1), got 2.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+
+UNITS = ("example", "user")
+USER_SAMPLING = ("els", "uls")
+
+
+def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
+  """Raises ValueError unless `value` is finite and > 0 (>= 0 with `allow_zero`)."""
+  ok = value >= 0 if allow_zero else value > 0
+  if not (ok and math.isfinite(value)):
+    raise ValueError(f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+def check_delta(delta: float) -> None:
+  """Raises ValueError unless 0 < delta < 1."""
+  if not (0.0 < delta < 1.0):
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+def check_epsilon(epsilon: float, *, allow_zero: bool = False) -> None:
+  """Raises ValueError unless epsilon is finite and > 0 (>= 0 with `allow_zero`)."""
+  check_positive(epsilon, "epsilon", allow_zero=allow_zero)
+
+
+def check_sampling_rate(q: float) -> None:
+  """Raises ValueError unless 0 < q <= 1."""
+  if not (0.0 < q <= 1.0):
+    raise ValueError(f"sampling_rate must be in (0, 1], got {q}")
+
+
+def check_steps(steps: int, *, minimum: int = 1, name: str = "steps") -> None:
+  """Raises ValueError unless `steps` is an integer >= `minimum`."""
+  if int(steps) != steps or steps < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {steps}")
+
+
+def check_noise_multiplier(sigma: float) -> None:
+  """Raises ValueError unless sigma is finite and > 0."""
+  check_positive(sigma, "noise_multiplier")
+
+
+def check_clip_norms(clip: Any, name: str) -> None:
+  """Raises ValueError unless every leaf of the clip-norm pytree is finite and > 0."""
+  for c in jax.tree.leaves(clip):
+    c = float(c)
+    if not (c > 0 and math.isfinite(c)):
+      raise ValueError(f"{name} must be finite and > 0 (every leaf), got {c}")
+
+
+def check_max_examples_per_user(max_examples_per_user: int) -> None:
+  """Raises ValueError unless the per-user cap (G in the papers) is an integer >= 1."""
+  g = max_examples_per_user
+  if int(g) != g or g < 1:
+    raise ValueError(f"max examples per user G must be an integer >= 1, got {g}")
+
+
+def check_unit(unit: str, sampling: Optional[str], max_examples_per_user: int) -> None:
+  """Validates a privacy unit and, for users, how batches sample them.
+
+  Args:
+    unit: "example" or "user".
+    sampling: for users, "els" (examples sampled after capping each user) or
+      "uls" (users sampled); for examples, None or "poisson".
+    max_examples_per_user: the cap G on a user's examples (users only).
+  """
+  if unit not in UNITS:
+    raise ValueError(f"privacy unit must be one of {UNITS}, got {unit!r}")
+  if unit == "user":
+    if sampling not in USER_SAMPLING:
+      raise ValueError(f"user-level DP needs sampling in {USER_SAMPLING} "
+                       f"(example- or user-level sampling), got {sampling!r}")
+    check_max_examples_per_user(max_examples_per_user)
+  elif sampling not in (None, "poisson"):
+    raise ValueError(f"example-level DP samples examples (Poisson); sampling={sampling!r} "
+                     "applies to privacy_unit='user'")
+
+
+def check_accountant_covers(mechanism: str, unit: str, sampling: Optional[str],
+                            accountant: str) -> None:
+  """Raises ValueError unless dpjax has an accountant of kind `accountant` for this release.
+
+  LMO-DP noise is accounted by its own PLD (example level, or users sampled
+  as units); user-level ELS by the PLD of a mixture of Gaussians, so with
+  Gaussian noise only.
+  """
+  if mechanism == "lmo":
+    if sampling == "els":
+      raise ValueError("LMO noise has no ELS user-level accountant; use user_sampling='uls' or "
+                       "privacy_unit='example'")
+    if accountant != "pld":
+      raise ValueError(f"LMO noise is accounted by its own PLD; set accountant='pld', got "
+                       f"{accountant!r}")
+  elif unit == "user" and sampling == "els" and (mechanism, accountant) != ("gaussian", "pld"):
+    raise ValueError("the user-level ELS accountant covers Gaussian noise with accountant='pld', "
+                     f"got mechanism={mechanism!r}, accountant={accountant!r}")

@@ -1,0 +1,446 @@
+"""Ghost-norm / book-keeping clipping: the clipped sum from one backward pass.
+
+`clipped_grad(..., method="ghost")` returns the same thing as the vmap path
+(the sum over units of each unit's clipped gradient) without materialising a
+per-unit gradient of the big layers. For a linear layer `y = x W` a unit's
+weight gradient is `x^T g` (`x` its inputs `[T, d_in]`, `g` the loss gradient
+at its outputs `[T, d_out]`), so
+
+- its norm is `sum_{t,s} (x_t . x_s)(g_t . g_s)` (ghost norm, Li et al. 2021,
+  arXiv 2110.05679; cost T^2 (d_in + d_out)), or that of the materialised
+  `x^T g` (cost T d_in d_out) -- whichever is cheaper for the layer (the mixed
+  rule of Bu et al., arXiv 2205.10683; an embedding's `x` is one-hot, its
+  Gram a token-equality matrix, its materialised gradient a scatter of `g`);
+- the clipped sum is `sum_u c_u x_u^T g_u`, one einsum over activations,
+  output gradients and clip factors (book-keeping, Bu et al., arXiv
+  2210.00038): no second backward pass.
+
+How the layers are seen: inside the loss, linen's `nn.Dense` (`__call__`) and
+`nn.Embed` (`__call__` and `attend`) calls are intercepted
+(`flax.linen.intercept_methods`): each records its input and adds a zero
+"tap" to its output, whose gradient is `g`. One vmapped backward pass w.r.t.
+the taps and the remaining parameters gives every `g` and the per-unit
+gradients of the parameters without a rule (norm scales, prefixes, LoRA
+factors, raw parameters): those fall back to the vmap path, per parameter.
+A weight shared by several layers (a tied embedding used for lookup and for
+the logits) gets the cross terms of its uses in the norm.
+
+A weight is taken by the ghost rule only if every use of it in the loss is an
+intercepted layer call. This is checked when the function is traced: the
+loss is differentiated forward w.r.t. every weight with the intercepted uses
+cut, and a weight whose tangent still reaches anything (a regulariser on it,
+a manual `x @ W`) falls back to vmap. So the result equals the vmap path's
+whatever the loss does with its parameters; only the speed differs.
+
+Example:
+  >>> grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost")
+  >>> grads, aux = grad_fn(params, batch, mask=mask)      # as with method="vmap"
+  >>> grad_fn.rules(params, batch)["layer_0/mlp/up/kernel"]
+  'ghost'
+
+Formal guarantees: those of `clipped_grad` (add/remove sensitivity C, or
+the norm of the per-group bounds), because every unit's contribution is
+`c_u` times one vector -- the sum over the parameters of `x_u^T g_u`, the
+materialised rows, or the vmap gradient -- and `c_u` is computed from the
+norm of that same vector (the ghost norm is its exact norm, not an
+estimate). Which rule computes a parameter never depends on the data, only
+on shapes and on how the loss uses the parameter. As on the vmap path, the
+bound holds up to floating-point rounding of the norm (relative ~1e-6 in
+f32; norms and sums are accumulated in f32 under bf16 compute).
+
+User-level units: a loss built by `dpjax.core.clipping.group_mean` (a user's G
+examples, the weighted mean of a per-example loss) is opened up: each
+example runs under its own tape and the user's rows are its examples' rows,
+so the layers keep their rule. A loss that writes the group as one batch
+(`model.apply` on `[G, T]`) works as it is.
+
+Limits: only L2 clipping (there is no ghost L1 norm). A layer called inside
+a transform of the loss's own (an inner `jax.vmap` other than
+`group_mean`'s, `nn.scan`, `nn.remat`, an inner `jax.jit`) runs under
+another trace; it gets no rule and its weights take the vmap path
+(correct, not faster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpjax.core.clipping.base import ClippedGradFn, GroupMean
+
+PyTree = Any
+_F32 = jnp.float32
+
+
+class _Site(NamedTuple):
+  """One intercepted layer call, in call order (static, found at trace time)."""
+  kind: str                      # "dense" | "embed" | "attend"
+  weight: int                    # flat index of its weight leaf
+  bias: Optional[int]            # flat index of its bias leaf (dense with bias)
+  out: jax.ShapeDtypeStruct      # per-unit output (the tap's shape)
+
+
+def _call_site(module, method: str, args, kwargs, index_of: Dict[int, int]):
+  """(kind, weight, bias, layer input) when this call has a ghost rule, else None."""
+  if not (args or kwargs):
+    return None
+  x = args[0] if args else next(iter(kwargs.values()))
+  params = module.variables.get("params", {})
+  if type(module) is nn.Dense and method == "__call__":
+    w = index_of.get(id(params.get("kernel")))
+    if w is None:
+      return None
+    # An untracked bias (frozen, or not a leaf of params) is a constant of the
+    # layer; a tracked one is taken with its kernel.
+    b = index_of.get(id(params.get("bias"))) if module.use_bias else None
+    return "dense", w, b, x
+  if type(module) is nn.Embed and method in ("__call__", "attend"):
+    w = index_of.get(id(params.get("embedding")))
+    if w is None:
+      return None
+    return ("embed" if method == "__call__" else "attend"), w, None, x
+  return None
+
+
+def _apply_cut(module, method: str, args, kwargs):
+  """The layer's output with no derivative w.r.t. its own variables."""
+  variables = jax.tree.map(jax.lax.stop_gradient, dict(module.variables))
+  clone = module.clone(parent=None)
+  return clone.apply(variables, *args, method=method, **kwargs)
+
+
+class _Tape:
+  """The interceptor of one trace: records sites ("plan") or taps them ("run")."""
+
+  def __init__(self, index_of: Dict[int, int], sites: Optional[Sequence[_Site]] = None,
+               taps: Optional[Sequence[jax.Array]] = None):
+    self.index_of = index_of
+    self.planning = sites is None
+    self.sites: List[_Site] = [] if sites is None else list(sites)
+    self.taps = taps
+    self.inputs: List[jax.Array] = []
+    self._inside = False
+    self._trace = _current_trace()
+
+  def __call__(self, next_fun, args, kwargs, context):
+    # A layer inside a transform of the loss's own (an inner vmap, scan, jit)
+    # runs under another trace: its inputs cannot leave it, so no rule.
+    if self._inside or _current_trace() is not self._trace:
+      return next_fun(*args, **kwargs)
+    found = _call_site(context.module, context.method_name, args, kwargs, self.index_of)
+    if found is None:
+      return next_fun(*args, **kwargs)
+    kind, w, b, x = found
+    if self.planning:
+      self._inside = True
+      try:
+        out = _apply_cut(context.module, context.method_name, args, kwargs)
+      finally:
+        self._inside = False
+      self.sites.append(_Site(kind, w, b, jax.ShapeDtypeStruct(out.shape, out.dtype)))
+      return out
+    k = len(self.inputs)
+    if k >= len(self.sites) or self.sites[k][:3] != (kind, w, b):
+      raise RuntimeError(
+          "ghost clipping: the loss called its layers differently on a second trace "
+          f"(call {k}: {kind} of leaf {w}); the loss must be a deterministic function "
+          "of its inputs' shapes")
+    out = next_fun(*args, **kwargs)
+    if out.shape != self.sites[k].out.shape:
+      raise RuntimeError(f"ghost clipping: layer output {out.shape} != traced {self.sites[k].out.shape}")
+    self.inputs.append(x)
+    return out + self.taps[k].astype(out.dtype)
+
+
+def _current_trace():
+  try:
+    from jax._src import core
+    return core.trace_ctx.trace
+  except (ImportError, AttributeError):
+    return None
+
+
+@contextlib.contextmanager
+def _intercept(tape: _Tape):
+  with nn.intercept_methods(tape):
+    yield
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _used_inputs(jaxpr) -> List[bool]:
+  """Which inputs of a jaxpr reach its outputs (dead code removed, sub-jaxprs included)."""
+  try:
+    from jax._src.interpreters import partial_eval as pe
+    return list(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[1])
+  except (ImportError, AttributeError):  # conservative: any mention counts as a use
+    from jax.extend.core import Literal
+    used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)}
+    used |= {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    return [v in used for v in jaxpr.invars]
+
+
+def _gram(a_kind: str, a, b_kind: str, b):
+  """Per-unit Gram `[U, Ta, Tb]` (f32) of two row sets; "index" rows are one-hot ids."""
+  if a_kind == "index" and b_kind == "index":
+    return (a[:, :, None] == b[:, None, :]).astype(_F32)
+  if a_kind == "dense" and b_kind == "dense":
+    return jnp.einsum("uti,usi->uts", a, b, preferred_element_type=_F32)
+  if a_kind == "index":
+    return jnp.swapaxes(_gram(b_kind, b, a_kind, a), 1, 2)
+  idx = jnp.broadcast_to(b[:, None, :], a.shape[:2] + b.shape[1:])
+  return jnp.take_along_axis(a, idx, axis=2).astype(_F32)
+
+
+class _Use(NamedTuple):
+  """A weight's per-unit gradient is sum over uses of `left^T right`."""
+  left_kind: str    # "dense": left [U, T, rows]; "index": left [U, T] row ids
+  left: jax.Array
+  right: jax.Array  # [U, T, cols]
+
+
+def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str]:
+  """The mixed rule per taken leaf: ghost unless T^2 > rows * cols (T: the unit's rows)."""
+  tokens: Dict[int, int] = {}
+  out = {}
+  for s in sites:
+    t = group_size
+    for d in s.out.shape[:-1]:     # rows of x^T g: every axis but the features
+      t *= d
+    tokens[s.weight] = tokens.get(s.weight, 0) + t
+    if s.bias is not None:
+      out[s.bias] = "materialised"
+  for i, t in tokens.items():
+    rows, cols = leaves[i].shape
+    out[i] = "materialised" if t * t > rows * cols else "ghost"
+  return out
+
+
+def _materialise(u: "_Use", shape, n_units: int):
+  """The per-unit gradient `left^T right` of one use, `[U, rows, cols]` (f32)."""
+  if u.left_kind == "dense":
+    return jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
+  units = jnp.arange(n_units)[:, None]
+  return jnp.zeros((n_units,) + tuple(shape), _F32).at[units, u.left].add(
+      u.right.astype(_F32), mode="drop")
+
+
+class GhostClippedGradFn(ClippedGradFn):
+  """`clipped_grad(..., method="ghost")`; see the module docstring."""
+
+  method = "ghost"
+
+  def _plan(self, leaves, treedef, batch, args):
+    """(sites, the weight leaves the ghost rule may take, rows per unit's group).
+
+    Traced on one unit (or one example of a `group_mean` unit), not run.
+    """
+    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+                        batch)
+    group_size = 1
+    if self._group is not None:     # the layers are traced on one example of the unit
+      group_size = jax.tree.leaves(batch)[0].shape[1]
+      unit = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in unit.items()
+              if k != self._group.weight_key}
+    cand = [i for i, x in enumerate(leaves) if _is_float(x)]
+    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)
+    tape_box = []
+
+    def forward(all_leaves, unit, args, cand_tangents):
+      def loss_of(cand_leaves):
+        full = list(all_leaves)
+        for i, v in zip(cand, cand_leaves):
+          full[i] = v
+        ids = [id(full[i]) for i in cand]
+        index_of = {id(full[i]): i for i in cand if ids.count(id(full[i])) == 1}
+        tape = _Tape(index_of)
+        tape_box.append(tape)
+        with _intercept(tape):
+          loss, _ = self._traced_loss(jax.tree.unflatten(treedef, full), unit, args)
+        return loss
+      primals = [all_leaves[i] for i in cand]
+      return jax.jvp(loss_of, (primals,), (cand_tangents,))[1]
+
+    tangents = [abstract(leaves[i]) for i in cand]
+    closed = jax.make_jaxpr(forward)(abstract(leaves), unit, abstract(args), tangents)
+    sites = tape_box[-1].sites
+    n_in = len(jax.tree.leaves((abstract(leaves), unit, abstract(args))))
+    used = _used_inputs(closed.jaxpr)[n_in:]
+    clean = {i for i, u in zip(cand, used) if not u}
+    # A weight is taken iff it has no other use and every site it is in is taken.
+    taken = {s.weight for s in sites} | {s.bias for s in sites if s.bias is not None}
+    taken &= clean
+    while True:
+      bad = {i for s in sites for i in (s.weight, s.bias)
+             if i is not None and not (s.weight in taken and (s.bias is None or s.bias in taken))}
+      if not bad & taken:
+        break
+      taken -= bad
+    return [s for s in sites if s.weight in taken], taken, group_size
+
+  def _clip_chunk(self, params, batch, mask, args):
+    if self.norm_ord != 2:
+      raise ValueError("ghost clipping computes L2 norms only; use method='vmap' with l1_clip_norm")
+    leaves, treedef = jax.tree.flatten(params)
+    sites, taken, group_size = self._plan(leaves, treedef, batch, args)
+    fallback = [i for i in range(len(leaves)) if i not in taken]
+    n_units = mask.shape[0]
+
+    def taped(fb_leaves, taps, unit):
+      """(loss, aux) and the recorded layer inputs of one traced call."""
+      full = list(leaves)
+      for i, v in zip(fallback, fb_leaves):
+        full[i] = v
+      tape = _Tape({id(leaves[i]): i for i in taken}, sites, taps)
+      with _intercept(tape):
+        out = self._traced_loss(jax.tree.unflatten(treedef, full), unit, args)
+      if len(tape.inputs) != len(sites):
+        raise RuntimeError(f"ghost clipping: {len(tape.inputs)} layer calls, traced {len(sites)}")
+      return out, tuple(tape.inputs)
+
+    group = self._group
+
+    def unit_fn(fb_leaves, taps, unit):
+      if group is None:
+        (loss, aux), inputs = taped(fb_leaves, taps, unit)
+        return loss, (aux, inputs)
+      # One user's G examples, each under its own tape (inside this vmap): its
+      # rows are the G examples' rows, weighted through the mean's gradient.
+      w, examples = group.split(unit)
+      outs, inputs = jax.vmap(taped, in_axes=(None, 0, 0))(fb_leaves, taps, examples)
+      if group.has_aux:
+        loss, aux = group.combine(w, outs)
+      else:
+        loss, aux = group.combine(w, outs[0]), None
+      return loss, (aux, inputs)
+
+    per_unit = () if group is None else (group_size,)
+    taps = [jnp.zeros((n_units,) + per_unit + s.out.shape, s.out.dtype) for s in sites]
+    grad_fn = jax.value_and_grad(unit_fn, argnums=(0, 1), has_aux=True)
+    (loss, (aux, inputs)), (g_fb, g_taps) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
+        [leaves[i] for i in fallback], taps, batch)
+
+    # Per-unit gradient of each leaf: materialised (fallback, biases) or as uses.
+    dense_grads: Dict[int, jax.Array] = dict(zip(fallback, g_fb))
+    uses: Dict[int, List[_Use]] = {}
+    flat = lambda a, keep_last=True: a.reshape((n_units, -1) + ((a.shape[-1],) if keep_last else ()))
+    for s, x, g in zip(sites, inputs, g_taps):
+      if s.kind == "dense":
+        uses.setdefault(s.weight, []).append(_Use("dense", flat(x), flat(g)))
+        if s.bias is not None:
+          gb = jnp.sum(flat(g).astype(_F32), axis=1)
+          dense_grads[s.bias] = dense_grads[s.bias] + gb if s.bias in dense_grads else gb
+      elif s.kind == "embed":
+        uses.setdefault(s.weight, []).append(_Use("index", flat(x, keep_last=False), flat(g)))
+      else:  # attend: logits = x E^T, so dE = g^T x
+        uses.setdefault(s.weight, []).append(_Use("dense", flat(g), flat(x)))
+
+    rules = _rules(sites, leaves, group_size)
+    sq: Dict[int, jax.Array] = {}
+    for i, us in list(uses.items()):
+      if rules[i] == "materialised":
+        dense_grads[i] = sum(_materialise(u, leaves[i].shape, n_units) for u in us)
+        del uses[i]
+        continue
+      acc = 0.0
+      for a in range(len(us)):
+        for b in range(a, len(us)):
+          ua, ub = us[a], us[b]
+          term = jnp.sum(_gram(ua.left_kind, ua.left, ub.left_kind, ub.left)
+                         * _gram("dense", ua.right, "dense", ub.right), axis=(1, 2))
+          acc = acc + (term if a == b else 2.0 * term)
+      sq[i] = acc
+    for i, g in dense_grads.items():
+      sq[i] = jnp.sum(jnp.square(g.astype(_F32)).reshape(n_units, -1), axis=1)
+
+    # Group the squared norms by clip group (flat: one group).
+    group_of = self._groups(params, len(leaves))
+    n_groups = len(jax.tree.leaves(self.clip_norm))
+    group_sq = [jnp.zeros((n_units,), _F32) for _ in range(n_groups)]
+    for i, v in sq.items():
+      group_sq[group_of[i]] = group_sq[group_of[i]] + v
+    norm_list = [jnp.sqrt(jnp.maximum(v, 0.0)) for v in group_sq]
+    norms = jax.tree.unflatten(jax.tree.structure(self.clip_norm), norm_list)
+    keep, dropped, factors = self._factors(loss, norms, mask)
+    factor_list = jax.tree.leaves(factors)
+
+    def kept(a):
+      return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
+
+    out: List[Any] = [None] * len(leaves)
+    for i, g in dense_grads.items():
+      c = factor_list[group_of[i]].astype(_F32)
+      out[i] = jnp.tensordot(c, kept(g).astype(_F32), axes=1)
+
+    def bookkeep(sanitize: bool):
+      """sum_u c_u left_u^T right_u per weight. Units with factor 0 must add exactly
+      0; with finite inputs c = 0 does it, a non-finite input needs the where()."""
+      prep = kept if sanitize else (lambda a: a)
+      sums = []
+      for i, us in uses.items():
+        c = factor_list[group_of[i]].astype(_F32)
+        total = jnp.zeros(leaves[i].shape, _F32)
+        for u in us:
+          right = prep(u.right).astype(_F32) * c[:, None, None]
+          if u.left_kind == "index":
+            ids = u.left.reshape(-1)
+            total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
+          else:
+            total = total + jnp.einsum("uti,utj->ij", prep(u.left), right,
+                                       preferred_element_type=_F32)
+        sums.append(total)
+      return sums
+
+    # Any non-finite activation or output gradient makes its unit's squared
+    # norm non-finite, so the copies that zero such units are made only then.
+    poisoned = jnp.any(~jnp.isfinite(sum(group_sq))) | jnp.any(~jnp.isfinite(loss.astype(_F32)))
+    if uses:
+      sums = jax.lax.cond(poisoned, lambda: bookkeep(True), lambda: bookkeep(False))
+      for i, total in zip(uses, sums):
+        out[i] = total
+    summed = jax.tree.unflatten(treedef, [o.astype(l.dtype) for o, l in zip(out, leaves)])
+    return summed, self._aux(loss, norms, mask, keep, dropped, aux)
+
+  def rules(self, params: PyTree, batch: PyTree, *args) -> Dict[str, str]:
+    """How each parameter's per-unit norm and clipped sum are computed, by path.
+
+    "ghost" (Gram of inputs x Gram of output gradients), "materialised"
+    (`x^T g` per unit from the taps: a bias, or a weight where T^2 > rows x
+    cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use
+    outside the intercepted layers). Traces the loss once; nothing is computed.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    sites, _, group_size = self._plan(leaves, treedef, batch, args)
+    rules = _rules(sites, leaves, group_size)
+    paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return {p: rules.get(i, "vmap") for i, p in enumerate(paths)}
+
+  @property
+  def _group(self) -> Optional[GroupMean]:
+    return self._loss_fn if isinstance(self._loss_fn, GroupMean) else None
+
+  def _traced_loss(self, params, unit, args):
+    """(loss, aux) of the call the layers are traced in: the unit, or one example of a group."""
+    group = self._group
+    if group is None:
+      return self._unit_loss(params, unit, args)
+    out = group.example_loss(params, unit, *args)
+    return out if group.has_aux else (out, None)
+
+  def _groups(self, params, n_leaves: int) -> List[int]:
+    """Clip-group index of every flat leaf of `params`."""
+    if not self.per_layer:
+      return [0] * n_leaves
+    clip_def = jax.tree.structure(self.clip_norm)
+    gid = jax.tree.unflatten(clip_def, list(range(clip_def.num_leaves)))
+    per_leaf = jax.tree.map(lambda g, sub: jax.tree.map(lambda _: g, sub), gid, params)
+    out = jax.tree.leaves(per_leaf)
+    if len(out) != n_leaves:
+      raise ValueError("the clip-norm tree must be a prefix of params")
+    return out

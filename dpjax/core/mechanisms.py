@@ -1,0 +1,271 @@
+"""Privatizers as optax transforms: noise added once to the clipped sum.
+
+Each mechanism takes the SUM of clipped per-unit gradients (from
+`dpjax.clipped_grad`) and adds noise scaled to its sensitivity, exactly once
+per `update`. Chain it before `normalize` and the optimizer:
+
+    tx = optax.chain(gaussian(0.8, 1.0, key), normalize(1024), optax.adam(1e-3))
+
+The Gaussian mechanism is the one of DP-SGD (arXiv 1607.00133); the Laplace
+mechanism is the L1 analogue.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpjax.core.accounting.lmo import LMOParams
+from dpjax.core.checks import check_positive
+
+PyTree = Any
+
+
+class NoiseState(NamedTuple):
+  """State of a noise transform: the next key and the number of noised steps."""
+  key: chex.PRNGKey
+  count: chex.Array  # int32 scalar
+
+
+def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
+                     key: chex.PRNGKey) -> optax.GradientTransformation:
+  """Adds `draw(step_key, leaves)` (one f32 noise array per leaf), fresh key each step."""
+
+  def init_fn(params):
+    del params
+    return NoiseState(key=jnp.asarray(key), count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    next_key, step_key = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(updates)
+    # Noise is drawn and added in f32 so bf16 gradients get full-precision
+    # noise; only the final sum is cast back to the gradient's dtype.
+    noised = [(leaf.astype(jnp.float32) + z).astype(leaf.dtype)
+              for leaf, z in zip(leaves, draw(step_key, leaves))]
+    return jax.tree.unflatten(treedef, noised), NoiseState(next_key, state.count + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- full-range samplers -------------------------------------------------------
+#
+# `jax.random.normal` in float32 is the inverse error function of a 23-bit
+# uniform: it never exceeds ~5.3 sigma, and float32 Laplace by the inverse
+# CDF is confined to about [-15.5, 16.6] scales. A release shifted past that
+# edge by one unit is told apart with certainty, far above any delta. Here
+# U in (0, 1) gets its binary exponent from EXPONENT_BITS random bits (the
+# number of leading zeros: U in [2^-(k+1), 2^-k) with probability 2^-(k+1))
+# and its significand from 23 more, so E = -log U is Exp(1) out to
+# `MAX_EXPONENTIAL` = 97 ln 2 ~ 67.2; Laplace is sign * E and the Gaussian
+# comes from E by Box-Muller, sqrt(2E) * (cos, sin)(2 pi V), out to
+# `MAX_GAUSSIAN` ~ 11.6 sigma. Within that range the law is exact up to the
+# significand's 2^-24 grid (relative, at every scale of U) and float32
+# rounding of log, sqrt and cos; what remains is the floating-point caveat of
+# Mironov (CCS 2012): the set of attainable float32 values is not
+# translation invariant, so the output grid itself could in principle leak
+# through the lowest bits of a released value. dpjax adds noise in float32
+# to the float32 clipped sum and releases the sum (no snapping); see the
+# README's "What the guarantee assumes".
+
+EXPONENT_WORDS = 3                       # 96 bits for U's binary exponent
+EXPONENT_BITS = 32 * EXPONENT_WORDS
+MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)    # -log of the smallest U: 2^-97
+MAX_GAUSSIAN = math.sqrt(2.0 * MAX_EXPONENTIAL)
+
+
+def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -> chex.Array:
+  """-log U for U = 2^-k (1/2 + m 2^-24): k leading zeros of the words, m 23 bits of `significand`.
+
+  Args:
+    exponent_words: `[EXPONENT_WORDS, *shape]` uint32 random words.
+    significand: `[*shape]` uint32 random words (their top 23 bits are used).
+  Returns `[*shape]` float32 draws of Exp(1) (k capped at EXPONENT_BITS).
+  """
+  lz = jnp.zeros(significand.shape, jnp.int32)
+  done = jnp.zeros(significand.shape, jnp.bool_)
+  for w in exponent_words:
+    lz = lz + jnp.where(done, 0, jax.lax.clz(w).astype(jnp.int32))
+    done = done | (w != 0)
+  m = (significand >> 9).astype(jnp.float32)        # [0, 2^23): exact in float32
+  half_to_one = 0.5 + m * (2.0 ** -24)              # [1/2, 1) on an exact grid
+  return lz.astype(jnp.float32) * math.log(2.0) - jnp.log(half_to_one)
+
+
+def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
+  """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL."""
+  kw, km = jax.random.split(key)
+  shape = tuple(shape)
+  words = jax.random.bits(kw, (EXPONENT_WORDS,) + shape, jnp.uint32)
+  return exponential_from_bits(words, jax.random.bits(km, shape, jnp.uint32))
+
+
+def standard_laplace(key: chex.PRNGKey, shape) -> chex.Array:
+  """Laplace(0, 1) draws in float32, |x| out to MAX_EXPONENTIAL."""
+  ke, ks = jax.random.split(key)
+  sign = jnp.where(jax.random.bernoulli(ks, 0.5, tuple(shape)), 1.0, -1.0)
+  return sign * standard_exponential(ke, shape)
+
+
+def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
+  """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN."""
+  shape = tuple(shape)
+  size = math.prod(shape)
+  pairs = -(-size // 2)
+  ke, ku = jax.random.split(key)
+  r = jnp.sqrt(2.0 * standard_exponential(ke, (pairs,)))
+  theta = (2.0 * math.pi) * jax.random.uniform(ku, (pairs,), jnp.float32)
+  z = jnp.concatenate([r * jnp.cos(theta), r * jnp.sin(theta)])[:size]
+  return z.reshape(shape)
+
+
+def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
+  """A `draw` of i.i.d. `std_scale * sample(key, shape)`, one key per leaf."""
+  def draw(step_key, leaves):
+    keys = jax.random.split(step_key, len(leaves))
+    return [sample(k, leaf.shape) * std_scale for leaf, k in zip(leaves, keys)]
+  return draw
+
+
+def gaussian(noise_multiplier: float, l2_sensitivity: float,
+             key: chex.PRNGKey) -> optax.GradientTransformation:
+  """Adds N(0, (noise_multiplier * l2_sensitivity)^2 I) to the clipped sum.
+
+  Example:
+    >>> tx = gaussian(noise_multiplier=1.0, l2_sensitivity=1.0, key=jax.random.key(0))
+    >>> state = tx.init(None)
+    >>> noisy, state = tx.update(jnp.zeros(3), state)
+
+  Args:
+    noise_multiplier: sigma, the noise std in units of the sensitivity. Zero
+      disables noise (a non-private run; the accountant then reports inf).
+    l2_sensitivity: the L2 sensitivity of the incoming sum under add/remove,
+      i.e. `grad_fn.sensitivity()` (= the clip norm for flat clipping).
+    key: the PRNG key. It lives in the transform's state and is split on every
+      update, so checkpointing the optimizer state checkpoints the noise
+      stream, and no key is used twice.
+
+  Formal guarantees:
+    If the incoming sum has L2 sensitivity `l2_sensitivity` under add/remove of
+    one unit, one update is the Gaussian mechanism with noise multiplier
+    `noise_multiplier` (`dp_accounting.GaussianDpEvent(noise_multiplier)`);
+    with Poisson sampling at rate q, a step is
+    `PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))`.
+  """
+  check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
+  check_positive(l2_sensitivity, "l2_sensitivity")
+  std = float(noise_multiplier) * float(l2_sensitivity)
+  return _noise_transform(_iid(standard_normal, std), key)
+
+
+def laplace(noise_multiplier: float, l1_sensitivity: float,
+            key: chex.PRNGKey) -> optax.GradientTransformation:
+  """Adds i.i.d. Laplace(0, noise_multiplier * l1_sensitivity) to every coordinate.
+
+  Args:
+    noise_multiplier: the Laplace scale in units of the L1 sensitivity
+      (`LaplaceDpEvent.noise_multiplier`); one unsampled step is
+      (1 / noise_multiplier)-DP. Zero disables noise.
+    l1_sensitivity: the L1 sensitivity of the incoming sum, i.e.
+      `grad_fn.sensitivity()` of `clipped_grad(..., l1_clip_norm=...)`.
+    key: the PRNG key, split on every update as in `gaussian`.
+
+  Formal guarantees:
+    If the incoming sum has L1 sensitivity `l1_sensitivity` under add/remove of
+    one unit, one update is `dp_accounting.LaplaceDpEvent(noise_multiplier)`.
+    Note that L2 clipping does not bound L1 sensitivity (it only gives
+    sqrt(d) * C), so pair this with L1 clipping.
+  """
+  check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
+  check_positive(l1_sensitivity, "l1_sensitivity")
+  scale = float(noise_multiplier) * float(l1_sensitivity)
+  return _noise_transform(_iid(standard_laplace, scale), key)
+
+
+def normalize(expected_batch_size: float) -> optax.GradientTransformation:
+  """Divides the noisy sum by the EXPECTED number of units per step.
+
+  With Poisson sampling the realised batch size is itself private, so the
+  mean is formed with the public expected size (q * N), never the realised
+  count. Post-processing: no privacy cost.
+  """
+  check_positive(expected_batch_size, "expected_batch_size")
+  inv = 1.0 / float(expected_batch_size)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda g: (g * inv).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def lmo(params, key: chex.PRNGKey, *, l1_sensitivity: Optional[float] = None,
+        l2_sensitivity: Optional[float] = None, dimension: Optional[int] = None,
+        per_coordinate: bool = False) -> optax.GradientTransformation:
+  """LMO-DP noise (arXiv 2405.18776): Laplace(0, Delta / b) with a random inverse scale b.
+
+  Each update draws b ~ `params` (`dpjax.core.accounting.lmo.LMOParams`: a1 Gamma +
+  a3 Exp + a4 Uniform) once and adds i.i.d. Laplace(0, Delta / b) to every
+  coordinate of the clipped sum; with `per_coordinate`, every coordinate
+  draws its own b.
+
+  Args:
+    params: an `LMOParams`.
+    key: the PRNG key, split on every update as in `gaussian`.
+    l1_sensitivity: the L1 sensitivity Delta of the sum (clip with
+      `clipped_grad(..., l1_clip_norm=...)`).
+    l2_sensitivity: alternatively the L2 sensitivity C of the sum; the L1
+      sensitivity is then sqrt(dimension) * C, which is what is used
+      (`dimension` required).
+    dimension: number of coordinates noised (with `l2_clip_norm`).
+    per_coordinate: one b per coordinate instead of one per step.
+
+  Formal guarantees:
+    With one b per step and L1 sensitivity Delta, a step is accounted by
+    `dpjax.core.accounting.lmo.lmo_epsilon` (b revealed, see its module
+    docstring: an upper bound). `per_coordinate=True` has NO accountant in
+    dpjax: d coordinates with their own b do not reduce to the 1-D mixture,
+    so training refuses it; it exists for noise-shape ablations only.
+  """
+  if not isinstance(params, LMOParams):
+    raise TypeError(f"params must be an LMOParams, got {type(params).__name__}")
+  if (l1_sensitivity is None) == (l2_sensitivity is None):
+    raise ValueError("give exactly one of l1_sensitivity, l2_sensitivity")
+  if l1_sensitivity is not None:
+    check_positive(l1_sensitivity, "l1_sensitivity")
+    delta = float(l1_sensitivity)
+  else:
+    check_positive(l2_sensitivity, "l2_sensitivity")
+    if dimension is None or int(dimension) != dimension or dimension < 1:
+      raise ValueError("l2_sensitivity needs the number of noised coordinates, dimension >= 1, "
+                       f"got {dimension!r}")
+    delta = math.sqrt(dimension) * float(l2_sensitivity)
+
+  def sample_b(k, shape):
+    kg, ke, ku = jax.random.split(k, 3)
+    b = jnp.zeros(shape, jnp.float32)
+    if params.a1 > 0:
+      b = b + params.a1 * params.theta * jax.random.gamma(kg, params.k, shape, jnp.float32)
+    if params.a3 > 0:
+      b = b + params.a3 / params.lam * jax.random.exponential(ke, shape, jnp.float32)
+    if params.a4 > 0:
+      b = b + params.a4 * jax.random.uniform(ku, shape, jnp.float32, params.Ua, params.Ub)
+    return b
+
+  def draw(step_key, leaves):
+    kb, kn = jax.random.split(step_key)
+    keys = jax.random.split(kn, len(leaves))
+    b_step = sample_b(kb, ())
+    out = []
+    for i, (leaf, k) in enumerate(zip(leaves, keys)):
+      kl, kbl = jax.random.split(k)
+      b = sample_b(jax.random.fold_in(kbl, i), leaf.shape) if per_coordinate else b_step
+      out.append(standard_laplace(kl, leaf.shape) * (delta / b))
+    return out
+
+  return _noise_transform(draw, key)

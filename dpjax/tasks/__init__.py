@@ -1,0 +1,28 @@
+"""Task builders: a config's `task` section -> a `dpjax.training.loop.Task`.
+
+A task bundles the initial parameters, the per-example loss and the data
+splits. Builders are looked up by `cfg.task.name` in `TASKS`; each lives in
+its own module (`synthetic`, `text_classification`, `shakespeare`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from dpjax.tasks import shakespeare, synthetic, text_classification
+from dpjax.training.loop import Task
+
+TASKS: Dict[str, Callable] = {
+    "synthetic": synthetic.synthetic,
+    "text_classification": text_classification.text_classification,
+    "shakespeare_lm": shakespeare.shakespeare_lm,
+    "user_mean": synthetic.user_mean,
+}
+
+
+def build_task(cfg) -> Task:
+  """The task named by `cfg.task.name`, built from the config's task section."""
+  name = cfg.task.name
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+  return TASKS[name](cfg)

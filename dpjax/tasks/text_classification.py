@@ -1,0 +1,134 @@
+"""Sentence classification (Rotten Tomatoes polarity) with a pretrained encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dpjax import assets
+from dpjax.data.text import encode, load_rt_polarity, load_tokenizer
+from dpjax.models import adapters
+from dpjax.models.adapters import prefix_layers
+from dpjax.models.encoder import Encoder
+from dpjax.models.hf import load_encoder
+from dpjax.tasks.pretrained import resolve
+from dpjax.training.loop import Task
+
+
+def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str):
+  """Hidden states entering layer `start` (the frozen bottom, run once): `[N, T, D]`."""
+
+
+  @jax.jit
+  def bottom(ids, mask):
+    h = model.apply({"params": params}, ids, mask, method=Encoder.embed)
+    return model.apply({"params": params}, h, mask, 0, start, method=Encoder.run_layers)
+
+  n = len(enc["input_ids"])
+  out = np.zeros(enc["input_ids"].shape + (model.cfg.hidden_size,), np.float32)
+  for i in tqdm(range(0, n, batch_size), desc=desc, dynamic_ncols=True):
+    ids, mask = enc["input_ids"][i:i + batch_size], enc["attention_mask"][i:i + batch_size]
+    pad = batch_size - len(ids)  # fixed shapes: one compile
+    h = bottom(np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0))))
+    out[i:i + len(ids)] = np.asarray(h)[:len(ids)]
+  return out
+
+
+def text_classification(cfg) -> Task:
+  """Fine-tune the top `train_layers` layers + head of a pretrained encoder.
+
+  The frozen bottom (embeddings and the first L - train_layers layers) is
+  run once over every split and cached under `$DPJAX_HOME/cache`; training
+  then clips, noises and updates only the top layers and the head. With
+  `train_layers == L` the whole network (embeddings included) is trained.
+  Frozen features are computed from public weights, per example: the
+  per-example privacy analysis is unchanged. With `prefix_tokens > 0` the
+  top layers stay frozen and each gets a trainable key/value prefix
+  (`prefix_layers`: which of them keep one; the others have none at all).
+  """
+
+  t = cfg.task
+  if t.data != "rt-polarity" and not os.path.exists(t.data):
+    raise ValueError(f"task.data must be 'rt-polarity' or a local path, got {t.data!r}")
+  data = load_rt_polarity(None if t.data == "rt-polarity" else t.data)
+  model_dir = resolve(t.model)
+  mcfg, params = load_encoder(model_dir, num_labels=2, pooling=t.pooling,
+                              pool_scale=t.get("pool_scale", 1.0),
+                              head_key=jax.random.PRNGKey(cfg.seed))
+  model = Encoder(mcfg)
+  L = mcfg.num_layers
+  if not (0 <= t.train_layers <= L):
+    raise ValueError(f"task.train_layers must be in [0, {L}], got {t.train_layers}")
+  start = L - t.train_layers
+  full = t.get("train_embeddings", False)
+  if full and start != 0:
+    raise ValueError("train_embeddings=True needs train_layers == num_layers")
+  tok = load_tokenizer(model_dir)
+
+  arrays = {}
+  for split in data:
+    enc = encode(tok, data[split]["sentence"], t.max_length)
+    ex = {"attention_mask": enc["attention_mask"],
+          "label": np.asarray(data[split]["label"], np.int32)}
+    if full:
+      ex["input_ids"] = enc["input_ids"]
+    else:
+      key = hashlib.sha1(repr((os.path.abspath(model_dir), t.max_length, start, split,
+                               enc["input_ids"].tobytes())).encode()).hexdigest()[:16]
+      path = os.path.join(assets.home(), "cache", f"features-{key}.npy")
+      if os.path.exists(path):
+        ex["hidden"] = np.load(path)
+      else:
+        ex["hidden"] = _frozen_features(model, params, enc, start, 128,
+                                        f"frozen layers 0..{start} on {split}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path + ".tmp.npy", ex["hidden"])
+        os.replace(path + ".tmp.npy", path)
+    arrays[split] = ex
+
+  trainable_names = [f"layer_{i}" for i in range(start, L)] + ["classifier"]
+  if t.pooling == "cls":
+    trainable_names.append("pooler")
+  if full:
+    trainable_names += ["word_embeddings", "position_embeddings", "token_type_embeddings",
+                        "embeddings_ln"]
+  trainable = {k: params[k] for k in trainable_names}
+  frozen = {}
+  P = t.get("prefix_tokens", 0) or 0
+  if P:
+    # Prefix-tuning of the top layers: their weights are frozen, each keeps
+    # (or, per `prefix_layers`, has removed) a trainable key/value prefix.
+    if full:
+      raise ValueError("prefix_tokens needs train_embeddings=False")
+    on = list(t.get("prefix_layers") or [True] * t.train_layers)
+    if len(on) != t.train_layers:
+      raise ValueError(f"prefix_layers has {len(on)} entries for train_layers={t.train_layers}")
+    frozen = {k: trainable.pop(k) for k in list(trainable) if k.startswith("layer_")}
+    trainable["prefix"] = adapters.init_prefix(
+        jax.random.PRNGKey(cfg.seed + 1), num_layers=L, num_tokens=P,
+        num_kv_heads=mcfg.num_heads, head_dim=mcfg.hidden_size // mcfg.num_heads,
+        layers=[False] * start + on, scale=t.get("prefix_init_scale", 0.02))
+
+  def loss_fn(p, ex, frozen):
+    mask = ex["attention_mask"][None]
+    prefixes = None
+    if "prefix" in p:
+      prefixes = prefix_layers(p["prefix"])
+      p = {**frozen, **{k: v for k, v in p.items() if k != "prefix"}}
+    if full:
+      h = model.apply({"params": p}, ex["input_ids"][None], mask, method=Encoder.embed)
+    else:
+      h = ex["hidden"][None]
+    h = model.apply({"params": p}, h, mask, start, L, prefixes, method=Encoder.run_layers)
+    logits = model.apply({"params": p}, h, mask, method=Encoder.classify)[0]
+    loss = -jax.nn.log_softmax(logits)[ex["label"]]
+    return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
+
+  return Task(f"{os.path.basename(model_dir.rstrip('/'))}-rt", trainable, frozen, loss_fn,
+              arrays["train"], {"dev": arrays["dev"], "test": arrays["test"]},
+              info={"num_classes": 2})

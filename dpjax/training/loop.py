@@ -1,0 +1,510 @@
+"""`dpjax.training.loop`: the convenience driver, built only from dpjax's public parts.
+
+    spec  = dpjax.training.spec.validate(cfg)                 every key declared, checked before compute
+    plan  = dpjax.training.plan.make_plan(spec, task, ...)    sampler, clipping, noise, unit, accountant
+    for each step:                                   the pure step (dpjax.training.step)
+      gsum  = sum of accumulate(...) over the sampled physical batches
+      at    = perturb(params, opt_state, ascent, step)     DP-SAM's point, theta without it
+      state = apply(state, gsum)                     noise once -> normalize -> optimizer
+      callbacks: checkpoint (with the ledger), metrics.jsonl, privacy.json, progress
+
+The privacy unit is `privacy_unit`: "example", or "user" (the task then
+carries `user_ids`; each user is capped to `max_examples_per_user` = G
+examples before sampling; `user_sampling` "els" samples the kept examples
+and clips each, "uls" samples users and clips each user's mean; see
+`dpjax.core.accounting.user_level`). Every epsilon logged is per that unit and is
+the composition of the run's ledger (`dpjax.core.accounting.ledger`). With
+`data_devices` = n > 1, batches are split over a data mesh of n devices
+(`dpjax.training.sharding`); with `model_devices` = m > 1 too, the mesh is
+n x m and parameters and optimizer state are split over its "model" axis.
+Noise is still one draw on the global sum.
+
+The run directory is described in `dpjax.training.rundir`. A resumed run continues
+the same noise and batches; one that would change sigma, q or the unit is
+refused unless allowed, and then appends a ledger segment.
+
+Training loss and accuracy logged here are computed on private data and are
+NOT privatised: they are for monitoring, not for release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax.methods import flatness
+from dpjax.training import rundir
+from dpjax.training import spec as spec_lib
+from dpjax.core.accounting.ledger import Ledger
+from dpjax.training import sharding as shard_lib
+from dpjax.core.sampling import eval_batches
+from dpjax.training.plan import PrivacyPlan, Secret, make_plan
+from dpjax.training.spec import SpecError
+from dpjax.training.step import TrainState, accumulate, apply, apply_update, perturb
+from tqdm.auto import tqdm
+
+PyTree = Any
+
+
+class Task(NamedTuple):
+  """What the loop trains: a per-example loss over trainable params and data.
+
+  Attributes:
+    name: a short name for logs.
+    params: the initial trainable parameters (the only ones clipped, noised
+      and updated).
+    frozen: parameters passed to the loss but never trained.
+    loss_fn: `(params, example, frozen) -> (loss, metrics)` for ONE example
+      (no batch axis); `metrics` is a dict of scalars (e.g. accuracy).
+    train: the private training split, a dict of `[N, ...]` arrays.
+    splits: held-out splits by name (e.g. "dev", "test"), same layout.
+    user_ids: `[N]` user of each training example (user-level DP only).
+    info: task facts other stages need (e.g. a language model's "decoder"
+      config and its "encode(texts, seq_len)" function), or None.
+  """
+  name: str
+  params: PyTree
+  frozen: PyTree
+  loss_fn: Callable
+  train: Dict[str, np.ndarray]
+  splits: Dict[str, Dict[str, np.ndarray]]
+  user_ids: Optional[np.ndarray] = None
+  info: Optional[Dict[str, Any]] = None
+
+
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
+                   warmup_steps: int = 0, total_steps: int = 0,
+                   learning_rates: dict | None = None) -> optax.GradientTransformation:
+  """`learning_rates` maps a prefix of a top-level parameter name to its own
+  learning rate (e.g. {"layer_": 1e-3} for encoder layers beside a head at
+  `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`."""
+  if learning_rates:
+    rates = {str(k): float(v) for k, v in learning_rates.items()}
+    for k, v in rates.items():
+      if not k or not v > 0:
+        raise ValueError(f"learning_rates needs non-empty name prefixes and positive rates, "
+                         f"got {k!r}: {v}")
+    # label "" = the default group (an empty prefix is refused above, so it cannot collide)
+    txs = {"": make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)}
+    txs.update({k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
+                for k, v in rates.items()})
+
+    def labels(params):
+      if not isinstance(params, dict):
+        raise ValueError("learning_rates needs a dict of parameters (top-level names)")
+      def label(top):
+        hits = [k for k in rates if top.startswith(k)]
+        return max(hits, key=len) if hits else ""
+      return {top: jax.tree.map(lambda _, l=label(top): l, sub) for top, sub in params.items()}
+    return optax.multi_transform(txs, labels)
+  if warmup_steps > 0 and total_steps > warmup_steps:
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
+                                            end_value=learning_rate * 0.1)
+  else:
+    lr = learning_rate
+  if name == "adamw":
+    return optax.adamw(lr, weight_decay=weight_decay)
+  if name == "adam":
+    return optax.adam(lr)
+  if name == "sgd":
+    return optax.sgd(lr, momentum=0.9)
+  raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {name!r}")
+
+
+def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
+  return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+
+def _num_rows(data: Dict[str, np.ndarray]) -> int:
+  return len(next(iter(data.values())))
+
+
+def make_eval_fn(task: Task) -> Callable:
+  """Jitted `(params, batch, mask) -> summed metrics` over a masked batch."""
+  def per_example(params, ex):
+    loss, metrics = task.loss_fn(params, ex, task.frozen)
+    return dict(metrics, loss=loss)
+
+  @jax.jit
+  def eval_fn(params, batch, mask):
+    out = jax.vmap(per_example, in_axes=(None, 0))(params, batch)
+    return {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in out.items()}
+  return eval_fn
+
+
+def evaluate(task: Task, params: PyTree, split: str, batch_size: int,
+             eval_fn: Optional[Callable] = None) -> Dict[str, float]:
+  """Mean metrics of `params` over one held-out split."""
+  data = task.splits[split]
+  eval_fn = eval_fn or make_eval_fn(task)
+  n = _num_rows(data)
+  totals: Dict[str, float] = {}
+  for pb in eval_batches(n, batch_size):
+    out = eval_fn(params, _take(data, pb.indices), jnp.asarray(pb.mask))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return {k: v / n for k, v in totals.items()}
+
+
+@dataclasses.dataclass
+class RunResult:
+  params: PyTree
+  final_metrics: Dict[str, Any]
+  workdir: Optional[str]
+  noise_multiplier: Optional[float] = None   # the sigma of the last segment; None if not private
+  ledger: Ledger = Ledger()                  # what the run released, all segments
+  privacy: Optional[Dict[str, Any]] = None   # the privacy.json record
+
+
+def check_task_data(task: Task) -> None:
+  """Refuses data that would train silently wrong: non-finite values, labels out of range, empty.
+
+  Labels are checked when `task.info["num_classes"]` says how many there are.
+  """
+  classes = (task.info or {}).get("num_classes")
+  for name, data in {"train": task.train, **task.splits}.items():
+    if not data or _num_rows(data) == 0:
+      raise SpecError(f"task {task.name!r}: the {name} split is empty")
+    for key, arr in data.items():
+      rows = np.asarray(arr).reshape(len(arr), -1)
+      if rows.dtype.kind == "f":
+        for lo in range(0, len(rows), 4096):     # chunks: no full-size boolean copy
+          bad = ~np.isfinite(rows[lo:lo + 4096])
+          if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            raise SpecError(f"task {task.name!r}: {name} row {lo + i}, {key!r} holds "
+                            f"{rows[lo + i][bad[i]][0]} (values must be finite)")
+      if key == "label" and classes is not None:
+        bad = np.flatnonzero((rows < 0).any(axis=1) | (rows >= classes).any(axis=1))
+        if len(bad):
+          raise SpecError(f"task {task.name!r}: {name} row {int(bad[0])} has label "
+                          f"{rows[bad[0]][0]}, outside [0, {classes - 1}] ({classes} classes)")
+
+
+def with_weight_distillation(cfg, task: Task) -> Task:
+  """`cfg.weight_distillation` = dict(lam, reference): DP-Flat's term in every example's loss.
+
+  reference: "init" (the task's initial trainable parameters, e.g. public
+  pretrained weights: free) or a path written by `flatness.save_reference`
+  (a public or DP-trained copy; its own budget is the caller's to account).
+  """
+  spec = cfg.get("weight_distillation")
+  if not spec:
+    return task
+  spec = dict(spec)
+  if set(spec) != {"lam", "reference"}:
+    raise ValueError(f"weight_distillation takes lam and reference; got {sorted(spec)}")
+  if spec["reference"] == "init":
+    ref = task.params
+  else:
+    ref = flatness.load_reference(spec["reference"], task.params)
+  return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
+
+
+def _resume_point(workdir: Optional[str]):
+  """(checkpoint meta or None, the ledger privacy.json says ran, or None)."""
+  if not workdir or not os.path.isdir(workdir):
+    return None, None
+  meta = rundir.Checkpoints.latest_meta(workdir)
+  ran = rundir.read_json(os.path.join(workdir, "privacy.json"))
+  ran_ledger = Ledger.from_json(ran["ledger"]) if ran and ran.get("ledger") else None
+  return meta, ran_ledger
+
+
+def prepare(cfg, task: Task, workdir: Optional[str] = None, *,
+            allow_privacy_change: bool = False, extra_event=None):
+  """Validates `cfg` and `task` and makes the run's privacy plan; writes nothing.
+
+  Returns (spec, plan, checkpoint meta or None). Every bad input raises here
+  (a `ValueError` of one line), before any compute or file is written.
+  """
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  check_task_data(task)
+  meta, ran = _resume_point(workdir)
+  if workdir and meta is not None:
+    rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)
+  if meta is None:
+    secret = (Secret.from_seed(spec.noise_seed) if spec.noise_seed is not None
+              else Secret.fresh())
+    prior, start = Ledger(), 0
+  else:
+    secret, prior, start = meta["secret"], meta["ledger"], meta["step"]
+  plan = make_plan(spec, task, secret=secret, prior=prior, start_step=start,
+                   allow_privacy_change=allow_privacy_change, extra_event=extra_event)
+  if plan.private and prior.segments and ran is not None and ran.steps > start:
+    if plan.segment(plan.steps).privacy_key() != prior.segments[-1].privacy_key():
+      # Steps that ran past the checkpoint released outputs under the old plan;
+      # replaying them under a new one releases again: charge both.
+      plan = make_plan(spec, task, secret=secret, prior=ran, start_step=start,
+                       allow_privacy_change=True, extra_event=extra_event)
+  return spec, plan, meta
+
+
+def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
+          stop_at_step: Optional[int] = None, allow_privacy_change: bool = False,
+          extra_event=None, callbacks: Sequence[Callback] = ()) -> RunResult:
+  """Runs (or resumes) `cfg` on `task`, writing to `workdir` when given.
+
+  `cfg` is a config (`ConfigDict` or dict) of the keys in `dpjax.training.spec.KEYS`
+  (missing keys take their defaults). `stop_at_step` ends the run early
+  (after checkpointing) as an interruption would. A resume whose privacy
+  (mechanism, sigma, q, unit) differs from what the checkpoint's ledger
+  recorded is refused unless `allow_privacy_change`; a target epsilon is then
+  met by the whole ledger. `extra_event`: another release the target must
+  cover too (DistilDP's histogram). `callbacks`: more `Callback`s after the
+  built-in ones (metrics, privacy.json, checkpoints, progress).
+  """
+  lead = jax.process_index() == 0    # multi-host: one process writes metrics and plots
+  lock = rundir.RunLock(workdir) if workdir and lead else None
+  if lock is not None and os.path.isdir(workdir):
+    lock.acquire()
+  try:
+    spec, plan, meta = prepare(cfg, task, workdir, allow_privacy_change=allow_privacy_change,
+                               extra_event=extra_event)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      if lock is not None and not lock.held:
+        lock.acquire()
+    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step,
+                callbacks)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+class Callback:
+  """A hook of the driver; every method does nothing unless overridden.
+
+  `on_start(header)` once (the run's facts as logged), `on_step(step, state)`
+  after every step (`step` = steps done), `on_log(step, rec, state)` with each
+  metric row, `on_end(final, state)` once. Callbacks see released values
+  (parameters, privatised state) and monitoring metrics; what they compute
+  from the private data themselves is theirs to account.
+  """
+
+  def on_start(self, header: Dict[str, Any]) -> None:
+    pass
+
+  def on_step(self, step: int, state: TrainState) -> None:
+    pass
+
+  def on_log(self, step: int, rec: Dict[str, Any], state: TrainState) -> None:
+    pass
+
+  def on_end(self, final: Dict[str, Any], state: TrainState) -> None:
+    pass
+
+
+class MetricsFile(Callback):
+  """`metrics.jsonl`: the start row, one row per logged step, the final row; `curves.png`."""
+
+  def __init__(self, workdir: str, start: int, steps: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.curves = os.path.join(workdir, "curves.png")
+    self.steps = steps
+    rundir.truncate_metrics(self.path, start)    # replayed steps replace their rows
+
+  def on_start(self, header):
+    rundir.log_jsonl(self.path, header)
+
+  def on_log(self, step, rec, state):
+    rundir.log_jsonl(self.path, rec)
+
+  def on_end(self, final, state):
+    if final["step"] == self.steps:
+      rundir.log_jsonl(self.path, dict(final, event="final"))
+      rundir.plot_curves(self.path, self.curves)
+
+
+class PrivacyFile(Callback):
+  """`privacy.json`: the plan's record (epsilon of the ledger) after every logged step."""
+
+  def __init__(self, workdir: str, plan: PrivacyPlan):
+    self.path, self.plan = os.path.join(workdir, "privacy.json"), plan
+
+  def on_log(self, step, rec, state):
+    rundir.write_json_atomic(self.path, self.plan.privacy_record(step))
+
+  def on_end(self, final, state):
+    rundir.write_json_atomic(self.path, self.plan.privacy_record(final["step"]))
+
+
+class Checkpointer(Callback):
+  """Saves the state with the ledger every `every` steps and at `end`."""
+
+  def __init__(self, ckpt: rundir.Checkpoints, plan: PrivacyPlan, every: int, end: int):
+    self.ckpt, self.plan, self.every, self.end = ckpt, plan, every, end
+
+  def on_step(self, step, state):
+    if step % self.every == 0 or step == self.end:
+      self.ckpt.save(state, self.plan.ledger_at(step), self.plan.secret)
+
+
+class ProgressBar(Callback):
+  """A tqdm bar with loss, dev accuracy and epsilon spent."""
+
+  def __init__(self, start: int, total: int):
+    self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+  def on_step(self, step, state):
+    self.bar.update(1)
+
+  def on_log(self, step, rec, state):
+    self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "dev_accuracy", "epsilon")
+                          if isinstance(rec.get(k), float)})
+
+  def on_end(self, final, state):
+    self.bar.close()
+
+
+def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead: bool,
+         progress: bool, stop_at_step: Optional[int], callbacks: Sequence[Callback]
+         ) -> RunResult:
+  """The driver: state in, the pure step per sampled batch, callbacks out."""
+  task = with_weight_distillation(spec, task)
+  mesh = None
+  n_data, n_model = spec.data_devices, spec.model_devices
+  if n_data * n_model > 1:
+    if n_data * n_model > jax.device_count():
+      raise SpecError(f"data_devices={n_data} x model_devices={n_model} but only "
+                      f"{jax.device_count()} devices are visible")
+    mesh = shard_lib.make_mesh(jax.devices()[:n_data * n_model], model=n_model)
+  optimizer = make_optimizer(spec.optimizer, spec.learning_rate, spec.weight_decay,
+                             spec.warmup_steps, spec.steps, spec.learning_rates)
+  tx = plan.transform(optimizer)
+
+  def host_batch(pb):
+    """A sampler's physical batch -> (device batch, unit mask)."""
+    batch = _take(task.train, pb.indices)                        # [P, ...] or [P, G, ...]
+    if plan.per_user:
+      batch["_example_mask"] = jnp.asarray(pb.example_mask)
+    mask = jnp.asarray(pb.mask)
+    if mesh is not None:
+      batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
+    return batch, mask
+
+  def summed(params, batches):
+    """The gradient sum over a step's physical batches, with the stats of each."""
+    gsum, stats = zeros, []
+    for pb in batches:
+      gsum, s = accumulate(gsum, params, task.frozen, *host_batch(pb), plan=plan,
+                           loss_fn=task.loss_fn)
+      stats.append((pb, s))
+    return gsum, stats
+
+  state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
+  ckpt = rundir.Checkpoints(workdir) if workdir else None
+  if ckpt is not None:
+    if meta is not None:
+      state = ckpt.restore(state)
+    else:
+      ckpt.save(state, Ledger(), plan.secret)   # the secret is kept before anything is released
+  if mesh is not None:
+    sharding = shard_lib.param_sharding(state, mesh)   # replicated on a data-only mesh
+    state = jax.device_put(state, sharding)
+    # One compilation, the state kept in its placement.
+    apply_fn = jax.jit(functools.partial(apply_update, tx=tx), out_shardings=sharding)
+  else:
+    apply_fn = functools.partial(apply, tx=tx)
+
+  start = int(state.step)
+  end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
+  cbs: List[Callback] = []
+  if workdir and lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
+    cbs += [MetricsFile(workdir, start, spec.steps), PrivacyFile(workdir, plan)]
+  if ckpt is not None:
+    cbs.append(Checkpointer(ckpt, plan, spec.checkpoint_every, end))
+  if progress and lead:
+    cbs.append(ProgressBar(start, spec.steps))
+  cbs += list(callbacks)
+  full = plan.ledger_at(spec.steps)
+  header = {"event": "start", "task": task.name, "private": plan.private,
+            "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
+            "expected_batch_size": plan.expected_batch_size, "steps": spec.steps,
+            "resumed_from": start, "privacy_unit": plan.unit, "user_sampling": plan.sampling,
+            "max_examples_per_user": plan.max_examples_per_user,
+            "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
+            "dp_sam": None if plan.sam is None else {
+                "rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
+            "releases": full.releases, "ledger_segments": len(full.segments),
+            "noise_seed_secret": plan.noise_seed_secret}
+  for cb in cbs:
+    cb.on_start(header)
+
+  eval_fn = make_eval_fn(task) if task.splits else None
+  zeros = jax.tree.map(jnp.zeros_like, state.params)   # replicated like the params
+  window: Dict[str, float] = {}
+  t0, seen = time.perf_counter(), 0
+  last: Dict[str, Any] = {}
+  dropped_total = units_total = 0.0
+  for step in range(start, end):
+    ascent = None
+    if plan.ascent_releases(step, step + 1):      # charged DP-SAM: an independent draw
+      ascent, _ = summed(state.params, plan.sampler.batches(step, draw=1))
+    at = perturb(state.params, state.opt_state, ascent, jnp.asarray(step, jnp.int32), plan=plan)
+    gsum, stats = summed(at, plan.sampler.batches(step))
+    step_units = sum(float(pb.mask.sum()) for pb, _ in stats)
+    step_dropped = sum(float(s["dropped_units"]) for _, s in stats)
+    if step_units > 0 and step_dropped >= step_units:
+      raise NonFiniteData(f"step {step + 1}: every one of the {int(step_units)} sampled units had "
+                         "a non-finite loss or gradient and was dropped; check the data and the "
+                         "learning rate (the run stopped before releasing this step)")
+    for pb, s in stats:
+      for k, v in s.items():
+        window[k] = window.get(k, 0.0) + float(v)
+      seen += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
+    dropped_total += step_dropped
+    units_total += step_units
+    window["count"] = window.get("count", 0.0) + step_units
+    state = apply_fn(state, gsum)
+    done = step + 1
+    for cb in cbs:
+      cb.on_step(done, state)
+    if done % spec.log_every == 0 or done == end:
+      cnt = max(window.pop("count", 0.0), 1.0)
+      dropped = window.pop("dropped_units", 0.0)
+      rec = {"step": done, **{f"train_{k}": v / cnt for k, v in window.items()},
+             "dropped_units": int(dropped), **plan.epsilon_fields(done), "delta": plan.delta,
+             "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+      if eval_fn is not None and "dev" in task.splits:
+        rec.update({f"dev_{k}": v for k, v in
+                    evaluate(task, state.params, "dev", spec.physical_batch_size, eval_fn).items()})
+      for cb in cbs:
+        cb.on_log(done, rec, state)
+      last, window = rec, {}
+  if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
+    warnings.warn(f"{int(dropped_total)} of {int(units_total)} sampled units "
+                  f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
+                  "were dropped (dropped_units in metrics.jsonl)", UserWarning, stacklevel=3)
+
+  final = dict(last)
+  final["step"] = int(state.step)
+  final.update(plan.epsilon_fields(int(state.step)))
+  if int(state.step) == spec.steps and eval_fn is not None:
+    for split in task.splits:
+      for k, v in evaluate(task, state.params, split, spec.physical_batch_size, eval_fn).items():
+        final[f"{split}_{k}"] = v
+  for cb in cbs:
+    cb.on_end(final, state)
+  return RunResult(state.params, final, workdir,
+                   plan.noise_multiplier if plan.private else None,
+                   plan.ledger_at(int(state.step)), plan.privacy_record(int(state.step)))
+
+
+class NonFiniteData(ValueError):
+  """Every unit a step sampled had a non-finite loss or gradient."""
+
+
+DROPPED_WARN_FRACTION = 0.01   # warn when more of the sampled units were dropped

@@ -1,0 +1,422 @@
+"""The privacy plan: a validated spec turned, once, into everything privacy-relevant of a run.
+
+`make_plan(spec, task, secret=...)` decides the sampler (Poisson over
+examples, ELS or ULS over users), the clipped-gradient function, the noise
+mechanism and its multiplier (given, or calibrated to the target epsilon
+against what the ledger has already spent), the expected batch size, the
+privacy unit and the accountant. The loop consumes the plan; `dpjax
+account`, DistilDP's budget and the experiments read epsilon only through
+`PrivacyPlan.ledger_at` and `Ledger.epsilon`.
+
+Randomness: `Secret` holds the entropy of the noise and of the sampler,
+from the OS by default (`Secret.fresh()`), kept only in the checkpoint; a
+research run may fix `noise_seed`, and every privacy statement then says
+that the guarantee assumes the seed is secret. Initialisation, splits and
+shuffles use the public `seed`. The noise, the sampler and DP-SAM's ascent
+noise are separate streams of the secret; no key is used twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import warnings
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+import optax
+
+from dpjax.core import accounting
+from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
+from dpjax.core.accounting.ledger import Ledger, Segment, canonical
+from dpjax.core.accounting.lmo import LMOParams
+from dpjax.core.checks import check_accountant_covers
+from dpjax.core.clipping import clipped_grad, group_mean
+from dpjax.core.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
+                                 bound_contributions, median_group_size)
+from dpjax.core.mechanisms import gaussian, laplace, lmo, normalize
+from dpjax.methods import flatness
+from dpjax.methods.lmo_search import lmo_search
+from dpjax.training.spec import SpecError
+
+L1_MECHANISMS = ("laplace", "lmo")   # noise calibrated to the L1 sensitivity
+
+
+class ResumeRefused(ValueError):
+  """A resume would change what the ledger's last segment released, and was not allowed."""
+
+
+class BudgetExhausted(ValueError):
+  """The target epsilon is already spent, or the remaining steps cannot fit in it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Secret:
+  """The entropy of a run's noise and sampling: an integer, and whether it is secret."""
+  entropy: int
+  secret: bool     # False when derived from a fixed `noise_seed`
+
+  @classmethod
+  def fresh(cls) -> "Secret":
+    return cls(secrets.randbits(128), True)
+
+  @classmethod
+  def from_seed(cls, noise_seed: int) -> "Secret":
+    return cls(int(noise_seed) % 2**128, False)
+
+  def _words(self, stream: int, n: int) -> np.ndarray:
+    return np.random.SeedSequence([self.entropy, stream]).generate_state(n, np.uint32)
+
+  def noise_key(self) -> jax.Array:
+    """Raw threefry key of the noise stream (stream 1)."""
+    return jax.numpy.asarray(self._words(1, 2))
+
+  def ascent_key(self) -> jax.Array:
+    """Raw threefry key of charged DP-SAM's ascent noise (stream 2)."""
+    return jax.numpy.asarray(self._words(2, 2))
+
+  def sampling_seed(self) -> int:
+    """Seed of the Poisson sampler (stream 3), 128 bits."""
+    w = self._words(3, 4)
+    return int(sum(int(x) << (32 * i) for i, x in enumerate(w)))
+
+  def to_json(self) -> Dict[str, Any]:
+    return {"entropy": str(self.entropy), "secret": self.secret}
+
+  @classmethod
+  def from_json(cls, d: Dict[str, Any]) -> "Secret":
+    return cls(int(d["entropy"]), bool(d["secret"]))
+
+
+def guarantee_note(secret: bool) -> str:
+  return ("noise and sampling from OS entropy, kept only in the checkpoint" if secret else
+          "noise_seed is fixed: the guarantee assumes that seed is secret")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a static jit argument
+class PrivacyPlan:
+  """Everything privacy-relevant of one run (segment), decided once.
+
+  `prior` is what earlier segments released (the checkpoint's ledger, plus
+  steps that ran past it if the plan changed); this plan's own segment covers
+  steps [start_step, steps).
+  """
+  private: bool
+  mechanism: Optional[str]
+  noise_multiplier: float          # sigma (0 when not private, or for LMO)
+  sampling_rate: Optional[float]
+  unit: str
+  sampling: Optional[str]
+  max_examples_per_user: int
+  expected_batch_size: float
+  accountant: str
+  delta: Optional[float]
+  steps: int
+  start_step: int
+  num_units: int
+  sampler: Any
+  grad_fn: Any                     # dpjax.clipped_grad result, None when not private
+  sam: Optional[flatness.DPSAM]
+  lmo: Optional[Any]               # LMOParams
+  secret: Secret
+  prior: Ledger = Ledger()
+  origin: Optional[Dict[str, Any]] = None   # the spec values that chose the noise
+
+  @property
+  def per_user(self) -> bool:
+    return self.sampling == "uls"
+
+  @property
+  def noise_seed_secret(self) -> bool:
+    return self.secret.secret
+
+  def ascent_releases(self, start: int, end: int) -> int:
+    """Charged DP-SAM's extra releases among steps [start, end)."""
+    if self.sam is None or self.sam.mode != "charged":
+      return 0
+    active = self.steps if self.sam.active_steps is None else self.sam.active_steps
+    return max(0, min(end, active) - start)
+
+  def segment(self, end: int) -> Segment:
+    """This plan's releases over steps [start_step, end)."""
+    return Segment(self.mechanism, float(self.noise_multiplier), float(self.sampling_rate),
+                   self.unit, self.sampling, int(self.max_examples_per_user), int(end - self.start_step),
+                   self.ascent_releases(self.start_step, end), self.accountant,
+                   self.lmo.as_dict() if self.lmo is not None else None, int(self.num_units),
+                   self.origin)
+
+  def ledger_at(self, step: int) -> Ledger:
+    """The ledger after `step` steps: prior segments + this plan's up to `step`."""
+    if not self.private:
+      return Ledger()
+    if step <= self.start_step:
+      return self.prior
+    return self.prior.record(self.segment(step))
+
+  def event(self, step: int):
+    """The `DpEvent` of everything released after `step` steps."""
+    return self.ledger_at(step).event()
+
+  def epsilon_fields(self, step: int) -> Dict[str, Any]:
+    """{"epsilon": the bound, "privacy_unit", ["epsilon_<acc>_estimate"]} after `step` steps."""
+    if not self.private:
+      return {"epsilon": math.inf, "privacy_unit": self.unit}
+    ledger = self.ledger_at(step)
+    out = {"epsilon": ledger.epsilon(self.delta, accounting.bound_accountant(self.accountant)),
+           "privacy_unit": self.unit}
+    if self.accountant in accounting.ESTIMATES:
+      out[f"epsilon_{self.accountant}_estimate"] = ledger.epsilon(self.delta, self.accountant)
+    return out
+
+  def privacy_record(self, step: int) -> Dict[str, Any]:
+    """What `privacy.json` holds after `step` steps."""
+    fields = self.epsilon_fields(step)
+    return {"epsilon": fields["epsilon"], "delta": self.delta, "privacy_unit": self.unit,
+            "accountant": accounting.bound_accountant(self.accountant) if self.private else None,
+            "upper_bound": True if self.private else None,
+            **{k: v for k, v in fields.items() if k.endswith("_estimate")},
+            "steps": int(step), "private": self.private,
+            "noise_seed_secret": self.noise_seed_secret,
+            "assumes": guarantee_note(self.noise_seed_secret) if self.private else None,
+            "ledger": self.ledger_at(step).to_json()}
+
+  def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
+    """The privatiser alone, on the clipped sum."""
+    sens = self.grad_fn.sensitivity()
+    if self.mechanism == "gaussian":
+      return gaussian(self.noise_multiplier, sens, key)
+    if self.mechanism == "laplace":
+      return laplace(self.noise_multiplier, sens, key)
+    return lmo(self.lmo, key, l1_sensitivity=sens)
+
+  def transform(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """noise -> [DP-SAM] -> normalize(expected batch) -> optimizer, as one optax chain."""
+    sam = [self.sam] if self.sam is not None else []
+    if not self.private:
+      return optax.chain(*sam, normalize(self.expected_batch_size), optimizer)
+    return optax.chain(self.noise_transform(self.secret.noise_key()), *sam,
+                       normalize(self.expected_batch_size), optimizer)
+
+
+def _unit_sampler(spec, task, seed: int):
+  """(unit, sampling, G, sampler, q, expected, num_units)."""
+  n = len(next(iter(task.train.values())))
+  unit = spec.privacy_unit
+  if not spec.private:
+    batch = int(spec.batch_size)
+    if batch > n:
+      raise SpecError(f"batch_size={batch} exceeds the {n} training examples")
+    return unit, None, 1, ShuffledSampler(n, batch, spec.seed), None, float(batch), n
+  if unit == "example":
+    q = spec.sampling_rate or spec.batch_size / n
+    _check_q(q, spec, n, "examples")
+    sampler = PoissonSampler(n, q, spec.physical_batch_size, seed)
+    return unit, None, 1, sampler, q, sampler.expected_batch_size, n
+  if task.user_ids is None:
+    raise SpecError(f"privacy_unit='user' needs a task with user_ids; task {task.name!r} has none")
+  if len(task.user_ids) != n:
+    raise SpecError(f"task.user_ids has {len(task.user_ids)} entries for {n} examples")
+  G = spec.max_examples_per_user
+  G = median_group_size(task.user_ids) if G == "median" else int(G)
+  index = bound_contributions(task.user_ids, G, spec.seed)
+  if spec.user_sampling == "els":
+    kept = len(index.kept_examples())
+    q = spec.sampling_rate or spec.batch_size / kept
+    _check_q(q, spec, kept, "kept examples")
+    sampler = ELSSampler(index, q, spec.physical_batch_size, seed)
+    units = kept
+  else:
+    units = len(index.users)
+    q = spec.sampling_rate or spec.users_per_step / units
+    _check_q(q, spec, units, "users")
+    sampler = ULSSampler(index, q, spec.physical_batch_size, seed)
+  return unit, spec.user_sampling, G, sampler, q, sampler.expected_batch_size, units
+
+
+def _check_q(q: float, spec, n: int, what: str) -> None:
+  if not 0 < q <= 1:
+    key = "sampling_rate" if spec.sampling_rate else (
+        "users_per_step" if what == "users" else "batch_size")
+    raise SpecError(f"sampling rate {q:.4g} from {key} with {n} {what} must be in (0, 1]: "
+                    f"lower {key}")
+  if spec.delta >= 1.0 / n:
+    warnings.warn(f"delta={spec.delta:g} >= 1/N = {1.0 / n:.3g} ({n} {what}): a mechanism that "
+                  "publishes one random unit in the clear meets that delta", UserWarning,
+                  stacklevel=3)
+
+
+def _sam(spec) -> Optional[flatness.DPSAM]:
+  s = spec.dp_sam
+  if not s:
+    return None
+  return flatness.dp_sam(s["rho"], mode=s.get("mode", "free"),
+                         layerwise=s.get("layerwise", True),
+                         active_steps=int(round(s.get("active_fraction", 0.5) * spec.steps)))
+
+
+def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> "PrivacyPlan":
+  return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
+
+
+def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_step: int = 0,
+              allow_privacy_change: bool = False, extra_event=None) -> PrivacyPlan:
+  """The plan of `spec` on `task`, resuming at `start_step` after `prior` was released.
+
+  Args:
+    spec: a validated spec (`dpjax.training.spec.validate`).
+    task: the `dpjax.training.loop.Task`.
+    secret: the run's noise and sampling entropy.
+    prior: the ledger of what ran before (empty for a fresh run).
+    start_step: the step the state resumes from.
+    allow_privacy_change: let this plan's mechanism, sigma, q or unit differ
+      from the last segment of `prior` (a new segment is appended; a target
+      epsilon then calibrates the noise of the remaining steps against what
+      `prior` already spent).
+    extra_event: another release composed into the target (e.g. DistilDP's
+      label histogram): the noise is calibrated so that it and the run meet
+      `target_epsilon` together.
+
+  Raises:
+    SpecError: values that cannot work with this task's data.
+    ResumeRefused: a resume would change the privacy of the ledger's last
+      segment and `allow_privacy_change` is False.
+    BudgetExhausted: `target_epsilon` is already spent, or the remaining steps
+      cannot fit in it.
+  """
+  if start_step > spec.steps:
+    raise ResumeRefused(f"the checkpoint is at step {start_step}, past steps={spec.steps}: raise "
+                        "steps or use a new workdir")
+  seed = secret.sampling_seed()
+  unit, sampling, G, sampler, q, expected, units = _unit_sampler(spec, task, seed)
+  sam = _sam(spec)
+  grad_fn = None
+  if spec.private:
+    unit_loss = (group_mean(task.loss_fn, weight_key="_example_mask", has_aux=True)
+                 if sampling == "uls" else task.loss_fn)
+    clip = ({"l1_clip_norm": spec.l1_clip_norm} if spec.mechanism in L1_MECHANISMS
+            else {"l2_clip_norm": spec.l2_clip_norm})
+    grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=spec.microbatch_size,
+                           method=spec.clipping_method, **clip)
+  args = dict(private=bool(spec.private), mechanism=spec.mechanism if spec.private else None,
+              sampling_rate=q, unit=unit, sampling=sampling, max_examples_per_user=G,
+              expected_batch_size=expected,
+              accountant=spec.accountant, delta=spec.delta if spec.private else None,
+              steps=int(spec.steps), start_step=int(start_step), num_units=units,
+              sampler=sampler, grad_fn=grad_fn, sam=sam, secret=secret, prior=prior)
+  if not spec.private:
+    return _candidate(args, 0.0, None)
+  try:
+    check_accountant_covers(spec.mechanism, unit, sampling, spec.accountant)
+  except ValueError as e:
+    raise SpecError(str(e)) from None
+
+  args["origin"] = _origin(spec, extra_event)
+  if not prior.segments:
+    return _plan_noise(spec, args, prior, start_step, extra_event)
+  last = prior.segments[-1]
+  changed = {f: (getattr(last, f), args[k]) for f, k in _SAME.items()
+             if canonical(getattr(last, f)) != canonical(args[k])}
+  for k in sorted(set(last.origin or {}) | set(args["origin"])):
+    old, new = (last.origin or {}).get(k), args["origin"].get(k)
+    if canonical(old) != canonical(new):
+      changed[k] = (old, new)
+  if not changed:     # the same noise, chosen the same way: continue the last segment
+    params = None
+    if last.lmo is not None:
+      params = LMOParams(**last.lmo)
+    return _candidate(args, last.noise_multiplier, params)
+  said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
+  if not allow_privacy_change:
+    raise ResumeRefused(
+        f"resuming at step {start_step} would change the privacy of what already ran ({said}); "
+        "rerun with --allow-privacy-change (dpjax.training.loop(..., allow_privacy_change=True)) to "
+        "append a new ledger segment, or use a new workdir")
+  return _plan_noise(spec, args, prior, start_step, extra_event)
+
+
+# Segment field -> plan argument, compared on resume.
+_SAME = {"mechanism": "mechanism", "sampling_rate": "sampling_rate", "unit": "unit",
+         "sampling": "sampling", "max_examples_per_user": "max_examples_per_user", "accountant": "accountant"}
+
+
+def _origin(spec, extra_event) -> Dict[str, Any]:
+  """The spec values that choose the noise: a resume with other values is a privacy change."""
+  calibrated = spec.noise_multiplier is None
+  out = {"noise_multiplier": spec.noise_multiplier,
+         "lmo": dict(spec.lmo) if spec.lmo is not None else None,
+         "target_epsilon": spec.target_epsilon if calibrated else None}
+  if calibrated:   # the noise depends on the run's length, delta and anything composed with it
+    out.update(steps=int(spec.steps), delta=spec.delta,
+               dp_sam=dict(spec.dp_sam) if spec.dp_sam else None,
+               lmo_grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
+               lmo_objective=spec.lmo_objective if spec.lmo is None else None,
+               composed_with=repr(extra_event) if extra_event is not None else None)
+  return out
+
+
+def _fmt(v) -> str:
+  return f"{v:.4g}" if isinstance(v, float) else repr(v)
+
+
+def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> PrivacyPlan:
+  """The plan with its noise: given, searched (LMO) or calibrated against `prior`."""
+  args = dict(args, prior=prior, start_step=start_step)
+  bound = accounting.bound_accountant(spec.accountant)
+  target = spec.target_epsilon
+
+  def total(plan: PrivacyPlan, accountant: str) -> float:
+    ledger = plan.ledger_at(plan.steps)
+    if extra_event is None:
+      return ledger.epsilon(spec.delta, accountant)
+    return accounting.epsilon(accounting.compose([ledger.event(), extra_event]), spec.delta,
+                              accountant)
+
+  if prior.segments and target is not None:
+    spent = prior.epsilon(spec.delta, bound)
+    if spent >= target:
+      raise BudgetExhausted(f"target_epsilon={target:g} is already spent: the ledger holds "
+                            f"eps={spent:.4g} ({bound}) after {prior.steps} steps; remaining 0")
+  if spec.mechanism == "lmo":
+    if spec.lmo is not None:
+      try:
+        params = LMOParams(**dict(spec.lmo))
+      except TypeError as e:
+        raise SpecError(f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}")
+    elif prior.segments:
+      raise SpecError("LMO parameters cannot be searched against a spent budget on resume; "
+                      "give lmo explicitly")
+    else:
+      params = lmo_search(target, spec.delta, args["sampling_rate"],
+                                  _candidate(args, 0.0, None).ascent_releases(0, spec.steps)
+                                  + spec.steps,
+                                  grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
+                                  objective=spec.lmo_objective, progress=True)["params"]
+    plan = _candidate(args, 0.0, params)
+  elif spec.noise_multiplier is not None:
+    plan = _candidate(args, spec.noise_multiplier, None)
+  else:
+    if spec.accountant in accounting.ESTIMATES:
+      warnings.warn(f"accountant={spec.accountant!r} gives an estimate, not an upper bound: the "
+                    f"noise it calibrates may give epsilon > {target}. The PLD epsilon of the "
+                    "noise used is reported as the guarantee.", UserWarning, stacklevel=3)
+    try:
+      sigma = calibrate_scale(
+          lambda s: total(_candidate(args, s, None), spec.accountant), target)
+    except UnreachableTarget:
+      if prior.segments:
+        spent = prior.epsilon(spec.delta, bound)
+        raise BudgetExhausted(
+            f"target_epsilon={target:g}: {spent:.4g} spent after {prior.steps} steps, "
+            f"{target - spent:.4g} remaining cannot cover the {spec.steps - start_step} steps "
+            "left at any noise_multiplier <= 1e5: lower steps or raise target_epsilon") from None
+      raise SpecError(f"target_epsilon={target:g} is unreachable with noise_multiplier <= 1e5 "
+                      f"(delta={spec.delta:g}, q={args['sampling_rate']:.4g}, "
+                      f"steps={spec.steps})") from None
+    plan = _candidate(args, sigma, None)
+  if target is not None and spec.accountant not in accounting.ESTIMATES:
+    got = total(plan, bound)
+    if got > target * (1 + 1e-9):
+      raise BudgetExhausted(f"the run would spend eps={got:.4g} > target_epsilon={target:g}")
+  return plan

@@ -1,0 +1,233 @@
+"""The run directory: checkpoints with the ledger, the lock, strict JSON files.
+
+A run directory holds `config.json` (the validated spec, no secret),
+`metrics.jsonl` (strict JSON: non-finite numbers are null plus a
+`<key>_nonfinite` flag; one row per logged step, replayed steps replace
+their rows), orbax checkpoints (the state, and beside it in the same atomic
+step the privacy ledger and the run's secret entropy), `privacy.json` (the
+ledger and its epsilon) and `curves.png`; `.lock` names the process using it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.training import spec as spec_lib
+from dpjax.core.accounting.ledger import Ledger
+from dpjax.training.plan import ResumeRefused, Secret
+
+PyTree = Any
+
+
+def resumable_keys(allow_privacy_change: bool):
+  keys = set(spec_lib.RUN_CONTROL)
+  if allow_privacy_change:
+    keys |= {k.name for k in spec_lib.KEYS if k.privacy}
+  return keys
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool) -> None:
+  """Refuses to resume a checkpoint written under a different config."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(new)
+  free = resumable_keys(allow_privacy_change)
+  diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+    raise ResumeRefused(f"{workdir} holds a checkpoint of a run with a different config "
+                        f"({changes}); resume with the same config or use a new workdir")
+
+
+class Checkpoints:
+  """Orbax checkpoints of the state with the ledger and the secret beside it (one atomic step)."""
+
+  def __init__(self, workdir: str):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.mngr = ocp.CheckpointManager(
+        self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  @staticmethod
+  def latest_meta(workdir: str) -> Optional[Dict[str, Any]]:
+    """The ledger, secret and step of the newest checkpoint in `workdir`, or None."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+      return None
+    import orbax.checkpoint as ocp
+    mngr = ocp.CheckpointManager(os.path.abspath(path))
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    if not os.path.isdir(os.path.join(path, str(step), "meta")):
+      raise ResumeRefused(f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
+                          "its budget cannot be composed: use a new workdir")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return {"step": int(step), "ledger": Ledger.from_json(meta["ledger"]),
+            "secret": Secret.from_json(meta["secret"])}
+
+  def save(self, state, ledger: Ledger, secret: Secret) -> None:
+    ocp = self._ocp
+    meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
+    self.mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self.mngr.wait_until_finished()
+
+  def restore(self, template: PyTree) -> PyTree:
+    ocp = self._ocp
+    step = self.mngr.latest_step()
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template)))["state"]
+    return jax.tree.map(jnp.asarray, restored)
+
+
+class RunLock:
+  """`<workdir>/.lock` holding the pid: one process per run directory."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.held = False
+
+  def acquire(self) -> None:
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          pid = int(open(self.path).read().strip() or 0)
+        except (OSError, ValueError):
+          pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+          raise RunLocked(f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
+                          f"{self.path}); wait for it or use another workdir")
+        os.remove(self.path)    # stale: its process is gone
+        continue
+      with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+      self.held = True
+      return
+
+  def release(self) -> None:
+    if self.held:
+      self.held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+
+class RunLocked(RuntimeError):
+  """Another live process holds the run directory."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json_atomic(path: str, rec: Dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(json.dumps(strict_json(rec), indent=2, allow_nan=False) + "\n")
+  os.replace(tmp, path)
+
+
+def strict_json(x: Any) -> Any:
+  """`x` with every non-finite float replaced by None and a `<key>_nonfinite` flag beside it."""
+  if isinstance(x, dict):
+    out = {}
+    for k, v in x.items():
+      if isinstance(v, (float, np.floating)) and not math.isfinite(float(v)):
+        out[k] = None
+        out[f"{k}_nonfinite"] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+      else:
+        out[k] = strict_json(v)
+    return out
+  if isinstance(x, (list, tuple)):
+    return [strict_json(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, jax.Array):
+    return strict_json(np.asarray(x).item())
+  return x
+
+
+def truncate_metrics(path: str, step: int) -> None:
+  """Drops rows of steps after `step` (they are replayed) and earlier final rows."""
+  if not os.path.isfile(path):
+    return
+  keep = []
+  for line in open(path):
+    if not line.strip():
+      continue
+    rec = json.loads(line)
+    if rec.get("event") == "final" or ("event" not in rec and rec.get("step", 0) > step):
+      continue
+    keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def log_jsonl(path: Optional[str], rec: Dict[str, Any]) -> None:
+  if path is None:
+    return
+  with open(path, "a") as f:
+    f.write(json.dumps(strict_json(rec), allow_nan=False) + "\n")
+
+
+def plot_curves(metrics_path: str, out_path: str) -> None:
+  """loss, dev accuracy and epsilon against step, from metrics.jsonl."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  recs = [json.loads(l) for l in open(metrics_path)]
+  recs = [r for r in recs if "step" in r and "event" not in r]
+  if not recs:
+    return
+  panels = [("train_loss", "train loss"), ("dev_accuracy", "dev accuracy"),
+            ("epsilon", "epsilon spent")]
+  panels = [(k, t) for k, t in panels if any(k in r for r in recs)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+  for ax, (k, title) in zip(np.atleast_1d(axes), panels):
+    pts = [(r["step"], r[k]) for r in recs if k in r and r[k] is not None and math.isfinite(r[k])]
+    if pts:
+      ax.plot(*zip(*pts), marker=".")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,203 @@
+"""The package layout: one-way dependencies, no import cycles, no hidden imports.
+
+Every import statement of every module under dpjax/ is read from its source
+(module level and inside functions alike), so a cycle cannot hide behind an
+import inside a function. The layers and what each may import are the rule
+written in the README's layout section.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dpjax")
+
+# Layer -> the layers it may import (besides itself). Longest prefix wins.
+ALLOWED: Dict[str, Set[str]] = {
+    "dpjax.core": set(),
+    "dpjax.assets": set(),
+    "dpjax.models": set(),
+    "dpjax.data": {"dpjax.assets"},
+    "dpjax.methods": {"dpjax.core", "dpjax.models", "dpjax.assets"},
+    "dpjax.training": {"dpjax.core", "dpjax.methods", "dpjax.assets"},
+    "dpjax.tasks": {"dpjax.core", "dpjax.training", "dpjax.models", "dpjax.data",
+                    "dpjax.assets"},
+    "dpjax.pipelines": {"dpjax.core", "dpjax.methods", "dpjax.training", "dpjax.tasks",
+                        "dpjax.models", "dpjax.data", "dpjax.assets"},
+    "dpjax.cli": {"dpjax.core", "dpjax.methods", "dpjax.training", "dpjax.tasks",
+                  "dpjax.pipelines", "dpjax.models", "dpjax.data", "dpjax.assets"},
+}
+FACADE = "dpjax"     # dpjax/__init__.py re-exports the public names; nothing imports it
+# What the private core may import from outside dpjax: flax because ghost clipping
+# intercepts linen layers, attr because DpEvents are attrs classes.
+CORE_THIRD_PARTY = {"jax", "optax", "chex", "numpy", "scipy", "dp_accounting", "attr", "flax"}
+
+
+def _modules() -> Dict[str, str]:
+  out = {}
+  for dirpath, _, files in os.walk(ROOT):
+    for f in files:
+      if f.endswith(".py"):
+        rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))
+        parts = rel[:-3].split(os.sep)
+        if parts[-1] == "__init__":
+          parts = parts[:-1]
+        out[".".join(parts)] = os.path.join(dirpath, f)
+  return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: str) -> List[Tuple[str, int, bool]]:
+  """(imported name, line, inside a function) for every import in the module."""
+  tree = ast.parse(open(path).read(), path)
+  is_pkg = path.endswith("__init__.py")
+  out = []
+
+  def visit(node, in_fn: bool):
+    for child in ast.iter_child_nodes(node):
+      fn = in_fn or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+      if isinstance(child, ast.Import):
+        out.extend((a.name, child.lineno, in_fn) for a in child.names)
+      elif isinstance(child, ast.ImportFrom):
+        base = child.module or ""
+        if child.level:
+          pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+          pkg = pkg[:len(pkg) - (child.level - 1)]
+          base = ".".join(pkg + ([base] if base else []))
+        for a in child.names:
+          full = f"{base}.{a.name}"
+          out.append((full if full in MODULES else base, child.lineno, in_fn))
+      visit(child, fn)
+
+  visit(tree, False)
+  return out
+
+
+def _internal(target: str) -> str:
+  """The dpjax module an import statement loads (the longest known prefix), or ''."""
+  parts = target.split(".")
+  for k in range(len(parts), 0, -1):
+    cand = ".".join(parts[:k])
+    if cand in MODULES:
+      return cand
+  return ""
+
+
+def _layer(module: str) -> str:
+  best = ""
+  for layer in ALLOWED:
+    if (module == layer or module.startswith(layer + ".")) and len(layer) > len(best):
+      best = layer
+  return best
+
+
+def _graph() -> Dict[str, Set[str]]:
+  g = {m: set() for m in MODULES}
+  for m, path in MODULES.items():
+    for target, _, _ in _imports(m, path):
+      t = _internal(target)
+      if t and t != m:
+        g[m].add(t)
+  return g
+
+
+def test_every_module_has_a_layer():
+  missing = [m for m in MODULES if m != FACADE and not _layer(m)]
+  assert not missing, f"modules outside every layer of ALLOWED: {missing}"
+
+
+def test_no_upward_or_sideways_imports():
+  bad = []
+  for m, path in MODULES.items():
+    if m == FACADE:
+      continue
+    mine = _layer(m)
+    for target, line, _ in _imports(m, path):
+      t = _internal(target)
+      if not t or t == m:
+        continue
+      if t == FACADE:
+        bad.append(f"{path}:{line}: imports the facade `dpjax` itself")
+        continue
+      theirs = _layer(t)
+      if theirs != mine and theirs not in ALLOWED[mine]:
+        bad.append(f"{path}:{line}: {m} ({mine}) imports {t} ({theirs})")
+  assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+  g = _graph()
+  index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+  sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+
+  def strongconnect(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in g[v]:
+      if w not in index:
+        strongconnect(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1:
+        cycles.append(sorted(comp))
+
+  for v in sorted(g):
+    if v not in index:
+      strongconnect(v)
+  assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_dpjax_imports_inside_functions():
+  hidden = [f"{path}:{line}: {target}" for m, path in MODULES.items()
+            for target, line, in_fn in _imports(m, path) if in_fn and _internal(target)]
+  assert not hidden, "dpjax imports inside functions (hoist them):\n" + "\n".join(hidden)
+
+
+def test_core_imports_only_its_dependencies():
+  bad = []
+  for m, path in MODULES.items():
+    if _layer(m) != "dpjax.core":
+      continue
+    for target, line, _ in _imports(m, path):
+      top = target.split(".")[0]
+      if top in ("dpjax", "__future__") or top in sys.stdlib_module_names:
+        continue
+      if top not in CORE_THIRD_PARTY:
+        bad.append(f"{path}:{line}: {target}")
+  assert not bad, "the private core imports outside jax/optax/dp-accounting:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("case", ["cycle", "upward"])
+def test_the_checks_catch_a_violation(case, monkeypatch):
+  """The checks above fail on a planted cycle and on a planted upward import."""
+  real = _imports
+
+  def planted(name, path):
+    out = real(name, path)
+    if case == "cycle" and name == "dpjax.core.checks":
+      out.append(("dpjax.core.mechanisms", 1, True))     # mechanisms -> ... -> checks
+    if case == "upward" and name == "dpjax.core.mechanisms":
+      out.append(("dpjax.training.plan", 1, False))
+    return out
+
+  monkeypatch.setattr(sys.modules[__name__], "_imports", planted)
+  test = test_no_import_cycles if case == "cycle" else test_no_upward_or_sideways_imports
+  with pytest.raises(AssertionError):
+    test()

@@ -1,0 +1,397 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dpjax.core import accounting
+from dpjax.training.config import load_config
+from dpjax.tasks import build_task
+from dpjax.training.loop import train
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+
+
+def small_config(**overrides):
+  cfg = load_config(CONFIG)
+  cfg.task.num_train = 600
+  cfg.task.num_eval = 200
+  cfg.steps = 12
+  cfg.batch_size = 60
+  cfg.physical_batch_size = 32  # forces multi-batch (accumulated) steps
+  cfg.target_epsilon = None
+  cfg.noise_multiplier = 1.0
+  cfg.log_every = 3
+  cfg.checkpoint_every = 3
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
+  cfg = small_config(noise_seed=7)   # the same noise in both runs
+  task = build_task(cfg)
+  full = train(cfg, task, str(tmp_path / "full"), progress=False)
+  part = tmp_path / "part"
+  first = train(cfg, task, str(part), progress=False, stop_at_step=6)
+  assert first.final_metrics["step"] == 6
+  resumed = train(cfg, task, str(part), progress=False)
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The resumed run reports the budget of all 12 steps, not 6.
+  want = accounting.epsilon(accounting.dpsgd_event(1.0, 60 / 600, 12), 1e-5)
+  assert resumed.final_metrics["epsilon"] == pytest.approx(want, rel=1e-9)
+  recs = [json.loads(l) for l in open(part / "metrics.jsonl")]
+  starts = [r for r in recs if r.get("event") == "start"]
+  assert [s["resumed_from"] for s in starts] == [0, 6]
+  assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints",
+          "privacy.json"} <= set(os.listdir(part))
+  # One row per logged step although steps 3-6 were written by both processes.
+  steps = [r["step"] for r in recs if "event" not in r]
+  assert steps == sorted(set(steps)) == [3, 6, 9, 12]
+
+
+def test_resuming_under_another_config_is_refused(tmp_path):
+  cfg = small_config()
+  task = build_task(cfg)
+  train(cfg, task, str(tmp_path), progress=False, stop_at_step=3)
+  with pytest.raises(ValueError, match=r"different config \(learning_rate: "):
+    train(small_config(learning_rate=cfg.learning_rate * 2), task, str(tmp_path), progress=False)
+  # Logging cadence may change on resume.
+  res = train(small_config(log_every=4), task, str(tmp_path), progress=False)
+  assert res.final_metrics["step"] == 12
+
+
+@pytest.mark.slow
+def test_interrupted_run_differs_without_restore(tmp_path):
+  """Control for the test above: noise really depends on the restored key."""
+  cfg = small_config()
+  task = build_task(cfg)
+  a = train(cfg, task, None, progress=False)
+  b = train(small_config(seed=1), task, None, progress=False)
+  assert not np.array_equal(np.asarray(a.params["head"]["w"]), np.asarray(b.params["head"]["w"]))
+
+
+def test_private_run_learns_and_reports_epsilon():
+  cfg = small_config(steps=40, noise_multiplier=None, target_epsilon=4.0)
+  result = train(cfg, build_task(cfg), None, progress=False)
+  assert result.final_metrics["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
+  assert result.final_metrics["epsilon"] <= 4.0
+  # The sigma it reports is the one the accountant charges.
+  assert accounting.epsilon_spent(result.noise_multiplier, 60 / 600, 40, 1e-5) == pytest.approx(
+      result.final_metrics["epsilon"], rel=1e-9)
+
+
+def test_nonprivate_baseline_runs():
+  cfg = small_config(private=False, noise_multiplier=None)
+  result = train(cfg, build_task(cfg), None, progress=False)
+  assert result.final_metrics["epsilon"] == float("inf")
+  assert result.final_metrics["test_accuracy"] > 0.6
+
+
+def test_config_override_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config file not found"):
+    load_config(str(tmp_path / "nope.py"))
+  with pytest.raises(ValueError, match="unknown config key"):
+    load_config(CONFIG, ["no_such_key=1"])
+  assert load_config(CONFIG, ["steps=7"]).steps == 7
+
+
+def test_every_shipped_config_loads():
+  import glob
+  paths = glob.glob(os.path.join(os.path.dirname(CONFIG), "*.py"))
+  assert len(paths) >= 3
+  for p in paths:
+    cfg = load_config(p)
+    if "teacher" in cfg:       # a `dpjax distill` pipeline: its training stage
+      assert cfg.total_epsilon > 0 and cfg.student.steps >= 1
+      cfg = cfg.teacher
+    assert cfg.steps >= 1 and cfg.task.name
+
+
+def test_edgeworth_run_reports_pld_epsilon_beside_the_estimate():
+  cfg = small_config(steps=6, noise_multiplier=None, target_epsilon=4.0, accountant="edgeworth")
+  with pytest.warns(UserWarning, match="estimate"):
+    res = train(cfg, build_task(cfg), None, progress=False)
+  m = res.final_metrics
+  est = m["epsilon_edgeworth_estimate"]
+  assert est <= 4.0
+  # "epsilon" is the PLD upper bound for the noise the estimate chose.
+  with pytest.warns(UserWarning):
+    used = accounting.calibrate_noise(4.0, cfg.delta, 60 / 600, 6, accountant="edgeworth")
+  want = accounting.epsilon(accounting.dpsgd_event(used, 60 / 600, 6), cfg.delta, "pld")
+  assert m["epsilon"] == pytest.approx(want, rel=1e-9)
+
+
+def user_config(sampling, **overrides):
+  cfg = small_config(privacy_unit="user", user_sampling=sampling, max_examples_per_user=4,
+                     users_per_step=8, physical_batch_size=16,
+                     batch_size=40)   # ELS: expected examples per step
+  cfg.task.num_users = 40
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_user_level_runs_report_user_epsilon(tmp_path):
+  from dpjax.core.accounting import user_level
+  from dpjax.core.sampling import bound_contributions
+  for sampling in ("els", "uls"):
+    cfg = user_config(sampling, steps=4)
+    task = build_task(cfg)
+    res = train(cfg, task, str(tmp_path / sampling), progress=False)
+    index = bound_contributions(task.user_ids, 4, cfg.seed)
+    if sampling == "els":
+      q = 40 / len(index.kept_examples())
+      want = user_level.els_epsilon(1.0, q, 4, 4, 1e-5)
+    else:
+      q = 8 / len(index.users)
+      want = accounting.epsilon(user_level.uls_event(1.0, q, 4), 1e-5)
+    assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert res.final_metrics["privacy_unit"] == "user"
+    start = json.loads(open(tmp_path / sampling / "metrics.jsonl").readline())
+    assert (start["privacy_unit"], start["user_sampling"], start["max_examples_per_user"]) == (
+        "user", sampling, 4)
+    assert np.isfinite(res.final_metrics["test_accuracy"])
+  # The same noise at the same rate costs a user more under ELS with G = 4
+  # than one example at example level.
+  q_els = 40 / len(bound_contributions(task.user_ids, 4, cfg.seed).kept_examples())
+  assert user_level.els_epsilon(1.0, q_els, 4, 4, 1e-5) > accounting.epsilon(
+      accounting.dpsgd_event(1.0, q_els, 4), 1e-5)
+
+
+@pytest.mark.slow
+def test_user_level_calibration_meets_target():
+  cfg = user_config("els", noise_multiplier=None, target_epsilon=4.0, steps=3,
+                    max_examples_per_user=2)
+  res = train(cfg, build_task(cfg), None, progress=False)
+  assert 4.0 * 0.99 <= res.final_metrics["epsilon"] <= 4.0
+
+
+def test_uls_on_eight_devices_equals_one():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices (set in conftest)")
+  cfg = user_config("uls", steps=3, noise_seed=1)
+  task = build_task(cfg)
+  one = train(cfg, task, None, progress=False)
+  eight = train(user_config("uls", steps=3, data_devices=8, noise_seed=1), task, None,
+                progress=False)
+  fsdp = train(user_config("uls", steps=3, data_devices=4, model_devices=2,
+                           clipping_method="ghost", noise_seed=1), task, None, progress=False)
+  for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
+                     jax.tree.leaves(fsdp.params)):
+    assert len(b.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+  assert any("model" in str(x.sharding.spec) for x in jax.tree.leaves(fsdp.params))
+  other = train(user_config("uls", steps=3, seed=1), task, None, progress=False)
+  assert not np.allclose(np.asarray(one.params["head"]["w"]), np.asarray(other.params["head"]["w"]))
+
+
+def test_ghost_clipping_method_trains_like_vmap():
+  cfg = small_config(steps=3, noise_seed=3)
+  task = build_task(cfg)
+  vmap = train(cfg, task, None, progress=False)
+  ghost = train(small_config(steps=3, clipping_method="ghost", noise_seed=3), task, None,
+                progress=False)
+  for a, b in zip(jax.tree.leaves(vmap.params), jax.tree.leaves(ghost.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="method must be"):
+    train(small_config(steps=1, clipping_method="fast"), task, None, progress=False)
+
+
+def test_user_level_bad_configs_are_clear_errors():
+  cfg = user_config("els", accountant="rdp")
+  with pytest.raises(ValueError, match="ELS accountant covers Gaussian noise with accountant='pld'"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = user_config("both")
+  with pytest.raises(ValueError, match="user_sampling must be one of 'els', 'uls', got 'both'"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = small_config(privacy_unit="user", user_sampling="uls", users_per_step=8)
+  with pytest.raises(ValueError, match="needs a task with user_ids"):
+    train(cfg, build_task(cfg), None, progress=False)
+  cfg = user_config("uls", max_examples_per_user=0)
+  with pytest.raises(ValueError, match="max_examples_per_user must be"):
+    train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_lmo_is_one_config_change(tmp_path):
+  from dpjax.core.accounting import lmo as L
+  params = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
+  cfg = small_config(mechanism="lmo", lmo=params, l1_clip_norm=1.0, steps=6)
+  res = train(cfg, build_task(cfg), str(tmp_path), progress=False)
+  want = L.lmo_epsilon(L.LMOParams(**params), 60 / 600, 6, 1e-5)
+  assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-12)
+  start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert start["lmo"] == params
+  # L1 noise needs L1 clipping: refused without it, for Laplace as for LMO.
+  for mech in ("lmo", "laplace"):
+    cfg = small_config(mechanism=mech, lmo=params)
+    with pytest.raises(ValueError, match="needs l1_clip_norm"):
+      train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
+  base = train(small_config(noise_seed=5), build_task(small_config()), None, progress=False)
+  # rho = 0: the same run (to float rounding of another compiled graph; bit-exact
+  # equality of the transform itself is tested in test_flatness).
+  cfg = small_config(dp_sam=dict(rho=0.0), noise_seed=5)
+  zero = train(cfg, build_task(cfg), None, progress=False)
+  for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(zero.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+  want = lambda steps: accounting.epsilon_spent(1.0, 60 / 600, steps, 1e-5, "pld", "gaussian")
+  # Free mode: post-processing of released gradients, one release per step.
+  cfg = small_config(dp_sam=dict(rho=0.05, mode="free"))
+  free = train(cfg, build_task(cfg), None, progress=False)
+  assert free.final_metrics["epsilon"] == pytest.approx(want(12), rel=1e-9)
+  assert not np.allclose(np.asarray(jax.tree.leaves(free.params)[0]),
+                         np.asarray(jax.tree.leaves(base.params)[0]))
+  # Charged mode: one more release in each of the first half (6) of the steps.
+  cfg = small_config(dp_sam=dict(rho=0.05, mode="charged", active_fraction=0.5))
+  charged = train(cfg, build_task(cfg), str(tmp_path), progress=False)
+  assert charged.final_metrics["epsilon"] == pytest.approx(want(18), rel=1e-9)
+  start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert start["dp_sam"] == {"rho": 0.05, "mode": "charged", "active_steps": 6}
+  assert start["releases"] == 18
+  # A target epsilon is met with the extra releases counted.
+  cfg = small_config(noise_multiplier=None, target_epsilon=2.0,
+                     dp_sam=dict(rho=0.05, mode="charged"))
+  res = train(cfg, build_task(cfg), None, progress=False)
+  assert 1.9 < res.final_metrics["epsilon"] <= 2.0
+  for bad, msg in ((dict(rho=0.1, mode="raw"), "mode must be"),
+                   (dict(rho=0.1, active_fraction=2.0), "active_fraction"),
+                   (dict(mode="free"), "takes rho")):
+    cfg = small_config(dp_sam=bad)
+    with pytest.raises(ValueError, match=msg):
+      train(cfg, build_task(cfg), None, progress=False)
+
+
+def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
+  from dpjax.methods import flatness
+  task = build_task(small_config())
+  ref = jax.tree.map(lambda p: p + 1.0, task.params)
+  path = str(tmp_path / "ref.npz")
+  flatness.save_reference(ref, path)
+  back = flatness.load_reference(path, task.params)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  from dpjax.training.loop import with_weight_distillation
+  cfg = small_config(weight_distillation=dict(lam=0.5, reference=path))
+  wd = with_weight_distillation(cfg, task)
+  ex = jax.tree.map(lambda x: x[0], task.train)
+  gap = float(np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
+                          zip(jax.tree.leaves(task.params), jax.tree.leaves(ref)))))
+  got = float(wd.loss_fn(task.params, ex, task.frozen)[0])
+  assert got == pytest.approx(float(task.loss_fn(task.params, ex, task.frozen)[0]) + 0.5 * gap,
+                              rel=1e-5)
+  res = train(cfg, task, None, progress=False)           # runs end to end, same accounting
+  assert res.final_metrics["epsilon"] == pytest.approx(
+      accounting.epsilon_spent(1.0, 60 / 600, 12, 1e-5), rel=1e-9)
+  with pytest.raises(ValueError, match="does not match"):
+    flatness.load_reference(path, {"other": task.params})
+  with pytest.raises(FileNotFoundError):
+    with_weight_distillation(small_config(weight_distillation=dict(
+        lam=0.1, reference=str(tmp_path / "none.npz"))), task)
+
+
+def test_learning_rates_per_parameter_group():
+  import jax.numpy as jnp
+  from dpjax.training.loop import make_optimizer
+  params = {"layer_4": {"w": jnp.zeros(3)}, "layer_45": {"w": jnp.zeros(2)},
+            "classifier": {"w": jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer("adam", 0.01, learning_rates={"layer_": 1e-3, "layer_45": 1e-4})
+  upd, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step moves every coordinate by (almost exactly) its learning rate
+  np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
+  np.testing.assert_allclose(upd["layer_4"]["w"], -1e-3, rtol=1e-5)
+  np.testing.assert_allclose(upd["layer_45"]["w"], -1e-4, rtol=1e-5)   # longest prefix wins
+  # a prefix named like an internal group label does not capture the other parameters
+  tx = make_optimizer("adam", 0.01, learning_rates={"default": 1e-3})
+  upd, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
+  with pytest.raises(ValueError, match="positive"):
+    make_optimizer("adam", 0.01, learning_rates={"layer_": 0.0})
+
+
+def test_bad_data_is_refused_before_any_file(tmp_path):
+  from dpjax.training.spec import SpecError
+  cfg = small_config(steps=2)
+  task = build_task(cfg)
+  x = task.train["x"].copy()
+  x[17, 3] = np.nan
+  with pytest.raises(SpecError, match=r"train row 17, 'x' holds nan"):
+    train(cfg, task._replace(train=dict(task.train, x=x)), str(tmp_path / "a"), progress=False)
+  labels = task.train["label"].copy()
+  labels[5] = 7
+  with pytest.raises(SpecError, match=r"train row 5 has label 7, outside \[0, 3\] \(4 classes\)"):
+    train(cfg, task._replace(train=dict(task.train, label=labels)), str(tmp_path / "b"),
+          progress=False)
+  labels[5] = -1
+  with pytest.raises(SpecError, match=r"label -1"):
+    train(cfg, task._replace(train=dict(task.train, label=labels)), None, progress=False)
+  empty = {k: v[:0] for k, v in task.splits["dev"].items()}
+  with pytest.raises(SpecError, match="the dev split is empty"):
+    train(cfg, task._replace(splits=dict(task.splits, dev=empty)), None, progress=False)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
+  import jax.numpy as jnp
+  cfg = small_config(steps=3, log_every=1)
+  task = build_task(cfg)
+
+  def some_nan(params, ex, frozen):   # NaN for examples whose first feature is negative
+    loss, m = task.loss_fn(params, ex, frozen)
+    return loss + 0.0 * jnp.sqrt(ex["x"][0]), m
+
+  with pytest.warns(UserWarning, match="had a non-finite loss or gradient and were dropped"):
+    train(cfg, task._replace(loss_fn=some_nan), str(tmp_path / "w"), progress=False)
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if '"event"' not in l]
+  neg = int(np.sum(task.train["x"][:, 0] < 0))
+  assert all(r["dropped_units"] > 0 for r in rows) and neg > 0
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+  def all_nan(params, ex, frozen):
+    loss, m = task.loss_fn(params, ex, frozen)
+    return loss * jnp.nan, m
+
+  from dpjax.training.loop import NonFiniteData
+  with pytest.raises(NonFiniteData, match="every one of the .* sampled units"):
+    train(cfg, task._replace(loss_fn=all_nan), None, progress=False)
+
+
+def test_a_second_process_on_the_workdir_is_refused(tmp_path):
+  import subprocess
+  import sys
+  from dpjax.training.rundir import RunLocked
+  cfg = small_config(steps=2)
+  task = build_task(cfg)
+  w = tmp_path / "w"
+  os.makedirs(w)
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    (w / ".lock").write_text(str(holder.pid))
+    with pytest.raises(RunLocked, match=f"in use by process {holder.pid}"):
+      train(cfg, task, str(w), progress=False)
+    assert sorted(os.listdir(w)) == [".lock"]      # nothing else written
+  finally:
+    holder.kill()
+    holder.wait()
+  # A lock whose process is gone is stale: the run takes it and removes it at the end.
+  train(cfg, task, str(w), progress=False)
+  assert not (w / ".lock").exists()
+
+
+def test_nonprivate_metrics_are_strict_json(tmp_path):
+  cfg = small_config(private=False, noise_multiplier=None, steps=3)
+  train(cfg, build_task(cfg), str(tmp_path), progress=False)
+
+  def no_constants(name):
+    raise AssertionError(f"non-JSON constant {name}")
+  rows = [json.loads(l, parse_constant=no_constants) for l in open(tmp_path / "metrics.jsonl")]
+  final = [r for r in rows if r.get("event") == "final"][0]
+  assert final["epsilon"] is None and final["epsilon_nonfinite"] == "inf"
+  p = json.loads(open(tmp_path / "privacy.json").read(), parse_constant=no_constants)
+  assert p["private"] is False and p["ledger"] == []
