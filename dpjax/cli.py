@@ -8,22 +8,26 @@ import os
 import sys
 import time
 
-from dpjax.training.rundir import RunLocked
-from dpjax.training.config import load_config
-from dpjax.tasks import build_task
-from dpjax.training.loop import train
-from dpjax.training import spec as spec_lib
-from dpjax.training.rundir import strict_json
-from dpjax.pipelines import distil_dp as distill
-from dpjax.core.accounting import ACCOUNTANTS
-from dpjax.core.checks import (check_delta, check_epsilon, check_max_examples_per_user,
-                               check_noise_multiplier, check_sampling_rate, check_steps)
-from dpjax.core import accounting
-from dpjax.core.accounting.ledger import Ledger, Segment
-from dpjax.core.accounting.edgeworth import bound_report
-from dpjax.core.accounting import lmo
-from dpjax.methods.lmo_search import lmo_search
 from dpjax import assets
+from dpjax.core import accounting
+from dpjax.core.accounting import ACCOUNTANTS, lmo
+from dpjax.core.accounting.edgeworth import bound_report
+from dpjax.core.accounting.ledger import Ledger, Segment
+from dpjax.core.checks import (
+  check_delta,
+  check_epsilon,
+  check_max_examples_per_user,
+  check_noise_multiplier,
+  check_sampling_rate,
+  check_steps,
+)
+from dpjax.methods.lmo_search import lmo_search
+from dpjax.pipelines import distil_dp as distill
+from dpjax.tasks import build_task
+from dpjax.training import spec as spec_lib
+from dpjax.training.config import load_config
+from dpjax.training.loop import train
+from dpjax.training.rundir import RunLocked, strict_json
 
 
 def _train(args) -> int:

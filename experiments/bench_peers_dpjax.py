@@ -12,8 +12,9 @@
 The model, data, optimizer, clip (1.0), noise multiplier (1.0), timing loop
 (first step, warm-ups, median of --steps) and the JSON record are the
 harness's own (`bench.jax_gpt`, its constants and fields), imported from
-`--bench-dir` (default $DPJAX_BENCH_PEERS, else ../shared/bench_peers next
-to the repository), so a G/H line is comparable with the A-F lines of the
+`--bench-dir` (default $DPJAX_BENCH_PEERS, else `experiments/bench_peers`,
+the harness vendored in this checkout; the peers themselves, jax_privacy and
+Opacus, are optional dependencies), so a G/H line is comparable with the A-F lines of the
 same run. Run it in its own process beside `run_all.sh` on the same GPU.
 """
 
@@ -57,7 +58,7 @@ def parse():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--microbatch", type=int, default=None)
   p.add_argument("--bench-dir", default=os.environ.get(
-      "DPJAX_BENCH_PEERS", os.path.join(os.path.dirname(HERE), "..", "shared", "bench_peers")))
+      "DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers")))
   p.add_argument("--out", default=None)
   p.add_argument("--tag", default="")
   a = p.parse_args()
@@ -186,6 +187,6 @@ def check(bench_dir) -> int:
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--check"]:
     bench_dir = sys.argv[2] if len(sys.argv) > 2 else os.environ.get(
-        "DPJAX_BENCH_PEERS", os.path.join(os.path.dirname(HERE), "..", "shared", "bench_peers"))
+        "DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
     sys.exit(check(bench_dir))
   main()

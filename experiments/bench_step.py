@@ -29,8 +29,7 @@ import numpy as np
 import optax
 
 import dpjax
-from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss
-from dpjax.models.decoder import init_params
+from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_params
 
 
 def _step_bytes(fn, *args):

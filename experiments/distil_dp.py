@@ -18,25 +18,24 @@ Results are appended to experiments/results/distil_dp.jsonl.
 """
 
 import argparse
-import json
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 import jax.numpy as jnp
 import ml_collections
+import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core import accounting
-from dpjax.pipelines import distil_dp as distill
-from dpjax.training.config import load_config
 from dpjax.models.decoder import Decoder, causal_lm_loss
-import dataclasses
-
+from dpjax.pipelines import distil_dp as distill
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import Task, prepare, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ppl(metrics):
@@ -120,11 +119,10 @@ def main():
   for eps in args.epsilons:
     rows, rep = run(eps, args.seed, workdir)
     table[eps] = rows
-    with open(os.path.join(HERE, "results", "distil_dp.jsonl"), "a") as f:
-      f.write(json.dumps({"epsilon": eps, "seed": args.seed, "rows": rows,
-                          "synthetic_samples": rep["synthetic_samples"],
-                          "generation_tokens_per_s": rep["generation_tokens_per_s"],
-                          "budget": rep["budget"]}, default=float) + "\n")
+    rows_lib.append("distil_dp", [{"epsilon": eps, "seed": args.seed, "rows": rows,
+                                   "synthetic_samples": rep["synthetic_samples"],
+                                   "generation_tokens_per_s": rep["generation_tokens_per_s"],
+                                   "budget": rep["budget"]}])
     for name, (ppl, e) in rows.items():
       print(f"eps={eps:g} {name}: test ppl {ppl:.3f} (eps {e:.3f})", flush=True)
     print(f"synthetic samples {rep['synthetic_samples']}, generation "

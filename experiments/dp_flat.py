@@ -38,27 +38,24 @@ Results are appended to experiments/results/dp_flat.jsonl.
 """
 
 import argparse
-import json
 import os
-
-import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.methods import flatness
-from dpjax.training.config import load_config
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
 
-
-SETTINGS = {"size": 512, "layer_lr": 1e-3}
 
 # Sharpness radius per mode: (rho_s, per tensor?). Prefix mode moves the whole
 # trained tree by 0.05 ||theta||. In full mode that radius saturates (the loss
@@ -69,7 +66,7 @@ SETTINGS = {"size": 512, "layer_lr": 1e-3}
 SHARPNESS = {"prefix": (0.05, False), "full": (1e-3, True)}
 
 
-def base_config(steps, prefix_layers=None, mode="prefix"):
+def base_config(steps, prefix_layers=None, mode="prefix", batch_size=512, layer_lr=1e-3):
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
   cfg.task.train_layers = 2
   if mode == "prefix":
@@ -77,8 +74,8 @@ def base_config(steps, prefix_layers=None, mode="prefix"):
     cfg.task.prefix_layers = prefix_layers
   else:                          # full fine-tuning of the top 2 layers, ghost clipping
     cfg.clipping_method = "ghost"
-    cfg.learning_rates = {"layer_": SETTINGS["layer_lr"]}   # the head keeps Adam 0.01
-  cfg.batch_size = SETTINGS["size"]
+    cfg.learning_rates = {"layer_": layer_lr}   # the head keeps Adam 0.01
+  cfg.batch_size = batch_size
   cfg.physical_batch_size = 128
   cfg.steps = steps
   cfg.log_every = steps
@@ -171,11 +168,12 @@ def sharpness(task, params, rho_s=0.05, seed=0, layerwise=False):
           "power_iterations": len(lams)}
 
 
-def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
+def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix", batch_size=512,
+                layer_lr=1e-3):
   mask, curves = (None, None)
   if variant in ("+sparse", "all") and mode == "prefix":
-    mask, curves = sparse_mask(base_config(steps), seed)
-  cfg = base_config(steps, mask, mode)
+    mask, curves = sparse_mask(base_config(steps, batch_size=batch_size), seed)
+  cfg = base_config(steps, mask, mode, batch_size, layer_lr)
   cfg.seed = seed
   cfg.target_epsilon = eps
   if variant == "non-private":
@@ -196,6 +194,13 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix"):
           "sharpness_radius": _radius(mode),
           **sharpness(plain_task, res.params, SHARPNESS[mode][0], seed=seed,
                       layerwise=SHARPNESS[mode][1])}
+
+
+def spec_of(r):
+  """The settings that identify a row (non-private runs have no epsilon target)."""
+  return {"mode": r.get("mode", "prefix"), "variant": r["variant"], "seed": r["seed"],
+          "steps": r["steps"], "batch_size": r["batch_size"], "layer_lr": r.get("layer_lr"),
+          "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"]}
 
 
 def _radius(mode):
@@ -259,19 +264,11 @@ def main():
   p.add_argument("--report", action="store_true",
                  help="print the tables from the rows already recorded; run nothing")
   args = p.parse_args()
-  SETTINGS["size"] = args.batch_size
-  SETTINGS["layer_lr"] = args.layer_lr
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  path = os.path.join(HERE, "results", "dp_flat.jsonl")
-  done = {}
-  if os.path.exists(path):       # rows already there are reused, not re-run
-    for line in open(path):
-      r = json.loads(line)
-      mode = r.get("mode", "prefix")
-      if r.get("sharpness_radius", _radius("prefix")) != _radius(mode):
-        continue                 # measured at another radius: superseded
-      done[(mode, r["variant"], r["epsilon_target"], r["seed"], r["steps"],
-            r["batch_size"], r.get("layer_lr"))] = r
+  # Rows already recorded are reused, not re-run; one measured at another radius is superseded.
+  done = rows_lib.dedupe([r for r in rows_lib.load("dp_flat")
+                          if r.get("sharpness_radius", _radius("prefix"))
+                          == _radius(r.get("mode", "prefix"))], spec_of)
   rows = []
   for eps in args.epsilons:
     for variant in args.variants:
@@ -280,23 +277,22 @@ def main():
       if variant == "+sparse" and args.mode == "full":
         continue
       for seed in range(args.first_seed, args.first_seed + args.seeds):
-        old = next((r for k, r in done.items()
-                    if k[:2] == (args.mode, variant)
-                    and k[3:] == (seed, args.steps, args.batch_size,
-                                  args.layer_lr if args.mode == "full" else None)
-                    and (variant == "non-private" or k[2] == eps)), None)
+        old = rows_lib.find(done, spec_of({
+            "mode": args.mode, "variant": variant, "epsilon_target": eps, "seed": seed,
+            "steps": args.steps, "batch_size": args.batch_size,
+            "layer_lr": args.layer_lr if args.mode == "full" else None}))
         if old is not None:
           rows.append(old)
           continue
         if args.report:
           continue
-        r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode)
+        r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode,
+                        args.batch_size, args.layer_lr)
         r["batch_size"] = args.batch_size
         if args.mode == "full":
           r["layer_lr"] = args.layer_lr
         rows.append(r)
-        with open(path, "a") as f:
-          f.write(json.dumps(r, default=float) + "\n")
+        rows_lib.append("dp_flat", [r])
         print(f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
               f"(eps {r['epsilon']:.3f}) sharpness: max increase {r['max_increase']:.4f}, "
               f"top eig {r['top_eigenvalue']:.3f}, prefix {r['prefix_layers']}", flush=True)

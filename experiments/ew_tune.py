@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 
+import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core import accounting
 
@@ -33,7 +34,12 @@ def _sigma(target, delta, q, steps, acc):
       return None, str(e)
 
 
+def table_spec(r):
+  return {k: r[k] for k in ("task", "q", "steps", "delta", "target_epsilon")}
+
+
 def table(args):
+  done = rows_lib.dedupe(rows_lib.load("ew_tune_table"), table_spec)
   for task in args.tasks:
     n = TASKS[task]
     q, steps = BATCH / n, round(EPOCHS * n / BATCH)
@@ -41,6 +47,8 @@ def table(args):
       for target in args.epsilons:
         t0 = time.time()
         row = {"task": task, "q": q, "steps": steps, "delta": delta, "target_epsilon": target}
+        if rows_lib.find(done, table_spec(row)) is not None:
+          continue                       # recorded already (the grid resumes)
         for acc in ("rdp", "pld", "edgeworth", "edgeworth-bound"):
           sigma, why = _sigma(target, delta, q, steps, acc)
           row[f"sigma_{acc}"] = sigma
@@ -50,16 +58,21 @@ def table(args):
           row[f"epsilon_pld_{acc}"] = accounting.epsilon(
               accounting.dpsgd_event(sigma, q, steps), delta, "pld")
         row["seconds"] = round(time.time() - t0, 1)
+        rows_lib.append("ew_tune_table", [row])
         print(json.dumps(row), flush=True)
 
 
 def finetune(args):
-  from dpjax.training.config import load_config
   from dpjax.tasks import build_task
+  from dpjax.training.config import load_config
   from dpjax.training.loop import train
   root = os.path.join(os.path.dirname(__file__), "..")
+  done = rows_lib.dedupe(rows_lib.load("ew_tune_finetune"),
+                         lambda r: {"accountant": r["accountant"], "seed": r["seed"]})
   for acc in args.accountants:
     for seed in args.seeds:
+      if rows_lib.find(done, {"accountant": acc, "seed": seed}) is not None:
+        continue
       cfg = load_config(os.path.join(root, "configs", "ew_rt.py"),
                         [f"accountant={acc}", f"seed={seed}"])
       task = build_task(cfg)
@@ -68,11 +81,12 @@ def finetune(args):
         res = train(cfg, task, None, progress=False)
       m = res.final_metrics
       pld_eps = res.ledger.epsilon(cfg.delta, "pld")     # the bound of the noise the run used
-      print(json.dumps({"accountant": acc, "seed": seed, "sigma": res.noise_multiplier,
-                        "epsilon_pld": pld_eps, "epsilon_reported": m["epsilon"],
-                        "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
-                        "test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}),
-            flush=True)
+      row = {"accountant": acc, "seed": seed, "sigma": res.noise_multiplier,
+             "epsilon_pld": pld_eps, "epsilon_reported": m["epsilon"],
+             "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
+             "test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}
+      rows_lib.append("ew_tune_finetune", [row])
+      print(json.dumps(row), flush=True)
 
 
 def main():

@@ -19,16 +19,16 @@ markdown tables.
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core.accounting import lmo as L
 from dpjax.methods import lmo_search as S
 from dpjax.training.config import load_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 EPSILONS = (0.1, 0.3, 1.0, 3.0)
 DELTAS = (1e-5, 1e-10)
@@ -43,24 +43,6 @@ def _config():
   cfg.l1_clip_norm = 1.0
   cfg.log_every = cfg.steps    # evaluate once, at the end
   return cfg
-
-
-def _path(name):
-  os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  return os.path.join(HERE, "results", f"lmo_{name}.jsonl")
-
-
-def _append(name, rows):
-  with open(_path(name), "a") as f:
-    for r in rows:
-      f.write(json.dumps(r, default=float) + "\n")
-
-
-def _load(name):
-  if not os.path.exists(_path(name)):
-    return []
-  with open(_path(name)) as f:
-    return [json.loads(line) for line in f]
 
 
 def search(args):
@@ -83,7 +65,7 @@ def search(args):
       print(f"eps={eps:g} delta={delta:g}: best {best['shape']} E|Z|={best['noise']:.3f} "
             f"(eps {best['epsilon']:.4f}); Laplace E|Z|={lap['noise']:.3f}; worst shape "
             f"E|Z|={max(r['noise'] for r in found):.3f}", flush=True)
-  _append("search", rows)
+  rows_lib.append("lmo_search", rows)
   print("\n| delta | target eps | LMO best shape | LMO E|Z| / C1 | Laplace E|Z| / C1 | "
         "mixture shapes E|Z| / C1 (min - max) |")
   print("|---|---|---|---|---|---|")
@@ -99,7 +81,7 @@ def train_all(args):
 
   from dpjax.tasks import build_task
   from dpjax.training.loop import train
-  searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in _load("search")}
+  searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in rows_lib.load("lmo_search")}
   cfg = _config()
   task = build_task(cfg)
   rows = []
@@ -129,7 +111,7 @@ def train_all(args):
           print(f"delta={delta:g} eps={eps:g} {mech} seed={seed}: test "
                 f"{100 * row['test_accuracy']:.2f}% (eps {row['epsilon']:.4f}, "
                 f"E|Z| {noise:.3f} x {norm} clip)", flush=True)
-  _append("train", rows)
+  rows_lib.append("lmo_train", rows)
   print("\n| delta | target eps | Gaussian test acc (%) | LMO test acc (%) | "
         "Gaussian E|Z| / C2 | LMO E|Z| / C1 | sound eps (Gaussian / LMO) |")
   print("|---|---|---|---|---|---|---|")

@@ -17,18 +17,18 @@ a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
 import numpy as np
+import rows as rows_lib  # experiments/rows.py, beside this script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-from dpjax.training.config import load_config
 from dpjax.core.sampling import bound_contributions
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
@@ -57,12 +57,8 @@ def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: fl
 
 
 def _write(rows, name):
-  os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  path = os.path.join(HERE, "results", f"user_level_{name}.jsonl")
-  with open(path, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r, default=float) + "\n")
-  return path
+  rows_lib.append(f"user_level_{name}", rows)
+  return rows_lib.path(f"user_level_{name}")
 
 
 def _settings(groups):
@@ -141,6 +137,9 @@ def tradeoff(args):
   _, counts = np.unique(users, return_counts=True)
   rows = user_level.group_size_tradeoff(counts, args.groups, args.noise_multiplier,
                                         args.batch_size, args.steps[0], 1e-5)
+  rows_lib.append("user_level_tradeoff", [
+      {**r, "noise_multiplier": args.noise_multiplier, "batch_size": args.batch_size,
+       "steps": args.steps[0], "delta": 1e-5} for r in rows])
   print(f"sigma={args.noise_multiplier}, {args.batch_size:g} examples/step, "
         f"{args.steps[0]} steps")
   print("| G | examples kept | q | user eps (ELS, PLD) | user eps (group privacy) |")

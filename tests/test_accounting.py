@@ -91,3 +91,37 @@ def test_unknown_accountant_and_bad_noise():
     accounting.epsilon(accounting.dpsgd_event(1.0, 0.1, 1), 1e-5, "moments")
   with pytest.raises(ValueError, match="noise_multiplier must be finite and > 0"):
     accounting.dpsgd_event(-1.0, 0.1, 1)
+
+
+def test_step_pld_accountant_equals_dp_accounting_and_reuses_steps():
+  """The memoised accountant composes what dp-accounting's PLDAccountant composes."""
+  from dp_accounting.pld import pld_privacy_accountant
+
+  from dpjax.core.accounting import step_pld
+  parts = [
+      dp_accounting.SelfComposedDpEvent(
+          dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.1)), 40),
+      dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(3.0), 7),
+      dp_accounting.SelfComposedDpEvent(
+          dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.LaplaceDpEvent(2.0)), 5),
+      dp_accounting.LaplaceDpEvent(4.0),
+      dp_accounting.NoOpDpEvent(),
+  ]
+  event = dp_accounting.ComposedDpEvent(parts)
+  ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+  ref.compose(event)
+  acc = step_pld.StepPLDAccountant(1e-4)
+  assert acc.supports(event)
+  acc.compose(event)
+  for d in (1e-6, 1e-3):
+    assert acc.get_epsilon(d) == pytest.approx(ref.get_epsilon(d), rel=1e-9)
+  assert acc.get_delta(1.0) == pytest.approx(ref.get_delta(1.0), rel=1e-9)
+  hits = step_pld._gaussian.cache_info().hits
+  again = step_pld.StepPLDAccountant(1e-4)
+  again.compose(event)
+  assert step_pld._gaussian.cache_info().hits >= hits + 2     # both Gaussian steps reused
+  assert again.get_epsilon(1e-6) == acc.get_epsilon(1e-6)
+  assert not acc.supports(dp_accounting.RandomizedResponseDpEvent(0.5, 4))
+  zero = step_pld.StepPLDAccountant()
+  zero.compose(dp_accounting.GaussianDpEvent(0.0))
+  assert zero.get_epsilon(1e-5) == math.inf

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from dpjax.core import accounting
 from dpjax import cli
+from dpjax.core import accounting
 
 
 def test_account_epsilon_matches_library(capsys):

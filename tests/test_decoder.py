@@ -7,8 +7,13 @@ import pytest
 
 from dpjax.models.decoder import Decoder, causal_lm_loss, init_cache
 from dpjax.models.generate import generate, left_pad, sample_logits
-from dpjax.models.hf import (gguf_tokenizer, llama_cpp_permute, llama_cpp_unpermute,
-                             load_decoder, load_gguf)
+from dpjax.models.hf import (
+  gguf_tokenizer,
+  llama_cpp_permute,
+  llama_cpp_unpermute,
+  load_decoder,
+  load_gguf,
+)
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for logit parity: "
                             "pip install -e '.[test]'")

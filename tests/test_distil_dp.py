@@ -8,9 +8,9 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from dpjax.core import accounting
-from dpjax.pipelines import distil_dp as distill
 from dpjax.models.decoder import Decoder, DecoderConfig
 from dpjax.models.decoder import init_params as init_decoder
+from dpjax.pipelines import distil_dp as distill
 
 CFG = DecoderConfig(family="llama", vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
                     num_kv_heads=2, intermediate_size=48, rope_theta=100.0, pad_token_id=0,

@@ -9,8 +9,14 @@ import pytest
 from scipy import stats
 
 from dpjax.core import accounting
-from dpjax.core.accounting.edgeworth import (EdgeworthAccountant, _loss, compose_steps,
-                                        delta_estimate, edgeworth_sf, step_cumulants)
+from dpjax.core.accounting.edgeworth import (
+  EdgeworthAccountant,
+  _loss,
+  compose_steps,
+  delta_estimate,
+  edgeworth_sf,
+  step_cumulants,
+)
 
 
 def test_single_step_q1_closed_form():

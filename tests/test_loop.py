@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dpjax.core import accounting
-from dpjax.training.config import load_config
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
@@ -297,6 +297,7 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
 
 def test_learning_rates_per_parameter_group():
   import jax.numpy as jnp
+
   from dpjax.training.loop import make_optimizer
   params = {"layer_4": {"w": jnp.zeros(3)}, "layer_45": {"w": jnp.zeros(2)},
             "classifier": {"w": jnp.zeros(2)}}
@@ -365,6 +366,7 @@ def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
 def test_a_second_process_on_the_workdir_is_refused(tmp_path):
   import subprocess
   import sys
+
   from dpjax.training.rundir import RunLocked
   cfg = small_config(steps=2)
   task = build_task(cfg)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from dp_accounting import pld
 
-from dpjax.training.config import load_config
-from dpjax.training.plan import BudgetExhausted, ResumeRefused
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import train
+from dpjax.training.plan import BudgetExhausted, ResumeRefused
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
 DELTA = 1e-5

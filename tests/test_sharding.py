@@ -1,5 +1,6 @@
 """A private step on an 8-device CPU mesh equals the same step on one device."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,6 @@ import optax
 import pytest
 
 import dpjax
-import flax.linen as nn
-
 from dpjax.training.sharding import make_mesh, param_sharding, replicate, shard_batch, shard_params
 
 

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax.training.config import load_config
 from dpjax.tasks import build_task
+from dpjax.training.config import load_config
 from dpjax.training.loop import train
 
 torch = pytest.importorskip("torch", reason="torch (CPU) writes the tiny BERT fixture")

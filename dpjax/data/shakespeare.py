@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 from typing import Dict, Iterator, List, Optional
+
 from dpjax import assets
 
 GENRES: Dict[str, str] = {

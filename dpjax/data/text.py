@@ -12,6 +12,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
 from dpjax import assets
 
 RT_FILE = "movieReviewSnippets_GroundTruth.txt"

@@ -14,13 +14,20 @@ import os
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpjax import assets
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
-from dpjax.core.accounting.lmo import (BINS, DISCRETIZATION, LMOParams, default_tail,
-                                       lmo_epsilon, noise_magnitude, unit_noise)
+from dpjax.core.accounting.lmo import (
+  BINS,
+  DISCRETIZATION,
+  LMOParams,
+  default_tail,
+  lmo_epsilon,
+  noise_magnitude,
+  unit_noise,
+)
 from dpjax.core.checks import check_epsilon
-from tqdm.auto import tqdm
 
 PAPER_GRID = {
     "a": tuple(float(x) for x in np.round(np.linspace(0.1, 1.8, 18), 4)),

@@ -26,17 +26,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from dpjax.core.accounting import calibrate_noise
-from dpjax.core.accounting import events as ev
-from dpjax.core.accounting import epsilon as eps_of
-from dpjax.core.accounting.ledger import Ledger
-from dpjax.models.generate import generate, left_pad
 from tqdm.auto import tqdm
-from dpjax.models.decoder import Decoder, causal_lm_loss
-from dpjax.training.loop import Task
-from dpjax.models.decoder import init_params
+
+from dpjax.core.accounting import calibrate_noise
+from dpjax.core.accounting import epsilon as eps_of
+from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.ledger import Ledger
+from dpjax.models.decoder import Decoder, causal_lm_loss, init_params
+from dpjax.models.generate import generate, left_pad
 from dpjax.tasks import build_task
-from dpjax.training.loop import train
+from dpjax.training.loop import Task, train
 
 PyTree = Any
 

@@ -19,7 +19,6 @@ from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_pa
 from dpjax.tasks.pretrained import pretrained_decoder
 from dpjax.training.loop import Task
 
-
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2   # byte b is token b + 2
 CONTROL_CODES = ("comedy", "history", "romance", "tragedy")   # Shakespeare genres
 

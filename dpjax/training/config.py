@@ -10,7 +10,6 @@ from typing import Sequence
 
 from dpjax.training import spec as spec_lib
 
-
 # The checkout dpjax is installed from (editable installs): its configs/ are
 # found from any working directory.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,17 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
+from dpjax.core.accounting.ledger import Ledger
+from dpjax.core.sampling import eval_batches
 from dpjax.methods import flatness
 from dpjax.training import rundir
-from dpjax.training import spec as spec_lib
-from dpjax.core.accounting.ledger import Ledger
 from dpjax.training import sharding as shard_lib
-from dpjax.core.sampling import eval_batches
+from dpjax.training import spec as spec_lib
 from dpjax.training.plan import PrivacyPlan, Secret, make_plan
 from dpjax.training.spec import SpecError
 from dpjax.training.step import TrainState, accumulate, apply, apply_update, perturb
-from tqdm.auto import tqdm
 
 PyTree = Any
 

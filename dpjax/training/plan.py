@@ -34,9 +34,15 @@ from dpjax.core.accounting.ledger import Ledger, Segment, canonical
 from dpjax.core.accounting.lmo import LMOParams
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
-from dpjax.core.sampling import (ELSSampler, PoissonSampler, ShuffledSampler, ULSSampler,
-                                 bound_contributions, median_group_size)
 from dpjax.core.mechanisms import gaussian, laplace, lmo, normalize
+from dpjax.core.sampling import (
+  ELSSampler,
+  PoissonSampler,
+  ShuffledSampler,
+  ULSSampler,
+  bound_contributions,
+  median_group_size,
+)
 from dpjax.methods import flatness
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.training.spec import SpecError
@@ -59,11 +65,11 @@ class Secret:
   secret: bool     # False when derived from a fixed `noise_seed`
 
   @classmethod
-  def fresh(cls) -> "Secret":
+  def fresh(cls) -> Secret:
     return cls(secrets.randbits(128), True)
 
   @classmethod
-  def from_seed(cls, noise_seed: int) -> "Secret":
+  def from_seed(cls, noise_seed: int) -> Secret:
     return cls(int(noise_seed) % 2**128, False)
 
   def _words(self, stream: int, n: int) -> np.ndarray:
@@ -86,7 +92,7 @@ class Secret:
     return {"entropy": str(self.entropy), "secret": self.secret}
 
   @classmethod
-  def from_json(cls, d: Dict[str, Any]) -> "Secret":
+  def from_json(cls, d: Dict[str, Any]) -> Secret:
     return cls(int(d["entropy"]), bool(d["secret"]))
 
 
@@ -256,7 +262,7 @@ def _sam(spec) -> Optional[flatness.DPSAM]:
                          active_steps=int(round(s.get("active_fraction", 0.5) * spec.steps)))
 
 
-def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> "PrivacyPlan":
+def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> PrivacyPlan:
   return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
 
 
@@ -383,7 +389,7 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
       try:
         params = LMOParams(**dict(spec.lmo))
       except TypeError as e:
-        raise SpecError(f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}")
+        raise SpecError(f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}") from None
     elif prior.segments:
       raise SpecError("LMO parameters cannot be searched against a spent budget on resume; "
                       "give lmo explicitly")

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.training import spec as spec_lib
 from dpjax.core.accounting.ledger import Ledger
+from dpjax.training import spec as spec_lib
 from dpjax.training.plan import ResumeRefused, Secret
 
 PyTree = Any
@@ -120,7 +120,7 @@ class RunLock:
           pid = 0
         if pid and pid != os.getpid() and _alive(pid):
           raise RunLocked(f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
-                          f"{self.path}); wait for it or use another workdir")
+                          f"{self.path}); wait for it or use another workdir") from None
         os.remove(self.path)    # stale: its process is gone
         continue
       with os.fdopen(fd, "w") as f:

@@ -204,7 +204,7 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
                 and raw[k.name] is not None and raw[k.name] != k.default]
     if set_here:
       warnings.warn(f"private=False ignores {', '.join(set_here)} (the run is not private and "
-                    "reports no epsilon)", UserWarning)
+                    "reports no epsilon)", UserWarning, stacklevel=3)
   if out["dp_sam"] is not None:
     _check_dp_sam(out["dp_sam"], out["private"])
   if out["weight_distillation"] is not None:

@@ -2,17 +2,27 @@
 
 Layers, each importing only the ones before it: `events` (DpEvent builders and
 the leaf-accountant base) -> the accountants of dpjax's own releases
-(`edgeworth`, `lmo`, `mixture`) -> `accountants` (by name; epsilon and delta
+(`edgeworth`, `lmo`, `step_pld`) -> `accountants` (by name; epsilon and delta
 of any event) -> `user_level` -> `calibrate` (the one noise bisection) ->
 `ledger` (what a run released).
 """
 
-from dpjax.core.accounting.accountants import (ACCOUNTANTS, ESTIMATES, bound_accountant, delta,
-                                               epsilon)
+from dpjax.core.accounting.accountants import (
+                                               ACCOUNTANTS,
+                                               ESTIMATES,
+                                               bound_accountant,
+                                               delta,
+                                               epsilon,
+)
 from dpjax.core.accounting.calibrate import calibrate_noise, calibrate_scale, epsilon_spent
 from dpjax.core.accounting.edgeworth import EdgeworthAccountant
-from dpjax.core.accounting.events import (compose, dpsgd_event, fixed_batch_event, gaussian_step,
-                                          laplace_step)
+from dpjax.core.accounting.events import (
+                                               compose,
+                                               dpsgd_event,
+                                               fixed_batch_event,
+                                               gaussian_step,
+                                               laplace_step,
+)
 from dpjax.core.checks import check_unit
 
 __all__ = [

@@ -3,7 +3,8 @@
 `accountant="pld"` uses dp-accounting's privacy-loss-distribution accountant
 with pessimistic discretisation (arXiv 2106.08567): its epsilon is an upper
 bound. Events holding LMO-DP releases go to `lmo.LMOAccountant`, ELS mixtures
-to `mixture.MixtureAccountant` (both PLD, both upper bounds).
+and every Gaussian/Laplace/mixture composition to `step_pld.StepPLDAccountant`
+(dp-accounting's PLDs with each step's PLD memoised; both upper bounds).
 `accountant="rdp"` uses Renyi DP (arXiv 1702.07476, 1908.10530), also an
 upper bound, usually looser. `accountant="edgeworth"` is the Edgeworth
 estimate of EW-Tune (NOT a bound) and `"edgeworth-bound"` its certified
@@ -25,14 +26,11 @@ from dp_accounting import pld, rdp
 from dpjax.core.accounting import events as ev
 from dpjax.core.accounting.edgeworth import EdgeworthAccountant
 from dpjax.core.accounting.lmo import LMOAccountant, LMODpEvent
-from dpjax.core.accounting.mixture import MOG_DISCRETIZATION, MixtureAccountant
+from dpjax.core.accounting.step_pld import MOG_DISCRETIZATION, PLD_DISCRETIZATION, StepPLDAccountant
 from dpjax.core.checks import check_delta, check_epsilon
 
 NeighborRel = dp_accounting.NeighboringRelation
 
-# Finer than dp-accounting's 1e-4 default costs time without changing the
-# epsilons we report beyond the third decimal; coarser stays an upper bound.
-PLD_DISCRETIZATION = 1e-4
 
 
 def _relation(event) -> NeighborRel:
@@ -46,14 +44,14 @@ def _pld_accountant(event):
                      "replacement; use accountant='rdp' or Poisson sampling")
   if ev.contains(event, LMODpEvent):
     return LMOAccountant()
-  # The mixture's PLD (user-level ELS) is built on the coarser grid its own
-  # accountant uses (`MOG_DISCRETIZATION`); still an upper bound.
-  if ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent):
-    mixture = MixtureAccountant()
-    if mixture.supports(event):
-      return mixture
-    return pld.PLDAccountant(rel, value_discretization_interval=MOG_DISCRETIZATION)
-  return pld.PLDAccountant(rel, value_discretization_interval=PLD_DISCRETIZATION)
+  # Mixtures (user-level ELS) are built on a coarser grid (`MOG_DISCRETIZATION`),
+  # and then the whole composition is; still an upper bound.
+  mixture = ev.contains(event, dp_accounting.dp_event.MixtureOfGaussiansDpEvent)
+  h = MOG_DISCRETIZATION if mixture else PLD_DISCRETIZATION
+  memo = StepPLDAccountant(h)
+  if memo.supports(event):
+    return memo
+  return pld.PLDAccountant(rel, value_discretization_interval=h)
 
 
 def _rdp_accountant(event):

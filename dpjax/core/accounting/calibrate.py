@@ -17,8 +17,14 @@ from dpjax.core.accounting import events as ev
 from dpjax.core.accounting.accountants import ESTIMATES, epsilon
 from dpjax.core.accounting.edgeworth import bound_report
 from dpjax.core.accounting.user_level import els_epsilon
-from dpjax.core.checks import (check_accountant_covers, check_delta, check_epsilon,
-                               check_sampling_rate, check_steps, check_unit)
+from dpjax.core.checks import (
+  check_accountant_covers,
+  check_delta,
+  check_epsilon,
+  check_sampling_rate,
+  check_steps,
+  check_unit,
+)
 
 
 def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,

@@ -78,16 +78,16 @@ class Cumulants:
   k4: float
   rho3: float      # sum of E|L_i - E L_i|^3 (for Berry-Esseen)
 
-  def __add__(self, other: "Cumulants") -> "Cumulants":
+  def __add__(self, other: Cumulants) -> Cumulants:
     return Cumulants(*(a + b for a, b in zip(dataclasses.astuple(self),
                                              dataclasses.astuple(other))))
 
-  def __mul__(self, n: int) -> "Cumulants":
+  def __mul__(self, n: int) -> Cumulants:
     return Cumulants(*(n * a for a in dataclasses.astuple(self)))
 
   __rmul__ = __mul__
 
-  def negated(self) -> "Cumulants":
+  def negated(self) -> Cumulants:
     """Cumulants of -L."""
     return Cumulants(-self.k1, self.k2, -self.k3, self.k4, self.rho3)
 

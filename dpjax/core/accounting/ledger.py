@@ -92,7 +92,7 @@ class Segment:
   def privacy_key(self) -> Tuple:
     return tuple(canonical(getattr(self, f)) for f in PRIVACY_FIELDS)
 
-  def differs_from(self, other: "Segment") -> Dict[str, Tuple[Any, Any]]:
+  def differs_from(self, other: Segment) -> Dict[str, Tuple[Any, Any]]:
     """The privacy fields that differ: name -> (self's value, other's value)."""
     return {f: (getattr(self, f), getattr(other, f)) for f in PRIVACY_FIELDS
             if canonical(getattr(self, f)) != canonical(getattr(other, f))}
@@ -113,14 +113,14 @@ class Segment:
       return dp_accounting.NoOpDpEvent()
     return dp_accounting.SelfComposedDpEvent(self.step_event(), self.releases)
 
-  def with_steps(self, steps: int, extra_releases: int) -> "Segment":
+  def with_steps(self, steps: int, extra_releases: int) -> Segment:
     return dataclasses.replace(self, steps=int(steps), extra_releases=int(extra_releases))
 
   def to_json(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, d: Dict[str, Any]) -> "Segment":
+  def from_json(cls, d: Dict[str, Any]) -> Segment:
     fields = {f.name for f in dataclasses.fields(cls)}
     if "G" in d:   # checkpoints written before the field had its full name
       d = {("max_examples_per_user" if k == "G" else k): v for k, v in d.items()}
@@ -162,7 +162,7 @@ class Ledger:
       return dp_accounting.NoOpDpEvent()
     return events[0] if len(events) == 1 else ev.compose(events)
 
-  def record(self, segment: Segment) -> "Ledger":
+  def record(self, segment: Segment) -> Ledger:
     """Extends the last segment when `segment` has the same privacy fields, else appends."""
     if self.segments and self.segments[-1].privacy_key() == segment.privacy_key():
       last = self.segments[-1]
@@ -191,7 +191,7 @@ class Ledger:
     return [s.to_json() for s in self.segments]
 
   @classmethod
-  def from_json(cls, rows: Sequence[Dict[str, Any]]) -> "Ledger":
+  def from_json(cls, rows: Sequence[Dict[str, Any]]) -> Ledger:
     return cls(tuple(Segment.from_json(dict(r)) for r in rows))
 
   def dumps(self) -> str:

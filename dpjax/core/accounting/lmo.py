@@ -99,14 +99,14 @@ class LMOParams:
       raise ValueError("b is identically 0 (infinite noise): give a positive a1, a3 or a4 * Ub")
 
   @classmethod
-  def laplace(cls, b: float) -> "LMOParams":
+  def laplace(cls, b: float) -> LMOParams:
     """The point mass b: plain Laplace noise with scale Delta / b."""
     return cls(a1=0.0, a3=0.0, a4=1.0, Ua=float(b), Ub=float(b))
 
   def as_dict(self) -> Dict[str, float]:
     return dataclasses.asdict(self)
 
-  def scaled(self, c: float) -> "LMOParams":
+  def scaled(self, c: float) -> LMOParams:
     """The same shape with b multiplied by c (a1, a3, a4 scaled): noise scale / c."""
     if not (math.isfinite(c) and c > 0):
       raise ValueError(f"scale must be finite and > 0, got {c}")

@@ -25,18 +25,20 @@ import functools
 import math
 
 import dp_accounting
-from dp_accounting import dp_event, pld
-from scipy import stats
-
 import numpy as np
+from dp_accounting import dp_event
+from scipy import stats
 
 from dpjax.core.accounting import accountants
 from dpjax.core.accounting import events as ev
-from dpjax.core.accounting.mixture import MOG_DISCRETIZATION
-from dpjax.core.checks import (check_delta, check_max_examples_per_user, check_noise_multiplier,
-                               check_sampling_rate, check_steps)
-
-
+from dpjax.core.accounting.step_pld import MOG_DISCRETIZATION, StepPLDAccountant
+from dpjax.core.checks import (
+  check_delta,
+  check_max_examples_per_user,
+  check_noise_multiplier,
+  check_sampling_rate,
+  check_steps,
+)
 
 
 def els_step(noise_multiplier: float, sampling_rate: float, max_examples_per_user: int) -> dp_accounting.DpEvent:
@@ -69,10 +71,9 @@ def uls_event(noise_multiplier: float, user_sampling_rate: float,
 
 
 def els_accountant(noise_multiplier: float, sampling_rate: float, steps: int,
-                   max_examples_per_user: int) -> pld.PLDAccountant:
+                   max_examples_per_user: int) -> StepPLDAccountant:
   G = max_examples_per_user   # the papers' G
-  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                          value_discretization_interval=MOG_DISCRETIZATION)
+  acc = StepPLDAccountant(MOG_DISCRETIZATION)
   acc.compose(els_event(noise_multiplier, sampling_rate, steps, G))
   return acc
 

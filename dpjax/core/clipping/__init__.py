@@ -14,10 +14,17 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp  # noqa: F401  (used by the doctest)
 
-from dpjax.core.clipping.base import (ADD_REMOVE, REPLACE_ONE, ClippedGradAux, ClippedGradFn,
-                                      GroupMean, PyTree, group_mean)
-from dpjax.core.clipping.ghost import GhostClippedGradFn
 from dpjax.core.checks import check_clip_norms
+from dpjax.core.clipping.base import (
+  ADD_REMOVE,
+  REPLACE_ONE,
+  ClippedGradAux,
+  ClippedGradFn,
+  GroupMean,
+  PyTree,
+  group_mean,
+)
+from dpjax.core.clipping.ghost import GhostClippedGradFn
 
 __all__ = ["ADD_REMOVE", "REPLACE_ONE", "ClippedGradAux", "ClippedGradFn", "GhostClippedGradFn",
            "GroupMean", "clipped_grad", "group_mean"]

@@ -33,10 +33,18 @@ a manual `x @ W`) falls back to vmap. So the result equals the vmap path's
 whatever the loss does with its parameters; only the speed differs.
 
 Example:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp, dpjax
+  >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(1)])
+  >>> x = jnp.ones((4, 3, 5))                              # [units, T, features]
+  >>> params = model.init(jax.random.key(0), x[0])["params"]
+  >>> loss = lambda p, xu: jnp.mean(model.apply({"params": p}, xu) ** 2)
   >>> grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost")
-  >>> grads, aux = grad_fn(params, batch, mask=mask)      # as with method="vmap"
-  >>> grad_fn.rules(params, batch)["layer_0/mlp/up/kernel"]
+  >>> grads, aux = grad_fn(params, x)                      # as with method="vmap"
+  >>> grad_fn.rules(params, x)["layers_0/kernel"]
   'ghost'
+  >>> ref, _ = dpjax.clipped_grad(loss, l2_clip_norm=1.0)(params, x)
+  >>> bool(jnp.allclose(grads["layers_0"]["kernel"], ref["layers_0"]["kernel"], atol=1e-5))
+  True
 
 Formal guarantees: those of `clipped_grad` (add/remove sensitivity C, or
 the norm of the per-group bounds), because every unit's contribution is
@@ -222,7 +230,7 @@ def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str
   return out
 
 
-def _materialise(u: "_Use", shape, n_units: int):
+def _materialise(u: _Use, shape, n_units: int):
   """The per-unit gradient `left^T right` of one use, `[U, rows, cols]` (f32)."""
   if u.left_kind == "dense":
     return jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)

@@ -1,0 +1,269 @@
+"""Regenerates the tables of experiments/RESULTS.md from the recorded rows.
+
+A generated table sits between two markers in RESULTS.md:
+
+    <!-- report: dp_flat epsilon=3 mode=prefix steps=40 batch_size=256 -->
+    | ... the table ... |
+    <!-- /report -->
+
+The first word names a renderer below, the rest are its arguments; the rows
+come from `experiments/results/*.jsonl` (`rows.py`). `python
+experiments/report.py` rewrites every marked table; `--check` rewrites
+nothing and exits 1, naming the tables, when any differs from its rows (CI
+runs it, so a table cannot drift from what was measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from typing import Callable, Dict, List
+
+import numpy as np
+import rows as rows_lib  # experiments/rows.py, beside this script
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+BLOCK = re.compile(r"(<!-- report: (?P<head>[^>]*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
+
+RENDERERS: Dict[str, Callable[..., str]] = {}
+
+
+def renderer(fn):
+  RENDERERS[fn.__name__] = fn
+  return fn
+
+
+def _ms(xs, fmt: str) -> str:
+  """mean ± population std."""
+  return f"{np.mean(xs):{fmt}} ± {np.std(xs):{fmt}}" if len(xs) else "-"
+
+
+def _g(x: float) -> str:
+  """Like :g, without exponent zero-padding (1e-5, not 1e-05)."""
+  return f"{x:g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _table(header: List[str], lines: List[List[str]]) -> str:
+  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  out += ["| " + " | ".join(cells) + " |" for cells in lines]
+  return "\n".join(out) + "\n"
+
+
+# --- DP-Flat -----------------------------------------------------------------
+
+DP_FLAT_VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "non-private")
+
+
+@renderer
+def dp_flat(epsilon: str, mode: str = "prefix", steps: str = "40", batch_size: str = "256",
+            layer_lr: str = "") -> str:
+  """One epsilon of the DP-Flat ablation: accuracy, paired differences, sharpness."""
+  eps, steps_, batch = float(epsilon), int(steps), int(batch_size)
+  lr = float(layer_lr) if layer_lr else None
+  radius = {"prefix": "0.05 x ||theta||", "full": "0.001 x ||theta_k|| per tensor"}[mode]
+  recorded = [r for r in rows_lib.load("dp_flat")
+              if r.get("mode", "prefix") == mode and r["steps"] == steps_
+              and r["batch_size"] == batch and r.get("layer_lr") == lr
+              and r.get("sharpness_radius", "0.05 x ||theta||") == radius]
+  latest = rows_lib.dedupe(recorded, lambda r: {
+      "variant": r["variant"], "seed": r["seed"],
+      "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"]})
+  rows = list(latest.values())
+
+  def at(v):
+    return {r["seed"]: r for r in rows
+            if r["variant"] == v and (v == "non-private" or r["epsilon_target"] == eps)}
+
+  prefixes = mode != "full"
+  plain = at("plain")
+  header = ["variant", "seeds", "test acc (%)", "paired diff. vs plain (points)",
+            "max loss increase", "top Hessian eigenvalue"] + (["prefixes kept"] if prefixes else [])
+  lines = []
+  for v in DP_FLAT_VARIANTS:
+    got = at(v)
+    if not got:
+      continue
+    seeds = sorted(got)
+    acc = [100 * got[k]["test_accuracy"] for k in seeds]
+    diff = ", ".join(f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
+                     for k in seeds if k in plain) if v != "plain" else "-"
+    cells = [v, ",".join(map(str, seeds)), _ms(acc, ".2f"), diff or "-",
+             _ms([got[k]["max_increase"] for k in seeds], ".3f"),
+             _ms([got[k]["top_eigenvalue"] for k in seeds], ".3f")]
+    if prefixes:
+      kept = {"all" if got[k].get("prefix_layers") is None else
+              f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
+              + "".join("1" if b else "0" for b in got[k]["prefix_layers"]) + ")"
+              for k in seeds}
+      cells.append(" / ".join(sorted(kept)))
+    lines.append(cells)
+  return _table(header, lines)
+
+
+# --- LMO-DP ------------------------------------------------------------------
+
+@renderer
+def lmo_search() -> str:
+  """The least noise per target: the best shape and the range over the mixture shapes."""
+  index = rows_lib.dedupe(rows_lib.load("lmo_search"),
+                          lambda r: {"eps": r["target_epsilon"], "delta": r["delta"],
+                                     "q": r["q"], "steps": r["steps"]})
+  rows = sorted(index.values(), key=lambda r: (-r["delta"], r["target_epsilon"]))
+  lines = []
+  for r in rows:
+    mix = [s["noise"] for s in r["shapes"] if s["shape"] != "laplace"]
+    best = "point mass (Laplace)" if r["best"]["shape"] == "laplace" else r["best"]["shape"]
+    lines.append([_g(r["delta"]), _g(r["target_epsilon"]), best,
+                  f"{r['best']['noise']:.3f}", f"{min(mix):.3f} - {max(mix):.3f}"])
+  return _table(["delta", "target eps", "best shape", "LMO E|Z| / C1",
+                 "mixture shapes E|Z| / C1 (min - max)"], lines)
+
+
+@renderer
+def lmo_train() -> str:
+  """Test accuracy of Gaussian vs LMO noise at each (delta, target)."""
+  index = rows_lib.dedupe(rows_lib.load("lmo_train"),
+                          lambda r: {k: r[k] for k in ("mechanism", "target_epsilon", "delta",
+                                                       "seed")})
+  rows = list(index.values())
+  keys = sorted({(r["delta"], r["target_epsilon"]) for r in rows}, key=lambda k: (-k[0], k[1]))
+  lines = []
+  for delta, eps in keys:
+    cell = {}
+    for mech in ("gaussian", "lmo"):
+      rs = [r for r in rows if r["mechanism"] == mech and r["target_epsilon"] == eps
+            and r["delta"] == delta]
+      if rs:
+        cell[mech] = (_ms([100 * r["test_accuracy"] for r in rs], ".2f"),
+                      f"{rs[0]['noise_abs']:.3f}", f"{max(r['epsilon'] for r in rs):.3f}")
+    g, m = cell.get("gaussian", ("-",) * 3), cell.get("lmo", ("-",) * 3)
+    lines.append([_g(delta), _g(eps), g[0], m[0], g[1], m[1], f"{g[2]} / {m[2]}"])
+  return _table(["delta", "target eps", "Gaussian (%)", "LMO (%)", "Gaussian E|Z| / C2",
+                 "LMO E|Z| / C1", "eps (Gaussian / LMO)"], lines)
+
+
+# --- user-level DP -----------------------------------------------------------
+
+def _user_settings(groups):
+  return [("uls", 1)] + [(s, g) for g in groups for s in ("els", "uls")]
+
+
+@renderer
+def user_mean(groups: str = "4,16") -> str:
+  """Squared error ||theta - mu||^2 (= 2 x the test loss): mean ± std over seeds, per scheme."""
+  settings = _user_settings([int(g) for g in groups.split(",")])
+  index = rows_lib.dedupe(rows_lib.load("user_level_mean"),
+                          lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon",
+                                                       "seed", "diverse", "steps")})
+  rows = list(index.values())
+  keys = sorted({(r["steps"], not r["diverse"], r["target_epsilon"]) for r in rows})
+  lines = []
+  for steps, identical, eps in keys:
+    cells = [str(steps), "identical" if identical else "diverse", f"{eps:g}"]
+    for s, g in settings:
+      xs = [2 * r["test_loss"] for r in rows if r["steps"] == steps and r["diverse"] != identical
+            and r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == g]
+      cells.append(_ms(xs, ".4f"))
+    lines.append(cells)
+  header = ["steps", "users' examples", "user eps"] + [f"{s.upper()} G={g}" for s, g in settings]
+  return _table(header, lines)
+
+
+@renderer
+def user_shakespeare(groups: str = "8,32") -> str:
+  """Test perplexity on unseen characters per scheme; the best of each row in bold."""
+  settings = _user_settings([int(g) for g in groups.split(",")])
+  index = rows_lib.dedupe(rows_lib.load("user_level_shakespeare"),
+                          lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon",
+                                                       "seed")})
+  rows = list(index.values())
+  lines = []
+  for eps in sorted({r["target_epsilon"] for r in rows}):
+    vals = []
+    for s, g in settings:
+      xs = [r["test_perplexity"] for r in rows
+            if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == g]
+      vals.append(float(np.mean(xs)) if xs else math.nan)
+    best = np.nanmin(vals)
+    lines.append([f"{eps:g}"] + [("-" if math.isnan(v) else
+                                  (f"**{v:.3f}**" if v == best else f"{v:.3f}")) for v in vals])
+  header = ["user eps"] + [("G = 1" if g == 1 else f"{s.upper()} G = {g}") for s, g in settings]
+  return _table(header, lines)
+
+
+# --- DistilDP ----------------------------------------------------------------
+
+DISTIL_ROWS = (("teacher", "teacher (DP, 2 layers)", "+ histogram"),
+               ("DistilDP", "**student, DistilDP**", "total"),
+               ("direct DP", "student, direct DP", ""),
+               ("DPKD", "student, DPKD", "total"),
+               ("DPKD teacher", "DPKD's teacher", "total"),
+               ("non-private", "student, non-private", ""))
+
+
+@renderer
+def distil_dp(seed: str = "0") -> str:
+  """Test perplexity (and epsilon spent) of each model, one column per budget."""
+  index = rows_lib.dedupe([r for r in rows_lib.load("distil_dp") if r["seed"] == int(seed)],
+                          lambda r: {"epsilon": r["epsilon"], "seed": r["seed"]})
+  runs = sorted(index.values(), key=lambda r: r["epsilon"])
+  lines = []
+  for key, label, note in DISTIL_ROWS:
+    cells = [label]
+    for run in runs:
+      ppl, e = run["rows"][key]
+      ppl_s = f"**{ppl:.3f}**" if key == "DistilDP" else f"{ppl:.3f}"
+      e_s = "inf" if not math.isfinite(e) else f"{e:.3f}"
+      cells.append(f"{ppl_s} ({e_s}{' ' + note if note and math.isfinite(e) else ''})")
+    lines.append(cells)
+  return _table(["model"] + [f"eps {r['epsilon']:g}: test ppl (eps spent)" for r in runs], lines)
+
+
+# --- the driver --------------------------------------------------------------
+
+def render(head: str) -> str:
+  name, *args = head.split()
+  if name not in RENDERERS:
+    raise SystemExit(f"RESULTS.md: unknown report {name!r}; known: {sorted(RENDERERS)}")
+  kwargs = dict(a.split("=", 1) for a in args)
+  return RENDERERS[name](**kwargs)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--check", action="store_true",
+                 help="rewrite nothing; exit 1 if a table differs from its rows")
+  p.add_argument("--file", default=RESULTS_MD)
+  args = p.parse_args(argv)
+  text = open(args.file).read()
+  stale = []
+
+  def sub(m):
+    new = render(m.group("head"))
+    if new != m.group("body"):
+      stale.append(m.group("head"))
+    return m.group(1) + new + m.group(4)
+
+  out = BLOCK.sub(sub, text)
+  n = len(BLOCK.findall(text))
+  if args.check:
+    if stale:
+      print(f"{len(stale)} of {n} tables in {args.file} differ from the recorded rows "
+            "(run `python experiments/report.py`):\n  " + "\n  ".join(stale), file=sys.stderr)
+      return 1
+    print(f"{n} tables in {args.file} match the recorded rows")
+    return 0
+  with open(args.file + ".tmp", "w") as f:
+    f.write(out)
+  os.replace(args.file + ".tmp", args.file)
+  print(f"{n} tables regenerated, {len(stale)} changed: {stale}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
