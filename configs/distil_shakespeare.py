@@ -18,13 +18,22 @@ def get_config():
   c.total_epsilon = 2.0
   c.delta = 1e-5
   t = ml_collections.ConfigDict()
-  t.task = ml_collections.ConfigDict(dict(
-      name="shakespeare_lm", data="shakespeare", seq_len=64, heldout_fraction=0.1,
-      max_eval=1024, pretrain_steps=1500, init_seed=0, control_code=True,
-      model=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)))
+  t.task = ml_collections.ConfigDict(
+    dict(
+      name="shakespeare_lm",
+      data="shakespeare",
+      seq_len=64,
+      heldout_fraction=0.1,
+      max_eval=1024,
+      pretrain_steps=1500,
+      init_seed=0,
+      control_code=True,
+      model=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384),
+    )
+  )
   t.private = True
   t.privacy_unit = "example"
-  t.target_epsilon = None      # set by the pipeline from total_epsilon
+  t.target_epsilon = None  # set by the pipeline from total_epsilon
   t.noise_multiplier = None
   t.delta = 1e-5
   t.accountant = "pld"
@@ -33,7 +42,7 @@ def get_config():
   t.batch_size = 256
   t.physical_batch_size = 128
   t.microbatch_size = None
-  t.clipping_method = "vmap"   # "ghost": the same clipped sums from one backward pass
+  t.clipping_method = "vmap"  # "ghost": the same clipped sums from one backward pass
   t.steps = 60
   t.optimizer = "adam"
   t.learning_rate = 1e-3
@@ -44,10 +53,20 @@ def get_config():
   t.checkpoint_every = 30
   c.teacher = t
   c.histogram = ml_collections.ConfigDict(dict(epsilon=0.1, mechanism="gaussian"))
-  c.generation = ml_collections.ConfigDict(dict(
-      num_samples=4096, batch_size=256, top_k=50, top_p=0.9, temperature=1.0, seed=0))
-  c.student = ml_collections.ConfigDict(dict(
+  c.generation = ml_collections.ConfigDict(
+    dict(num_samples=4096, batch_size=256, top_k=50, top_p=0.9, temperature=1.0, seed=0)
+  )
+  c.student = ml_collections.ConfigDict(
+    dict(
       model=dict(hidden_size=128, num_layers=1, num_heads=4, intermediate_size=384),
-      init_from_public=True, lam=0.4, temperature=1.0, alpha=0.0, steps=300, batch_size=64,
-      learning_rate=1e-3, seed=0))
+      init_from_public=True,
+      lam=0.4,
+      temperature=1.0,
+      alpha=0.0,
+      steps=300,
+      batch_size=64,
+      learning_rate=1e-3,
+      seed=0,
+    )
+  )
   return c

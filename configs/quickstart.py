@@ -14,10 +14,20 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.task = ml_collections.ConfigDict(dict(
-      name="text_classification", model="minilm", data="rt-polarity", max_length=48,
-      pooling="mean_l2", pool_scale=3.0, train_layers=0, train_embeddings=False,
-      prefix_tokens=0, prefix_layers=None))
+  c.task = ml_collections.ConfigDict(
+    dict(
+      name="text_classification",
+      model="minilm",
+      data="rt-polarity",
+      max_length=48,
+      pooling="mean_l2",
+      pool_scale=3.0,
+      train_layers=0,
+      train_embeddings=False,
+      prefix_tokens=0,
+      prefix_layers=None,
+    )
+  )
   c.private = True
   c.privacy_unit = "example"
   c.target_epsilon = 3.0
@@ -33,12 +43,12 @@ def get_config():
   c.steps = 300  # ~36 epochs of 8,441 training sentences
   c.optimizer = "adam"
   c.learning_rate = 0.01
-  c.learning_rates = None   # e.g. {"layer_": 1e-3}: own lr per top-level parameter-name prefix
+  c.learning_rates = None  # e.g. {"layer_": 1e-3}: own lr per top-level parameter-name prefix
   c.weight_decay = 0.0
   c.warmup_steps = 0
   c.seed = 0
   c.log_every = 20
   c.checkpoint_every = 100
-  c.dp_sam = None   # e.g. {"rho": 0.05, "mode": "free"}: DP-Flat's in-layer min-max
-  c.weight_distillation = None   # e.g. {"lam": 0.01, "reference": "init" | "ref.npz"}
+  c.dp_sam = None  # e.g. {"rho": 0.05, "mode": "free"}: DP-Flat's in-layer min-max
+  c.weight_distillation = None  # e.g. {"lam": 0.01, "reference": "init" | "ref.npz"}
   return c

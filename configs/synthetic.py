@@ -5,9 +5,11 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.task = ml_collections.ConfigDict(dict(
-      name="synthetic", data_seed=0, num_classes=4, dim=16, hidden=32,
-      num_train=4000, num_eval=1000))
+  c.task = ml_collections.ConfigDict(
+    dict(
+      name="synthetic", data_seed=0, num_classes=4, dim=16, hidden=32, num_train=4000, num_eval=1000
+    )
+  )
   c.private = True
   c.privacy_unit = "example"
   c.target_epsilon = 3.0
@@ -19,7 +21,7 @@ def get_config():
   c.batch_size = 200  # expected batch size under Poisson sampling
   c.physical_batch_size = 128
   c.microbatch_size = None
-  c.clipping_method = "vmap"   # or "ghost" (same sums, one backward pass)
+  c.clipping_method = "vmap"  # or "ghost" (same sums, one backward pass)
   c.steps = 100
   c.optimizer = "adam"
   c.learning_rate = 1e-2

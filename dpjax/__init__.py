@@ -22,5 +22,15 @@ from dpjax.training.loop import Task, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ClippedGradAux", "Task", "accounting", "clipped_grad", "distill", "flatness",
-           "group_mean", "mechanisms", "normalize", "train"]
+__all__ = [
+  "ClippedGradAux",
+  "Task",
+  "accounting",
+  "clipped_grad",
+  "distill",
+  "flatness",
+  "group_mean",
+  "mechanisms",
+  "normalize",
+  "train",
+]

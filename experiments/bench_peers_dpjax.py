@@ -29,8 +29,11 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = {"G": "dpjax_clipped_grad", "H": "dpjax_clipped_grad_micro",
-         "I": "dpjax_clipped_grad_ghost"}
+NAMES = {
+  "G": "dpjax_clipped_grad",
+  "H": "dpjax_clipped_grad_micro",
+  "I": "dpjax_clipped_grad_ghost",
+}
 
 
 def _bench(bench_dir):
@@ -44,8 +47,9 @@ def _bench(bench_dir):
 
 
 def parse():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("config", choices=sorted(NAMES))
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq", type=int, default=128)
@@ -57,8 +61,9 @@ def parse():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--microbatch", type=int, default=None)
-  p.add_argument("--bench-dir", default=os.environ.get(
-      "DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers")))
+  p.add_argument(
+    "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--tag", default="")
   a = p.parse_args()
@@ -75,22 +80,28 @@ def run(a, bench):
   import optax
 
   import dpjax
+
   B, T, V = a.batch, a.seq, a.vocab
   model = bench.jax_gpt(a)
   k_init, k_data, k_noise = jax.random.split(jax.random.key(0), 3)
   tokens = jax.random.randint(k_data, (B, T + 1), 0, V, dtype=jnp.int32)
   params = model.init(k_init, tokens[:1, :T])["params"]
 
-  def loss_one(params, toks1):         # one sequence [T + 1]
+  def loss_one(params, toks1):  # one sequence [T + 1]
     logits = model.apply({"params": params}, toks1[None, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, toks1[None, 1:]).mean()
 
-  grad_fn = dpjax.clipped_grad(loss_one, l2_clip_norm=bench.CLIP,
-                               microbatch_size=a.microbatch if a.config == "H" else None,
-                               method="ghost" if a.config == "I" else "vmap")
-  tx = optax.chain(dpjax.mechanisms.gaussian(bench.NOISE_MULT, bench.CLIP, k_noise),
-                   dpjax.normalize(float(B)),
-                   optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD))
+  grad_fn = dpjax.clipped_grad(
+    loss_one,
+    l2_clip_norm=bench.CLIP,
+    microbatch_size=a.microbatch if a.config == "H" else None,
+    method="ghost" if a.config == "I" else "vmap",
+  )
+  tx = optax.chain(
+    dpjax.mechanisms.gaussian(bench.NOISE_MULT, bench.CLIP, k_noise),
+    dpjax.normalize(float(B)),
+    optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD),
+  )
 
   def step(params, opt_state, toks):
     g, aux = grad_fn(params, toks)
@@ -117,25 +128,50 @@ def run(a, bench):
     peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
   except Exception:  # CPU backend may have none
     peak = None
-  extra = dict(framework="jax", jax=jax.__version__, flax=flax.__version__,
-               optax=optax.__version__, dpjax=dpjax.__version__, device=str(dev.device_kind),
-               backend=jax.default_backend(), first_step_s=round(first, 3),
-               final_loss=float(loss), n_params=int(sum(x.size for x in jax.tree.leaves(params))))
+  extra = dict(
+    framework="jax",
+    jax=jax.__version__,
+    flax=flax.__version__,
+    optax=optax.__version__,
+    dpjax=dpjax.__version__,
+    device=str(dev.device_kind),
+    backend=jax.default_backend(),
+    first_step_s=round(first, 3),
+    final_loss=float(loss),
+    n_params=int(sum(x.size for x in jax.tree.leaves(params))),
+  )
   return times, peak, extra
 
 
 def main():
   a = parse()
-  rec = dict(config=a.config, name=NAMES[a.config], batch=a.batch, seq=a.seq, layers=a.layers,
-             d=a.d, heads=a.heads, vocab=a.vocab, microbatch=a.microbatch, tied=True, tag=a.tag,
-             python=platform.python_version())
+  rec = dict(
+    config=a.config,
+    name=NAMES[a.config],
+    batch=a.batch,
+    seq=a.seq,
+    layers=a.layers,
+    d=a.d,
+    heads=a.heads,
+    vocab=a.vocab,
+    microbatch=a.microbatch,
+    tied=True,
+    tag=a.tag,
+    python=platform.python_version(),
+  )
   try:
     times, peak, extra = run(a, _bench(a.bench_dir))
     med = statistics.median(times)
-    rec.update(status="ok", step_ms=round(med * 1e3, 3), step_ms_min=round(min(times) * 1e3, 3),
-               step_ms_max=round(max(times) * 1e3, 3), n_timed=len(times),
-               tokens_per_s=round(a.batch * a.seq / med, 1),
-               peak_gb=None if peak is None else round(peak / 1e9, 3), **extra)
+    rec.update(
+      status="ok",
+      step_ms=round(med * 1e3, 3),
+      step_ms_min=round(min(times) * 1e3, 3),
+      step_ms_max=round(max(times) * 1e3, 3),
+      n_timed=len(times),
+      tokens_per_s=round(a.batch * a.seq / med, 1),
+      peak_gb=None if peak is None else round(peak / 1e9, 3),
+      **extra,
+    )
   except Exception as e:  # recorded as data, like the harness does (e.g. OOM)
     rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
     traceback.print_exc(file=sys.stderr)
@@ -153,13 +189,13 @@ def check(bench_dir) -> int:
   import optax
 
   import dpjax
+
   bench = _bench(bench_dir)
-  clip = 0.05                       # below every per-example norm: clipping binds
-  a = argparse.Namespace(vocab=97, d=32, heads=4, layers=2, npos=64, seq=12, batch=6,
-                         untied=False)
+  clip = 0.05  # below every per-example norm: clipping binds
+  a = argparse.Namespace(vocab=97, d=32, heads=4, layers=2, npos=64, seq=12, batch=6, untied=False)
   model = bench.jax_gpt(a)
   toks = jax.random.randint(jax.random.key(3), (a.batch, a.seq + 1), 0, a.vocab)
-  params = model.init(jax.random.key(0), toks[:1, :a.seq])["params"]
+  params = model.init(jax.random.key(0), toks[:1, : a.seq])["params"]
 
   def loss_one(p, t1):
     logits = model.apply({"params": p}, t1[None, :-1])
@@ -176,8 +212,9 @@ def check(bench_dir) -> int:
   ok = min(norms) > clip
   for config, kw in (("G", {}), ("H", {"microbatch_size": 4}), ("I", {"method": "ghost"})):
     got, _ = jax.jit(dpjax.clipped_grad(loss_one, l2_clip_norm=clip, **kw))(params, toks)
-    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
-               zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    diff = max(
+      float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+    )
     ok &= diff < 1e-5 * max(1.0, top)
     print(f"{config} {NAMES[config]}: max|diff| vs loop {diff:.2e} (max|ref| {top:.3f})")
   print("ALL OK" if ok else "MISMATCH")
@@ -186,7 +223,10 @@ def check(bench_dir) -> int:
 
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--check"]:
-    bench_dir = sys.argv[2] if len(sys.argv) > 2 else os.environ.get(
-        "DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
+    bench_dir = (
+      sys.argv[2]
+      if len(sys.argv) > 2
+      else os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
+    )
     sys.exit(check(bench_dir))
   main()

@@ -37,8 +37,9 @@ def _step_bytes(fn, *args):
   m = fn.lower(*args).compile().memory_analysis()
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def _device_bytes():
@@ -69,10 +70,12 @@ def make_steps(cfg, params, micro):
 
   steps["non_private"] = (non_private, opt.init(params))
   tx = optax.chain(noise, dpjax.normalize(1.0), opt)
-  for name, mb, method in (("vmap", None, "vmap"), ("vmap_micro", micro, "vmap"),
-                           ("ghost", None, "ghost")):
-    grad_fn = dpjax.clipped_grad(example_loss, l2_clip_norm=1.0, microbatch_size=mb,
-                                 method=method)
+  for name, mb, method in (
+    ("vmap", None, "vmap"),
+    ("vmap_micro", micro, "vmap"),
+    ("ghost", None, "ghost"),
+  ):
+    grad_fn = dpjax.clipped_grad(example_loss, l2_clip_norm=1.0, microbatch_size=mb, method=method)
 
     @jax.jit
     def dp_step(p, s, batch, grad_fn=grad_fn):
@@ -85,8 +88,9 @@ def make_steps(cfg, params, micro):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--heads", type=int, default=4)
@@ -97,22 +101,33 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--methods", nargs="+", default=["non_private", "vmap", "vmap_micro", "ghost"])
-  ap.add_argument("--memory-curve", action="store_true",
-                  help="also find the largest batch (doubling) whose step fits in device memory")
+  ap.add_argument(
+    "--memory-curve",
+    action="store_true",
+    help="also find the largest batch (doubling) whose step fits in device memory",
+  )
   ap.add_argument("--max-batch", type=int, default=4096, help="stop the memory curve here")
   args = ap.parse_args()
   if args.batch % args.micro:
     raise SystemExit(f"--batch {args.batch} must be a multiple of --micro {args.micro}")
-  cfg = DecoderConfig(family="gpt2", vocab_size=args.vocab, hidden_size=args.width,
-                      num_layers=args.layers, num_heads=args.heads,
-                      intermediate_size=4 * args.width, max_position=max(args.seq, 8),
-                      tie_embeddings=True)
+  cfg = DecoderConfig(
+    family="gpt2",
+    vocab_size=args.vocab,
+    hidden_size=args.width,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    intermediate_size=4 * args.width,
+    max_position=max(args.seq, 8),
+    tie_embeddings=True,
+  )
   params = init_params(cfg, jax.random.PRNGKey(0))
 
   def make_batch(n):
     rng = np.random.default_rng(0)
-    return {"input_ids": jnp.asarray(rng.integers(0, args.vocab, (n, args.seq)), jnp.int32),
-            "attention_mask": jnp.ones((n, args.seq), jnp.int32)}
+    return {
+      "input_ids": jnp.asarray(rng.integers(0, args.vocab, (n, args.seq)), jnp.int32),
+      "attention_mask": jnp.ones((n, args.seq), jnp.int32),
+    }
 
   batch = make_batch(args.batch)
   steps = make_steps(cfg, params, args.micro)
@@ -131,18 +146,38 @@ def main():
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     base = med if name == "non_private" else base
-    print(json.dumps({
-        "method": name, "device": jax.devices()[0].device_kind, "layers": args.layers,
-        "width": args.width, "vocab": args.vocab, "batch": args.batch, "seq": args.seq,
-        "median_s": med, "tokens_per_s": args.batch * args.seq / med,
-        "step_bytes": _step_bytes(fn, params, state, batch),
-        "ratio_to_non_private": None if base is None else med / base}), flush=True)
+    print(
+      json.dumps(
+        {
+          "method": name,
+          "device": jax.devices()[0].device_kind,
+          "layers": args.layers,
+          "width": args.width,
+          "vocab": args.vocab,
+          "batch": args.batch,
+          "seq": args.seq,
+          "median_s": med,
+          "tokens_per_s": args.batch * args.seq / med,
+          "step_bytes": _step_bytes(fn, params, state, batch),
+          "ratio_to_non_private": None if base is None else med / base,
+        }
+      ),
+      flush=True,
+    )
 
   if args.memory_curve:
     limit = _device_bytes()
     if limit is None:
-      print(json.dumps({"memory_curve": True, "skipped": "the backend reports no memory "
-                        f"limit ({jax.devices()[0].platform}); run it on a GPU"}), flush=True)
+      print(
+        json.dumps(
+          {
+            "memory_curve": True,
+            "skipped": "the backend reports no memory "
+            f"limit ({jax.devices()[0].platform}); run it on a GPU",
+          }
+        ),
+        flush=True,
+      )
       return
     for name in args.methods:
       fn, state = steps[name]
@@ -157,9 +192,19 @@ def main():
         if limit is not None and need is not None and need > limit:
           break
         fits, n = n, 2 * n
-      print(json.dumps({"method": name, "memory_curve": True, "seq": args.seq,
-                        "largest_batch": fits, "device_bytes": limit,
-                        "searched_up_to": args.max_batch}), flush=True)
+      print(
+        json.dumps(
+          {
+            "method": name,
+            "memory_curve": True,
+            "seq": args.seq,
+            "largest_batch": fits,
+            "device_bytes": limit,
+            "searched_up_to": args.max_batch,
+          }
+        ),
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def run(eps, seed, workdir):
   rows = {}
   t = cfg.teacher
   task = build_task(t)
-  rep = distill.run(cfg, os.path.join(workdir, f"distil-eps{eps:g}-s{seed}"), progress=False,
-                    task=task)
+  rep = distill.run(
+    cfg, os.path.join(workdir, f"distil-eps{eps:g}-s{seed}"), progress=False, task=task
+  )
   rows["teacher"] = (rep["teacher_test_perplexity"], rep["budget"]["teacher"])
   rows["DistilDP"] = (rep["student_test_perplexity"], rep["budget"]["total"])
 
@@ -96,19 +97,22 @@ def run(eps, seed, workdir):
   _, plan, _ = prepare(student_cfg(True, steps=2 * t.steps), task)
   sigma = plan.noise_multiplier
   teacher_res = train(student_cfg(True, sigma), task, None, progress=False)
-  kd = _student_private_task(task, scfg, init, Decoder(tcfg), teacher_res.params,
-                             lam=cfg.student.lam)
+  kd = _student_private_task(
+    task, scfg, init, Decoder(tcfg), teacher_res.params, lam=cfg.student.lam
+  )
   res = train(student_cfg(True, sigma), kd, None, progress=False)
-  total = accounting.epsilon(accounting.compose([teacher_res.ledger.event(), res.ledger.event()]),
-                             cfg.delta, "pld")
+  total = accounting.epsilon(
+    accounting.compose([teacher_res.ledger.event(), res.ledger.event()]), cfg.delta, "pld"
+  )
   rows["DPKD"] = (_ppl(res.final_metrics), total)
   rows["DPKD teacher"] = (_ppl(teacher_res.final_metrics), total)
   return rows, rep
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default=None, help="run directories (default: a temp dir)")
@@ -119,20 +123,33 @@ def main():
   for eps in args.epsilons:
     rows, rep = run(eps, args.seed, workdir)
     table[eps] = rows
-    rows_lib.append("distil_dp", [{"epsilon": eps, "seed": args.seed, "rows": rows,
-                                   "synthetic_samples": rep["synthetic_samples"],
-                                   "generation_tokens_per_s": rep["generation_tokens_per_s"],
-                                   "budget": rep["budget"]}])
+    rows_lib.append(
+      "distil_dp",
+      [
+        {
+          "epsilon": eps,
+          "seed": args.seed,
+          "rows": rows,
+          "synthetic_samples": rep["synthetic_samples"],
+          "generation_tokens_per_s": rep["generation_tokens_per_s"],
+          "budget": rep["budget"],
+        }
+      ],
+    )
     for name, (ppl, e) in rows.items():
       print(f"eps={eps:g} {name}: test ppl {ppl:.3f} (eps {e:.3f})", flush=True)
-    print(f"synthetic samples {rep['synthetic_samples']}, generation "
-          f"{rep['generation_tokens_per_s']:.0f} tokens/s; budget {rep['budget']}", flush=True)
+    print(
+      f"synthetic samples {rep['synthetic_samples']}, generation "
+      f"{rep['generation_tokens_per_s']:.0f} tokens/s; budget {rep['budget']}",
+      flush=True,
+    )
   names = list(next(iter(table.values())))
   print("\n| model | " + " | ".join(f"eps {e:g}: test ppl (eps spent)" for e in table) + " |")
   print("|---|" + "---|" * len(table))
   for n in names:
-    print(f"| {n} | " + " | ".join(f"{table[e][n][0]:.3f} ({table[e][n][1]:.3f})"
-                                   for e in table) + " |")
+    print(
+      f"| {n} | " + " | ".join(f"{table[e][n][0]:.3f} ({table[e][n][1]:.3f})" for e in table) + " |"
+    )
   if not args.workdir:
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -72,9 +72,9 @@ def base_config(steps, prefix_layers=None, mode="prefix", batch_size=512, layer_
   if mode == "prefix":
     cfg.task.prefix_tokens = 8
     cfg.task.prefix_layers = prefix_layers
-  else:                          # full fine-tuning of the top 2 layers, ghost clipping
+  else:  # full fine-tuning of the top 2 layers, ghost clipping
     cfg.clipping_method = "ghost"
-    cfg.learning_rates = {"layer_": layer_lr}   # the head keeps Adam 0.01
+    cfg.learning_rates = {"layer_": layer_lr}  # the head keeps Adam 0.01
   cfg.batch_size = batch_size
   cfg.physical_batch_size = 128
   cfg.steps = steps
@@ -93,16 +93,21 @@ class _MeanLoss:
     data = task.splits[split] if split != "train" else task.train
     idx = np.arange(len(data["label"]))[:n]
     self.n = len(idx)
-    self.chunks = [jax.tree.map(lambda x: jnp.asarray(x[idx[i:i + chunk]]), data)
-                   for i in range(0, self.n, chunk)]
+    self.chunks = [
+      jax.tree.map(lambda x: jnp.asarray(x[idx[i : i + chunk]]), data)
+      for i in range(0, self.n, chunk)
+    ]
     self.frozen = task.frozen
 
     def total(params, batch, frozen):
       loss, _ = jax.vmap(task.loss_fn, in_axes=(None, 0, None))(params, batch, frozen)
       return jnp.sum(loss)
+
     self._loss = jax.jit(total)
     self._grad = jax.jit(jax.grad(total))
-    self._hvp = jax.jit(lambda p, v, b, f: jax.jvp(lambda q: jax.grad(total)(q, b, f), (p,), (v,))[1])
+    self._hvp = jax.jit(
+      lambda p, v, b, f: jax.jvp(lambda q: jax.grad(total)(q, b, f), (p,), (v,))[1]
+    )
 
   def _mean(self, fn, *args):
     parts = [fn(*args, b, self.frozen) for b in self.chunks]
@@ -138,8 +143,9 @@ def sparse_mask(cfg, seed):
   direction = loss.grad(task.params)
   layers = sorted(task.params["prefix"])
   groups = [(lambda name, l=l: name.startswith(f"prefix/{l}/")) for l in layers]
-  curves = flatness.flatness_probe(loss, task.params, direction, groups,
-                                   alphas=[0.0, 0.5, 1.0, 2.0])
+  curves = flatness.flatness_probe(
+    loss, task.params, direction, groups, alphas=[0.0, 0.5, 1.0, 2.0]
+  )
   return flatness.select_layers(curves, keep=len(layers) - 1), curves.tolist()
 
 
@@ -149,13 +155,15 @@ def sharpness(task, params, rho_s=0.05, seed=0, layerwise=False):
   loss = _MeanLoss(task, "train", 512)
   l0 = float(loss(params))
   g = loss.grad(params)
-  dirs = [g] + [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
-                for k in jax.random.split(jax.random.PRNGKey(seed), 7)]
+  dirs = [g] + [
+    jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
+    for k in jax.random.split(jax.random.PRNGKey(seed), 7)
+  ]
   radius = rho_s if layerwise else rho_s * optax.global_norm(params)
   step = lambda d: flatness.perturbation(params, d, radius, layerwise=layerwise)
   worst = max(float(loss(jax.tree.map(jnp.add, params, step(d)))) - l0 for d in dirs)
   v, lam, lams = dirs[1], 0.0, []
-  for _ in range(20):            # power iteration; stops once 3 estimates agree to 1e-4
+  for _ in range(20):  # power iteration; stops once 3 estimates agree to 1e-4
     n = float(optax.global_norm(v))
     v = jax.tree.map(lambda x: x / n, v)
     hv = loss.hvp(params, v)
@@ -164,12 +172,10 @@ def sharpness(task, params, rho_s=0.05, seed=0, layerwise=False):
     if len(lams) >= 3 and max(abs(x - lam) for x in lams[-3:]) <= 1e-4 * abs(lam):
       break
     v = hv
-  return {"loss": l0, "max_increase": worst, "top_eigenvalue": lam,
-          "power_iterations": len(lams)}
+  return {"loss": l0, "max_increase": worst, "top_eigenvalue": lam, "power_iterations": len(lams)}
 
 
-def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix", batch_size=512,
-                layer_lr=1e-3):
+def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix", batch_size=512, layer_lr=1e-3):
   mask, curves = (None, None)
   if variant in ("+sparse", "all") and mode == "prefix":
     mask, curves = sparse_mask(base_config(steps, batch_size=batch_size), seed)
@@ -187,20 +193,35 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix", batch_size=5
     ref = public_reference(cfg, seed)
     task = task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, lam))
   res = train(cfg, task, None, progress=False)
-  plain_task = build_task(cfg)   # sharpness of the task loss itself (no regulariser)
-  return {"variant": variant, "mode": mode, "epsilon_target": eps, "seed": seed, "steps": steps,
-          "epsilon": res.final_metrics["epsilon"], "prefix_layers": mask, "probe": curves,
-          "test_accuracy": res.final_metrics["test_accuracy"],
-          "sharpness_radius": _radius(mode),
-          **sharpness(plain_task, res.params, SHARPNESS[mode][0], seed=seed,
-                      layerwise=SHARPNESS[mode][1])}
+  plain_task = build_task(cfg)  # sharpness of the task loss itself (no regulariser)
+  return {
+    "variant": variant,
+    "mode": mode,
+    "epsilon_target": eps,
+    "seed": seed,
+    "steps": steps,
+    "epsilon": res.final_metrics["epsilon"],
+    "prefix_layers": mask,
+    "probe": curves,
+    "test_accuracy": res.final_metrics["test_accuracy"],
+    "sharpness_radius": _radius(mode),
+    **sharpness(
+      plain_task, res.params, SHARPNESS[mode][0], seed=seed, layerwise=SHARPNESS[mode][1]
+    ),
+  }
 
 
 def spec_of(r):
   """The settings that identify a row (non-private runs have no epsilon target)."""
-  return {"mode": r.get("mode", "prefix"), "variant": r["variant"], "seed": r["seed"],
-          "steps": r["steps"], "batch_size": r["batch_size"], "layer_lr": r.get("layer_lr"),
-          "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"]}
+  return {
+    "mode": r.get("mode", "prefix"),
+    "variant": r["variant"],
+    "seed": r["seed"],
+    "steps": r["steps"],
+    "batch_size": r["batch_size"],
+    "layer_lr": r.get("layer_lr"),
+    "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"],
+  }
 
 
 def _radius(mode):
@@ -218,13 +239,17 @@ def report(rows, epsilons, variants):
   (when prefixes are trained) which prefixes were kept."""
   prefixes = any(r.get("mode") != "full" for r in rows)
   for e in epsilons:
-    at = lambda v: {r["seed"]: r for r in rows if r["variant"] == v
-                    and (v == "non-private" or r["epsilon_target"] == e)}
+    at = lambda v: {
+      r["seed"]: r
+      for r in rows
+      if r["variant"] == v and (v == "non-private" or r["epsilon_target"] == e)
+    }
     plain = at("plain")
     print(f"\neps = {e:g}\n")
-    print("| variant | seeds | test acc (%) | paired diff. vs plain (points) "
-          "| max loss increase | top Hessian eigenvalue |"
-          + (" prefixes kept |" if prefixes else ""))
+    print(
+      "| variant | seeds | test acc (%) | paired diff. vs plain (points) "
+      "| max loss increase | top Hessian eigenvalue |" + (" prefixes kept |" if prefixes else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|" if prefixes else ""))
     for v in variants:
       got = at(v)
@@ -232,21 +257,35 @@ def report(rows, epsilons, variants):
         continue
       seeds = sorted(got)
       acc = [100 * got[k]["test_accuracy"] for k in seeds]
-      diff = ", ".join(f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
-                       for k in seeds if k in plain) if v != "plain" else "-"
-      kept = {"all" if got[k].get("prefix_layers") is None else
-              f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
-              + "".join("1" if b else "0" for b in got[k]["prefix_layers"]) + ")"
-              for k in seeds}
-      print(f"| {v} | {','.join(map(str, seeds))} | {_ms(acc, '.2f')} | {diff or '-'} | "
-            f"{_ms([got[k]['max_increase'] for k in seeds], '.3f')} | "
-            f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} |"
-            + (f" {' / '.join(sorted(kept))} |" if prefixes else ""))
+      diff = (
+        ", ".join(
+          f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
+          for k in seeds
+          if k in plain
+        )
+        if v != "plain"
+        else "-"
+      )
+      kept = {
+        "all"
+        if got[k].get("prefix_layers") is None
+        else f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
+        + "".join("1" if b else "0" for b in got[k]["prefix_layers"])
+        + ")"
+        for k in seeds
+      }
+      print(
+        f"| {v} | {','.join(map(str, seeds))} | {_ms(acc, '.2f')} | {diff or '-'} | "
+        f"{_ms([got[k]['max_increase'] for k in seeds], '.3f')} | "
+        f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} |"
+        + (f" {' / '.join(sorted(kept))} |" if prefixes else "")
+      )
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--first-seed", type=int, default=0)
@@ -255,20 +294,35 @@ def main():
   p.add_argument("--batch-size", type=int, default=512, help="expected batch (Poisson)")
   p.add_argument("--rho", type=float, default=0.05, help="dp_sam radius (x ||theta_k||)")
   p.add_argument("--lam", type=float, default=0.01, help="weight distillation weight")
-  p.add_argument("--mode", choices=("prefix", "full"), default="prefix",
-                 help="prefix-tuning of the top 2 layers, or full fine-tuning of them "
-                      "(ghost clipping; +sparse does not apply and is skipped)")
-  p.add_argument("--layer-lr", type=float, default=1e-3,
-                 help="--mode full: Adam learning rate of the trained encoder layers "
-                      "(the head keeps 0.01)")
-  p.add_argument("--report", action="store_true",
-                 help="print the tables from the rows already recorded; run nothing")
+  p.add_argument(
+    "--mode",
+    choices=("prefix", "full"),
+    default="prefix",
+    help="prefix-tuning of the top 2 layers, or full fine-tuning of them "
+    "(ghost clipping; +sparse does not apply and is skipped)",
+  )
+  p.add_argument(
+    "--layer-lr",
+    type=float,
+    default=1e-3,
+    help="--mode full: Adam learning rate of the trained encoder layers (the head keeps 0.01)",
+  )
+  p.add_argument(
+    "--report",
+    action="store_true",
+    help="print the tables from the rows already recorded; run nothing",
+  )
   args = p.parse_args()
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   # Rows already recorded are reused, not re-run; one measured at another radius is superseded.
-  done = rows_lib.dedupe([r for r in rows_lib.load("dp_flat")
-                          if r.get("sharpness_radius", _radius("prefix"))
-                          == _radius(r.get("mode", "prefix"))], spec_of)
+  done = rows_lib.dedupe(
+    [
+      r
+      for r in rows_lib.load("dp_flat")
+      if r.get("sharpness_radius", _radius("prefix")) == _radius(r.get("mode", "prefix"))
+    ],
+    spec_of,
+  )
   rows = []
   for eps in args.epsilons:
     for variant in args.variants:
@@ -277,25 +331,47 @@ def main():
       if variant == "+sparse" and args.mode == "full":
         continue
       for seed in range(args.first_seed, args.first_seed + args.seeds):
-        old = rows_lib.find(done, spec_of({
-            "mode": args.mode, "variant": variant, "epsilon_target": eps, "seed": seed,
-            "steps": args.steps, "batch_size": args.batch_size,
-            "layer_lr": args.layer_lr if args.mode == "full" else None}))
+        old = rows_lib.find(
+          done,
+          spec_of(
+            {
+              "mode": args.mode,
+              "variant": variant,
+              "epsilon_target": eps,
+              "seed": seed,
+              "steps": args.steps,
+              "batch_size": args.batch_size,
+              "layer_lr": args.layer_lr if args.mode == "full" else None,
+            }
+          ),
+        )
         if old is not None:
           rows.append(old)
           continue
         if args.report:
           continue
-        r = run_variant(variant, eps, seed, args.steps, args.rho, args.lam, args.mode,
-                        args.batch_size, args.layer_lr)
+        r = run_variant(
+          variant,
+          eps,
+          seed,
+          args.steps,
+          args.rho,
+          args.lam,
+          args.mode,
+          args.batch_size,
+          args.layer_lr,
+        )
         r["batch_size"] = args.batch_size
         if args.mode == "full":
           r["layer_lr"] = args.layer_lr
         rows.append(r)
         rows_lib.append("dp_flat", [r])
-        print(f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
-              f"(eps {r['epsilon']:.3f}) sharpness: max increase {r['max_increase']:.4f}, "
-              f"top eig {r['top_eigenvalue']:.3f}, prefix {r['prefix_layers']}", flush=True)
+        print(
+          f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
+          f"(eps {r['epsilon']:.3f}) sharpness: max increase {r['max_increase']:.4f}, "
+          f"top eig {r['top_eigenvalue']:.3f}, prefix {r['prefix_layers']}",
+          flush=True,
+        )
   report(rows, args.epsilons, args.variants)
 
 

@@ -27,7 +27,7 @@ BATCH, EPOCHS = 2000, 20
 
 def _sigma(target, delta, q, steps, acc):
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)   # the Edgeworth-estimate warning, known here
+    warnings.simplefilter("ignore", UserWarning)  # the Edgeworth-estimate warning, known here
     try:
       return accounting.calibrate_noise(target, delta, q, steps, accountant=acc), None
     except ValueError as e:
@@ -48,7 +48,7 @@ def table(args):
         t0 = time.time()
         row = {"task": task, "q": q, "steps": steps, "delta": delta, "target_epsilon": target}
         if rows_lib.find(done, table_spec(row)) is not None:
-          continue                       # recorded already (the grid resumes)
+          continue  # recorded already (the grid resumes)
         for acc in ("rdp", "pld", "edgeworth", "edgeworth-bound"):
           sigma, why = _sigma(target, delta, q, steps, acc)
           row[f"sigma_{acc}"] = sigma
@@ -56,7 +56,8 @@ def table(args):
             row[f"note_{acc}"] = why
             continue
           row[f"epsilon_pld_{acc}"] = accounting.epsilon(
-              accounting.dpsgd_event(sigma, q, steps), delta, "pld")
+            accounting.dpsgd_event(sigma, q, steps), delta, "pld"
+          )
         row["seconds"] = round(time.time() - t0, 1)
         rows_lib.append("ew_tune_table", [row])
         print(json.dumps(row), flush=True)
@@ -66,25 +67,34 @@ def finetune(args):
   from dpjax.tasks import build_task
   from dpjax.training.config import load_config
   from dpjax.training.loop import train
+
   root = os.path.join(os.path.dirname(__file__), "..")
-  done = rows_lib.dedupe(rows_lib.load("ew_tune_finetune"),
-                         lambda r: {"accountant": r["accountant"], "seed": r["seed"]})
+  done = rows_lib.dedupe(
+    rows_lib.load("ew_tune_finetune"), lambda r: {"accountant": r["accountant"], "seed": r["seed"]}
+  )
   for acc in args.accountants:
     for seed in args.seeds:
       if rows_lib.find(done, {"accountant": acc, "seed": seed}) is not None:
         continue
-      cfg = load_config(os.path.join(root, "configs", "ew_rt.py"),
-                        [f"accountant={acc}", f"seed={seed}"])
+      cfg = load_config(
+        os.path.join(root, "configs", "ew_rt.py"), [f"accountant={acc}", f"seed={seed}"]
+      )
       task = build_task(cfg)
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         res = train(cfg, task, None, progress=False)
       m = res.final_metrics
-      pld_eps = res.ledger.epsilon(cfg.delta, "pld")     # the bound of the noise the run used
-      row = {"accountant": acc, "seed": seed, "sigma": res.noise_multiplier,
-             "epsilon_pld": pld_eps, "epsilon_reported": m["epsilon"],
-             "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
-             "test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}
+      pld_eps = res.ledger.epsilon(cfg.delta, "pld")  # the bound of the noise the run used
+      row = {
+        "accountant": acc,
+        "seed": seed,
+        "sigma": res.noise_multiplier,
+        "epsilon_pld": pld_eps,
+        "epsilon_reported": m["epsilon"],
+        "epsilon_estimate": m.get(f"epsilon_{acc}_estimate"),
+        "test_accuracy": m["test_accuracy"],
+        "dev_accuracy": m["dev_accuracy"],
+      }
       rows_lib.append("ew_tune_finetune", [row])
       print(json.dumps(row), flush=True)
 

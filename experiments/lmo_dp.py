@@ -33,20 +33,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EPSILONS = (0.1, 0.3, 1.0, 3.0)
 DELTAS = (1e-5, 1e-10)
 SHAPES = [("laplace", L.LMOParams.laplace(1.0))] + [
-    (f"gamma({theta},{k})+exp+unif[1,2]",
-     L.LMOParams(a1=1.0, a3=1.0, a4=1.0, theta=float(theta), k=float(k), lam=1.0, Ua=1.0, Ub=2.0))
-    for theta, k in S.PAPER_GRID["theta_k"]]
+  (
+    f"gamma({theta},{k})+exp+unif[1,2]",
+    L.LMOParams(a1=1.0, a3=1.0, a4=1.0, theta=float(theta), k=float(k), lam=1.0, Ua=1.0, Ub=2.0),
+  )
+  for theta, k in S.PAPER_GRID["theta_k"]
+]
 
 
 def _config():
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
   cfg.l1_clip_norm = 1.0
-  cfg.log_every = cfg.steps    # evaluate once, at the end
+  cfg.log_every = cfg.steps  # evaluate once, at the end
   return cfg
 
 
 def search(args):
   from tqdm.auto import tqdm
+
   cfg = _config()
   q = cfg.batch_size / args.train_size
   rows = []
@@ -55,25 +59,45 @@ def search(args):
       found = []
       for name, shape in tqdm(SHAPES, desc=f"eps={eps:g} delta={delta:g}", leave=False):
         r = S.lmo_calibrate(shape, eps, delta, q, cfg.steps)
-        found.append({"shape": name, "noise": r["noise"], "epsilon": r["epsilon"],
-                      "params": r["params"].as_dict()})
+        found.append(
+          {
+            "shape": name,
+            "noise": r["noise"],
+            "epsilon": r["epsilon"],
+            "params": r["params"].as_dict(),
+          }
+        )
       best = min(found, key=lambda r: r["noise"])
       lap = found[0]
-      row = {"target_epsilon": eps, "delta": delta, "q": q, "steps": cfg.steps,
-             "best": best, "laplace": lap, "shapes": found}
+      row = {
+        "target_epsilon": eps,
+        "delta": delta,
+        "q": q,
+        "steps": cfg.steps,
+        "best": best,
+        "laplace": lap,
+        "shapes": found,
+      }
       rows.append(row)
-      print(f"eps={eps:g} delta={delta:g}: best {best['shape']} E|Z|={best['noise']:.3f} "
-            f"(eps {best['epsilon']:.4f}); Laplace E|Z|={lap['noise']:.3f}; worst shape "
-            f"E|Z|={max(r['noise'] for r in found):.3f}", flush=True)
+      print(
+        f"eps={eps:g} delta={delta:g}: best {best['shape']} E|Z|={best['noise']:.3f} "
+        f"(eps {best['epsilon']:.4f}); Laplace E|Z|={lap['noise']:.3f}; worst shape "
+        f"E|Z|={max(r['noise'] for r in found):.3f}",
+        flush=True,
+      )
   rows_lib.append("lmo_search", rows)
-  print("\n| delta | target eps | LMO best shape | LMO E|Z| / C1 | Laplace E|Z| / C1 | "
-        "mixture shapes E|Z| / C1 (min - max) |")
+  print(
+    "\n| delta | target eps | LMO best shape | LMO E|Z| / C1 | Laplace E|Z| / C1 | "
+    "mixture shapes E|Z| / C1 (min - max) |"
+  )
   print("|---|---|---|---|---|---|")
   for r in rows:
     mix = [s["noise"] for s in r["shapes"][1:]]
-    print(f"| {r['delta']:g} | {r['target_epsilon']:g} | {r['best']['shape']} | "
-          f"{r['best']['noise']:.3f} | {r['laplace']['noise']:.3f} | "
-          f"{min(mix):.3f} - {max(mix):.3f} |")
+    print(
+      f"| {r['delta']:g} | {r['target_epsilon']:g} | {r['best']['shape']} | "
+      f"{r['best']['noise']:.3f} | {r['laplace']['noise']:.3f} | "
+      f"{min(mix):.3f} - {max(mix):.3f} |"
+    )
 
 
 def train_all(args):
@@ -81,6 +105,7 @@ def train_all(args):
 
   from dpjax.tasks import build_task
   from dpjax.training.loop import train
+
   searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in rows_lib.load("lmo_search")}
   cfg = _config()
   task = build_task(cfg)
@@ -93,54 +118,83 @@ def train_all(args):
           c.target_epsilon, c.delta, c.seed, c.mechanism = eps, delta, seed, mech
           if mech == "lmo":
             if (eps, delta) not in searched:
-              raise SystemExit(f"no search result for eps={eps}, delta={delta}: "
-                               "run `python experiments/lmo_dp.py search` first")
+              raise SystemExit(
+                f"no search result for eps={eps}, delta={delta}: "
+                "run `python experiments/lmo_dp.py search` first"
+              )
             c.lmo = dict(searched[(eps, delta)]["params"])
           run = train(c, task, None, progress=False)
           res = run.final_metrics
           if mech == "lmo":
             noise = L.noise_magnitude(L.LMOParams(**c.lmo), c.l1_clip_norm)
             norm = "L1"
-          else:   # E|Z| of one Gaussian coordinate with the sigma the run calibrated
+          else:  # E|Z| of one Gaussian coordinate with the sigma the run calibrated
             noise = run.noise_multiplier * c.l2_clip_norm * np.sqrt(2 / np.pi)
             norm = "L2"
-          row = {"mechanism": mech, "target_epsilon": eps, "delta": delta, "seed": seed,
-                 "epsilon": res["epsilon"], "clip_norm": norm, "noise_abs": float(noise),
-                 "test_accuracy": res["test_accuracy"], "dev_accuracy": res.get("dev_accuracy")}
+          row = {
+            "mechanism": mech,
+            "target_epsilon": eps,
+            "delta": delta,
+            "seed": seed,
+            "epsilon": res["epsilon"],
+            "clip_norm": norm,
+            "noise_abs": float(noise),
+            "test_accuracy": res["test_accuracy"],
+            "dev_accuracy": res.get("dev_accuracy"),
+          }
           rows.append(row)
-          print(f"delta={delta:g} eps={eps:g} {mech} seed={seed}: test "
-                f"{100 * row['test_accuracy']:.2f}% (eps {row['epsilon']:.4f}, "
-                f"E|Z| {noise:.3f} x {norm} clip)", flush=True)
+          print(
+            f"delta={delta:g} eps={eps:g} {mech} seed={seed}: test "
+            f"{100 * row['test_accuracy']:.2f}% (eps {row['epsilon']:.4f}, "
+            f"E|Z| {noise:.3f} x {norm} clip)",
+            flush=True,
+          )
   rows_lib.append("lmo_train", rows)
-  print("\n| delta | target eps | Gaussian test acc (%) | LMO test acc (%) | "
-        "Gaussian E|Z| / C2 | LMO E|Z| / C1 | sound eps (Gaussian / LMO) |")
+  print(
+    "\n| delta | target eps | Gaussian test acc (%) | LMO test acc (%) | "
+    "Gaussian E|Z| / C2 | LMO E|Z| / C1 | sound eps (Gaussian / LMO) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for delta in args.deltas:
     for eps in args.epsilons:
       cell = {}
       for mech in args.mechanisms:
-        rs = [r for r in rows if r["mechanism"] == mech and r["target_epsilon"] == eps
-              and r["delta"] == delta]
+        rs = [
+          r
+          for r in rows
+          if r["mechanism"] == mech and r["target_epsilon"] == eps and r["delta"] == delta
+        ]
         acc = 100 * np.array([r["test_accuracy"] for r in rs])
-        cell[mech] = (f"{acc.mean():.2f} ± {acc.std():.2f}", rs[0]["noise_abs"],
-                      max(r["epsilon"] for r in rs))
+        cell[mech] = (
+          f"{acc.mean():.2f} ± {acc.std():.2f}",
+          rs[0]["noise_abs"],
+          max(r["epsilon"] for r in rs),
+        )
       g, m = cell.get("gaussian"), cell.get("lmo")
-      print(f"| {delta:g} | {eps:g} | {g[0] if g else '-'} | {m[0] if m else '-'} | "
-            f"{g[1] if g else float('nan'):.3f} | {m[1] if m else float('nan'):.3f} | "
-            f"{g[2] if g else float('nan'):.3f} / {m[2] if m else float('nan'):.3f} |")
+      print(
+        f"| {delta:g} | {eps:g} | {g[0] if g else '-'} | {m[0] if m else '-'} | "
+        f"{g[1] if g else float('nan'):.3f} | {m[1] if m else float('nan'):.3f} | "
+        f"{g[2] if g else float('nan'):.3f} / {m[2] if m else float('nan'):.3f} |"
+      )
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("which", choices=["search", "train"])
   p.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS))
   p.add_argument("--deltas", type=float, nargs="+", default=list(DELTAS))
-  p.add_argument("--mechanisms", nargs="+", default=["gaussian", "lmo"],
-                 choices=["gaussian", "lmo"])
+  p.add_argument(
+    "--mechanisms", nargs="+", default=["gaussian", "lmo"], choices=["gaussian", "lmo"]
+  )
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--train-size", type=int, default=8441,
-                 help="training examples (rt-polarity train split) for the search's q")
+  p.add_argument(
+    "--train-size",
+    type=int,
+    default=8441,
+    help="training examples (rt-polarity train split) for the search's q",
+  )
   args = p.parse_args()
   search(args) if args.which == "search" else train_all(args)
 

@@ -59,29 +59,49 @@ DP_FLAT_VARIANTS = ("plain", "+sam", "+sam-charged", "+sparse", "+wd", "all", "n
 
 
 @renderer
-def dp_flat(epsilon: str, mode: str = "prefix", steps: str = "40", batch_size: str = "256",
-            layer_lr: str = "") -> str:
+def dp_flat(
+  epsilon: str, mode: str = "prefix", steps: str = "40", batch_size: str = "256", layer_lr: str = ""
+) -> str:
   """One epsilon of the DP-Flat ablation: accuracy, paired differences, sharpness."""
   eps, steps_, batch = float(epsilon), int(steps), int(batch_size)
   lr = float(layer_lr) if layer_lr else None
   radius = {"prefix": "0.05 x ||theta||", "full": "0.001 x ||theta_k|| per tensor"}[mode]
-  recorded = [r for r in rows_lib.load("dp_flat")
-              if r.get("mode", "prefix") == mode and r["steps"] == steps_
-              and r["batch_size"] == batch and r.get("layer_lr") == lr
-              and r.get("sharpness_radius", "0.05 x ||theta||") == radius]
-  latest = rows_lib.dedupe(recorded, lambda r: {
-      "variant": r["variant"], "seed": r["seed"],
-      "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"]})
+  recorded = [
+    r
+    for r in rows_lib.load("dp_flat")
+    if r.get("mode", "prefix") == mode
+    and r["steps"] == steps_
+    and r["batch_size"] == batch
+    and r.get("layer_lr") == lr
+    and r.get("sharpness_radius", "0.05 x ||theta||") == radius
+  ]
+  latest = rows_lib.dedupe(
+    recorded,
+    lambda r: {
+      "variant": r["variant"],
+      "seed": r["seed"],
+      "epsilon_target": None if r["variant"] == "non-private" else r["epsilon_target"],
+    },
+  )
   rows = list(latest.values())
 
   def at(v):
-    return {r["seed"]: r for r in rows
-            if r["variant"] == v and (v == "non-private" or r["epsilon_target"] == eps)}
+    return {
+      r["seed"]: r
+      for r in rows
+      if r["variant"] == v and (v == "non-private" or r["epsilon_target"] == eps)
+    }
 
   prefixes = mode != "full"
   plain = at("plain")
-  header = ["variant", "seeds", "test acc (%)", "paired diff. vs plain (points)",
-            "max loss increase", "top Hessian eigenvalue"] + (["prefixes kept"] if prefixes else [])
+  header = [
+    "variant",
+    "seeds",
+    "test acc (%)",
+    "paired diff. vs plain (points)",
+    "max loss increase",
+    "top Hessian eigenvalue",
+  ] + (["prefixes kept"] if prefixes else [])
   lines = []
   for v in DP_FLAT_VARIANTS:
     got = at(v)
@@ -89,16 +109,32 @@ def dp_flat(epsilon: str, mode: str = "prefix", steps: str = "40", batch_size: s
       continue
     seeds = sorted(got)
     acc = [100 * got[k]["test_accuracy"] for k in seeds]
-    diff = ", ".join(f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
-                     for k in seeds if k in plain) if v != "plain" else "-"
-    cells = [v, ",".join(map(str, seeds)), _ms(acc, ".2f"), diff or "-",
-             _ms([got[k]["max_increase"] for k in seeds], ".3f"),
-             _ms([got[k]["top_eigenvalue"] for k in seeds], ".3f")]
+    diff = (
+      ", ".join(
+        f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
+        for k in seeds
+        if k in plain
+      )
+      if v != "plain"
+      else "-"
+    )
+    cells = [
+      v,
+      ",".join(map(str, seeds)),
+      _ms(acc, ".2f"),
+      diff or "-",
+      _ms([got[k]["max_increase"] for k in seeds], ".3f"),
+      _ms([got[k]["top_eigenvalue"] for k in seeds], ".3f"),
+    ]
     if prefixes:
-      kept = {"all" if got[k].get("prefix_layers") is None else
-              f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
-              + "".join("1" if b else "0" for b in got[k]["prefix_layers"]) + ")"
-              for k in seeds}
+      kept = {
+        "all"
+        if got[k].get("prefix_layers") is None
+        else f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
+        + "".join("1" if b else "0" for b in got[k]["prefix_layers"])
+        + ")"
+        for k in seeds
+      }
       cells.append(" / ".join(sorted(kept)))
     lines.append(cells)
   return _table(header, lines)
@@ -106,47 +142,76 @@ def dp_flat(epsilon: str, mode: str = "prefix", steps: str = "40", batch_size: s
 
 # --- LMO-DP ------------------------------------------------------------------
 
+
 @renderer
 def lmo_search() -> str:
   """The least noise per target: the best shape and the range over the mixture shapes."""
-  index = rows_lib.dedupe(rows_lib.load("lmo_search"),
-                          lambda r: {"eps": r["target_epsilon"], "delta": r["delta"],
-                                     "q": r["q"], "steps": r["steps"]})
+  index = rows_lib.dedupe(
+    rows_lib.load("lmo_search"),
+    lambda r: {"eps": r["target_epsilon"], "delta": r["delta"], "q": r["q"], "steps": r["steps"]},
+  )
   rows = sorted(index.values(), key=lambda r: (-r["delta"], r["target_epsilon"]))
   lines = []
   for r in rows:
     mix = [s["noise"] for s in r["shapes"] if s["shape"] != "laplace"]
     best = "point mass (Laplace)" if r["best"]["shape"] == "laplace" else r["best"]["shape"]
-    lines.append([_g(r["delta"]), _g(r["target_epsilon"]), best,
-                  f"{r['best']['noise']:.3f}", f"{min(mix):.3f} - {max(mix):.3f}"])
-  return _table(["delta", "target eps", "best shape", "LMO E|Z| / C1",
-                 "mixture shapes E|Z| / C1 (min - max)"], lines)
+    lines.append(
+      [
+        _g(r["delta"]),
+        _g(r["target_epsilon"]),
+        best,
+        f"{r['best']['noise']:.3f}",
+        f"{min(mix):.3f} - {max(mix):.3f}",
+      ]
+    )
+  return _table(
+    ["delta", "target eps", "best shape", "LMO E|Z| / C1", "mixture shapes E|Z| / C1 (min - max)"],
+    lines,
+  )
 
 
 @renderer
 def lmo_train() -> str:
   """Test accuracy of Gaussian vs LMO noise at each (delta, target)."""
-  index = rows_lib.dedupe(rows_lib.load("lmo_train"),
-                          lambda r: {k: r[k] for k in ("mechanism", "target_epsilon", "delta",
-                                                       "seed")})
+  index = rows_lib.dedupe(
+    rows_lib.load("lmo_train"),
+    lambda r: {k: r[k] for k in ("mechanism", "target_epsilon", "delta", "seed")},
+  )
   rows = list(index.values())
   keys = sorted({(r["delta"], r["target_epsilon"]) for r in rows}, key=lambda k: (-k[0], k[1]))
   lines = []
   for delta, eps in keys:
     cell = {}
     for mech in ("gaussian", "lmo"):
-      rs = [r for r in rows if r["mechanism"] == mech and r["target_epsilon"] == eps
-            and r["delta"] == delta]
+      rs = [
+        r
+        for r in rows
+        if r["mechanism"] == mech and r["target_epsilon"] == eps and r["delta"] == delta
+      ]
       if rs:
-        cell[mech] = (_ms([100 * r["test_accuracy"] for r in rs], ".2f"),
-                      f"{rs[0]['noise_abs']:.3f}", f"{max(r['epsilon'] for r in rs):.3f}")
+        cell[mech] = (
+          _ms([100 * r["test_accuracy"] for r in rs], ".2f"),
+          f"{rs[0]['noise_abs']:.3f}",
+          f"{max(r['epsilon'] for r in rs):.3f}",
+        )
     g, m = cell.get("gaussian", ("-",) * 3), cell.get("lmo", ("-",) * 3)
     lines.append([_g(delta), _g(eps), g[0], m[0], g[1], m[1], f"{g[2]} / {m[2]}"])
-  return _table(["delta", "target eps", "Gaussian (%)", "LMO (%)", "Gaussian E|Z| / C2",
-                 "LMO E|Z| / C1", "eps (Gaussian / LMO)"], lines)
+  return _table(
+    [
+      "delta",
+      "target eps",
+      "Gaussian (%)",
+      "LMO (%)",
+      "Gaussian E|Z| / C2",
+      "LMO E|Z| / C1",
+      "eps (Gaussian / LMO)",
+    ],
+    lines,
+  )
 
 
 # --- user-level DP -----------------------------------------------------------
+
 
 def _user_settings(groups):
   return [("uls", 1)] + [(s, g) for g in groups for s in ("els", "uls")]
@@ -156,17 +221,25 @@ def _user_settings(groups):
 def user_mean(groups: str = "4,16") -> str:
   """Squared error ||theta - mu||^2 (= 2 x the test loss): mean ± std over seeds, per scheme."""
   settings = _user_settings([int(g) for g in groups.split(",")])
-  index = rows_lib.dedupe(rows_lib.load("user_level_mean"),
-                          lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon",
-                                                       "seed", "diverse", "steps")})
+  index = rows_lib.dedupe(
+    rows_lib.load("user_level_mean"),
+    lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon", "seed", "diverse", "steps")},
+  )
   rows = list(index.values())
   keys = sorted({(r["steps"], not r["diverse"], r["target_epsilon"]) for r in rows})
   lines = []
   for steps, identical, eps in keys:
     cells = [str(steps), "identical" if identical else "diverse", f"{eps:g}"]
     for s, g in settings:
-      xs = [2 * r["test_loss"] for r in rows if r["steps"] == steps and r["diverse"] != identical
-            and r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == g]
+      xs = [
+        2 * r["test_loss"]
+        for r in rows
+        if r["steps"] == steps
+        and r["diverse"] != identical
+        and r["target_epsilon"] == eps
+        and r["sampling"] == s
+        and r["G"] == g
+      ]
       cells.append(_ms(xs, ".4f"))
     lines.append(cells)
   header = ["steps", "users' examples", "user eps"] + [f"{s.upper()} G={g}" for s, g in settings]
@@ -177,39 +250,49 @@ def user_mean(groups: str = "4,16") -> str:
 def user_shakespeare(groups: str = "8,32") -> str:
   """Test perplexity on unseen characters per scheme; the best of each row in bold."""
   settings = _user_settings([int(g) for g in groups.split(",")])
-  index = rows_lib.dedupe(rows_lib.load("user_level_shakespeare"),
-                          lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon",
-                                                       "seed")})
+  index = rows_lib.dedupe(
+    rows_lib.load("user_level_shakespeare"),
+    lambda r: {k: r[k] for k in ("sampling", "G", "target_epsilon", "seed")},
+  )
   rows = list(index.values())
   lines = []
   for eps in sorted({r["target_epsilon"] for r in rows}):
     vals = []
     for s, g in settings:
-      xs = [r["test_perplexity"] for r in rows
-            if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == g]
+      xs = [
+        r["test_perplexity"]
+        for r in rows
+        if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == g
+      ]
       vals.append(float(np.mean(xs)) if xs else math.nan)
     best = np.nanmin(vals)
-    lines.append([f"{eps:g}"] + [("-" if math.isnan(v) else
-                                  (f"**{v:.3f}**" if v == best else f"{v:.3f}")) for v in vals])
+    lines.append(
+      [f"{eps:g}"]
+      + [("-" if math.isnan(v) else (f"**{v:.3f}**" if v == best else f"{v:.3f}")) for v in vals]
+    )
   header = ["user eps"] + [("G = 1" if g == 1 else f"{s.upper()} G = {g}") for s, g in settings]
   return _table(header, lines)
 
 
 # --- DistilDP ----------------------------------------------------------------
 
-DISTIL_ROWS = (("teacher", "teacher (DP, 2 layers)", "+ histogram"),
-               ("DistilDP", "**student, DistilDP**", "total"),
-               ("direct DP", "student, direct DP", ""),
-               ("DPKD", "student, DPKD", "total"),
-               ("DPKD teacher", "DPKD's teacher", "total"),
-               ("non-private", "student, non-private", ""))
+DISTIL_ROWS = (
+  ("teacher", "teacher (DP, 2 layers)", "+ histogram"),
+  ("DistilDP", "**student, DistilDP**", "total"),
+  ("direct DP", "student, direct DP", ""),
+  ("DPKD", "student, DPKD", "total"),
+  ("DPKD teacher", "DPKD's teacher", "total"),
+  ("non-private", "student, non-private", ""),
+)
 
 
 @renderer
 def distil_dp(seed: str = "0") -> str:
   """Test perplexity (and epsilon spent) of each model, one column per budget."""
-  index = rows_lib.dedupe([r for r in rows_lib.load("distil_dp") if r["seed"] == int(seed)],
-                          lambda r: {"epsilon": r["epsilon"], "seed": r["seed"]})
+  index = rows_lib.dedupe(
+    [r for r in rows_lib.load("distil_dp") if r["seed"] == int(seed)],
+    lambda r: {"epsilon": r["epsilon"], "seed": r["seed"]},
+  )
   runs = sorted(index.values(), key=lambda r: r["epsilon"])
   lines = []
   for key, label, note in DISTIL_ROWS:
@@ -223,7 +306,156 @@ def distil_dp(seed: str = "0") -> str:
   return _table(["model"] + [f"eps {r['epsilon']:g}: test ppl (eps spent)" for r in runs], lines)
 
 
+# --- quickstart and EW-Tune --------------------------------------------------
+
+
+def _pct(xs) -> str:
+  return f"{_ms(xs, '.2f')} % ({', '.join(f'{x:.2f}' for x in xs)})"
+
+
+@renderer
+def quickstart() -> str:
+  """`dpjax train` repeated (secret noise each run) and its non-private twin."""
+  index = rows_lib.dedupe(
+    rows_lib.load("quickstart"), lambda r: {"variant": r["variant"], "run": r["run"]}
+  )
+  rows = sorted(index.values(), key=lambda r: r["run"])
+  lines = []
+  for variant, label, command in (
+    ("dp", "DP, secret noise (default)", "`dpjax train`"),
+    ("non-private", "non-private, same config", "`dpjax train --set private=False`"),
+  ):
+    rs = [r for r in rows if r["variant"] == variant]
+    if not rs:
+      continue
+    test = [100 * r["test_accuracy"] for r in rs]
+    dev = [100 * r["dev_accuracy"] for r in rs]
+    eps = max(r["epsilon"] for r in rs)
+    lines.append(
+      [
+        label,
+        command,
+        str(len(rs)),
+        (f"**{_pct(test)}**" if variant == "dp" else _pct(test)),
+        _pct(dev),
+        "inf" if not math.isfinite(eps) else f"{eps:.3f}",
+      ]
+    )
+  return _table(["run", "command", "runs", "test accuracy", "dev accuracy", "epsilon"], lines)
+
+
+@renderer
+def ew_tune_table() -> str:
+  """The noise each accountant calibrates, and the PLD epsilon that noise really gives."""
+  index = rows_lib.dedupe(
+    rows_lib.load("ew_tune_table"),
+    lambda r: {k: r[k] for k in ("task", "q", "steps", "delta", "target_epsilon")},
+  )
+  order = ["sst2", "qnli", "qqp", "mnli"]
+  rows = sorted(
+    index.values(), key=lambda r: (order.index(r["task"]), -r["delta"], r["target_epsilon"])
+  )
+  lines = []
+  for r in rows:
+    cells = [
+      r["task"],
+      f"{r['q']:.4f}",
+      str(r["steps"]),
+      f"{r['delta']:g}",
+      f"{r['target_epsilon']:g}",
+    ]
+    for acc in ("rdp", "pld", "edgeworth"):
+      sigma = r.get(f"sigma_{acc}")
+      e = r.get(f"epsilon_pld_{acc}")
+      e_s = f"**{e:.3f}**" if acc == "edgeworth" else f"{e:.3f}"
+      cells.append("-" if sigma is None else f"{sigma:.4f} ({e_s})")
+    if r.get("sigma_edgeworth-bound") is not None:
+      cells.append(f"{r['sigma_edgeworth-bound']:.4f} ({r['epsilon_pld_edgeworth-bound']:.3f})")
+    else:
+      m = re.search(r"Berry-Esseen error ([0-9.e-]+)", r.get("note_edgeworth-bound", ""))
+      cells.append(f"vacuous (BE error {float(m.group(1)):.4f})" if m else "vacuous")
+    lines.append(cells)
+  return _table(
+    [
+      "task",
+      "q",
+      "steps",
+      "delta",
+      "target eps",
+      "sigma RDP (PLD eps)",
+      "sigma PLD (PLD eps)",
+      "sigma Edgeworth (PLD eps)",
+      "Edgeworth bound",
+    ],
+    lines,
+  )
+
+
+@renderer
+def ew_tune_finetune() -> str:
+  """MiniLM on RT with the sigma each accountant calibrates (seeds as recorded)."""
+  index = rows_lib.dedupe(
+    rows_lib.load("ew_tune_finetune"), lambda r: {"accountant": r["accountant"], "seed": r["seed"]}
+  )
+  rows = list(index.values())
+  lines = []
+  for acc, label in (("rdp", "RDP"), ("pld", "PLD"), ("edgeworth", "Edgeworth (estimate)")):
+    rs = sorted((r for r in rows if r["accountant"] == acc), key=lambda r: r["seed"])
+    if not rs:
+      continue
+    est = rs[0].get("epsilon_estimate")
+    reported = f"{rs[0]['epsilon_reported']:.3f}" + {"rdp": " (RDP)", "edgeworth": " (PLD)"}.get(
+      acc, ""
+    )
+    lines.append(
+      [
+        label,
+        f"{rs[0]['sigma']:.4f}",
+        f"{rs[0]['epsilon_pld']:.3f}",
+        reported,
+        "—" if est is None else f"{est:.3f}",
+        _pct([100 * r["test_accuracy"] for r in rs]),
+        f"{_ms([100 * r['dev_accuracy'] for r in rs], '.2f')} %",
+      ]
+    )
+  return _table(
+    [
+      "accountant",
+      "sigma",
+      "PLD eps",
+      "reported eps",
+      "Edgeworth estimate",
+      "test accuracy",
+      "dev accuracy",
+    ],
+    lines,
+  )
+
+
+@renderer
+def user_tradeoff() -> str:
+  """ELS at fixed noise: examples kept, q and the user epsilon, tight vs group privacy."""
+  index = rows_lib.dedupe(
+    rows_lib.load("user_level_tradeoff"),
+    lambda r: {k: r[k] for k in ("G", "noise_multiplier", "batch_size", "steps", "delta")},
+  )
+  lines = [
+    [
+      str(r["G"]),
+      f"{r['examples_kept']} ({100 * r['fraction_kept']:.0f}%)",
+      f"{r['sampling_rate']:.4f}",
+      f"{r['epsilon_els']:.3f}",
+      f"{r['epsilon_group']:.3f}",
+    ]
+    for r in sorted(index.values(), key=lambda r: r["G"])
+  ]
+  return _table(
+    ["G", "examples kept", "q", "user eps (ELS, PLD)", "user eps (group privacy)"], lines
+  )
+
+
 # --- the driver --------------------------------------------------------------
+
 
 def render(head: str) -> str:
   name, *args = head.split()
@@ -234,10 +466,12 @@ def render(head: str) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--check", action="store_true",
-                 help="rewrite nothing; exit 1 if a table differs from its rows")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--check", action="store_true", help="rewrite nothing; exit 1 if a table differs from its rows"
+  )
   p.add_argument("--file", default=RESULTS_MD)
   args = p.parse_args(argv)
   text = open(args.file).read()
@@ -253,8 +487,11 @@ def main(argv=None) -> int:
   n = len(BLOCK.findall(text))
   if args.check:
     if stale:
-      print(f"{len(stale)} of {n} tables in {args.file} differ from the recorded rows "
-            "(run `python experiments/report.py`):\n  " + "\n  ".join(stale), file=sys.stderr)
+      print(
+        f"{len(stale)} of {n} tables in {args.file} differ from the recorded rows "
+        "(run `python experiments/report.py`):\n  " + "\n  ".join(stale),
+        file=sys.stderr,
+      )
       return 1
     print(f"{n} tables in {args.file} match the recorded rows")
     return 0

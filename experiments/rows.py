@@ -30,10 +30,16 @@ def path(name: str) -> str:
 def revision() -> str:
   """The checkout's commit (short hash, "+dirty" with local edits), or "unknown"."""
   try:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    rev = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      cwd=HERE,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
     return rev + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -41,7 +47,7 @@ def revision() -> str:
 
 def _canonical(v):
   if isinstance(v, float) and v.is_integer() and math.isfinite(v):
-    return int(v)    # 3.0 and 3 name the same setting
+    return int(v)  # 3.0 and 3 name the same setting
   if isinstance(v, dict):
     return {str(k): _canonical(x) for k, x in sorted(v.items())}
   if isinstance(v, (list, tuple)):

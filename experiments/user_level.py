@@ -38,7 +38,8 @@ def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
 
 def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: float) -> dict:
   import ml_collections
-  cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)   # G may replace "median"
+
+  cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # G may replace "median"
   cfg.user_sampling = sampling
   cfg.max_examples_per_user = G
   cfg.target_epsilon = eps
@@ -48,12 +49,19 @@ def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: fl
   if sampling == "uls":
     # Each user row is [G, ...]: keep the physical batch near the users per
     # step so padding users (G rows each) do not dominate the compute.
-    cfg.physical_batch_size = int(min(cfg.physical_batch_size,
-                                      max(4, 2 ** math.ceil(math.log2(cfg.users_per_step)))))
+    cfg.physical_batch_size = int(
+      min(cfg.physical_batch_size, max(4, 2 ** math.ceil(math.log2(cfg.users_per_step))))
+    )
   res = train(cfg, task, None, progress=False).final_metrics
-  return {"sampling": sampling, "G": G, "target_epsilon": eps, "seed": seed,
-          "epsilon": res["epsilon"], "privacy_unit": res["privacy_unit"], **{
-              k: v for k, v in res.items() if k.startswith("test_")}}
+  return {
+    "sampling": sampling,
+    "G": G,
+    "target_epsilon": eps,
+    "seed": seed,
+    "epsilon": res["epsilon"],
+    "privacy_unit": res["privacy_unit"],
+    **{k: v for k, v in res.items() if k.startswith("test_")},
+  }
 
 
 def _write(rows, name):
@@ -68,11 +76,10 @@ def _settings(groups):
 
 
 def mean_experiment(args):
-  from configs.user_mean import get_config
   rows = []
   for steps in args.steps:
     for diverse in (True, False):
-      cfg = get_config()
+      cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "user_mean.py"))
       cfg.task.diverse = diverse
       cfg.steps = cfg.log_every = steps
       task = build_task(cfg)
@@ -83,24 +90,40 @@ def mean_experiment(args):
             r = _run(cfg, task, sampling, G, eps, seed, cfg.batch_size)
             r.update(diverse=diverse, steps=steps)
             rows.append(r)
-            errs.append(2 * r["test_loss"])   # ||theta - mu||^2
-          print(f"steps={steps} diverse={diverse} eps={eps} {sampling} G={G}: "
-                f"sq error {np.mean(errs):.4f} +- {np.std(errs):.4f} "
-                f"(user eps {r['epsilon']:.3f})", flush=True)
+            errs.append(2 * r["test_loss"])  # ||theta - mu||^2
+          print(
+            f"steps={steps} diverse={diverse} eps={eps} {sampling} G={G}: "
+            f"sq error {np.mean(errs):.4f} +- {np.std(errs):.4f} "
+            f"(user eps {r['epsilon']:.3f})",
+            flush=True,
+          )
   print(_write(rows, "mean"))
-  print("\n| steps | users' examples | user eps | " + " | ".join(
-      f"{s.upper()} G={G}" for s, G in _settings(args.groups)) + " |")
+  print(
+    "\n| steps | users' examples | user eps | "
+    + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups))
+    + " |"
+  )
   print("|---|---|---|" + "---|" * len(_settings(args.groups)))
   for steps in args.steps:
     for diverse in (True, False):
       for eps in args.epsilons:
         cells = []
         for s, G in _settings(args.groups):
-          e = [2 * r["test_loss"] for r in rows if r["diverse"] == diverse and r["steps"] == steps
-               and r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == G]
+          e = [
+            2 * r["test_loss"]
+            for r in rows
+            if r["diverse"] == diverse
+            and r["steps"] == steps
+            and r["target_epsilon"] == eps
+            and r["sampling"] == s
+            and r["G"] == G
+          ]
           cells.append(f"{np.mean(e):.4f} ± {np.std(e):.4f}")
-        print(f"| {steps} | {'diverse' if diverse else 'identical'} | {eps:g} | "
-              + " | ".join(cells) + " |")
+        print(
+          f"| {steps} | {'diverse' if diverse else 'identical'} | {eps:g} | "
+          + " | ".join(cells)
+          + " |"
+        )
 
 
 def shakespeare_experiment(args):
@@ -115,16 +138,23 @@ def shakespeare_experiment(args):
         r["test_perplexity"] = math.exp(r["test_nll_sum"] / r["test_tokens"])
         rows.append(r)
         _write([r], "shakespeare")
-        print(f"eps={eps} {sampling} G={G} seed={seed}: test ppl {r['test_perplexity']:.3f} "
-              f"(user eps {r['epsilon']:.3f})", flush=True)
-  print("\n| user eps | " + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups))
-        + " |")
+        print(
+          f"eps={eps} {sampling} G={G} seed={seed}: test ppl {r['test_perplexity']:.3f} "
+          f"(user eps {r['epsilon']:.3f})",
+          flush=True,
+        )
+  print(
+    "\n| user eps | " + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups)) + " |"
+  )
   print("|---|" + "---|" * len(_settings(args.groups)))
   for eps in args.epsilons:
     cells = []
     for s, G in _settings(args.groups):
-      p = [r["test_perplexity"] for r in rows
-           if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == G]
+      p = [
+        r["test_perplexity"]
+        for r in rows
+        if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == G
+      ]
       cells.append(f"{np.mean(p):.3f} ± {np.std(p):.3f}")
     print(f"| {eps:g} | " + " | ".join(cells) + " |")
 
@@ -132,32 +162,51 @@ def shakespeare_experiment(args):
 def tradeoff(args):
   from dpjax.core.accounting import user_level
   from dpjax.data.shakespeare import load_shakespeare
+
   ds = load_shakespeare()
   users = [u for split in ds for u in ds[split]["user_id"]]
   _, counts = np.unique(users, return_counts=True)
-  rows = user_level.group_size_tradeoff(counts, args.groups, args.noise_multiplier,
-                                        args.batch_size, args.steps[0], 1e-5)
-  rows_lib.append("user_level_tradeoff", [
-      {**r, "noise_multiplier": args.noise_multiplier, "batch_size": args.batch_size,
-       "steps": args.steps[0], "delta": 1e-5} for r in rows])
-  print(f"sigma={args.noise_multiplier}, {args.batch_size:g} examples/step, "
-        f"{args.steps[0]} steps")
+  rows = user_level.group_size_tradeoff(
+    counts, args.groups, args.noise_multiplier, args.batch_size, args.steps[0], 1e-5
+  )
+  rows_lib.append(
+    "user_level_tradeoff",
+    [
+      {
+        **r,
+        "noise_multiplier": args.noise_multiplier,
+        "batch_size": args.batch_size,
+        "steps": args.steps[0],
+        "delta": 1e-5,
+      }
+      for r in rows
+    ],
+  )
+  print(f"sigma={args.noise_multiplier}, {args.batch_size:g} examples/step, {args.steps[0]} steps")
   print("| G | examples kept | q | user eps (ELS, PLD) | user eps (group privacy) |")
   print("|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['G']} | {r['examples_kept']} ({100 * r['fraction_kept']:.0f}%) | "
-          f"{r['sampling_rate']:.4f} | {r['epsilon_els']:.3f} | {r['epsilon_group']:.3f} |")
+    print(
+      f"| {r['G']} | {r['examples_kept']} ({100 * r['fraction_kept']:.0f}%) | "
+      f"{r['sampling_rate']:.4f} | {r['epsilon_els']:.3f} | {r['epsilon_group']:.3f} |"
+    )
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("which", choices=["mean", "shakespeare", "tradeoff"])
   p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
   p.add_argument("--groups", type=int, nargs="+", default=None)
   p.add_argument("--seeds", type=int, default=None)
-  p.add_argument("--steps", type=int, nargs="+", default=None,
-                 help="mean: one run per value (default 50 500); others: one value (64)")
+  p.add_argument(
+    "--steps",
+    type=int,
+    nargs="+",
+    default=None,
+    help="mean: one run per value (default 50 500); others: one value (64)",
+  )
   p.add_argument("--batch-size", type=float, default=128)
   p.add_argument("--noise-multiplier", type=float, default=1.0)
   args = p.parse_args()

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 
 def mlp_init(key, d_in=5, d_hidden=7, d_out=3):
   k1, k2 = jax.random.split(key)
-  return {"dense": {"w": jax.random.normal(k1, (d_in, d_hidden)) * 0.5, "b": jnp.zeros(d_hidden)},
-          "out": {"w": jax.random.normal(k2, (d_hidden, d_out)) * 0.5, "b": jnp.zeros(d_out)}}
+  return {
+    "dense": {"w": jax.random.normal(k1, (d_in, d_hidden)) * 0.5, "b": jnp.zeros(d_hidden)},
+    "out": {"w": jax.random.normal(k2, (d_hidden, d_out)) * 0.5, "b": jnp.zeros(d_out)},
+  }
 
 
 def mlp_loss(params, ex):
@@ -20,9 +22,13 @@ def mlp_loss(params, ex):
 def transformer_init(key, vocab=11, d=8, seq=6):
   ks = jax.random.split(key, 6)
   n = lambda k, s: jax.random.normal(k, s) * 0.3
-  return {"embed": n(ks[0], (vocab, d)), "pos": n(ks[1], (seq, d)),
-          "attn": {"q": n(ks[2], (d, d)), "k": n(ks[3], (d, d)), "v": n(ks[4], (d, d))},
-          "ln": {"scale": jnp.ones(d)}, "head": n(ks[5], (d, vocab))}
+  return {
+    "embed": n(ks[0], (vocab, d)),
+    "pos": n(ks[1], (seq, d)),
+    "attn": {"q": n(ks[2], (d, d)), "k": n(ks[3], (d, d)), "v": n(ks[4], (d, d))},
+    "ln": {"scale": jnp.ones(d)},
+    "head": n(ks[5], (d, vocab)),
+  }
 
 
 def transformer_loss(params, ex):

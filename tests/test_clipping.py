@@ -32,7 +32,7 @@ def loop_reference(loss_fn, params, batch, mask, clip, per_layer=False, ord_=2):
 def _clip(tree, c, ord_):
   leaves = jax.tree.leaves(tree)
   if ord_ == 2:
-    norm = math.sqrt(sum(float(jnp.sum(x ** 2)) for x in leaves))
+    norm = math.sqrt(sum(float(jnp.sum(x**2)) for x in leaves))
   else:
     norm = sum(float(jnp.sum(jnp.abs(x))) for x in leaves)
   return jax.tree.map(lambda x: x * min(1.0, c / norm), tree)
@@ -40,8 +40,10 @@ def _clip(tree, c, ord_):
 
 def mlp_batch(n, seed=0):
   rng = np.random.default_rng(seed)
-  return {"x": jnp.asarray(rng.normal(size=(n, 5)) * 3, jnp.float32),
-          "y": jnp.asarray(rng.integers(0, 3, n))}
+  return {
+    "x": jnp.asarray(rng.normal(size=(n, 5)) * 3, jnp.float32),
+    "y": jnp.asarray(rng.integers(0, 3, n)),
+  }
 
 
 def seq_batch(n, seed=0):
@@ -50,8 +52,8 @@ def seq_batch(n, seed=0):
 
 
 CASES = {
-    "mlp": (mt.mlp_loss, mt.mlp_init, mlp_batch),
-    "transformer": (mt.transformer_loss, mt.transformer_init, seq_batch),
+  "mlp": (mt.mlp_loss, mt.mlp_init, mlp_batch),
+  "transformer": (mt.transformer_loss, mt.transformer_init, seq_batch),
 }
 
 
@@ -86,8 +88,9 @@ def test_l1_clipping_matches_loop():
   mask = np.ones(6, np.float32)
   grad_fn = dpjax.clipped_grad(mt.mlp_loss, l1_clip_norm=0.7)
   got, _ = grad_fn(params, batch, mask=jnp.asarray(mask))
-  chex.assert_trees_all_close(got, loop_reference(mt.mlp_loss, params, batch, mask, 0.7, ord_=1),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    got, loop_reference(mt.mlp_loss, params, batch, mask, 0.7, ord_=1), atol=1e-5
+  )
   assert grad_fn.sensitivity() == pytest.approx(0.7)
 
 
@@ -140,13 +143,15 @@ def test_keep_batch_dim_and_has_aux():
     losses = jax.vmap(mt.mlp_loss, in_axes=(None, 0))(p, b)
     return jnp.sum(losses), {"n": b["x"].shape[0]}
 
-  g1, aux = dpjax.clipped_grad(batched_loss, l2_clip_norm=0.5, keep_batch_dim=True,
-                               has_aux=True)(params, batch)
+  g1, aux = dpjax.clipped_grad(batched_loss, l2_clip_norm=0.5, keep_batch_dim=True, has_aux=True)(
+    params, batch
+  )
   g2, _ = dpjax.clipped_grad(mt.mlp_loss, l2_clip_norm=0.5)(params, batch)
   chex.assert_trees_all_close(g1, g2, atol=1e-6)
   np.testing.assert_array_equal(aux.loss_aux["n"], np.ones(5))
-  np.testing.assert_allclose(aux.loss, jax.vmap(mt.mlp_loss, in_axes=(None, 0))(params, batch),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    aux.loss, jax.vmap(mt.mlp_loss, in_axes=(None, 0))(params, batch), rtol=1e-6
+  )
 
 
 def test_sensitivity_values_and_errors():
@@ -171,14 +176,18 @@ _GRAD = jax.jit(dpjax.clipped_grad(mt.mlp_loss, l2_clip_norm=0.8))
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=5, max_size=5),
-       y=st.integers(0, 2), seed=st.integers(0, 10_000))
+@given(
+  x=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=5, max_size=5),
+  y=st.integers(0, 2),
+  seed=st.integers(0, 10_000),
+)
 def test_adding_one_example_moves_sum_by_at_most_clip(x, y, seed):
   base = mlp_batch(6, seed)
   mask = jnp.asarray([1, 1, 1, 1, 1, 0], jnp.float32)
   added = {"x": base["x"].at[5].set(jnp.asarray(x, jnp.float32)), "y": base["y"].at[5].set(y)}
   g0, _ = _GRAD(_PARAMS, added, mask=mask)
   g1, _ = _GRAD(_PARAMS, added, mask=mask.at[5].set(1.0))
-  diff = math.sqrt(sum(float(jnp.sum((a - b) ** 2))
-                       for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))))
+  diff = math.sqrt(
+    sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+  )
   assert diff <= 0.8 * (1 + 1e-5)

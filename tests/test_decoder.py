@@ -15,8 +15,9 @@ from dpjax.models.hf import (
   load_gguf,
 )
 
-torch = pytest.importorskip("torch", reason="torch (CPU) is needed for logit parity: "
-                            "pip install -e '.[test]'")
+torch = pytest.importorskip(
+  "torch", reason="torch (CPU) is needed for logit parity: pip install -e '.[test]'"
+)
 transformers = pytest.importorskip("transformers")
 
 V = 101
@@ -26,13 +27,30 @@ def _tiny(family, tie=False):
   torch.manual_seed(0)
   if family == "llama":
     cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tie, rope_theta=500.0, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2)
+      vocab_size=V,
+      hidden_size=48,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=6,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=tie,
+      rope_theta=500.0,
+      pad_token_id=0,
+      bos_token_id=1,
+      eos_token_id=2,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
-  cfg = transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=64,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  cfg = transformers.GPT2Config(
+    vocab_size=V,
+    n_embd=48,
+    n_layer=2,
+    n_head=4,
+    n_positions=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
   return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -54,10 +72,12 @@ def test_logits_match_pytorch(tiny):
   ref, cfg, params = tiny
   ids = _ids((3, 10))
   mask = np.ones_like(ids)
-  mask[1, 6:] = 0                       # right padding: compare real positions
+  mask[1, 6:] = 0  # right padding: compare real positions
   with torch.no_grad():
-    out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
-              attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+    out = ref(
+      input_ids=torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+    ).logits.numpy()
   logits, cache = Decoder(cfg).apply({"params": params}, ids, mask)
   assert cache is None
   valid = mask.astype(bool)
@@ -72,7 +92,7 @@ def test_left_padding_does_not_change_logits(tiny):
   batched, _ = model.apply({"params": params}, ids, mask)
   for b, s in enumerate(seqs):
     alone, _ = model.apply({"params": params}, np.asarray([s], np.int32))
-    np.testing.assert_allclose(np.asarray(batched)[b, -len(s):], np.asarray(alone)[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batched)[b, -len(s) :], np.asarray(alone)[0], atol=1e-5)
 
 
 def test_incremental_cache_equals_full_pass(tiny):
@@ -84,10 +104,11 @@ def test_incremental_cache_equals_full_pass(tiny):
   head, cache = model.apply({"params": params}, ids[:, :5], cache=cache)
   steps = [head]
   for t in range(5, 9):
-    lg, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache)
+    lg, cache = model.apply({"params": params}, ids[:, t : t + 1], cache=cache)
     steps.append(lg)
-  np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1),
-                             np.asarray(full), atol=1e-4)
+  np.testing.assert_allclose(
+    np.concatenate([np.asarray(s) for s in steps], 1), np.asarray(full), atol=1e-4
+  )
   assert int(cache.index) == 9 and int(cache.mask.sum()) == 18
 
 
@@ -125,7 +146,7 @@ def test_sample_logits_top_k_top_p_support():
   keys = jax.random.split(jax.random.PRNGKey(0), 1)[0]
   k1 = np.asarray(sample_logits(logits, keys, top_k=2))
   assert set(k1) == {0, 1}
-  assert abs(np.mean(k1 == 0) - 0.5 / 0.8) < 0.03        # renormalised over the top 2
+  assert abs(np.mean(k1 == 0) - 0.5 / 0.8) < 0.03  # renormalised over the top 2
   p = np.asarray(sample_logits(logits, keys, top_p=0.85))  # 0.5 + 0.3 < 0.85 -> keep 3
   assert set(p) == {0, 1, 2}
   assert set(np.asarray(sample_logits(logits, keys, top_p=0.4))) == {0}
@@ -157,8 +178,11 @@ def test_causal_lm_loss_masks_padding():
 
 
 def _bytes_to_unicode():
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-      list(range(ord("®"), ord("ÿ") + 1))
+  bs = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -171,6 +195,7 @@ def _bytes_to_unicode():
 
 def _write_gguf(path, ref, qtype):
   import gguf
+
   c = ref.config
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(c.num_hidden_layers)
@@ -185,7 +210,7 @@ def _write_gguf(path, ref, qtype):
   base = _bytes_to_unicode()
   merges = ["h e", "l l", "he ll", "Ġ w", "o r"]
   extra = ["he", "ll", "hell", "Ġw", "or"]
-  tokens = (["<pad>", "<s>", "</s>"] + base + extra)[:c.vocab_size]
+  tokens = (["<pad>", "<s>", "</s>"] + base + extra)[: c.vocab_size]
   tokens += [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
   w.add_tokenizer_model("gpt2")
   w.add_token_list(tokens)
@@ -194,12 +219,22 @@ def _write_gguf(path, ref, qtype):
   w.add_eos_token_id(2)
   w.add_pad_token_id(0)
   sd = {k: v.detach().numpy().astype(np.float32) for k, v in ref.state_dict().items()}
-  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-           "output_norm.weight", "lm_head.weight": "output.weight"}
-  per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  names = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+  }
+  per_layer = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+  }
   for i in range(c.num_hidden_layers):
     for hf, gg in per_layer.items():
       names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
@@ -230,19 +265,30 @@ def test_llama_cpp_permutation_round_trip():
 @pytest.mark.parametrize("qtype,atol", [("F32", 1e-4), ("Q8_0", 0.05)])
 def test_gguf_loads_tiny_llama(tmp_path, qtype, atol):
   import gguf
+
   # Room for the 256 byte-level tokens; Q8_0 blocks are 32 wide, so every row
   # length (hidden 64, intermediate 96) is a multiple of 32.
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
-      vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False, rope_theta=500.0)
+    vocab_size=264,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    rope_theta=500.0,
+  )
   ref = transformers.LlamaForCausalLM(cfg).eval()
   path = tmp_path / "tiny.gguf"
   tokens = _write_gguf(path, ref, getattr(gguf.GGMLQuantizationType, qtype))
   cfg, params = load_gguf(str(path))
   assert (cfg.num_heads, cfg.kv_heads, cfg.tie_embeddings) == (
-      ref.config.num_attention_heads, ref.config.num_key_value_heads, False)
+    ref.config.num_attention_heads,
+    ref.config.num_key_value_heads,
+    False,
+  )
   ids = _ids((2, 8), 7)
   with torch.no_grad():
     out = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()

@@ -12,17 +12,26 @@ from dpjax.models.decoder import Decoder, DecoderConfig
 from dpjax.models.decoder import init_params as init_decoder
 from dpjax.pipelines import distil_dp as distill
 
-CFG = DecoderConfig(family="llama", vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, intermediate_size=48, rope_theta=100.0, pad_token_id=0,
-                    eos_token_id=1)
+CFG = DecoderConfig(
+  family="llama",
+  vocab_size=40,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  intermediate_size=48,
+  rope_theta=100.0,
+  pad_token_id=0,
+  eos_token_id=1,
+)
 
 
 def _batch(seed=0, B=3, T=7):
   rng = np.random.default_rng(seed)
   ids = jnp.asarray(rng.integers(2, 40, (B, T)), jnp.int32)
   mask = np.ones((B, T), np.int32)
-  mask[0, :2] = 0          # left padding
-  mask[min(1, B - 1), -3:] = 0   # right padding
+  mask[0, :2] = 0  # left padding
+  mask[min(1, B - 1), -3:] = 0  # right padding
   return ids, jnp.asarray(mask)
 
 
@@ -32,15 +41,24 @@ def _logits(params, ids, mask, cfg=CFG):
 
 def test_kl_is_zero_when_student_is_teacher_and_ce_matches_causal_loss():
   from dpjax.models.decoder import causal_lm_loss
+
   params = init_decoder(CFG, jax.random.PRNGKey(0))
   ids, mask = _batch()
   logits, _, hidden = _logits(params, ids, mask)
-  loss, parts = distill.distillation_loss(logits, logits, ids, mask, lam=0.4, alpha=1.0,
-                                          student_hidden=hidden[-1], teacher_hidden=hidden[-1])
+  loss, parts = distill.distillation_loss(
+    logits,
+    logits,
+    ids,
+    mask,
+    lam=0.4,
+    alpha=1.0,
+    student_hidden=hidden[-1],
+    teacher_hidden=hidden[-1],
+  )
   assert float(parts["kl"]) == pytest.approx(0.0, abs=1e-6)
   assert float(parts["mse"]) == 0.0
   total, count = causal_lm_loss(logits, ids, mask, reduction="sum")
-  ce = float(jnp.sum(total) / jnp.sum(count))          # token mean over the batch
+  ce = float(jnp.sum(total) / jnp.sum(count))  # token mean over the batch
   assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
   assert float(loss) == pytest.approx(0.6 * ce, rel=1e-6)
 
@@ -57,8 +75,9 @@ def test_kl_matches_a_direct_computation_with_temperature():
   kl = np.sum(pt * (np.log(pt) - np.log(ps)), -1)
   w = np.asarray(mask[:, 1:] * mask[:, :-1], np.float64)
   assert float(parts["kl"]) == pytest.approx(np.sum(kl * w) / w.sum(), rel=1e-5)
-  assert float(loss) == pytest.approx(0.5 * float(parts["ce"]) + 0.5 * T * T * float(parts["kl"]),
-                                      rel=1e-6)
+  assert float(loss) == pytest.approx(
+    0.5 * float(parts["ce"]) + 0.5 * T * T * float(parts["kl"]), rel=1e-6
+  )
 
 
 def test_masked_positions_do_not_change_the_loss():
@@ -69,25 +88,43 @@ def test_masked_positions_do_not_change_the_loss():
   ids, mask = _batch()
   proj = distill.init_projection(jax.random.PRNGKey(0), 16, 16)
   kw = dict(lam=0.4, alpha=0.3, projection=lambda h: distill.apply_projection(proj, h))
-  base, _ = distill.distillation_loss(jnp.asarray(s), jnp.asarray(t), ids, mask,
-                                      student_hidden=jnp.asarray(hs), teacher_hidden=jnp.asarray(ht),
-                                      **kw)
+  base, _ = distill.distillation_loss(
+    jnp.asarray(s),
+    jnp.asarray(t),
+    ids,
+    mask,
+    student_hidden=jnp.asarray(hs),
+    teacher_hidden=jnp.asarray(ht),
+    **kw,
+  )
   pad = np.asarray(mask) == 0
   s2, t2, hs2 = s.copy(), t.copy(), hs.copy()
   s2[pad] += 50.0
   t2[pad] -= 30.0
   hs2[pad] = 1e3
   ids2 = np.where(pad, 5, np.asarray(ids))
-  other, _ = distill.distillation_loss(jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(ids2), mask,
-                                       student_hidden=jnp.asarray(hs2),
-                                       teacher_hidden=jnp.asarray(ht), **kw)
+  other, _ = distill.distillation_loss(
+    jnp.asarray(s2),
+    jnp.asarray(t2),
+    jnp.asarray(ids2),
+    mask,
+    student_hidden=jnp.asarray(hs2),
+    teacher_hidden=jnp.asarray(ht),
+    **kw,
+  )
   assert float(other) == pytest.approx(float(base), rel=1e-6)
   # ... while a change at a real position does change it.
   s3 = s.copy()
-  s3[2, 3, 7] += 5.0       # one logit (a shift of all logits is softmax-invariant)
-  changed, _ = distill.distillation_loss(jnp.asarray(s3), jnp.asarray(t), ids, mask,
-                                         student_hidden=jnp.asarray(hs),
-                                         teacher_hidden=jnp.asarray(ht), **kw)
+  s3[2, 3, 7] += 5.0  # one logit (a shift of all logits is softmax-invariant)
+  changed, _ = distill.distillation_loss(
+    jnp.asarray(s3),
+    jnp.asarray(t),
+    ids,
+    mask,
+    student_hidden=jnp.asarray(hs),
+    teacher_hidden=jnp.asarray(ht),
+    **kw,
+  )
   assert abs(float(changed) - float(base)) > 1e-4
 
 
@@ -99,8 +136,15 @@ def test_loss_errors():
   with pytest.raises(ValueError, match="needs student_hidden"):
     distill.distillation_loss(s, s, ids, mask, alpha=1.0)
   with pytest.raises(ValueError, match="pass a projection"):
-    distill.distillation_loss(s, s, ids, mask, alpha=1.0, student_hidden=jnp.zeros((1, 4, 8)),
-                              teacher_hidden=jnp.zeros((1, 4, 16)))
+    distill.distillation_loss(
+      s,
+      s,
+      ids,
+      mask,
+      alpha=1.0,
+      student_hidden=jnp.zeros((1, 4, 8)),
+      teacher_hidden=jnp.zeros((1, 4, 16)),
+    )
   with pytest.raises(ValueError, match="lam"):
     distill.distillation_loss(s, s, ids, mask, lam=1.5)
 
@@ -109,12 +153,15 @@ def test_histogram_noise_meets_its_epsilon_and_counts_sum():
   sigma = distill.histogram_noise("gaussian", 1.0, 1e-6)
   one = pld_lib.from_gaussian_mechanism(sigma, value_discretization_interval=1e-4)
   assert one.get_epsilon_for_delta(1e-6) <= 1.0 + 1e-9
-  assert pld_lib.from_gaussian_mechanism(sigma * 0.99, value_discretization_interval=1e-4
-                                         ).get_epsilon_for_delta(1e-6) > 1.0 - 0.01
+  assert (
+    pld_lib.from_gaussian_mechanism(
+      sigma * 0.99, value_discretization_interval=1e-4
+    ).get_epsilon_for_delta(1e-6)
+    > 1.0 - 0.01
+  )
   assert distill.histogram_noise("laplace", 0.5, 0.0) == 2.0
   labels = ["a"] * 700 + ["b"] * 200 + ["c"] * 100
-  h = distill.dp_label_histogram(labels, ["a", "b", "c"], 1.0, 1e-6,
-                                 rng=np.random.default_rng(0))
+  h = distill.dp_label_histogram(labels, ["a", "b", "c"], 1.0, 1e-6, rng=np.random.default_rng(0))
   assert h["counts"]["a"] == pytest.approx(700, abs=6 * sigma)
   assert sum(h["proportions"].values()) == pytest.approx(1.0)
   counts = distill.prompt_counts(h["proportions"], 101)
@@ -185,14 +232,17 @@ def _fixture_plays(tmp_path):
 @pytest.mark.slow
 def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
   from dpjax.training.config import load_config
+
   cfg = load_config("configs/distil_shakespeare.py")
   (tmp_path / "plays").mkdir()
   data = _fixture_plays(tmp_path / "plays")
   tiny = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
-  cfg.teacher.task.update(data=data, seq_len=24, pretrain_steps=0, max_eval=32,
-                          heldout_fraction=0.3, model=tiny)
-  cfg.teacher.update(steps=3, batch_size=32, physical_batch_size=32, log_every=3,
-                     checkpoint_every=3)
+  cfg.teacher.task.update(
+    data=data, seq_len=24, pretrain_steps=0, max_eval=32, heldout_fraction=0.3, model=tiny
+  )
+  cfg.teacher.update(
+    steps=3, batch_size=32, physical_batch_size=32, log_every=3, checkpoint_every=3
+  )
   cfg.generation.update(num_samples=10, batch_size=4)
   cfg.student.update(model=dict(tiny, num_layers=1), steps=2, batch_size=4)
   run_dir = str(tmp_path / "run")
@@ -202,6 +252,7 @@ def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
   assert b["generation"] == 0.0 and b["student"] == 0.0
   assert 0 < b["histogram"] <= 0.1 + 1e-9 and b["teacher"] < b["total"]
   import datasets
+
   syn = datasets.load_from_disk(f"{run_dir}/synthetic")
   assert len(syn) == rep["synthetic_samples"] == 10
   assert set(syn["label"]) <= {"comedy", "history", "romance", "tragedy"}
@@ -209,6 +260,7 @@ def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
   # A second call (given the teacher task prebuilt) skips every finished
   # stage and reports the same.
   from dpjax.tasks import build_task
+
   mtime = (tmp_path / "run" / "synthetic_info.json").stat().st_mtime
   again = distill.run(cfg, run_dir, progress=False, task=build_task(cfg.teacher))
   assert (tmp_path / "run" / "synthetic_info.json").stat().st_mtime == mtime
@@ -224,26 +276,45 @@ def test_pipeline_with_a_gguf_teacher(tmp_path):
 
   from dpjax.training.config import load_config
   from tests.test_decoder import _write_gguf
+
   torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False, rope_theta=500.0)).eval()
+  ref = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=264,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+      rope_theta=500.0,
+    )
+  ).eval()
   path = tmp_path / "teacher.gguf"
   _write_gguf(path, ref, gguf.GGMLQuantizationType.F32)
   (tmp_path / "plays").mkdir()
   cfg = load_config("configs/distil_shakespeare.py")
   import ml_collections
-  task = dict(cfg.teacher.task.to_dict(), data=_fixture_plays(tmp_path / "plays"),
-              model=str(path), seq_len=24, max_eval=16, heldout_fraction=0.3)
+
+  task = dict(
+    cfg.teacher.task.to_dict(),
+    data=_fixture_plays(tmp_path / "plays"),
+    model=str(path),
+    seq_len=24,
+    max_eval=16,
+    heldout_fraction=0.3,
+  )
   cfg.teacher.task = ml_collections.ConfigDict(task)
-  cfg.teacher.update(steps=2, batch_size=16, physical_batch_size=16, log_every=2,
-                     checkpoint_every=2)
+  cfg.teacher.update(
+    steps=2, batch_size=16, physical_batch_size=16, log_every=2, checkpoint_every=2
+  )
   cfg.generation.update(num_samples=6, batch_size=3)
   cfg.student.update(model=dict(num_layers=1), steps=2, batch_size=3)
   rep = distill.run(cfg, str(tmp_path / "run"), progress=False)
   assert rep["budget"]["total"] <= cfg.total_epsilon
   assert np.isfinite(rep["student_test_perplexity"])
   import datasets
+
   syn = datasets.load_from_disk(str(tmp_path / "run" / "synthetic"))
-  assert len(syn) == 6 and all(ids[0] == 1 for ids in syn["input_ids"])   # BOS, then the code
+  assert len(syn) == 6 and all(ids[0] == 1 for ids in syn["input_ids"])  # BOS, then the code

@@ -6,14 +6,22 @@ import pytest
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
 
-torch = pytest.importorskip("torch", reason="torch (CPU) is needed for logit parity: "
-                            "pip install -e '.[test]'")
+torch = pytest.importorskip(
+  "torch", reason="torch (CPU) is needed for logit parity: pip install -e '.[test]'"
+)
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny(model_type):
-  kw = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=37, max_position_embeddings=40, num_labels=3)
+  kw = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=40,
+    num_labels=3,
+  )
   if model_type == "bert":
     cfg = transformers.BertConfig(**kw)
     return transformers.BertForSequenceClassification(cfg).eval()
@@ -34,8 +42,11 @@ def test_logits_match_pytorch(tmp_path, model_type):
   mask[2, 4:] = 0
   ids[mask == 0] = ref.config.pad_token_id
   with torch.no_grad():
-    out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
-              attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    out = ref(
+      input_ids=torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      output_hidden_states=True,
+    )
   model = Encoder(cfg)
   logits = model.apply({"params": params}, ids, mask)
   np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
@@ -55,8 +66,16 @@ def test_mean_l2_pooling_is_scaled_unit_norm():
   import jax.numpy as jnp
 
   from dpjax.models.encoder import EncoderConfig
-  cfg = EncoderConfig(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2,
-                      intermediate_size=16, pooling="mean_l2", pool_scale=3.0)
+
+  cfg = EncoderConfig(
+    vocab_size=20,
+    hidden_size=8,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=16,
+    pooling="mean_l2",
+    pool_scale=3.0,
+  )
   h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
   mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
   pooled = Encoder(cfg).apply({"params": {}}, h, mask, method=Encoder.pool)
@@ -64,5 +83,6 @@ def test_mean_l2_pooling_is_scaled_unit_norm():
   np.testing.assert_allclose(pooled[0], 3.0 * mean0 / np.linalg.norm(mean0), rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), [3.0, 3.0], rtol=1e-5)
   with pytest.raises(ValueError, match="pool_scale must be > 0"):
-    EncoderConfig(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
-                  pool_scale=0.0)
+    EncoderConfig(
+      vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, pool_scale=0.0
+    )

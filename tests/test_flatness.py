@@ -1,4 +1,4 @@
-"""DP-Flat pieces: private SAM, its accounting, flatness probe / prefix removal, weight distillation."""
+"""DP-Flat: private SAM and its accounting, flatness probe, prefix removal, weight distillation."""
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +20,23 @@ def _loss(params, ex):
 
 def _setup(seed=0, n=16):
   rng = np.random.default_rng(seed)
-  params = {"w1": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
-            "w2": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
-            "b": jnp.zeros(2, jnp.float32)}
-  batch = {"x": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
-           "y": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)}
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+    "b": jnp.zeros(2, jnp.float32),
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
+  }
   return params, batch
 
 
 def _run(params, batches, sam=None):
   grad_fn = dpjax.clipped_grad(_loss, l2_clip_norm=1.0)
-  noise = dpjax.mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=1.0,
-                                    key=jax.random.PRNGKey(3))
+  noise = dpjax.mechanisms.gaussian(
+    noise_multiplier=0.7, l2_sensitivity=1.0, key=jax.random.PRNGKey(3)
+  )
   parts = [noise] + ([sam] if sam is not None else []) + [dpjax.normalize(16.0), optax.adam(0.05)]
   tx = optax.chain(*parts)
   state = tx.init(params)
@@ -52,8 +57,12 @@ def test_rho_zero_equals_plain_private_optimizer_exactly():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... and a positive rho does change the trajectory (the test above can fail).
   moved, _ = _run(params, batches, flatness.dp_sam(0.05))
-  assert max(float(jnp.max(jnp.abs(a - b)))
-             for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(moved))) > 1e-4
+  assert (
+    max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(moved))
+    )
+    > 1e-4
+  )
 
 
 def test_free_mode_perturbation_reads_only_released_values():
@@ -91,9 +100,8 @@ def test_layerwise_perturbation_norms_and_active_steps():
   zero = flatness.perturbation(params, jax.tree.map(jnp.zeros_like, params), 0.2)
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(zero))
   sam = flatness.dp_sam(0.2, active_steps=1)
-  st = flatness.SAMState(d, jnp.asarray(1, jnp.int32))      # past the active window
-  np.testing.assert_array_equal(np.asarray(sam.perturb(params, st)["w1"]),
-                                np.asarray(params["w1"]))
+  st = flatness.SAMState(d, jnp.asarray(1, jnp.int32))  # past the active window
+  np.testing.assert_array_equal(np.asarray(sam.perturb(params, st)["w1"]), np.asarray(params["w1"]))
 
 
 def test_charged_mode_needs_a_direction_and_is_charged_twice():
@@ -103,8 +111,10 @@ def test_charged_mode_needs_a_direction_and_is_charged_twice():
   with pytest.raises(ValueError, match="privatised ascent gradient"):
     sam.perturb(params, state)
   d = jax.tree.map(jnp.ones_like, params)
-  np.testing.assert_allclose(np.asarray(sam.perturb(params, state, direction=d)["w1"]),
-                             np.asarray(params["w1"] + flatness.perturbation(params, d, 0.1)["w1"]))
+  np.testing.assert_allclose(
+    np.asarray(sam.perturb(params, state, direction=d)["w1"]),
+    np.asarray(params["w1"] + flatness.perturbation(params, d, 0.1)["w1"]),
+  )
   with pytest.raises(ValueError, match="do not pass"):
     flatness.dp_sam(0.1).perturb(params, state, direction=d)
   assert flatness.releases(100, mode="free") == 100
@@ -125,12 +135,16 @@ def test_flatness_probe_ranks_a_sharp_group_last():
     return 100.0 * jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)
 
   direction = {"a": jnp.ones(3), "b": jnp.ones(3)}
-  curves = flatness.flatness_probe(loss, params, direction,
-                                   [lambda n: n.startswith("a"), lambda n: n.startswith("b")],
-                                   alphas=[0.0, 0.1, 0.2])
+  curves = flatness.flatness_probe(
+    loss,
+    params,
+    direction,
+    [lambda n: n.startswith("a"), lambda n: n.startswith("b")],
+    alphas=[0.0, 0.1, 0.2],
+  )
   # Closed form: moving group g by alpha*||g|| along the unit direction.
-  assert curves[0, 1] == pytest.approx(100 * 3 * 1.1 ** 2 + 3, rel=1e-5)
-  assert curves[1, 2] == pytest.approx(300 + 3 * 1.2 ** 2, rel=1e-5)
+  assert curves[0, 1] == pytest.approx(100 * 3 * 1.1**2 + 3, rel=1e-5)
+  assert curves[1, 2] == pytest.approx(300 + 3 * 1.2**2, rel=1e-5)
   assert flatness.select_layers(curves, keep=1) == [False, True]
   assert flatness.select_layers(curves, keep=2) == [True, True]
   with pytest.raises(ValueError, match="matches no parameter"):
@@ -138,13 +152,22 @@ def test_flatness_probe_ranks_a_sharp_group_last():
 
 
 def test_removed_prefix_equals_a_model_without_it_and_zeroing_does_not():
-  cfg = DecoderConfig(family="llama", vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
-                      num_kv_heads=2, intermediate_size=48, rope_theta=100.0)
+  cfg = DecoderConfig(
+    family="llama",
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    rope_theta=100.0,
+  )
   params = init_decoder(cfg, jax.random.PRNGKey(0))
   model = Decoder(cfg)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 6)), jnp.int32)
-  full = adapters.init_prefix(jax.random.PRNGKey(1), num_layers=3, num_tokens=4,
-                              num_kv_heads=2, head_dim=8, scale=1.0)
+  full = adapters.init_prefix(
+    jax.random.PRNGKey(1), num_layers=3, num_tokens=4, num_kv_heads=2, head_dim=8, scale=1.0
+  )
   keep = flatness.select_layers(np.array([[0, 5.0], [0, 0.1], [0, 9.0]]), keep=1)
   assert keep == [False, True, False]
   kept = adapters.select_prefix_layers(full, keep)
@@ -163,14 +186,18 @@ def test_weight_distillation_term_is_clipped_with_each_example():
   ref = jax.tree.map(lambda p: p + 0.5, params)
   loss = flatness.weight_distillation(_loss, ref, lam=0.01)
   ex = jax.tree.map(lambda x: x[0], batch)
-  gap = float(jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in
-                           zip(jax.tree.leaves(params), jax.tree.leaves(ref)))))
+  gap = float(
+    jnp.sqrt(
+      sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+    )
+  )
   assert float(loss(params, ex)) == pytest.approx(float(_loss(params, ex)) + 0.01 * gap, rel=1e-6)
   # Zero at the reference, with a finite (zero) gradient of the term there.
   at_ref = flatness.weight_distillation(lambda p, e: jnp.zeros(()), params, lam=0.01)
   g = jax.grad(at_ref)(params, ex)
-  assert all(np.all(np.isfinite(np.asarray(x))) and not np.any(np.asarray(x))
-             for x in jax.tree.leaves(g))
+  assert all(
+    np.all(np.isfinite(np.asarray(x))) and not np.any(np.asarray(x)) for x in jax.tree.leaves(g)
+  )
   # Inside clipped_grad the term is part of EACH unit's gradient: unclipped,
   # the batch sum holds n copies of the regulariser's gradient.
   grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1e6)
@@ -178,8 +205,14 @@ def test_weight_distillation_term_is_clipped_with_each_example():
   n = batch["x"].shape[0]
   g_wd, _ = grad_fn(params, batch)
   g_base, _ = base_fn(params, batch)
-  g_reg = jax.grad(lambda p: 0.01 * jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(
-      jax.tree.leaves(p), jax.tree.leaves(ref)))))(params)
+  g_reg = jax.grad(
+    lambda p: (
+      0.01
+      * jnp.sqrt(
+        sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))
+      )
+    )
+  )(params)
   for a, b, r in zip(jax.tree.leaves(g_wd), jax.tree.leaves(g_base), jax.tree.leaves(g_reg)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b + n * r), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError):

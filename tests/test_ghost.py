@@ -10,42 +10,62 @@ from dpjax.models import adapters
 from dpjax.models import decoder as dec
 from dpjax.models import encoder as enc
 
-VOCAB, T = 128, 20    # tied embedding: (2T)^2 = 1600 < 128 x 16, so the ghost rule
+VOCAB, T = 128, 20  # tied embedding: (2T)^2 = 1600 < 128 x 16, so the ghost rule
 
 
 def _decoder(family, tied, dtype="float32"):
-  cfg = dec.DecoderConfig(family=family, vocab_size=VOCAB, hidden_size=16, num_layers=2,
-                          num_heads=4, num_kv_heads=2 if family == "llama" else None,
-                          intermediate_size=32, max_position=32, tie_embeddings=tied,
-                          dtype=dtype)
+  cfg = dec.DecoderConfig(
+    family=family,
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2 if family == "llama" else None,
+    intermediate_size=32,
+    max_position=32,
+    tie_embeddings=tied,
+    dtype=dtype,
+  )
   model = dec.Decoder(cfg)
 
   def loss(p, ex, prefixes=None):
     ids, mask = ex["ids"][None], ex["mask"][None]
     logits, _ = model.apply({"params": p}, ids, mask, prefixes=prefixes)
     return dec.causal_lm_loss(logits, ids, mask)[0]
+
   return cfg, dec.init_params(cfg, jax.random.PRNGKey(0)), loss
 
 
 def _encoder():
-  cfg = enc.EncoderConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=4,
-                          intermediate_size=32, max_position=32, num_labels=3)
+  cfg = enc.EncoderConfig(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=32,
+    max_position=32,
+    num_labels=3,
+  )
   model = enc.Encoder(cfg)
 
   def loss(p, ex):
     logits = model.apply({"params": p}, ex["ids"][None], ex["mask"][None])
     return -jax.nn.log_softmax(logits[0])[ex["label"]]
+
   return cfg, enc.init_params(cfg, jax.random.PRNGKey(0)), loss
 
 
 def _batch(n=6, seed=0):
   r = np.random.default_rng(seed)
   ids = r.integers(1, VOCAB, (n, T))
-  ids[:, 3] = ids[:, 7]                       # repeated tokens: the embedding Gram has off-diagonals
+  ids[:, 3] = ids[:, 7]  # repeated tokens: the embedding Gram has off-diagonals
   lengths = r.integers(T // 2, T + 1, n)
   mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-  return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
-          "label": jnp.asarray(r.integers(0, 3, n))}
+  return {
+    "ids": jnp.asarray(ids),
+    "mask": jnp.asarray(mask),
+    "label": jnp.asarray(r.integers(0, 3, n)),
+  }
 
 
 def _both(loss, params, batch, *args, mask=None, **kw):
@@ -57,8 +77,10 @@ def _both(loss, params, batch, *args, mask=None, **kw):
 
 
 def _rel_err(a, b):
-  num = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  num = max(
+    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
   den = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in jax.tree.leaves(a))
   return num / den
 
@@ -68,20 +90,30 @@ def _per_layer_clip(params, c=0.3):
 
 
 MODELS = {
-    "gpt2-tied": lambda: _decoder("gpt2", True),
-    "gpt2-untied": lambda: _decoder("gpt2", False),
-    "llama-untied": lambda: _decoder("llama", False),
-    "llama-tied": lambda: _decoder("llama", True),
-    "encoder": _encoder,
+  "gpt2-tied": lambda: _decoder("gpt2", True),
+  "gpt2-untied": lambda: _decoder("gpt2", False),
+  "llama-untied": lambda: _decoder("llama", False),
+  "llama-tied": lambda: _decoder("llama", True),
+  "encoder": _encoder,
 }
 
 
-@pytest.mark.parametrize("name,per_layer", [(n, False) for n in sorted(MODELS)]
-                         + [("gpt2-tied", True), ("encoder", True)])
+# By default: tied GPT-2 and tied Llama (GQA), flat and per-layer; the untied and
+# encoder-flat variants (the same rules on other shapes) are opt-in (-m slow).
+_DEFAULT = {("gpt2-tied", False), ("llama-tied", False), ("gpt2-tied", True), ("encoder", True)}
+
+
+@pytest.mark.parametrize(
+  "name,per_layer",
+  [
+    (n, p) if (n, p) in _DEFAULT else pytest.param(n, p, marks=pytest.mark.slow)
+    for n, p in [(n, False) for n in sorted(MODELS)] + [("gpt2-tied", True), ("encoder", True)]
+  ],
+)
 def test_ghost_equals_vmap(name, per_layer):
   _, params, loss = MODELS[name]()
   batch = _batch()
-  mask = jnp.array([1., 1., 0., 1., 1., 0.])     # two padding units
+  mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])  # two padding units
   clip = _per_layer_clip(params) if per_layer else 0.5
   (gv, av), (gg, ag) = _both(loss, params, batch, mask=mask, l2_clip_norm=clip)
   assert _rel_err(gv, gg) < 1e-5
@@ -96,17 +128,17 @@ def test_ghost_equals_vmap(name, per_layer):
 def test_rules_mixed_and_fallback():
   _, params, loss = _decoder("gpt2", True)
   rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, _batch())
-  assert rules["embed/embedding"] == "ghost"            # lookup + tied head, cross term
+  assert rules["embed/embedding"] == "ghost"  # lookup + tied head, cross term
   assert rules["pos_embed/embedding"] == "ghost"
   assert rules["layer_0/attn/q/kernel"] == "materialised"  # T^2 = 400 > 16 * 16
-  assert rules["layer_0/mlp/up/kernel"] == "ghost"         # T^2 = 400 < 16 * 32
+  assert rules["layer_0/mlp/up/kernel"] == "ghost"  # T^2 = 400 < 16 * 32
   assert rules["layer_0/attn/q/bias"] == "materialised"
-  assert rules["layer_0/attn_norm/scale"] == "vmap"        # no rule: LayerNorm
+  assert rules["layer_0/attn_norm/scale"] == "vmap"  # no rule: LayerNorm
   assert set(rules.values()) == {"ghost", "materialised", "vmap"}
 
 
 def test_weight_used_outside_its_layer_falls_back():
-  """A kernel that also enters a regulariser is not taken by the rule, and the sum is still right."""
+  """A kernel also used in a regulariser is not taken by the rule, and the sum is still right."""
   _, params, base = _decoder("gpt2", False)
 
   def loss(p, ex):
@@ -116,7 +148,7 @@ def test_weight_used_outside_its_layer_falls_back():
   fn = dpjax.clipped_grad(loss, l2_clip_norm=0.5, method="ghost")
   rules = fn.rules(params, _batch())
   assert rules["layer_1/mlp/up/kernel"] == "vmap"
-  assert rules["layer_1/mlp/up/bias"] == "vmap"         # a site is taken whole or not at all
+  assert rules["layer_1/mlp/up/bias"] == "vmap"  # a site is taken whole or not at all
   assert rules["layer_0/mlp/up/kernel"] == "ghost"
   (gv, _), (gg, _) = _both(loss, params, _batch(), l2_clip_norm=0.5)
   assert _rel_err(gv, gg) < 1e-5
@@ -125,9 +157,14 @@ def test_weight_used_outside_its_layer_falls_back():
 def test_lora_and_prefix_adapters():
   cfg, base, loss = _decoder("llama", False)
   lora = adapters.init_lora(base, jax.random.PRNGKey(1), rank=2, targets=r".*attn/(q|v)")
-  lora = jax.tree.map(lambda x: x + 0.1, lora)        # B = 0 would make A's gradient vanish
-  prefix = adapters.init_prefix(jax.random.PRNGKey(2), num_layers=2, num_tokens=3,
-                                num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head)
+  lora = jax.tree.map(lambda x: x + 0.1, lora)  # B = 0 would make A's gradient vanish
+  prefix = adapters.init_prefix(
+    jax.random.PRNGKey(2),
+    num_layers=2,
+    num_tokens=3,
+    num_kv_heads=cfg.kv_heads,
+    head_dim=cfg.dim_per_head,
+  )
   trainable = {"lora": lora, "prefix": prefix, "lm_head": base["lm_head"]}
   frozen = {k: v for k, v in base.items() if k != "lm_head"}
 
@@ -136,7 +173,8 @@ def test_lora_and_prefix_adapters():
       return loss(dict(frozen, lm_head=p["lm_head"]), ex, adapters.prefix_layers(p["prefix"]))
 
   rules = dpjax.clipped_grad(adapted, l2_clip_norm=1.0, method="ghost").rules(
-      trainable, _batch(), frozen)
+    trainable, _batch(), frozen
+  )
   assert rules["lm_head/kernel"] == "ghost"
   assert rules["lora/layer_0/attn/q/a"] == "vmap"
   assert rules["prefix/layer_1/key"] == "vmap"
@@ -147,20 +185,30 @@ def test_lora_and_prefix_adapters():
 def test_group_units_microbatch_and_aux():
   """Units of G examples as one batch each (keep_batch_dim-style), scanned in microbatches."""
   _, params, _ = _decoder("gpt2", True)
-  model = dec.Decoder(dec.DecoderConfig(family="gpt2", vocab_size=VOCAB, hidden_size=16,
-                                        num_layers=2, num_heads=4, intermediate_size=32,
-                                        max_position=32, tie_embeddings=True))
+  model = dec.Decoder(
+    dec.DecoderConfig(
+      family="gpt2",
+      vocab_size=VOCAB,
+      hidden_size=16,
+      num_layers=2,
+      num_heads=4,
+      intermediate_size=32,
+      max_position=32,
+      tie_embeddings=True,
+    )
+  )
 
-  def user_loss(p, user):                     # user: [G, T]
+  def user_loss(p, user):  # user: [G, T]
     logits, _ = model.apply({"params": p}, user["ids"], user["mask"])
     per_ex = dec.causal_lm_loss(logits, user["ids"], user["mask"])
     return jnp.mean(per_ex), {"first": per_ex[0]}
 
   flat = _batch(n=8)
   users = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), flat)
-  mask = jnp.array([1., 0., 1., 1.])
-  (gv, av), (gg, ag) = _both(user_loss, params, users, mask=mask, l2_clip_norm=0.4,
-                             has_aux=True, microbatch_size=3)
+  mask = jnp.array([1.0, 0.0, 1.0, 1.0])
+  (gv, av), (gg, ag) = _both(
+    user_loss, params, users, mask=mask, l2_clip_norm=0.4, has_aux=True, microbatch_size=3
+  )
   assert _rel_err(gv, gg) < 1e-5
   np.testing.assert_allclose(ag.loss_aux["first"], av.loss_aux["first"], rtol=1e-6)
 
@@ -185,7 +233,7 @@ def test_nan_unit_dropped_like_vmap():
   def loss(p, ex):
     return base(p, ex) * ex["scale"]
 
-  batch = dict(_batch(), scale=jnp.array([1., 1., jnp.nan, 1., 1., 1.]))
+  batch = dict(_batch(), scale=jnp.array([1.0, 1.0, jnp.nan, 1.0, 1.0, 1.0]))
   (gv, av), (gg, ag) = _both(loss, params, batch, l2_clip_norm=0.5)
   assert int(ag.num_dropped) == int(av.num_dropped) == 1
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(gg))
@@ -204,11 +252,11 @@ def test_bf16_compute_clips_exactly():
   np.testing.assert_allclose(a16.norms, a32.norms, rtol=3e-2)
   # One unit at a time: its clipped contribution has norm <= C (up to f32 rounding).
   for i in range(3):
-    one = jax.tree.map(lambda x: x[i:i + 1], batch)
+    one = jax.tree.map(lambda x: x[i : i + 1], batch)
     g, _ = jax.jit(fn)(params, one)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g)))
     assert float(norm) <= 0.5 * (1 + 1e-5)
-    assert float(norm) >= 0.5 * (1 - 3e-2)        # the bound binds: clipped to ~C
+    assert float(norm) >= 0.5 * (1 - 3e-2)  # the bound binds: clipped to ~C
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
 
 
@@ -229,9 +277,10 @@ def test_trainable_kernels_with_frozen_biases():
     return loss(adapters.combine(p, frozen), ex)
 
   rules = dpjax.clipped_grad(part_loss, l2_clip_norm=1.0, method="ghost").rules(
-      trainable, _batch(), frozen)
+    trainable, _batch(), frozen
+  )
   assert rules["layer_1/intermediate/kernel"] == "ghost"
-  assert "layer_1/intermediate/bias" not in rules           # frozen: not a parameter here
+  assert "layer_1/intermediate/bias" not in rules  # frozen: not a parameter here
   assert rules["classifier/bias"] == "materialised"
   (gv, _), (gg, _) = _both(part_loss, trainable, _batch(), frozen, l2_clip_norm=0.5)
   assert _rel_err(gv, gg) < 1e-5
@@ -248,16 +297,17 @@ def test_group_mean_units_keep_the_ghost_rule():
   user_loss = dpjax.core.clipping.group_mean(example_loss, has_aux=True)
   flat = _batch(n=9)
   users = jax.tree.map(lambda x: x.reshape((3, 3) + x.shape[1:]), flat)
-  users["_example_mask"] = jnp.array([[1., 1., 0.], [1., 0., 0.], [1., 1., 1.]])
-  mask = jnp.array([1., 1., 0.])
+  users["_example_mask"] = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+  mask = jnp.array([1.0, 1.0, 0.0])
   fn = dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, has_aux=True, method="ghost")
   rules = fn.rules(params, users, 2.0)
   # A user's rows are its 3 x 20 tokens: (2 x 60)^2 > 128 x 16, so the tied embedding
   # (lookup + head) is materialised per user, scatter and einsum together.
   assert rules["embed/embedding"] == "materialised"
   assert set(rules.values()) == {"materialised", "vmap"}
-  (gv, av), (gg, ag) = _both(user_loss, params, users, 2.0, mask=mask, l2_clip_norm=0.4,
-                             has_aux=True)
+  (gv, av), (gg, ag) = _both(
+    user_loss, params, users, 2.0, mask=mask, l2_clip_norm=0.4, has_aux=True
+  )
   assert _rel_err(gv, gg) < 1e-5
   np.testing.assert_allclose(ag.norms, av.norms, rtol=1e-5)
   np.testing.assert_allclose(ag.loss_aux["scaled"], av.loss_aux["scaled"], rtol=1e-6)

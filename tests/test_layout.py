@@ -19,20 +19,34 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Layer -> the layers it may import (besides itself). Longest prefix wins.
 ALLOWED: Dict[str, Set[str]] = {
-    "dpjax.core": set(),
-    "dpjax.assets": set(),
-    "dpjax.models": set(),
-    "dpjax.data": {"dpjax.assets"},
-    "dpjax.methods": {"dpjax.core", "dpjax.models", "dpjax.assets"},
-    "dpjax.training": {"dpjax.core", "dpjax.methods", "dpjax.assets"},
-    "dpjax.tasks": {"dpjax.core", "dpjax.training", "dpjax.models", "dpjax.data",
-                    "dpjax.assets"},
-    "dpjax.pipelines": {"dpjax.core", "dpjax.methods", "dpjax.training", "dpjax.tasks",
-                        "dpjax.models", "dpjax.data", "dpjax.assets"},
-    "dpjax.cli": {"dpjax.core", "dpjax.methods", "dpjax.training", "dpjax.tasks",
-                  "dpjax.pipelines", "dpjax.models", "dpjax.data", "dpjax.assets"},
+  "dpjax.core": set(),
+  "dpjax.assets": set(),
+  "dpjax.models": set(),
+  "dpjax.data": {"dpjax.assets"},
+  "dpjax.methods": {"dpjax.core", "dpjax.models", "dpjax.assets"},
+  "dpjax.training": {"dpjax.core", "dpjax.methods", "dpjax.assets"},
+  "dpjax.tasks": {"dpjax.core", "dpjax.training", "dpjax.models", "dpjax.data", "dpjax.assets"},
+  "dpjax.pipelines": {
+    "dpjax.core",
+    "dpjax.methods",
+    "dpjax.training",
+    "dpjax.tasks",
+    "dpjax.models",
+    "dpjax.data",
+    "dpjax.assets",
+  },
+  "dpjax.cli": {
+    "dpjax.core",
+    "dpjax.methods",
+    "dpjax.training",
+    "dpjax.tasks",
+    "dpjax.pipelines",
+    "dpjax.models",
+    "dpjax.data",
+    "dpjax.assets",
+  },
 }
-FACADE = "dpjax"     # dpjax/__init__.py re-exports the public names; nothing imports it
+FACADE = "dpjax"  # dpjax/__init__.py re-exports the public names; nothing imports it
 # What the private core may import from outside dpjax: flax because ghost clipping
 # intercepts linen layers, attr because DpEvents are attrs classes.
 CORE_THIRD_PARTY = {"jax", "optax", "chex", "numpy", "scipy", "dp_accounting", "attr", "flax"}
@@ -69,7 +83,7 @@ def _imports(name: str, path: str) -> List[Tuple[str, int, bool]]:
         base = child.module or ""
         if child.level:
           pkg = name.split(".") if is_pkg else name.split(".")[:-1]
-          pkg = pkg[:len(pkg) - (child.level - 1)]
+          pkg = pkg[: len(pkg) - (child.level - 1)]
           base = ".".join(pkg + ([base] if base else []))
         for a in child.names:
           full = f"{base}.{a.name}"
@@ -165,8 +179,12 @@ def test_no_import_cycles():
 
 
 def test_no_dpjax_imports_inside_functions():
-  hidden = [f"{path}:{line}: {target}" for m, path in MODULES.items()
-            for target, line, in_fn in _imports(m, path) if in_fn and _internal(target)]
+  hidden = [
+    f"{path}:{line}: {target}"
+    for m, path in MODULES.items()
+    for target, line, in_fn in _imports(m, path)
+    if in_fn and _internal(target)
+  ]
   assert not hidden, "dpjax imports inside functions (hoist them):\n" + "\n".join(hidden)
 
 
@@ -192,7 +210,7 @@ def test_the_checks_catch_a_violation(case, monkeypatch):
   def planted(name, path):
     out = real(name, path)
     if case == "cycle" and name == "dpjax.core.checks":
-      out.append(("dpjax.core.mechanisms", 1, True))     # mechanisms -> ... -> checks
+      out.append(("dpjax.core.mechanisms", 1, True))  # mechanisms -> ... -> checks
     if case == "upward" and name == "dpjax.core.mechanisms":
       out.append(("dpjax.training.plan", 1, False))
     return out

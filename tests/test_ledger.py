@@ -16,11 +16,12 @@ def gaussian(sigma, q, steps, **kw):
 
 def test_segments_compose_like_dp_accounting():
   ledger = Ledger().record(gaussian(1.0, 0.1, 12)).record(gaussian(1.0, 0.1, 8))
-  assert len(ledger.segments) == 1 and ledger.steps == 20      # same privacy: extended
+  assert len(ledger.segments) == 1 and ledger.steps == 20  # same privacy: extended
   ledger = ledger.record(gaussian(1.6, 0.05, 30, extra_releases=5))
   assert len(ledger.segments) == 2 and ledger.releases == 55
-  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                          value_discretization_interval=1e-4)
+  acc = pld.PLDAccountant(
+    dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+  )
   acc.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 20)
   acc.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.6)), 35)
   assert ledger.epsilon(DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
@@ -32,7 +33,8 @@ def test_segments_compose_like_dp_accounting():
 def test_els_and_lmo_segments_use_their_accountants():
   els = Segment("gaussian", 1.0, 0.05, "user", "els", 3, 10)
   assert Ledger((els,)).epsilon(DELTA) == pytest.approx(
-      user_level.els_epsilon(1.0, 0.05, 10, 3, DELTA), rel=1e-9)
+    user_level.els_epsilon(1.0, 0.05, 10, 3, DELTA), rel=1e-9
+  )
   p = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
   one = Segment("lmo", 0.0, 0.1, "example", None, 1, 6, lmo=p)
   assert Ledger((one,)).epsilon(DELTA) == lmo.lmo_epsilon(lmo.LMOParams(**p), 0.1, 6, DELTA)

@@ -16,15 +16,16 @@ from dpjax.core.accounting import lmo as L
 from dpjax.methods import lmo_search as S
 
 PARAMS = [
-    L.LMOParams(a1=0.3, a3=0.2, a4=0.5, theta=1, k=2, lam=1, Ua=1, Ub=2),
-    L.LMOParams(a1=0.3, a3=1.2, a4=0.5, theta=1, k=0.5, lam=1, Ua=0, Ub=1),
-    L.LMOParams(a1=1.0, a3=0.0, a4=0.0, theta=2, k=2),
+  L.LMOParams(a1=0.3, a3=0.2, a4=0.5, theta=1, k=2, lam=1, Ua=1, Ub=2),
+  L.LMOParams(a1=0.3, a3=1.2, a4=0.5, theta=1, k=0.5, lam=1, Ua=0, Ub=1),
+  L.LMOParams(a1=1.0, a3=0.0, a4=0.0, theta=2, k=2),
 ]
 
 
 def _noise(params, n=4000, per_coordinate=False, l1=1.0, seed=0):
-  tx = dpjax.mechanisms.lmo(params, jax.random.PRNGKey(seed), l1_sensitivity=l1,
-                            per_coordinate=per_coordinate)
+  tx = dpjax.mechanisms.lmo(
+    params, jax.random.PRNGKey(seed), l1_sensitivity=l1, per_coordinate=per_coordinate
+  )
   update = jax.jit(tx.update)
   state = tx.init(None)
   out = []
@@ -40,7 +41,7 @@ def test_b_cdf_matches_samples_and_is_pessimistic(params):
   xs = np.quantile(b, [0.05, 0.25, 0.5, 0.75, 0.95])
   cdf, _ = params.cdf_many(xs)
   emp = np.array([np.mean(b <= x) for x in xs])
-  assert np.all(cdf <= emp + 0.005)            # charged b' is stochastically larger
+  assert np.all(cdf <= emp + 0.005)  # charged b' is stochastically larger
   np.testing.assert_allclose(cdf, emp, atol=0.03)
 
 
@@ -63,7 +64,7 @@ def test_shared_b_couples_coordinates():
   scales = []
   for _ in range(200):
     z, state = update(jnp.zeros(2000), state)
-    scales.append(float(jnp.mean(jnp.abs(z))))     # = 1/b up to 1/sqrt(2000)
+    scales.append(float(jnp.mean(jnp.abs(z))))  # = 1/b up to 1/sqrt(2000)
   inv_b = 1.0 / p.sample(np.random.default_rng(0), 50_000)
   assert stats.ks_2samp(scales, inv_b).pvalue > 0.01
 
@@ -71,11 +72,13 @@ def test_shared_b_couples_coordinates():
 def test_point_mass_equals_dp_accounting_laplace():
   for b, q, steps in ((0.5, 0.02, 300), (2.0, 0.1, 20), (1.0, 1.0, 5)):
     got = L.lmo_epsilon(L.LMOParams.laplace(b), q, steps, 1e-5)
-    ref = pld_lib.from_laplace_mechanism(1 / b, sampling_prob=q, value_discretization_interval=1e-4,
-                                     use_connect_dots=False)
+    ref = pld_lib.from_laplace_mechanism(
+      1 / b, sampling_prob=q, value_discretization_interval=1e-4, use_connect_dots=False
+    )
     assert got == pytest.approx(ref.self_compose(steps).get_epsilon_for_delta(1e-5), rel=1e-8)
-    acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                            value_discretization_interval=1e-4)
+    acc = pld.PLDAccountant(
+      dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+    )
     acc.compose(dpjax.accounting.dpsgd_event(1 / b, q, steps, "laplace"))
     # dp-accounting's accountant uses connect-the-dots (tighter than rounding up).
     assert acc.get_epsilon(1e-5) <= got <= acc.get_epsilon(1e-5) * 1.01
@@ -85,7 +88,8 @@ def test_composition_is_self_composition_of_one_step():
   p = PARAMS[0]
   step = L.step_pld(p, 0.05)
   assert L.lmo_epsilon(p, 0.05, 40, 1e-5) == pytest.approx(
-      step.self_compose(40).get_epsilon_for_delta(1e-5), rel=1e-12)
+    step.self_compose(40).get_epsilon_for_delta(1e-5), rel=1e-12
+  )
 
 
 def _brute_force_delta(params, q, eps, n_b=4000):
@@ -100,7 +104,7 @@ def _brute_force_delta(params, q, eps, n_b=4000):
     p_rm, q_rm = (1 - q) * mu0 + q * mu1, mu0
     d_rm = np.sum(np.maximum(p_rm - math.exp(eps) * q_rm, 0)) * dx
     d_add = np.sum(np.maximum(q_rm - math.exp(eps) * p_rm, 0)) * dx
-    tot += max(d_rm, d_add)   # the max per b only over-estimates the mixture's delta
+    tot += max(d_rm, d_add)  # the max per b only over-estimates the mixture's delta
   return tot / n_b
 
 
@@ -111,7 +115,7 @@ def test_pld_never_below_brute_force_one_step():
     brute = _brute_force_delta(p, q, eps, n_b=600)
     # Monte-Carlo over b: allow its standard error; the bound should sit above.
     assert bound >= brute * 0.97, (q, eps, bound, brute)
-    assert bound <= brute * 1.25 + 1e-4        # and not absurdly loose
+    assert bound <= brute * 1.25 + 1e-4  # and not absurdly loose
 
 
 def test_rdp_cross_check_is_an_upper_bound_above_pld():
@@ -137,11 +141,11 @@ def test_two_dimensional_laplace_is_dominated_by_one_dimensional():
     L2 = (np.abs(x - a) - np.abs(x))[:, None] + (np.abs(x - b) - np.abs(x))[None, :]
     for eps in (0.0, 0.3 * mu, 0.8 * mu):
       d2 = np.sum(p0[:, None] * p0[None, :] * np.maximum(0, 1 - np.exp(eps - L2))) * dx * dx
-      d1 = 1 - math.exp((eps - mu) / 2)            # 1-D Laplace, closed form
+      d1 = 1 - math.exp((eps - mu) / 2)  # 1-D Laplace, closed form
       assert d2 <= d1 + 1e-3
 
 
-@pytest.mark.slow   # long; the default run keeps the suite under 15 min on CI
+@pytest.mark.slow  # long; the default run keeps the suite under 15 min on CI
 def test_search_equals_brute_force_on_small_grid(tmp_path, monkeypatch):
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   grid = {"a": (0.3, 1.0), "theta_k": ((0.5, 1),), "lam": (1.0, 5.0), "Ub_Ua": ((2, 1),)}
@@ -171,8 +175,14 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="dimension"):
     dpjax.mechanisms.lmo(PARAMS[0], jax.random.PRNGKey(0), l2_sensitivity=1.0)
   with pytest.raises(ValueError, match="no candidate reaches"):
-    S.lmo_search(1e-3, 1e-5, 0.5, 100, grid={"a": (0.5,), "theta_k": ((1, 2),), "lam": (5.0,),
-                                              "Ub_Ua": ((2, 1),)}, cache=False)
+    S.lmo_search(
+      1e-3,
+      1e-5,
+      0.5,
+      100,
+      grid={"a": (0.5,), "theta_k": ((1, 2),), "lam": (5.0,), "Ub_Ua": ((2, 1),)},
+      cache=False,
+    )
 
 
 @pytest.mark.parametrize("params", PARAMS)
@@ -190,8 +200,9 @@ def test_calibrate_point_mass_matches_laplace_bisection():
   q, steps, delta, target = 0.1, 50, 1e-6, 2.0
 
   def ref_eps(b):
-    p = pld_lib.from_laplace_mechanism(1 / b, sampling_prob=q, value_discretization_interval=1e-4,
-                                       use_connect_dots=False)
+    p = pld_lib.from_laplace_mechanism(
+      1 / b, sampling_prob=q, value_discretization_interval=1e-4, use_connect_dots=False
+    )
     return p.self_compose(steps).get_epsilon_for_delta(delta)
 
   lo, hi = 1e-3, 1e2
@@ -202,7 +213,7 @@ def test_calibrate_point_mass_matches_laplace_bisection():
   assert got["epsilon"] <= target
   b = got["params"].a4 * got["params"].Ub
   assert b == pytest.approx(lo, rel=2e-3)
-  assert got["noise"] == pytest.approx(1 / b, rel=1e-3)   # E|Lap(1/b)| = 1/b
+  assert got["noise"] == pytest.approx(1 / b, rel=1e-3)  # E|Lap(1/b)| = 1/b
 
 
 def test_calibrate_mixture_is_feasible_and_tight_at_small_delta():

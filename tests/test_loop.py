@@ -30,7 +30,7 @@ def small_config(**overrides):
 
 
 def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
-  cfg = small_config(noise_seed=7)   # the same noise in both runs
+  cfg = small_config(noise_seed=7)  # the same noise in both runs
   task = build_task(cfg)
   full = train(cfg, task, str(tmp_path / "full"), progress=False)
   part = tmp_path / "part"
@@ -45,8 +45,9 @@ def test_resume_is_bit_identical_and_keeps_budget(tmp_path):
   recs = [json.loads(l) for l in open(part / "metrics.jsonl")]
   starts = [r for r in recs if r.get("event") == "start"]
   assert [s["resumed_from"] for s in starts] == [0, 6]
-  assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints",
-          "privacy.json"} <= set(os.listdir(part))
+  assert {"config.json", "metrics.jsonl", "curves.png", "checkpoints", "privacy.json"} <= set(
+    os.listdir(part)
+  )
   # One row per logged step although steps 3-6 were written by both processes.
   steps = [r["step"] for r in recs if "event" not in r]
   assert steps == sorted(set(steps)) == [3, 6, 9, 12]
@@ -80,7 +81,8 @@ def test_private_run_learns_and_reports_epsilon():
   assert result.final_metrics["epsilon"] <= 4.0
   # The sigma it reports is the one the accountant charges.
   assert accounting.epsilon_spent(result.noise_multiplier, 60 / 600, 40, 1e-5) == pytest.approx(
-      result.final_metrics["epsilon"], rel=1e-9)
+    result.final_metrics["epsilon"], rel=1e-9
+  )
 
 
 def test_nonprivate_baseline_runs():
@@ -100,11 +102,12 @@ def test_config_override_errors(tmp_path):
 
 def test_every_shipped_config_loads():
   import glob
+
   paths = glob.glob(os.path.join(os.path.dirname(CONFIG), "*.py"))
   assert len(paths) >= 3
   for p in paths:
     cfg = load_config(p)
-    if "teacher" in cfg:       # a `dpjax distill` pipeline: its training stage
+    if "teacher" in cfg:  # a `dpjax distill` pipeline: its training stage
       assert cfg.total_epsilon > 0 and cfg.student.steps >= 1
       cfg = cfg.teacher
     assert cfg.steps >= 1 and cfg.task.name
@@ -125,9 +128,14 @@ def test_edgeworth_run_reports_pld_epsilon_beside_the_estimate():
 
 
 def user_config(sampling, **overrides):
-  cfg = small_config(privacy_unit="user", user_sampling=sampling, max_examples_per_user=4,
-                     users_per_step=8, physical_batch_size=16,
-                     batch_size=40)   # ELS: expected examples per step
+  cfg = small_config(
+    privacy_unit="user",
+    user_sampling=sampling,
+    max_examples_per_user=4,
+    users_per_step=8,
+    physical_batch_size=16,
+    batch_size=40,
+  )  # ELS: expected examples per step
   cfg.task.num_users = 40
   for k, v in overrides.items():
     cfg[k] = v
@@ -137,6 +145,7 @@ def user_config(sampling, **overrides):
 def test_user_level_runs_report_user_epsilon(tmp_path):
   from dpjax.core.accounting import user_level
   from dpjax.core.sampling import bound_contributions
+
   for sampling in ("els", "uls"):
     cfg = user_config(sampling, steps=4)
     task = build_task(cfg)
@@ -152,19 +161,24 @@ def test_user_level_runs_report_user_epsilon(tmp_path):
     assert res.final_metrics["privacy_unit"] == "user"
     start = json.loads(open(tmp_path / sampling / "metrics.jsonl").readline())
     assert (start["privacy_unit"], start["user_sampling"], start["max_examples_per_user"]) == (
-        "user", sampling, 4)
+      "user",
+      sampling,
+      4,
+    )
     assert np.isfinite(res.final_metrics["test_accuracy"])
   # The same noise at the same rate costs a user more under ELS with G = 4
   # than one example at example level.
   q_els = 40 / len(bound_contributions(task.user_ids, 4, cfg.seed).kept_examples())
   assert user_level.els_epsilon(1.0, q_els, 4, 4, 1e-5) > accounting.epsilon(
-      accounting.dpsgd_event(1.0, q_els, 4), 1e-5)
+    accounting.dpsgd_event(1.0, q_els, 4), 1e-5
+  )
 
 
 @pytest.mark.slow
 def test_user_level_calibration_meets_target():
-  cfg = user_config("els", noise_multiplier=None, target_epsilon=4.0, steps=3,
-                    max_examples_per_user=2)
+  cfg = user_config(
+    "els", noise_multiplier=None, target_epsilon=4.0, steps=3, max_examples_per_user=2
+  )
   res = train(cfg, build_task(cfg), None, progress=False)
   assert 4.0 * 0.99 <= res.final_metrics["epsilon"] <= 4.0
 
@@ -175,12 +189,20 @@ def test_uls_on_eight_devices_equals_one():
   cfg = user_config("uls", steps=3, noise_seed=1)
   task = build_task(cfg)
   one = train(cfg, task, None, progress=False)
-  eight = train(user_config("uls", steps=3, data_devices=8, noise_seed=1), task, None,
-                progress=False)
-  fsdp = train(user_config("uls", steps=3, data_devices=4, model_devices=2,
-                           clipping_method="ghost", noise_seed=1), task, None, progress=False)
-  for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
-                     jax.tree.leaves(fsdp.params)):
+  eight = train(
+    user_config("uls", steps=3, data_devices=8, noise_seed=1), task, None, progress=False
+  )
+  fsdp = train(
+    user_config(
+      "uls", steps=3, data_devices=4, model_devices=2, clipping_method="ghost", noise_seed=1
+    ),
+    task,
+    None,
+    progress=False,
+  )
+  for a, b, c in zip(
+    jax.tree.leaves(one.params), jax.tree.leaves(eight.params), jax.tree.leaves(fsdp.params)
+  ):
     assert len(b.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
@@ -193,8 +215,9 @@ def test_ghost_clipping_method_trains_like_vmap():
   cfg = small_config(steps=3, noise_seed=3)
   task = build_task(cfg)
   vmap = train(cfg, task, None, progress=False)
-  ghost = train(small_config(steps=3, clipping_method="ghost", noise_seed=3), task, None,
-                progress=False)
+  ghost = train(
+    small_config(steps=3, clipping_method="ghost", noise_seed=3), task, None, progress=False
+  )
   for a, b in zip(jax.tree.leaves(vmap.params), jax.tree.leaves(ghost.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="method must be"):
@@ -203,7 +226,9 @@ def test_ghost_clipping_method_trains_like_vmap():
 
 def test_user_level_bad_configs_are_clear_errors():
   cfg = user_config("els", accountant="rdp")
-  with pytest.raises(ValueError, match="ELS accountant covers Gaussian noise with accountant='pld'"):
+  with pytest.raises(
+    ValueError, match="ELS accountant covers Gaussian noise with accountant='pld'"
+  ):
     train(cfg, build_task(cfg), None, progress=False)
   cfg = user_config("both")
   with pytest.raises(ValueError, match="user_sampling must be one of 'els', 'uls', got 'both'"):
@@ -218,6 +243,7 @@ def test_user_level_bad_configs_are_clear_errors():
 
 def test_lmo_is_one_config_change(tmp_path):
   from dpjax.core.accounting import lmo as L
+
   params = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
   cfg = small_config(mechanism="lmo", lmo=params, l1_clip_norm=1.0, steps=6)
   res = train(cfg, build_task(cfg), str(tmp_path), progress=False)
@@ -245,8 +271,9 @@ def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
   cfg = small_config(dp_sam=dict(rho=0.05, mode="free"))
   free = train(cfg, build_task(cfg), None, progress=False)
   assert free.final_metrics["epsilon"] == pytest.approx(want(12), rel=1e-9)
-  assert not np.allclose(np.asarray(jax.tree.leaves(free.params)[0]),
-                         np.asarray(jax.tree.leaves(base.params)[0]))
+  assert not np.allclose(
+    np.asarray(jax.tree.leaves(free.params)[0]), np.asarray(jax.tree.leaves(base.params)[0])
+  )
   # Charged mode: one more release in each of the first half (6) of the steps.
   cfg = small_config(dp_sam=dict(rho=0.05, mode="charged", active_fraction=0.5))
   charged = train(cfg, build_task(cfg), str(tmp_path), progress=False)
@@ -255,13 +282,16 @@ def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
   assert start["dp_sam"] == {"rho": 0.05, "mode": "charged", "active_steps": 6}
   assert start["releases"] == 18
   # A target epsilon is met with the extra releases counted.
-  cfg = small_config(noise_multiplier=None, target_epsilon=2.0,
-                     dp_sam=dict(rho=0.05, mode="charged"))
+  cfg = small_config(
+    noise_multiplier=None, target_epsilon=2.0, dp_sam=dict(rho=0.05, mode="charged")
+  )
   res = train(cfg, build_task(cfg), None, progress=False)
   assert 1.9 < res.final_metrics["epsilon"] <= 2.0
-  for bad, msg in ((dict(rho=0.1, mode="raw"), "mode must be"),
-                   (dict(rho=0.1, active_fraction=2.0), "active_fraction"),
-                   (dict(mode="free"), "takes rho")):
+  for bad, msg in (
+    (dict(rho=0.1, mode="raw"), "mode must be"),
+    (dict(rho=0.1, active_fraction=2.0), "active_fraction"),
+    (dict(mode="free"), "takes rho"),
+  ):
     cfg = small_config(dp_sam=bad)
     with pytest.raises(ValueError, match=msg):
       train(cfg, build_task(cfg), None, progress=False)
@@ -269,6 +299,7 @@ def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
 
 def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   from dpjax.methods import flatness
+
   task = build_task(small_config())
   ref = jax.tree.map(lambda p: p + 1.0, task.params)
   path = str(tmp_path / "ref.npz")
@@ -277,37 +308,51 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   from dpjax.training.loop import with_weight_distillation
+
   cfg = small_config(weight_distillation=dict(lam=0.5, reference=path))
   wd = with_weight_distillation(cfg, task)
   ex = jax.tree.map(lambda x: x[0], task.train)
-  gap = float(np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
-                          zip(jax.tree.leaves(task.params), jax.tree.leaves(ref)))))
+  gap = float(
+    np.sqrt(
+      sum(
+        np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+        for a, b in zip(jax.tree.leaves(task.params), jax.tree.leaves(ref))
+      )
+    )
+  )
   got = float(wd.loss_fn(task.params, ex, task.frozen)[0])
-  assert got == pytest.approx(float(task.loss_fn(task.params, ex, task.frozen)[0]) + 0.5 * gap,
-                              rel=1e-5)
-  res = train(cfg, task, None, progress=False)           # runs end to end, same accounting
+  assert got == pytest.approx(
+    float(task.loss_fn(task.params, ex, task.frozen)[0]) + 0.5 * gap, rel=1e-5
+  )
+  res = train(cfg, task, None, progress=False)  # runs end to end, same accounting
   assert res.final_metrics["epsilon"] == pytest.approx(
-      accounting.epsilon_spent(1.0, 60 / 600, 12, 1e-5), rel=1e-9)
+    accounting.epsilon_spent(1.0, 60 / 600, 12, 1e-5), rel=1e-9
+  )
   with pytest.raises(ValueError, match="does not match"):
     flatness.load_reference(path, {"other": task.params})
   with pytest.raises(FileNotFoundError):
-    with_weight_distillation(small_config(weight_distillation=dict(
-        lam=0.1, reference=str(tmp_path / "none.npz"))), task)
+    with_weight_distillation(
+      small_config(weight_distillation=dict(lam=0.1, reference=str(tmp_path / "none.npz"))), task
+    )
 
 
 def test_learning_rates_per_parameter_group():
   import jax.numpy as jnp
 
   from dpjax.training.loop import make_optimizer
-  params = {"layer_4": {"w": jnp.zeros(3)}, "layer_45": {"w": jnp.zeros(2)},
-            "classifier": {"w": jnp.zeros(2)}}
+
+  params = {
+    "layer_4": {"w": jnp.zeros(3)},
+    "layer_45": {"w": jnp.zeros(2)},
+    "classifier": {"w": jnp.zeros(2)},
+  }
   grads = jax.tree.map(jnp.ones_like, params)
   tx = make_optimizer("adam", 0.01, learning_rates={"layer_": 1e-3, "layer_45": 1e-4})
   upd, _ = tx.update(grads, tx.init(params), params)
   # Adam's first step moves every coordinate by (almost exactly) its learning rate
   np.testing.assert_allclose(upd["classifier"]["w"], -0.01, rtol=1e-5)
   np.testing.assert_allclose(upd["layer_4"]["w"], -1e-3, rtol=1e-5)
-  np.testing.assert_allclose(upd["layer_45"]["w"], -1e-4, rtol=1e-5)   # longest prefix wins
+  np.testing.assert_allclose(upd["layer_45"]["w"], -1e-4, rtol=1e-5)  # longest prefix wins
   # a prefix named like an internal group label does not capture the other parameters
   tx = make_optimizer("adam", 0.01, learning_rates={"default": 1e-3})
   upd, _ = tx.update(grads, tx.init(params), params)
@@ -318,6 +363,7 @@ def test_learning_rates_per_parameter_group():
 
 def test_bad_data_is_refused_before_any_file(tmp_path):
   from dpjax.training.spec import SpecError
+
   cfg = small_config(steps=2)
   task = build_task(cfg)
   x = task.train["x"].copy()
@@ -327,8 +373,9 @@ def test_bad_data_is_refused_before_any_file(tmp_path):
   labels = task.train["label"].copy()
   labels[5] = 7
   with pytest.raises(SpecError, match=r"train row 5 has label 7, outside \[0, 3\] \(4 classes\)"):
-    train(cfg, task._replace(train=dict(task.train, label=labels)), str(tmp_path / "b"),
-          progress=False)
+    train(
+      cfg, task._replace(train=dict(task.train, label=labels)), str(tmp_path / "b"), progress=False
+    )
   labels[5] = -1
   with pytest.raises(SpecError, match=r"label -1"):
     train(cfg, task._replace(train=dict(task.train, label=labels)), None, progress=False)
@@ -340,10 +387,11 @@ def test_bad_data_is_refused_before_any_file(tmp_path):
 
 def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
   import jax.numpy as jnp
+
   cfg = small_config(steps=3, log_every=1)
   task = build_task(cfg)
 
-  def some_nan(params, ex, frozen):   # NaN for examples whose first feature is negative
+  def some_nan(params, ex, frozen):  # NaN for examples whose first feature is negative
     loss, m = task.loss_fn(params, ex, frozen)
     return loss + 0.0 * jnp.sqrt(ex["x"][0]), m
 
@@ -359,6 +407,7 @@ def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
     return loss * jnp.nan, m
 
   from dpjax.training.loop import NonFiniteData
+
   with pytest.raises(NonFiniteData, match="every one of the .* sampled units"):
     train(cfg, task._replace(loss_fn=all_nan), None, progress=False)
 
@@ -368,6 +417,7 @@ def test_a_second_process_on_the_workdir_is_refused(tmp_path):
   import sys
 
   from dpjax.training.rundir import RunLocked
+
   cfg = small_config(steps=2)
   task = build_task(cfg)
   w = tmp_path / "w"
@@ -377,7 +427,7 @@ def test_a_second_process_on_the_workdir_is_refused(tmp_path):
     (w / ".lock").write_text(str(holder.pid))
     with pytest.raises(RunLocked, match=f"in use by process {holder.pid}"):
       train(cfg, task, str(w), progress=False)
-    assert sorted(os.listdir(w)) == [".lock"]      # nothing else written
+    assert sorted(os.listdir(w)) == [".lock"]  # nothing else written
   finally:
     holder.kill()
     holder.wait()
@@ -392,6 +442,7 @@ def test_nonprivate_metrics_are_strict_json(tmp_path):
 
   def no_constants(name):
     raise AssertionError(f"non-JSON constant {name}")
+
   rows = [json.loads(l, parse_constant=no_constants) for l in open(tmp_path / "metrics.jsonl")]
   final = [r for r in rows if r.get("event") == "final"][0]
   assert final["epsilon"] is None and final["epsilon_nonfinite"] == "inf"

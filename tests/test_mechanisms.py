@@ -10,7 +10,6 @@ from dpjax.core import mechanisms
 
 
 class GaussianTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_std_within_two_percent_over_a_million_draws(self):
     tx = mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=2.0, key=jax.random.PRNGKey(0))
@@ -85,8 +84,10 @@ def test_bad_noise_multiplier(bad):
 
 # --- full-range noise ---------------------------------------------------------
 
+
 def test_largest_attainable_noise_from_the_construction():
   from scipy import stats
+
   zeros = jnp.zeros((mechanisms.EXPONENT_WORDS, 1), jnp.uint32)
   # All exponent bits zero and the smallest significand: the largest Exp(1) draw.
   e_max = float(mechanisms.exponential_from_bits(zeros, jnp.zeros(1, jnp.uint32))[0])
@@ -103,11 +104,11 @@ def test_exponent_is_the_count_of_leading_zero_bits(k):
   # Words whose first set bit is bit k (counting from the top of word 0): U in [2^-(k+1), 2^-k).
   words = np.zeros((mechanisms.EXPONENT_WORDS, 2), np.uint32)
   words[k // 32, :] = np.uint32(1) << np.uint32(31 - k % 32)
-  sig = np.array([0, 0xFFFFFFFF], np.uint32)          # significand 1/2 and just below 1
-  e = np.asarray(mechanisms.exponential_from_bits(jnp.asarray(words), jnp.asarray(sig)),
-                 np.float64)
-  np.testing.assert_allclose(e, [(k + 1) * np.log(2), k * np.log(2) - np.log1p(-2.0 ** -24)],
-                             rtol=1e-6, atol=1e-7)
+  sig = np.array([0, 0xFFFFFFFF], np.uint32)  # significand 1/2 and just below 1
+  e = np.asarray(mechanisms.exponential_from_bits(jnp.asarray(words), jnp.asarray(sig)), np.float64)
+  np.testing.assert_allclose(
+    e, [(k + 1) * np.log(2), k * np.log(2) - np.log1p(-(2.0**-24))], rtol=1e-6, atol=1e-7
+  )
 
 
 def _moments(x):
@@ -117,11 +118,13 @@ def _moments(x):
 
 def test_gaussian_and_laplace_moments_and_tails_over_a_million_draws():
   from scipy import stats
+
   n = 10**6
   zeros = {"a": jnp.zeros((500, 1000)), "b": jnp.zeros(500_001)}
   for tx, std, kurt, sf in (
-      (mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(3)), 1.0, 3.0, 2 * stats.norm.sf(4)),
-      (mechanisms.laplace(1.0, 1.0, jax.random.PRNGKey(4)), np.sqrt(2), 6.0, np.exp(-9.0))):
+    (mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(3)), 1.0, 3.0, 2 * stats.norm.sf(4)),
+    (mechanisms.laplace(1.0, 1.0, jax.random.PRNGKey(4)), np.sqrt(2), 6.0, np.exp(-9.0)),
+  ):
     noisy, _ = jax.jit(tx.update)(zeros, tx.init(zeros))
     x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(noisy)])
     assert x.size == n + 1

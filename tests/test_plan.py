@@ -45,21 +45,24 @@ def cfg_of(**overrides):
 
 def reference_epsilon(segments, delta=DELTA):
   """dp-accounting's PLD epsilon of [(sigma, q, releases), ...] composed in order."""
-  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                          value_discretization_interval=1e-4)
+  acc = pld.PLDAccountant(
+    dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+  )
   for sigma, q, n in segments:
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
   return acc.get_epsilon(delta)
 
 
 def starts(workdir):
-  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
-          if '"event": "start"' in l]
+  return [
+    json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"event": "start"' in l
+  ]
 
 
 def run(cfg, workdir=None, **kw):
-  return train(cfg, build_task(cfg), None if workdir is None else str(workdir), progress=False,
-               **kw)
+  return train(
+    cfg, build_task(cfg), None if workdir is None else str(workdir), progress=False, **kw
+  )
 
 
 def test_more_steps_with_a_target_is_refused_then_composed(tmp_path):
@@ -75,7 +78,7 @@ def test_more_steps_with_a_target_is_refused_then_composed(tmp_path):
   want = reference_epsilon([(s1, 0.1, 6), (s2, 0.1, 6)])
   eps = res.final_metrics["epsilon"]
   assert want <= eps <= want * (1 + 1e-9)
-  assert eps <= 3.0                                   # the target covers the whole ledger
+  assert eps <= 3.0  # the target covers the whole ledger
   p = json.load(open(w / "privacy.json"))
   assert [(s["noise_multiplier"], s["steps"]) for s in p["ledger"]] == [(s1, 6), (s2, 6)]
   assert p["epsilon"] == eps and p["delta"] == DELTA and p["privacy_unit"] == "example"
@@ -96,8 +99,9 @@ def test_changed_sigma_deleted_config_and_copied_checkpoints(tmp_path):
     run(cfg_of(steps=12, noise_multiplier=1.5), copy)
   # The same sigma and q with more steps extends the one segment.
   res = run(cfg_of(steps=12), copy)
-  assert res.final_metrics["epsilon"] == pytest.approx(reference_epsilon([(1.0, 0.1, 12)]),
-                                                       rel=1e-9)
+  assert res.final_metrics["epsilon"] == pytest.approx(
+    reference_epsilon([(1.0, 0.1, 12)]), rel=1e-9
+  )
   assert len(res.ledger.segments) == 1 and res.ledger.steps == 12
   res = run(cfg_of(steps=18, noise_multiplier=1.5), w, allow_privacy_change=True)
   want = reference_epsilon([(1.0, 0.1, 6), (1.5, 0.1, 12)])
@@ -125,8 +129,9 @@ def test_steps_past_the_checkpoint_are_charged_when_the_plan_changes(tmp_path):
   # A kill after step 9 whose last checkpoint is step 6: privacy.json says 9 ran.
   shutil.rmtree(w / "checkpoints" / "9")
   assert json.load(open(w / "privacy.json"))["steps"] == 9
-  res = run(cfg_of(steps=12, checkpoint_every=6, noise_multiplier=2.0), w,
-            allow_privacy_change=True)
+  res = run(
+    cfg_of(steps=12, checkpoint_every=6, noise_multiplier=2.0), w, allow_privacy_change=True
+  )
   want = reference_epsilon([(1.0, 0.1, 9), (2.0, 0.1, 6)])
   assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
   assert starts(w)[-1]["resumed_from"] == 6
@@ -134,14 +139,14 @@ def test_steps_past_the_checkpoint_are_charged_when_the_plan_changes(tmp_path):
 
 def test_target_guard(tmp_path):
   from dpjax.training.spec import SpecError
+
   with pytest.raises(SpecError, match="contradict"):
     run(cfg_of(target_epsilon=3.0, noise_multiplier=0.5))
   w = tmp_path / "w"
   spent = run(cfg_of(steps=6, noise_multiplier=0.6), w).final_metrics["epsilon"]
   assert spent > 3
   with pytest.raises(BudgetExhausted, match=rf"already spent: the ledger holds eps={spent:.4g}"):
-    run(cfg_of(steps=12, noise_multiplier=None, target_epsilon=3.0), w,
-        allow_privacy_change=True)
+    run(cfg_of(steps=12, noise_multiplier=None, target_epsilon=3.0), w, allow_privacy_change=True)
   assert len(os.listdir(w / "checkpoints")) >= 1 and starts(w)[-1]["resumed_from"] == 0
 
 
@@ -170,6 +175,7 @@ def test_noise_is_secret_and_streams_are_separate(tmp_path):
 
 def test_secret_streams_differ():
   from dpjax.training.plan import Secret
+
   s = Secret.fresh()
   assert s.secret and Secret.fresh().entropy != s.entropy
   keys = [np.asarray(s.noise_key()), np.asarray(s.ascent_key())]

@@ -49,12 +49,23 @@ def test_shuffled_covers_each_epoch_once():
   s = ShuffledSampler(10, 3, seed=0)
   seen = np.concatenate([s.batches(t)[0].indices for t in range(s.steps_per_epoch)])
   assert len(np.unique(seen)) == 9
-  assert list(np.concatenate([pb.indices[pb.mask > 0] for pb in eval_batches(5, 2)])) == [0, 1, 2, 3, 4]
+  assert list(np.concatenate([pb.indices[pb.mask > 0] for pb in eval_batches(5, 2)])) == [
+    0,
+    1,
+    2,
+    3,
+    4,
+  ]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(sampling_rate=0.0), "sampling_rate"), (dict(num_units=0), "num_units"),
-    (dict(physical_batch_size=0), "physical_batch_size")])
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(sampling_rate=0.0), "sampling_rate"),
+    (dict(num_units=0), "num_units"),
+    (dict(physical_batch_size=0), "physical_batch_size"),
+  ],
+)
 def test_bad_sampler_args(kwargs, match):
   args = dict(num_units=10, sampling_rate=0.1, physical_batch_size=4, seed=0)
   args.update(kwargs)
@@ -75,12 +86,13 @@ def _users(seed=0, n_users=40):
 
 def test_bound_contributions_keeps_at_most_G_deterministically():
   from dpjax.core.sampling import bound_contributions
+
   ids, sizes = _users()
   idx = bound_contributions(ids, 4, seed=7)
   # Users sort as user000, user001, ...: the order sizes were drawn in.
   np.testing.assert_array_equal(idx.counts, np.minimum(sizes, 4))
   for u, user in enumerate(idx.users):
-    kept = idx.examples[u, :idx.counts[u]]
+    kept = idx.examples[u, : idx.counts[u]]
     assert len(set(kept)) == idx.counts[u] and np.all(ids[kept] == user)
   again = bound_contributions(ids, 4, seed=7)
   np.testing.assert_array_equal(again.examples, idx.examples)
@@ -92,6 +104,7 @@ def test_bound_contributions_keeps_at_most_G_deterministically():
 
 def test_els_sampler_bounds_users_and_matches_q():
   from dpjax.core.sampling import ELSSampler, bound_contributions
+
   ids, _ = _users(1)
   idx = bound_contributions(ids, 3, seed=0)
   kept = set(idx.kept_examples().tolist())
@@ -114,6 +127,7 @@ def test_els_sampler_bounds_users_and_matches_q():
 
 def test_uls_sampler_groups_users_and_matches_q():
   from dpjax.core.sampling import ULSSampler, bound_contributions
+
   ids, _ = _users(2)
   idx = bound_contributions(ids, 5, seed=0)
   q, steps = 0.25, 600
@@ -137,8 +151,9 @@ def test_uls_sampler_groups_users_and_matches_q():
 
 def test_median_group_size_and_contribution_report():
   from dpjax.core.sampling import contribution_report, median_group_size
+
   ids = np.array(["a"] * 1 + ["b"] * 3 + ["c"] * 4 + ["d"] * 10)
-  assert median_group_size(ids) == 3       # counts 1, 3, 4, 10 -> median 3.5 -> 3
+  assert median_group_size(ids) == 3  # counts 1, 3, 4, 10 -> median 3.5 -> 3
   rep = contribution_report(ids, [1, 3, 10])
   assert [r["examples_kept"] for r in rep] == [4, 1 + 3 + 3 + 3, 18]
   assert rep[-1]["fraction_kept"] == 1.0 and rep[1]["users_capped"] == 2

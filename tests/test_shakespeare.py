@@ -60,11 +60,11 @@ def test_parse_play_records():
   recs = parse_play(PLAY, "testing")
   got = [(r["act"], r["scene"], r["character"], r["line"]) for r in recs]
   assert got == [
-      (0, 0, "CHORUS", "O for a Muse of fire, that would ascend\nThe brightest heaven of invention."),
-      (1, 1, "BER", "Who's there?"),
-      (1, 1, "FIRST CLOWN", "Nay, answer me: stand, and unfold yourself."),
-      (1, 1, "BER", "Long live the king!\nAnd so good night."),
-      (2, 2, "THESEUS", "Now, fair Hippolyta,\nour nuptial hour."),
+    (0, 0, "CHORUS", "O for a Muse of fire, that would ascend\nThe brightest heaven of invention."),
+    (1, 1, "BER", "Who's there?"),
+    (1, 1, "FIRST CLOWN", "Nay, answer me: stand, and unfold yourself."),
+    (1, 1, "BER", "Long live the king!\nAnd so good night."),
+    (2, 2, "THESEUS", "Now, fair Hippolyta,\nour nuptial hour."),
   ]
 
 
@@ -75,8 +75,12 @@ def test_load_shakespeare_dataset(tmp_path):
   ds = load_shakespeare(str(tmp_path))
   rows = [r for split in ds.values() for r in split]
   assert len(rows) == 5 and {r["play"] for r in rows} == {"testing"}
-  assert {r["user_id"] for r in rows} == {"testing/CHORUS", "testing/BER", "testing/FIRST CLOWN",
-                                          "testing/THESEUS"}
+  assert {r["user_id"] for r in rows} == {
+    "testing/CHORUS",
+    "testing/BER",
+    "testing/FIRST CLOWN",
+    "testing/THESEUS",
+  }
   assert all(r["genre"] == "unknown" for r in rows)
 
 

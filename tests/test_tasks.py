@@ -23,9 +23,14 @@ def fixtures(tmp_path, monkeypatch):
   model_dir = tmp_path / "bert"
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
   torch.manual_seed(0)
-  cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=24,
-                                max_position_embeddings=32)
+  cfg = transformers.BertConfig(
+    vocab_size=len(vocab),
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=32,
+  )
   transformers.BertModel(cfg).save_pretrained(model_dir)
   (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
   transformers.BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
@@ -42,13 +47,27 @@ def fixtures(tmp_path, monkeypatch):
   return str(model_dir), str(data_dir)
 
 
-@pytest.mark.parametrize("train_layers", [0, pytest.param(1, marks=pytest.mark.slow)])
+# Private learning on the synthetic task runs by default (test_loop); this one
+# builds the MiniLM-shaped encoder and is opt-in (-m slow).
+@pytest.mark.parametrize(
+  "train_layers", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)]
+)
 def test_private_text_classification_learns(fixtures, train_layers):
   model_dir, data_dir = fixtures
-  cfg = load_config(QUICKSTART, [
-      f"task.model='{model_dir}'", f"task.data='{data_dir}'", "task.max_length=8",
-      f"task.train_layers={train_layers}", "steps=30", "batch_size=64",
-      "physical_batch_size=64", "learning_rate=0.05", "target_epsilon=8.0"])
+  cfg = load_config(
+    QUICKSTART,
+    [
+      f"task.model='{model_dir}'",
+      f"task.data='{data_dir}'",
+      "task.max_length=8",
+      f"task.train_layers={train_layers}",
+      "steps=30",
+      "batch_size=64",
+      "physical_batch_size=64",
+      "learning_rate=0.05",
+      "target_epsilon=8.0",
+    ],
+  )
   task = build_task(cfg)
   assert set(task.params) == ({"classifier"} if train_layers == 0 else {"classifier", "layer_1"})
   result = train(cfg, task, None, progress=False)
@@ -60,17 +79,24 @@ def test_private_text_classification_learns(fixtures, train_layers):
 
 def test_bad_model_path(fixtures):
   _, data_dir = fixtures
-  cfg = load_config(QUICKSTART, ["task.model='/no/such/dir'",
-                                              f"task.data='{data_dir}'"])
+  cfg = load_config(QUICKSTART, ["task.model='/no/such/dir'", f"task.data='{data_dir}'"])
   with pytest.raises(FileNotFoundError, match="neither a known asset"):
     build_task(cfg)
 
 
 def test_prefix_tuning_task_freezes_layers_and_removes_prefixes(fixtures):
   model_dir, data_dir = fixtures
-  base = [f"task.model='{model_dir}'", f"task.data='{data_dir}'", "task.max_length=8",
-          "task.train_layers=1", "steps=30", "batch_size=64", "physical_batch_size=64",
-          "learning_rate=0.05", "target_epsilon=8.0"]
+  base = [
+    f"task.model='{model_dir}'",
+    f"task.data='{data_dir}'",
+    "task.max_length=8",
+    "task.train_layers=1",
+    "steps=30",
+    "batch_size=64",
+    "physical_batch_size=64",
+    "learning_rate=0.05",
+    "target_epsilon=8.0",
+  ]
   cfg = load_config(QUICKSTART, base + ["task.prefix_tokens=3"])
   task = build_task(cfg)
   assert set(task.params) == {"classifier", "prefix"} and set(task.frozen) == {"layer_1"}
@@ -79,8 +105,9 @@ def test_prefix_tuning_task_freezes_layers_and_removes_prefixes(fixtures):
   result = train(cfg, task, None, progress=False)
   assert result.final_metrics["test_accuracy"] > 0.75
   # A removed prefix is no prefix: same logits as the plain model's frozen layer.
-  off = build_task(load_config(QUICKSTART, base + ["task.prefix_tokens=3",
-                                                   "task.prefix_layers=[False]"]))
+  off = build_task(
+    load_config(QUICKSTART, base + ["task.prefix_tokens=3", "task.prefix_layers=[False]"])
+  )
   assert off.params["prefix"] == {}
   plain = build_task(load_config(QUICKSTART, base))
   ex = jax.tree.map(lambda x: x[0], off.train)

@@ -1,6 +1,5 @@
 """User-level accounting for ELS/ULS against example-level PLD, group privacy and brute force."""
 
-
 import dp_accounting
 import numpy as np
 import pytest
@@ -15,12 +14,14 @@ def test_els_with_one_example_per_user_is_example_level():
   for sigma, q, steps in ((1.0, 0.01, 200), (0.7, 0.05, 20)):
     els = U.els_epsilon(sigma, q, steps, 1, 1e-5)
     # The same PLD accountant at the same discretisation, fed the example-level event.
-    acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                            value_discretization_interval=U.MOG_DISCRETIZATION)
+    acc = pld.PLDAccountant(
+      dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+      value_discretization_interval=U.MOG_DISCRETIZATION,
+    )
     acc.compose(accounting.dpsgd_event(sigma, q, steps))
     assert els == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
     ex = accounting.epsilon(accounting.dpsgd_event(sigma, q, steps), 1e-5, "pld")
-    assert els == pytest.approx(ex, rel=2e-3)      # dpjax's default (finer) discretisation
+    assert els == pytest.approx(ex, rel=2e-3)  # dpjax's default (finer) discretisation
 
 
 def _brute_force_epsilon(sigma, q, G, steps, delta, h=2e-3):
@@ -29,12 +30,13 @@ def _brute_force_epsilon(sigma, q, G, steps, delta, h=2e-3):
   x = np.linspace(-14 * sigma, G + 14 * sigma, 400_001)
   dx = x[1] - x[0]
   logp = stats.norm.logpdf(x, scale=sigma)
-  logm = special.logsumexp(stats.norm.logpdf(x[:, None], loc=np.arange(G + 1), scale=sigma),
-                           b=probs, axis=1)
+  logm = special.logsumexp(
+    stats.norm.logpdf(x[:, None], loc=np.arange(G + 1), scale=sigma), b=probs, axis=1
+  )
   deltas = []
-  for num, loss in ((logm, logm - logp), (logp, logp - logm)):     # remove, add
+  for num, loss in ((logm, logm - logp), (logp, logp - logm)):  # remove, add
     w = np.exp(num) * dx
-    k = np.floor(loss / h).astype(np.int64)                         # round DOWN: optimistic
+    k = np.floor(loss / h).astype(np.int64)  # round DOWN: optimistic
     lo = k.min()
     pmf = np.bincount(k - lo, weights=w)
     total, off = pmf, lo
@@ -55,15 +57,14 @@ def _brute_force_epsilon(sigma, q, G, steps, delta, h=2e-3):
   return lo
 
 
-@pytest.mark.parametrize("sigma,q,G,steps", [(0.8, 0.2, 3, 1), (1.0, 0.1, 3, 3),
-                                             (1.5, 0.3, 2, 4)])
+@pytest.mark.parametrize("sigma,q,G,steps", [(0.8, 0.2, 3, 1), (1.0, 0.1, 3, 3), (1.5, 0.3, 2, 4)])
 def test_els_between_brute_force_and_group_privacy(sigma, q, G, steps):
   delta = 1e-4
   els = U.els_epsilon(sigma, q, steps, G, delta)
   brute = _brute_force_epsilon(sigma, q, G, steps, delta)
   group = U.group_privacy_epsilon(sigma, q, steps, G, delta)
   assert brute <= els <= group, (brute, els, group)
-  assert els <= brute * 1.02 + 1e-3          # and tight: PLD is close to the truth
+  assert els <= brute * 1.02 + 1e-3  # and tight: PLD is close to the truth
 
 
 def test_els_grows_with_G_and_uls_is_the_user_level_gaussian():
@@ -83,6 +84,7 @@ def test_per_user_clipping_on_uls_batches_matches_a_loop():
 
   import dpjax
   from dpjax.core.sampling import ULSSampler, bound_contributions
+
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 12, 90)
   x = rng.normal(size=(90, 5)).astype(np.float32)
@@ -91,7 +93,7 @@ def test_per_user_clipping_on_uls_batches_matches_a_loop():
   (b, *_) = ULSSampler(idx, 0.5, physical_users=12, seed=0).batches(0)
   w = jnp.asarray(rng.normal(size=5), jnp.float32)
 
-  def user_loss(w, unit):       # unit: the user's [G, ...] rows and their mask
+  def user_loss(w, unit):  # unit: the user's [G, ...] rows and their mask
     per = (unit["x"] @ w - unit["y"]) ** 2
     return jnp.sum(per * unit["m"]) / jnp.maximum(jnp.sum(unit["m"]), 1.0)
 
@@ -108,14 +110,16 @@ def test_per_user_clipping_on_uls_batches_matches_a_loop():
   assert int(aux.num_units) == int(b.mask.sum()) > 0
 
 
+@pytest.mark.slow  # the ELS-vs-group-privacy ordering runs by default (brute-force test)
 def test_group_size_tradeoff_rows():
   counts = np.array([1, 2, 3, 8, 20])
   rows = U.group_size_tradeoff(counts, [1, 3], 1.0, 2.0, 5, 1e-5)
   assert [r["examples_kept"] for r in rows] == [5, 1 + 2 + 3 + 3 + 3]
   assert rows[0]["sampling_rate"] == pytest.approx(2 / 5)
   assert rows[0]["epsilon_els"] == pytest.approx(
-      accounting.epsilon(accounting.dpsgd_event(1.0, 0.4, 5), 1e-5), rel=2e-3)
+    accounting.epsilon(accounting.dpsgd_event(1.0, 0.4, 5), 1e-5), rel=2e-3
+  )
   for r in rows:
-    assert r["epsilon_els"] <= r["epsilon_group"] * (1 + 1e-3)   # coarser discretisation at G=1
+    assert r["epsilon_els"] <= r["epsilon_group"] * (1 + 1e-3)  # coarser discretisation at G=1
   with pytest.raises(ValueError, match="sampling_rate"):
-    U.group_size_tradeoff(counts, [1], 1.0, 10.0, 5, 1e-5)   # 10 expected of 5 kept
+    U.group_size_tradeoff(counts, [1], 1.0, 10.0, 5, 1e-5)  # 10 expected of 5 kept

@@ -88,16 +88,21 @@ def check_unit(unit: str, sampling: Optional[str], max_examples_per_user: int) -
     raise ValueError(f"privacy unit must be one of {UNITS}, got {unit!r}")
   if unit == "user":
     if sampling not in USER_SAMPLING:
-      raise ValueError(f"user-level DP needs sampling in {USER_SAMPLING} "
-                       f"(example- or user-level sampling), got {sampling!r}")
+      raise ValueError(
+        f"user-level DP needs sampling in {USER_SAMPLING} "
+        f"(example- or user-level sampling), got {sampling!r}"
+      )
     check_max_examples_per_user(max_examples_per_user)
   elif sampling not in (None, "poisson"):
-    raise ValueError(f"example-level DP samples examples (Poisson); sampling={sampling!r} "
-                     "applies to privacy_unit='user'")
+    raise ValueError(
+      f"example-level DP samples examples (Poisson); sampling={sampling!r} "
+      "applies to privacy_unit='user'"
+    )
 
 
-def check_accountant_covers(mechanism: str, unit: str, sampling: Optional[str],
-                            accountant: str) -> None:
+def check_accountant_covers(
+  mechanism: str, unit: str, sampling: Optional[str], accountant: str
+) -> None:
   """Raises ValueError unless dpjax has an accountant of kind `accountant` for this release.
 
   LMO-DP noise is accounted by its own PLD (example level, or users sampled
@@ -106,11 +111,16 @@ def check_accountant_covers(mechanism: str, unit: str, sampling: Optional[str],
   """
   if mechanism == "lmo":
     if sampling == "els":
-      raise ValueError("LMO noise has no ELS user-level accountant; use user_sampling='uls' or "
-                       "privacy_unit='example'")
+      raise ValueError(
+        "LMO noise has no ELS user-level accountant; use user_sampling='uls' or "
+        "privacy_unit='example'"
+      )
     if accountant != "pld":
-      raise ValueError(f"LMO noise is accounted by its own PLD; set accountant='pld', got "
-                       f"{accountant!r}")
+      raise ValueError(
+        f"LMO noise is accounted by its own PLD; set accountant='pld', got {accountant!r}"
+      )
   elif unit == "user" and sampling == "els" and (mechanism, accountant) != ("gaussian", "pld"):
-    raise ValueError("the user-level ELS accountant covers Gaussian noise with accountant='pld', "
-                     f"got mechanism={mechanism!r}, accountant={accountant!r}")
+    raise ValueError(
+      "the user-level ELS accountant covers Gaussian noise with accountant='pld', "
+      f"got mechanism={mechanism!r}, accountant={accountant!r}"
+    )

@@ -28,12 +28,14 @@ PyTree = Any
 
 class NoiseState(NamedTuple):
   """State of a noise transform: the next key and the number of noised steps."""
+
   key: chex.PRNGKey
   count: chex.Array  # int32 scalar
 
 
-def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
-                     key: chex.PRNGKey) -> optax.GradientTransformation:
+def _noise_transform(
+  draw: Callable[[chex.PRNGKey, list], list], key: chex.PRNGKey
+) -> optax.GradientTransformation:
   """Adds `draw(step_key, leaves)` (one f32 noise array per leaf), fresh key each step."""
 
   def init_fn(params):
@@ -46,8 +48,10 @@ def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
     leaves, treedef = jax.tree.flatten(updates)
     # Noise is drawn and added in f32 so bf16 gradients get full-precision
     # noise; only the final sum is cast back to the gradient's dtype.
-    noised = [(leaf.astype(jnp.float32) + z).astype(leaf.dtype)
-              for leaf, z in zip(leaves, draw(step_key, leaves))]
+    noised = [
+      (leaf.astype(jnp.float32) + z).astype(leaf.dtype)
+      for leaf, z in zip(leaves, draw(step_key, leaves))
+    ]
     return jax.tree.unflatten(treedef, noised), NoiseState(next_key, state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -73,9 +77,9 @@ def _noise_transform(draw: Callable[[chex.PRNGKey, list], list],
 # to the float32 clipped sum and releases the sum (no snapping); see the
 # README's "What the guarantee assumes".
 
-EXPONENT_WORDS = 3                       # 96 bits for U's binary exponent
+EXPONENT_WORDS = 3  # 96 bits for U's binary exponent
 EXPONENT_BITS = 32 * EXPONENT_WORDS
-MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)    # -log of the smallest U: 2^-97
+MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)  # -log of the smallest U: 2^-97
 MAX_GAUSSIAN = math.sqrt(2.0 * MAX_EXPONENTIAL)
 
 
@@ -92,8 +96,8 @@ def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -
   for w in exponent_words:
     lz = lz + jnp.where(done, 0, jax.lax.clz(w).astype(jnp.int32))
     done = done | (w != 0)
-  m = (significand >> 9).astype(jnp.float32)        # [0, 2^23): exact in float32
-  half_to_one = 0.5 + m * (2.0 ** -24)              # [1/2, 1) on an exact grid
+  m = (significand >> 9).astype(jnp.float32)  # [0, 2^23): exact in float32
+  half_to_one = 0.5 + m * (2.0**-24)  # [1/2, 1) on an exact grid
   return lz.astype(jnp.float32) * math.log(2.0) - jnp.log(half_to_one)
 
 
@@ -126,14 +130,17 @@ def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
 
 def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
   """A `draw` of i.i.d. `std_scale * sample(key, shape)`, one key per leaf."""
+
   def draw(step_key, leaves):
     keys = jax.random.split(step_key, len(leaves))
     return [sample(k, leaf.shape) * std_scale for leaf, k in zip(leaves, keys)]
+
   return draw
 
 
-def gaussian(noise_multiplier: float, l2_sensitivity: float,
-             key: chex.PRNGKey) -> optax.GradientTransformation:
+def gaussian(
+  noise_multiplier: float, l2_sensitivity: float, key: chex.PRNGKey
+) -> optax.GradientTransformation:
   """Adds N(0, (noise_multiplier * l2_sensitivity)^2 I) to the clipped sum.
 
   Example:
@@ -163,8 +170,9 @@ def gaussian(noise_multiplier: float, l2_sensitivity: float,
   return _noise_transform(_iid(standard_normal, std), key)
 
 
-def laplace(noise_multiplier: float, l1_sensitivity: float,
-            key: chex.PRNGKey) -> optax.GradientTransformation:
+def laplace(
+  noise_multiplier: float, l1_sensitivity: float, key: chex.PRNGKey
+) -> optax.GradientTransformation:
   """Adds i.i.d. Laplace(0, noise_multiplier * l1_sensitivity) to every coordinate.
 
   Args:
@@ -204,9 +212,15 @@ def normalize(expected_batch_size: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def lmo(params, key: chex.PRNGKey, *, l1_sensitivity: Optional[float] = None,
-        l2_sensitivity: Optional[float] = None, dimension: Optional[int] = None,
-        per_coordinate: bool = False) -> optax.GradientTransformation:
+def lmo(
+  params,
+  key: chex.PRNGKey,
+  *,
+  l1_sensitivity: Optional[float] = None,
+  l2_sensitivity: Optional[float] = None,
+  dimension: Optional[int] = None,
+  per_coordinate: bool = False,
+) -> optax.GradientTransformation:
   """LMO-DP noise (arXiv 2405.18776): Laplace(0, Delta / b) with a random inverse scale b.
 
   Each update draws b ~ `params` (`dpjax.core.accounting.lmo.LMOParams`: a1 Gamma +
@@ -242,8 +256,9 @@ def lmo(params, key: chex.PRNGKey, *, l1_sensitivity: Optional[float] = None,
   else:
     check_positive(l2_sensitivity, "l2_sensitivity")
     if dimension is None or int(dimension) != dimension or dimension < 1:
-      raise ValueError("l2_sensitivity needs the number of noised coordinates, dimension >= 1, "
-                       f"got {dimension!r}")
+      raise ValueError(
+        f"l2_sensitivity needs the number of noised coordinates, dimension >= 1, got {dimension!r}"
+      )
     delta = math.sqrt(dimension) * float(l2_sensitivity)
 
   def sample_b(k, shape):

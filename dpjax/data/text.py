@@ -33,21 +33,25 @@ def load_rt_polarity(path: Optional[str] = None):
   rating < 0; zero-rated sentences are dropped.
   """
   import datasets
+
   if path is None:
     path = assets.fetch("rt-polarity")
   if os.path.isdir(path):
     path = os.path.join(path, RT_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"RT sentences not found at {path}")
-  rows: Dict[str, Dict[str, list]] = {s: {"sentence": [], "label": [], "rating": []}
-                                      for s in ("train", "dev", "test")}
+  rows: Dict[str, Dict[str, list]] = {
+    s: {"sentence": [], "label": [], "rating": []} for s in ("train", "dev", "test")
+  }
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8").rstrip("\r\n")
       except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: "
-                         f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
+        raise ValueError(
+          f"{path}:{lineno}: not UTF-8 (byte {e.start}: "
+          f"{raw[e.start : e.start + 1]!r}); re-encode the file as UTF-8"
+        ) from None
       if not line.strip():
         continue
       parts = line.split("\t")
@@ -58,8 +62,7 @@ def load_rt_polarity(path: Optional[str] = None):
       except ValueError:
         rating = math.nan
       if not (math.isfinite(rating) and -4 <= rating <= 4):
-        raise ValueError(f"{path}:{lineno}: rating must be a number in [-4, 4], got "
-                         f"{parts[1]!r}")
+        raise ValueError(f"{path}:{lineno}: rating must be a number in [-4, 4], got {parts[1]!r}")
       if rating == 0:
         continue
       sentence = "\t".join(parts[2:]).strip()
@@ -75,6 +78,7 @@ def load_rt_polarity(path: Optional[str] = None):
 def load_tokenizer(path: str):
   """A Hugging Face tokenizer from a local directory (never the hub)."""
   from transformers import AutoTokenizer
+
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory not found: {path}")
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -82,8 +86,9 @@ def load_tokenizer(path: str):
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, np.ndarray]:
   """Token ids and attention mask, padded/truncated to `max_length`: `[N, T]` each."""
-  enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="max_length",
-                  return_tensors="np")
+  enc = tokenizer(
+    list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="np"
+  )
   ids = enc["input_ids"].astype(np.int32)
   mask = enc["attention_mask"].astype(np.int32)
   if len(texts) and int(mask.sum(1).min()) == 0:

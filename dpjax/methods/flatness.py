@@ -46,8 +46,9 @@ def _check_rho(rho: float) -> None:
     raise ValueError(f"rho must be finite and >= 0, got {rho}")
 
 
-def perturbation(params: PyTree, direction: PyTree, rho: float, *,
-                 layerwise: bool = True) -> PyTree:
+def perturbation(
+  params: PyTree, direction: PyTree, rho: float, *, layerwise: bool = True
+) -> PyTree:
   """The adversarial step v for `direction` (any pytree shaped like `params`).
 
   layerwise=True: v_k = rho * ||theta_k|| * d_k / ||d_k|| for every leaf k (DP-Flat);
@@ -57,20 +58,23 @@ def perturbation(params: PyTree, direction: PyTree, rho: float, *,
   _check_rho(rho)
   tiny = jnp.finfo(jnp.float32).tiny
   if layerwise:
+
     def leaf(p, d):
       d = d.astype(jnp.float32)
       dn = jnp.sqrt(jnp.sum(d * d))
       pn = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32))))
       return (rho * pn * d / jnp.maximum(dn, tiny)).astype(p.dtype)
+
     return jax.tree.map(leaf, params, direction)
   dn = optax.global_norm(direction)
-  return jax.tree.map(lambda p, d: (rho * d / jnp.maximum(dn, tiny)).astype(p.dtype),
-                      params, direction)
+  return jax.tree.map(
+    lambda p, d: (rho * d / jnp.maximum(dn, tiny)).astype(p.dtype), params, direction
+  )
 
 
 class SAMState(NamedTuple):
-  direction: PyTree      # the last privatised gradient seen (free mode)
-  count: chex.Array      # steps seen
+  direction: PyTree  # the last privatised gradient seen (free mode)
+  count: chex.Array  # steps seen
 
 
 class DPSAM(NamedTuple):
@@ -79,6 +83,7 @@ class DPSAM(NamedTuple):
   Chain it AFTER the noise mechanism: `update` records the privatised
   gradient it is given (free mode) and passes it on unchanged.
   """
+
   init: Callable
   update: Callable
   perturb: Callable
@@ -87,8 +92,9 @@ class DPSAM(NamedTuple):
   active_steps: Optional[int]
 
 
-def dp_sam(rho: float, *, mode: str = "free", layerwise: bool = True,
-           active_steps: Optional[int] = None) -> DPSAM:
+def dp_sam(
+  rho: float, *, mode: str = "free", layerwise: bool = True, active_steps: Optional[int] = None
+) -> DPSAM:
   """Private sharpness-aware minimisation (DP-Flat's in-layer min-max).
 
   Usage (free mode)::
@@ -131,12 +137,16 @@ def dp_sam(rho: float, *, mode: str = "free", layerwise: bool = True,
   def perturb(params, state: SAMState, direction: Optional[PyTree] = None):
     if mode == "charged":
       if direction is None:
-        raise ValueError("dp_sam(mode='charged') needs the privatised ascent gradient: "
-                         "perturb(params, state, direction=...)")
+        raise ValueError(
+          "dp_sam(mode='charged') needs the privatised ascent gradient: "
+          "perturb(params, state, direction=...)"
+        )
     else:
       if direction is not None:
-        raise ValueError("dp_sam(mode='free') uses the last released gradient; do not pass "
-                         "a direction (use mode='charged' for a fresh privatised one)")
+        raise ValueError(
+          "dp_sam(mode='free') uses the last released gradient; do not pass "
+          "a direction (use mode='charged' for a fresh privatised one)"
+        )
       direction = state.direction
     if rho == 0:
       return params
@@ -183,8 +193,14 @@ def find_state(opt_state: PyTree) -> SAMState:
 
 # --- across layers -----------------------------------------------------------
 
-def flatness_probe(loss: Callable[[PyTree], jax.Array], params: PyTree, direction: PyTree,
-                   groups: Sequence[Callable[[str], bool]], alphas: Sequence[float]) -> np.ndarray:
+
+def flatness_probe(
+  loss: Callable[[PyTree], jax.Array],
+  params: PyTree,
+  direction: PyTree,
+  groups: Sequence[Callable[[str], bool]],
+  alphas: Sequence[float],
+) -> np.ndarray:
   """Loss along a normalised direction, one parameter group at a time.
 
   For group g (a predicate on '/'-joined parameter paths) and alpha a, the
@@ -199,8 +215,7 @@ def flatness_probe(loss: Callable[[PyTree], jax.Array], params: PyTree, directio
   dflat = jax.tree.leaves(direction)
   if len(dflat) != len(flat):
     raise ValueError("direction must have the structure of params")
-  names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-           for path, _ in flat]
+  names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
   out = np.zeros((len(groups), len(alphas)))
   for gi, in_group in enumerate(groups):
     sel = [in_group(n) for n in names]
@@ -236,8 +251,14 @@ def select_layers(curves: np.ndarray, keep: int) -> list:
 
 # --- between weights ---------------------------------------------------------
 
-def weight_distillation(loss_fn: Callable, reference: PyTree, lam: float, *,
-                        select: Optional[Callable[[PyTree], PyTree]] = None) -> Callable:
+
+def weight_distillation(
+  loss_fn: Callable,
+  reference: PyTree,
+  lam: float,
+  *,
+  select: Optional[Callable[[PyTree], PyTree]] = None,
+) -> Callable:
   """`loss_fn(params, example, *rest)` + lam * ||select(params) - reference||_F.
 
   The term is added to EACH example's loss, so it is clipped with it (its
@@ -276,6 +297,7 @@ def save_reference(params: PyTree, path: str) -> None:
 def load_reference(path: str, like: PyTree) -> PyTree:
   """Read `save_reference`'s file into the structure of `like` (shapes checked)."""
   import os
+
   if not os.path.exists(path):
     raise FileNotFoundError(f"weight-distillation reference not found: {path}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
@@ -283,8 +305,10 @@ def load_reference(path: str, like: PyTree) -> PyTree:
     names = [jax.tree_util.keystr(k) for k, _ in flat]
     missing = [n for n in names if n not in z.files]
     if missing or len(z.files) != len(names):
-      raise ValueError(f"reference {path} does not match the trainable parameters "
-                       f"(missing {missing[:3]}, {len(z.files)} arrays for {len(names)})")
+      raise ValueError(
+        f"reference {path} does not match the trainable parameters "
+        f"(missing {missing[:3]}, {len(z.files)} arrays for {len(names)})"
+      )
     leaves = []
     for n, (_, v) in zip(names, flat):
       if z[n].shape != v.shape:

@@ -30,10 +30,10 @@ from dpjax.core.accounting.lmo import (
 from dpjax.core.checks import check_epsilon
 
 PAPER_GRID = {
-    "a": tuple(float(x) for x in np.round(np.linspace(0.1, 1.8, 18), 4)),
-    "theta_k": ((1, 2), (2, 2), (3, 2), (5, 1), (9, 0.5), (7.5, 1), (0.5, 1)),
-    "lam": (0.1, 0.5, 1.0, 5.0),
-    "Ub_Ua": ((1, 0), (2, 1)),
+  "a": tuple(float(x) for x in np.round(np.linspace(0.1, 1.8, 18), 4)),
+  "theta_k": ((1, 2), (2, 2), (3, 2), (5, 1), (9, 0.5), (7.5, 1), (0.5, 1)),
+  "lam": (0.1, 0.5, 1.0, 5.0),
+  "Ub_Ua": ((1, 0), (2, 1)),
 }
 
 
@@ -47,8 +47,18 @@ def grid_candidates(grid: Optional[Dict] = None) -> List[LMOParams]:
         for theta, k in g["theta_k"]:
           for lam in g["lam"]:
             for Ub, Ua in g["Ub_Ua"]:
-              out.append(LMOParams(a1=a1, a3=a3, a4=a4, theta=float(theta), k=float(k),
-                                   lam=float(lam), Ua=float(Ua), Ub=float(Ub)))
+              out.append(
+                LMOParams(
+                  a1=a1,
+                  a3=a3,
+                  a4=a4,
+                  theta=float(theta),
+                  k=float(k),
+                  lam=float(lam),
+                  Ua=float(Ua),
+                  Ub=float(Ub),
+                )
+              )
   return out
 
 
@@ -56,10 +66,20 @@ def _cache_path() -> str:
   return os.path.join(assets.home(), "cache", "lmo_epsilon.json")
 
 
-def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps: int, *,
-               grid: Optional[Dict] = None, candidates: Optional[Iterable[LMOParams]] = None,
-               objective: str = "abs", bins: int = BINS, tail: Optional[float] = None,
-               cache: bool = True, progress: bool = False) -> Dict:
+def lmo_search(
+  target_epsilon: float,
+  delta: float,
+  sampling_rate: float,
+  steps: int,
+  *,
+  grid: Optional[Dict] = None,
+  candidates: Optional[Iterable[LMOParams]] = None,
+  objective: str = "abs",
+  bins: int = BINS,
+  tail: Optional[float] = None,
+  cache: bool = True,
+  progress: bool = False,
+) -> Dict:
   """The least-noise LMO parameters whose (sound) epsilon meets the target.
 
   Candidates (the paper's grid by default, or `grid`/`candidates`) are sorted
@@ -93,8 +113,9 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
       if not np.isfinite(noise[i]):
         break
       p = cands[i]
-      key = json.dumps([p.as_dict(), sampling_rate, steps, delta, bins, tail, DISCRETIZATION],
-                       sort_keys=True)
+      key = json.dumps(
+        [p.as_dict(), sampling_rate, steps, delta, bins, tail, DISCRETIZATION], sort_keys=True
+      )
       if key in store:
         eps = store[key]
       else:
@@ -102,8 +123,13 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
         store[key] = eps
       evaluated += 1
       if eps <= target_epsilon:
-        result = {"params": p, "noise": float(noise[i]), "epsilon": eps,
-                  "evaluated": evaluated, "objective": objective}
+        result = {
+          "params": p,
+          "noise": float(noise[i]),
+          "epsilon": eps,
+          "evaluated": evaluated,
+          "objective": objective,
+        }
         break
   finally:
     if cache:
@@ -112,14 +138,25 @@ def lmo_search(target_epsilon: float, delta: float, sampling_rate: float, steps:
         json.dump(store, f)
       os.replace(path + ".tmp", path)
   if result is None:
-    raise ValueError(f"no candidate reaches epsilon={target_epsilon} at delta={delta}, "
-                     f"q={sampling_rate}, {steps} steps (searched {evaluated} of {len(cands)})")
+    raise ValueError(
+      f"no candidate reaches epsilon={target_epsilon} at delta={delta}, "
+      f"q={sampling_rate}, {steps} steps (searched {evaluated} of {len(cands)})"
+    )
   return result
 
 
-def lmo_calibrate(shape: LMOParams, target_epsilon: float, delta: float, sampling_rate: float,
-                  steps: int, *, objective: str = "abs", bins: int = BINS,
-                  tail: Optional[float] = None, rtol: float = 2e-3) -> Dict:
+def lmo_calibrate(
+  shape: LMOParams,
+  target_epsilon: float,
+  delta: float,
+  sampling_rate: float,
+  steps: int,
+  *,
+  objective: str = "abs",
+  bins: int = BINS,
+  tail: Optional[float] = None,
+  rtol: float = 2e-3,
+) -> Dict:
   """Scale a shape of b (`LMOParams.scaled`) to the least noise meeting the target.
 
   For a fixed shape, scaling b up lowers the noise of every bin and raises
@@ -134,16 +171,23 @@ def lmo_calibrate(shape: LMOParams, target_epsilon: float, delta: float, samplin
     tail = default_tail(delta, steps)
   n = [0]
 
-  def eps_of_noise(s: float) -> float:   # noise scale s = 1 / (scale of b)
+  def eps_of_noise(s: float) -> float:  # noise scale s = 1 / (scale of b)
     n[0] += 1
     return lmo_epsilon(shape.scaled(1.0 / s), sampling_rate, steps, delta, bins=bins, tail=tail)
 
   try:
     s = calibrate_scale(eps_of_noise, target_epsilon, rel_tol=rtol)
   except UnreachableTarget:
-    raise ValueError(f"no scale of {shape} reaches epsilon={target_epsilon} at delta={delta}, "
-                     f"q={sampling_rate}, {steps} steps") from None
+    raise ValueError(
+      f"no scale of {shape} reaches epsilon={target_epsilon} at delta={delta}, "
+      f"q={sampling_rate}, {steps} steps"
+    ) from None
   p = shape.scaled(1.0 / s)
-  return {"params": p, "noise": noise_magnitude(p, objective=objective),
-          "epsilon": eps_of_noise(s), "scale": 1.0 / s, "evaluated": n[0],
-          "objective": objective}
+  return {
+    "params": p,
+    "noise": noise_magnitude(p, objective=objective),
+    "epsilon": eps_of_noise(s),
+    "scale": 1.0 / s,
+    "evaluated": n[0],
+    "objective": objective,
+  }

@@ -58,8 +58,10 @@ def trainable_mask(params: PyTree, pattern: Pattern) -> PyTree:
   match = _matcher(pattern)
   mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(match(_path_str(p))), params)
   if not any(jax.tree.leaves(mask)):
-    raise ValueError(f"pattern {pattern!r} matches no parameter; paths look like "
-                     f"{[_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:4]}")
+    raise ValueError(
+      f"pattern {pattern!r} matches no parameter; paths look like "
+      f"{[_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:4]}"
+    )
   return mask
 
 
@@ -72,8 +74,9 @@ def partition(params: PyTree, mask: PyTree) -> Tuple[PyTree, PyTree]:
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
   """Inverse of `partition`."""
-  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+  )
 
 
 def count(params: PyTree) -> int:
@@ -86,6 +89,7 @@ def count(params: PyTree) -> int:
 
 def _dense_paths(params: PyTree) -> Iterator[Tuple[str, ...]]:
   """Paths of sub-trees that look like an nn.Dense (a 2-D "kernel")."""
+
   def walk(tree, path):
     if isinstance(tree, dict):
       k = tree.get("kernel")
@@ -94,11 +98,13 @@ def _dense_paths(params: PyTree) -> Iterator[Tuple[str, ...]]:
       for name, sub in tree.items():
         if isinstance(sub, dict):
           yield from walk(sub, path + (name,))
+
   yield from walk(params, ())
 
 
-def init_lora(params: PyTree, key: jax.Array, *, rank: int, targets: Pattern,
-              dtype=jnp.float32) -> Dict[str, Any]:
+def init_lora(
+  params: PyTree, key: jax.Array, *, rank: int, targets: Pattern, dtype=jnp.float32
+) -> Dict[str, Any]:
   """LoRA factors for each Dense layer of `params` whose path matches `targets`.
 
   A is drawn from N(0, 1/d_in) and B is zero, so the adapted model starts equal
@@ -110,8 +116,10 @@ def init_lora(params: PyTree, key: jax.Array, *, rank: int, targets: Pattern,
   match = _matcher(targets)
   paths = [p for p in _dense_paths(params) if match("/".join(p))]
   if not paths:
-    raise ValueError(f"targets {targets!r} match no Dense layer; layers look like "
-                     f"{['/'.join(p) for p in list(_dense_paths(params))[:4]]}")
+    raise ValueError(
+      f"targets {targets!r} match no Dense layer; layers look like "
+      f"{['/'.join(p) for p in list(_dense_paths(params))[:4]]}"
+    )
   out: Dict[str, Any] = {}
   for i, path in enumerate(paths):
     node = params
@@ -119,8 +127,10 @@ def init_lora(params: PyTree, key: jax.Array, *, rank: int, targets: Pattern,
       node = node[p]
     d_in, d_out = node["kernel"].shape
     k = jax.random.fold_in(key, i)
-    leaf = {"a": (jax.random.normal(k, (d_in, rank)) / jnp.sqrt(d_in)).astype(dtype),
-            "b": jnp.zeros((rank, d_out), dtype)}
+    leaf = {
+      "a": (jax.random.normal(k, (d_in, rank)) / jnp.sqrt(d_in)).astype(dtype),
+      "b": jnp.zeros((rank, d_out), dtype),
+    }
     tree = out
     for p in path[:-1]:
       tree = tree.setdefault(p, {})
@@ -143,6 +153,7 @@ def lora(factors: Dict[str, Any], *, alpha: Optional[float] = None):
   `alpha` scales the update by alpha / rank (default alpha = rank: scale 1).
   Paths are module paths from the root module passed to `apply`.
   """
+
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
@@ -162,6 +173,7 @@ def lora(factors: Dict[str, Any], *, alpha: Optional[float] = None):
 
 def merge_lora(params: PyTree, factors: Dict[str, Any], *, alpha: Optional[float] = None):
   """Params with each adapted kernel replaced by W + (alpha / r) A B (for export/inference)."""
+
   def walk(p, f):
     if not isinstance(p, dict):
       return p
@@ -170,6 +182,7 @@ def merge_lora(params: PyTree, factors: Dict[str, Any], *, alpha: Optional[float
       scale = (alpha if alpha is not None else r) / r
       return dict(p, kernel=p["kernel"] + scale * (f["a"] @ f["b"]).astype(p["kernel"].dtype))
     return {k: walk(v, f.get(k) if isinstance(f, dict) else None) for k, v in p.items()}
+
   return walk(params, factors)
 
 
@@ -177,9 +190,17 @@ def merge_lora(params: PyTree, factors: Dict[str, Any], *, alpha: Optional[float
 # Prefix-tuning
 
 
-def init_prefix(key: jax.Array, *, num_layers: int, num_tokens: int, num_kv_heads: int,
-                head_dim: int, layers: Optional[Sequence[bool]] = None, scale: float = 0.02,
-                dtype=jnp.float32) -> Dict[str, Dict[str, jax.Array]]:
+def init_prefix(
+  key: jax.Array,
+  *,
+  num_layers: int,
+  num_tokens: int,
+  num_kv_heads: int,
+  head_dim: int,
+  layers: Optional[Sequence[bool]] = None,
+  scale: float = 0.02,
+  dtype=jnp.float32,
+) -> Dict[str, Dict[str, jax.Array]]:
   """Key/value prefixes `[num_tokens, num_kv_heads, head_dim]` for the layers switched on.
 
   `layers` is the per-layer on/off mask (default: all on). Layers that are off
@@ -195,12 +216,16 @@ def init_prefix(key: jax.Array, *, num_layers: int, num_tokens: int, num_kv_head
     if on:
       kk, kv = jax.random.split(jax.random.fold_in(key, i))
       shape = (num_tokens, num_kv_heads, head_dim)
-      out[f"layer_{i}"] = {"key": (scale * jax.random.normal(kk, shape)).astype(dtype),
-                           "value": (scale * jax.random.normal(kv, shape)).astype(dtype)}
+      out[f"layer_{i}"] = {
+        "key": (scale * jax.random.normal(kk, shape)).astype(dtype),
+        "value": (scale * jax.random.normal(kv, shape)).astype(dtype),
+      }
   return out
 
 
-def prefix_layers(prefix: Dict[str, Dict[str, jax.Array]]) -> Dict[int, Tuple[jax.Array, jax.Array]]:
+def prefix_layers(
+  prefix: Dict[str, Dict[str, jax.Array]],
+) -> Dict[int, Tuple[jax.Array, jax.Array]]:
   """Prefix params -> the `{layer index: (key, value)}` mapping the models take."""
   out = {}
   for name, kv in prefix.items():
@@ -213,5 +238,4 @@ def prefix_layers(prefix: Dict[str, Dict[str, jax.Array]]) -> Dict[int, Tuple[ja
 
 def select_prefix_layers(prefix: Dict[str, Dict[str, jax.Array]], layers: Sequence[bool]):
   """The prefixes of the layers kept by the mask; the others are removed."""
-  return {k: v for k, v in prefix.items()
-          if layers[int(k.split("_")[1])]}
+  return {k: v for k, v in prefix.items() if layers[int(k.split("_")[1])]}

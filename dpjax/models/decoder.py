@@ -35,18 +35,18 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  family: str                 # "llama" or "gpt2"
+  family: str  # "llama" or "gpt2"
   vocab_size: int
   hidden_size: int
   num_layers: int
   num_heads: int
   intermediate_size: int
-  num_kv_heads: Optional[int] = None   # None: = num_heads (no GQA)
-  head_dim: Optional[int] = None       # None: hidden_size // num_heads
+  num_kv_heads: Optional[int] = None  # None: = num_heads (no GQA)
+  head_dim: Optional[int] = None  # None: hidden_size // num_heads
   max_position: int = 2048
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
-  hidden_act: Optional[str] = None     # None: family default (silu / gelu_new)
+  hidden_act: Optional[str] = None  # None: family default (silu / gelu_new)
   tie_embeddings: bool = False
   attention_bias: Optional[bool] = None  # None: family default
   pad_token_id: int = 0
@@ -58,11 +58,13 @@ class DecoderConfig:
     if self.family not in ("llama", "gpt2"):
       raise ValueError(f"family must be 'llama' or 'gpt2', got {self.family!r}")
     if self.num_heads % self.kv_heads:
-      raise ValueError(f"num_heads {self.num_heads} is not a multiple of "
-                       f"num_kv_heads {self.kv_heads}")
+      raise ValueError(
+        f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}"
+      )
     if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                       f"num_heads {self.num_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
 
   @property
   def kv_heads(self) -> int:
@@ -85,16 +87,21 @@ class DecoderConfig:
 
 class Cache(NamedTuple):
   """Keys/values of every layer at fixed size S, and which slots hold tokens."""
-  k: jax.Array       # [L, B, S, KVH, hd]
-  v: jax.Array       # [L, B, S, KVH, hd]
-  mask: jax.Array    # [B, S] int32, 1 where a slot holds a real token
-  index: jax.Array   # [] int32, the next slot to write
+
+  k: jax.Array  # [L, B, S, KVH, hd]
+  v: jax.Array  # [L, B, S, KVH, hd]
+  mask: jax.Array  # [B, S] int32, 1 where a slot holds a real token
+  index: jax.Array  # [] int32, the next slot to write
 
 
 def init_cache(cfg: DecoderConfig, batch_size: int, size: int) -> Cache:
   shape = (cfg.num_layers, batch_size, size, cfg.kv_heads, cfg.dim_per_head)
-  return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
-               jnp.zeros((batch_size, size), jnp.int32), jnp.zeros((), jnp.int32))
+  return Cache(
+    jnp.zeros(shape, cfg.dtype),
+    jnp.zeros(shape, cfg.dtype),
+    jnp.zeros((batch_size, size), jnp.int32),
+    jnp.zeros((), jnp.int32),
+  )
 
 
 class RMSNorm(nn.Module):
@@ -119,11 +126,11 @@ def rope(x, positions, theta: float):
   """Rotary embedding, "rotate half" layout. x: [B, T, H, hd]; positions: [B, T]."""
   hd = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq      # [B, T, hd/2]
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
   cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
   x32 = x.astype(jnp.float32)
-  rot = jnp.concatenate([-x32[..., hd // 2:], x32[..., :hd // 2]], -1)
+  rot = jnp.concatenate([-x32[..., hd // 2 :], x32[..., : hd // 2]], -1)
   return (x32 * cos + rot * sin).astype(x.dtype)
 
 
@@ -131,8 +138,9 @@ class Attention(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, h, positions, q_slots, k_slots, key_mask, layer_cache=None,
-               cache_index=None, prefix=None):
+  def __call__(
+    self, h, positions, q_slots, k_slots, key_mask, layer_cache=None, cache_index=None, prefix=None
+  ):
     """h: [B, T, D]; q_slots: [T]; k_slots: [S]; key_mask: [B, S].
 
     Returns (out [B, T, D], (k, v) to store or None).
@@ -154,7 +162,7 @@ class Attention(nn.Module):
       new_kv = (k, v)
     allowed = (k_slots[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # [B,T,S]
     if prefix is not None:
-      pk, pv = prefix                                   # [P, KVH, hd] each
+      pk, pv = prefix  # [P, KVH, hd] each
       P = pk.shape[0]
       k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (B, P, KVH, hd)), k], 1)
       v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (B, P, KVH, hd)), v], 1)
@@ -177,8 +185,9 @@ class MLP(nn.Module):
     act = activation(c.act)
     dense = lambda n, f: nn.Dense(f, use_bias=c.family == "gpt2", dtype=c.dtype, name=n)
     if c.family == "llama":
-      return dense("down", c.hidden_size)(act(dense("gate", c.intermediate_size)(h))
-                                          * dense("up", c.intermediate_size)(h))
+      return dense("down", c.hidden_size)(
+        act(dense("gate", c.intermediate_size)(h)) * dense("up", c.intermediate_size)(h)
+      )
     return dense("down", c.hidden_size)(act(dense("up", c.intermediate_size)(h)))
 
 
@@ -186,11 +195,19 @@ class Block(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, h, positions, q_slots, k_slots, key_mask, layer_cache=None,
-               cache_index=None, prefix=None):
+  def __call__(
+    self, h, positions, q_slots, k_slots, key_mask, layer_cache=None, cache_index=None, prefix=None
+  ):
     a, new_kv = Attention(self.cfg, name="attn")(
-        _norm(self.cfg, "attn_norm")(h), positions, q_slots, k_slots, key_mask,
-        layer_cache, cache_index, prefix)
+      _norm(self.cfg, "attn_norm")(h),
+      positions,
+      q_slots,
+      k_slots,
+      key_mask,
+      layer_cache,
+      cache_index,
+      prefix,
+    )
     h = h + a
     h = h + MLP(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(h))
     return h, new_kv
@@ -198,6 +215,7 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
   """Token ids -> next-token logits, with an optional KV cache and prefixes."""
+
   cfg: DecoderConfig
 
   def setup(self):
@@ -210,9 +228,16 @@ class Decoder(nn.Module):
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")
 
-  def __call__(self, input_ids, attention_mask=None, *, cache: Optional[Cache] = None,
-               prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None,
-               position_offset=0, return_hidden: bool = False):
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    *,
+    cache: Optional[Cache] = None,
+    prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None,
+    position_offset=0,
+    return_hidden: bool = False,
+  ):
     """Logits `[B, T, V]` (f32) and the updated cache (None without one).
 
     input_ids, attention_mask: [B, T]. With a cache, the T tokens go to slots
@@ -228,7 +253,7 @@ class Decoder(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones((B, T), jnp.int32)
     attention_mask = attention_mask.astype(jnp.int32)
-    seen = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)   # [B, 1]
+    seen = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)  # [B, 1]
     positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0) + position_offset
     h = self.embed(input_ids).astype(c.dtype)
     if c.family == "gpt2":

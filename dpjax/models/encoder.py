@@ -36,14 +36,15 @@ class EncoderConfig:
   pad_token_id: int = 0
   position_offset: int = 0  # RoBERTa: pad_token_id + 1; BERT: 0
   num_labels: int = 2
-  pooling: str = "cls"      # "cls" (first token, then tanh pooler), "mean" or "mean_l2"
-  pool_scale: float = 1.0   # "mean_l2": the unit-norm embedding is scaled by this
+  pooling: str = "cls"  # "cls" (first token, then tanh pooler), "mean" or "mean_l2"
+  pool_scale: float = 1.0  # "mean_l2": the unit-norm embedding is scaled by this
   dtype: str = "float32"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                       f"num_heads {self.num_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
     if self.pooling not in ("cls", "mean", "mean_l2"):
       raise ValueError(f"pooling must be 'cls', 'mean' or 'mean_l2', got {self.pooling!r}")
     if not self.pool_scale > 0:
@@ -60,10 +61,14 @@ class SelfAttention(nn.Module):
     dense = lambda name: nn.Dense(c.hidden_size, name=name, dtype=c.dtype)
     split = lambda x: x.reshape(x.shape[:2] + (c.num_heads, hd))
     q, k, v = (split(dense(n)(h)) for n in ("query", "key", "value"))
-    if prefix is not None:   # (key, value), each [P, H, hd]: seen by every query
+    if prefix is not None:  # (key, value), each [P, H, hd]: seen by every query
       B, P = h.shape[0], prefix[0].shape[0]
-      k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(k.dtype), (B,) + prefix[0].shape), k], 1)
-      v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(v.dtype), (B,) + prefix[1].shape), v], 1)
+      k = jnp.concatenate(
+        [jnp.broadcast_to(prefix[0].astype(k.dtype), (B,) + prefix[0].shape), k], 1
+      )
+      v = jnp.concatenate(
+        [jnp.broadcast_to(prefix[1].astype(v.dtype), (B,) + prefix[1].shape), v], 1
+      )
       bias = jnp.concatenate([jnp.zeros(bias.shape[:3] + (P,), bias.dtype), bias], -1)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
     probs = jax.nn.softmax((scores + bias).astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -79,12 +84,15 @@ class Layer(nn.Module):
     c = self.cfg
     ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, dtype=c.dtype)
     h = ln("attention_ln")(h + SelfAttention(c, name="attention")(h, bias, prefix))
-    ff = activation(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h))
+    ff = activation(c.hidden_act)(
+      nn.Dense(c.intermediate_size, name="intermediate", dtype=c.dtype)(h)
+    )
     return ln("output_ln")(h + nn.Dense(c.hidden_size, name="output", dtype=c.dtype)(ff))
 
 
 class Encoder(nn.Module):
   """Token ids -> hidden states, plus a sequence-classification head."""
+
   cfg: EncoderConfig
 
   def setup(self):
@@ -109,11 +117,18 @@ class Encoder(nn.Module):
     h = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
     return self.embed_ln(h).astype(c.dtype)
 
-  def run_layers(self, h, attention_mask, start: int = 0, end: Optional[int] = None,
-                 prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None):
+  def run_layers(
+    self,
+    h,
+    attention_mask,
+    start: int = 0,
+    end: Optional[int] = None,
+    prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None,
+  ):
     """Layers start..end-1; `prefixes` maps a layer index to its (key, value) prefix."""
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(
+      jnp.float32
+    )
     prefixes = prefixes or {}
     for i, layer in enumerate(self.layers[start:end], start):
       h = layer(h, bias, prefixes.get(i))
@@ -142,8 +157,9 @@ class Encoder(nn.Module):
 
   def hidden_states(self, input_ids, attention_mask, token_type_ids=None, prefixes=None):
     """Last hidden states `[B, T, D]` (what `transformers`' BertModel returns)."""
-    return self.run_layers(self.embed(input_ids, attention_mask, token_type_ids), attention_mask,
-                           prefixes=prefixes)
+    return self.run_layers(
+      self.embed(input_ids, attention_mask, token_type_ids), attention_mask, prefixes=prefixes
+    )
 
 
 def init_params(cfg: EncoderConfig, key: jax.Array, seq_len: int = 8):

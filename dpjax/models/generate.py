@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from dpjax.models.decoder import Decoder, DecoderConfig, init_cache
 
 
-def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0):
+def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
   """One token per row from logits `[B, V]`.
 
   temperature 0 is greedy (argmax). top_k > 0 keeps the k largest logits;
@@ -45,19 +44,32 @@ def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0,
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs        # mass strictly above each token
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
     keep_sorted = before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    keep = (
+      jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
     logits = jnp.where(keep, logits, neg)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "cfg", "max_new_tokens", "temperature", "top_k", "top_p", "use_cache"))
-def generate(cfg: DecoderConfig, params, prompt_ids, prompt_mask, key, *,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, use_cache: bool = True, prefixes=None):
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "use_cache")
+)
+def generate(
+  cfg: DecoderConfig,
+  params,
+  prompt_ids,
+  prompt_mask,
+  key,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  use_cache: bool = True,
+  prefixes=None,
+):
   """New tokens `[B, max_new_tokens]` after left-padded prompts `[B, P]`.
 
   After a row emits `cfg.eos_token_id`, its later tokens are `cfg.pad_token_id`.
@@ -67,8 +79,7 @@ def generate(cfg: DecoderConfig, params, prompt_ids, prompt_mask, key, *,
   B, P = prompt_ids.shape
   N = max_new_tokens
   eos = -1 if cfg.eos_token_id is None else cfg.eos_token_id
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
-                             top_p=top_p)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   keys = jax.random.split(key, N)
   prompt_mask = prompt_mask.astype(jnp.int32)
 
@@ -78,14 +89,20 @@ def generate(cfg: DecoderConfig, params, prompt_ids, prompt_mask, key, *,
 
   if use_cache:
     cache = init_cache(cfg, B, P + N)
-    logits, cache = model.apply({"params": params}, prompt_ids, prompt_mask, cache=cache,
-                                prefixes=prefixes)
+    logits, cache = model.apply(
+      {"params": params}, prompt_ids, prompt_mask, cache=cache, prefixes=prefixes
+    )
     first, done = finish(sample(logits[:, -1], keys[0]), jnp.zeros(B, bool))
 
     def step(carry, k):
       tok, cache, done = carry
-      logits, cache = model.apply({"params": params}, tok[:, None],
-                                  jnp.ones((B, 1), jnp.int32), cache=cache, prefixes=prefixes)
+      logits, cache = model.apply(
+        {"params": params},
+        tok[:, None],
+        jnp.ones((B, 1), jnp.int32),
+        cache=cache,
+        prefixes=prefixes,
+      )
       nxt, done = finish(sample(logits[:, -1], k), done)
       return (nxt, cache, done), tok
 
@@ -104,14 +121,14 @@ def generate(cfg: DecoderConfig, params, prompt_ids, prompt_mask, key, *,
     mask = mask.at[:, P + i].set(1)
     return (ids, mask, done), tok
 
-  (_, _, done), toks = jax.lax.scan(step_nc, (ids, mask, jnp.zeros(B, bool)),
-                                    (jnp.arange(N), keys))
+  (_, _, done), toks = jax.lax.scan(step_nc, (ids, mask, jnp.zeros(B, bool)), (jnp.arange(N), keys))
   return toks.T, done
 
 
 def left_pad(sequences, pad_id: int, length: Optional[int] = None):
   """Lists of token ids -> (ids [B, P], mask [B, P]) left-padded numpy arrays."""
   import numpy as np
+
   if not sequences or any(len(s) == 0 for s in sequences):
     raise ValueError("every prompt must have at least one token")
   P = length or max(len(s) for s in sequences)
@@ -120,6 +137,6 @@ def left_pad(sequences, pad_id: int, length: Optional[int] = None):
   ids = np.full((len(sequences), P), pad_id, np.int32)
   mask = np.zeros((len(sequences), P), np.int32)
   for i, s in enumerate(sequences):
-    ids[i, P - len(s):] = s
-    mask[i, P - len(s):] = 1
+    ids[i, P - len(s) :] = s
+    mask[i, P - len(s) :] = 1
   return ids, mask

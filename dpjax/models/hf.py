@@ -33,6 +33,7 @@ def _require_dir(path: str) -> None:
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   """All tensors of all `*.safetensors` files in `path`, as numpy arrays."""
   from safetensors.numpy import load_file
+
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if not files:
     raise FileNotFoundError(f"no *.safetensors file in {path}")
@@ -50,8 +51,9 @@ def _assign(tree: dict, path: Tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def convert(weights: Dict[str, np.ndarray], rules: List[Tuple[str, Callable]],
-            skip: Tuple[str, ...] = ()) -> dict:
+def convert(
+  weights: Dict[str, np.ndarray], rules: List[Tuple[str, Callable]], skip: Tuple[str, ...] = ()
+) -> dict:
   """Maps checkpoint names to a param tree with (regex, target-template, fn) rules."""
   tree: dict = {}
   unused = []
@@ -69,62 +71,91 @@ def convert(weights: Dict[str, np.ndarray], rules: List[Tuple[str, Callable]],
   return tree
 
 
-
-
 def _lin(pattern: str, target: str):
   """A torch Linear -> Flax Dense pair of rules."""
-  return [(pattern + r"\.weight", target + "/kernel", _T), (pattern + r"\.bias", target + "/bias", _I)]
+  return [
+    (pattern + r"\.weight", target + "/kernel", _T),
+    (pattern + r"\.bias", target + "/bias", _I),
+  ]
 
 
 def _ln(pattern: str, target: str):
-  return [(pattern + r"\.weight", target + "/scale", _I), (pattern + r"\.bias", target + "/bias", _I)]
+  return [
+    (pattern + r"\.weight", target + "/scale", _I),
+    (pattern + r"\.bias", target + "/bias", _I),
+  ]
 
 
 _ENCODER_RULES = (
-    [(r"embeddings\.(word|position|token_type)_embeddings\.weight", r"\1_embeddings/embedding", _I)]
-    + _ln(r"embeddings\.LayerNorm", "embeddings_ln")
-    + _lin(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)", r"layer_\1/attention/\2")
-    + _lin(r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"layer_\1/attention/output")
-    + _ln(r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm", r"layer_\1/attention_ln")
-    + _lin(r"encoder\.layer\.(\d+)\.intermediate\.dense", r"layer_\1/intermediate")
-    + _lin(r"encoder\.layer\.(\d+)\.output\.dense", r"layer_\1/output")
-    + _ln(r"encoder\.layer\.(\d+)\.output\.LayerNorm", r"layer_\1/output_ln")
-    # BERT: pooler + classifier; RoBERTa: classifier.dense (tanh) + out_proj.
-    + _lin(r"pooler\.dense", "pooler") + _lin(r"classifier\.dense", "pooler")
-    + _lin(r"classifier\.out_proj", "classifier") + _lin(r"classifier", "classifier")
+  [(r"embeddings\.(word|position|token_type)_embeddings\.weight", r"\1_embeddings/embedding", _I)]
+  + _ln(r"embeddings\.LayerNorm", "embeddings_ln")
+  + _lin(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)", r"layer_\1/attention/\2")
+  + _lin(r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"layer_\1/attention/output")
+  + _ln(r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm", r"layer_\1/attention_ln")
+  + _lin(r"encoder\.layer\.(\d+)\.intermediate\.dense", r"layer_\1/intermediate")
+  + _lin(r"encoder\.layer\.(\d+)\.output\.dense", r"layer_\1/output")
+  + _ln(r"encoder\.layer\.(\d+)\.output\.LayerNorm", r"layer_\1/output_ln")
+  # BERT: pooler + classifier; RoBERTa: classifier.dense (tanh) + out_proj.
+  + _lin(r"pooler\.dense", "pooler")
+  + _lin(r"classifier\.dense", "pooler")
+  + _lin(r"classifier\.out_proj", "classifier")
+  + _lin(r"classifier", "classifier")
 )
 _ENCODER_SKIP = (r"embeddings\.position_ids", r"lm_head\..*", r"cls\..*")
 
 
-def encoder_config(path: str, *, num_labels: int = 2, pooling: str = "cls",
-                   pool_scale: float = 1.0, dtype: str = "float32") -> EncoderConfig:
+def encoder_config(
+  path: str,
+  *,
+  num_labels: int = 2,
+  pooling: str = "cls",
+  pool_scale: float = 1.0,
+  dtype: str = "float32",
+) -> EncoderConfig:
   from transformers import AutoConfig
+
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
   if hf.model_type not in ("bert", "roberta", "xlm-roberta"):
     raise ValueError(f"{path} holds a {hf.model_type!r} model, not a BERT/RoBERTa encoder")
   roberta = hf.model_type != "bert"
   return EncoderConfig(
-      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
-      num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
-      max_position=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size,
-      layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act,
-      pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
-      position_offset=(hf.pad_token_id + 1) if roberta else 0,
-      num_labels=num_labels, pooling=pooling, pool_scale=pool_scale, dtype=dtype)
+    vocab_size=hf.vocab_size,
+    hidden_size=hf.hidden_size,
+    num_layers=hf.num_hidden_layers,
+    num_heads=hf.num_attention_heads,
+    intermediate_size=hf.intermediate_size,
+    max_position=hf.max_position_embeddings,
+    type_vocab_size=hf.type_vocab_size,
+    layer_norm_eps=hf.layer_norm_eps,
+    hidden_act=hf.hidden_act,
+    pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+    position_offset=(hf.pad_token_id + 1) if roberta else 0,
+    num_labels=num_labels,
+    pooling=pooling,
+    pool_scale=pool_scale,
+    dtype=dtype,
+  )
 
 
-def load_encoder(path: str, *, num_labels: int = 2, pooling: str = "cls",
-                 pool_scale: float = 1.0, head_key: Optional[jax.Array] = None,
-                 dtype: str = "float32"):
+def load_encoder(
+  path: str,
+  *,
+  num_labels: int = 2,
+  pooling: str = "cls",
+  pool_scale: float = 1.0,
+  head_key: Optional[jax.Array] = None,
+  dtype: str = "float32",
+):
   """`(EncoderConfig, params)` from a local HF BERT/RoBERTa directory.
 
   A checkpoint without a classification head (a bare encoder) gets a fresh
   head drawn from N(0, 0.02^2) with `head_key` (default key 0); with
   mean pooling the pretrained tanh pooler is not used and not loaded.
   """
-  cfg = encoder_config(path, num_labels=num_labels, pooling=pooling, pool_scale=pool_scale,
-                       dtype=dtype)
+  cfg = encoder_config(
+    path, num_labels=num_labels, pooling=pooling, pool_scale=pool_scale, dtype=dtype
+  )
   weights = read_safetensors(path)
   weights = {re.sub(r"^(bert|roberta)\.", "", k): v for k, v in weights.items()}
   params = convert(weights, _ENCODER_RULES, _ENCODER_SKIP)
@@ -133,11 +164,15 @@ def load_encoder(path: str, *, num_labels: int = 2, pooling: str = "cls",
   key = head_key if head_key is not None else jax.random.PRNGKey(0)
   k1, k2 = jax.random.split(key)
   if pooling == "cls" and "pooler" not in params:
-    params["pooler"] = {"kernel": 0.02 * jax.random.normal(k1, (cfg.hidden_size, cfg.hidden_size)),
-                        "bias": jnp.zeros(cfg.hidden_size)}
+    params["pooler"] = {
+      "kernel": 0.02 * jax.random.normal(k1, (cfg.hidden_size, cfg.hidden_size)),
+      "bias": jnp.zeros(cfg.hidden_size),
+    }
   if "classifier" not in params or params["classifier"]["kernel"].shape[1] != num_labels:
-    params["classifier"] = {"kernel": 0.02 * jax.random.normal(k2, (cfg.hidden_size, num_labels)),
-                            "bias": jnp.zeros(num_labels)}
+    params["classifier"] = {
+      "kernel": 0.02 * jax.random.normal(k2, (cfg.hidden_size, num_labels)),
+      "bias": jnp.zeros(num_labels),
+    }
   return cfg, params
 
 
@@ -145,37 +180,47 @@ def load_encoder(path: str, *, num_labels: int = 2, pooling: str = "cls",
 # Decoders: Llama and GPT-2 families.
 
 _LLAMA_RULES = (
-    [(r"model\.embed_tokens\.weight", "embed/embedding", _I),
-     (r"lm_head\.weight", "lm_head/kernel", _T),
-     (r"model\.norm\.weight", "final_norm/scale", _I),
-     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layer_\1/attn_norm/scale", _I),
-     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layer_\1/mlp_norm/scale", _I)]
-    + _lin(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj", r"layer_\1/attn/\2")
-    + _lin(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"layer_\1/mlp/\2")
+  [
+    (r"model\.embed_tokens\.weight", "embed/embedding", _I),
+    (r"lm_head\.weight", "lm_head/kernel", _T),
+    (r"model\.norm\.weight", "final_norm/scale", _I),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layer_\1/attn_norm/scale", _I),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layer_\1/mlp_norm/scale", _I),
+  ]
+  + _lin(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj", r"layer_\1/attn/\2")
+  + _lin(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"layer_\1/mlp/\2")
 )
 _LLAMA_SKIP = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\..*")
 
 # GPT-2 uses Conv1D, whose weight is already [in, out]; c_attn packs q, k, v.
 _GPT2_RULES = (
-    [(r"transformer\.wte\.weight", "embed/embedding", _I),
-     (r"transformer\.wpe\.weight", "pos_embed/embedding", _I)]
-    + _ln(r"transformer\.ln_f", "final_norm")
-    + _ln(r"transformer\.h\.(\d+)\.ln_1", r"layer_\1/attn_norm")
-    + _ln(r"transformer\.h\.(\d+)\.ln_2", r"layer_\1/mlp_norm")
-    + [(r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"layer_\1/attn/o/kernel", _I),
-       (r"transformer\.h\.(\d+)\.attn\.c_proj\.bias", r"layer_\1/attn/o/bias", _I),
-       (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"layer_\1/mlp/up/kernel", _I),
-       (r"transformer\.h\.(\d+)\.mlp\.c_fc\.bias", r"layer_\1/mlp/up/bias", _I),
-       (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"layer_\1/mlp/down/kernel", _I),
-       (r"transformer\.h\.(\d+)\.mlp\.c_proj\.bias", r"layer_\1/mlp/down/bias", _I)]
+  [
+    (r"transformer\.wte\.weight", "embed/embedding", _I),
+    (r"transformer\.wpe\.weight", "pos_embed/embedding", _I),
+  ]
+  + _ln(r"transformer\.ln_f", "final_norm")
+  + _ln(r"transformer\.h\.(\d+)\.ln_1", r"layer_\1/attn_norm")
+  + _ln(r"transformer\.h\.(\d+)\.ln_2", r"layer_\1/mlp_norm")
+  + [
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"layer_\1/attn/o/kernel", _I),
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.bias", r"layer_\1/attn/o/bias", _I),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"layer_\1/mlp/up/kernel", _I),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.bias", r"layer_\1/mlp/up/bias", _I),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"layer_\1/mlp/down/kernel", _I),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.bias", r"layer_\1/mlp/down/bias", _I),
+  ]
 )
-_GPT2_SKIP = (r"lm_head\.weight", r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias)",
-              r"transformer\.h\.\d+\.attn\.(masked_)?bias")
+_GPT2_SKIP = (
+  r"lm_head\.weight",
+  r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias)",
+  r"transformer\.h\.\d+\.attn\.(masked_)?bias",
+)
 
 
 def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
   """`DecoderConfig` from a local HF directory's config.json (Llama or GPT-2)."""
   from transformers import AutoConfig
+
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
   if hf.model_type in ("llama", "mistral", "qwen2"):
@@ -185,25 +230,42 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       raise ValueError(f"rope type {rope_type!r} is not supported (only 'default')")
     theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     return DecoderConfig(
-        family="llama", vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-        num_kv_heads=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None),
-        intermediate_size=hf.intermediate_size, max_position=hf.max_position_embeddings,
-        norm_eps=hf.rms_norm_eps, rope_theta=float(theta), hidden_act=hf.hidden_act,
-        tie_embeddings=bool(hf.tie_word_embeddings),
-        attention_bias=bool(getattr(hf, "attention_bias", False)),
-        pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
-        bos_token_id=_first_id(hf.bos_token_id), eos_token_id=_first_id(hf.eos_token_id),
-        dtype=dtype)
+      family="llama",
+      vocab_size=hf.vocab_size,
+      hidden_size=hf.hidden_size,
+      num_layers=hf.num_hidden_layers,
+      num_heads=hf.num_attention_heads,
+      num_kv_heads=hf.num_key_value_heads,
+      head_dim=getattr(hf, "head_dim", None),
+      intermediate_size=hf.intermediate_size,
+      max_position=hf.max_position_embeddings,
+      norm_eps=hf.rms_norm_eps,
+      rope_theta=float(theta),
+      hidden_act=hf.hidden_act,
+      tie_embeddings=bool(hf.tie_word_embeddings),
+      attention_bias=bool(getattr(hf, "attention_bias", False)),
+      pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
+      bos_token_id=_first_id(hf.bos_token_id),
+      eos_token_id=_first_id(hf.eos_token_id),
+      dtype=dtype,
+    )
   if hf.model_type == "gpt2":
     return DecoderConfig(
-        family="gpt2", vocab_size=hf.vocab_size, hidden_size=hf.n_embd,
-        num_layers=hf.n_layer, num_heads=hf.n_head,
-        intermediate_size=hf.n_inner or 4 * hf.n_embd, max_position=hf.n_positions,
-        norm_eps=hf.layer_norm_epsilon, hidden_act=hf.activation_function,
-        tie_embeddings=True, pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
-        bos_token_id=_first_id(hf.bos_token_id), eos_token_id=_first_id(hf.eos_token_id),
-        dtype=dtype)
+      family="gpt2",
+      vocab_size=hf.vocab_size,
+      hidden_size=hf.n_embd,
+      num_layers=hf.n_layer,
+      num_heads=hf.n_head,
+      intermediate_size=hf.n_inner or 4 * hf.n_embd,
+      max_position=hf.n_positions,
+      norm_eps=hf.layer_norm_epsilon,
+      hidden_act=hf.activation_function,
+      tie_embeddings=True,
+      pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
+      bos_token_id=_first_id(hf.bos_token_id),
+      eos_token_id=_first_id(hf.eos_token_id),
+      dtype=dtype,
+    )
   raise ValueError(f"{path} holds a {hf.model_type!r} model; decoders load 'llama' or 'gpt2'")
 
 
@@ -224,8 +286,10 @@ def load_decoder(path: str, *, dtype: str = "float32"):
     skip = _LLAMA_SKIP + ((r"lm_head\.weight",) if cfg.tie_embeddings else ())
     params = convert(weights, _LLAMA_RULES, skip)
   else:
-    weights = {(k if k.startswith("transformer.") or k.startswith("lm_head") else
-                "transformer." + k): v for k, v in weights.items()}
+    weights = {
+      (k if k.startswith("transformer.") or k.startswith("lm_head") else "transformer." + k): v
+      for k, v in weights.items()
+    }
     params = convert(weights, _GPT2_RULES, _GPT2_SKIP)
     D = cfg.hidden_size
     for i in range(cfg.num_layers):
@@ -233,8 +297,10 @@ def load_decoder(path: str, *, dtype: str = "float32"):
       b = weights[f"transformer.h.{i}.attn.c_attn.bias"]
       attn = params[f"layer_{i}"].setdefault("attn", {})
       for j, n in enumerate("qkv"):
-        attn[n] = {"kernel": jnp.asarray(w[:, j * D:(j + 1) * D]),
-                   "bias": jnp.asarray(b[j * D:(j + 1) * D])}
+        attn[n] = {
+          "kernel": jnp.asarray(w[:, j * D : (j + 1) * D]),
+          "bias": jnp.asarray(b[j * D : (j + 1) * D]),
+        }
   return cfg, _cast(params, dtype)
 
 
@@ -246,18 +312,18 @@ def _cast(params, dtype: str):
 # GGUF (llama.cpp) files, Llama family.
 
 _GGUF_RULES = [
-    (r"token_embd\.weight", "embed/embedding", _I),
-    (r"output\.weight", "lm_head/kernel", _T),
-    (r"output_norm\.weight", "final_norm/scale", _I),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"layer_\1/attn_norm/scale", _I),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"layer_\1/mlp_norm/scale", _I),
-    (r"blk\.(\d+)\.attn_q\.weight", r"layer_\1/attn/q/kernel", _T),
-    (r"blk\.(\d+)\.attn_k\.weight", r"layer_\1/attn/k/kernel", _T),
-    (r"blk\.(\d+)\.attn_v\.weight", r"layer_\1/attn/v/kernel", _T),
-    (r"blk\.(\d+)\.attn_output\.weight", r"layer_\1/attn/o/kernel", _T),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"layer_\1/mlp/gate/kernel", _T),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"layer_\1/mlp/up/kernel", _T),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"layer_\1/mlp/down/kernel", _T),
+  (r"token_embd\.weight", "embed/embedding", _I),
+  (r"output\.weight", "lm_head/kernel", _T),
+  (r"output_norm\.weight", "final_norm/scale", _I),
+  (r"blk\.(\d+)\.attn_norm\.weight", r"layer_\1/attn_norm/scale", _I),
+  (r"blk\.(\d+)\.ffn_norm\.weight", r"layer_\1/mlp_norm/scale", _I),
+  (r"blk\.(\d+)\.attn_q\.weight", r"layer_\1/attn/q/kernel", _T),
+  (r"blk\.(\d+)\.attn_k\.weight", r"layer_\1/attn/k/kernel", _T),
+  (r"blk\.(\d+)\.attn_v\.weight", r"layer_\1/attn/v/kernel", _T),
+  (r"blk\.(\d+)\.attn_output\.weight", r"layer_\1/attn/o/kernel", _T),
+  (r"blk\.(\d+)\.ffn_gate\.weight", r"layer_\1/mlp/gate/kernel", _T),
+  (r"blk\.(\d+)\.ffn_up\.weight", r"layer_\1/mlp/up/kernel", _T),
+  (r"blk\.(\d+)\.ffn_down\.weight", r"layer_\1/mlp/down/kernel", _T),
 ]
 _GGUF_SKIP = (r"rope_freqs\.weight",)
 
@@ -273,15 +339,13 @@ def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   out = w.shape[0]
   if out % (2 * n_head):
     raise ValueError(f"{out} rows do not split into {n_head} heads of even size")
-  return (w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp's converter permutation (for writing GGUF files in tests/tools)."""
   out = w.shape[0]
-  return (w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _gguf_field(reader, name: str, default=None):
@@ -299,6 +363,7 @@ def load_gguf(path: str, *, dtype: str = "float32"):
   undone so the weights match the Hugging Face layout our RoPE expects.
   """
   import gguf
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
   reader = gguf.GGUFReader(path)
@@ -306,28 +371,37 @@ def load_gguf(path: str, *, dtype: str = "float32"):
   if arch != "llama":
     raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
   g = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)
-  n_head, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv",
-                                                         g("attention.head_count")))
+  n_head, n_kv = (
+    int(g("attention.head_count")),
+    int(g("attention.head_count_kv", g("attention.head_count"))),
+  )
   D = int(g("embedding_length"))
   head_dim = int(g("attention.key_length", D // n_head))
   names = {t.name for t in reader.tensors}
   tok = lambda k: _gguf_field(reader, f"tokenizer.ggml.{k}")
   eos = tok("eos_token_id")
   cfg = DecoderConfig(
-      family="llama", vocab_size=int(g("vocab_size", len(tok("tokens") or []))),
-      hidden_size=D, num_layers=int(g("block_count")), num_heads=n_head, num_kv_heads=n_kv,
-      head_dim=head_dim if head_dim != D // n_head else None,
-      intermediate_size=int(g("feed_forward_length")),
-      max_position=int(g("context_length", 2048)),
-      norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(g("rope.freq_base", 10000.0)),
-      tie_embeddings="output.weight" not in names,
-      pad_token_id=_first_id(tok("padding_token_id"), eos),
-      bos_token_id=_first_id(tok("bos_token_id")), eos_token_id=_first_id(eos), dtype=dtype)
+    family="llama",
+    vocab_size=int(g("vocab_size", len(tok("tokens") or []))),
+    hidden_size=D,
+    num_layers=int(g("block_count")),
+    num_heads=n_head,
+    num_kv_heads=n_kv,
+    head_dim=head_dim if head_dim != D // n_head else None,
+    intermediate_size=int(g("feed_forward_length")),
+    max_position=int(g("context_length", 2048)),
+    norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=float(g("rope.freq_base", 10000.0)),
+    tie_embeddings="output.weight" not in names,
+    pad_token_id=_first_id(tok("padding_token_id"), eos),
+    bos_token_id=_first_id(tok("bos_token_id")),
+    eos_token_id=_first_id(eos),
+    dtype=dtype,
+  )
   weights = {}
   for t in reader.tensors:
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    w = w.reshape([int(d) for d in reversed(t.shape)])   # ggml ne order is innermost first
+    w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml ne order is innermost first
     if t.name.endswith("attn_q.weight"):
       w = llama_cpp_unpermute(w, n_head)
     elif t.name.endswith("attn_k.weight"):
@@ -346,21 +420,25 @@ def gguf_tokenizer(path: str):
   import gguf
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
+
   reader = gguf.GGUFReader(path)
   tok = lambda k: _gguf_field(reader, f"tokenizer.ggml.{k}")
   kind = tok("model")
   if kind != "gpt2":
-    raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level "
-                     "BPE, 'gpt2')")
+    raise ValueError(
+      f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')"
+    )
   tokens = tok("tokens")
   merges = [tuple(m.split(" ", 1)) for m in tok("merges")]
-  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                   fuse_unk=False, byte_fallback=False)
+  bpe = models.BPE(
+    vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False
+  )
   t = Tokenizer(bpe)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if tok("pre") == "smollm":   # digits one by one, as SmolLM's tokenizer.json does
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               byte_level])
+  if tok("pre") == "smollm":  # digits one by one, as SmolLM's tokenizer.json does
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    )
   else:
     t.pre_tokenizer = byte_level
   t.decoder = decoders.ByteLevel()
@@ -372,5 +450,9 @@ def gguf_tokenizer(path: str):
   name = lambda i: tokens[int(i)] if i is not None else None
   special = {k: name(tok(f"{k}_token_id")) for k in ("bos", "eos", "unknown", "padding")}
   return PreTrainedTokenizerFast(
-      tokenizer_object=t, bos_token=special["bos"], eos_token=special["eos"],
-      unk_token=special["unknown"], pad_token=special["padding"] or special["eos"])
+    tokenizer_object=t,
+    bos_token=special["bos"],
+    eos_token=special["eos"],
+    unk_token=special["unknown"],
+    pad_token=special["padding"] or special["eos"],
+  )

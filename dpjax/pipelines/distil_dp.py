@@ -42,16 +42,26 @@ PyTree = Any
 
 # --- the distillation loss ---------------------------------------------------
 
+
 def _target_weights(attention_mask):
   """[..., T-1]: position t predicts t+1; counted when both tokens are real."""
   m = attention_mask.astype(jnp.float32)
   return m[..., 1:] * m[..., :-1]
 
 
-def distillation_loss(student_logits, teacher_logits, input_ids, attention_mask, *,
-                      lam: float = 0.4, temperature: float = 1.0, alpha: float = 0.0,
-                      student_hidden=None, teacher_hidden=None,
-                      projection: Optional[Callable] = None):
+def distillation_loss(
+  student_logits,
+  teacher_logits,
+  input_ids,
+  attention_mask,
+  *,
+  lam: float = 0.4,
+  temperature: float = 1.0,
+  alpha: float = 0.0,
+  student_hidden=None,
+  teacher_hidden=None,
+  projection: Optional[Callable] = None,
+):
   """DistilDP's loss for ONE sequence or a batch (leading axes broadcast).
 
   logits `[..., T, V]`, ids/mask `[..., T]`. CE and KL are token means over
@@ -67,8 +77,10 @@ def distillation_loss(student_logits, teacher_logits, input_ids, attention_mask,
   if alpha < 0:
     raise ValueError(f"alpha must be >= 0, got {alpha}")
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(f"student logits {student_logits.shape} and teacher logits "
-                     f"{teacher_logits.shape} differ (same tokenizer needed)")
+    raise ValueError(
+      f"student logits {student_logits.shape} and teacher logits "
+      f"{teacher_logits.shape} differ (same tokenizer needed)"
+    )
   w = _target_weights(attention_mask)
   count = jnp.maximum(jnp.sum(w), 1.0)
   s = student_logits[..., :-1, :].astype(jnp.float32)
@@ -89,19 +101,22 @@ def distillation_loss(student_logits, teacher_logits, input_ids, attention_mask,
       h = projection(h)
     th = jax.lax.stop_gradient(teacher_hidden.astype(jnp.float32))
     if h.shape != th.shape:
-      raise ValueError(f"hidden states differ in shape ({h.shape} vs {th.shape}): "
-                       "pass a projection")
+      raise ValueError(
+        f"hidden states differ in shape ({h.shape} vs {th.shape}): pass a projection"
+      )
     m = attention_mask.astype(jnp.float32)[..., None]
     mse = jnp.sum(jnp.square(h - th) * m) / (jnp.maximum(jnp.sum(m), 1.0) * h.shape[-1])
-  loss = (1.0 - lam) * ce + lam * temperature ** 2 * kl + alpha * mse
+  loss = (1.0 - lam) * ce + lam * temperature**2 * kl + alpha * mse
   return loss, {"ce": ce, "kl": kl, "mse": mse}
 
 
 def init_projection(key: jax.Array, student_width: int, teacher_width: int) -> Dict[str, Any]:
   """A learned linear map student width -> teacher width (for the hidden-state term)."""
   scale = 1.0 / math.sqrt(student_width)
-  return {"kernel": scale * jax.random.normal(key, (student_width, teacher_width)),
-          "bias": jnp.zeros(teacher_width)}
+  return {
+    "kernel": scale * jax.random.normal(key, (student_width, teacher_width)),
+    "bias": jnp.zeros(teacher_width),
+  }
 
 
 def apply_projection(proj: Dict[str, Any], h):
@@ -109,6 +124,7 @@ def apply_projection(proj: Dict[str, Any], h):
 
 
 # --- the private label histogram --------------------------------------------
+
 
 def histogram_noise(mechanism: str, epsilon: float, delta: float) -> float:
   """Noise scale for a histogram of one label per example (add/remove: L1 = L2 = 1).
@@ -125,13 +141,20 @@ def histogram_noise(mechanism: str, epsilon: float, delta: float) -> float:
     raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
-  return calibrate_noise(epsilon, delta, 1.0, 1, accountant="pld", mechanism="gaussian",
-                         rel_tol=0.001)
+  return calibrate_noise(
+    epsilon, delta, 1.0, 1, accountant="pld", mechanism="gaussian", rel_tol=0.001
+  )
 
 
-def dp_label_histogram(labels: Sequence[Any], classes: Sequence[Any], epsilon: float,
-                       delta: float, *, mechanism: str = "gaussian",
-                       rng: Optional[np.random.Generator] = None) -> Dict[str, Any]:
+def dp_label_histogram(
+  labels: Sequence[Any],
+  classes: Sequence[Any],
+  epsilon: float,
+  delta: float,
+  *,
+  mechanism: str = "gaussian",
+  rng: Optional[np.random.Generator] = None,
+) -> Dict[str, Any]:
   """Noisy counts of each class (one label per example), clipped at 0.
 
   Returns {"counts": {class: noisy count}, "proportions", "mechanism",
@@ -144,15 +167,22 @@ def dp_label_histogram(labels: Sequence[Any], classes: Sequence[Any], epsilon: f
     raise ValueError(f"labels outside the declared classes: {sorted(map(str, unknown))[:5]}")
   noise = histogram_noise(mechanism, epsilon, delta)
   true = np.array([labels.count(c) for c in classes], np.float64)
-  z = rng.laplace(0, noise, len(classes)) if mechanism == "laplace" else rng.normal(
-      0, noise, len(classes))
+  z = (
+    rng.laplace(0, noise, len(classes))
+    if mechanism == "laplace"
+    else rng.normal(0, noise, len(classes))
+  )
   noisy = np.maximum(true + z, 0.0)
   total = noisy.sum()
   props = noisy / total if total > 0 else np.full(len(classes), 1.0 / len(classes))
-  return {"counts": dict(zip(classes, noisy.tolist())),
-          "proportions": dict(zip(classes, props.tolist())),
-          "mechanism": mechanism, "noise": noise, "epsilon": epsilon,
-          "delta": delta if mechanism == "gaussian" else 0.0}
+  return {
+    "counts": dict(zip(classes, noisy.tolist())),
+    "proportions": dict(zip(classes, props.tolist())),
+    "mechanism": mechanism,
+    "noise": noise,
+    "epsilon": epsilon,
+    "delta": delta if mechanism == "gaussian" else 0.0,
+  }
 
 
 def prompt_counts(proportions: Dict[Any, float], total: int) -> Dict[Any, int]:
@@ -165,7 +195,7 @@ def prompt_counts(proportions: Dict[Any, float], total: int) -> Dict[Any, int]:
     raise ValueError("proportions must be >= 0 with a positive sum")
   raw = p / p.sum() * total
   out = np.floor(raw).astype(int)
-  for i in np.argsort(-(raw - out), kind="stable")[:total - out.sum()]:
+  for i in np.argsort(-(raw - out), kind="stable")[: total - out.sum()]:
     out[i] += 1
   return dict(zip(keys, out.tolist()))
 
@@ -175,8 +205,9 @@ def histogram_event(mechanism: str, noise: float):
   return ev.laplace_step(noise, 1.0) if mechanism == "laplace" else ev.gaussian_step(noise, 1.0)
 
 
-def budget_report(teacher: Any, histogram: Optional[Dict[str, Any]],
-                  delta: float) -> Dict[str, Any]:
+def budget_report(
+  teacher: Any, histogram: Optional[Dict[str, Any]], delta: float
+) -> Dict[str, Any]:
   """Who spends epsilon: the teacher's DP-SGD and the histogram, composed by PLD.
 
   `teacher`: the teacher run's `Ledger` (`RunResult.ledger`), or a sequence of
@@ -188,8 +219,13 @@ def budget_report(teacher: Any, histogram: Optional[Dict[str, Any]],
   events = [teacher.event()] if isinstance(teacher, Ledger) else list(teacher)
   teacher = dp_accounting.ComposedDpEvent(events)
   parts = [teacher]
-  out = {"teacher": eps_of(teacher, delta, "pld"), "generation": 0.0, "student": 0.0,
-         "histogram": 0.0, "delta": delta}
+  out = {
+    "teacher": eps_of(teacher, delta, "pld"),
+    "generation": 0.0,
+    "student": 0.0,
+    "histogram": 0.0,
+    "delta": delta,
+  }
   if histogram is not None:
     h = histogram_event(histogram["mechanism"], histogram["noise"])
     parts.append(h)
@@ -200,10 +236,21 @@ def budget_report(teacher: Any, histogram: Optional[Dict[str, Any]],
 
 # --- synthetic generation ----------------------------------------------------
 
-def synthesize(cfg, params, prompts: Dict[Any, List[int]], counts: Dict[Any, int],
-               key: jax.Array, *, batch_size: int, max_new_tokens: int, top_k: int = 50,
-               top_p: float = 0.9, temperature: float = 1.0, progress: bool = True
-               ) -> Dict[str, Any]:
+
+def synthesize(
+  cfg,
+  params,
+  prompts: Dict[Any, List[int]],
+  counts: Dict[Any, int],
+  key: jax.Array,
+  *,
+  batch_size: int,
+  max_new_tokens: int,
+  top_k: int = 50,
+  top_p: float = 0.9,
+  temperature: float = 1.0,
+  progress: bool = True,
+) -> Dict[str, Any]:
   """Sample `counts[c]` continuations of control-code prompt `prompts[c]` per class.
 
   Batched and jitted (`dpjax.models.generate`, KV cache); every batch has
@@ -227,40 +274,67 @@ def synthesize(cfg, params, prompts: Dict[Any, List[int]], counts: Dict[Any, int
   if progress:
     starts = tqdm(starts, desc="generate", dynamic_ncols=True)
   for bi, s in enumerate(starts):
-    chunk = jobs[s:s + batch_size]
+    chunk = jobs[s : s + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     ids, mask = left_pad([prompts[c] for c in padded], cfg.pad_token_id, P)
-    toks, _ = generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                       jax.random.fold_in(key, bi), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p)
-    toks = np.asarray(toks)[:len(chunk)]
+    toks, _ = generate(
+      cfg,
+      params,
+      jnp.asarray(ids),
+      jnp.asarray(mask),
+      jax.random.fold_in(key, bi),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
+    toks = np.asarray(toks)[: len(chunk)]
     for c, row in zip(chunk, toks):
       row = row.tolist()
       if cfg.eos_token_id is not None and cfg.eos_token_id in row:
-        row = row[:row.index(cfg.eos_token_id)]
+        row = row[: row.index(cfg.eos_token_id)]
       while row and row[-1] == cfg.pad_token_id:
         row.pop()
       labels.append(c)
       outs.append(row)
     generated += batch_size * max_new_tokens
   seconds = time.perf_counter() - t0
-  return {"label": labels, "tokens": outs, "seconds": seconds,
-          "tokens_per_s": generated / max(seconds, 1e-9)}
+  return {
+    "label": labels,
+    "tokens": outs,
+    "seconds": seconds,
+    "tokens_per_s": generated / max(seconds, 1e-9),
+  }
 
 
 # --- the three-stage pipeline -------------------------------------------------
+
 
 def truncate_decoder(params: PyTree, num_layers: int) -> PyTree:
   """The first `num_layers` blocks of a decoder, with its embeddings and final norm."""
   have = sorted(int(k.split("_")[1]) for k in params if k.startswith("layer_"))
   if num_layers > len(have):
     raise ValueError(f"cannot keep {num_layers} layers of a {len(have)}-layer decoder")
-  return {k: v for k, v in params.items()
-          if not k.startswith("layer_") or int(k.split("_")[1]) < num_layers}
+  return {
+    k: v
+    for k, v in params.items()
+    if not k.startswith("layer_") or int(k.split("_")[1]) < num_layers
+  }
 
 
-def student_task(teacher_cfg, teacher_params, student_cfg, student_init, data, splits, *,
-                 lam: float, temperature: float, alpha: float, key: jax.Array):
+def student_task(
+  teacher_cfg,
+  teacher_params,
+  student_cfg,
+  student_init,
+  data,
+  splits,
+  *,
+  lam: float,
+  temperature: float,
+  alpha: float,
+  key: jax.Array,
+):
   """A `train.Task` that distils `teacher_params` into a student on `data` (synthetic text).
 
   Trainable: the student (and a width projection when alpha > 0 and the
@@ -271,19 +345,27 @@ def student_task(teacher_cfg, teacher_params, student_cfg, student_init, data, s
   params = {"student": student_init}
   project = alpha > 0 and student_cfg.hidden_size != teacher_cfg.hidden_size
   if project:
-    params["projection"] = init_projection(key, student_cfg.hidden_size,
-                                           teacher_cfg.hidden_size)
+    params["projection"] = init_projection(key, student_cfg.hidden_size, teacher_cfg.hidden_size)
 
   def loss_fn(p, ex, frozen):
     ids, mask = ex["input_ids"][None], ex["attention_mask"][None]
     s_logits, _, s_hidden = student.apply({"params": p["student"]}, ids, mask, return_hidden=True)
-    t_logits, _, t_hidden = teacher.apply({"params": frozen["teacher"]}, ids, mask,
-                                          return_hidden=True)
+    t_logits, _, t_hidden = teacher.apply(
+      {"params": frozen["teacher"]}, ids, mask, return_hidden=True
+    )
     proj = (lambda h: apply_projection(p["projection"], h)) if project else None
-    loss, _ = distillation_loss(s_logits, t_logits, ids, mask, lam=lam,
-                                temperature=temperature, alpha=alpha,
-                                student_hidden=s_hidden[-1], teacher_hidden=t_hidden[-1],
-                                projection=proj)
+    loss, _ = distillation_loss(
+      s_logits,
+      t_logits,
+      ids,
+      mask,
+      lam=lam,
+      temperature=temperature,
+      alpha=alpha,
+      student_hidden=s_hidden[-1],
+      teacher_hidden=t_hidden[-1],
+      projection=proj,
+    )
     total, count = causal_lm_loss(s_logits, ids, mask, reduction="sum")
     return loss, {"nll_sum": total[0], "tokens": count[0]}
 
@@ -318,20 +400,24 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   hist_cfg = cfg.get("histogram")
   h_event = None
   if hist_cfg:
-    h_event = histogram_event(hist_cfg.mechanism,
-                              histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta))
+    h_event = histogram_event(
+      hist_cfg.mechanism, histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta)
+    )
   # The teacher's plan calibrates its noise so that its ledger and the
   # histogram compose to total_epsilon.
   tcfg.delta = cfg.delta
   tcfg.target_epsilon = cfg.total_epsilon
   tcfg.noise_multiplier = None
-  teacher_res = train(tcfg, task, os.path.join(run_dir, "teacher"), progress=progress,
-                      extra_event=h_event)
+  teacher_res = train(
+    tcfg, task, os.path.join(run_dir, "teacher"), progress=progress, extra_event=h_event
+  )
   teacher_cfg, encode = task.info["decoder"], task.info["encode"]
 
   # Stage 2: synthetic text (post-processing), prompt counts from the DP histogram.
-  syn_dir, info_path = os.path.join(run_dir, "synthetic"), os.path.join(run_dir,
-                                                                          "synthetic_info.json")
+  syn_dir, info_path = (
+    os.path.join(run_dir, "synthetic"),
+    os.path.join(run_dir, "synthetic_info.json"),
+  )
   g = cfg.generation
   if os.path.exists(info_path):
     with open(info_path) as f:
@@ -341,27 +427,45 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
     codes = list(task.info["control_codes"])
     labels = [codes[i] for i in task.train["control"] if i < len(codes)]
     if hist_cfg:
-      hist = dp_label_histogram(labels, codes, hist_cfg.epsilon, cfg.delta,
-                                mechanism=hist_cfg.mechanism,
-                                rng=np.random.default_rng(g.seed))
+      hist = dp_label_histogram(
+        labels,
+        codes,
+        hist_cfg.epsilon,
+        cfg.delta,
+        mechanism=hist_cfg.mechanism,
+        rng=np.random.default_rng(g.seed),
+      )
       props = hist["proportions"]
     else:
-      hist, props = None, {c: 1.0 for c in codes}     # uniform: no data read
+      hist, props = None, {c: 1.0 for c in codes}  # uniform: no data read
     counts = prompt_counts(props, g.num_samples)
     prompts = {}
     for c in codes:
       e = encode([c + "\t"], tcfg.task.seq_len)
       prompts[c] = e["input_ids"][0][e["attention_mask"][0] > 0].tolist()
-    gen = synthesize(teacher_cfg, teacher_res.params, prompts, counts,
-                     jax.random.PRNGKey(g.seed), batch_size=g.batch_size,
-                     max_new_tokens=tcfg.task.seq_len - max(len(p) for p in prompts.values()),
-                     top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-                     progress=progress)
+    gen = synthesize(
+      teacher_cfg,
+      teacher_res.params,
+      prompts,
+      counts,
+      jax.random.PRNGKey(g.seed),
+      batch_size=g.batch_size,
+      max_new_tokens=tcfg.task.seq_len - max(len(p) for p in prompts.values()),
+      top_k=g.top_k,
+      top_p=g.top_p,
+      temperature=g.temperature,
+      progress=progress,
+    )
     full = [prompts[c] + t for c, t in zip(gen["label"], gen["tokens"])]
     syn = datasets.Dataset.from_dict({"label": gen["label"], "input_ids": full})
     syn.save_to_disk(syn_dir)
-    info = {"histogram": hist, "counts": counts, "num_samples": len(full),
-            "tokens_per_s": gen["tokens_per_s"], "seconds": gen["seconds"]}
+    info = {
+      "histogram": hist,
+      "counts": counts,
+      "num_samples": len(full),
+      "tokens_per_s": gen["tokens_per_s"],
+      "seconds": gen["seconds"],
+    }
     with open(info_path, "w") as f:
       json.dump(info, f, indent=2, default=float)
 
@@ -371,36 +475,58 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   mask = np.zeros((len(syn), L), np.int32)
   for i, row in enumerate(syn["input_ids"]):
     row = row[:L]
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = 1
+    ids[i, : len(row)] = row
+    mask[i, : len(row)] = 1
   s = cfg.student
   # The student: the teacher's architecture with `student.model` overrides
   # (fewer layers, or another width).
   scfg_model = dataclasses.replace(teacher_cfg, **dict(s.model))
   if scfg_model.hidden_size == teacher_cfg.hidden_size and s.get("init_from_public", True):
-    init = truncate_decoder(task.params, s.model.num_layers)   # public pretraining
+    init = truncate_decoder(task.params, s.model.num_layers)  # public pretraining
   else:
     init = init_params(scfg_model, jax.random.PRNGKey(s.seed), L)
-  splits = {k: {c: v[c] for c in ("input_ids", "attention_mask")}
-            for k, v in task.splits.items()}
-  stask = student_task(teacher_cfg, teacher_res.params, scfg_model, init,
-                       {"input_ids": ids, "attention_mask": mask}, splits, lam=s.lam,
-                       temperature=s.temperature, alpha=s.alpha, key=jax.random.PRNGKey(s.seed))
-  student_cfg = ml_collections.ConfigDict(dict(
-      private=False, steps=s.steps, batch_size=s.batch_size, physical_batch_size=s.batch_size,
-      optimizer="adam", learning_rate=s.learning_rate, weight_decay=0.0, warmup_steps=0,
-      seed=s.seed, log_every=s.steps, checkpoint_every=s.steps, privacy_unit="example",
-      accountant="pld", mechanism="gaussian"))
+  splits = {k: {c: v[c] for c in ("input_ids", "attention_mask")} for k, v in task.splits.items()}
+  stask = student_task(
+    teacher_cfg,
+    teacher_res.params,
+    scfg_model,
+    init,
+    {"input_ids": ids, "attention_mask": mask},
+    splits,
+    lam=s.lam,
+    temperature=s.temperature,
+    alpha=s.alpha,
+    key=jax.random.PRNGKey(s.seed),
+  )
+  student_cfg = ml_collections.ConfigDict(
+    dict(
+      private=False,
+      steps=s.steps,
+      batch_size=s.batch_size,
+      physical_batch_size=s.batch_size,
+      optimizer="adam",
+      learning_rate=s.learning_rate,
+      weight_decay=0.0,
+      warmup_steps=0,
+      seed=s.seed,
+      log_every=s.steps,
+      checkpoint_every=s.steps,
+      privacy_unit="example",
+      accountant="pld",
+      mechanism="gaussian",
+    )
+  )
   student_res = train(student_cfg, stask, os.path.join(run_dir, "student"), progress=progress)
 
   report = {
-      "budget": budget_report(teacher_res.ledger, info["histogram"], cfg.delta),
-      "privacy_unit": "example",
-      "teacher_noise_multiplier": teacher_res.noise_multiplier,
-      "teacher_ledger": teacher_res.ledger.to_json(),
-      "teacher_test_perplexity": _ppl(teacher_res.final_metrics, "test"),
-      "student_test_perplexity": _ppl(student_res.final_metrics, "test"),
-      "synthetic_samples": info["num_samples"], "generation_tokens_per_s": info["tokens_per_s"],
+    "budget": budget_report(teacher_res.ledger, info["histogram"], cfg.delta),
+    "privacy_unit": "example",
+    "teacher_noise_multiplier": teacher_res.noise_multiplier,
+    "teacher_ledger": teacher_res.ledger.to_json(),
+    "teacher_test_perplexity": _ppl(teacher_res.final_metrics, "test"),
+    "student_test_perplexity": _ppl(student_res.final_metrics, "test"),
+    "synthetic_samples": info["num_samples"],
+    "generation_tokens_per_s": info["tokens_per_s"],
   }
   with open(os.path.join(run_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2, default=float)

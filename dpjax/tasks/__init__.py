@@ -13,10 +13,10 @@ from dpjax.tasks import shakespeare, synthetic, text_classification
 from dpjax.training.loop import Task
 
 TASKS: Dict[str, Callable] = {
-    "synthetic": synthetic.synthetic,
-    "text_classification": text_classification.text_classification,
-    "shakespeare_lm": shakespeare.shakespeare_lm,
-    "user_mean": synthetic.user_mean,
+  "synthetic": synthetic.synthetic,
+  "text_classification": text_classification.text_classification,
+  "shakespeare_lm": shakespeare.shakespeare_lm,
+  "user_mean": synthetic.user_mean,
 }
 
 

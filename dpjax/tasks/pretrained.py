@@ -17,8 +17,9 @@ def resolve(name_or_path: str) -> str:
   if name_or_path in assets.ASSETS:
     return assets.fetch(name_or_path)
   if not os.path.exists(name_or_path):
-    raise FileNotFoundError(f"{name_or_path!r} is neither a known asset "
-                            f"({sorted(assets.ASSETS)}) nor a local path")
+    raise FileNotFoundError(
+      f"{name_or_path!r} is neither a known asset ({sorted(assets.ASSETS)}) nor a local path"
+    )
   return name_or_path
 
 
@@ -34,6 +35,7 @@ def pretrained_decoder(name_or_path: str):
     tok = hf.gguf_tokenizer(path)
   else:
     from transformers import AutoTokenizer
+
     mcfg, params = hf.load_decoder(path)
     tok = AutoTokenizer.from_pretrained(path)
 
@@ -43,8 +45,8 @@ def pretrained_decoder(name_or_path: str):
     bos = [] if mcfg.bos_token_id is None else [mcfg.bos_token_id]
     for i, text in enumerate(texts):
       row = (bos + tok(text, add_special_tokens=False)["input_ids"])[:seq_len]
-      ids[i, :len(row)] = row
-      mask[i, :len(row)] = 1
+      ids[i, : len(row)] = row
+      mask[i, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
   return mcfg, params, encode

@@ -19,8 +19,8 @@ from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_pa
 from dpjax.tasks.pretrained import pretrained_decoder
 from dpjax.training.loop import Task
 
-BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2   # byte b is token b + 2
-CONTROL_CODES = ("comedy", "history", "romance", "tragedy")   # Shakespeare genres
+BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2  # byte b is token b + 2
+CONTROL_CODES = ("comedy", "history", "romance", "tragedy")  # Shakespeare genres
 
 
 def encode_bytes(texts, seq_len: int) -> Dict[str, np.ndarray]:
@@ -28,10 +28,10 @@ def encode_bytes(texts, seq_len: int) -> Dict[str, np.ndarray]:
   ids = np.zeros((len(texts), seq_len), np.int32)
   mask = np.zeros((len(texts), seq_len), np.int32)
   for i, text in enumerate(texts):
-    b = np.frombuffer(text.encode("utf-8"), np.uint8)[:seq_len - 1].astype(np.int32)
+    b = np.frombuffer(text.encode("utf-8"), np.uint8)[: seq_len - 1].astype(np.int32)
     ids[i, 0] = BYTE_BOS
-    ids[i, 1:1 + len(b)] = b + BYTE_OFFSET
-    mask[i, :1 + len(b)] = 1
+    ids[i, 1 : 1 + len(b)] = b + BYTE_OFFSET
+    mask[i, : 1 + len(b)] = 1
   return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -46,8 +46,9 @@ def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed
   if steps == 0:
     return params
   enc = encode_bytes(texts, seq_len)
-  key = hashlib.sha1(repr((mcfg, seq_len, steps, batch_size, seed,
-                           enc["input_ids"].tobytes())).encode()).hexdigest()[:16]
+  key = hashlib.sha1(
+    repr((mcfg, seq_len, steps, batch_size, seed, enc["input_ids"].tobytes())).encode()
+  ).hexdigest()[:16]
   path = os.path.join(assets.home(), "cache", f"pretrain-{key}.npz")
   leaves, treedef = jax.tree.flatten(params)
   if os.path.exists(path):
@@ -63,6 +64,7 @@ def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed
       logits, _ = model.apply({"params": p}, ids, mask)
       tot, cnt = causal_lm_loss(logits, ids, mask, reduction="sum")
       return jnp.sum(tot) / jnp.maximum(jnp.sum(cnt), 1.0)
+
     l, g = jax.value_and_grad(loss)(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, l
@@ -74,17 +76,24 @@ def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed
     params, opt, l = step(params, opt, enc["input_ids"][idx], enc["attention_mask"][idx])
     bar.set_postfix(loss=f"{float(l):.3f}")
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path + ".tmp.npz", **{f"a{i}": np.asarray(x)
-                                 for i, x in enumerate(jax.tree.leaves(params))})
+  np.savez(
+    path + ".tmp.npz", **{f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
+  )
   os.replace(path + ".tmp.npz", path)
   return params
 
 
 def byte_decoder_config(model: Dict, seq_len: int):
   """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP)."""
-  return DecoderConfig(family="llama", vocab_size=256 + BYTE_OFFSET, pad_token_id=BYTE_PAD,
-                       bos_token_id=BYTE_BOS, max_position=max(128, seq_len),
-                       tie_embeddings=True, **dict(model))
+  return DecoderConfig(
+    family="llama",
+    vocab_size=256 + BYTE_OFFSET,
+    pad_token_id=BYTE_PAD,
+    bos_token_id=BYTE_BOS,
+    max_position=max(128, seq_len),
+    tie_embeddings=True,
+    **dict(model),
+  )
 
 
 def shakespeare_lm(cfg) -> Task:
@@ -104,34 +113,40 @@ def shakespeare_lm(cfg) -> Task:
   ds = load_shakespeare(None if t.data == "shakespeare" else t.data)
   rows = [r for split in ds for r in ds[split]]
   held = np.array([_held_out_user(r["user_id"], t.heldout_fraction) for r in rows])
-  if isinstance(t.model, str):     # a pretrained decoder: asset name, .gguf file or HF dir
+  if isinstance(t.model, str):  # a pretrained decoder: asset name, .gguf file or HF dir
     mcfg, params, encode = pretrained_decoder(t.model)
   else:
     mcfg, encode = byte_decoder_config(t.model, t.seq_len), encode_bytes
-  if t.get("control_code"):   # DistilDP: "<genre>\t" before each speech
+  if t.get("control_code"):  # DistilDP: "<genre>\t" before each speech
     texts = [f"{r['genre']}\t{r['line']}" for r in rows]
   else:
     texts = [r["line"] for r in rows]
   users = np.array([r["user_id"] for r in rows])
   enc = encode(texts, t.seq_len)
-  enc["control"] = np.array([CONTROL_CODES.index(r["genre"]) if r["genre"] in CONTROL_CODES
-                             else len(CONTROL_CODES) for r in rows], np.int32)
+  enc["control"] = np.array(
+    [
+      CONTROL_CODES.index(r["genre"]) if r["genre"] in CONTROL_CODES else len(CONTROL_CODES)
+      for r in rows
+    ],
+    np.int32,
+  )
   train = {k: v[~held] for k, v in enc.items()}
   test_idx = np.flatnonzero(held)
   order = np.random.default_rng(0).permutation(len(test_idx))
-  dev_idx, test_idx = test_idx[order[:len(order) // 2]], test_idx[order[len(order) // 2:]]
+  dev_idx, test_idx = test_idx[order[: len(order) // 2]], test_idx[order[len(order) // 2 :]]
   if t.get("max_eval"):
-    dev_idx, test_idx = dev_idx[:t.max_eval], test_idx[:t.max_eval]
-  splits = {"dev": {k: v[dev_idx] for k, v in enc.items()},
-            "test": {k: v[test_idx] for k, v in enc.items()}}
+    dev_idx, test_idx = dev_idx[: t.max_eval], test_idx[: t.max_eval]
+  splits = {
+    "dev": {k: v[dev_idx] for k, v in enc.items()},
+    "test": {k: v[test_idx] for k, v in enc.items()},
+  }
   if not isinstance(t.model, str):
     if t.pretrain_steps:
       rt = load_rt_polarity()
       public = [s for split in rt for s in rt[split]["sentence"]]
     else:
       public = []
-    params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64,
-                              t.get("init_seed", 0))
+    params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
   model = Decoder(mcfg)
 
   def loss_fn(p, ex, frozen):
@@ -142,5 +157,13 @@ def shakespeare_lm(cfg) -> Task:
     return total[0] / jnp.maximum(count[0], 1.0), {"nll_sum": total[0], "tokens": count[0]}
 
   name = "shakespeare-bytes" if not isinstance(t.model, str) else "shakespeare-lm"
-  return Task(name, params, {}, loss_fn, train, splits, users[~held],
-              info={"decoder": mcfg, "encode": encode, "control_codes": CONTROL_CODES})
+  return Task(
+    name,
+    params,
+    {},
+    loss_fn,
+    train,
+    splits,
+    users[~held],
+    info={"decoder": mcfg, "encode": encode, "control_codes": CONTROL_CODES},
+  )

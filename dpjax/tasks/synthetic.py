@@ -36,18 +36,30 @@ def synthetic(cfg) -> Task:
   splits = {"dev": split(t.num_eval), "test": split(t.num_eval)}
   k1, k2 = jax.random.split(jax.random.PRNGKey(t.data_seed))
   params = {
-      "hidden": {"w": jax.random.normal(k1, (t.dim, t.hidden)) / np.sqrt(t.dim),
-                 "b": jnp.zeros(t.hidden)},
-      "head": {"w": jax.random.normal(k2, (t.hidden, t.num_classes)) / np.sqrt(t.hidden),
-               "b": jnp.zeros(t.num_classes)},
+    "hidden": {
+      "w": jax.random.normal(k1, (t.dim, t.hidden)) / np.sqrt(t.dim),
+      "b": jnp.zeros(t.hidden),
+    },
+    "head": {
+      "w": jax.random.normal(k2, (t.hidden, t.num_classes)) / np.sqrt(t.hidden),
+      "b": jnp.zeros(t.num_classes),
+    },
   }
   user_ids = None
   if t.get("num_users"):
     # Skewed user sizes (Zipf-like), as real user data is: a few users hold many examples.
     weights = 1.0 / np.arange(1, t.num_users + 1)
     user_ids = rng.choice(t.num_users, size=t.num_train, p=weights / weights.sum())
-  return Task("synthetic", params, {}, _mlp_loss, train, splits, user_ids,
-              info={"num_classes": int(t.num_classes)})
+  return Task(
+    "synthetic",
+    params,
+    {},
+    _mlp_loss,
+    train,
+    splits,
+    user_ids,
+    info={"num_classes": int(t.num_classes)},
+  )
 
 
 def user_mean(cfg) -> Task:
@@ -74,6 +86,12 @@ def user_mean(cfg) -> Task:
     loss = 0.5 * jnp.sum((p["theta"] - ex["x"]) ** 2)
     return loss, {}
 
-  return Task("user-mean", {"theta": jnp.zeros(t.dim)}, {}, loss_fn,
-              {"x": x.astype(np.float32)}, {"test": {"x": mu[None].astype(np.float32)}},
-              user_ids)
+  return Task(
+    "user-mean",
+    {"theta": jnp.zeros(t.dim)},
+    {},
+    loss_fn,
+    {"x": x.astype(np.float32)},
+    {"test": {"x": mu[None].astype(np.float32)}},
+    user_ids,
+  )

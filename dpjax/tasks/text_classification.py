@@ -23,7 +23,6 @@ from dpjax.training.loop import Task
 def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str):
   """Hidden states entering layer `start` (the frozen bottom, run once): `[N, T, D]`."""
 
-
   @jax.jit
   def bottom(ids, mask):
     h = model.apply({"params": params}, ids, mask, method=Encoder.embed)
@@ -32,10 +31,10 @@ def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str)
   n = len(enc["input_ids"])
   out = np.zeros(enc["input_ids"].shape + (model.cfg.hidden_size,), np.float32)
   for i in tqdm(range(0, n, batch_size), desc=desc, dynamic_ncols=True):
-    ids, mask = enc["input_ids"][i:i + batch_size], enc["attention_mask"][i:i + batch_size]
+    ids, mask = enc["input_ids"][i : i + batch_size], enc["attention_mask"][i : i + batch_size]
     pad = batch_size - len(ids)  # fixed shapes: one compile
     h = bottom(np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0))))
-    out[i:i + len(ids)] = np.asarray(h)[:len(ids)]
+    out[i : i + len(ids)] = np.asarray(h)[: len(ids)]
   return out
 
 
@@ -57,9 +56,13 @@ def text_classification(cfg) -> Task:
     raise ValueError(f"task.data must be 'rt-polarity' or a local path, got {t.data!r}")
   data = load_rt_polarity(None if t.data == "rt-polarity" else t.data)
   model_dir = resolve(t.model)
-  mcfg, params = load_encoder(model_dir, num_labels=2, pooling=t.pooling,
-                              pool_scale=t.get("pool_scale", 1.0),
-                              head_key=jax.random.PRNGKey(cfg.seed))
+  mcfg, params = load_encoder(
+    model_dir,
+    num_labels=2,
+    pooling=t.pooling,
+    pool_scale=t.get("pool_scale", 1.0),
+    head_key=jax.random.PRNGKey(cfg.seed),
+  )
   model = Encoder(mcfg)
   L = mcfg.num_layers
   if not (0 <= t.train_layers <= L):
@@ -73,19 +76,25 @@ def text_classification(cfg) -> Task:
   arrays = {}
   for split in data:
     enc = encode(tok, data[split]["sentence"], t.max_length)
-    ex = {"attention_mask": enc["attention_mask"],
-          "label": np.asarray(data[split]["label"], np.int32)}
+    ex = {
+      "attention_mask": enc["attention_mask"],
+      "label": np.asarray(data[split]["label"], np.int32),
+    }
     if full:
       ex["input_ids"] = enc["input_ids"]
     else:
-      key = hashlib.sha1(repr((os.path.abspath(model_dir), t.max_length, start, split,
-                               enc["input_ids"].tobytes())).encode()).hexdigest()[:16]
+      key = hashlib.sha1(
+        repr(
+          (os.path.abspath(model_dir), t.max_length, start, split, enc["input_ids"].tobytes())
+        ).encode()
+      ).hexdigest()[:16]
       path = os.path.join(assets.home(), "cache", f"features-{key}.npy")
       if os.path.exists(path):
         ex["hidden"] = np.load(path)
       else:
-        ex["hidden"] = _frozen_features(model, params, enc, start, 128,
-                                        f"frozen layers 0..{start} on {split}")
+        ex["hidden"] = _frozen_features(
+          model, params, enc, start, 128, f"frozen layers 0..{start} on {split}"
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.save(path + ".tmp.npy", ex["hidden"])
         os.replace(path + ".tmp.npy", path)
@@ -95,8 +104,12 @@ def text_classification(cfg) -> Task:
   if t.pooling == "cls":
     trainable_names.append("pooler")
   if full:
-    trainable_names += ["word_embeddings", "position_embeddings", "token_type_embeddings",
-                        "embeddings_ln"]
+    trainable_names += [
+      "word_embeddings",
+      "position_embeddings",
+      "token_type_embeddings",
+      "embeddings_ln",
+    ]
   trainable = {k: params[k] for k in trainable_names}
   frozen = {}
   P = t.get("prefix_tokens", 0) or 0
@@ -110,9 +123,14 @@ def text_classification(cfg) -> Task:
       raise ValueError(f"prefix_layers has {len(on)} entries for train_layers={t.train_layers}")
     frozen = {k: trainable.pop(k) for k in list(trainable) if k.startswith("layer_")}
     trainable["prefix"] = adapters.init_prefix(
-        jax.random.PRNGKey(cfg.seed + 1), num_layers=L, num_tokens=P,
-        num_kv_heads=mcfg.num_heads, head_dim=mcfg.hidden_size // mcfg.num_heads,
-        layers=[False] * start + on, scale=t.get("prefix_init_scale", 0.02))
+      jax.random.PRNGKey(cfg.seed + 1),
+      num_layers=L,
+      num_tokens=P,
+      num_kv_heads=mcfg.num_heads,
+      head_dim=mcfg.hidden_size // mcfg.num_heads,
+      layers=[False] * start + on,
+      scale=t.get("prefix_init_scale", 0.02),
+    )
 
   def loss_fn(p, ex, frozen):
     mask = ex["attention_mask"][None]
@@ -129,6 +147,12 @@ def text_classification(cfg) -> Task:
     loss = -jax.nn.log_softmax(logits)[ex["label"]]
     return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
 
-  return Task(f"{os.path.basename(model_dir.rstrip('/'))}-rt", trainable, frozen, loss_fn,
-              arrays["train"], {"dev": arrays["dev"], "test": arrays["test"]},
-              info={"num_classes": 2})
+  return Task(
+    f"{os.path.basename(model_dir.rstrip('/'))}-rt",
+    trainable,
+    frozen,
+    loss_fn,
+    arrays["train"],
+    {"dev": arrays["dev"], "test": arrays["test"]},
+    info={"num_classes": 2},
+  )

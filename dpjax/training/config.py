@@ -23,8 +23,9 @@ def resolve_config_path(path: str) -> str:
     candidate = os.path.join(REPO_ROOT, path)
     if os.path.isfile(candidate):
       return candidate
-  raise FileNotFoundError(f"config file not found: {path} (looked in {os.getcwd()} and "
-                          f"{REPO_ROOT})")
+  raise FileNotFoundError(
+    f"config file not found: {path} (looked in {os.getcwd()} and {REPO_ROOT})"
+  )
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -63,15 +64,19 @@ def load_config(path: str, overrides: Sequence[str] = ()):
     parts = key.split(".")
     for i, p in enumerate(parts[:-1]):
       if not hasattr(node, "keys") or p not in node:
-        raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r} in {path} "
-                         f"(from --set {item}); `dpjax config {path}` lists the keys")
+        raise ValueError(
+          f"unknown config key {'.'.join(parts[: i + 1])!r} in {path} "
+          f"(from --set {item}); `dpjax config {path}` lists the keys"
+        )
       node = node[p]
     if not hasattr(node, "keys") or parts[-1] not in node:
-      raise ValueError(f"unknown config key {key!r} in {path} (from --set {item}); "
-                       f"`dpjax config {path}` lists the keys")
+      raise ValueError(
+        f"unknown config key {key!r} in {path} (from --set {item}); "
+        f"`dpjax config {path}` lists the keys"
+      )
     with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
       try:
         node[parts[-1]] = value
-      except TypeError as e:   # a type-safe ConfigDict field
+      except TypeError as e:  # a type-safe ConfigDict field
         raise ValueError(f"--set {item}: {e}") from None
   return cfg

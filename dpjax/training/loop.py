@@ -1,11 +1,11 @@
 """`dpjax.training.loop`: the convenience driver, built only from dpjax's public parts.
 
-    spec  = dpjax.training.spec.validate(cfg)                 every key declared, checked before compute
-    plan  = dpjax.training.plan.make_plan(spec, task, ...)    sampler, clipping, noise, unit, accountant
-    for each step:                                   the pure step (dpjax.training.step)
+    spec  = spec.validate(cfg)                every key declared, checked before compute
+    plan  = plan.make_plan(spec, task, ...)   sampler, clipping, noise, unit, accountant
+    for each step:                            the pure step (dpjax.training.step)
       gsum  = sum of accumulate(...) over the sampled physical batches
-      at    = perturb(params, opt_state, ascent, step)     DP-SAM's point, theta without it
-      state = apply(state, gsum)                     noise once -> normalize -> optimizer
+      at    = perturb(params, opt_state, ascent, step)   DP-SAM's point, theta without it
+      state = apply(state, gsum)              noise once -> normalize -> optimizer
       callbacks: checkpoint (with the ledger), metrics.jsonl, privacy.json, progress
 
 The privacy unit is `privacy_unit`: "example", or "user" (the task then
@@ -72,6 +72,7 @@ class Task(NamedTuple):
     info: task facts other stages need (e.g. a language model's "decoder"
       config and its "encode(texts, seq_len)" function), or None.
   """
+
   name: str
   params: PyTree
   frozen: PyTree
@@ -82,9 +83,14 @@ class Task(NamedTuple):
   info: Optional[Dict[str, Any]] = None
 
 
-def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
-                   warmup_steps: int = 0, total_steps: int = 0,
-                   learning_rates: dict | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+  name: str,
+  learning_rate: float,
+  weight_decay: float = 0.0,
+  warmup_steps: int = 0,
+  total_steps: int = 0,
+  learning_rates: dict | None = None,
+) -> optax.GradientTransformation:
   """`learning_rates` maps a prefix of a top-level parameter name to its own
   learning rate (e.g. {"layer_": 1e-3} for encoder layers beside a head at
   `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`."""
@@ -92,24 +98,33 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
     rates = {str(k): float(v) for k, v in learning_rates.items()}
     for k, v in rates.items():
       if not k or not v > 0:
-        raise ValueError(f"learning_rates needs non-empty name prefixes and positive rates, "
-                         f"got {k!r}: {v}")
+        raise ValueError(
+          f"learning_rates needs non-empty name prefixes and positive rates, got {k!r}: {v}"
+        )
     # label "" = the default group (an empty prefix is refused above, so it cannot collide)
     txs = {"": make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)}
-    txs.update({k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
-                for k, v in rates.items()})
+    txs.update(
+      {
+        k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
+        for k, v in rates.items()
+      }
+    )
 
     def labels(params):
       if not isinstance(params, dict):
         raise ValueError("learning_rates needs a dict of parameters (top-level names)")
+
       def label(top):
         hits = [k for k in rates if top.startswith(k)]
         return max(hits, key=len) if hits else ""
+
       return {top: jax.tree.map(lambda _, l=label(top): l, sub) for top, sub in params.items()}
+
     return optax.multi_transform(txs, labels)
   if warmup_steps > 0 and total_steps > warmup_steps:
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
-                                            end_value=learning_rate * 0.1)
+    lr = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, warmup_steps, total_steps, end_value=learning_rate * 0.1
+    )
   else:
     lr = learning_rate
   if name == "adamw":
@@ -131,6 +146,7 @@ def _num_rows(data: Dict[str, np.ndarray]) -> int:
 
 def make_eval_fn(task: Task) -> Callable:
   """Jitted `(params, batch, mask) -> summed metrics` over a masked batch."""
+
   def per_example(params, ex):
     loss, metrics = task.loss_fn(params, ex, task.frozen)
     return dict(metrics, loss=loss)
@@ -139,11 +155,13 @@ def make_eval_fn(task: Task) -> Callable:
   def eval_fn(params, batch, mask):
     out = jax.vmap(per_example, in_axes=(None, 0))(params, batch)
     return {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in out.items()}
+
   return eval_fn
 
 
-def evaluate(task: Task, params: PyTree, split: str, batch_size: int,
-             eval_fn: Optional[Callable] = None) -> Dict[str, float]:
+def evaluate(
+  task: Task, params: PyTree, split: str, batch_size: int, eval_fn: Optional[Callable] = None
+) -> Dict[str, float]:
   """Mean metrics of `params` over one held-out split."""
   data = task.splits[split]
   eval_fn = eval_fn or make_eval_fn(task)
@@ -161,9 +179,9 @@ class RunResult:
   params: PyTree
   final_metrics: Dict[str, Any]
   workdir: Optional[str]
-  noise_multiplier: Optional[float] = None   # the sigma of the last segment; None if not private
-  ledger: Ledger = Ledger()                  # what the run released, all segments
-  privacy: Optional[Dict[str, Any]] = None   # the privacy.json record
+  noise_multiplier: Optional[float] = None  # the sigma of the last segment; None if not private
+  ledger: Ledger = Ledger()  # what the run released, all segments
+  privacy: Optional[Dict[str, Any]] = None  # the privacy.json record
 
 
 def check_task_data(task: Task) -> None:
@@ -178,17 +196,21 @@ def check_task_data(task: Task) -> None:
     for key, arr in data.items():
       rows = np.asarray(arr).reshape(len(arr), -1)
       if rows.dtype.kind == "f":
-        for lo in range(0, len(rows), 4096):     # chunks: no full-size boolean copy
-          bad = ~np.isfinite(rows[lo:lo + 4096])
+        for lo in range(0, len(rows), 4096):  # chunks: no full-size boolean copy
+          bad = ~np.isfinite(rows[lo : lo + 4096])
           if bad.any():
             i = int(np.argmax(bad.any(axis=1)))
-            raise SpecError(f"task {task.name!r}: {name} row {lo + i}, {key!r} holds "
-                            f"{rows[lo + i][bad[i]][0]} (values must be finite)")
+            raise SpecError(
+              f"task {task.name!r}: {name} row {lo + i}, {key!r} holds "
+              f"{rows[lo + i][bad[i]][0]} (values must be finite)"
+            )
       if key == "label" and classes is not None:
         bad = np.flatnonzero((rows < 0).any(axis=1) | (rows >= classes).any(axis=1))
         if len(bad):
-          raise SpecError(f"task {task.name!r}: {name} row {int(bad[0])} has label "
-                          f"{rows[bad[0]][0]}, outside [0, {classes - 1}] ({classes} classes)")
+          raise SpecError(
+            f"task {task.name!r}: {name} row {int(bad[0])} has label "
+            f"{rows[bad[0]][0]}, outside [0, {classes - 1}] ({classes} classes)"
+          )
 
 
 def with_weight_distillation(cfg, task: Task) -> Task:
@@ -221,8 +243,14 @@ def _resume_point(workdir: Optional[str]):
   return meta, ran_ledger
 
 
-def prepare(cfg, task: Task, workdir: Optional[str] = None, *,
-            allow_privacy_change: bool = False, extra_event=None):
+def prepare(
+  cfg,
+  task: Task,
+  workdir: Optional[str] = None,
+  *,
+  allow_privacy_change: bool = False,
+  extra_event=None,
+):
   """Validates `cfg` and `task` and makes the run's privacy plan; writes nothing.
 
   Returns (spec, plan, checkpoint meta or None). Every bad input raises here
@@ -234,25 +262,46 @@ def prepare(cfg, task: Task, workdir: Optional[str] = None, *,
   if workdir and meta is not None:
     rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)
   if meta is None:
-    secret = (Secret.from_seed(spec.noise_seed) if spec.noise_seed is not None
-              else Secret.fresh())
+    secret = Secret.from_seed(spec.noise_seed) if spec.noise_seed is not None else Secret.fresh()
     prior, start = Ledger(), 0
   else:
     secret, prior, start = meta["secret"], meta["ledger"], meta["step"]
-  plan = make_plan(spec, task, secret=secret, prior=prior, start_step=start,
-                   allow_privacy_change=allow_privacy_change, extra_event=extra_event)
+  plan = make_plan(
+    spec,
+    task,
+    secret=secret,
+    prior=prior,
+    start_step=start,
+    allow_privacy_change=allow_privacy_change,
+    extra_event=extra_event,
+  )
   if plan.private and prior.segments and ran is not None and ran.steps > start:
     if plan.segment(plan.steps).privacy_key() != prior.segments[-1].privacy_key():
       # Steps that ran past the checkpoint released outputs under the old plan;
       # replaying them under a new one releases again: charge both.
-      plan = make_plan(spec, task, secret=secret, prior=ran, start_step=start,
-                       allow_privacy_change=True, extra_event=extra_event)
+      plan = make_plan(
+        spec,
+        task,
+        secret=secret,
+        prior=ran,
+        start_step=start,
+        allow_privacy_change=True,
+        extra_event=extra_event,
+      )
   return spec, plan, meta
 
 
-def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = True,
-          stop_at_step: Optional[int] = None, allow_privacy_change: bool = False,
-          extra_event=None, callbacks: Sequence[Callback] = ()) -> RunResult:
+def train(
+  cfg,
+  task: Task,
+  workdir: Optional[str] = None,
+  *,
+  progress: bool = True,
+  stop_at_step: Optional[int] = None,
+  allow_privacy_change: bool = False,
+  extra_event=None,
+  callbacks: Sequence[Callback] = (),
+) -> RunResult:
   """Runs (or resumes) `cfg` on `task`, writing to `workdir` when given.
 
   `cfg` is a config (`ConfigDict` or dict) of the keys in `dpjax.training.spec.KEYS`
@@ -264,19 +313,19 @@ def train(cfg, task: Task, workdir: Optional[str] = None, *, progress: bool = Tr
   cover too (DistilDP's histogram). `callbacks`: more `Callback`s after the
   built-in ones (metrics, privacy.json, checkpoints, progress).
   """
-  lead = jax.process_index() == 0    # multi-host: one process writes metrics and plots
+  lead = jax.process_index() == 0  # multi-host: one process writes metrics and plots
   lock = rundir.RunLock(workdir) if workdir and lead else None
   if lock is not None and os.path.isdir(workdir):
     lock.acquire()
   try:
-    spec, plan, meta = prepare(cfg, task, workdir, allow_privacy_change=allow_privacy_change,
-                               extra_event=extra_event)
+    spec, plan, meta = prepare(
+      cfg, task, workdir, allow_privacy_change=allow_privacy_change, extra_event=extra_event
+    )
     if workdir:
       os.makedirs(workdir, exist_ok=True)
       if lock is not None and not lock.held:
         lock.acquire()
-    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step,
-                callbacks)
+    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks)
   finally:
     if lock is not None:
       lock.release()
@@ -312,7 +361,7 @@ class MetricsFile(Callback):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.curves = os.path.join(workdir, "curves.png")
     self.steps = steps
-    rundir.truncate_metrics(self.path, start)    # replayed steps replace their rows
+    rundir.truncate_metrics(self.path, start)  # replayed steps replace their rows
 
   def on_start(self, header):
     rundir.log_jsonl(self.path, header)
@@ -360,32 +409,53 @@ class ProgressBar(Callback):
     self.bar.update(1)
 
   def on_log(self, step, rec, state):
-    self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "dev_accuracy", "epsilon")
-                          if isinstance(rec.get(k), float)})
+    self.bar.set_postfix(
+      {
+        k: f"{rec[k]:.3g}"
+        for k in ("train_loss", "dev_accuracy", "epsilon")
+        if isinstance(rec.get(k), float)
+      }
+    )
 
   def on_end(self, final, state):
     self.bar.close()
 
 
-def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead: bool,
-         progress: bool, stop_at_step: Optional[int], callbacks: Sequence[Callback]
-         ) -> RunResult:
+def _run(
+  spec,
+  plan: PrivacyPlan,
+  meta,
+  task: Task,
+  workdir: Optional[str],
+  lead: bool,
+  progress: bool,
+  stop_at_step: Optional[int],
+  callbacks: Sequence[Callback],
+) -> RunResult:
   """The driver: state in, the pure step per sampled batch, callbacks out."""
   task = with_weight_distillation(spec, task)
   mesh = None
   n_data, n_model = spec.data_devices, spec.model_devices
   if n_data * n_model > 1:
     if n_data * n_model > jax.device_count():
-      raise SpecError(f"data_devices={n_data} x model_devices={n_model} but only "
-                      f"{jax.device_count()} devices are visible")
-    mesh = shard_lib.make_mesh(jax.devices()[:n_data * n_model], model=n_model)
-  optimizer = make_optimizer(spec.optimizer, spec.learning_rate, spec.weight_decay,
-                             spec.warmup_steps, spec.steps, spec.learning_rates)
+      raise SpecError(
+        f"data_devices={n_data} x model_devices={n_model} but only "
+        f"{jax.device_count()} devices are visible"
+      )
+    mesh = shard_lib.make_mesh(jax.devices()[: n_data * n_model], model=n_model)
+  optimizer = make_optimizer(
+    spec.optimizer,
+    spec.learning_rate,
+    spec.weight_decay,
+    spec.warmup_steps,
+    spec.steps,
+    spec.learning_rates,
+  )
   tx = plan.transform(optimizer)
 
   def host_batch(pb):
     """A sampler's physical batch -> (device batch, unit mask)."""
-    batch = _take(task.train, pb.indices)                        # [P, ...] or [P, G, ...]
+    batch = _take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
     if plan.per_user:
       batch["_example_mask"] = jnp.asarray(pb.example_mask)
     mask = jnp.asarray(pb.mask)
@@ -397,8 +467,9 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
     """The gradient sum over a step's physical batches, with the stats of each."""
     gsum, stats = zeros, []
     for pb in batches:
-      gsum, s = accumulate(gsum, params, task.frozen, *host_batch(pb), plan=plan,
-                           loss_fn=task.loss_fn)
+      gsum, s = accumulate(
+        gsum, params, task.frozen, *host_batch(pb), plan=plan, loss_fn=task.loss_fn
+      )
       stats.append((pb, s))
     return gsum, stats
 
@@ -408,9 +479,9 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
     if meta is not None:
       state = ckpt.restore(state)
     else:
-      ckpt.save(state, Ledger(), plan.secret)   # the secret is kept before anything is released
+      ckpt.save(state, Ledger(), plan.secret)  # the secret is kept before anything is released
   if mesh is not None:
-    sharding = shard_lib.param_sharding(state, mesh)   # replicated on a data-only mesh
+    sharding = shard_lib.param_sharding(state, mesh)  # replicated on a data-only mesh
     state = jax.device_put(state, sharding)
     # One compilation, the state kept in its placement.
     apply_fn = jax.jit(functools.partial(apply_update, tx=tx), out_shardings=sharding)
@@ -430,37 +501,49 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
     cbs.append(ProgressBar(start, spec.steps))
   cbs += list(callbacks)
   full = plan.ledger_at(spec.steps)
-  header = {"event": "start", "task": task.name, "private": plan.private,
-            "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
-            "expected_batch_size": plan.expected_batch_size, "steps": spec.steps,
-            "resumed_from": start, "privacy_unit": plan.unit, "user_sampling": plan.sampling,
-            "max_examples_per_user": plan.max_examples_per_user,
-            "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
-            "dp_sam": None if plan.sam is None else {
-                "rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
-            "releases": full.releases, "ledger_segments": len(full.segments),
-            "noise_seed_secret": plan.noise_seed_secret}
+  header = {
+    "event": "start",
+    "task": task.name,
+    "private": plan.private,
+    "noise_multiplier": plan.noise_multiplier,
+    "sampling_rate": plan.sampling_rate,
+    "expected_batch_size": plan.expected_batch_size,
+    "steps": spec.steps,
+    "resumed_from": start,
+    "privacy_unit": plan.unit,
+    "user_sampling": plan.sampling,
+    "max_examples_per_user": plan.max_examples_per_user,
+    "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
+    "dp_sam": None
+    if plan.sam is None
+    else {"rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
+    "releases": full.releases,
+    "ledger_segments": len(full.segments),
+    "noise_seed_secret": plan.noise_seed_secret,
+  }
   for cb in cbs:
     cb.on_start(header)
 
   eval_fn = make_eval_fn(task) if task.splits else None
-  zeros = jax.tree.map(jnp.zeros_like, state.params)   # replicated like the params
+  zeros = jax.tree.map(jnp.zeros_like, state.params)  # replicated like the params
   window: Dict[str, float] = {}
   t0, seen = time.perf_counter(), 0
   last: Dict[str, Any] = {}
   dropped_total = units_total = 0.0
   for step in range(start, end):
     ascent = None
-    if plan.ascent_releases(step, step + 1):      # charged DP-SAM: an independent draw
+    if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
       ascent, _ = summed(state.params, plan.sampler.batches(step, draw=1))
     at = perturb(state.params, state.opt_state, ascent, jnp.asarray(step, jnp.int32), plan=plan)
     gsum, stats = summed(at, plan.sampler.batches(step))
     step_units = sum(float(pb.mask.sum()) for pb, _ in stats)
     step_dropped = sum(float(s["dropped_units"]) for _, s in stats)
     if step_units > 0 and step_dropped >= step_units:
-      raise NonFiniteData(f"step {step + 1}: every one of the {int(step_units)} sampled units had "
-                         "a non-finite loss or gradient and was dropped; check the data and the "
-                         "learning rate (the run stopped before releasing this step)")
+      raise NonFiniteData(
+        f"step {step + 1}: every one of the {int(step_units)} sampled units had "
+        "a non-finite loss or gradient and was dropped; check the data and the "
+        "learning rate (the run stopped before releasing this step)"
+      )
     for pb, s in stats:
       for k, v in s.items():
         window[k] = window.get(k, 0.0) + float(v)
@@ -475,19 +558,34 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
     if done % spec.log_every == 0 or done == end:
       cnt = max(window.pop("count", 0.0), 1.0)
       dropped = window.pop("dropped_units", 0.0)
-      rec = {"step": done, **{f"train_{k}": v / cnt for k, v in window.items()},
-             "dropped_units": int(dropped), **plan.epsilon_fields(done), "delta": plan.delta,
-             "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+      rec = {
+        "step": done,
+        **{f"train_{k}": v / cnt for k, v in window.items()},
+        "dropped_units": int(dropped),
+        **plan.epsilon_fields(done),
+        "delta": plan.delta,
+        "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+      }
       if eval_fn is not None and "dev" in task.splits:
-        rec.update({f"dev_{k}": v for k, v in
-                    evaluate(task, state.params, "dev", spec.physical_batch_size, eval_fn).items()})
+        rec.update(
+          {
+            f"dev_{k}": v
+            for k, v in evaluate(
+              task, state.params, "dev", spec.physical_batch_size, eval_fn
+            ).items()
+          }
+        )
       for cb in cbs:
         cb.on_log(done, rec, state)
       last, window = rec, {}
   if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
-    warnings.warn(f"{int(dropped_total)} of {int(units_total)} sampled units "
-                  f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
-                  "were dropped (dropped_units in metrics.jsonl)", UserWarning, stacklevel=3)
+    warnings.warn(
+      f"{int(dropped_total)} of {int(units_total)} sampled units "
+      f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
+      "were dropped (dropped_units in metrics.jsonl)",
+      UserWarning,
+      stacklevel=3,
+    )
 
   final = dict(last)
   final["step"] = int(state.step)
@@ -498,13 +596,18 @@ def _run(spec, plan: PrivacyPlan, meta, task: Task, workdir: Optional[str], lead
         final[f"{split}_{k}"] = v
   for cb in cbs:
     cb.on_end(final, state)
-  return RunResult(state.params, final, workdir,
-                   plan.noise_multiplier if plan.private else None,
-                   plan.ledger_at(int(state.step)), plan.privacy_record(int(state.step)))
+  return RunResult(
+    state.params,
+    final,
+    workdir,
+    plan.noise_multiplier if plan.private else None,
+    plan.ledger_at(int(state.step)),
+    plan.privacy_record(int(state.step)),
+  )
 
 
 class NonFiniteData(ValueError):
   """Every unit a step sampled had a non-finite loss or gradient."""
 
 
-DROPPED_WARN_FRACTION = 0.01   # warn when more of the sampled units were dropped
+DROPPED_WARN_FRACTION = 0.01  # warn when more of the sampled units were dropped

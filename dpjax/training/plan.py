@@ -47,7 +47,7 @@ from dpjax.methods import flatness
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.training.spec import SpecError
 
-L1_MECHANISMS = ("laplace", "lmo")   # noise calibrated to the L1 sensitivity
+L1_MECHANISMS = ("laplace", "lmo")  # noise calibrated to the L1 sensitivity
 
 
 class ResumeRefused(ValueError):
@@ -61,8 +61,9 @@ class BudgetExhausted(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Secret:
   """The entropy of a run's noise and sampling: an integer, and whether it is secret."""
+
   entropy: int
-  secret: bool     # False when derived from a fixed `noise_seed`
+  secret: bool  # False when derived from a fixed `noise_seed`
 
   @classmethod
   def fresh(cls) -> Secret:
@@ -97,11 +98,14 @@ class Secret:
 
 
 def guarantee_note(secret: bool) -> str:
-  return ("noise and sampling from OS entropy, kept only in the checkpoint" if secret else
-          "noise_seed is fixed: the guarantee assumes that seed is secret")
+  return (
+    "noise and sampling from OS entropy, kept only in the checkpoint"
+    if secret
+    else "noise_seed is fixed: the guarantee assumes that seed is secret"
+  )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a static jit argument
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class PrivacyPlan:
   """Everything privacy-relevant of one run (segment), decided once.
 
@@ -109,9 +113,10 @@ class PrivacyPlan:
   steps that ran past it if the plan changed); this plan's own segment covers
   steps [start_step, steps).
   """
+
   private: bool
   mechanism: Optional[str]
-  noise_multiplier: float          # sigma (0 when not private, or for LMO)
+  noise_multiplier: float  # sigma (0 when not private, or for LMO)
   sampling_rate: Optional[float]
   unit: str
   sampling: Optional[str]
@@ -123,12 +128,12 @@ class PrivacyPlan:
   start_step: int
   num_units: int
   sampler: Any
-  grad_fn: Any                     # dpjax.clipped_grad result, None when not private
+  grad_fn: Any  # dpjax.clipped_grad result, None when not private
   sam: Optional[flatness.DPSAM]
-  lmo: Optional[Any]               # LMOParams
+  lmo: Optional[Any]  # LMOParams
   secret: Secret
   prior: Ledger = Ledger()
-  origin: Optional[Dict[str, Any]] = None   # the spec values that chose the noise
+  origin: Optional[Dict[str, Any]] = None  # the spec values that chose the noise
 
   @property
   def per_user(self) -> bool:
@@ -147,11 +152,20 @@ class PrivacyPlan:
 
   def segment(self, end: int) -> Segment:
     """This plan's releases over steps [start_step, end)."""
-    return Segment(self.mechanism, float(self.noise_multiplier), float(self.sampling_rate),
-                   self.unit, self.sampling, int(self.max_examples_per_user), int(end - self.start_step),
-                   self.ascent_releases(self.start_step, end), self.accountant,
-                   self.lmo.as_dict() if self.lmo is not None else None, int(self.num_units),
-                   self.origin)
+    return Segment(
+      self.mechanism,
+      float(self.noise_multiplier),
+      float(self.sampling_rate),
+      self.unit,
+      self.sampling,
+      int(self.max_examples_per_user),
+      int(end - self.start_step),
+      self.ascent_releases(self.start_step, end),
+      self.accountant,
+      self.lmo.as_dict() if self.lmo is not None else None,
+      int(self.num_units),
+      self.origin,
+    )
 
   def ledger_at(self, step: int) -> Ledger:
     """The ledger after `step` steps: prior segments + this plan's up to `step`."""
@@ -170,8 +184,10 @@ class PrivacyPlan:
     if not self.private:
       return {"epsilon": math.inf, "privacy_unit": self.unit}
     ledger = self.ledger_at(step)
-    out = {"epsilon": ledger.epsilon(self.delta, accounting.bound_accountant(self.accountant)),
-           "privacy_unit": self.unit}
+    out = {
+      "epsilon": ledger.epsilon(self.delta, accounting.bound_accountant(self.accountant)),
+      "privacy_unit": self.unit,
+    }
     if self.accountant in accounting.ESTIMATES:
       out[f"epsilon_{self.accountant}_estimate"] = ledger.epsilon(self.delta, self.accountant)
     return out
@@ -179,14 +195,19 @@ class PrivacyPlan:
   def privacy_record(self, step: int) -> Dict[str, Any]:
     """What `privacy.json` holds after `step` steps."""
     fields = self.epsilon_fields(step)
-    return {"epsilon": fields["epsilon"], "delta": self.delta, "privacy_unit": self.unit,
-            "accountant": accounting.bound_accountant(self.accountant) if self.private else None,
-            "upper_bound": True if self.private else None,
-            **{k: v for k, v in fields.items() if k.endswith("_estimate")},
-            "steps": int(step), "private": self.private,
-            "noise_seed_secret": self.noise_seed_secret,
-            "assumes": guarantee_note(self.noise_seed_secret) if self.private else None,
-            "ledger": self.ledger_at(step).to_json()}
+    return {
+      "epsilon": fields["epsilon"],
+      "delta": self.delta,
+      "privacy_unit": self.unit,
+      "accountant": accounting.bound_accountant(self.accountant) if self.private else None,
+      "upper_bound": True if self.private else None,
+      **{k: v for k, v in fields.items() if k.endswith("_estimate")},
+      "steps": int(step),
+      "private": self.private,
+      "noise_seed_secret": self.noise_seed_secret,
+      "assumes": guarantee_note(self.noise_seed_secret) if self.private else None,
+      "ledger": self.ledger_at(step).to_json(),
+    }
 
   def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
     """The privatiser alone, on the clipped sum."""
@@ -202,8 +223,12 @@ class PrivacyPlan:
     sam = [self.sam] if self.sam is not None else []
     if not self.private:
       return optax.chain(*sam, normalize(self.expected_batch_size), optimizer)
-    return optax.chain(self.noise_transform(self.secret.noise_key()), *sam,
-                       normalize(self.expected_batch_size), optimizer)
+    return optax.chain(
+      self.noise_transform(self.secret.noise_key()),
+      *sam,
+      normalize(self.expected_batch_size),
+      optimizer,
+    )
 
 
 def _unit_sampler(spec, task, seed: int):
@@ -243,31 +268,49 @@ def _unit_sampler(spec, task, seed: int):
 
 def _check_q(q: float, spec, n: int, what: str) -> None:
   if not 0 < q <= 1:
-    key = "sampling_rate" if spec.sampling_rate else (
-        "users_per_step" if what == "users" else "batch_size")
-    raise SpecError(f"sampling rate {q:.4g} from {key} with {n} {what} must be in (0, 1]: "
-                    f"lower {key}")
+    key = (
+      "sampling_rate"
+      if spec.sampling_rate
+      else ("users_per_step" if what == "users" else "batch_size")
+    )
+    raise SpecError(
+      f"sampling rate {q:.4g} from {key} with {n} {what} must be in (0, 1]: lower {key}"
+    )
   if spec.delta >= 1.0 / n:
-    warnings.warn(f"delta={spec.delta:g} >= 1/N = {1.0 / n:.3g} ({n} {what}): a mechanism that "
-                  "publishes one random unit in the clear meets that delta", UserWarning,
-                  stacklevel=3)
+    warnings.warn(
+      f"delta={spec.delta:g} >= 1/N = {1.0 / n:.3g} ({n} {what}): a mechanism that "
+      "publishes one random unit in the clear meets that delta",
+      UserWarning,
+      stacklevel=3,
+    )
 
 
 def _sam(spec) -> Optional[flatness.DPSAM]:
   s = spec.dp_sam
   if not s:
     return None
-  return flatness.dp_sam(s["rho"], mode=s.get("mode", "free"),
-                         layerwise=s.get("layerwise", True),
-                         active_steps=int(round(s.get("active_fraction", 0.5) * spec.steps)))
+  return flatness.dp_sam(
+    s["rho"],
+    mode=s.get("mode", "free"),
+    layerwise=s.get("layerwise", True),
+    active_steps=int(round(s.get("active_fraction", 0.5) * spec.steps)),
+  )
 
 
 def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> PrivacyPlan:
   return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
 
 
-def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_step: int = 0,
-              allow_privacy_change: bool = False, extra_event=None) -> PrivacyPlan:
+def make_plan(
+  spec,
+  task,
+  *,
+  secret: Secret,
+  prior: Ledger = Ledger(),
+  start_step: int = 0,
+  allow_privacy_change: bool = False,
+  extra_event=None,
+) -> PrivacyPlan:
   """The plan of `spec` on `task`, resuming at `start_step` after `prior` was released.
 
   Args:
@@ -292,25 +335,51 @@ def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_ste
       cannot fit in it.
   """
   if start_step > spec.steps:
-    raise ResumeRefused(f"the checkpoint is at step {start_step}, past steps={spec.steps}: raise "
-                        "steps or use a new workdir")
+    raise ResumeRefused(
+      f"the checkpoint is at step {start_step}, past steps={spec.steps}: raise "
+      "steps or use a new workdir"
+    )
   seed = secret.sampling_seed()
   unit, sampling, G, sampler, q, expected, units = _unit_sampler(spec, task, seed)
   sam = _sam(spec)
   grad_fn = None
   if spec.private:
-    unit_loss = (group_mean(task.loss_fn, weight_key="_example_mask", has_aux=True)
-                 if sampling == "uls" else task.loss_fn)
-    clip = ({"l1_clip_norm": spec.l1_clip_norm} if spec.mechanism in L1_MECHANISMS
-            else {"l2_clip_norm": spec.l2_clip_norm})
-    grad_fn = clipped_grad(unit_loss, has_aux=True, microbatch_size=spec.microbatch_size,
-                           method=spec.clipping_method, **clip)
-  args = dict(private=bool(spec.private), mechanism=spec.mechanism if spec.private else None,
-              sampling_rate=q, unit=unit, sampling=sampling, max_examples_per_user=G,
-              expected_batch_size=expected,
-              accountant=spec.accountant, delta=spec.delta if spec.private else None,
-              steps=int(spec.steps), start_step=int(start_step), num_units=units,
-              sampler=sampler, grad_fn=grad_fn, sam=sam, secret=secret, prior=prior)
+    unit_loss = (
+      group_mean(task.loss_fn, weight_key="_example_mask", has_aux=True)
+      if sampling == "uls"
+      else task.loss_fn
+    )
+    clip = (
+      {"l1_clip_norm": spec.l1_clip_norm}
+      if spec.mechanism in L1_MECHANISMS
+      else {"l2_clip_norm": spec.l2_clip_norm}
+    )
+    grad_fn = clipped_grad(
+      unit_loss,
+      has_aux=True,
+      microbatch_size=spec.microbatch_size,
+      method=spec.clipping_method,
+      **clip,
+    )
+  args = dict(
+    private=bool(spec.private),
+    mechanism=spec.mechanism if spec.private else None,
+    sampling_rate=q,
+    unit=unit,
+    sampling=sampling,
+    max_examples_per_user=G,
+    expected_batch_size=expected,
+    accountant=spec.accountant,
+    delta=spec.delta if spec.private else None,
+    steps=int(spec.steps),
+    start_step=int(start_step),
+    num_units=units,
+    sampler=sampler,
+    grad_fn=grad_fn,
+    sam=sam,
+    secret=secret,
+    prior=prior,
+  )
   if not spec.private:
     return _candidate(args, 0.0, None)
   try:
@@ -322,13 +391,16 @@ def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_ste
   if not prior.segments:
     return _plan_noise(spec, args, prior, start_step, extra_event)
   last = prior.segments[-1]
-  changed = {f: (getattr(last, f), args[k]) for f, k in _SAME.items()
-             if canonical(getattr(last, f)) != canonical(args[k])}
+  changed = {
+    f: (getattr(last, f), args[k])
+    for f, k in _SAME.items()
+    if canonical(getattr(last, f)) != canonical(args[k])
+  }
   for k in sorted(set(last.origin or {}) | set(args["origin"])):
     old, new = (last.origin or {}).get(k), args["origin"].get(k)
     if canonical(old) != canonical(new):
       changed[k] = (old, new)
-  if not changed:     # the same noise, chosen the same way: continue the last segment
+  if not changed:  # the same noise, chosen the same way: continue the last segment
     params = None
     if last.lmo is not None:
       params = LMOParams(**last.lmo)
@@ -336,29 +408,41 @@ def make_plan(spec, task, *, secret: Secret, prior: Ledger = Ledger(), start_ste
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
   if not allow_privacy_change:
     raise ResumeRefused(
-        f"resuming at step {start_step} would change the privacy of what already ran ({said}); "
-        "rerun with --allow-privacy-change (dpjax.training.loop(..., allow_privacy_change=True)) to "
-        "append a new ledger segment, or use a new workdir")
+      f"resuming at step {start_step} would change the privacy of what already ran ({said}); "
+      "rerun with --allow-privacy-change (dpjax.training.loop(..., allow_privacy_change=True)) to "
+      "append a new ledger segment, or use a new workdir"
+    )
   return _plan_noise(spec, args, prior, start_step, extra_event)
 
 
 # Segment field -> plan argument, compared on resume.
-_SAME = {"mechanism": "mechanism", "sampling_rate": "sampling_rate", "unit": "unit",
-         "sampling": "sampling", "max_examples_per_user": "max_examples_per_user", "accountant": "accountant"}
+_SAME = {
+  "mechanism": "mechanism",
+  "sampling_rate": "sampling_rate",
+  "unit": "unit",
+  "sampling": "sampling",
+  "max_examples_per_user": "max_examples_per_user",
+  "accountant": "accountant",
+}
 
 
 def _origin(spec, extra_event) -> Dict[str, Any]:
   """The spec values that choose the noise: a resume with other values is a privacy change."""
   calibrated = spec.noise_multiplier is None
-  out = {"noise_multiplier": spec.noise_multiplier,
-         "lmo": dict(spec.lmo) if spec.lmo is not None else None,
-         "target_epsilon": spec.target_epsilon if calibrated else None}
-  if calibrated:   # the noise depends on the run's length, delta and anything composed with it
-    out.update(steps=int(spec.steps), delta=spec.delta,
-               dp_sam=dict(spec.dp_sam) if spec.dp_sam else None,
-               lmo_grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
-               lmo_objective=spec.lmo_objective if spec.lmo is None else None,
-               composed_with=repr(extra_event) if extra_event is not None else None)
+  out = {
+    "noise_multiplier": spec.noise_multiplier,
+    "lmo": dict(spec.lmo) if spec.lmo is not None else None,
+    "target_epsilon": spec.target_epsilon if calibrated else None,
+  }
+  if calibrated:  # the noise depends on the run's length, delta and anything composed with it
+    out.update(
+      steps=int(spec.steps),
+      delta=spec.delta,
+      dp_sam=dict(spec.dp_sam) if spec.dp_sam else None,
+      lmo_grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
+      lmo_objective=spec.lmo_objective if spec.lmo is None else None,
+      composed_with=repr(extra_event) if extra_event is not None else None,
+    )
   return out
 
 
@@ -376,50 +460,66 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
     ledger = plan.ledger_at(plan.steps)
     if extra_event is None:
       return ledger.epsilon(spec.delta, accountant)
-    return accounting.epsilon(accounting.compose([ledger.event(), extra_event]), spec.delta,
-                              accountant)
+    return accounting.epsilon(
+      accounting.compose([ledger.event(), extra_event]), spec.delta, accountant
+    )
 
   if prior.segments and target is not None:
     spent = prior.epsilon(spec.delta, bound)
     if spent >= target:
-      raise BudgetExhausted(f"target_epsilon={target:g} is already spent: the ledger holds "
-                            f"eps={spent:.4g} ({bound}) after {prior.steps} steps; remaining 0")
+      raise BudgetExhausted(
+        f"target_epsilon={target:g} is already spent: the ledger holds "
+        f"eps={spent:.4g} ({bound}) after {prior.steps} steps; remaining 0"
+      )
   if spec.mechanism == "lmo":
     if spec.lmo is not None:
       try:
         params = LMOParams(**dict(spec.lmo))
       except TypeError as e:
-        raise SpecError(f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}") from None
+        raise SpecError(
+          f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}"
+        ) from None
     elif prior.segments:
-      raise SpecError("LMO parameters cannot be searched against a spent budget on resume; "
-                      "give lmo explicitly")
+      raise SpecError(
+        "LMO parameters cannot be searched against a spent budget on resume; give lmo explicitly"
+      )
     else:
-      params = lmo_search(target, spec.delta, args["sampling_rate"],
-                                  _candidate(args, 0.0, None).ascent_releases(0, spec.steps)
-                                  + spec.steps,
-                                  grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
-                                  objective=spec.lmo_objective, progress=True)["params"]
+      params = lmo_search(
+        target,
+        spec.delta,
+        args["sampling_rate"],
+        _candidate(args, 0.0, None).ascent_releases(0, spec.steps) + spec.steps,
+        grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
+        objective=spec.lmo_objective,
+        progress=True,
+      )["params"]
     plan = _candidate(args, 0.0, params)
   elif spec.noise_multiplier is not None:
     plan = _candidate(args, spec.noise_multiplier, None)
   else:
     if spec.accountant in accounting.ESTIMATES:
-      warnings.warn(f"accountant={spec.accountant!r} gives an estimate, not an upper bound: the "
-                    f"noise it calibrates may give epsilon > {target}. The PLD epsilon of the "
-                    "noise used is reported as the guarantee.", UserWarning, stacklevel=3)
+      warnings.warn(
+        f"accountant={spec.accountant!r} gives an estimate, not an upper bound: the "
+        f"noise it calibrates may give epsilon > {target}. The PLD epsilon of the "
+        "noise used is reported as the guarantee.",
+        UserWarning,
+        stacklevel=3,
+      )
     try:
-      sigma = calibrate_scale(
-          lambda s: total(_candidate(args, s, None), spec.accountant), target)
+      sigma = calibrate_scale(lambda s: total(_candidate(args, s, None), spec.accountant), target)
     except UnreachableTarget:
       if prior.segments:
         spent = prior.epsilon(spec.delta, bound)
         raise BudgetExhausted(
-            f"target_epsilon={target:g}: {spent:.4g} spent after {prior.steps} steps, "
-            f"{target - spent:.4g} remaining cannot cover the {spec.steps - start_step} steps "
-            "left at any noise_multiplier <= 1e5: lower steps or raise target_epsilon") from None
-      raise SpecError(f"target_epsilon={target:g} is unreachable with noise_multiplier <= 1e5 "
-                      f"(delta={spec.delta:g}, q={args['sampling_rate']:.4g}, "
-                      f"steps={spec.steps})") from None
+          f"target_epsilon={target:g}: {spent:.4g} spent after {prior.steps} steps, "
+          f"{target - spent:.4g} remaining cannot cover the {spec.steps - start_step} steps "
+          "left at any noise_multiplier <= 1e5: lower steps or raise target_epsilon"
+        ) from None
+      raise SpecError(
+        f"target_epsilon={target:g} is unreachable with noise_multiplier <= 1e5 "
+        f"(delta={spec.delta:g}, q={args['sampling_rate']:.4g}, "
+        f"steps={spec.steps})"
+      ) from None
     plan = _candidate(args, sigma, None)
   if target is not None and spec.accountant not in accounting.ESTIMATES:
     got = total(plan, bound)

@@ -55,8 +55,10 @@ def check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool
   diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
   if diff:
     changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
-    raise ResumeRefused(f"{workdir} holds a checkpoint of a run with a different config "
-                        f"({changes}); resume with the same config or use a new workdir")
+    raise ResumeRefused(
+      f"{workdir} holds a checkpoint of a run with a different config "
+      f"({changes}); resume with the same config or use a new workdir"
+    )
 
 
 class Checkpoints:
@@ -64,10 +66,12 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     import orbax.checkpoint as ocp
+
     self._ocp = ocp
     self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.mngr = ocp.CheckpointManager(
-        self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
 
   @staticmethod
   def latest_meta(workdir: str) -> Optional[Dict[str, Any]]:
@@ -76,29 +80,39 @@ class Checkpoints:
     if not os.path.isdir(path):
       return None
     import orbax.checkpoint as ocp
+
     mngr = ocp.CheckpointManager(os.path.abspath(path))
     step = mngr.latest_step()
     if step is None:
       return None
     if not os.path.isdir(os.path.join(path, str(step), "meta")):
-      raise ResumeRefused(f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
-                          "its budget cannot be composed: use a new workdir")
+      raise ResumeRefused(
+        f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
+        "its budget cannot be composed: use a new workdir"
+      )
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return {"step": int(step), "ledger": Ledger.from_json(meta["ledger"]),
-            "secret": Secret.from_json(meta["secret"])}
+    return {
+      "step": int(step),
+      "ledger": Ledger.from_json(meta["ledger"]),
+      "secret": Secret.from_json(meta["secret"]),
+    }
 
   def save(self, state, ledger: Ledger, secret: Secret) -> None:
     ocp = self._ocp
     meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
-    self.mngr.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self.mngr.save(
+      int(state.step),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
     self.mngr.wait_until_finished()
 
   def restore(self, template: PyTree) -> PyTree:
     ocp = self._ocp
     step = self.mngr.latest_step()
-    restored = self.mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template)))["state"]
+    restored = self.mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+    )["state"]
     return jax.tree.map(jnp.asarray, restored)
 
 
@@ -119,9 +133,11 @@ class RunLock:
         except (OSError, ValueError):
           pid = 0
         if pid and pid != os.getpid() and _alive(pid):
-          raise RunLocked(f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
-                          f"{self.path}); wait for it or use another workdir") from None
-        os.remove(self.path)    # stale: its process is gone
+          raise RunLocked(
+            f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
+            f"{self.path}); wait for it or use another workdir"
+          ) from None
+        os.remove(self.path)  # stale: its process is gone
         continue
       with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
@@ -212,14 +228,19 @@ def log_jsonl(path: Optional[str], rec: Dict[str, Any]) -> None:
 def plot_curves(metrics_path: str, out_path: str) -> None:
   """loss, dev accuracy and epsilon against step, from metrics.jsonl."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   recs = [json.loads(l) for l in open(metrics_path)]
   recs = [r for r in recs if "step" in r and "event" not in r]
   if not recs:
     return
-  panels = [("train_loss", "train loss"), ("dev_accuracy", "dev accuracy"),
-            ("epsilon", "epsilon spent")]
+  panels = [
+    ("train_loss", "train loss"),
+    ("dev_accuracy", "dev accuracy"),
+    ("epsilon", "epsilon spent"),
+  ]
   panels = [(k, t) for k, t in panels if any(k in r for r in recs)]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
   for ax, (k, title) in zip(np.atleast_1d(axes), panels):

@@ -34,8 +34,9 @@ PyTree = Any
 MODEL_AXIS = "model"
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = "data",
-              model: int = 1) -> Mesh:
+def make_mesh(
+  devices: Optional[Sequence[jax.Device]] = None, axis: str = "data", model: int = 1
+) -> Mesh:
   """A data-parallel mesh over `devices` (default: all).
 
   With `model` > 1 the mesh is 2-D, `(axis, "model")` of shape
@@ -75,9 +76,11 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
   def put(x):
     x = np.asarray(x)
     if x.shape[0] % n_dev:
-      raise ValueError(f"batch leading dimension {x.shape[0]} is not divisible by the "
-                       f"{n_dev} devices of mesh axis {axis!r}; pick a physical batch size "
-                       f"that is a multiple of {n_dev}")
+      raise ValueError(
+        f"batch leading dimension {x.shape[0]} is not divisible by the "
+        f"{n_dev} devices of mesh axis {axis!r}; pick a physical batch size "
+        f"that is a multiple of {n_dev}"
+      )
     local = x[_process_slice(x.shape[0])]
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 

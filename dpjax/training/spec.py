@@ -1,4 +1,4 @@
-"""The training spec: every key `dpjax.training.loop` reads, declared once with its default, type and range.
+"""The training spec: every key the loop reads, declared once with its default, type and range.
 
 A config file (`get_config()`) sets some keys; `with_defaults` fills the
 rest, so every key is settable with `--set`; `validate` checks each value
@@ -30,14 +30,14 @@ class SpecError(ValueError):
 class Key:
   name: str
   default: Any
-  kind: Tuple[type, ...]        # allowed Python types of a non-None value
+  kind: Tuple[type, ...]  # allowed Python types of a non-None value
   doc: str
-  optional: bool = False        # None allowed
+  optional: bool = False  # None allowed
   choices: Optional[Tuple] = None
   check: Optional[Callable[[Any], bool]] = None
-  allowed: str = ""             # how to say what `check` allows
-  privacy: bool = False         # only meaningful with private=True
-  run_control: bool = False     # may change when a run resumes
+  allowed: str = ""  # how to say what `check` allows
+  privacy: bool = False  # only meaningful with private=True
+  run_control: bool = False  # may change when a run resumes
 
 
 _pos = (lambda v: v > 0 and math.isfinite(v), "finite and > 0")
@@ -48,75 +48,249 @@ _rate = (lambda v: 0 < v <= 1, "in (0, 1]")
 _NUM, _INT, _STR, _DICT = (int, float), (int,), (str,), (dict, ml_collections.ConfigDict)
 
 KEYS: Tuple[Key, ...] = (
-    Key("task", None, _DICT, "the task section (see dpjax.tasks)"),
-    Key("private", True, (bool,), "train with DP-SGD (False: the non-private baseline)"),
-    Key("privacy_unit", "example", _STR, "what one neighbour adds or removes",
-        choices=("example", "user"), privacy=True),
-    Key("user_sampling", "uls", _STR, "user level: sample examples (els) or users (uls)",
-        choices=("els", "uls"), privacy=True),
-    Key("max_examples_per_user", "median", (int, str),
-        "user level: cap G on each user's examples, an integer >= 1 or 'median'",
-        check=lambda v: v == "median" if isinstance(v, str) else v >= 1,
-        allowed="an integer >= 1 or 'median'", privacy=True),
-    Key("users_per_step", None, _NUM, "ULS: expected users per step (sets the user sampling rate)",
-        optional=True, check=_pos[0], allowed=_pos[1], privacy=True),
-    Key("target_epsilon", None, _NUM, "epsilon the noise is calibrated to (whole run)",
-        optional=True, check=_pos[0], allowed=_pos[1], privacy=True),
-    Key("noise_multiplier", None, _NUM,
-        "sigma given directly (instead of target_epsilon)", optional=True, check=_pos[0],
-        allowed=_pos[1], privacy=True),
-    Key("delta", 1e-5, _NUM, "delta of every epsilon reported", check=_unit[0],
-        allowed=_unit[1], privacy=True),
-    Key("accountant", "pld", _STR, "pld | rdp (bounds), edgeworth (an estimate; PLD reported "
-        "beside it), edgeworth-bound", choices=ACCOUNTANT_NAMES, privacy=True),
-    Key("mechanism", "gaussian", _STR, "gaussian (L2 clipping) | laplace | lmo (L1 clipping)",
-        choices=("gaussian", "laplace", "lmo"), privacy=True),
-    Key("l2_clip_norm", 1.0, _NUM, "per-unit L2 clip norm (gaussian)", check=_pos[0],
-        allowed=_pos[1], privacy=True),
-    Key("l1_clip_norm", None, _NUM, "per-unit L1 clip norm (laplace, lmo)", optional=True,
-        check=_pos[0], allowed=_pos[1], privacy=True),
-    Key("batch_size", 256, _NUM, "expected units per step (sampling_rate = batch_size / N)",
-        check=_pos[0], allowed=_pos[1]),
-    Key("sampling_rate", None, _NUM, "Poisson rate per unit (instead of batch_size / N)",
-        optional=True, check=_rate[0], allowed=_rate[1], privacy=True),
-    Key("physical_batch_size", 128, _INT, "rows per compiled batch (accumulated to a step)",
-        check=_ge1[0], allowed=_ge1[1], run_control=True),
-    Key("microbatch_size", None, _INT, "units per vmap inside a physical batch", optional=True,
-        check=_ge1[0], allowed=_ge1[1], run_control=True),
-    Key("clipping_method", "vmap", _STR, "vmap | ghost (the same sums, one backward pass)",
-        choices=("vmap", "ghost")),
-    Key("steps", 100, _INT, "training steps of the whole run", check=_ge1[0], allowed=_ge1[1],
-        run_control=True),
-    Key("optimizer", "adam", _STR, "adam | adamw | sgd", choices=("adam", "adamw", "sgd")),
-    Key("learning_rate", 1e-3, _NUM, "learning rate", check=_pos[0], allowed=_pos[1]),
-    Key("learning_rates", None, _DICT,
-        "own learning rate per top-level parameter-name prefix, e.g. {'layer_': 1e-3}",
-        optional=True),
-    Key("weight_decay", 0.0, _NUM, "adamw weight decay", check=_nonneg[0], allowed=_nonneg[1]),
-    Key("warmup_steps", 0, _INT, "warm-up then cosine decay (0: constant rate)",
-        check=lambda v: v >= 0, allowed=">= 0"),
-    Key("seed", 0, _INT, "initialisation, splits and shuffles (public; never the noise)"),
-    Key("noise_seed", None, _INT,
-        "fix the noise and sampling randomness (research only: the guarantee then assumes "
-        "this seed is secret); None: OS entropy", optional=True, privacy=True),
-    Key("log_every", 20, _INT, "steps between metric rows", check=_ge1[0], allowed=_ge1[1],
-        run_control=True),
-    Key("checkpoint_every", 100, _INT, "steps between checkpoints", check=_ge1[0],
-        allowed=_ge1[1], run_control=True),
-    Key("data_devices", 1, _INT, "devices on the mesh's data axis", check=_ge1[0],
-        allowed=_ge1[1], run_control=True),
-    Key("model_devices", 1, _INT, "devices on the mesh's model axis (FSDP-style)",
-        check=_ge1[0], allowed=_ge1[1], run_control=True),
-    Key("dp_sam", None, _DICT, "DP-Flat's min-max: {'rho': .., 'mode': 'free'|'charged', "
-        "'active_fraction': 0.5, 'layerwise': True}", optional=True),
-    Key("weight_distillation", None, _DICT,
-        "DP-Flat's weight distillation: {'lam': .., 'reference': 'init' | path}",
-        optional=True),
-    Key("lmo", None, _DICT, "LMO-DP noise parameters (LMOParams fields); None: searched for "
-        "target_epsilon", optional=True, privacy=True),
-    Key("lmo_grid", None, _DICT, "LMO search grid overrides", optional=True, privacy=True),
-    Key("lmo_objective", "abs", _STR, "LMO search objective", choices=("abs", "var"),
-        privacy=True),
+  Key("task", None, _DICT, "the task section (see dpjax.tasks)"),
+  Key("private", True, (bool,), "train with DP-SGD (False: the non-private baseline)"),
+  Key(
+    "privacy_unit",
+    "example",
+    _STR,
+    "what one neighbour adds or removes",
+    choices=("example", "user"),
+    privacy=True,
+  ),
+  Key(
+    "user_sampling",
+    "uls",
+    _STR,
+    "user level: sample examples (els) or users (uls)",
+    choices=("els", "uls"),
+    privacy=True,
+  ),
+  Key(
+    "max_examples_per_user",
+    "median",
+    (int, str),
+    "user level: cap G on each user's examples, an integer >= 1 or 'median'",
+    check=lambda v: v == "median" if isinstance(v, str) else v >= 1,
+    allowed="an integer >= 1 or 'median'",
+    privacy=True,
+  ),
+  Key(
+    "users_per_step",
+    None,
+    _NUM,
+    "ULS: expected users per step (sets the user sampling rate)",
+    optional=True,
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
+    "target_epsilon",
+    None,
+    _NUM,
+    "epsilon the noise is calibrated to (whole run)",
+    optional=True,
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
+    "noise_multiplier",
+    None,
+    _NUM,
+    "sigma given directly (instead of target_epsilon)",
+    optional=True,
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
+    "delta",
+    1e-5,
+    _NUM,
+    "delta of every epsilon reported",
+    check=_unit[0],
+    allowed=_unit[1],
+    privacy=True,
+  ),
+  Key(
+    "accountant",
+    "pld",
+    _STR,
+    "pld | rdp (bounds), edgeworth (an estimate; PLD reported beside it), edgeworth-bound",
+    choices=ACCOUNTANT_NAMES,
+    privacy=True,
+  ),
+  Key(
+    "mechanism",
+    "gaussian",
+    _STR,
+    "gaussian (L2 clipping) | laplace | lmo (L1 clipping)",
+    choices=("gaussian", "laplace", "lmo"),
+    privacy=True,
+  ),
+  Key(
+    "l2_clip_norm",
+    1.0,
+    _NUM,
+    "per-unit L2 clip norm (gaussian)",
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
+    "l1_clip_norm",
+    None,
+    _NUM,
+    "per-unit L1 clip norm (laplace, lmo)",
+    optional=True,
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
+    "batch_size",
+    256,
+    _NUM,
+    "expected units per step (sampling_rate = batch_size / N)",
+    check=_pos[0],
+    allowed=_pos[1],
+  ),
+  Key(
+    "sampling_rate",
+    None,
+    _NUM,
+    "Poisson rate per unit (instead of batch_size / N)",
+    optional=True,
+    check=_rate[0],
+    allowed=_rate[1],
+    privacy=True,
+  ),
+  Key(
+    "physical_batch_size",
+    128,
+    _INT,
+    "rows per compiled batch (accumulated to a step)",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "microbatch_size",
+    None,
+    _INT,
+    "units per vmap inside a physical batch",
+    optional=True,
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "clipping_method",
+    "vmap",
+    _STR,
+    "vmap | ghost (the same sums, one backward pass)",
+    choices=("vmap", "ghost"),
+  ),
+  Key(
+    "steps",
+    100,
+    _INT,
+    "training steps of the whole run",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key("optimizer", "adam", _STR, "adam | adamw | sgd", choices=("adam", "adamw", "sgd")),
+  Key("learning_rate", 1e-3, _NUM, "learning rate", check=_pos[0], allowed=_pos[1]),
+  Key(
+    "learning_rates",
+    None,
+    _DICT,
+    "own learning rate per top-level parameter-name prefix, e.g. {'layer_': 1e-3}",
+    optional=True,
+  ),
+  Key("weight_decay", 0.0, _NUM, "adamw weight decay", check=_nonneg[0], allowed=_nonneg[1]),
+  Key(
+    "warmup_steps",
+    0,
+    _INT,
+    "warm-up then cosine decay (0: constant rate)",
+    check=lambda v: v >= 0,
+    allowed=">= 0",
+  ),
+  Key("seed", 0, _INT, "initialisation, splits and shuffles (public; never the noise)"),
+  Key(
+    "noise_seed",
+    None,
+    _INT,
+    "fix the noise and sampling randomness (research only: the guarantee then assumes "
+    "this seed is secret); None: OS entropy",
+    optional=True,
+    privacy=True,
+  ),
+  Key(
+    "log_every",
+    20,
+    _INT,
+    "steps between metric rows",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "checkpoint_every",
+    100,
+    _INT,
+    "steps between checkpoints",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "data_devices",
+    1,
+    _INT,
+    "devices on the mesh's data axis",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "model_devices",
+    1,
+    _INT,
+    "devices on the mesh's model axis (FSDP-style)",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "dp_sam",
+    None,
+    _DICT,
+    "DP-Flat's min-max: {'rho': .., 'mode': 'free'|'charged', "
+    "'active_fraction': 0.5, 'layerwise': True}",
+    optional=True,
+  ),
+  Key(
+    "weight_distillation",
+    None,
+    _DICT,
+    "DP-Flat's weight distillation: {'lam': .., 'reference': 'init' | path}",
+    optional=True,
+  ),
+  Key(
+    "lmo",
+    None,
+    _DICT,
+    "LMO-DP noise parameters (LMOParams fields); None: searched for target_epsilon",
+    optional=True,
+    privacy=True,
+  ),
+  Key("lmo_grid", None, _DICT, "LMO search grid overrides", optional=True, privacy=True),
+  Key("lmo_objective", "abs", _STR, "LMO search objective", choices=("abs", "var"), privacy=True),
 )
 BY_NAME: Dict[str, Key] = {k.name: k for k in KEYS}
 RUN_CONTROL = frozenset(k.name for k in KEYS if k.run_control)
@@ -140,8 +314,14 @@ def _plain(cfg) -> Dict[str, Any]:
 
 
 def _type_name(kind: Tuple[type, ...]) -> str:
-  names = {bool: "a bool", int: "an integer", float: "a number", str: "a string",
-           dict: "a dict", ml_collections.ConfigDict: "a dict"}
+  names = {
+    bool: "a bool",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a dict",
+    ml_collections.ConfigDict: "a dict",
+  }
   return " or ".join(dict.fromkeys(names[t] for t in kind))
 
 
@@ -152,8 +332,9 @@ def _check_value(k: Key, v: Any) -> Any:
     raise SpecError(f"{k.name} must be {_type_name(k.kind)}, got None")
   ok_type = isinstance(v, k.kind) and not (isinstance(v, bool) and bool not in k.kind)
   if not ok_type:
-    raise SpecError(f"{k.name} must be {_type_name(k.kind)}"
-                    f"{' or None' if k.optional else ''}, got {v!r}")
+    raise SpecError(
+      f"{k.name} must be {_type_name(k.kind)}{' or None' if k.optional else ''}, got {v!r}"
+    )
   if isinstance(v, float) and not math.isfinite(v) and k.check is not None:
     raise SpecError(f"{k.name} must be {k.allowed}, got {v!r}")
   if k.choices is not None and v not in k.choices:
@@ -183,28 +364,47 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     out[k.name] = _check_value(k, raw.get(k.name, k.default))
   if out["private"]:
     if out["target_epsilon"] is not None and out["noise_multiplier"] is not None:
-      raise SpecError(f"target_epsilon={out['target_epsilon']} and noise_multiplier="
-                      f"{out['noise_multiplier']} contradict each other: set one of them to None")
-    if out["mechanism"] != "lmo" and out["target_epsilon"] is None \
-        and out["noise_multiplier"] is None:
+      raise SpecError(
+        f"target_epsilon={out['target_epsilon']} and noise_multiplier="
+        f"{out['noise_multiplier']} contradict each other: set one of them to None"
+      )
+    if (
+      out["mechanism"] != "lmo"
+      and out["target_epsilon"] is None
+      and out["noise_multiplier"] is None
+    ):
       raise SpecError("private=True needs target_epsilon or noise_multiplier (both are None)")
     if out["mechanism"] == "lmo" and out["lmo"] is None and out["target_epsilon"] is None:
-      raise SpecError("mechanism='lmo' needs lmo (its parameters) or target_epsilon (to search "
-                      "them)")
+      raise SpecError(
+        "mechanism='lmo' needs lmo (its parameters) or target_epsilon (to search them)"
+      )
     if out["mechanism"] in ("laplace", "lmo") and out["l1_clip_norm"] is None:
-      raise SpecError(f"mechanism={out['mechanism']!r} needs l1_clip_norm (its noise is "
-                      "calibrated to the L1 sensitivity; L2 clipping does not bound it)")
-    if out["privacy_unit"] == "user" and out["user_sampling"] == "uls" \
-        and out["users_per_step"] is None and out["sampling_rate"] is None:
+      raise SpecError(
+        f"mechanism={out['mechanism']!r} needs l1_clip_norm (its noise is "
+        "calibrated to the L1 sensitivity; L2 clipping does not bound it)"
+      )
+    if (
+      out["privacy_unit"] == "user"
+      and out["user_sampling"] == "uls"
+      and out["users_per_step"] is None
+      and out["sampling_rate"] is None
+    ):
       raise SpecError("user_sampling='uls' needs users_per_step or sampling_rate")
   else:
     if out["privacy_unit"] != "example":
       raise SpecError("privacy_unit='user' needs private=True")
-    set_here = [k.name for k in KEYS if k.privacy and k.name in raw
-                and raw[k.name] is not None and raw[k.name] != k.default]
+    set_here = [
+      k.name
+      for k in KEYS
+      if k.privacy and k.name in raw and raw[k.name] is not None and raw[k.name] != k.default
+    ]
     if set_here:
-      warnings.warn(f"private=False ignores {', '.join(set_here)} (the run is not private and "
-                    "reports no epsilon)", UserWarning, stacklevel=3)
+      warnings.warn(
+        f"private=False ignores {', '.join(set_here)} (the run is not private and "
+        "reports no epsilon)",
+        UserWarning,
+        stacklevel=3,
+      )
   if out["dp_sam"] is not None:
     _check_dp_sam(out["dp_sam"], out["private"])
   if out["weight_distillation"] is not None:

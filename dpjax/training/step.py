@@ -37,14 +37,23 @@ def _plain_grad(loss_fn: Callable, params, frozen, batch, mask):
   def total(p):
     loss, metrics = jax.vmap(loss_fn, in_axes=(None, 0, None))(p, batch, frozen)
     return jnp.sum(jnp.where(mask > 0, loss, 0.0)), (loss, metrics)
+
   g, (loss, metrics) = jax.grad(total, has_aux=True)(params)
   dropped = jnp.sum(jnp.where(mask > 0, ~jnp.isfinite(loss), False))
   return g, loss, metrics, dropped
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "loss_fn"))
-def accumulate(gsum: PyTree, params: PyTree, frozen: PyTree, batch: PyTree, mask: jax.Array, *,
-               plan, loss_fn: Callable) -> Tuple[PyTree, Dict[str, jax.Array]]:
+def accumulate(
+  gsum: PyTree,
+  params: PyTree,
+  frozen: PyTree,
+  batch: PyTree,
+  mask: jax.Array,
+  *,
+  plan,
+  loss_fn: Callable,
+) -> Tuple[PyTree, Dict[str, jax.Array]]:
   """`gsum` + the (clipped, when private) gradient sum of one physical batch, and its stats.
 
   Private plans clip each unit with `plan.grad_fn` (units with a non-finite
@@ -57,15 +66,18 @@ def accumulate(gsum: PyTree, params: PyTree, frozen: PyTree, batch: PyTree, mask
     loss, metrics, dropped = aux.loss, aux.loss_aux, aux.num_dropped
   else:
     g, loss, metrics, dropped = _plain_grad(loss_fn, params, frozen, batch, mask)
-  stats = {k: jnp.sum(jnp.where((mask > 0) & jnp.isfinite(v), v, 0.0))
-           for k, v in dict(metrics, loss=loss).items()}
+  stats = {
+    k: jnp.sum(jnp.where((mask > 0) & jnp.isfinite(v), v, 0.0))
+    for k, v in dict(metrics, loss=loss).items()
+  }
   stats["dropped_units"] = dropped.astype(jnp.float32)
   return jax.tree.map(jnp.add, gsum, g), stats
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
-def perturb(params: PyTree, opt_state: PyTree, ascent_sum: Optional[PyTree], step: jax.Array, *,
-            plan) -> PyTree:
+def perturb(
+  params: PyTree, opt_state: PyTree, ascent_sum: Optional[PyTree], step: jax.Array, *, plan
+) -> PyTree:
   """Where this step's gradient is taken: theta, or DP-SAM's theta + v.
 
   DP-SAM's state (inside `opt_state`) holds the last released gradient for
@@ -80,7 +92,7 @@ def perturb(params: PyTree, opt_state: PyTree, ascent_sum: Optional[PyTree], ste
     return params
   state = flatness.find_state(opt_state)
   if ascent_sum is None:
-    if sam.mode == "charged":      # past active_steps: no ascent, no perturbation
+    if sam.mode == "charged":  # past active_steps: no ascent, no perturbation
       return params
     return sam.perturb(params, state)
   noise = plan.noise_transform(jax.random.fold_in(plan.secret.ascent_key(), step))

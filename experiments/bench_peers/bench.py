@@ -46,31 +46,37 @@ def parse():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--microbatch", type=int, default=None)
   p.add_argument("--untied", action="store_true")
-  p.add_argument("--tf32", type=int, default=1,
-                 help="torch: 1 -> set_float32_matmul_precision('high') (TF32),"
-                      " 0 -> 'highest'. JAX is left at its default precision.")
+  p.add_argument(
+    "--tf32",
+    type=int,
+    default=1,
+    help="torch: 1 -> set_float32_matmul_precision('high') (TF32),"
+    " 0 -> 'highest'. JAX is left at its default precision.",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--tag", default="")
   return p.parse_args()
 
 
 NAMES = {
-    "A": "jax_nonprivate",
-    "B": "jax_jaxprivacy_clipped_grad",
-    "C": "jax_hand_vmap_grad",
-    "D": "torch_nonprivate",
-    "E": "opacus_hooks",
-    "F": "opacus_ghost",
+  "A": "jax_nonprivate",
+  "B": "jax_jaxprivacy_clipped_grad",
+  "C": "jax_hand_vmap_grad",
+  "D": "torch_nonprivate",
+  "E": "opacus_hooks",
+  "F": "opacus_ghost",
 }
 
 
 # --------------------------------------------------------------------------- JAX
+
 
 def jax_gpt(a):
   """flax.linen GPT-2 (tied wte, learned wpe, pre-LN, GELU MLP, causal SDPA)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
+
   V, D, H, L = a.vocab, a.d, a.heads, a.layers
 
   class Block(nn.Module):
@@ -121,30 +127,38 @@ def run_jax(a):
 
   def loss_fn(params, toks):
     logits = model.apply({"params": params}, toks[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, toks[:, 1:]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
 
   opt = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD)
   opt_state = opt.init(params)
   extra = {}
 
   if a.config == "A":
+
     def step(params, opt_state, toks, key):
       loss, g = jax.value_and_grad(loss_fn)(params, toks)
       upd, opt_state = opt.update(g, opt_state, params)
       return optax.apply_updates(params, upd), opt_state, loss, key
+
     state = (params, opt_state)
 
   elif a.config == "B":
     import jax_privacy
     from jax_privacy import clipping, noise_addition
+
     extra["jax_privacy_version"] = jax_privacy.__version__
     cg = clipping.clipped_grad(
-        loss_fn, argnums=0, l2_clip_norm=CLIP, batch_argnums=1,
-        keep_batch_dim=True, return_values=True,
-        microbatch_size=a.microbatch)
+      loss_fn,
+      argnums=0,
+      l2_clip_norm=CLIP,
+      batch_argnums=1,
+      keep_batch_dim=True,
+      return_values=True,
+      microbatch_size=a.microbatch,
+    )
     privatizer = noise_addition.gaussian_privatizer(
-        stddev=NOISE_MULT * cg.sensitivity(), prng_key=k_noise)
+      stddev=NOISE_MULT * cg.sensitivity(), prng_key=k_noise
+    )
     noise_state = privatizer.init(params)
 
     def step(params, states, toks, key):
@@ -153,17 +167,17 @@ def run_jax(a):
       g, noise_state = privatizer.update(g, noise_state)
       g = jax.tree.map(lambda x: x / B, g)
       upd, opt_state = opt.update(g, opt_state, params)
-      return (optax.apply_updates(params, upd), (opt_state, noise_state),
-              aux.values.mean(), key)
+      return (optax.apply_updates(params, upd), (opt_state, noise_state), aux.values.mean(), key)
+
     state = (params, (opt_state, noise_state))
 
   elif a.config == "C":
+
     def loss_one(params, toks1):
       return loss_fn(params, toks1[None])
 
     def step(params, opt_state, toks, key):
-      losses, g = jax.vmap(jax.value_and_grad(loss_one), in_axes=(None, 0))(
-          params, toks)
+      losses, g = jax.vmap(jax.value_and_grad(loss_one), in_axes=(None, 0))(params, toks)
       leaves = jax.tree.leaves(g)
       sq = sum(jnp.sum(jnp.square(x).reshape(B, -1), axis=1) for x in leaves)
       scale = jnp.minimum(1.0, CLIP / (jnp.sqrt(sq) + 1e-6))
@@ -171,11 +185,16 @@ def run_jax(a):
       key, sub = jax.random.split(key)
       keys = jax.random.split(sub, len(leaves))
       tdef = jax.tree.structure(summed)
-      noisy = jax.tree.unflatten(tdef, [
+      noisy = jax.tree.unflatten(
+        tdef,
+        [
           (x + NOISE_MULT * CLIP * jax.random.normal(k, x.shape, x.dtype)) / B
-          for x, k in zip(jax.tree.leaves(summed), keys)])
+          for x, k in zip(jax.tree.leaves(summed), keys)
+        ],
+      )
       upd, opt_state = opt.update(noisy, opt_state, params)
       return optax.apply_updates(params, upd), opt_state, losses.mean(), key
+
     state = (params, opt_state)
 
   jstep = jax.jit(step, donate_argnums=(0, 1))
@@ -202,21 +221,30 @@ def run_jax(a):
     pass
   peak = stats.get("peak_bytes_in_use")
   extra.update(
-      framework="jax", jax=jax.__version__, flax=flax.__version__,
-      optax=optax.__version__, device=str(dev.device_kind),
-      backend=jax.default_backend(), first_step_s=round(first, 3),
-      final_loss=float(loss), n_params=int(n_params))
+    framework="jax",
+    jax=jax.__version__,
+    flax=flax.__version__,
+    optax=optax.__version__,
+    device=str(dev.device_kind),
+    backend=jax.default_backend(),
+    first_step_s=round(first, 3),
+    final_loss=float(loss),
+    n_params=int(n_params),
+  )
   return times, peak, extra
 
 
 # ------------------------------------------------------------------------- Torch
+
 
 def torch_gpt(a, tied=True):
   """Plain-torch GPT-2 matching jax_gpt."""
   import torch
   import torch.nn as tnn
   import torch.nn.functional as F
+
   V, D, H, L = a.vocab, a.d, a.heads, a.layers
+
   class Block(tnn.Module):
     def __init__(self):
       super().__init__()
@@ -280,11 +308,11 @@ def run_torch(a):
   g = torch.Generator(device="cpu").manual_seed(0)
   tokens = torch.randint(0, V, (B, T + 1), generator=g).to(dev)
   x, y = tokens[:, :T].contiguous(), tokens[:, 1:].contiguous()
-  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999),
-                          eps=1e-8, weight_decay=WD)
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
   extra = {}
 
   if a.config == "D":
+
     def step():
       opt.zero_grad(set_to_none=True)
       logits = model(x)
@@ -296,16 +324,23 @@ def run_torch(a):
     import opacus
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
+
     extra["opacus_version"] = opacus.__version__
     ds = TensorDataset(torch.zeros(B * 100, T + 1, dtype=torch.long))
     dl = DataLoader(ds, batch_size=B)
     pe = PrivacyEngine()
     mode = "hooks" if a.config == "E" else "ghost"
     ret = pe.make_private(
-        module=model, optimizer=opt, data_loader=dl,
-        criterion=tnn.CrossEntropyLoss(), noise_multiplier=NOISE_MULT,
-        max_grad_norm=CLIP, poisson_sampling=False, grad_sample_mode=mode,
-        loss_reduction="mean")
+      module=model,
+      optimizer=opt,
+      data_loader=dl,
+      criterion=tnn.CrossEntropyLoss(),
+      noise_multiplier=NOISE_MULT,
+      max_grad_norm=CLIP,
+      poisson_sampling=False,
+      grad_sample_mode=mode,
+      loss_reduction="mean",
+    )
     extra["opacus_mode"] = mode
     if mode == "hooks":
       model, opt, _ = ret
@@ -351,30 +386,49 @@ def run_torch(a):
   if cuda:
     extra["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     extra["device"] = torch.cuda.get_device_name()
-  extra.update(framework="torch", torch=torch.__version__,
-               matmul_precision=torch.get_float32_matmul_precision(),
-               first_step_s=round(first, 3), final_loss=float(loss),
-               n_params=int(n_params))
+  extra.update(
+    framework="torch",
+    torch=torch.__version__,
+    matmul_precision=torch.get_float32_matmul_precision(),
+    first_step_s=round(first, 3),
+    final_loss=float(loss),
+    n_params=int(n_params),
+  )
   return times, peak, extra
 
 
 def main():
   a = parse()
-  rec = dict(config=a.config, name=NAMES[a.config], batch=a.batch, seq=a.seq,
-             layers=a.layers, d=a.d, heads=a.heads, vocab=a.vocab,
-             microbatch=a.microbatch, tied=not a.untied, tag=a.tag,
-             python=platform.python_version())
+  rec = dict(
+    config=a.config,
+    name=NAMES[a.config],
+    batch=a.batch,
+    seq=a.seq,
+    layers=a.layers,
+    d=a.d,
+    heads=a.heads,
+    vocab=a.vocab,
+    microbatch=a.microbatch,
+    tied=not a.untied,
+    tag=a.tag,
+    python=platform.python_version(),
+  )
   try:
     if a.config in "ABC":
       times, peak, extra = run_jax(a)
     else:
       times, peak, extra = run_torch(a)
     med = statistics.median(times)
-    rec.update(status="ok", step_ms=round(med * 1e3, 3),
-               step_ms_min=round(min(times) * 1e3, 3),
-               step_ms_max=round(max(times) * 1e3, 3), n_timed=len(times),
-               tokens_per_s=round(a.batch * a.seq / med, 1),
-               peak_gb=None if peak is None else round(peak / 1e9, 3), **extra)
+    rec.update(
+      status="ok",
+      step_ms=round(med * 1e3, 3),
+      step_ms_min=round(min(times) * 1e3, 3),
+      step_ms_max=round(max(times) * 1e3, 3),
+      n_timed=len(times),
+      tokens_per_s=round(a.batch * a.seq / med, 1),
+      peak_gb=None if peak is None else round(peak / 1e9, 3),
+      **extra,
+    )
   except Exception as e:  # record failures as data (e.g. OOM, unsupported)
     rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
     traceback.print_exc(file=sys.stderr)

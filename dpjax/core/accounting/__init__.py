@@ -8,25 +8,37 @@ of any event) -> `user_level` -> `calibrate` (the one noise bisection) ->
 """
 
 from dpjax.core.accounting.accountants import (
-                                               ACCOUNTANTS,
-                                               ESTIMATES,
-                                               bound_accountant,
-                                               delta,
-                                               epsilon,
+  ACCOUNTANTS,
+  ESTIMATES,
+  bound_accountant,
+  delta,
+  epsilon,
 )
 from dpjax.core.accounting.calibrate import calibrate_noise, calibrate_scale, epsilon_spent
 from dpjax.core.accounting.edgeworth import EdgeworthAccountant
 from dpjax.core.accounting.events import (
-                                               compose,
-                                               dpsgd_event,
-                                               fixed_batch_event,
-                                               gaussian_step,
-                                               laplace_step,
+  compose,
+  dpsgd_event,
+  fixed_batch_event,
+  gaussian_step,
+  laplace_step,
 )
 from dpjax.core.checks import check_unit
 
 __all__ = [
-    "ACCOUNTANTS", "ESTIMATES", "EdgeworthAccountant", "bound_accountant", "calibrate_noise",
-    "calibrate_scale", "check_unit", "compose", "delta", "dpsgd_event", "epsilon",
-    "epsilon_spent", "fixed_batch_event", "gaussian_step", "laplace_step",
+  "ACCOUNTANTS",
+  "ESTIMATES",
+  "EdgeworthAccountant",
+  "bound_accountant",
+  "calibrate_noise",
+  "calibrate_scale",
+  "check_unit",
+  "compose",
+  "delta",
+  "dpsgd_event",
+  "epsilon",
+  "epsilon_spent",
+  "fixed_batch_event",
+  "gaussian_step",
+  "laplace_step",
 ]

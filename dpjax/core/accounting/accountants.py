@@ -32,7 +32,6 @@ from dpjax.core.checks import check_delta, check_epsilon
 NeighborRel = dp_accounting.NeighboringRelation
 
 
-
 def _relation(event) -> NeighborRel:
   return NeighborRel.REPLACE_ONE if ev.is_replace_one(event) else NeighborRel.ADD_OR_REMOVE_ONE
 
@@ -40,8 +39,10 @@ def _relation(event) -> NeighborRel:
 def _pld_accountant(event):
   rel = _relation(event)
   if rel is NeighborRel.REPLACE_ONE:
-    raise ValueError("the PLD accountant does not support fixed-size batches sampled without "
-                     "replacement; use accountant='rdp' or Poisson sampling")
+    raise ValueError(
+      "the PLD accountant does not support fixed-size batches sampled without "
+      "replacement; use accountant='rdp' or Poisson sampling"
+    )
   if ev.contains(event, LMODpEvent):
     return LMOAccountant()
   # Mixtures (user-level ELS) are built on a coarser grid (`MOG_DISCRETIZATION`),
@@ -63,15 +64,19 @@ def _edgeworth(certified: bool):
     if _relation(event) is NeighborRel.REPLACE_ONE:
       raise ValueError("the Edgeworth accountant covers Poisson sampling (add/remove) only")
     return EdgeworthAccountant(order=1, certified=certified)
+
   return make
 
 
 # Accountant name -> factory taking the event.
 # "edgeworth" is an ESTIMATE (not an upper bound); the others are upper bounds.
-ACCOUNTANTS: Dict[str, Callable] = {"pld": _pld_accountant, "rdp": _rdp_accountant,
-                                    "edgeworth": _edgeworth(False),
-                                    "edgeworth-bound": _edgeworth(True)}
-ESTIMATES = frozenset({"edgeworth"})   # accountants whose epsilon is not a guarantee
+ACCOUNTANTS: Dict[str, Callable] = {
+  "pld": _pld_accountant,
+  "rdp": _rdp_accountant,
+  "edgeworth": _edgeworth(False),
+  "edgeworth-bound": _edgeworth(True),
+}
+ESTIMATES = frozenset({"edgeworth"})  # accountants whose epsilon is not a guarantee
 
 
 def bound_accountant(accountant: str) -> str:

@@ -27,9 +27,18 @@ from dpjax.core.checks import (
 )
 
 
-def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                accountant: str = "pld", mechanism: str = "gaussian", *,
-                unit: str = "example", sampling=None, max_examples_per_user: int = 1) -> float:
+def epsilon_spent(
+  noise_multiplier: float,
+  sampling_rate: float,
+  steps: int,
+  delta: float,
+  accountant: str = "pld",
+  mechanism: str = "gaussian",
+  *,
+  unit: str = "example",
+  sampling=None,
+  max_examples_per_user: int = 1,
+) -> float:
   """Epsilon after `steps` Poisson-sampled DP-SGD steps (0.0 before the first), per `unit`.
 
   unit="example": one example is the unit, `sampling_rate` is per example.
@@ -39,7 +48,7 @@ def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, del
   each user was capped to G examples: the user-level ELS accountant
   (`user_level.els_epsilon`, PLD of a mixture of Gaussians; PLD only).
   """
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_unit(unit, sampling, G)
   check_delta(delta)
   check_sampling_rate(sampling_rate)
@@ -51,14 +60,24 @@ def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, del
   check_accountant_covers(mechanism, unit, sampling, accountant)
   if unit == "user" and sampling == "els":
     return els_epsilon(noise_multiplier, sampling_rate, steps, G, delta)
-  return epsilon(ev.dpsgd_event(noise_multiplier, sampling_rate, steps, mechanism), delta,
-                 accountant)
+  return epsilon(
+    ev.dpsgd_event(noise_multiplier, sampling_rate, steps, mechanism), delta, accountant
+  )
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                    accountant: str = "pld", mechanism: str = "gaussian",
-                    rel_tol: float = 0.005, *, unit: str = "example", sampling=None,
-                    max_examples_per_user: int = 1) -> float:
+def calibrate_noise(
+  target_epsilon: float,
+  delta: float,
+  sampling_rate: float,
+  steps: int,
+  accountant: str = "pld",
+  mechanism: str = "gaussian",
+  rel_tol: float = 0.005,
+  *,
+  unit: str = "example",
+  sampling=None,
+  max_examples_per_user: int = 1,
+) -> float:
   """Smallest noise multiplier (to `rel_tol` in epsilon) meeting the target.
 
   Returns sigma such that `epsilon_spent(sigma, q, steps, delta, ...) <=
@@ -67,39 +86,59 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
   target. Epsilon is monotone decreasing in sigma, so a bracketed bisection on
   log(sigma) cannot fail.
   """
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_epsilon(target_epsilon)
   check_delta(delta)
   check_sampling_rate(sampling_rate)
   check_steps(steps)
   check_unit(unit, sampling, G)
   if accountant in ESTIMATES:
-    warnings.warn(f"accountant={accountant!r} gives an estimate, not an upper bound: the noise "
-                  f"it calibrates may give epsilon > {target_epsilon}. Report the PLD epsilon "
-                  "of the noise used (dpjax.accounting.epsilon(..., accountant='pld')).",
-                  UserWarning, stacklevel=2)
+    warnings.warn(
+      f"accountant={accountant!r} gives an estimate, not an upper bound: the noise "
+      f"it calibrates may give epsilon > {target_epsilon}. Report the PLD epsilon "
+      "of the noise used (dpjax.accounting.epsilon(..., accountant='pld')).",
+      UserWarning,
+      stacklevel=2,
+    )
 
   def eps_of(sigma: float) -> float:
-    return epsilon_spent(sigma, sampling_rate, steps, delta, accountant, mechanism,
-                         unit=unit, sampling=sampling, max_examples_per_user=G)
+    return epsilon_spent(
+      sigma,
+      sampling_rate,
+      steps,
+      delta,
+      accountant,
+      mechanism,
+      unit=unit,
+      sampling=sampling,
+      max_examples_per_user=G,
+    )
 
   try:
     return calibrate_scale(eps_of, target_epsilon, rel_tol)
   except UnreachableTarget:
     if accountant == "edgeworth-bound":
       why = bound_report(1e5, sampling_rate, steps, delta)["reason"]
-      raise ValueError(f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
-                       f"any noise level: {why} after {steps} steps") from None
-    raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
-                     f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})") from None
+      raise ValueError(
+        f"the certified Edgeworth bound cannot reach eps={target_epsilon} at "
+        f"any noise level: {why} after {steps} steps"
+      ) from None
+    raise ValueError(
+      f"target_epsilon={target_epsilon} is unreachable with noise_multiplier "
+      f"<= 1e5 (delta={delta}, q={sampling_rate}, steps={steps})"
+    ) from None
 
 
 class UnreachableTarget(ValueError):
   """No noise scale within the search range meets the target epsilon."""
 
 
-def calibrate_scale(eps_of: Callable[[float], float], target_epsilon: float,
-                    rel_tol: float = 0.005, max_scale: float = 1e5) -> float:
+def calibrate_scale(
+  eps_of: Callable[[float], float],
+  target_epsilon: float,
+  rel_tol: float = 0.005,
+  max_scale: float = 1e5,
+) -> float:
   """Smallest noise scale s (to `rel_tol` in epsilon) with `eps_of(s) <= target_epsilon`.
 
   `eps_of` must be non-increasing in s (more noise never costs more), as
@@ -111,8 +150,9 @@ def calibrate_scale(eps_of: Callable[[float], float], target_epsilon: float,
   while eps_of(hi) > target_epsilon:
     hi *= 2.0
     if hi > max_scale:
-      raise UnreachableTarget(f"target_epsilon={target_epsilon} is unreachable with noise "
-                              f"scale <= {max_scale:g}")
+      raise UnreachableTarget(
+        f"target_epsilon={target_epsilon} is unreachable with noise scale <= {max_scale:g}"
+      )
   lo = hi / 2.0
   while eps_of(lo) <= target_epsilon:
     hi, lo = lo, lo / 2.0

@@ -56,7 +56,7 @@ from scipy import integrate, optimize, special, stats
 from dpjax.core.accounting import events as ev
 from dpjax.core.checks import check_delta, check_noise_multiplier, check_sampling_rate, check_steps
 
-BERRY_ESSEEN_C0 = 0.5600   # Shevtsova (2010), independent non-identical summands
+BERRY_ESSEEN_C0 = 0.5600  # Shevtsova (2010), independent non-identical summands
 
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -72,15 +72,17 @@ def _loss(x, q: float, mu: float):
 @dataclasses.dataclass(frozen=True)
 class Cumulants:
   """First four cumulants and the third absolute central moment of a sum."""
+
   k1: float
   k2: float
   k3: float
   k4: float
-  rho3: float      # sum of E|L_i - E L_i|^3 (for Berry-Esseen)
+  rho3: float  # sum of E|L_i - E L_i|^3 (for Berry-Esseen)
 
   def __add__(self, other: Cumulants) -> Cumulants:
-    return Cumulants(*(a + b for a, b in zip(dataclasses.astuple(self),
-                                             dataclasses.astuple(other))))
+    return Cumulants(
+      *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+    )
 
   def __mul__(self, n: int) -> Cumulants:
     return Cumulants(*(n * a for a in dataclasses.astuple(self)))
@@ -97,6 +99,7 @@ ZERO = Cumulants(0.0, 0.0, 0.0, 0.0, 0.0)
 
 def _expect(fn, q: float, mu: float, under: str) -> float:
   """E[fn(x)] for x ~ N(0,1) ("p") or the mixture M ("m"), by adaptive quadrature."""
+
   def gauss(center):
     # Split where the integrand bends: the centre and the loss's elbow.
     pts = sorted({center, 0.0, mu})
@@ -109,8 +112,11 @@ def _expect(fn, q: float, mu: float, under: str) -> float:
     with warnings.catch_warnings():
       # quad flags roundoff when a piece is already exact to machine precision.
       warnings.simplefilter("ignore", integrate.IntegrationWarning)
-      return math.fsum(integrate.quad(f, a, b, epsabs=0.0, epsrel=1e-12, limit=400)[0]
-                       for a, b in zip(edges[:-1], edges[1:]))
+      return math.fsum(
+        integrate.quad(f, a, b, epsabs=0.0, epsrel=1e-12, limit=400)[0]
+        for a, b in zip(edges[:-1], edges[1:])
+      )
+
   if under == "p":
     return gauss(0.0)
   return (1 - q) * gauss(0.0) + q * gauss(mu) if q < 1.0 else gauss(mu)
@@ -133,7 +139,7 @@ def step_cumulants(noise_multiplier: float, sampling_rate: float) -> Tuple[Cumul
 
 
 def _hermite(z):
-  return z * z - 1, z ** 3 - 3 * z, z ** 5 - 10 * z ** 3 + 15 * z
+  return z * z - 1, z**3 - 3 * z, z**5 - 10 * z**3 + 15 * z
 
 
 def edgeworth_sf(x: float, c: Cumulants, order: int = 1) -> float:
@@ -142,26 +148,27 @@ def edgeworth_sf(x: float, c: Cumulants, order: int = 1) -> float:
   z = (x - c.k1) / sd
   sf = special.ndtr(-z)
   if order >= 1:
-    g1 = c.k3 / sd ** 3
+    g1 = c.k3 / sd**3
     he2, he3, he5 = _hermite(z)
     corr = g1 / 6 * he2
     if order >= 2:
-      g2 = c.k4 / c.k2 ** 2
+      g2 = c.k4 / c.k2**2
       corr += g2 / 24 * he3 + g1 * g1 / 72 * he5
-    sf += stats.norm.pdf(z) * corr     # 1 - [Phi(z) - phi(z) * corr]
+    sf += stats.norm.pdf(z) * corr  # 1 - [Phi(z) - phi(z) * corr]
   return float(min(1.0, max(0.0, sf)))
 
 
 def berry_esseen(c: Cumulants) -> float:
   """Uniform bound on |F_S - Phi| for the sum with cumulants `c`."""
-  return min(1.0, BERRY_ESSEEN_C0 * c.rho3 / c.k2 ** 1.5)
+  return min(1.0, BERRY_ESSEEN_C0 * c.rho3 / c.k2**1.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Composed:
   """The composed loss of both neighbouring directions: cumulants of Y and X."""
-  y: Tuple[Cumulants, Cumulants]   # (direction "remove": L under M, direction "add": -L under P)
-  x: Tuple[Cumulants, Cumulants]   # (L under P, -L under M)
+
+  y: Tuple[Cumulants, Cumulants]  # (direction "remove": L under M, direction "add": -L under P)
+  x: Tuple[Cumulants, Cumulants]  # (L under P, -L under M)
 
 
 def compose_steps(phases: Sequence[Tuple[float, float, int]]) -> Composed:
@@ -265,8 +272,11 @@ class EdgeworthAccountant(ev.LeafAccountant):
     if not self._phases:
       return 0.0
     comp = self.composed()
-    fn = ((lambda e: delta_bound(comp, e)) if self.certified
-          else (lambda e: delta_estimate(comp, e, self.order)))
+    fn = (
+      (lambda e: delta_bound(comp, e))
+      if self.certified
+      else (lambda e: delta_estimate(comp, e, self.order))
+    )
     return _epsilon_for(fn, target_delta)
 
   def report(self, target_delta: float) -> Dict[str, object]:
@@ -276,20 +286,34 @@ class EdgeworthAccountant(ev.LeafAccountant):
     dx = max(berry_esseen(c) for c in comp.x)
     vacuous = dy >= target_delta
     eps = math.inf if vacuous else _epsilon_for(lambda e: delta_bound(comp, e), target_delta)
-    reason = (f"vacuous: the Berry-Esseen error {dy:.3g} is not below delta = {target_delta:g}"
-              if vacuous else ("vacuous: no eps <= 500 brings the bound below delta"
-                               if math.isinf(eps) else "informative"))
-    return {"epsilon_bound": eps, "berry_esseen_y": dy, "berry_esseen_x": dx,
-            "vacuous": bool(math.isinf(eps)), "reason": reason,
-            "steps": int(sum(n for _, _, n in self._phases))}
+    reason = (
+      f"vacuous: the Berry-Esseen error {dy:.3g} is not below delta = {target_delta:g}"
+      if vacuous
+      else (
+        "vacuous: no eps <= 500 brings the bound below delta" if math.isinf(eps) else "informative"
+      )
+    )
+    return {
+      "epsilon_bound": eps,
+      "berry_esseen_y": dy,
+      "berry_esseen_x": dx,
+      "vacuous": bool(math.isinf(eps)),
+      "reason": reason,
+      "steps": int(sum(n for _, _, n in self._phases)),
+    }
 
 
-def bound_report(noise_multiplier: float, sampling_rate: float, steps: int,
-                 delta: float) -> Dict[str, object]:
+def bound_report(
+  noise_multiplier: float, sampling_rate: float, steps: int, delta: float
+) -> Dict[str, object]:
   """`EdgeworthAccountant.report` of the certified bound for `steps` Poisson-sampled steps."""
   acc = EdgeworthAccountant(certified=True)
-  acc.compose(dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sampling_rate,
-                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
-      int(steps)))
+  acc.compose(
+    dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+      ),
+      int(steps),
+    )
+  )
   return acc.report(delta)

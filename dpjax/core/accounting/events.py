@@ -41,8 +41,9 @@ def laplace_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
   return dp_accounting.PoissonSampledDpEvent(sampling_rate, inner)
 
 
-def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int,
-                mechanism: str = "gaussian") -> DpEvent:
+def dpsgd_event(
+  noise_multiplier: float, sampling_rate: float, steps: int, mechanism: str = "gaussian"
+) -> DpEvent:
   """`steps` Poisson-sampled DP-SGD steps at rate q with one noise multiplier.
 
   Neighbouring relation: add/remove one unit (the unit being whatever
@@ -58,8 +59,9 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int,
   return dp_accounting.SelfComposedDpEvent(step, int(steps))
 
 
-def fixed_batch_event(noise_multiplier: float, dataset_size: int, batch_size: int,
-                      steps: int) -> DpEvent:
+def fixed_batch_event(
+  noise_multiplier: float, dataset_size: int, batch_size: int, steps: int
+) -> DpEvent:
   """`steps` Gaussian steps on batches of `batch_size` drawn without replacement.
 
   Each step draws a uniformly random subset of fixed size, independently of
@@ -71,13 +73,15 @@ def fixed_batch_event(noise_multiplier: float, dataset_size: int, batch_size: in
   check_steps(steps)
   if not (1 <= batch_size <= dataset_size):
     raise ValueError(
-        f"need 1 <= batch_size <= dataset_size, got batch_size={batch_size}, "
-        f"dataset_size={dataset_size}")
+      f"need 1 <= batch_size <= dataset_size, got batch_size={batch_size}, "
+      f"dataset_size={dataset_size}"
+    )
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.SampledWithoutReplacementDpEvent(
-          int(dataset_size), int(batch_size),
-          dp_accounting.GaussianDpEvent(noise_multiplier)),
-      int(steps))
+    dp_accounting.SampledWithoutReplacementDpEvent(
+      int(dataset_size), int(batch_size), dp_accounting.GaussianDpEvent(noise_multiplier)
+    ),
+    int(steps),
+  )
 
 
 def compose(events: Sequence[DpEvent]) -> DpEvent:
@@ -102,8 +106,14 @@ def contains(event: DpEvent, kind: type) -> bool:
   """Whether `event` holds an event of type `kind` anywhere in its composition."""
   if isinstance(event, kind):
     return True
-  if isinstance(event, (dp_accounting.SelfComposedDpEvent, dp_accounting.PoissonSampledDpEvent,
-                        dp_accounting.SampledWithoutReplacementDpEvent)):
+  if isinstance(
+    event,
+    (
+      dp_accounting.SelfComposedDpEvent,
+      dp_accounting.PoissonSampledDpEvent,
+      dp_accounting.SampledWithoutReplacementDpEvent,
+    ),
+  ):
     return contains(event.event, kind)
   if isinstance(event, dp_accounting.ComposedDpEvent):
     return any(contains(e, kind) for e in event.events)

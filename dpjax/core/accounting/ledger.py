@@ -32,8 +32,17 @@ from dpjax.core.accounting.user_level import els_step
 MECHANISMS = ("gaussian", "laplace", "lmo")
 
 # What must stay equal for a resume to extend a segment instead of adding one.
-PRIVACY_FIELDS = ("mechanism", "noise_multiplier", "sampling_rate", "unit", "sampling", "max_examples_per_user",
-                  "accountant", "lmo", "origin")
+PRIVACY_FIELDS = (
+  "mechanism",
+  "noise_multiplier",
+  "sampling_rate",
+  "unit",
+  "sampling",
+  "max_examples_per_user",
+  "accountant",
+  "lmo",
+  "origin",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Segment:
       the run's length it was calibrated over): a resume continues this
       segment only when they are unchanged.
   """
+
   mechanism: str
   noise_multiplier: float
   sampling_rate: float
@@ -94,8 +104,11 @@ class Segment:
 
   def differs_from(self, other: Segment) -> Dict[str, Tuple[Any, Any]]:
     """The privacy fields that differ: name -> (self's value, other's value)."""
-    return {f: (getattr(self, f), getattr(other, f)) for f in PRIVACY_FIELDS
-            if canonical(getattr(self, f)) != canonical(getattr(other, f))}
+    return {
+      f: (getattr(self, f), getattr(other, f))
+      for f in PRIVACY_FIELDS
+      if canonical(getattr(self, f)) != canonical(getattr(other, f))
+    }
 
   def step_event(self) -> dp_accounting.DpEvent:
     """One release of this segment."""
@@ -122,7 +135,7 @@ class Segment:
   @classmethod
   def from_json(cls, d: Dict[str, Any]) -> Segment:
     fields = {f.name for f in dataclasses.fields(cls)}
-    if "G" in d:   # checkpoints written before the field had its full name
+    if "G" in d:  # checkpoints written before the field had its full name
       d = {("max_examples_per_user" if k == "G" else k): v for k, v in d.items()}
     unknown = set(d) - fields
     if unknown:
@@ -146,6 +159,7 @@ def canonical(v):
 @dataclasses.dataclass(frozen=True)
 class Ledger:
   """The segments that ran, in order."""
+
   segments: Tuple[Segment, ...] = ()
 
   @property
@@ -166,8 +180,9 @@ class Ledger:
     """Extends the last segment when `segment` has the same privacy fields, else appends."""
     if self.segments and self.segments[-1].privacy_key() == segment.privacy_key():
       last = self.segments[-1]
-      merged = last.with_steps(last.steps + segment.steps,
-                               last.extra_releases + segment.extra_releases)
+      merged = last.with_steps(
+        last.steps + segment.steps, last.extra_releases + segment.extra_releases
+      )
       return Ledger(self.segments[:-1] + (merged,))
     return Ledger(self.segments + (segment,))
 
@@ -182,8 +197,10 @@ class Ledger:
     if accountant is None:
       names = {s.accountant for s in self.segments}
       if len(names) != 1:
-        raise ValueError(f"segments were planned with different accountants {sorted(names)}; "
-                         "name the accountant to compose them with")
+        raise ValueError(
+          f"segments were planned with different accountants {sorted(names)}; "
+          "name the accountant to compose them with"
+        )
       accountant = names.pop()
     return _epsilon(self.dumps(), float(delta), accountant)
 

@@ -67,14 +67,15 @@ from dpjax.core.checks import check_delta, check_sampling_rate, check_steps
 BINS = 128
 TAIL = 1e-12
 DISCRETIZATION = 1e-4
-_CDF_TOL = 5e-15   # allowance for float error of the closed-form CDF (values near 1)
+_CDF_TOL = 5e-15  # allowance for float error of the closed-form CDF (values near 1)
 UNIFORM_CELLS = 64
-MAX_GRID = 2_000_000    # loss-grid cells per direction; coarser (still pessimistic) beyond
+MAX_GRID = 2_000_000  # loss-grid cells per direction; coarser (still pessimistic) beyond
 
 
 @dataclasses.dataclass(frozen=True)
 class LMOParams:
   """b = a1 Gamma(k, theta) + a3 Exp(rate lam) + a4 Uniform(Ua, Ub); noise Laplace(0, Delta / b)."""
+
   a1: float = 0.0
   a3: float = 0.0
   a4: float = 1.0
@@ -148,8 +149,9 @@ class LMOParams:
     """
     x = np.asarray(xs, np.float64)
     if self.a4 > 0 and self.Ub > self.Ua:
-      cells = self.a4 * (self.Ua + (self.Ub - self.Ua) * np.arange(1, UNIFORM_CELLS + 1)
-                         / UNIFORM_CELLS)
+      cells = self.a4 * (
+        self.Ua + (self.Ub - self.Ua) * np.arange(1, UNIFORM_CELLS + 1) / UNIFORM_CELLS
+      )
     else:
       cells = np.array([self.a4 * self.Ua])
     z = x[:, None] - cells[None, :]
@@ -173,8 +175,12 @@ class LMOParams:
     else:
       c = 1.0 / s_e - 1.0 / s_g
       with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-        log_pre = -zp / s_g + self.k * np.log(np.where(zp > 0, zp, 1.0)) - special.gammaln(
-            self.k + 1) - self.k * math.log(s_g)
+        log_pre = (
+          -zp / s_g
+          + self.k * np.log(np.where(zp > 0, zp, 1.0))
+          - special.gammaln(self.k + 1)
+          - self.k * math.log(s_g)
+        )
         j = np.exp(log_pre) * special.hyp1f1(1.0, self.k + 1.0, -c * zp)
       j = np.where(zp > 0, j, 0.0)
       out = fg - j
@@ -189,8 +195,9 @@ class LMOParams:
     zp = np.maximum(z, 0.0)
     has_g, has_e = self.a1 > 0, self.a3 > 0
     if has_g and has_e:
-      out = (special.gammaincc(self.k, zp / 2 / (self.a1 * self.theta))
-             + np.exp(-zp / 2 / (self.a3 / self.lam)))
+      out = special.gammaincc(self.k, zp / 2 / (self.a1 * self.theta)) + np.exp(
+        -zp / 2 / (self.a3 / self.lam)
+      )
     elif has_g:
       out = special.gammaincc(self.k, zp / (self.a1 * self.theta))
     elif has_e:
@@ -229,23 +236,23 @@ def unit_noise(cands: Sequence[LMOParams], objective: str) -> np.ndarray:
   power = 1 if objective == "abs" else 2
   out = np.empty(len(cands))
   for i in range(0, len(cands), 512):
-    chunk = cands[i:i + 512]
+    chunk = cands[i : i + 512]
     m = np.stack([c.mgf(-t) for c in chunk])
-    val = np.sum(m * t ** power, axis=1) * ds
+    val = np.sum(m * t**power, axis=1) * ds
     diverges = m[:, -1] * t[-1] ** power > 1e-6
     val = np.where(diverges, np.inf, val)
-    out[i:i + 512] = val if objective == "abs" else 2.0 * val
+    out[i : i + 512] = val if objective == "abs" else 2.0 * val
   return out
 
 
-def noise_magnitude(params: LMOParams, sensitivity: float = 1.0,
-                    objective: str = "abs") -> float:
+def noise_magnitude(params: LMOParams, sensitivity: float = 1.0, objective: str = "abs") -> float:
   """Per-coordinate noise: E|Z| = Delta E[1/b] ("abs") or Var Z = 2 Delta^2 E[1/b^2] ("var")."""
   power = 1 if objective == "abs" else 2
-  return float(sensitivity ** power * unit_noise([params], objective)[0])
+  return float(sensitivity**power * unit_noise([params], objective)[0])
 
 
 # --- the PLD accountant ------------------------------------------------------
+
 
 def _b_bins(params: LMOParams, bins: int, tail: float):
   """(b values charged, their probabilities, mass charged as infinite loss)."""
@@ -268,7 +275,7 @@ def _b_bins(params: LMOParams, bins: int, tail: float):
   # CDF lowered by its error: the distribution charged is stochastically larger.
   vals, err = params.cdf_many(edges)
   cdf = np.maximum.accumulate(np.maximum(vals - err, 0.0))
-  probs = np.diff(np.concatenate([[0.0], cdf]))   # bin (e_{j-1}, e_j] -> charged e_j
+  probs = np.diff(np.concatenate([[0.0], cdf]))  # bin (e_{j-1}, e_j] -> charged e_j
   return edges, probs, max(0.0, 1.0 - float(cdf[-1]))
 
 
@@ -293,20 +300,35 @@ def _u_cdf(u, b, left: bool, shifted: bool):
 
 def _grid_step(b_hi: float, q: float, discretization: float) -> float:
   """The loss-grid step: `discretization`, coarser (still pessimistic) past MAX_GRID cells."""
-  span = 2.0 * b_hi if q == 1 else math.log1p(-q + q * math.exp(min(b_hi, 700.0))) - math.log1p(
-      -q + q * math.exp(-b_hi))
+  span = (
+    2.0 * b_hi
+    if q == 1
+    else math.log1p(-q + q * math.exp(min(b_hi, 700.0))) - math.log1p(-q + q * math.exp(-b_hi))
+  )
   return max(float(discretization), span / MAX_GRID)
 
 
-def grid_step(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail: float = TAIL,
-              discretization: float = DISCRETIZATION) -> float:
+def grid_step(
+  params: LMOParams,
+  sampling_rate: float,
+  *,
+  bins: int = BINS,
+  tail: float = TAIL,
+  discretization: float = DISCRETIZATION,
+) -> float:
   """The discretisation `step_pld` uses for these arguments (PLDs compose on one grid)."""
   values, probs, _ = _b_bins(params, bins, tail)
   return _grid_step(float(values[probs > 0].max()), float(sampling_rate), discretization)
 
 
-def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail: float = TAIL,
-             discretization: float = DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
+def step_pld(
+  params: LMOParams,
+  sampling_rate: float,
+  *,
+  bins: int = BINS,
+  tail: float = TAIL,
+  discretization: float = DISCRETIZATION,
+) -> pld_lib.PrivacyLossDistribution:
   """Privacy-loss distribution of ONE Poisson-sampled LMO step (add/remove, b revealed).
 
   Per bin of b, the Poisson-subsampled Laplace pair in closed form: with
@@ -326,10 +348,10 @@ def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail:
     out = np.zeros(len(u))
     step = max(1, 2_000_000 // max(len(u), 1))
     for i in range(0, len(values), step):
-      out += probs[i:i + step] @ _u_cdf(u, values[i:i + step], left, shifted)
+      out += probs[i : i + step] @ _u_cdf(u, values[i : i + step], left, shifted)
     return out
 
-  def u_of_loss(l):   # inverse of l = log(1 - q + q e^u); -inf below the range
+  def u_of_loss(l):  # inverse of l = log(1 - q + q e^u); -inf below the range
     with np.errstate(divide="ignore", invalid="ignore"):
       arg = (np.exp(l) - 1.0 + q) / q
       return np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
@@ -346,8 +368,9 @@ def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail:
   lo_a = math.floor(-math.log1p(-q + q * math.exp(b_hi)) / h) if q < 1 else math.floor(-b_hi / h)
   hi_a = math.ceil(-math.log1p(-q + q * math.exp(-b_hi)) / h) if q < 1 else math.ceil(b_hi / h)
   idx_a = np.arange(lo_a, hi_a + 1)
-  v = u_of_loss(-np.append(idx_a[0] - 1, idx_a) * h) if q < 1 else -np.append(idx_a[0] - 1,
-                                                                               idx_a) * h
+  v = (
+    u_of_loss(-np.append(idx_a[0] - 1, idx_a) * h) if q < 1 else -np.append(idx_a[0] - 1, idx_a) * h
+  )
   add = -np.diff(mix(v, True, False))
   total = float(probs.sum())
   remove_pmf = {int(i): float(m) for i, m in zip(idx, remove) if m > 0}
@@ -356,14 +379,26 @@ def step_pld(params: LMOParams, sampling_rate: float, *, bins: int = BINS, tail:
   inf_remove = inf_mass + max(0.0, total - sum(remove_pmf.values()))
   inf_add = inf_mass + max(0.0, total - sum(add_pmf.values()))
   return pld_lib.PrivacyLossDistribution.create_from_rounded_probability(
-      remove_pmf, inf_remove, h, pessimistic_estimate=True,
-      rounded_probability_mass_function_add=add_pmf, infinity_mass_add=inf_add,
-      symmetric=False)
+    remove_pmf,
+    inf_remove,
+    h,
+    pessimistic_estimate=True,
+    rounded_probability_mass_function_add=add_pmf,
+    infinity_mass_add=inf_add,
+    symmetric=False,
+  )
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon_cached(params: LMOParams, q: float, steps: int, delta: float, bins: int,
-                    tail: float, discretization: float) -> float:
+def _epsilon_cached(
+  params: LMOParams,
+  q: float,
+  steps: int,
+  delta: float,
+  bins: int,
+  tail: float,
+  discretization: float,
+) -> float:
   step = step_pld(params, q, bins=bins, tail=tail, discretization=discretization)
   composed = step.self_compose(steps) if steps > 1 else step
   return float(composed.get_epsilon_for_delta(delta))
@@ -374,9 +409,16 @@ def default_tail(delta: float, steps: int) -> float:
   return max(min(TAIL, 0.1 * delta / steps), 2 * _CDF_TOL)
 
 
-def lmo_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: float, *,
-                bins: int = BINS, tail: Optional[float] = None,
-                discretization: float = DISCRETIZATION) -> float:
+def lmo_epsilon(
+  params: LMOParams,
+  sampling_rate: float,
+  steps: int,
+  delta: float,
+  *,
+  bins: int = BINS,
+  tail: Optional[float] = None,
+  discretization: float = DISCRETIZATION,
+) -> float:
   """Upper bound on epsilon of `steps` Poisson-sampled LMO steps (per example, add/remove).
 
   `tail` (mass of b charged as infinite loss per step): `default_tail` if None.
@@ -387,13 +429,20 @@ def lmo_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: floa
   if tail is None:
     tail = default_tail(delta, steps)
   if tail * steps >= delta:
-    raise ValueError(f"tail={tail} charged over {steps} steps reaches delta={delta}; "
-                     "lower tail")
-  return _epsilon_cached(params, float(sampling_rate), int(steps), float(delta), int(bins),
-                         float(tail), float(discretization))
+    raise ValueError(f"tail={tail} charged over {steps} steps reaches delta={delta}; lower tail")
+  return _epsilon_cached(
+    params,
+    float(sampling_rate),
+    int(steps),
+    float(delta),
+    int(bins),
+    float(tail),
+    float(discretization),
+  )
 
 
 # --- the event and its accountant --------------------------------------------
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class LMODpEvent(dp_accounting.DpEvent):
@@ -403,6 +452,7 @@ class LMODpEvent(dp_accounting.DpEvent):
   consumed by `LMOAccountant`, which `dpjax.core.accounting.epsilon(..., "pld")`
   picks for events holding one.
   """
+
   params: LMOParams
   sampling_rate: float
 
@@ -458,16 +508,24 @@ class LMOAccountant(ev.LeafAccountant):
 
 # --- the RDP cross-check -----------------------------------------------------
 
+
 def _rdp_step_unsampled(params: LMOParams, alpha: int) -> float:
   """RDP of one unsampled step with b revealed (inf if the MGF diverges)."""
   if alpha == 1:
     raise ValueError("integer orders >= 2 only")
-  val = (alpha * params.mgf(alpha - 1.0) + (alpha - 1) * params.mgf(-float(alpha))) / (2 * alpha - 1)
+  val = (alpha * params.mgf(alpha - 1.0) + (alpha - 1) * params.mgf(-float(alpha))) / (
+    2 * alpha - 1
+  )
   return float(np.log(val) / (alpha - 1)) if np.isfinite(val) else math.inf
 
 
-def rdp_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: float,
-                orders: Sequence[int] = tuple(range(2, 65))) -> float:
+def rdp_epsilon(
+  params: LMOParams,
+  sampling_rate: float,
+  steps: int,
+  delta: float,
+  orders: Sequence[int] = tuple(range(2, 65)),
+) -> float:
   """Upper bound on epsilon by RDP (cross-check; looser than `lmo_epsilon`)."""
   q = float(sampling_rate)
   ev.check_sampling_rate(q)
@@ -481,8 +539,12 @@ def rdp_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: floa
       # Zhu & Wang 2019 (ICML), general Poisson-subsampled RDP bound, integer a >= 2.
       terms = [(a - 1) * math.log1p(-q) + math.log(a * q - q + 1)]
       if math.isfinite(eps_unsampled[2]):
-        terms.append(math.log(special.comb(a, 2)) + 2 * math.log(q)
-                     + (a - 2) * math.log1p(-q) + eps_unsampled[2])
+        terms.append(
+          math.log(special.comb(a, 2))
+          + 2 * math.log(q)
+          + (a - 2) * math.log1p(-q)
+          + eps_unsampled[2]
+        )
       else:
         continue
       finite = True
@@ -490,8 +552,13 @@ def rdp_epsilon(params: LMOParams, sampling_rate: float, steps: int, delta: floa
         if not math.isfinite(eps_unsampled[l]):
           finite = False
           break
-        terms.append(math.log(3.0) + math.log(special.comb(a, l)) + l * math.log(q)
-                     + (a - l) * math.log1p(-q) + (l - 1) * eps_unsampled[l])
+        terms.append(
+          math.log(3.0)
+          + math.log(special.comb(a, l))
+          + l * math.log(q)
+          + (a - l) * math.log1p(-q)
+          + (l - 1) * eps_unsampled[l]
+        )
       if not finite:
         continue
       r = float(special.logsumexp(terms)) / (a - 1)

@@ -39,26 +39,36 @@ _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 @functools.lru_cache(maxsize=256)
 def _gaussian(std: float, q: Optional[float], h: float) -> pld_lib.PrivacyLossDistribution:
   if q is None:
-    return pld_lib.from_gaussian_mechanism(standard_deviation=std, value_discretization_interval=h,
-                                           neighboring_relation=_ADD_REMOVE)
-  return pld_lib.from_gaussian_mechanism(standard_deviation=std, value_discretization_interval=h,
-                                         sampling_prob=q, neighboring_relation=_ADD_REMOVE)
+    return pld_lib.from_gaussian_mechanism(
+      standard_deviation=std, value_discretization_interval=h, neighboring_relation=_ADD_REMOVE
+    )
+  return pld_lib.from_gaussian_mechanism(
+    standard_deviation=std,
+    value_discretization_interval=h,
+    sampling_prob=q,
+    neighboring_relation=_ADD_REMOVE,
+  )
 
 
 @functools.lru_cache(maxsize=256)
 def _laplace(parameter: float, q: Optional[float], h: float) -> pld_lib.PrivacyLossDistribution:
   if q is None:
     return pld_lib.from_laplace_mechanism(parameter=parameter, value_discretization_interval=h)
-  return pld_lib.from_laplace_mechanism(parameter=parameter, value_discretization_interval=h,
-                                        sampling_prob=q)
+  return pld_lib.from_laplace_mechanism(
+    parameter=parameter, value_discretization_interval=h, sampling_prob=q
+  )
 
 
 @functools.lru_cache(maxsize=64)
-def _mixture(std: float, sensitivities: tuple, sampling_probs: tuple,
-             h: float) -> pld_lib.PrivacyLossDistribution:
+def _mixture(
+  std: float, sensitivities: tuple, sampling_probs: tuple, h: float
+) -> pld_lib.PrivacyLossDistribution:
   return pld_lib.from_mixture_gaussian_mechanism(
-      standard_deviation=std, sensitivities=list(sensitivities),
-      sampling_probs=list(sampling_probs), value_discretization_interval=h)
+    standard_deviation=std,
+    sensitivities=list(sensitivities),
+    sampling_probs=list(sampling_probs),
+    value_discretization_interval=h,
+  )
 
 
 class StepPLDAccountant(ev.LeafAccountant):
@@ -76,8 +86,10 @@ class StepPLDAccountant(ev.LeafAccountant):
       return None
     if isinstance(event, (dp_event.MixtureOfGaussiansDpEvent, dp_event.NoOpDpEvent)):
       return None
-    return ("composes Gaussian, Laplace (Poisson-sampled or not) and mixture-of-Gaussians "
-            f"events only, got {type(event).__name__}")
+    return (
+      "composes Gaussian, Laplace (Poisson-sampled or not) and mixture-of-Gaussians "
+      f"events only, got {type(event).__name__}"
+    )
 
   def _compose_leaf(self, event, count: int) -> None:
     part = self._step(event, count)
@@ -99,13 +111,17 @@ class StepPLDAccountant(ev.LeafAccountant):
       if event.standard_deviation == 0:
         self._non_private = True
         return None
-      return _mixture(float(event.standard_deviation), tuple(event.sensitivities),
-                      tuple(event.sampling_probs), self._h).self_compose(count)
+      return _mixture(
+        float(event.standard_deviation),
+        tuple(event.sensitivities),
+        tuple(event.sampling_probs),
+        self._h,
+      ).self_compose(count)
     if event.noise_multiplier == 0:
       self._non_private = True
       return None
     if isinstance(event, dp_event.GaussianDpEvent):
-      if q is None:   # as dp-accounting: count Gaussians are one with sigma / sqrt(count)
+      if q is None:  # as dp-accounting: count Gaussians are one with sigma / sqrt(count)
         return _gaussian(float(event.noise_multiplier) / math.sqrt(count), None, self._h)
       return _gaussian(float(event.noise_multiplier), q, self._h).self_compose(count)
     return _laplace(float(event.noise_multiplier), q, self._h).self_compose(count)

@@ -41,9 +41,11 @@ from dpjax.core.checks import (
 )
 
 
-def els_step(noise_multiplier: float, sampling_rate: float, max_examples_per_user: int) -> dp_accounting.DpEvent:
+def els_step(
+  noise_multiplier: float, sampling_rate: float, max_examples_per_user: int
+) -> dp_accounting.DpEvent:
   """One ELS step seen by one user with G examples (the mixture of Gaussians)."""
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_noise_multiplier(noise_multiplier)
   check_sampling_rate(sampling_rate)
   check_max_examples_per_user(G)
@@ -52,49 +54,63 @@ def els_step(noise_multiplier: float, sampling_rate: float, max_examples_per_use
   # Drop numerically-zero weights; the PLD is built from the remaining support.
   keep = [(j, p) for j, p in zip(js, probs) if p > 0.0]
   return dp_event.MixtureOfGaussiansDpEvent(
-      float(noise_multiplier), [float(j) for j, _ in keep], [p for _, p in keep])
+    float(noise_multiplier), [float(j) for j, _ in keep], [p for _, p in keep]
+  )
 
 
-def els_event(noise_multiplier: float, sampling_rate: float, steps: int,
-              max_examples_per_user: int) -> dp_accounting.DpEvent:
+def els_event(
+  noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int
+) -> dp_accounting.DpEvent:
   """`steps` ELS steps: user-level event for PLD accounting."""
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_steps(steps)
-  return dp_accounting.SelfComposedDpEvent(els_step(noise_multiplier, sampling_rate, G),
-                                           int(steps))
+  return dp_accounting.SelfComposedDpEvent(els_step(noise_multiplier, sampling_rate, G), int(steps))
 
 
-def uls_event(noise_multiplier: float, user_sampling_rate: float,
-              steps: int) -> dp_accounting.DpEvent:
+def uls_event(
+  noise_multiplier: float, user_sampling_rate: float, steps: int
+) -> dp_accounting.DpEvent:
   """`steps` ULS steps: the subsampled Gaussian with users as the unit."""
   return ev.dpsgd_event(noise_multiplier, user_sampling_rate, steps)
 
 
-def els_accountant(noise_multiplier: float, sampling_rate: float, steps: int,
-                   max_examples_per_user: int) -> StepPLDAccountant:
-  G = max_examples_per_user   # the papers' G
+def els_accountant(
+  noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int
+) -> StepPLDAccountant:
+  G = max_examples_per_user  # the papers' G
   acc = StepPLDAccountant(MOG_DISCRETIZATION)
   acc.compose(els_event(noise_multiplier, sampling_rate, steps, G))
   return acc
 
 
 @functools.lru_cache(maxsize=256)
-def els_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int,
-                delta: float) -> float:
+def els_epsilon(
+  noise_multiplier: float,
+  sampling_rate: float,
+  steps: int,
+  max_examples_per_user: int,
+  delta: float,
+) -> float:
   """User-level epsilon of ELS (PLD, upper bound); memoised, as the mixture's PLD is costly."""
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_delta(delta)
   return float(els_accountant(noise_multiplier, sampling_rate, steps, G).get_epsilon(delta))
 
 
-def group_privacy_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int,
-                          delta: float, accountant: str = "pld") -> float:
+def group_privacy_epsilon(
+  noise_multiplier: float,
+  sampling_rate: float,
+  steps: int,
+  max_examples_per_user: int,
+  delta: float,
+  accountant: str = "pld",
+) -> float:
   """User-level epsilon of ELS from the example-level guarantee by group privacy.
 
   Finds the example-level (eps_1, delta_1) with G e^{(G-1) eps_1} delta_1 =
   delta on the example-level privacy curve, and returns G eps_1.
   """
-  G = max_examples_per_user   # the papers' G
+  G = max_examples_per_user  # the papers' G
   check_delta(delta)
   check_max_examples_per_user(G)
   event = ev.dpsgd_event(noise_multiplier, sampling_rate, steps)
@@ -102,7 +118,7 @@ def group_privacy_epsilon(noise_multiplier: float, sampling_rate: float, steps: 
     return accountants.epsilon(event, delta, accountant)
   # delta_1(eps_1) decreases in eps_1 while the group's factor increases:
   # bisect on eps_1 for G e^{(G-1) eps_1} delta_1(eps_1) = delta.
-  acc = accountants.composed(event, accountant)   # composed once, queried many times
+  acc = accountants.composed(event, accountant)  # composed once, queried many times
 
   def excess(e1: float) -> float:
     d1 = float(acc.get_delta(e1))
@@ -121,8 +137,14 @@ def group_privacy_epsilon(noise_multiplier: float, sampling_rate: float, steps: 
   return G * hi
 
 
-def group_size_tradeoff(examples_per_user, group_sizes, noise_multiplier: float,
-                        batch_size: float, steps: int, delta: float):
+def group_size_tradeoff(
+  examples_per_user,
+  group_sizes,
+  noise_multiplier: float,
+  batch_size: float,
+  steps: int,
+  delta: float,
+):
   """The ELS trade-off in G at fixed noise and fixed expected examples per step.
 
   `examples_per_user[u]` is how many examples user u holds. For each G the
@@ -140,9 +162,14 @@ def group_size_tradeoff(examples_per_user, group_sizes, noise_multiplier: float,
     kept = int(np.minimum(counts, G).sum())
     q = batch_size / kept
     check_sampling_rate(q)
-    rows.append({"G": int(G), "examples_kept": kept, "fraction_kept": kept / int(counts.sum()),
-                 "sampling_rate": q,
-                 "epsilon_els": els_epsilon(noise_multiplier, q, steps, int(G), delta),
-                 "epsilon_group": group_privacy_epsilon(noise_multiplier, q, steps, int(G),
-                                                        delta)})
+    rows.append(
+      {
+        "G": int(G),
+        "examples_kept": kept,
+        "fraction_kept": kept / int(counts.sum()),
+        "sampling_rate": q,
+        "epsilon_els": els_epsilon(noise_multiplier, q, steps, int(G), delta),
+        "epsilon_group": group_privacy_epsilon(noise_multiplier, q, steps, int(G), delta),
+      }
+    )
   return rows

@@ -26,20 +26,28 @@ from dpjax.core.clipping.base import (
 )
 from dpjax.core.clipping.ghost import GhostClippedGradFn
 
-__all__ = ["ADD_REMOVE", "REPLACE_ONE", "ClippedGradAux", "ClippedGradFn", "GhostClippedGradFn",
-           "GroupMean", "clipped_grad", "group_mean"]
+__all__ = [
+  "ADD_REMOVE",
+  "REPLACE_ONE",
+  "ClippedGradAux",
+  "ClippedGradFn",
+  "GhostClippedGradFn",
+  "GroupMean",
+  "clipped_grad",
+  "group_mean",
+]
 
 
 def clipped_grad(
-    loss_fn: Callable[..., Any],
-    *,
-    l2_clip_norm: Optional[PyTree] = None,
-    l1_clip_norm: Optional[PyTree] = None,
-    has_aux: bool = False,
-    keep_batch_dim: bool = False,
-    microbatch_size: Optional[int] = None,
-    nan_safe: bool = True,
-    method: str = "vmap",
+  loss_fn: Callable[..., Any],
+  *,
+  l2_clip_norm: Optional[PyTree] = None,
+  l1_clip_norm: Optional[PyTree] = None,
+  has_aux: bool = False,
+  keep_batch_dim: bool = False,
+  microbatch_size: Optional[int] = None,
+  nan_safe: bool = True,
+  method: str = "vmap",
 ) -> ClippedGradFn:
   """Like `jax.grad`, but returns the sum of per-unit clipped gradients.
 
@@ -92,18 +100,27 @@ def clipped_grad(
     cross-unit statistics).
   """
   if (l2_clip_norm is None) == (l1_clip_norm is None):
-    raise ValueError("give exactly one of l2_clip_norm, l1_clip_norm, got "
-                     f"l2_clip_norm={l2_clip_norm!r}, l1_clip_norm={l1_clip_norm!r}")
-  clip, ord_, name = ((l2_clip_norm, 2, "l2_clip_norm") if l2_clip_norm is not None
-                      else (l1_clip_norm, 1, "l1_clip_norm"))
+    raise ValueError(
+      "give exactly one of l2_clip_norm, l1_clip_norm, got "
+      f"l2_clip_norm={l2_clip_norm!r}, l1_clip_norm={l1_clip_norm!r}"
+    )
+  clip, ord_, name = (
+    (l2_clip_norm, 2, "l2_clip_norm")
+    if l2_clip_norm is not None
+    else (l1_clip_norm, 1, "l1_clip_norm")
+  )
   check_clip_norms(clip, name)
-  if microbatch_size is not None and (int(microbatch_size) != microbatch_size or microbatch_size < 1):
+  if microbatch_size is not None and (
+    int(microbatch_size) != microbatch_size or microbatch_size < 1
+  ):
     raise ValueError(f"microbatch_size must be a positive integer or None, got {microbatch_size!r}")
   clip = jax.tree.map(float, clip)
   if isinstance(loss_fn, GroupMean):
     if loss_fn.has_aux != has_aux:
-      raise ValueError(f"group_mean(..., has_aux={loss_fn.has_aux}) needs clipped_grad(..., "
-                       f"has_aux={loss_fn.has_aux}), got has_aux={has_aux}")
+      raise ValueError(
+        f"group_mean(..., has_aux={loss_fn.has_aux}) needs clipped_grad(..., "
+        f"has_aux={loss_fn.has_aux}), got has_aux={has_aux}"
+      )
     if keep_batch_dim:
       raise ValueError("keep_batch_dim does not apply to a group_mean loss (its unit is [G, ...])")
   if method not in ("vmap", "ghost"):
@@ -113,5 +130,12 @@ def clipped_grad(
     if ord_ != 2:
       raise ValueError("method='ghost' computes L2 norms only; use method='vmap' with l1_clip_norm")
     cls = GhostClippedGradFn
-  return cls(loss_fn, clip_norm=clip, norm_ord=ord_, has_aux=has_aux,
-             keep_batch_dim=keep_batch_dim, microbatch_size=microbatch_size, nan_safe=nan_safe)
+  return cls(
+    loss_fn,
+    clip_norm=clip,
+    norm_ord=ord_,
+    has_aux=has_aux,
+    keep_batch_dim=keep_batch_dim,
+    microbatch_size=microbatch_size,
+    nan_safe=nan_safe,
+  )

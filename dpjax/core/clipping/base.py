@@ -34,6 +34,7 @@ class ClippedGradAux(NamedTuple):
       gradient (only with `nan_safe=True`).
     loss_aux: per-unit auxiliary outputs of `loss_fn` when `has_aux=True`.
   """
+
   loss: chex.Array
   norms: PyTree
   num_units: chex.Array
@@ -45,11 +46,13 @@ def _leaf_norms(tree: PyTree, ord_: int) -> chex.Array:
   """Per-unit norm of a pytree whose leaves carry a leading unit axis."""
   leaves = jax.tree.leaves(tree)
   if ord_ == 2:
-    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-             for x in leaves)
+    sq = sum(
+      jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves
+    )
     return jnp.sqrt(sq)
-  return sum(jnp.sum(jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-             for x in leaves)
+  return sum(
+    jnp.sum(jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves
+  )
 
 
 class GroupMean:
@@ -87,8 +90,9 @@ class GroupMean:
     return self.combine(w, jax.vmap(self.example_loss, in_axes=in_axes)(params, examples, *args))
 
 
-def group_mean(example_loss: Callable[..., Any], *, weight_key: str = "_example_mask",
-               has_aux: bool = False) -> GroupMean:
+def group_mean(
+  example_loss: Callable[..., Any], *, weight_key: str = "_example_mask", has_aux: bool = False
+) -> GroupMean:
   """A per-example loss -> the loss of a unit of G examples (e.g. one user's).
 
   Example:
@@ -105,8 +109,9 @@ class ClippedGradFn:
 
   method = "vmap"
 
-  def __init__(self, loss_fn, *, clip_norm, norm_ord, has_aux, keep_batch_dim,
-               microbatch_size, nan_safe):
+  def __init__(
+    self, loss_fn, *, clip_norm, norm_ord, has_aux, keep_batch_dim, microbatch_size, nan_safe
+  ):
     self._loss_fn = loss_fn
     self.clip_norm = clip_norm
     self.norm_ord = norm_ord
@@ -161,16 +166,20 @@ class ClippedGradFn:
       dropped = keep & ~finite
       keep = keep & finite
     factors = jax.tree.map(
-        lambda c, n: jnp.where(keep, jnp.minimum(1.0, c / jnp.maximum(n, 1e-30)), 0.0),
-        self.clip_norm, norms)
+      lambda c, n: jnp.where(keep, jnp.minimum(1.0, c / jnp.maximum(n, 1e-30)), 0.0),
+      self.clip_norm,
+      norms,
+    )
     return keep, dropped, factors
 
   def _aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
     return ClippedGradAux(
-        loss=jnp.where(keep, loss, 0.0),
-        norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
-        num_units=jnp.sum(keep.astype(jnp.int32)),
-        num_dropped=jnp.sum(dropped.astype(jnp.int32)), loss_aux=loss_aux)
+      loss=jnp.where(keep, loss, 0.0),
+      norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
+      num_units=jnp.sum(keep.astype(jnp.int32)),
+      num_dropped=jnp.sum(dropped.astype(jnp.int32)),
+      loss_aux=loss_aux,
+    )
 
   def _clip_chunk(self, params, batch, mask, args):
     loss, aux, grads = self._per_unit(params, batch, args)
@@ -184,8 +193,10 @@ class ClippedGradFn:
       def leaf(x):
         # where(), not multiply: 0 * NaN would leak a masked unit's NaN.
         safe = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-        return jnp.tensordot(factor.astype(jnp.float32), safe.astype(jnp.float32),
-                             axes=1).astype(x.dtype)
+        return jnp.tensordot(factor.astype(jnp.float32), safe.astype(jnp.float32), axes=1).astype(
+          x.dtype
+        )
+
       return jax.tree.map(leaf, g)
 
     if self.per_layer:
@@ -194,8 +205,7 @@ class ClippedGradFn:
       summed = scale_group(factors, grads)
     return summed, self._aux(loss, norms, mask, keep, dropped, aux)
 
-  def __call__(self, params: PyTree, batch: PyTree, *args,
-               mask: Optional[chex.Array] = None):
+  def __call__(self, params: PyTree, batch: PyTree, *args, mask: Optional[chex.Array] = None):
     """Returns `(sum of clipped per-unit gradients, ClippedGradAux)`."""
     leaves = jax.tree.leaves(batch)
     if not leaves:
@@ -204,7 +214,8 @@ class ClippedGradFn:
     for x in leaves:
       if x.shape[0] != n:
         raise ValueError(
-            f"all batch arrays need the same leading (unit) axis, got {x.shape[0]} and {n}")
+          f"all batch arrays need the same leading (unit) axis, got {x.shape[0]} and {n}"
+        )
     if mask is None:
       mask = jnp.ones((n,), jnp.float32)
     elif mask.shape != (n,):
@@ -215,25 +226,31 @@ class ClippedGradFn:
 
     chunks = -(-n // mb)
     pad = chunks * mb - n
+
     def split(x):
       x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
       return x.reshape((chunks, mb) + x.shape[1:])
+
     batch_c = jax.tree.map(split, batch)
     mask_c = split(mask)
 
     zero = jax.tree.map(jnp.zeros_like, params)
+
     def body(acc, xs):
       b, m = xs
       g, aux = self._clip_chunk(params, b, m, args)
       return jax.tree.map(jnp.add, acc, g), aux
+
     summed, aux = jax.lax.scan(body, zero, (batch_c, mask_c))
 
     def unsplit(x):
       return x.reshape((chunks * mb,) + x.shape[2:])[:n]
+
     aux = ClippedGradAux(
-        loss=unsplit(aux.loss),
-        norms=jax.tree.map(unsplit, aux.norms),
-        num_units=jnp.sum(aux.num_units),
-        num_dropped=jnp.sum(aux.num_dropped),
-        loss_aux=jax.tree.map(unsplit, aux.loss_aux))
+      loss=unsplit(aux.loss),
+      norms=jax.tree.map(unsplit, aux.norms),
+      num_units=jnp.sum(aux.num_units),
+      num_dropped=jnp.sum(aux.num_dropped),
+      loss_aux=jax.tree.map(unsplit, aux.loss_aux),
+    )
     return summed, aux

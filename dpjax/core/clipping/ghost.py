@@ -86,10 +86,11 @@ _F32 = jnp.float32
 
 class _Site(NamedTuple):
   """One intercepted layer call, in call order (static, found at trace time)."""
-  kind: str                      # "dense" | "embed" | "attend"
-  weight: int                    # flat index of its weight leaf
-  bias: Optional[int]            # flat index of its bias leaf (dense with bias)
-  out: jax.ShapeDtypeStruct      # per-unit output (the tap's shape)
+
+  kind: str  # "dense" | "embed" | "attend"
+  weight: int  # flat index of its weight leaf
+  bias: Optional[int]  # flat index of its bias leaf (dense with bias)
+  out: jax.ShapeDtypeStruct  # per-unit output (the tap's shape)
 
 
 def _call_site(module, method: str, args, kwargs, index_of: Dict[int, int]):
@@ -124,8 +125,12 @@ def _apply_cut(module, method: str, args, kwargs):
 class _Tape:
   """The interceptor of one trace: records sites ("plan") or taps them ("run")."""
 
-  def __init__(self, index_of: Dict[int, int], sites: Optional[Sequence[_Site]] = None,
-               taps: Optional[Sequence[jax.Array]] = None):
+  def __init__(
+    self,
+    index_of: Dict[int, int],
+    sites: Optional[Sequence[_Site]] = None,
+    taps: Optional[Sequence[jax.Array]] = None,
+  ):
     self.index_of = index_of
     self.planning = sites is None
     self.sites: List[_Site] = [] if sites is None else list(sites)
@@ -154,12 +159,15 @@ class _Tape:
     k = len(self.inputs)
     if k >= len(self.sites) or self.sites[k][:3] != (kind, w, b):
       raise RuntimeError(
-          "ghost clipping: the loss called its layers differently on a second trace "
-          f"(call {k}: {kind} of leaf {w}); the loss must be a deterministic function "
-          "of its inputs' shapes")
+        "ghost clipping: the loss called its layers differently on a second trace "
+        f"(call {k}: {kind} of leaf {w}); the loss must be a deterministic function "
+        "of its inputs' shapes"
+      )
     out = next_fun(*args, **kwargs)
     if out.shape != self.sites[k].out.shape:
-      raise RuntimeError(f"ghost clipping: layer output {out.shape} != traced {self.sites[k].out.shape}")
+      raise RuntimeError(
+        f"ghost clipping: layer output {out.shape} != traced {self.sites[k].out.shape}"
+      )
     self.inputs.append(x)
     return out + self.taps[k].astype(out.dtype)
 
@@ -167,6 +175,7 @@ class _Tape:
 def _current_trace():
   try:
     from jax._src import core
+
     return core.trace_ctx.trace
   except (ImportError, AttributeError):
     return None
@@ -186,9 +195,11 @@ def _used_inputs(jaxpr) -> List[bool]:
   """Which inputs of a jaxpr reach its outputs (dead code removed, sub-jaxprs included)."""
   try:
     from jax._src.interpreters import partial_eval as pe
+
     return list(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[1])
   except (ImportError, AttributeError):  # conservative: any mention counts as a use
     from jax.extend.core import Literal
+
     used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)}
     used |= {v for v in jaxpr.outvars if not isinstance(v, Literal)}
     return [v in used for v in jaxpr.invars]
@@ -208,7 +219,8 @@ def _gram(a_kind: str, a, b_kind: str, b):
 
 class _Use(NamedTuple):
   """A weight's per-unit gradient is sum over uses of `left^T right`."""
-  left_kind: str    # "dense": left [U, T, rows]; "index": left [U, T] row ids
+
+  left_kind: str  # "dense": left [U, T, rows]; "index": left [U, T] row ids
   left: jax.Array
   right: jax.Array  # [U, T, cols]
 
@@ -219,7 +231,7 @@ def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str
   out = {}
   for s in sites:
     t = group_size
-    for d in s.out.shape[:-1]:     # rows of x^T g: every axis but the features
+    for d in s.out.shape[:-1]:  # rows of x^T g: every axis but the features
       t *= d
     tokens[s.weight] = tokens.get(s.weight, 0) + t
     if s.bias is not None:
@@ -235,8 +247,11 @@ def _materialise(u: _Use, shape, n_units: int):
   if u.left_kind == "dense":
     return jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
   units = jnp.arange(n_units)[:, None]
-  return jnp.zeros((n_units,) + tuple(shape), _F32).at[units, u.left].add(
-      u.right.astype(_F32), mode="drop")
+  return (
+    jnp.zeros((n_units,) + tuple(shape), _F32)
+    .at[units, u.left]
+    .add(u.right.astype(_F32), mode="drop")
+  )
 
 
 class GhostClippedGradFn(ClippedGradFn):
@@ -249,15 +264,19 @@ class GhostClippedGradFn(ClippedGradFn):
 
     Traced on one unit (or one example of a `group_mean` unit), not run.
     """
-    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
-                        batch)
+    unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batch)
     group_size = 1
-    if self._group is not None:     # the layers are traced on one example of the unit
+    if self._group is not None:  # the layers are traced on one example of the unit
       group_size = jax.tree.leaves(batch)[0].shape[1]
-      unit = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in unit.items()
-              if k != self._group.weight_key}
+      unit = {
+        k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+        for k, v in unit.items()
+        if k != self._group.weight_key
+      }
     cand = [i for i, x in enumerate(leaves) if _is_float(x)]
-    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)
+    abstract = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
+    )
     tape_box = []
 
     def forward(all_leaves, unit, args, cand_tangents):
@@ -272,6 +291,7 @@ class GhostClippedGradFn(ClippedGradFn):
         with _intercept(tape):
           loss, _ = self._traced_loss(jax.tree.unflatten(treedef, full), unit, args)
         return loss
+
       primals = [all_leaves[i] for i in cand]
       return jax.jvp(loss_of, (primals,), (cand_tangents,))[1]
 
@@ -285,8 +305,12 @@ class GhostClippedGradFn(ClippedGradFn):
     taken = {s.weight for s in sites} | {s.bias for s in sites if s.bias is not None}
     taken &= clean
     while True:
-      bad = {i for s in sites for i in (s.weight, s.bias)
-             if i is not None and not (s.weight in taken and (s.bias is None or s.bias in taken))}
+      bad = {
+        i
+        for s in sites
+        for i in (s.weight, s.bias)
+        if i is not None and not (s.weight in taken and (s.bias is None or s.bias in taken))
+      }
       if not bad & taken:
         break
       taken -= bad
@@ -332,12 +356,15 @@ class GhostClippedGradFn(ClippedGradFn):
     taps = [jnp.zeros((n_units,) + per_unit + s.out.shape, s.out.dtype) for s in sites]
     grad_fn = jax.value_and_grad(unit_fn, argnums=(0, 1), has_aux=True)
     (loss, (aux, inputs)), (g_fb, g_taps) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
-        [leaves[i] for i in fallback], taps, batch)
+      [leaves[i] for i in fallback], taps, batch
+    )
 
     # Per-unit gradient of each leaf: materialised (fallback, biases) or as uses.
     dense_grads: Dict[int, jax.Array] = dict(zip(fallback, g_fb))
     uses: Dict[int, List[_Use]] = {}
-    flat = lambda a, keep_last=True: a.reshape((n_units, -1) + ((a.shape[-1],) if keep_last else ()))
+    flat = lambda a, keep_last=True: a.reshape(
+      (n_units, -1) + ((a.shape[-1],) if keep_last else ())
+    )
     for s, x, g in zip(sites, inputs, g_taps):
       if s.kind == "dense":
         uses.setdefault(s.weight, []).append(_Use("dense", flat(x), flat(g)))
@@ -360,8 +387,11 @@ class GhostClippedGradFn(ClippedGradFn):
       for a in range(len(us)):
         for b in range(a, len(us)):
           ua, ub = us[a], us[b]
-          term = jnp.sum(_gram(ua.left_kind, ua.left, ub.left_kind, ub.left)
-                         * _gram("dense", ua.right, "dense", ub.right), axis=(1, 2))
+          term = jnp.sum(
+            _gram(ua.left_kind, ua.left, ub.left_kind, ub.left)
+            * _gram("dense", ua.right, "dense", ub.right),
+            axis=(1, 2),
+          )
           acc = acc + (term if a == b else 2.0 * term)
       sq[i] = acc
     for i, g in dense_grads.items():
@@ -400,8 +430,9 @@ class GhostClippedGradFn(ClippedGradFn):
             ids = u.left.reshape(-1)
             total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
           else:
-            total = total + jnp.einsum("uti,utj->ij", prep(u.left), right,
-                                       preferred_element_type=_F32)
+            total = total + jnp.einsum(
+              "uti,utj->ij", prep(u.left), right, preferred_element_type=_F32
+            )
         sums.append(total)
       return sums
 
@@ -426,7 +457,10 @@ class GhostClippedGradFn(ClippedGradFn):
     leaves, treedef = jax.tree.flatten(params)
     sites, _, group_size = self._plan(leaves, treedef, batch, args)
     rules = _rules(sites, leaves, group_size)
-    paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    paths = [
+      jax.tree_util.keystr(p, simple=True, separator="/")
+      for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
     return {p: rules.get(i, "vmap") for i, p in enumerate(paths)}
 
   @property
