@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import report as report_lib  # experiments/report.py, beside this script
 import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.methods import flatness
@@ -229,59 +230,6 @@ def _radius(mode):
   return f"{rho_s:g} x " + ("||theta_k|| per tensor" if per_tensor else "||theta||")
 
 
-def _ms(xs, fmt):
-  return f"{np.mean(xs):{fmt}} ± {np.std(xs):{fmt}}" if xs else "-"
-
-
-def report(rows, epsilons, variants):
-  """One markdown table per epsilon: accuracy (mean ± population std over
-  seeds), paired per-seed difference vs plain, both sharpness measures, and
-  (when prefixes are trained) which prefixes were kept."""
-  prefixes = any(r.get("mode") != "full" for r in rows)
-  for e in epsilons:
-    at = lambda v: {
-      r["seed"]: r
-      for r in rows
-      if r["variant"] == v and (v == "non-private" or r["epsilon_target"] == e)
-    }
-    plain = at("plain")
-    print(f"\neps = {e:g}\n")
-    print(
-      "| variant | seeds | test acc (%) | paired diff. vs plain (points) "
-      "| max loss increase | top Hessian eigenvalue |" + (" prefixes kept |" if prefixes else "")
-    )
-    print("|---|---|---|---|---|---|" + ("---|" if prefixes else ""))
-    for v in variants:
-      got = at(v)
-      if not got:
-        continue
-      seeds = sorted(got)
-      acc = [100 * got[k]["test_accuracy"] for k in seeds]
-      diff = (
-        ", ".join(
-          f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
-          for k in seeds
-          if k in plain
-        )
-        if v != "plain"
-        else "-"
-      )
-      kept = {
-        "all"
-        if got[k].get("prefix_layers") is None
-        else f"{sum(got[k]['prefix_layers'])} of {len(got[k]['prefix_layers'])} (mask "
-        + "".join("1" if b else "0" for b in got[k]["prefix_layers"])
-        + ")"
-        for k in seeds
-      }
-      print(
-        f"| {v} | {','.join(map(str, seeds))} | {_ms(acc, '.2f')} | {diff or '-'} | "
-        f"{_ms([got[k]['max_increase'] for k in seeds], '.3f')} | "
-        f"{_ms([got[k]['top_eigenvalue'] for k in seeds], '.3f')} |"
-        + (f" {' / '.join(sorted(kept))} |" if prefixes else "")
-      )
-
-
 def main():
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,7 +271,6 @@ def main():
     ],
     spec_of,
   )
-  rows = []
   for eps in args.epsilons:
     for variant in args.variants:
       if variant == "non-private" and eps != args.epsilons[0]:
@@ -346,7 +293,6 @@ def main():
           ),
         )
         if old is not None:
-          rows.append(old)
           continue
         if args.report:
           continue
@@ -364,7 +310,6 @@ def main():
         r["batch_size"] = args.batch_size
         if args.mode == "full":
           r["layer_lr"] = args.layer_lr
-        rows.append(r)
         rows_lib.append("dp_flat", [r])
         print(
           f"eps={eps:g} {variant} seed={seed}: test {100 * r['test_accuracy']:.2f}% "
@@ -372,7 +317,17 @@ def main():
           f"top eig {r['top_eigenvalue']:.3f}, prefix {r['prefix_layers']}",
           flush=True,
         )
-  report(rows, args.epsilons, args.variants)
+  for e in args.epsilons:  # the tables, rendered from the recorded rows as in RESULTS.md
+    print(f"\neps = {e:g}\n")
+    print(
+      report_lib.dp_flat(
+        epsilon=str(e),
+        mode=args.mode,
+        steps=str(args.steps),
+        batch_size=str(args.batch_size),
+        layer_lr=str(args.layer_lr) if args.mode == "full" else "",
+      )
+    )
 
 
 if __name__ == "__main__":

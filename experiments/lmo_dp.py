@@ -22,6 +22,7 @@ import argparse
 import os
 
 import numpy as np
+import report as report_lib  # experiments/report.py, beside this script
 import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core.accounting import lmo as L
@@ -86,18 +87,7 @@ def search(args):
         flush=True,
       )
   rows_lib.append("lmo_search", rows)
-  print(
-    "\n| delta | target eps | LMO best shape | LMO E|Z| / C1 | Laplace E|Z| / C1 | "
-    "mixture shapes E|Z| / C1 (min - max) |"
-  )
-  print("|---|---|---|---|---|---|")
-  for r in rows:
-    mix = [s["noise"] for s in r["shapes"][1:]]
-    print(
-      f"| {r['delta']:g} | {r['target_epsilon']:g} | {r['best']['shape']} | "
-      f"{r['best']['noise']:.3f} | {r['laplace']['noise']:.3f} | "
-      f"{min(mix):.3f} - {max(mix):.3f} |"
-    )
+  print("\n" + report_lib.lmo_search())  # every recorded search row, as in RESULTS.md
 
 
 def train_all(args):
@@ -150,32 +140,7 @@ def train_all(args):
             flush=True,
           )
   rows_lib.append("lmo_train", rows)
-  print(
-    "\n| delta | target eps | Gaussian test acc (%) | LMO test acc (%) | "
-    "Gaussian E|Z| / C2 | LMO E|Z| / C1 | sound eps (Gaussian / LMO) |"
-  )
-  print("|---|---|---|---|---|---|---|")
-  for delta in args.deltas:
-    for eps in args.epsilons:
-      cell = {}
-      for mech in args.mechanisms:
-        rs = [
-          r
-          for r in rows
-          if r["mechanism"] == mech and r["target_epsilon"] == eps and r["delta"] == delta
-        ]
-        acc = 100 * np.array([r["test_accuracy"] for r in rs])
-        cell[mech] = (
-          f"{acc.mean():.2f} ± {acc.std():.2f}",
-          rs[0]["noise_abs"],
-          max(r["epsilon"] for r in rs),
-        )
-      g, m = cell.get("gaussian"), cell.get("lmo")
-      print(
-        f"| {delta:g} | {eps:g} | {g[0] if g else '-'} | {m[0] if m else '-'} | "
-        f"{g[1] if g else float('nan'):.3f} | {m[1] if m else float('nan'):.3f} | "
-        f"{g[2] if g else float('nan'):.3f} / {m[2] if m else float('nan'):.3f} |"
-      )
+  print("\n" + report_lib.lmo_train())  # every recorded training row, as in RESULTS.md
 
 
 def main():

@@ -454,6 +454,52 @@ def user_tradeoff() -> str:
   )
 
 
+# --- speed ---------------------------------------------------------------------
+
+
+@renderer
+def bench_step(file: str = "bench_step_cpu") -> str:
+  """Per-shape step time relative to the non-private step, and XLA's step memory."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file),
+    lambda r: {k: r[k] for k in ("method", "width", "seq", "batch", "layers", "vocab", "device")},
+  )
+  shapes = list(dict.fromkeys((r["width"], r["seq"]) for r in index.values()))
+  k = lambda n: f"{n / 1000:.0f}K"
+  lines = []
+  for w, t in shapes:
+    by = {r["method"]: r for r in index.values() if (r["width"], r["seq"]) == (w, t)}
+    ratio = {m: by[m]["ratio_to_non_private"] for m in by}
+    private = [ratio[m] for m in ("vmap", "vmap_micro", "ghost") if m in ratio]
+    ghost = f"{ratio['ghost']:.2f}"
+    if ratio.get("ghost") == min(private):
+      ghost = f"**{ghost}**"
+    mib = lambda m: str(by[m]["step_bytes"] // 2**20)  # MiB, rounded down
+    lines.append(
+      [
+        f"{w}, {t}",
+        f"{k(t * t)} {'<' if t * t < w * w else '>'} {k(w * w)}",
+        f"{ratio['non_private']:.2f}",
+        f"{ratio['vmap']:.2f}",
+        f"{ratio['vmap_micro']:.2f}",
+        ghost,
+        f"{mib('vmap')} / {mib('ghost')} / {mib('non_private')}",
+      ]
+    )
+  return _table(
+    [
+      "width W, seq T",
+      "T^2 vs d x d",
+      "non-private",
+      "vmap",
+      "vmap (micro 4)",
+      "ghost",
+      "memory vmap / ghost / non-private (MiB)",
+    ],
+    lines,
+  )
+
+
 # --- the driver --------------------------------------------------------------
 
 

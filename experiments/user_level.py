@@ -21,6 +21,7 @@ import math
 import os
 
 import numpy as np
+import report as report_lib  # experiments/report.py, beside this script
 import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core.sampling import bound_contributions
@@ -183,13 +184,7 @@ def tradeoff(args):
     ],
   )
   print(f"sigma={args.noise_multiplier}, {args.batch_size:g} examples/step, {args.steps[0]} steps")
-  print("| G | examples kept | q | user eps (ELS, PLD) | user eps (group privacy) |")
-  print("|---|---|---|---|---|")
-  for r in rows:
-    print(
-      f"| {r['G']} | {r['examples_kept']} ({100 * r['fraction_kept']:.0f}%) | "
-      f"{r['sampling_rate']:.4f} | {r['epsilon_els']:.3f} | {r['epsilon_group']:.3f} |"
-    )
+  print(report_lib.user_tradeoff())  # the recorded rows, as in RESULTS.md
 
 
 def main():

@@ -297,7 +297,9 @@ def test_group_mean_units_keep_the_ghost_rule():
   user_loss = dpjax.core.clipping.group_mean(example_loss, has_aux=True)
   flat = _batch(n=9)
   users = jax.tree.map(lambda x: x.reshape((3, 3) + x.shape[1:]), flat)
-  users["_example_mask"] = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+  users = dpjax.core.clipping.GroupUnits(
+    users, jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+  )
   mask = jnp.array([1.0, 1.0, 0.0])
   fn = dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, has_aux=True, method="ghost")
   rules = fn.rules(params, users, 2.0)

@@ -44,6 +44,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dpjax.core.accounting.ledger import Ledger
+from dpjax.core.clipping import GroupUnits
 from dpjax.core.sampling import eval_batches
 from dpjax.methods import flatness
 from dpjax.training import rundir
@@ -456,8 +457,8 @@ def _run(
   def host_batch(pb):
     """A sampler's physical batch -> (device batch, unit mask)."""
     batch = _take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
-    if plan.per_user:
-      batch["_example_mask"] = jnp.asarray(pb.example_mask)
+    if plan.per_user:  # [P, G, ...] examples of P users and which of them are real
+      batch = GroupUnits(batch, jnp.asarray(pb.example_mask))
     mask = jnp.asarray(pb.mask)
     if mesh is not None:
       batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)

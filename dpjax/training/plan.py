@@ -344,11 +344,7 @@ def make_plan(
   sam = _sam(spec)
   grad_fn = None
   if spec.private:
-    unit_loss = (
-      group_mean(task.loss_fn, weight_key="_example_mask", has_aux=True)
-      if sampling == "uls"
-      else task.loss_fn
-    )
+    unit_loss = group_mean(task.loss_fn, has_aux=True) if sampling == "uls" else task.loss_fn
     clip = (
       {"l1_clip_norm": spec.l1_clip_norm}
       if spec.mechanism in L1_MECHANISMS

@@ -21,6 +21,7 @@ from dpjax.core.clipping.base import (
   ClippedGradAux,
   ClippedGradFn,
   GroupMean,
+  GroupUnits,
   PyTree,
   group_mean,
 )
@@ -33,6 +34,7 @@ __all__ = [
   "ClippedGradFn",
   "GhostClippedGradFn",
   "GroupMean",
+  "GroupUnits",
   "clipped_grad",
   "group_mean",
 ]

@@ -55,26 +55,41 @@ def _leaf_norms(tree: PyTree, ord_: int) -> chex.Array:
   )
 
 
+class GroupUnits(NamedTuple):
+  """Units of several examples each (e.g. users): the examples and which are real.
+
+  Attributes:
+    examples: the examples, every leaf `[U, G, ...]` (`[G, ...]` for one unit).
+    example_mask: `[U, G]` (`[G]`), 1 for a real example, 0 for padding.
+  """
+
+  examples: PyTree
+  example_mask: chex.Array
+
+
 class GroupMean:
   """The loss of a unit of G examples: the weighted mean of a per-example loss.
 
-  Built by `group_mean`; called as `loss(params, unit, *args)` with every
-  leaf of `unit` shaped `[G, ...]` and `unit[weight_key]` `[G]` the example
-  weights (1 for a real example, 0 for padding), normalised to sum 1 over
-  the unit's real examples. Both clipping paths accept it like any unit loss;
-  the ghost path also sees its examples, so its layers keep their rule.
+  Built by `group_mean`; called as `loss(params, unit, *args)` with `unit` a
+  `GroupUnits` of one unit (leaves `[G, ...]`, mask `[G]`); the mask is
+  normalised to sum 1 over the unit's real examples. Both clipping paths
+  accept it like any unit loss; the ghost path also sees its examples, so its
+  layers keep their rule.
   """
 
-  def __init__(self, example_loss: Callable[..., Any], *, weight_key: str, has_aux: bool):
+  def __init__(self, example_loss: Callable[..., Any], *, has_aux: bool):
     self.example_loss = example_loss
-    self.weight_key = weight_key
     self.has_aux = has_aux
 
-  def split(self, unit):
-    """(normalised weights [G], the examples without the weight entry)."""
-    unit = dict(unit)
-    w = unit.pop(self.weight_key).astype(jnp.float32)
-    return w / jnp.maximum(jnp.sum(w), 1.0), unit
+  def split(self, unit: GroupUnits):
+    """(normalised weights [G], the examples)."""
+    if not isinstance(unit, GroupUnits):
+      raise TypeError(
+        "a group_mean loss takes GroupUnits(examples, example_mask) units, got "
+        f"{type(unit).__name__}"
+      )
+    w = unit.example_mask.astype(jnp.float32)
+    return w / jnp.maximum(jnp.sum(w), 1.0), unit.examples
 
   def combine(self, w, out):
     """Per-example outputs `[G, ...]` -> the unit's (loss, aux): weighted sums."""
@@ -90,18 +105,27 @@ class GroupMean:
     return self.combine(w, jax.vmap(self.example_loss, in_axes=in_axes)(params, examples, *args))
 
 
-def group_mean(
-  example_loss: Callable[..., Any], *, weight_key: str = "_example_mask", has_aux: bool = False
-) -> GroupMean:
+def group_mean(example_loss: Callable[..., Any], *, has_aux: bool = False) -> GroupMean:
   """A per-example loss -> the loss of a unit of G examples (e.g. one user's).
 
   Example:
     >>> loss = group_mean(lambda p, ex: jnp.sum(p * ex["x"]))
-    >>> unit = {"x": jnp.ones((3, 2)), "_example_mask": jnp.array([1., 1., 0.])}
+    >>> unit = GroupUnits({"x": jnp.ones((3, 2))}, example_mask=jnp.array([1., 1., 0.]))
     >>> float(loss(jnp.ones(2), unit))      # mean over the 2 real examples
     2.0
+
+  Args:
+    example_loss: `example_loss(params, example, *args)`, a scalar (or
+      `(scalar, aux)` with `has_aux`).
+    has_aux: whether `example_loss` returns aux; the unit's aux is its
+      weighted mean.
+
+  Returns:
+    A `GroupMean`, the loss of one `GroupUnits` unit: the mean of
+    `example_loss` over its real examples. Batches of such units go to
+    `clipped_grad` as `GroupUnits(examples [U, G, ...], example_mask [U, G])`.
   """
-  return GroupMean(example_loss, weight_key=weight_key, has_aux=has_aux)
+  return GroupMean(example_loss, has_aux=has_aux)
 
 
 class ClippedGradFn:

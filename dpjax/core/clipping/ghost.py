@@ -267,12 +267,10 @@ class GhostClippedGradFn(ClippedGradFn):
     unit = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batch)
     group_size = 1
     if self._group is not None:  # the layers are traced on one example of the unit
-      group_size = jax.tree.leaves(batch)[0].shape[1]
-      unit = {
-        k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
-        for k, v in unit.items()
-        if k != self._group.weight_key
-      }
+      group_size = batch.example_mask.shape[1]
+      unit = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[2:], jnp.result_type(x)), batch.examples
+      )
     cand = [i for i, x in enumerate(leaves) if _is_float(x)]
     abstract = lambda t: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
