@@ -51,9 +51,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import dp_accounting
 import numpy as np
-from scipy import integrate, optimize, special, stats
+from scipy import integrate, special, stats
 
 from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.roots import last_crossing
 from dpjax.core.checks import check_delta, check_noise_multiplier, check_sampling_rate, check_steps
 
 BERRY_ESSEEN_C0 = 0.5600  # Shevtsova (2010), independent non-identical summands
@@ -207,25 +208,9 @@ def delta_bound(comp: Composed, epsilon: float) -> float:
 
 
 def _epsilon_for(delta_fn, delta: float, eps_max: float = 500.0) -> float:
-  """Smallest eps >= 0 past which delta_fn stays <= delta, by a bracketed search."""
+  """Smallest eps >= 0 past which delta_fn stays <= delta (it need not be monotone)."""
   check_delta(delta)
-  if delta_fn(0.0) <= delta:
-    return 0.0
-  hi = 1.0
-  while delta_fn(hi) > delta:
-    hi *= 2.0
-    if hi > eps_max:
-      return math.inf
-  # A truncated expansion need not be monotone in eps: scan for the last
-  # crossing on a grid, then refine it with brentq inside that bracket.
-  grid = np.linspace(0.0, hi, 257)
-  vals = np.array([delta_fn(e) for e in grid])
-  above = np.nonzero(vals > delta)[0]
-  i = int(above[-1])
-  if i == len(grid) - 1:
-    return float(hi)
-  a, b = float(grid[i]), float(grid[i + 1])
-  return float(optimize.brentq(lambda e: delta_fn(e) - delta, a, b, xtol=1e-12, rtol=1e-10))
+  return last_crossing(lambda e: delta_fn(e) - delta, eps_max)
 
 
 class EdgeworthAccountant(ev.LeafAccountant):

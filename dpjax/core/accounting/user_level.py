@@ -31,6 +31,7 @@ from scipy import stats
 
 from dpjax.core.accounting import accountants
 from dpjax.core.accounting import events as ev
+from dpjax.core.accounting.roots import last_crossing
 from dpjax.core.accounting.step_pld import MOG_DISCRETIZATION, StepPLDAccountant
 from dpjax.core.checks import (
   check_delta,
@@ -117,24 +118,14 @@ def group_privacy_epsilon(
   if G == 1:
     return accountants.epsilon(event, delta, accountant)
   # delta_1(eps_1) decreases in eps_1 while the group's factor increases:
-  # bisect on eps_1 for G e^{(G-1) eps_1} delta_1(eps_1) = delta.
+  # the smallest eps_1 with G e^{(G-1) eps_1} delta_1(eps_1) <= delta.
   acc = accountants.composed(event, accountant)  # composed once, queried many times
 
   def excess(e1: float) -> float:
     d1 = float(acc.get_delta(e1))
     return math.log(G) + (G - 1) * e1 + math.log(max(d1, 1e-300)) - math.log(delta)
 
-  lo, hi = 0.0, 1.0
-  while excess(hi) > 0:
-    lo, hi = hi, hi * 2
-    if hi > 1e4:
-      return math.inf
-  if excess(lo) <= 0:
-    return 0.0
-  for _ in range(50):
-    mid = 0.5 * (lo + hi)
-    lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
-  return G * hi
+  return G * last_crossing(excess, 1e4)
 
 
 def group_size_tradeoff(
