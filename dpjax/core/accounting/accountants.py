@@ -85,7 +85,17 @@ def bound_accountant(accountant: str) -> str:
 
 
 def composed(event: dp_accounting.DpEvent, accountant: str) -> dp_accounting.PrivacyAccountant:
-  """A fresh accountant of kind `accountant` with `event` composed into it."""
+  """A fresh accountant of kind `accountant` with `event` composed into it.
+
+  Args:
+    event: what was released, as a `DpEvent` (compose several with `compose`).
+    accountant: a name in `ACCOUNTANTS` ("pld", "rdp", "edgeworth",
+      "edgeworth-bound").
+
+  Returns:
+    The accountant, to query at several deltas or epsilons without composing
+    again.
+  """
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
   acc = ACCOUNTANTS[accountant](event)
@@ -96,12 +106,37 @@ def composed(event: dp_accounting.DpEvent, accountant: str) -> dp_accounting.Pri
 
 
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
-  """Upper bound on epsilon at `delta` for everything described by `event`."""
+  """Upper bound on epsilon at `delta` for everything described by `event`.
+
+  Example:
+    >>> from dpjax.core.accounting import events
+    >>> round(epsilon(events.dpsgd_event(1.0, 0.01, 1000), 1e-5), 2)
+    1.83
+
+  Args:
+    event: what was released (add/remove-one-unit events; fixed-batch events
+      are replace-one and take "rdp").
+    delta: in (0, 1).
+    accountant: a name in `ACCOUNTANTS`; "edgeworth" is an estimate, not a
+      bound (`ESTIMATES`).
+
+  Returns:
+    epsilon (inf when the accountant gives no finite bound).
+  """
   check_delta(delta)
   return float(composed(event, accountant).get_epsilon(delta))
 
 
 def delta(event: dp_accounting.DpEvent, epsilon: float, accountant: str = "pld") -> float:
-  """Upper bound on delta at `epsilon` for everything described by `event`."""
+  """Upper bound on delta at `epsilon` for everything described by `event`.
+
+  Args:
+    event: what was released.
+    epsilon: finite and >= 0.
+    accountant: a name in `ACCOUNTANTS`.
+
+  Returns:
+    delta in [0, 1].
+  """
   check_epsilon(epsilon, allow_zero=True)
   return float(composed(event, accountant).get_delta(epsilon))

@@ -47,6 +47,20 @@ def epsilon_spent(
   unit="user", sampling="els": examples are sampled with `sampling_rate` after
   each user was capped to G examples: the user-level ELS accountant
   (`user_level.els_epsilon`, PLD of a mixture of Gaussians; PLD only).
+
+  Args:
+    noise_multiplier: sigma (0: no noise, epsilon inf).
+    sampling_rate: q in (0, 1], per `unit` (per example for ELS).
+    steps: releases, an integer >= 0.
+    delta: in (0, 1).
+    accountant: a name in `ACCOUNTANTS`.
+    mechanism: "gaussian" or "laplace".
+    unit: "example" or "user".
+    sampling: for users, "els" or "uls".
+    max_examples_per_user: the cap G of ELS (users only).
+
+  Returns:
+    epsilon, per `unit`, at `delta`.
   """
   G = max_examples_per_user  # the papers' G
   check_unit(unit, sampling, G)
@@ -85,6 +99,20 @@ def calibrate_noise(
   to the bracket's resolution, the epsilon is within `rel_tol` below the
   target. Epsilon is monotone decreasing in sigma, so a bracketed bisection on
   log(sigma) cannot fail.
+
+  Example:
+    >>> sigma = calibrate_noise(3.0, 1e-5, 0.01, 1000)
+    >>> epsilon_spent(sigma, 0.01, 1000, 1e-5) <= 3.0
+    True
+
+  Args:
+    target_epsilon: finite and > 0.
+    delta, sampling_rate, steps, accountant, mechanism, unit, sampling,
+      max_examples_per_user: as in `epsilon_spent`.
+    rel_tol: how far below the target the epsilon of the returned sigma may be.
+
+  Returns:
+    The noise multiplier sigma.
   """
   G = max_examples_per_user  # the papers' G
   check_epsilon(target_epsilon)
@@ -144,6 +172,19 @@ def calibrate_scale(
   `eps_of` must be non-increasing in s (more noise never costs more), as
   every accountant's epsilon of a fixed event shape is. Bracketed bisection
   on log(s); raises ValueError when even `max_scale` misses the target.
+
+  Args:
+    eps_of: the epsilon of noise scale s (a run's whole ledger, LMO's scale
+      of b, DistilDP's histogram, ...).
+    target_epsilon: finite and > 0.
+    rel_tol: stop once eps_of(s) is within this fraction below the target.
+    max_scale: the largest scale tried.
+
+  Returns:
+    s with eps_of(s) <= target_epsilon.
+
+  Raises:
+    UnreachableTarget: no scale up to `max_scale` meets the target.
   """
   check_epsilon(target_epsilon)
   hi = 1.0

@@ -48,6 +48,16 @@ def dpsgd_event(
 
   Neighbouring relation: add/remove one unit (the unit being whatever
   `clipped_grad` clipped: an example or a user).
+
+  Args:
+    noise_multiplier: sigma (Gaussian std / L2 sensitivity) or the Laplace
+      scale / L1 sensitivity.
+    sampling_rate: q in (0, 1]; 1 is every unit in every step.
+    steps: an integer >= 1.
+    mechanism: "gaussian" or "laplace".
+
+  Returns:
+    `SelfComposedDpEvent(PoissonSampledDpEvent(q, Gaussian/LaplaceDpEvent), steps)`.
   """
   check_steps(steps)
   if mechanism == "gaussian":
