@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -286,3 +287,14 @@ def test_laplace_is_settable_end_to_end(tmp_path, capsys):
   for line in open(w / "metrics.jsonl"):
     json.loads(line, parse_constant=no_constants)
   json.loads(open(w / "privacy.json").read(), parse_constant=no_constants)
+
+
+def test_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+  """`dpjax train configs/X.py` works outside the checkout (the README's first command)."""
+  from dpjax.training.config import load_config, resolve_config_path
+
+  monkeypatch.chdir(tmp_path)
+  path = resolve_config_path("configs/quickstart.py")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert os.path.samefile(path, os.path.join(root, "configs", "quickstart.py"))
+  assert load_config("configs/synthetic.py").task.name == "synthetic"

@@ -12,7 +12,7 @@ from dpjax.training import spec as spec_lib
 
 # The checkout dpjax is installed from (editable installs): its configs/ are
 # found from any working directory.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def resolve_config_path(path: str) -> str:
