@@ -405,7 +405,7 @@ def make_plan(
   if not allow_privacy_change:
     raise ResumeRefused(
       f"resuming at step {start_step} would change the privacy of what already ran ({said}); "
-      "rerun with --allow-privacy-change (dpjax.training.loop(..., allow_privacy_change=True)) to "
+      "rerun with --allow-privacy-change (dpjax.train(..., allow_privacy_change=True)) to "
       "append a new ledger segment, or use a new workdir"
     )
   return _plan_noise(spec, args, prior, start_step, extra_event)

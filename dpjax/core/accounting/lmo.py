@@ -449,7 +449,7 @@ class LMODpEvent(dp_accounting.DpEvent):
   """One Poisson-sampled LMO-DP release (b revealed), per unit, add/remove.
 
   Composed like any `DpEvent` (`SelfComposedDpEvent`, `ComposedDpEvent`) and
-  consumed by `LMOAccountant`, which `dpjax.core.accounting.epsilon(..., "pld")`
+  consumed by `LMOAccountant`, which `dpjax.accounting.epsilon(..., "pld")`
   picks for events holding one.
   """
 
