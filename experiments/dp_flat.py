@@ -68,19 +68,14 @@ SHARPNESS = {"prefix": (0.05, False), "full": (1e-3, True)}
 
 
 def base_config(steps, prefix_layers=None, mode="prefix", batch_size=512, layer_lr=1e-3):
-  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
-  cfg.task.train_layers = 2
+  """configs/dp_flat/<mode>.py with this grid's steps, batch size and layer rate."""
+  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "dp_flat", f"{mode}.py"))
   if mode == "prefix":
-    cfg.task.prefix_tokens = 8
     cfg.task.prefix_layers = prefix_layers
-  else:  # full fine-tuning of the top 2 layers, ghost clipping
-    cfg.clipping_method = "ghost"
+  else:
     cfg.learning_rates = {"layer_": layer_lr}  # the head keeps Adam 0.01
   cfg.batch_size = batch_size
-  cfg.physical_batch_size = 128
-  cfg.steps = steps
-  cfg.log_every = steps
-  cfg.checkpoint_every = steps
+  cfg.steps = cfg.log_every = cfg.checkpoint_every = steps
   return cfg
 
 

@@ -43,10 +43,7 @@ SHAPES = [("laplace", L.LMOParams.laplace(1.0))] + [
 
 
 def _config():
-  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "quickstart.py"))
-  cfg.l1_clip_norm = 1.0
-  cfg.log_every = cfg.steps  # evaluate once, at the end
-  return cfg
+  return load_config(os.path.join(os.path.dirname(HERE), "configs", "lmo_dp", "rt.py"))
 
 
 def search(args):
