@@ -309,8 +309,12 @@ def distil_dp(seed: str = "0") -> str:
 # --- quickstart and EW-Tune --------------------------------------------------
 
 
-def _pct(xs) -> str:
-  return f"{_ms(xs, '.2f')} % ({', '.join(f'{x:.2f}' for x in xs)})"
+def _pct(xs, bold: bool = False) -> str:
+  """mean ± std % (each value), or the one value %."""
+  if len(xs) == 1:
+    return f"{xs[0]:.2f} %"
+  head = f"{_ms(xs, '.2f')} %"
+  return f"{'**' + head + '**' if bold else head} ({', '.join(f'{x:.2f}' for x in xs)})"
 
 
 @renderer
@@ -336,7 +340,7 @@ def quickstart() -> str:
         label,
         command,
         str(len(rs)),
-        (f"**{_pct(test)}**" if variant == "dp" else _pct(test)),
+        _pct(test, bold=variant == "dp"),
         _pct(dev),
         "inf" if not math.isfinite(eps) else f"{eps:.3f}",
       ]
