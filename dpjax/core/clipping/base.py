@@ -129,7 +129,14 @@ def group_mean(example_loss: Callable[..., Any], *, has_aux: bool = False) -> Gr
 
 
 class ClippedGradFn:
-  """Callable returned by `clipped_grad`; see there for the contract."""
+  """Callable returned by `clipped_grad`; see there for the contract.
+
+  The vmap strategy. A strategy (`ghost.GhostClippedGradFn`) overrides
+  `clip_chunk`, the clipped sum and aux of one chunk of units, and builds it
+  from `unit_loss`, `clip_factors` and `unit_aux` so that masking, dropping of
+  non-finite units and the clip factors are the same for every strategy;
+  microbatching, padding and the sum over chunks stay here.
+  """
 
   method = "vmap"
 
@@ -165,7 +172,7 @@ class ClippedGradFn:
 
   # --- the computation -----------------------------------------------------
 
-  def _unit_loss(self, params, unit, args):
+  def unit_loss(self, params, unit, args):
     """(loss, aux) of one unit, as `loss_fn` defines it."""
     if self.keep_batch_dim:
       unit = jax.tree.map(lambda x: x[None], unit)
@@ -176,11 +183,11 @@ class ClippedGradFn:
 
   def _per_unit(self, params, batch, args):
     """Per-unit (loss, loss_aux, grads) for a chunk; grads carry a unit axis."""
-    grad_fn = jax.value_and_grad(lambda p, u: self._unit_loss(p, u, args), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, u: self.unit_loss(p, u, args), has_aux=True)
     (loss, aux), grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
     return loss, aux, grads
 
-  def _factors(self, loss, norms, mask):
+  def clip_factors(self, loss, norms, mask):
     """(keep [U], dropped [U], clip factor per group): 0 for masked or dropped units."""
     keep = mask > 0
     dropped = jnp.zeros_like(keep)
@@ -196,7 +203,8 @@ class ClippedGradFn:
     )
     return keep, dropped, factors
 
-  def _aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
+  def unit_aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
+    """The per-unit side outputs, zero where a unit is masked or dropped."""
     return ClippedGradAux(
       loss=jnp.where(keep, loss, 0.0),
       norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
@@ -205,13 +213,14 @@ class ClippedGradFn:
       loss_aux=loss_aux,
     )
 
-  def _clip_chunk(self, params, batch, mask, args):
+  def clip_chunk(self, params, batch, mask, args):
+    """(sum of the chunk's clipped per-unit gradients, its `ClippedGradAux`)."""
     loss, aux, grads = self._per_unit(params, batch, args)
     if self.per_layer:
       norms = jax.tree.map(lambda c, g: _leaf_norms(g, self.norm_ord), self.clip_norm, grads)
     else:
       norms = _leaf_norms(grads, self.norm_ord)
-    keep, dropped, factors = self._factors(loss, norms, mask)
+    keep, dropped, factors = self.clip_factors(loss, norms, mask)
 
     def scale_group(factor, g):
       def leaf(x):
@@ -227,7 +236,7 @@ class ClippedGradFn:
       summed = jax.tree.map(scale_group, factors, grads)
     else:
       summed = scale_group(factors, grads)
-    return summed, self._aux(loss, norms, mask, keep, dropped, aux)
+    return summed, self.unit_aux(loss, norms, mask, keep, dropped, aux)
 
   def __call__(self, params: PyTree, batch: PyTree, *args, mask: Optional[chex.Array] = None):
     """Returns `(sum of clipped per-unit gradients, ClippedGradAux)`."""
@@ -246,7 +255,7 @@ class ClippedGradFn:
       raise ValueError(f"mask must have shape ({n},), got {mask.shape}")
     mb = self.microbatch_size
     if mb is None or mb >= n:
-      return self._clip_chunk(params, batch, mask, args)
+      return self.clip_chunk(params, batch, mask, args)
 
     chunks = -(-n // mb)
     pad = chunks * mb - n
@@ -262,7 +271,7 @@ class ClippedGradFn:
 
     def body(acc, xs):
       b, m = xs
-      g, aux = self._clip_chunk(params, b, m, args)
+      g, aux = self.clip_chunk(params, b, m, args)
       return jax.tree.map(jnp.add, acc, g), aux
 
     summed, aux = jax.lax.scan(body, zero, (batch_c, mask_c))

@@ -314,7 +314,7 @@ class GhostClippedGradFn(ClippedGradFn):
       taken -= bad
     return [s for s in sites if s.weight in taken], taken, group_size
 
-  def _clip_chunk(self, params, batch, mask, args):
+  def clip_chunk(self, params, batch, mask, args):
     if self.norm_ord != 2:
       raise ValueError("ghost clipping computes L2 norms only; use method='vmap' with l1_clip_norm")
     leaves, treedef = jax.tree.flatten(params)
@@ -403,7 +403,7 @@ class GhostClippedGradFn(ClippedGradFn):
       group_sq[group_of[i]] = group_sq[group_of[i]] + v
     norm_list = [jnp.sqrt(jnp.maximum(v, 0.0)) for v in group_sq]
     norms = jax.tree.unflatten(jax.tree.structure(self.clip_norm), norm_list)
-    keep, dropped, factors = self._factors(loss, norms, mask)
+    keep, dropped, factors = self.clip_factors(loss, norms, mask)
     factor_list = jax.tree.leaves(factors)
 
     def kept(a):
@@ -442,7 +442,7 @@ class GhostClippedGradFn(ClippedGradFn):
       for i, total in zip(uses, sums):
         out[i] = total
     summed = jax.tree.unflatten(treedef, [o.astype(l.dtype) for o, l in zip(out, leaves)])
-    return summed, self._aux(loss, norms, mask, keep, dropped, aux)
+    return summed, self.unit_aux(loss, norms, mask, keep, dropped, aux)
 
   def rules(self, params: PyTree, batch: PyTree, *args) -> Dict[str, str]:
     """How each parameter's per-unit norm and clipped sum are computed, by path.
@@ -469,7 +469,7 @@ class GhostClippedGradFn(ClippedGradFn):
     """(loss, aux) of the call the layers are traced in: the unit, or one example of a group."""
     group = self._group
     if group is None:
-      return self._unit_loss(params, unit, args)
+      return self.unit_loss(params, unit, args)
     out = group.example_loss(params, unit, *args)
     return out if group.has_aux else (out, None)
 
