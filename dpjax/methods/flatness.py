@@ -99,7 +99,7 @@ def dp_sam(
 
   Usage (free mode)::
 
-      sam = dpjax.methods.flatness.dp_sam(rho=1e-4)
+      sam = dpjax.flatness.dp_sam(rho=1e-4)
       tx = optax.chain(dpjax.mechanisms.gaussian(...), sam, dpjax.normalize(B), optax.adam(lr))
       at = sam.perturb(params, opt_state[1])        # theta + v, from released values only
       grads, aux = grad_fn(at, batch)                # clipped at the perturbed point
@@ -119,6 +119,24 @@ def dp_sam(
   released gradient, or a privatised one you pass), so what it reads is
   visible at the call site; `rho` plays the role of that transform's ascent
   step size, with DP-Flat's layer-wise ||theta_k|| scaling.
+
+  Args:
+    rho: the perturbation radius (relative to ||theta_k|| with `layerwise`),
+      finite and >= 0.
+    mode: "free" (the direction is the last released gradient: no privacy
+      cost) or "charged" (a fresh privatised ascent gradient is passed).
+    layerwise: scale each parameter tensor's step by its own norm.
+    active_steps: perturb only during the first `active_steps` updates.
+
+  Returns:
+    A `DPSAM`: an optax transform (place it after the noise) with
+    `perturb(params, state, direction=None)`.
+
+  Formal guarantees:
+    Free mode reads only released (noised) gradients and theta, so it is
+    post-processing: no extra epsilon. Charged mode releases one more
+    privatised gradient per active step; `releases` counts them and the
+    plan charges them.
   """
   _check_rho(rho)
   if mode not in MODES:
