@@ -127,7 +127,15 @@ class ShuffledSampler:
 
 
 def eval_batches(num_units: int, batch_size: int) -> Iterator[PhysicalBatch]:
-  """Every unit once, in order, as masked fixed-shape batches."""
+  """Every unit once, in order, as masked fixed-shape batches.
+
+  Args:
+    num_units: how many units (examples) to cover.
+    batch_size: the fixed leading size of each batch; the last is padded.
+
+  Returns:
+    An iterator of `PhysicalBatch` (indices and a 0/1 mask of real rows).
+  """
   yield from pad_to_physical(np.arange(num_units), batch_size)
 
 
@@ -164,6 +172,15 @@ def bound_contributions(user_ids, max_examples_per_user: int, seed: int) -> User
   `user_ids[i]` is the user of example i. The choice depends only on
   (seed, the dataset), never on the step, so each user contributes at most G
   distinct examples over the whole run.
+
+  Args:
+    user_ids: `[N]`, the user of each example.
+    max_examples_per_user: the cap G, an integer >= 1.
+    seed: chooses which of a larger user's examples are kept.
+
+  Returns:
+    A `UserIndex`: the sorted user ids `[U]`, each user's kept example
+    indices `[U, G]` (padded slots hold 0) and their counts `[U]`.
   """
   G = max_examples_per_user  # the papers' G
   check_max_examples_per_user(G)

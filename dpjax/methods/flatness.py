@@ -284,6 +284,20 @@ def weight_distillation(
   is unchanged). `reference` is a constant (public, or DP with its own
   budget); `select` picks the compared sub-tree (default: all params).
   Works with `has_aux` losses (a (loss, aux) pair).
+
+  Args:
+    loss_fn: the per-example loss.
+    reference: the parameters to pull towards (a constant, no gradient).
+    lam: the weight of the Frobenius-norm term, finite and >= 0.
+    select: the sub-tree of the params compared with `reference`.
+
+  Returns:
+    The per-example loss with the term added (same signature as `loss_fn`).
+
+  Formal guarantees:
+    None needed beyond clipping's: the term is part of each example's loss,
+    so each example's clipped gradient includes it; a `reference` computed
+    from the private data must be accounted by whoever computed it.
   """
   if not (np.isfinite(lam) and lam >= 0):
     raise ValueError(f"lam must be finite and >= 0, got {lam}")
