@@ -388,9 +388,9 @@ def make_plan(
     return _plan_noise(spec, args, prior, start_step, extra_event)
   last = prior.segments[-1]
   changed = {
-    f: (getattr(last, f), args[k])
-    for f, k in _SAME.items()
-    if canonical(getattr(last, f)) != canonical(args[k])
+    f: (getattr(last, f), args[f])
+    for f in _SAME
+    if canonical(getattr(last, f)) != canonical(args[f])
   }
   for k in sorted(set(last.origin or {}) | set(args["origin"])):
     old, new = (last.origin or {}).get(k), args["origin"].get(k)
@@ -411,15 +411,8 @@ def make_plan(
   return _plan_noise(spec, args, prior, start_step, extra_event)
 
 
-# Segment field -> plan argument, compared on resume.
-_SAME = {
-  "mechanism": "mechanism",
-  "sampling_rate": "sampling_rate",
-  "unit": "unit",
-  "sampling": "sampling",
-  "max_examples_per_user": "max_examples_per_user",
-  "accountant": "accountant",
-}
+# Segment fields compared on resume (the plan's arguments of the same names).
+_SAME = ("mechanism", "sampling_rate", "unit", "sampling", "max_examples_per_user", "accountant")
 
 
 def _origin(spec, extra_event) -> Dict[str, Any]:
