@@ -11,7 +11,7 @@
 
 The model, data, optimizer, clip (1.0), noise multiplier (1.0), timing loop
 (first step, warm-ups, median of --steps) and the JSON record are the
-harness's own (`bench.jax_gpt`, its constants and fields), imported from
+harness's own (`bench.jax_gpt`, `bench.time_steps`, `bench.emit`), imported from
 `--bench-dir` (default $DPJAX_BENCH_PEERS, else `experiments/bench_peers`,
 the harness vendored in this checkout; the peers themselves, jax_privacy and
 Opacus, are optional dependencies), so a G/H line is comparable with the A-F lines of the
@@ -20,13 +20,8 @@ same run. Run it in its own process beside `run_all.sh` on the same GPU.
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
-import statistics
 import sys
-import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {
@@ -109,25 +104,16 @@ def run(a, bench):
     return optax.apply_updates(params, upd), opt_state, jnp.mean(aux.loss)
 
   jstep = jax.jit(step, donate_argnums=(0, 1))
-  p, s = params, tx.init(params)
-  t0 = time.perf_counter()
-  p, s, loss = jstep(p, s, tokens)
-  jax.block_until_ready((p, s, loss))
-  first = time.perf_counter() - t0
-  for _ in range(a.warmup - 1):
-    p, s, loss = jstep(p, s, tokens)
-  jax.block_until_ready((p, s, loss))
-  times = []
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    p, s, loss = jstep(p, s, tokens)
-    jax.block_until_ready((p, s, loss))
-    times.append(time.perf_counter() - t0)
+  carry = [params, tx.init(params)]
+
+  def one():
+    p, s, loss = jstep(carry[0], carry[1], tokens)
+    carry[:] = [p, s]
+    return p, s, loss
+
+  first, times, (_, _, loss) = bench.time_steps(one, jax.block_until_ready, a.warmup, a.steps)
   dev = jax.devices()[0]
-  try:
-    peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
-  except Exception:  # CPU backend may have none
-    peak = None
+  peak = bench.jax_peak_bytes(dev)
   extra = dict(
     framework="jax",
     jax=jax.__version__,
@@ -145,41 +131,8 @@ def run(a, bench):
 
 def main():
   a = parse()
-  rec = dict(
-    config=a.config,
-    name=NAMES[a.config],
-    batch=a.batch,
-    seq=a.seq,
-    layers=a.layers,
-    d=a.d,
-    heads=a.heads,
-    vocab=a.vocab,
-    microbatch=a.microbatch,
-    tied=True,
-    tag=a.tag,
-    python=platform.python_version(),
-  )
-  try:
-    times, peak, extra = run(a, _bench(a.bench_dir))
-    med = statistics.median(times)
-    rec.update(
-      status="ok",
-      step_ms=round(med * 1e3, 3),
-      step_ms_min=round(min(times) * 1e3, 3),
-      step_ms_max=round(max(times) * 1e3, 3),
-      n_timed=len(times),
-      tokens_per_s=round(a.batch * a.seq / med, 1),
-      peak_gb=None if peak is None else round(peak / 1e9, 3),
-      **extra,
-    )
-  except Exception as e:  # recorded as data, like the harness does (e.g. OOM)
-    rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
-    traceback.print_exc(file=sys.stderr)
-  line = json.dumps(rec)
-  print(line, flush=True)
-  if a.out:
-    with open(a.out, "a") as f:
-      f.write(line + "\n")
+  bench = _bench(a.bench_dir)
+  bench.emit(a, a.config, NAMES[a.config], True, lambda: run(a, bench))
 
 
 def check(bench_dir) -> int:

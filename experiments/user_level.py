@@ -10,8 +10,9 @@ users_per_step = batch_size / mean examples kept per user). Noise is
 calibrated to the target USER-level epsilon by the accountant of each scheme
 (ELS: PLD of the Binomial mixture of Gaussians; ULS: subsampled Gaussian
 over users); the epsilon reported is the accountant's upper bound for the
-noise actually used. Results go to experiments/results/user_level_*.jsonl and
-a markdown table on stdout.
+noise actually used. Rows go to experiments/results/user_level_*.jsonl, one per run (a rerun
+skips the runs already recorded); the table printed at the end is the one
+`experiments/report.py` puts in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import argparse
 import math
 import os
 
+import ml_collections
 import numpy as np
 import report as report_lib  # experiments/report.py, beside this script
 import rows as rows_lib  # experiments/rows.py, beside this script
 
+from dpjax.core.accounting import user_level
 from dpjax.core.sampling import bound_contributions
+from dpjax.data.shakespeare import load_shakespeare
 from dpjax.tasks import build_task
 from dpjax.training.config import load_config
 from dpjax.training.loop import train
@@ -38,8 +42,6 @@ def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
 
 
 def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: float) -> dict:
-  import ml_collections
-
   cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # G may replace "median"
   cfg.user_sampling = sampling
   cfg.max_examples_per_user = G
@@ -65,105 +67,71 @@ def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: fl
   }
 
 
-def _write(rows, name):
-  rows_lib.append(f"user_level_{name}", rows)
-  return rows_lib.path(f"user_level_{name}")
-
-
-def _settings(groups):
-  # G = 1 makes ELS and ULS the same mechanism (one example per user): run it once.
-  out = [("uls", 1)] if 1 in groups else []
-  return out + [(s, G) for G in groups if G > 1 for s in ("els", "uls")]
+def _grid(name, spec_keys, todo, run):
+  """Runs each spec in `todo` not yet recorded in experiment `name`; one row per run."""
+  done = rows_lib.dedupe(rows_lib.load(name), lambda r: {k: r[k] for k in spec_keys})
+  for spec in todo:
+    if rows_lib.find(done, spec) is not None:
+      continue
+    r = run(spec)
+    rows_lib.append(name, [r])
+    print(
+      " ".join(f"{k}={spec[k]}" for k in spec_keys)
+      + f": test loss {r['test_loss']:.4f} (user eps {r['epsilon']:.3f})",
+      flush=True,
+    )
 
 
 def mean_experiment(args):
-  rows = []
-  for steps in args.steps:
-    for diverse in (True, False):
+  tasks = {}
+
+  def run(spec):
+    key = (spec["steps"], spec["diverse"])
+    if key not in tasks:
       cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "user_mean.py"))
-      cfg.task.diverse = diverse
-      cfg.steps = cfg.log_every = steps
-      task = build_task(cfg)
-      for eps in args.epsilons:
-        for sampling, G in _settings(args.groups):
-          errs = []
-          for seed in range(args.seeds):
-            r = _run(cfg, task, sampling, G, eps, seed, cfg.batch_size)
-            r.update(diverse=diverse, steps=steps)
-            rows.append(r)
-            errs.append(2 * r["test_loss"])  # ||theta - mu||^2
-          print(
-            f"steps={steps} diverse={diverse} eps={eps} {sampling} G={G}: "
-            f"sq error {np.mean(errs):.4f} +- {np.std(errs):.4f} "
-            f"(user eps {r['epsilon']:.3f})",
-            flush=True,
-          )
-  print(_write(rows, "mean"))
-  print(
-    "\n| steps | users' examples | user eps | "
-    + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups))
-    + " |"
-  )
-  print("|---|---|---|" + "---|" * len(_settings(args.groups)))
-  for steps in args.steps:
-    for diverse in (True, False):
-      for eps in args.epsilons:
-        cells = []
-        for s, G in _settings(args.groups):
-          e = [
-            2 * r["test_loss"]
-            for r in rows
-            if r["diverse"] == diverse
-            and r["steps"] == steps
-            and r["target_epsilon"] == eps
-            and r["sampling"] == s
-            and r["G"] == G
-          ]
-          cells.append(f"{np.mean(e):.4f} ± {np.std(e):.4f}")
-        print(
-          f"| {steps} | {'diverse' if diverse else 'identical'} | {eps:g} | "
-          + " | ".join(cells)
-          + " |"
-        )
+      cfg.task.diverse = spec["diverse"]
+      cfg.steps = cfg.log_every = spec["steps"]
+      tasks[key] = (cfg, build_task(cfg))
+    cfg, task = tasks[key]
+    r = _run(
+      cfg, task, spec["sampling"], spec["G"], spec["target_epsilon"], spec["seed"], cfg.batch_size
+    )
+    return {**r, "diverse": spec["diverse"], "steps": spec["steps"]}
+
+  todo = [
+    dict(sampling=s, G=G, target_epsilon=eps, seed=seed, diverse=diverse, steps=steps)
+    for steps in args.steps
+    for diverse in (True, False)
+    for eps in args.epsilons
+    for s, G in report_lib.user_settings(args.groups)
+    for seed in range(args.seeds)
+  ]
+  _grid("user_level_mean", report_lib.USER_MEAN_SPEC, todo, run)
+  print(report_lib.user_mean(groups=args.groups))  # the recorded rows, as in RESULTS.md
 
 
 def shakespeare_experiment(args):
   cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "user_shakespeare.py"))
   cfg.steps = cfg.log_every = args.steps[0]
   task = build_task(cfg)
-  rows = []
-  for eps in args.epsilons:
-    for sampling, G in _settings(args.groups):
-      for seed in range(args.seeds):
-        r = _run(cfg, task, sampling, G, eps, seed, args.batch_size)
-        r["test_perplexity"] = math.exp(r["test_nll_sum"] / r["test_tokens"])
-        rows.append(r)
-        _write([r], "shakespeare")
-        print(
-          f"eps={eps} {sampling} G={G} seed={seed}: test ppl {r['test_perplexity']:.3f} "
-          f"(user eps {r['epsilon']:.3f})",
-          flush=True,
-        )
-  print(
-    "\n| user eps | " + " | ".join(f"{s.upper()} G={G}" for s, G in _settings(args.groups)) + " |"
-  )
-  print("|---|" + "---|" * len(_settings(args.groups)))
-  for eps in args.epsilons:
-    cells = []
-    for s, G in _settings(args.groups):
-      p = [
-        r["test_perplexity"]
-        for r in rows
-        if r["target_epsilon"] == eps and r["sampling"] == s and r["G"] == G
-      ]
-      cells.append(f"{np.mean(p):.3f} ± {np.std(p):.3f}")
-    print(f"| {eps:g} | " + " | ".join(cells) + " |")
+
+  def run(spec):
+    r = _run(
+      cfg, task, spec["sampling"], spec["G"], spec["target_epsilon"], spec["seed"], args.batch_size
+    )
+    return {**r, "test_perplexity": math.exp(r["test_nll_sum"] / r["test_tokens"])}
+
+  todo = [
+    dict(sampling=s, G=G, target_epsilon=eps, seed=seed)
+    for eps in args.epsilons
+    for s, G in report_lib.user_settings(args.groups)
+    for seed in range(args.seeds)
+  ]
+  _grid("user_level_shakespeare", report_lib.USER_SHAKESPEARE_SPEC, todo, run)
+  print(report_lib.user_shakespeare(groups=args.groups))  # the recorded rows, as in RESULTS.md
 
 
 def tradeoff(args):
-  from dpjax.core.accounting import user_level
-  from dpjax.data.shakespeare import load_shakespeare
-
   ds = load_shakespeare()
   users = [u for split in ds for u in ds[split]["user_id"]]
   _, counts = np.unique(users, return_counts=True)

@@ -26,42 +26,76 @@ USER_SAMPLING = ("els", "uls")
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-  """Raises ValueError unless `value` is finite and > 0 (>= 0 with `allow_zero`)."""
+  """Raises ValueError unless `value` is finite and > 0 (>= 0 with `allow_zero`).
+
+  Args:
+    value: the number checked.
+    name: the argument's name, used in the message.
+    allow_zero: also accept 0.
+  """
   ok = value >= 0 if allow_zero else value > 0
   if not (ok and math.isfinite(value)):
     raise ValueError(f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value}")
 
 
 def check_delta(delta: float) -> None:
-  """Raises ValueError unless 0 < delta < 1."""
+  """Raises ValueError unless 0 < delta < 1.
+
+  Args:
+    delta: the delta of an (epsilon, delta) guarantee.
+  """
   if not (0.0 < delta < 1.0):
     raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
 def check_epsilon(epsilon: float, *, allow_zero: bool = False) -> None:
-  """Raises ValueError unless epsilon is finite and > 0 (>= 0 with `allow_zero`)."""
+  """Raises ValueError unless epsilon is finite and > 0 (>= 0 with `allow_zero`).
+
+  Args:
+    epsilon: the epsilon of an (epsilon, delta) guarantee, or a target epsilon.
+    allow_zero: also accept 0.
+  """
   check_positive(epsilon, "epsilon", allow_zero=allow_zero)
 
 
 def check_sampling_rate(q: float) -> None:
-  """Raises ValueError unless 0 < q <= 1."""
+  """Raises ValueError unless 0 < q <= 1.
+
+  Args:
+    q: the probability that a unit is in a step's batch.
+  """
   if not (0.0 < q <= 1.0):
     raise ValueError(f"sampling_rate must be in (0, 1], got {q}")
 
 
 def check_steps(steps: int, *, minimum: int = 1, name: str = "steps") -> None:
-  """Raises ValueError unless `steps` is an integer >= `minimum`."""
+  """Raises ValueError unless `steps` is an integer >= `minimum`.
+
+  Args:
+    steps: a count (of steps, releases, ...).
+    minimum: the smallest count allowed.
+    name: the argument's name, used in the message.
+  """
   if int(steps) != steps or steps < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {steps}")
 
 
 def check_noise_multiplier(sigma: float) -> None:
-  """Raises ValueError unless sigma is finite and > 0."""
+  """Raises ValueError unless sigma is finite and > 0.
+
+  Args:
+    sigma: the noise standard deviation divided by the L2 sensitivity.
+  """
   check_positive(sigma, "noise_multiplier")
 
 
 def check_clip_norms(clip: Any, name: str) -> None:
-  """Raises ValueError unless every leaf of the clip-norm pytree is finite and > 0."""
+  """Raises ValueError unless every leaf of the clip-norm pytree is finite and > 0.
+
+  Args:
+    clip: a float, or a pytree of floats (one clip norm per parameter group).
+    name: the argument's name, used in the message.
+  """
   for c in jax.tree.leaves(clip):
     c = float(c)
     if not (c > 0 and math.isfinite(c)):
@@ -69,7 +103,11 @@ def check_clip_norms(clip: Any, name: str) -> None:
 
 
 def check_max_examples_per_user(max_examples_per_user: int) -> None:
-  """Raises ValueError unless the per-user cap (G in the papers) is an integer >= 1."""
+  """Raises ValueError unless the per-user cap (G in the papers) is an integer >= 1.
+
+  Args:
+    max_examples_per_user: the most examples one user may contribute.
+  """
   g = max_examples_per_user
   if int(g) != g or g < 1:
     raise ValueError(f"max examples per user G must be an integer >= 1, got {g}")
@@ -108,6 +146,12 @@ def check_accountant_covers(
   LMO-DP noise is accounted by its own PLD (example level, or users sampled
   as units); user-level ELS by the PLD of a mixture of Gaussians, so with
   Gaussian noise only.
+
+  Args:
+    mechanism: "gaussian", "laplace" or "lmo".
+    unit: "example" or "user".
+    sampling: for users, "els" or "uls"; for examples, None or "poisson".
+    accountant: the accountant's kind ("pld", "rdp", "edgeworth", ...).
   """
   if mechanism == "lmo":
     if sampling == "els":

@@ -89,7 +89,9 @@ def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -
   Args:
     exponent_words: `[EXPONENT_WORDS, *shape]` uint32 random words.
     significand: `[*shape]` uint32 random words (their top 23 bits are used).
-  Returns `[*shape]` float32 draws of Exp(1) (k capped at EXPONENT_BITS).
+
+  Returns:
+    `[*shape]` float32 draws of Exp(1) (k capped at EXPONENT_BITS).
   """
   lz = jnp.zeros(significand.shape, jnp.int32)
   done = jnp.zeros(significand.shape, jnp.bool_)
@@ -102,7 +104,15 @@ def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -
 
 
 def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
-  """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL."""
+  """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL.
+
+  Args:
+    key: a PRNG key.
+    shape: the output shape.
+
+  Returns:
+    A float32 array of Exp(1) draws.
+  """
   kw, km = jax.random.split(key)
   shape = tuple(shape)
   words = jax.random.bits(kw, (EXPONENT_WORDS,) + shape, jnp.uint32)
@@ -110,14 +120,30 @@ def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
 
 
 def standard_laplace(key: chex.PRNGKey, shape) -> chex.Array:
-  """Laplace(0, 1) draws in float32, |x| out to MAX_EXPONENTIAL."""
+  """Laplace(0, 1) draws in float32, |x| out to MAX_EXPONENTIAL.
+
+  Args:
+    key: a PRNG key.
+    shape: the output shape.
+
+  Returns:
+    A float32 array of Laplace(0, 1) draws.
+  """
   ke, ks = jax.random.split(key)
   sign = jnp.where(jax.random.bernoulli(ks, 0.5, tuple(shape)), 1.0, -1.0)
   return sign * standard_exponential(ke, shape)
 
 
 def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
-  """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN."""
+  """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN.
+
+  Args:
+    key: a PRNG key.
+    shape: the output shape.
+
+  Returns:
+    A float32 array of N(0, 1) draws.
+  """
   shape = tuple(shape)
   size = math.prod(shape)
   pairs = -(-size // 2)
@@ -157,6 +183,9 @@ def gaussian(
       update, so checkpointing the optimizer state checkpoints the noise
       stream, and no key is used twice.
 
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + noise, state).
+
   Formal guarantees:
     If the incoming sum has L2 sensitivity `l2_sensitivity` under add/remove of
     one unit, one update is the Gaussian mechanism with noise multiplier
@@ -183,6 +212,9 @@ def laplace(
       `grad_fn.sensitivity()` of `clipped_grad(..., l1_clip_norm=...)`.
     key: the PRNG key, split on every update as in `gaussian`.
 
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + noise, state).
+
   Formal guarantees:
     If the incoming sum has L1 sensitivity `l1_sensitivity` under add/remove of
     one unit, one update is `dp_accounting.LaplaceDpEvent(noise_multiplier)`.
@@ -201,6 +233,12 @@ def normalize(expected_batch_size: float) -> optax.GradientTransformation:
   With Poisson sampling the realised batch size is itself private, so the
   mean is formed with the public expected size (q * N), never the realised
   count. Post-processing: no privacy cost.
+
+  Args:
+    expected_batch_size: q N, the expected units per step (> 0).
+
+  Returns:
+    An optax transform dividing every leaf by `expected_batch_size`.
   """
   check_positive(expected_batch_size, "expected_batch_size")
   inv = 1.0 / float(expected_batch_size)
@@ -238,6 +276,9 @@ def lmo(
       (`dimension` required).
     dimension: number of coordinates noised (with `l2_clip_norm`).
     per_coordinate: one b per coordinate instead of one per step.
+
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + noise, state).
 
   Formal guarantees:
     With one b per step and L1 sensitivity Delta, a step is accounted by

@@ -37,7 +37,16 @@ def _rng(seed: int, step: int, stream: int, draw: int = 0) -> np.random.Generato
 def pad_to_physical(
   indices: np.ndarray, physical_batch_size: int, min_batches: int = 1
 ) -> List[PhysicalBatch]:
-  """Cuts `indices` into `[P]`-shaped masked batches (at least `min_batches`)."""
+  """Cuts `indices` into `[P]`-shaped masked batches (at least `min_batches`).
+
+  Args:
+    indices: the unit indices of one logical batch.
+    physical_batch_size: P, the rows of every physical batch.
+    min_batches: the fewest batches returned (padding only, if need be).
+
+  Returns:
+    `PhysicalBatch`es whose masks mark the real rows; together they hold `indices`.
+  """
   if physical_batch_size < 1:
     raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
   n = len(indices)
@@ -81,7 +90,15 @@ class PoissonSampler:
     return self.num_units * self.sampling_rate
 
   def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
-    """The sorted unit indices included at `step` (independent draws by `draw`)."""
+    """The sorted unit indices included at `step` (independent draws by `draw`).
+
+    Args:
+      step: the logical step.
+      draw: the draw (0 for training; others for extra independent releases).
+
+    Returns:
+      The sorted indices of the units sampled.
+    """
     rng = _rng(self.seed, step, self.STREAM, draw)
     # Binomial count then a uniform subset of that size: the same law as N
     # independent Bernoulli(q) draws, at O(count) cost for the subset.
@@ -89,7 +106,15 @@ class PoissonSampler:
     return np.sort(rng.choice(self.num_units, size=count, replace=False))
 
   def batches(self, step: int, draw: int = 0) -> List[PhysicalBatch]:
-    """The physical batches of logical step `step` (at least one, maybe all padding)."""
+    """The physical batches of logical step `step` (at least one, maybe all padding).
+
+    Args:
+      step: the logical step.
+      draw: the draw, as in `sample_indices`.
+
+    Returns:
+      The `PhysicalBatch`es of the sampled units.
+    """
     return pad_to_physical(self.sample_indices(step, draw), self.physical_batch_size)
 
 
@@ -119,6 +144,15 @@ class ShuffledSampler:
     return math.ceil(self.num_units / self.batch_size)
 
   def batches(self, step: int, draw: int = 0) -> List[PhysicalBatch]:
+    """The batch of `step`: the next slice of this epoch's permutation (no privacy claim).
+
+    Args:
+      step: the step.
+      draw: ignored (one fixed schedule).
+
+    Returns:
+      One `PhysicalBatch`.
+    """
     del draw  # no privacy claim: one fixed schedule
     epoch, pos = divmod(step, self.steps_per_epoch)
     perm = _rng(self.seed, epoch, self.STREAM).permutation(self.num_units)
@@ -221,6 +255,15 @@ class ELSSampler(PoissonSampler):
     super().__init__(len(self._kept), sampling_rate, physical_batch_size, seed)
 
   def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
+    """The example indices sampled at `step`, among the examples kept after capping.
+
+    Args:
+      step: the logical step.
+      draw: the draw, as in `PoissonSampler.sample_indices`.
+
+    Returns:
+      The sorted example indices.
+    """
     return self._kept[super().sample_indices(step, draw)]
 
 
@@ -254,9 +297,27 @@ class ULSSampler:
     return self._users.expected_batch_size
 
   def sample_users(self, step: int, draw: int = 0) -> np.ndarray:
+    """The user indices sampled at `step` (into `index.users`).
+
+    Args:
+      step: the logical step.
+      draw: the draw, as in `PoissonSampler.sample_indices`.
+
+    Returns:
+      The sorted user indices.
+    """
     return self._users.sample_indices(step, draw)
 
   def batches(self, step: int, draw: int = 0) -> List[UserBatch]:
+    """The physical batches of `step`: each row one sampled user's (at most G) examples.
+
+    Args:
+      step: the logical step.
+      draw: the draw, as in `PoissonSampler.sample_indices`.
+
+    Returns:
+      `UserBatch`es (example indices [P, G], user mask [P], example mask [P, G]).
+    """
     out = []
     ex_mask = self.index.example_mask
     for pb in self._users.batches(step, draw):
@@ -268,7 +329,14 @@ class ULSSampler:
 
 
 def median_group_size(user_ids) -> int:
-  """The ELS choice of G in arXiv 2407.07737: the median number of examples per user."""
+  """The ELS choice of G in arXiv 2407.07737: the median number of examples per user.
+
+  Args:
+    user_ids: the user of each example.
+
+  Returns:
+    The median examples per user, rounded down, at least 1.
+  """
   _, counts = np.unique(np.asarray(user_ids), return_counts=True)
   if len(counts) == 0:
     raise ValueError("user_ids is empty")
@@ -280,13 +348,19 @@ def contribution_report(user_ids, group_sizes) -> List[dict]:
 
   Larger G keeps more data but, under ELS, costs more user-level epsilon at
   the same noise (see `dpjax.core.accounting.user_level.els_epsilon`).
+
+  Args:
+    user_ids: the user of each example.
+    group_sizes: the caps G tried.
+
+  Returns:
+    One dict per G: G, users, examples_kept, fraction_kept, users_capped.
   """
   _, counts = np.unique(np.asarray(user_ids), return_counts=True)
   total = int(counts.sum())
   out = []
   for G in group_sizes:
-    if int(G) != G or G < 1:
-      raise ValueError(f"group sizes must be integers >= 1, got {G}")
+    check_max_examples_per_user(G)
     kept = int(np.minimum(counts, G).sum())
     out.append(
       {

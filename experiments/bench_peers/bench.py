@@ -32,6 +32,80 @@ LR = 1e-4
 WD = 0.01
 
 
+def time_steps(step, sync, warmup, steps):
+  """Times `step()` (one training step; `sync(out)` waits for its result).
+
+  Returns (seconds of the first step, incl. compilation; the seconds of each of
+  `steps` timed steps, run after `warmup - 1` more untimed ones; the last output).
+  """
+  t0 = time.perf_counter()
+  out = step()
+  sync(out)
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    out = step()
+  sync(out)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    out = step()
+    sync(out)
+    times.append(time.perf_counter() - t0)
+  return first, times, out
+
+
+def jax_peak_bytes(dev):
+  """The device's peak bytes in use, or None (the CPU backend may have no stats)."""
+  try:
+    return (dev.memory_stats() or {}).get("peak_bytes_in_use")
+  except Exception:
+    return None
+
+
+def emit(a, config, name, tied, run):
+  """Runs `run() -> (times, peak_bytes, extra)` and prints (and appends to a.out) its record.
+
+  The record is one JSON line: the shape, the timing summary (median, min, max,
+  tokens per second), peak memory and `extra`; a failure (OOM, unsupported
+  configuration) is recorded as data with status "error".
+  """
+  rec = dict(
+    config=config,
+    name=name,
+    batch=a.batch,
+    seq=a.seq,
+    layers=a.layers,
+    d=a.d,
+    heads=a.heads,
+    vocab=a.vocab,
+    microbatch=a.microbatch,
+    tied=tied,
+    tag=a.tag,
+    python=platform.python_version(),
+  )
+  try:
+    times, peak, extra = run()
+    med = statistics.median(times)
+    rec.update(
+      status="ok",
+      step_ms=round(med * 1e3, 3),
+      step_ms_min=round(min(times) * 1e3, 3),
+      step_ms_max=round(max(times) * 1e3, 3),
+      n_timed=len(times),
+      tokens_per_s=round(a.batch * a.seq / med, 1),
+      peak_gb=None if peak is None else round(peak / 1e9, 3),
+      **extra,
+    )
+  except Exception as e:  # record failures as data (e.g. OOM, unsupported)
+    rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
+    traceback.print_exc(file=sys.stderr)
+  line = json.dumps(rec)
+  print(line, flush=True)
+  if a.out:
+    with open(a.out, "a") as f:
+      f.write(line + "\n")
+
+
 def parse():
   p = argparse.ArgumentParser()
   p.add_argument("config", choices=["A", "B", "C", "D", "E", "F"])
@@ -199,27 +273,15 @@ def run_jax(a):
 
   jstep = jax.jit(step, donate_argnums=(0, 1))
   dev = jax.devices()[0]
-  times = []
-  p, s = state
-  k = jax.random.key(1)  # loop key (B's noise key lives in its privatizer state)
-  t0 = time.perf_counter()
-  p, s, loss, k = jstep(p, s, tokens, k)
-  jax.block_until_ready((p, s, loss))
-  first = time.perf_counter() - t0
-  for _ in range(a.warmup - 1):
-    p, s, loss, k = jstep(p, s, tokens, k)
-  jax.block_until_ready((p, s, loss))
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    p, s, loss, k = jstep(p, s, tokens, k)
-    jax.block_until_ready((p, s, loss))
-    times.append(time.perf_counter() - t0)
-  stats = {}
-  try:
-    stats = dev.memory_stats() or {}
-  except Exception:  # CPU backend may have none
-    pass
-  peak = stats.get("peak_bytes_in_use")
+  carry = [*state, jax.random.key(1)]  # loop key (B's noise key lives in its privatizer state)
+
+  def one():
+    p, s, loss, k = jstep(carry[0], carry[1], tokens, carry[2])
+    carry[:] = [p, s, k]
+    return p, s, loss
+
+  first, times, (_, _, loss) = time_steps(one, jax.block_until_ready, a.warmup, a.steps)
+  peak = jax_peak_bytes(dev)
   extra.update(
     framework="jax",
     jax=jax.__version__,
@@ -366,22 +428,10 @@ def run_torch(a):
         return loss.detach()
 
   model.train()
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
   if cuda:
     torch.cuda.reset_peak_memory_stats()
-  times = []
-  t0 = time.perf_counter()
-  loss = step()
-  sync()
-  first = time.perf_counter() - t0
-  for _ in range(a.warmup - 1):
-    loss = step()
-  sync()
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    loss = step()
-    sync()
-    times.append(time.perf_counter() - t0)
+  sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+  first, times, loss = time_steps(step, sync, a.warmup, a.steps)
   peak = torch.cuda.max_memory_allocated() if cuda else None
   if cuda:
     extra["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -399,44 +449,8 @@ def run_torch(a):
 
 def main():
   a = parse()
-  rec = dict(
-    config=a.config,
-    name=NAMES[a.config],
-    batch=a.batch,
-    seq=a.seq,
-    layers=a.layers,
-    d=a.d,
-    heads=a.heads,
-    vocab=a.vocab,
-    microbatch=a.microbatch,
-    tied=not a.untied,
-    tag=a.tag,
-    python=platform.python_version(),
-  )
-  try:
-    if a.config in "ABC":
-      times, peak, extra = run_jax(a)
-    else:
-      times, peak, extra = run_torch(a)
-    med = statistics.median(times)
-    rec.update(
-      status="ok",
-      step_ms=round(med * 1e3, 3),
-      step_ms_min=round(min(times) * 1e3, 3),
-      step_ms_max=round(max(times) * 1e3, 3),
-      n_timed=len(times),
-      tokens_per_s=round(a.batch * a.seq / med, 1),
-      peak_gb=None if peak is None else round(peak / 1e9, 3),
-      **extra,
-    )
-  except Exception as e:  # record failures as data (e.g. OOM, unsupported)
-    rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:800]}")
-    traceback.print_exc(file=sys.stderr)
-  line = json.dumps(rec)
-  print(line, flush=True)
-  if a.out:
-    with open(a.out, "a") as f:
-      f.write(line + "\n")
+  run = (lambda: run_jax(a)) if a.config in "ABC" else (lambda: run_torch(a))
+  emit(a, a.config, NAMES[a.config], not a.untied, run)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,14 @@ ESTIMATES = frozenset({"edgeworth"})  # accountants whose epsilon is not a guara
 
 
 def bound_accountant(accountant: str) -> str:
-  """The accountant whose epsilon is reported as the guarantee: PLD in place of an estimate."""
+  """The accountant whose epsilon is reported as the guarantee: PLD in place of an estimate.
+
+  Args:
+    accountant: an accountant's name (`ACCOUNTANTS`).
+
+  Returns:
+    "pld" when `accountant` only estimates (Edgeworth), else `accountant`.
+  """
   return "pld" if accountant in ESTIMATES else accountant
 
 

@@ -125,7 +125,15 @@ def _expect(fn, q: float, mu: float, under: str) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def step_cumulants(noise_multiplier: float, sampling_rate: float) -> Tuple[Cumulants, Cumulants]:
-  """(under M, under P): cumulants of one step's loss L(x), x ~ M or x ~ P."""
+  """(under M, under P): cumulants of one step's loss L(x), x ~ M or x ~ P.
+
+  Args:
+    noise_multiplier: sigma of the Gaussian step.
+    sampling_rate: q of its Poisson sampling.
+
+  Returns:
+    The first cumulants of the privacy loss L under each of the two neighbours.
+  """
   check_noise_multiplier(noise_multiplier)
   check_sampling_rate(sampling_rate)
   q, mu = float(sampling_rate), 1.0 / float(noise_multiplier)
@@ -144,7 +152,16 @@ def _hermite(z):
 
 
 def edgeworth_sf(x: float, c: Cumulants, order: int = 1) -> float:
-  """P(S > x) for a sum S with cumulants `c`: Edgeworth expansion of `order` (0 = normal)."""
+  """P(S > x) for a sum S with cumulants `c`: Edgeworth expansion of `order` (0 = normal).
+
+  Args:
+    x: the threshold.
+    c: the sum's cumulants.
+    order: 0 for the normal approximation, 1 for the first Edgeworth term.
+
+  Returns:
+    The approximate survival function, clipped to [0, 1].
+  """
   sd = math.sqrt(c.k2)
   z = (x - c.k1) / sd
   sf = special.ndtr(-z)
@@ -160,7 +177,14 @@ def edgeworth_sf(x: float, c: Cumulants, order: int = 1) -> float:
 
 
 def berry_esseen(c: Cumulants) -> float:
-  """Uniform bound on |F_S - Phi| for the sum with cumulants `c`."""
+  """Uniform bound on |F_S - Phi| for the sum with cumulants `c`.
+
+  Args:
+    c: the cumulants (incl. the third absolute moment) of a sum of independent terms.
+
+  Returns:
+    The Berry-Esseen bound C0 rho3 / k2^1.5 on the CDF error (at most 1).
+  """
   return min(1.0, BERRY_ESSEEN_C0 * c.rho3 / c.k2**1.5)
 
 
@@ -173,7 +197,14 @@ class Composed:
 
 
 def compose_steps(phases: Sequence[Tuple[float, float, int]]) -> Composed:
-  """Cumulants after phases of (noise_multiplier, sampling_rate, steps)."""
+  """Cumulants after phases of (noise_multiplier, sampling_rate, steps).
+
+  Args:
+    phases: (noise_multiplier, sampling_rate, steps) per phase, in order.
+
+  Returns:
+    The cumulants of the summed privacy loss in both directions.
+  """
   ym, xp = ZERO, ZERO
   for sigma, q, n in phases:
     check_steps(n, minimum=0)
@@ -184,7 +215,16 @@ def compose_steps(phases: Sequence[Tuple[float, float, int]]) -> Composed:
 
 
 def delta_estimate(comp: Composed, epsilon: float, order: int = 1) -> float:
-  """Edgeworth estimate of delta(eps), the larger of the two directions (not a bound)."""
+  """Edgeworth estimate of delta(eps), the larger of the two directions (not a bound).
+
+  Args:
+    comp: composed cumulants (`compose_steps`).
+    epsilon: the epsilon at which delta is wanted.
+    order: Edgeworth order (0 = normal approximation).
+
+  Returns:
+    The estimated delta(epsilon), in [0, 1].
+  """
   out = 0.0
   for cy, cx in zip(comp.y, comp.x):
     if cy.k2 <= 0:
@@ -195,7 +235,15 @@ def delta_estimate(comp: Composed, epsilon: float, order: int = 1) -> float:
 
 
 def delta_bound(comp: Composed, epsilon: float) -> float:
-  """Certified upper bound on delta(eps): normal approximation + Berry-Esseen, both directions."""
+  """Certified upper bound on delta(eps): normal approximation + Berry-Esseen, both directions.
+
+  Args:
+    comp: composed cumulants (`compose_steps`).
+    epsilon: the epsilon at which delta is bounded.
+
+  Returns:
+    A certified delta(epsilon) >= the true one, in [0, 1].
+  """
   out = 0.0
   for cy, cx in zip(comp.y, comp.x):
     if cy.k2 <= 0:
@@ -243,6 +291,7 @@ class EdgeworthAccountant(ev.LeafAccountant):
       self._phases.append((event.event.noise_multiplier, event.sampling_probability, count))
 
   def composed(self) -> Composed:
+    """The cumulants of every phase composed so far (`compose_steps`)."""
     return compose_steps(self._phases)
 
   def get_delta(self, target_epsilon: float) -> float:
@@ -265,7 +314,15 @@ class EdgeworthAccountant(ev.LeafAccountant):
     return _epsilon_for(fn, target_delta)
 
   def report(self, target_delta: float) -> Dict[str, object]:
-    """What the certified bound can say at `target_delta`, and why not when it cannot."""
+    """What the certified bound can say at `target_delta`, and why not when it cannot.
+
+    Args:
+      target_delta: the delta of the guarantee asked for.
+
+    Returns:
+      {"epsilon_bound": the certified epsilon (inf when vacuous), "vacuous",
+      "reason", "berry_esseen_y", "berry_esseen_x", "steps"}.
+    """
     comp = self.composed()
     dy = max(berry_esseen(c) for c in comp.y)
     dx = max(berry_esseen(c) for c in comp.x)
@@ -291,7 +348,17 @@ class EdgeworthAccountant(ev.LeafAccountant):
 def bound_report(
   noise_multiplier: float, sampling_rate: float, steps: int, delta: float
 ) -> Dict[str, object]:
-  """`EdgeworthAccountant.report` of the certified bound for `steps` Poisson-sampled steps."""
+  """`EdgeworthAccountant.report` of the certified bound for `steps` Poisson-sampled steps.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q.
+    steps: the number of steps.
+    delta: the target delta.
+
+  Returns:
+    The report dict (see `EdgeworthAccountant.report`).
+  """
   acc = EdgeworthAccountant(certified=True)
   acc.compose(
     dp_accounting.SelfComposedDpEvent(

@@ -22,7 +22,15 @@ FIXED_BATCH = "fixed_batch"
 
 
 def gaussian_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
-  """One Poisson-sampled Gaussian step (q = 1: every unit, every step)."""
+  """One Poisson-sampled Gaussian step (q = 1: every unit, every step).
+
+  Args:
+    noise_multiplier: noise std / L2 sensitivity.
+    sampling_rate: q in (0, 1].
+
+  Returns:
+    A dp-accounting event of one step.
+  """
   check_noise_multiplier(noise_multiplier)
   check_sampling_rate(sampling_rate)
   inner = dp_accounting.GaussianDpEvent(noise_multiplier)
@@ -32,7 +40,15 @@ def gaussian_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
 
 
 def laplace_step(noise_multiplier: float, sampling_rate: float) -> DpEvent:
-  """One Poisson-sampled Laplace step (noise_multiplier = scale / L1 sensitivity)."""
+  """One Poisson-sampled Laplace step (noise_multiplier = scale / L1 sensitivity).
+
+  Args:
+    noise_multiplier: Laplace scale / L1 sensitivity.
+    sampling_rate: q in (0, 1].
+
+  Returns:
+    A dp-accounting event of one step.
+  """
   check_noise_multiplier(noise_multiplier)
   check_sampling_rate(sampling_rate)
   inner = dp_accounting.LaplaceDpEvent(noise_multiplier)
@@ -78,6 +94,15 @@ def fixed_batch_event(
   other steps. Valid under the replace-one relation only (accounted by RDP).
   Shuffling into disjoint batches per epoch is NOT this event; no tight
   accountant for it exists in dp-accounting, so dpjax does not claim one.
+
+  Args:
+    noise_multiplier: noise std / L2 sensitivity.
+    dataset_size: the number of units n.
+    batch_size: the fixed batch size (at most n).
+    steps: the number of steps.
+
+  Returns:
+    A SelfComposedDpEvent of SampledWithoutReplacementDpEvent steps.
   """
   check_noise_multiplier(noise_multiplier)
   check_steps(steps)
@@ -95,14 +120,28 @@ def fixed_batch_event(
 
 
 def compose(events: Sequence[DpEvent]) -> DpEvent:
-  """Sequential composition of heterogeneous phases (e.g. a change of sigma)."""
+  """Sequential composition of heterogeneous phases (e.g. a change of sigma).
+
+  Args:
+    events: the phases, in order.
+
+  Returns:
+    A ComposedDpEvent of `events`.
+  """
   if not events:
     raise ValueError("compose needs at least one event")
   return dp_accounting.ComposedDpEvent(list(events))
 
 
 def is_replace_one(event: DpEvent) -> bool:
-  """Whether the event is only meaningful under the replace-one relation."""
+  """Whether the event is only meaningful under the replace-one relation.
+
+  Args:
+    event: any dp-accounting event.
+
+  Returns:
+    True when it contains sampling without replacement (replace-one only).
+  """
   if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
     return True
   if isinstance(event, dp_accounting.SelfComposedDpEvent):
@@ -113,7 +152,15 @@ def is_replace_one(event: DpEvent) -> bool:
 
 
 def contains(event: DpEvent, kind: type) -> bool:
-  """Whether `event` holds an event of type `kind` anywhere in its composition."""
+  """Whether `event` holds an event of type `kind` anywhere in its composition.
+
+  Args:
+    event: any dp-accounting event.
+    kind: a DpEvent subclass.
+
+  Returns:
+    True when some sub-event is an instance of `kind`.
+  """
   if isinstance(event, kind):
     return True
   if isinstance(
@@ -131,7 +178,15 @@ def contains(event: DpEvent, kind: type) -> bool:
 
 
 def leaf_events(event: DpEvent, count: int = 1) -> List[Tuple[DpEvent, int]]:
-  """`event` unrolled into (leaf event, times composed), NoOp events dropped, order kept."""
+  """`event` unrolled into (leaf event, times composed), NoOp events dropped, order kept.
+
+  Args:
+    event: any dp-accounting event.
+    count: how many times `event` itself is composed.
+
+  Returns:
+    [(leaf event, count)] with self-compositions multiplied out.
+  """
   if isinstance(event, dp_accounting.NoOpDpEvent):
     return []
   if isinstance(event, dp_accounting.SelfComposedDpEvent):

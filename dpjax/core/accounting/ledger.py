@@ -100,10 +100,18 @@ class Segment:
     return int(self.steps) + int(self.extra_releases)
 
   def privacy_key(self) -> Tuple:
+    """The canonical privacy fields: two segments with equal keys compose as one."""
     return tuple(canonical(getattr(self, f)) for f in PRIVACY_FIELDS)
 
   def differs_from(self, other: Segment) -> Dict[str, Tuple[Any, Any]]:
-    """The privacy fields that differ: name -> (self's value, other's value)."""
+    """The privacy fields that differ: name -> (self's value, other's value).
+
+    Args:
+      other: the segment compared with.
+
+    Returns:
+      {field: (self's value, other's value)} for each privacy field that differs.
+    """
     return {
       f: (getattr(self, f), getattr(other, f))
       for f in PRIVACY_FIELDS
@@ -127,13 +135,31 @@ class Segment:
     return dp_accounting.SelfComposedDpEvent(self.step_event(), self.releases)
 
   def with_steps(self, steps: int, extra_releases: int) -> Segment:
+    """This segment with its step and extra-release counts replaced.
+
+    Args:
+      steps: the new step count.
+      extra_releases: the new count of releases beyond one per step.
+
+    Returns:
+      A new Segment (segments are immutable).
+    """
     return dataclasses.replace(self, steps=int(steps), extra_releases=int(extra_releases))
 
   def to_json(self) -> Dict[str, Any]:
+    """The segment as a JSON-ready dict (inverse of `from_json`)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, d: Dict[str, Any]) -> Segment:
+    """The segment written by `to_json` (older files with a `G` field load too).
+
+    Args:
+      d: the dict read from privacy.json or a checkpoint.
+
+    Returns:
+      The Segment.
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
     if "G" in d:  # checkpoints written before the field had its full name
       d = {("max_examples_per_user" if k == "G" else k): v for k, v in d.items()}
@@ -144,7 +170,14 @@ class Segment:
 
 
 def canonical(v):
-  """A comparable form of a segment field: numbers as floats, dicts as sorted tuples."""
+  """A comparable form of a segment field: numbers as floats, dicts as sorted tuples.
+
+  Args:
+    v: a field value (number, string, dict, list, None).
+
+  Returns:
+    A hashable value equal for equal settings (3 and 3.0 alike).
+  """
   if isinstance(v, bool) or v is None or isinstance(v, str):
     return v
   if isinstance(v, (int, float)):
@@ -171,13 +204,21 @@ class Ledger:
     return sum(s.releases for s in self.segments)
 
   def event(self) -> dp_accounting.DpEvent:
+    """The DpEvent of everything recorded (NoOp before the first release)."""
     events = [s.event() for s in self.segments if s.releases]
     if not events:
       return dp_accounting.NoOpDpEvent()
     return events[0] if len(events) == 1 else ev.compose(events)
 
   def record(self, segment: Segment) -> Ledger:
-    """Extends the last segment when `segment` has the same privacy fields, else appends."""
+    """Extends the last segment when `segment` has the same privacy fields, else appends.
+
+    Args:
+      segment: the releases to add.
+
+    Returns:
+      A new Ledger (ledgers are immutable).
+    """
     if self.segments and self.segments[-1].privacy_key() == segment.privacy_key():
       last = self.segments[-1]
       merged = last.with_steps(
@@ -191,6 +232,13 @@ class Ledger:
 
     0.0 before the first release. An estimating accountant ("edgeworth")
     returns its estimate; `bound_accountant` names the one to report.
+
+    Args:
+      delta: the delta of the guarantee.
+      accountant: an accountant's name; None uses the segments' own.
+
+    Returns:
+      The epsilon (memoised on the ledger's JSON).
     """
     if not self.releases:
       return 0.0
@@ -205,13 +253,23 @@ class Ledger:
     return _epsilon(self.dumps(), float(delta), accountant)
 
   def to_json(self) -> list:
+    """The segments as JSON-ready dicts (inverse of `from_json`)."""
     return [s.to_json() for s in self.segments]
 
   @classmethod
   def from_json(cls, rows: Sequence[Dict[str, Any]]) -> Ledger:
+    """The ledger written by `to_json`.
+
+    Args:
+      rows: one dict per segment.
+
+    Returns:
+      The Ledger.
+    """
     return cls(tuple(Segment.from_json(dict(r)) for r in rows))
 
   def dumps(self) -> str:
+    """The ledger as canonical JSON (sorted keys): its identity for caching and resume checks."""
     return json.dumps(self.to_json(), sort_keys=True)
 
 

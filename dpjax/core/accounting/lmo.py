@@ -101,14 +101,29 @@ class LMOParams:
 
   @classmethod
   def laplace(cls, b: float) -> LMOParams:
-    """The point mass b: plain Laplace noise with scale Delta / b."""
+    """The point mass b: plain Laplace noise with scale Delta / b.
+
+    Args:
+      b: the fixed noise rate.
+
+    Returns:
+      LMOParams with all mass on b.
+    """
     return cls(a1=0.0, a3=0.0, a4=1.0, Ua=float(b), Ub=float(b))
 
   def as_dict(self) -> Dict[str, float]:
+    """The parameters as a dict of floats (for JSON)."""
     return dataclasses.asdict(self)
 
   def scaled(self, c: float) -> LMOParams:
-    """The same shape with b multiplied by c (a1, a3, a4 scaled): noise scale / c."""
+    """The same shape with b multiplied by c (a1, a3, a4 scaled): noise scale / c.
+
+    Args:
+      c: the factor (> 0).
+
+    Returns:
+      The scaled LMOParams.
+    """
     if not (math.isfinite(c) and c > 0):
       raise ValueError(f"scale must be finite and > 0, got {c}")
     return dataclasses.replace(self, a1=self.a1 * c, a3=self.a3 * c, a4=self.a4 * c)
@@ -116,7 +131,14 @@ class LMOParams:
   # --- the distribution of b ------------------------------------------------
 
   def mgf(self, t):
-    """E[exp(t b)] (inf where it diverges); vectorised over t."""
+    """E[exp(t b)] (inf where it diverges); vectorised over t.
+
+    Args:
+      t: a float or an array of floats.
+
+    Returns:
+      An array of E[exp(t b)] with the shape of `t`.
+    """
     t = np.asarray(t, np.float64)
     out = np.ones_like(t)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -146,6 +168,12 @@ class LMOParams:
     P(Z <= z) = F_G(z) - J(z) with J(z) = int_0^z e^{-(z-g)/s_e} f_G(g) dg
     = e^{-z/s_g} z^k / (Gamma(k+1) s_g^k) 1F1(1; k+1; -c z), c = 1/s_e - 1/s_g
     (Kummer's transformation of int g^(k-1) e^{c g} dg), all in closed form.
+
+    Args:
+      xs: the points x (an array).
+
+    Returns:
+      (the CDF values of b' at xs, an absolute error bound of each).
     """
     x = np.asarray(xs, np.float64)
     if self.a4 > 0 and self.Ub > self.Ua:
@@ -190,6 +218,12 @@ class LMOParams:
     """An upper bound on P(b' > x), accurate in the far tail (no 1 - CDF cancellation).
 
     b' <= a1 G + a3 E + a4 Ub, and P(a1 G + a3 E > z) <= P(a1 G > z/2) + P(a3 E > z/2).
+
+    Args:
+      xs: the points x (an array).
+
+    Returns:
+      Upper bounds on P(b' > x), at most 1.
     """
     z = np.asarray(xs, np.float64) - self.a4 * self.Ub
     zp = np.maximum(z, 0.0)
@@ -207,10 +241,27 @@ class LMOParams:
     return np.where(z > 0, np.minimum(out, 1.0), 1.0)
 
   def cdf(self, x: float) -> Tuple[float, float]:
+    """(P(b' <= x), an absolute error bound): `cdf_many` at one point.
+
+    Args:
+      x: the point.
+
+    Returns:
+      (the CDF value, its error bound).
+    """
     v, e = self.cdf_many([x])
     return float(v[0]), e
 
   def sample(self, rng: np.random.Generator, size) -> np.ndarray:
+    """Draws b (the exact mixture, not b') with a NumPy generator: for tests and audits.
+
+    Args:
+      rng: the generator.
+      size: the output shape.
+
+    Returns:
+      An array of samples of b.
+    """
     b = np.zeros(size)
     if self.a1 > 0:
       b = b + self.a1 * rng.gamma(self.k, self.theta, size)
@@ -227,6 +278,13 @@ def unit_noise(cands: Sequence[LMOParams], objective: str) -> np.ndarray:
   1/b^m = int t^(m-1) e^(-t b) dt / (m-1)!, so E[1/b^m] is an integral of the
   MGF M(-t); t = e^s on a fixed grid. Divergence shows as a non-vanishing
   integrand at the end of the grid (inf).
+
+  Args:
+    cands: the candidate parameters.
+    objective: "abs" (E[1/b]) or "var" (2 E[1/b^2]).
+
+  Returns:
+    One value per candidate (inf where the moment diverges).
   """
   if objective not in ("abs", "var"):
     raise ValueError(f"objective must be 'abs' or 'var', got {objective!r}")
@@ -246,7 +304,16 @@ def unit_noise(cands: Sequence[LMOParams], objective: str) -> np.ndarray:
 
 
 def noise_magnitude(params: LMOParams, sensitivity: float = 1.0, objective: str = "abs") -> float:
-  """Per-coordinate noise: E|Z| = Delta E[1/b] ("abs") or Var Z = 2 Delta^2 E[1/b^2] ("var")."""
+  """Per-coordinate noise: E|Z| = Delta E[1/b] ("abs") or Var Z = 2 Delta^2 E[1/b^2] ("var").
+
+  Args:
+    params: the distribution of b.
+    sensitivity: the L1 sensitivity Delta.
+    objective: "abs" or "var".
+
+  Returns:
+    The per-coordinate noise magnitude.
+  """
   power = 1 if objective == "abs" else 2
   return float(sensitivity**power * unit_noise([params], objective)[0])
 
@@ -316,7 +383,18 @@ def grid_step(
   tail: float = TAIL,
   discretization: float = DISCRETIZATION,
 ) -> float:
-  """The discretisation `step_pld` uses for these arguments (PLDs compose on one grid)."""
+  """The discretisation `step_pld` uses for these arguments (PLDs compose on one grid).
+
+  Args:
+    params: the distribution of b.
+    sampling_rate: q.
+    bins: bins of b's distribution.
+    tail: mass of b charged as infinite loss.
+    discretization: the requested loss-grid spacing.
+
+  Returns:
+    The loss-grid spacing.
+  """
   values, probs, _ = _b_bins(params, bins, tail)
   return _grid_step(float(values[probs > 0].max()), float(sampling_rate), discretization)
 
@@ -335,6 +413,16 @@ def step_pld(
   u = log(mu1/mu0), removal has loss log(1 - q + q e^u) under (1-q) mu0 + q mu1
   and addition -log(1 - q + q e^u) under mu0. Losses are rounded UP to the
   grid of `discretization` (pessimistic); bins are mixed with their weights.
+
+  Args:
+    params: the distribution of b.
+    sampling_rate: q.
+    bins: bins of b's distribution.
+    tail: mass of b charged as infinite loss.
+    discretization: the requested loss-grid spacing.
+
+  Returns:
+    A dp-accounting PrivacyLossDistribution (pessimistic).
   """
   ev.check_sampling_rate(sampling_rate)
   q = float(sampling_rate)
@@ -405,7 +493,15 @@ def _epsilon_cached(
 
 
 def default_tail(delta: float, steps: int) -> float:
-  """TAIL, or less when T steps of it would use more than 10% of delta."""
+  """TAIL, or less when T steps of it would use more than 10% of delta.
+
+  Args:
+    delta: the target delta.
+    steps: the number of steps T.
+
+  Returns:
+    The tail mass charged per step.
+  """
   return max(min(TAIL, 0.1 * delta / steps), 2 * _CDF_TOL)
 
 
@@ -422,6 +518,18 @@ def lmo_epsilon(
   """Upper bound on epsilon of `steps` Poisson-sampled LMO steps (per example, add/remove).
 
   `tail` (mass of b charged as infinite loss per step): `default_tail` if None.
+
+  Args:
+    params: the distribution of b.
+    sampling_rate: q.
+    steps: the number of steps.
+    delta: the target delta.
+    bins: bins of b's distribution.
+    tail: mass of b charged as infinite loss per step.
+    discretization: the loss-grid spacing.
+
+  Returns:
+    The epsilon (memoised).
   """
   check_sampling_rate(sampling_rate)
   check_steps(steps)
@@ -526,7 +634,18 @@ def rdp_epsilon(
   delta: float,
   orders: Sequence[int] = tuple(range(2, 65)),
 ) -> float:
-  """Upper bound on epsilon by RDP (cross-check; looser than `lmo_epsilon`)."""
+  """Upper bound on epsilon by RDP (cross-check; looser than `lmo_epsilon`).
+
+  Args:
+    params: the distribution of b.
+    sampling_rate: q.
+    steps: the number of steps.
+    delta: the target delta.
+    orders: the integer Renyi orders tried.
+
+  Returns:
+    The smallest epsilon over `orders`.
+  """
   q = float(sampling_rate)
   ev.check_sampling_rate(q)
   ev.check_steps(steps)

@@ -25,6 +25,14 @@ def last_crossing(excess: Callable[[float], float], x_max: float, samples: int =
   Example:
     >>> round(last_crossing(lambda x: 2.0 - x, x_max=10.0), 9)
     2.0
+
+  Args:
+    excess: the function whose last sign change is wanted.
+    x_max: where the search gives up.
+    samples: grid points of the scan.
+
+  Returns:
+    The crossing point (0 when `excess(0) <= 0`, inf past `x_max`).
   """
   if excess(0.0) <= 0:
     return 0.0

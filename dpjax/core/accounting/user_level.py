@@ -45,7 +45,16 @@ from dpjax.core.checks import (
 def els_step(
   noise_multiplier: float, sampling_rate: float, max_examples_per_user: int
 ) -> dp_accounting.DpEvent:
-  """One ELS step seen by one user with G examples (the mixture of Gaussians)."""
+  """One ELS step seen by one user with G examples (the mixture of Gaussians).
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q, the probability that an example is sampled.
+    max_examples_per_user: G, the cap on a user's examples.
+
+  Returns:
+    A MixtureOfGaussiansDpEvent over the Binomial(G, q) count of sampled examples.
+  """
   G = max_examples_per_user  # the papers' G
   check_noise_multiplier(noise_multiplier)
   check_sampling_rate(sampling_rate)
@@ -62,7 +71,17 @@ def els_step(
 def els_event(
   noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int
 ) -> dp_accounting.DpEvent:
-  """`steps` ELS steps: user-level event for PLD accounting."""
+  """`steps` ELS steps: user-level event for PLD accounting.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q per example.
+    steps: the number of steps.
+    max_examples_per_user: G.
+
+  Returns:
+    A SelfComposedDpEvent of `els_step`.
+  """
   G = max_examples_per_user  # the papers' G
   check_steps(steps)
   return dp_accounting.SelfComposedDpEvent(els_step(noise_multiplier, sampling_rate, G), int(steps))
@@ -71,13 +90,33 @@ def els_event(
 def uls_event(
   noise_multiplier: float, user_sampling_rate: float, steps: int
 ) -> dp_accounting.DpEvent:
-  """`steps` ULS steps: the subsampled Gaussian with users as the unit."""
+  """`steps` ULS steps: the subsampled Gaussian with users as the unit.
+
+  Args:
+    noise_multiplier: sigma.
+    user_sampling_rate: the probability that a user is sampled.
+    steps: the number of steps.
+
+  Returns:
+    The Poisson-sampled Gaussian event with users as the unit.
+  """
   return ev.dpsgd_event(noise_multiplier, user_sampling_rate, steps)
 
 
 def els_accountant(
   noise_multiplier: float, sampling_rate: float, steps: int, max_examples_per_user: int
 ) -> StepPLDAccountant:
+  """A StepPLDAccountant holding `els_event`.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q per example.
+    steps: the number of steps.
+    max_examples_per_user: G.
+
+  Returns:
+    The accountant, with the event composed.
+  """
   G = max_examples_per_user  # the papers' G
   acc = StepPLDAccountant(MOG_DISCRETIZATION)
   acc.compose(els_event(noise_multiplier, sampling_rate, steps, G))
@@ -92,7 +131,18 @@ def els_epsilon(
   max_examples_per_user: int,
   delta: float,
 ) -> float:
-  """User-level epsilon of ELS (PLD, upper bound); memoised, as the mixture's PLD is costly."""
+  """User-level epsilon of ELS (PLD, upper bound); memoised, as the mixture's PLD is costly.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q per example.
+    steps: the number of steps.
+    max_examples_per_user: G.
+    delta: the user-level delta.
+
+  Returns:
+    The user-level epsilon.
+  """
   G = max_examples_per_user  # the papers' G
   check_delta(delta)
   return float(els_accountant(noise_multiplier, sampling_rate, steps, G).get_epsilon(delta))
@@ -110,6 +160,17 @@ def group_privacy_epsilon(
 
   Finds the example-level (eps_1, delta_1) with G e^{(G-1) eps_1} delta_1 =
   delta on the example-level privacy curve, and returns G eps_1.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q per example.
+    steps: the number of steps.
+    max_examples_per_user: G.
+    delta: the user-level delta.
+    accountant: the example-level accountant's name.
+
+  Returns:
+    The user-level epsilon G eps_1 (inf when no eps_1 satisfies the equation).
   """
   G = max_examples_per_user  # the papers' G
   check_delta(delta)
@@ -143,6 +204,18 @@ def group_size_tradeoff(
   q = batch_size / kept, and the user-level epsilon is reported by the tight
   ELS accountant and by group privacy. Larger G keeps more data (and lowers
   q) but lets one user weigh more in a batch.
+
+  Args:
+    examples_per_user: an array, the examples each user holds.
+    group_sizes: the caps G tried.
+    noise_multiplier: sigma.
+    batch_size: the expected examples per step.
+    steps: the number of steps.
+    delta: the user-level delta.
+
+  Returns:
+    One dict per G: G, examples_kept, fraction_kept, sampling_rate,
+    epsilon_els, epsilon_group.
   """
   counts = np.asarray(examples_per_user)
   if counts.ndim != 1 or len(counts) == 0 or np.any(counts < 1):

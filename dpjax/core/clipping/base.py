@@ -82,7 +82,14 @@ class GroupMean:
     self.has_aux = has_aux
 
   def split(self, unit: GroupUnits):
-    """(normalised weights [G], the examples)."""
+    """(normalised weights [G], the examples).
+
+    Args:
+      unit: one user's `GroupUnits` (examples [G, ...] and their mask [G]).
+
+    Returns:
+      (weights summing to 1 over the real examples, the examples).
+    """
     if not isinstance(unit, GroupUnits):
       raise TypeError(
         "a group_mean loss takes GroupUnits(examples, example_mask) units, got "
@@ -92,7 +99,15 @@ class GroupMean:
     return w / jnp.maximum(jnp.sum(w), 1.0), unit.examples
 
   def combine(self, w, out):
-    """Per-example outputs `[G, ...]` -> the unit's (loss, aux): weighted sums."""
+    """Per-example outputs `[G, ...]` -> the unit's (loss, aux): weighted sums.
+
+    Args:
+      w: the weights from `split`.
+      out: the per-example loss (and aux, with `has_aux`), each `[G, ...]`.
+
+    Returns:
+      The unit's loss, or (loss, aux), as the weighted sums.
+    """
     mean = lambda v: jnp.tensordot(w, v.astype(jnp.float32), axes=1)
     if self.has_aux:
       loss, aux = out
@@ -158,6 +173,12 @@ class ClippedGradFn:
     Add/remove one unit moves the sum by one clipped gradient: C (flat) or
     the norm of the vector of group bounds (per-layer: sqrt(sum C_k^2) in L2,
     sum C_k in L1). Replace-one moves it by at most twice that.
+
+    Args:
+      relation: `ADD_REMOVE` or `REPLACE_ONE`.
+
+    Returns:
+      The L2 (or, with `l1_clip_norm`, L1) sensitivity of the clipped sum.
     """
     bounds = [float(c) for c in jax.tree.leaves(self.clip_norm)]
     if self.norm_ord == 2:
@@ -173,7 +194,16 @@ class ClippedGradFn:
   # --- the computation -----------------------------------------------------
 
   def unit_loss(self, params, unit, args):
-    """(loss, aux) of one unit, as `loss_fn` defines it."""
+    """(loss, aux) of one unit, as `loss_fn` defines it.
+
+    Args:
+      params: the parameters differentiated.
+      unit: one unit of the batch (one row of every batch leaf).
+      args: the extra non-batch arguments of `loss_fn`.
+
+    Returns:
+      (the unit's scalar loss, its aux or None).
+    """
     if self.keep_batch_dim:
       unit = jax.tree.map(lambda x: x[None], unit)
     out = self._loss_fn(params, unit, *args)
@@ -188,7 +218,16 @@ class ClippedGradFn:
     return loss, aux, grads
 
   def clip_factors(self, loss, norms, mask):
-    """(keep [U], dropped [U], clip factor per group): 0 for masked or dropped units."""
+    """(keep [U], dropped [U], clip factor per group): 0 for masked or dropped units.
+
+    Args:
+      loss: the per-unit losses [U].
+      norms: the per-unit gradient norms, one [U] array per clip group.
+      mask: [U], 1 for a real unit, 0 for padding.
+
+    Returns:
+      (keep [U], dropped [U] (non-finite units), the clip factor of each group [U]).
+    """
     keep = mask > 0
     dropped = jnp.zeros_like(keep)
     if self.nan_safe:
@@ -204,7 +243,19 @@ class ClippedGradFn:
     return keep, dropped, factors
 
   def unit_aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
-    """The per-unit side outputs, zero where a unit is masked or dropped."""
+    """The per-unit side outputs, zero where a unit is masked or dropped.
+
+    Args:
+      loss: the per-unit losses [U].
+      norms: the per-unit norms, one [U] array per clip group.
+      mask: [U], 1 for a real unit.
+      keep: [U] from `clip_factors`.
+      dropped: [U] from `clip_factors`.
+      loss_aux: the per-unit aux of `loss_fn`, or None.
+
+    Returns:
+      The chunk's `ClippedGradAux`.
+    """
     return ClippedGradAux(
       loss=jnp.where(keep, loss, 0.0),
       norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
@@ -214,7 +265,17 @@ class ClippedGradFn:
     )
 
   def clip_chunk(self, params, batch, mask, args):
-    """(sum of the chunk's clipped per-unit gradients, its `ClippedGradAux`)."""
+    """(sum of the chunk's clipped per-unit gradients, its `ClippedGradAux`).
+
+    Args:
+      params: the parameters differentiated.
+      batch: one chunk of units (the microbatch, or the whole batch).
+      mask: [U], 1 for a real unit, 0 for padding.
+      args: the extra non-batch arguments of `loss_fn`.
+
+    Returns:
+      (the clipped sum, a pytree like the gradients; the chunk's aux).
+    """
     loss, aux, grads = self._per_unit(params, batch, args)
     if self.per_layer:
       norms = jax.tree.map(lambda c, g: _leaf_norms(g, self.norm_ord), self.clip_norm, grads)

@@ -315,6 +315,17 @@ class GhostClippedGradFn(ClippedGradFn):
     return [s for s in sites if s.weight in taken], taken, group_size
 
   def clip_chunk(self, params, batch, mask, args):
+    """`ClippedGradFn.clip_chunk` by ghost norms and book-keeping (one backward pass).
+
+    Args:
+      params: the parameters differentiated.
+      batch: one chunk of units.
+      mask: [U], 1 for a real unit, 0 for padding.
+      args: the extra non-batch arguments of `loss_fn`.
+
+    Returns:
+      (the clipped sum, the chunk's aux), equal to the vmap strategy's.
+    """
     if self.norm_ord != 2:
       raise ValueError("ghost clipping computes L2 norms only; use method='vmap' with l1_clip_norm")
     leaves, treedef = jax.tree.flatten(params)
@@ -451,6 +462,14 @@ class GhostClippedGradFn(ClippedGradFn):
     (`x^T g` per unit from the taps: a bias, or a weight where T^2 > rows x
     cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use
     outside the intercepted layers). Traces the loss once; nothing is computed.
+
+    Args:
+      params: the parameters, as passed to the clipped-gradient function.
+      batch: a batch of units.
+      *args: the extra arguments of the loss.
+
+    Returns:
+      {parameter path: "ghost" | "materialised" | "vmap"}.
     """
     leaves, treedef = jax.tree.flatten(params)
     sites, _, group_size = self._plan(leaves, treedef, batch, args)
