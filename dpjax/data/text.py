@@ -31,6 +31,12 @@ def load_rt_polarity(path: Optional[str] = None):
   `id<TAB>rating<TAB>sentence`, rating in [-4, 4]) or the file itself; by
   default the fetched `rt-polarity` asset. Label = 1 if rating > 0, 0 if
   rating < 0; zero-rated sentences are dropped.
+
+  Args:
+    path: the directory or file, or None for the fetched asset.
+
+  Returns:
+    The DatasetDict (columns sentence, label).
   """
   import datasets
 
@@ -76,7 +82,14 @@ def load_rt_polarity(path: Optional[str] = None):
 
 
 def load_tokenizer(path: str):
-  """A Hugging Face tokenizer from a local directory (never the hub)."""
+  """A Hugging Face tokenizer from a local directory (never the hub).
+
+  Args:
+    path: a directory with tokenizer files (tokenizer.json, vocab.txt, ...).
+
+  Returns:
+    The `transformers` tokenizer.
+  """
   from transformers import AutoTokenizer
 
   if not os.path.isdir(path):
@@ -85,7 +98,16 @@ def load_tokenizer(path: str):
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, np.ndarray]:
-  """Token ids and attention mask, padded/truncated to `max_length`: `[N, T]` each."""
+  """Token ids and attention mask, padded/truncated to `max_length`: `[N, T]` each.
+
+  Args:
+    tokenizer: a `transformers` tokenizer.
+    texts: the strings.
+    max_length: T.
+
+  Returns:
+    {"input_ids": int32 [N, T], "attention_mask": int32 [N, T]}.
+  """
   enc = tokenizer(
     list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="np"
   )

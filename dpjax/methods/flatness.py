@@ -54,6 +54,15 @@ def perturbation(
   layerwise=True: v_k = rho * ||theta_k|| * d_k / ||d_k|| for every leaf k (DP-Flat);
   layerwise=False: v = rho * d / ||d|| over the whole tree (SAM). A zero
   direction gives v = 0.
+
+  Args:
+    params: the current parameters theta.
+    direction: the ascent direction d.
+    rho: the radius.
+    layerwise: scale per leaf by ||theta_k|| (DP-Flat) instead of one global ball.
+
+  Returns:
+    v, shaped like `params`.
   """
   _check_rho(rho)
   tiny = jnp.finfo(jnp.float32).tiny
@@ -179,6 +188,14 @@ def releases(steps: int, *, mode: Optional[str], active_steps: Optional[int] = N
   """How many privatised gradients `steps` training steps release (for the accountant).
 
   One per step; "charged" SAM adds one per step where it is active.
+
+  Args:
+    steps: the training steps.
+    mode: the SAM mode ("free", "charged") or None.
+    active_steps: the steps where SAM acts (None: all).
+
+  Returns:
+    The number of privatised gradients released.
   """
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}")
@@ -190,7 +207,14 @@ def releases(steps: int, *, mode: Optional[str], active_steps: Optional[int] = N
 
 
 def find_state(opt_state: PyTree) -> SAMState:
-  """The (single) SAMState inside a chained optimizer state."""
+  """The (single) SAMState inside a chained optimizer state.
+
+  Args:
+    opt_state: the optimizer state (tuples, chains, named chains).
+
+  Returns:
+    The SAMState (raises ValueError when there is none or more than one).
+  """
   found = []
 
   def walk(s):
@@ -228,6 +252,16 @@ def flatness_probe(
   Returns [len(groups), len(alphas)]: row minus loss(params) is the
   increase, small = flat. `loss` is called as given (jit it yourself, with
   its data as arguments rather than closed-over constants).
+
+  Args:
+    loss: params -> scalar loss.
+    params: theta.
+    direction: d, shaped like `params`.
+    groups: one predicate per parameter group.
+    alphas: the step sizes a.
+
+  Returns:
+    [len(groups), len(alphas)] losses.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   dflat = jax.tree.leaves(direction)
@@ -254,6 +288,13 @@ def select_layers(curves: np.ndarray, keep: int) -> list:
 
   `curves`: `flatness_probe`'s output with alphas[0] == 0. Returns a boolean
   mask (True = keep the layer's prefix).
+
+  Args:
+    curves: [groups, alphas] losses, alphas[0] == 0.
+    keep: how many groups to keep.
+
+  Returns:
+    A list of booleans, one per group.
   """
   curves = np.asarray(curves, np.float64)
   if curves.ndim != 2 or curves.shape[1] < 2:
@@ -321,13 +362,26 @@ def weight_distillation(
 
 
 def save_reference(params: PyTree, path: str) -> None:
-  """Write a reference copy (public or DP-trained) for `weight_distillation` to `.npz`."""
+  """Write a reference copy (public or DP-trained) for `weight_distillation` to `.npz`.
+
+  Args:
+    params: the reference parameters.
+    path: the `.npz` file written.
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 
 
 def load_reference(path: str, like: PyTree) -> PyTree:
-  """Read `save_reference`'s file into the structure of `like` (shapes checked)."""
+  """Read `save_reference`'s file into the structure of `like` (shapes checked).
+
+  Args:
+    path: the `.npz` file.
+    like: a tree with the expected structure and shapes.
+
+  Returns:
+    The reference, structured like `like`.
+  """
   import os
 
   if not os.path.exists(path):

@@ -38,7 +38,15 @@ PAPER_GRID = {
 
 
 def grid_candidates(grid: Optional[Dict] = None) -> List[LMOParams]:
-  """All parameter sets of a grid in the paper's layout (a1 = a, a3, a4 from grid["a"])."""
+  """All parameter sets of a grid in the paper's layout (a1 = a, a3, a4 from grid["a"]).
+
+  Args:
+    grid: {"a": [...], "a3": [...], "a4": [...], "k", "theta", "lam", "Ua", "Ub"}
+      (None: the paper's grid).
+
+  Returns:
+    The candidate `LMOParams`.
+  """
   g = dict(PAPER_GRID, **(grid or {}))
   out = []
   for a1 in g["a"]:
@@ -89,6 +97,22 @@ def lmo_search(
   as a brute-force minimum over all feasible candidates. Epsilons are cached
   on disk ($DPJAX_HOME/cache/lmo_epsilon.json) keyed by everything they
   depend on. Returns {"params", "noise", "epsilon", "evaluated"}.
+
+  Args:
+    target_epsilon: the epsilon to meet.
+    delta: the delta.
+    sampling_rate: q.
+    steps: the number of steps.
+    grid: a grid like `grid_candidates`' argument.
+    candidates: explicit candidates instead of a grid.
+    objective: "abs" or "var".
+    bins: bins of b's distribution in the accountant.
+    tail: the tail mass per step (None: `default_tail`).
+    cache: read and write the on-disk epsilon cache.
+    progress: show a progress bar.
+
+  Returns:
+    The dict above (raises ValueError when no candidate meets the target).
   """
   check_epsilon(target_epsilon)
   cands = list(candidates) if candidates is not None else grid_candidates(grid)
@@ -165,6 +189,20 @@ def lmo_calibrate(
   whose sound epsilon is <= target (within `rtol` of it in epsilon; the
   returned point is always feasible). Returns {"params", "noise",
   "epsilon", "scale", "evaluated"} like `lmo_search`.
+
+  Args:
+    shape: the shape of b.
+    target_epsilon: the epsilon to meet.
+    delta: the delta.
+    sampling_rate: q.
+    steps: the number of steps.
+    objective: "abs" or "var".
+    bins: bins of b's distribution in the accountant.
+    tail: the tail mass per step (None: `default_tail`).
+    rtol: the relative tolerance in epsilon.
+
+  Returns:
+    The dict above.
   """
   check_epsilon(target_epsilon)
   if tail is None:

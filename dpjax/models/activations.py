@@ -8,7 +8,14 @@ import flax.linen as nn
 
 
 def activation(name: str) -> Callable:
-  """`"gelu"` is the exact (erf) GELU; the tanh-approximate names are the approximate one."""
+  """`"gelu"` is the exact (erf) GELU; the tanh-approximate names are the approximate one.
+
+  Args:
+    name: an HF `hidden_act` name ("gelu", "gelu_new", "gelu_pytorch_tanh", "silu", ...).
+
+  Returns:
+    The activation function.
+  """
   if name == "gelu":
     return lambda x: nn.gelu(x, approximate=False)
   if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):

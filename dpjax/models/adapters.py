@@ -54,6 +54,13 @@ def trainable_mask(params: PyTree, pattern: Pattern) -> PyTree:
   """Booleans shaped like `params`: True where the leaf's path ("a/b/kernel") matches.
 
   `pattern` is a regex (full match), a list of them, or a predicate on the path.
+
+  Args:
+    params: the parameter tree.
+    pattern: the regex(es) or predicate selecting trainable leaves.
+
+  Returns:
+    The boolean mask tree.
   """
   match = _matcher(pattern)
   mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(match(_path_str(p))), params)
@@ -66,20 +73,44 @@ def trainable_mask(params: PyTree, pattern: Pattern) -> PyTree:
 
 
 def partition(params: PyTree, mask: PyTree) -> Tuple[PyTree, PyTree]:
-  """(trainable, frozen): each shaped like `params` with None where the other holds the leaf."""
+  """(trainable, frozen): each shaped like `params` with None where the other holds the leaf.
+
+  Args:
+    params: the parameter tree.
+    mask: the boolean tree from `trainable_mask`.
+
+  Returns:
+    (trainable, frozen).
+  """
   trainable = jax.tree.map(lambda m, p: p if m else None, mask, params)
   frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
   return trainable, frozen
 
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-  """Inverse of `partition`."""
+  """Inverse of `partition`.
+
+  Args:
+    trainable: the first tree of `partition`.
+    frozen: the second tree of `partition`.
+
+  Returns:
+    The full parameter tree.
+  """
   return jax.tree.map(
     lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
   )
 
 
 def count(params: PyTree) -> int:
+  """The number of scalars in `params` (None leaves count 0).
+
+  Args:
+    params: a pytree of arrays.
+
+  Returns:
+    The total size.
+  """
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
@@ -110,6 +141,16 @@ def init_lora(
   A is drawn from N(0, 1/d_in) and B is zero, so the adapted model starts equal
   to the base model. Returns a nested dict mirroring the module paths, with
   leaves {"a": [d_in, r], "b": [r, d_out]}.
+
+  Args:
+    params: the base model's parameters.
+    key: the PRNG key of the A factors.
+    rank: r.
+    targets: the regex(es) or predicate on module paths choosing the Dense layers.
+    dtype: the factors' dtype.
+
+  Returns:
+    The factors tree (raises ValueError when no Dense layer matches).
   """
   if rank < 1:
     raise ValueError(f"rank must be >= 1, got {rank}")
@@ -152,6 +193,13 @@ def lora(factors: Dict[str, Any], *, alpha: Optional[float] = None):
 
   `alpha` scales the update by alpha / rank (default alpha = rank: scale 1).
   Paths are module paths from the root module passed to `apply`.
+
+  Args:
+    factors: the tree from `init_lora` (the trained factors).
+    alpha: the LoRA alpha (default: the rank).
+
+  Returns:
+    A context manager; inside it, `model.apply` uses the adapted layers.
   """
 
   def interceptor(next_fun, args, kwargs, context):
@@ -172,7 +220,16 @@ def lora(factors: Dict[str, Any], *, alpha: Optional[float] = None):
 
 
 def merge_lora(params: PyTree, factors: Dict[str, Any], *, alpha: Optional[float] = None):
-  """Params with each adapted kernel replaced by W + (alpha / r) A B (for export/inference)."""
+  """Params with each adapted kernel replaced by W + (alpha / r) A B (for export/inference).
+
+  Args:
+    params: the base parameters.
+    factors: the LoRA factors.
+    alpha: the LoRA alpha (default: the rank).
+
+  Returns:
+    The merged parameter tree, shaped like `params`.
+  """
 
   def walk(p, f):
     if not isinstance(p, dict):
@@ -205,6 +262,19 @@ def init_prefix(
 
   `layers` is the per-layer on/off mask (default: all on). Layers that are off
   get no entry at all.
+
+  Args:
+    key: the PRNG key.
+    num_layers: the model's layers.
+    num_tokens: prefix tokens per layer.
+    num_kv_heads: key/value heads.
+    head_dim: the dimension per head.
+    layers: which layers get a prefix.
+    scale: the std of the N(0, scale^2) initialisation.
+    dtype: the prefixes' dtype.
+
+  Returns:
+    {"layer_i": {"key": ..., "value": ...}} for each layer switched on.
   """
   if num_tokens < 1:
     raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -226,7 +296,14 @@ def init_prefix(
 def prefix_layers(
   prefix: Dict[str, Dict[str, jax.Array]],
 ) -> Dict[int, Tuple[jax.Array, jax.Array]]:
-  """Prefix params -> the `{layer index: (key, value)}` mapping the models take."""
+  """Prefix params -> the `{layer index: (key, value)}` mapping the models take.
+
+  Args:
+    prefix: the tree from `init_prefix`.
+
+  Returns:
+    {layer index: (key, value)}.
+  """
   out = {}
   for name, kv in prefix.items():
     m = re.fullmatch(r"layer_(\d+)", name)
@@ -237,5 +314,13 @@ def prefix_layers(
 
 
 def select_prefix_layers(prefix: Dict[str, Dict[str, jax.Array]], layers: Sequence[bool]):
-  """The prefixes of the layers kept by the mask; the others are removed."""
+  """The prefixes of the layers kept by the mask; the others are removed.
+
+  Args:
+    prefix: the tree from `init_prefix`.
+    layers: the per-layer keep mask.
+
+  Returns:
+    The prefixes of the kept layers.
+  """
   return {k: v for k, v in prefix.items() if layers[int(k.split("_")[1])]}

@@ -95,6 +95,16 @@ class Cache(NamedTuple):
 
 
 def init_cache(cfg: DecoderConfig, batch_size: int, size: int) -> Cache:
+  """An empty key/value cache for decoding.
+
+  Args:
+    cfg: the decoder's config.
+    batch_size: B.
+    size: the most positions the cache holds (prompt + new tokens).
+
+  Returns:
+    A `Cache` of zeros, `[layers, B, size, kv_heads, head_dim]` for keys and values.
+  """
   shape = (cfg.num_layers, batch_size, size, cfg.kv_heads, cfg.dim_per_head)
   return Cache(
     jnp.zeros(shape, cfg.dtype),
@@ -123,7 +133,16 @@ def _norm(cfg: DecoderConfig, name: str):
 
 
 def rope(x, positions, theta: float):
-  """Rotary embedding, "rotate half" layout. x: [B, T, H, hd]; positions: [B, T]."""
+  """Rotary embedding, "rotate half" layout. x: [B, T, H, hd]; positions: [B, T].
+
+  Args:
+    x: queries or keys [B, T, H, hd].
+    positions: the position of each token [B, T].
+    theta: the RoPE base.
+
+  Returns:
+    The rotated x, in x's dtype.
+  """
   hd = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
@@ -298,6 +317,15 @@ def causal_lm_loss(logits, input_ids, attention_mask, *, reduction: str = "mean"
   padding (left or right) never enters the loss. `reduction="mean"`: mean over
   counted targets of each sequence (zero for a sequence with none); `"sum"`:
   (sum of losses, number of targets) for token-level averaging by the caller.
+
+  Args:
+    logits: [..., T, V].
+    input_ids: [..., T].
+    attention_mask: [..., T], 1 for a real token.
+    reduction: "mean" or "sum".
+
+  Returns:
+    The loss per sequence [...], or (the summed loss [...], the target count [...]).
   """
   if reduction not in ("mean", "sum"):
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -312,5 +340,15 @@ def causal_lm_loss(logits, input_ids, attention_mask, *, reduction: str = "mean"
 
 
 def init_params(cfg: DecoderConfig, key: jax.Array, seq_len: int = 8):
+  """Fresh parameters of a `Decoder(cfg)`.
+
+  Args:
+    cfg: the decoder's config.
+    key: the PRNG key.
+    seq_len: the length of the dummy input traced.
+
+  Returns:
+    The parameter tree.
+  """
   ids = jnp.zeros((1, seq_len), jnp.int32)
   return Decoder(cfg).init(key, ids)["params"]

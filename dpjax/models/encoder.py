@@ -106,6 +106,16 @@ class Encoder(nn.Module):
     self.classifier = nn.Dense(c.num_labels, name="classifier")
 
   def embed(self, input_ids, attention_mask, token_type_ids=None):
+    """Word + position + token-type embeddings, layer-normed: `[B, T, D]`.
+
+    Args:
+      input_ids: [B, T].
+      attention_mask: [B, T] (RoBERTa numbers positions from it).
+      token_type_ids: [B, T], or None for all zeros.
+
+    Returns:
+      The embeddings, in the model's dtype.
+    """
     c = self.cfg
     if c.position_offset:
       # RoBERTa numbers real tokens from pad_id + 1 and gives padding pad_id.
@@ -125,7 +135,18 @@ class Encoder(nn.Module):
     end: Optional[int] = None,
     prefixes: Optional[Dict[int, Tuple[jax.Array, jax.Array]]] = None,
   ):
-    """Layers start..end-1; `prefixes` maps a layer index to its (key, value) prefix."""
+    """Layers start..end-1; `prefixes` maps a layer index to its (key, value) prefix.
+
+    Args:
+      h: hidden states [B, T, D].
+      attention_mask: [B, T].
+      start: the first layer run.
+      end: one past the last layer run (None: all).
+      prefixes: {layer index: (key, value)}, or None.
+
+    Returns:
+      The hidden states after layer end - 1.
+    """
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(
       jnp.float32
     )
@@ -135,6 +156,15 @@ class Encoder(nn.Module):
     return h
 
   def pool(self, h, attention_mask):
+    """The sentence vector `[B, D]`: the tanh pooler on [CLS], the mean, or the scaled unit mean.
+
+    Args:
+      h: the last hidden states [B, T, D].
+      attention_mask: [B, T].
+
+    Returns:
+      The pooled vectors.
+    """
     if self.cfg.pooling in ("mean", "mean_l2"):
       m = attention_mask[..., None].astype(h.dtype)
       pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
@@ -148,6 +178,15 @@ class Encoder(nn.Module):
     return jnp.tanh(self.pooler(h[:, 0]))
 
   def classify(self, h, attention_mask):
+    """Class logits `[B, num_labels]` (float32) from the last hidden states.
+
+    Args:
+      h: the last hidden states [B, T, D].
+      attention_mask: [B, T].
+
+    Returns:
+      The logits.
+    """
     return self.classifier(self.pool(h, attention_mask).astype(jnp.float32))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, prefixes=None):
@@ -156,13 +195,33 @@ class Encoder(nn.Module):
     return self.classify(h, attention_mask)
 
   def hidden_states(self, input_ids, attention_mask, token_type_ids=None, prefixes=None):
-    """Last hidden states `[B, T, D]` (what `transformers`' BertModel returns)."""
+    """Last hidden states `[B, T, D]` (what `transformers`' BertModel returns).
+
+    Args:
+      input_ids: [B, T].
+      attention_mask: [B, T].
+      token_type_ids: [B, T], or None.
+      prefixes: {layer index: (key, value)}, or None.
+
+    Returns:
+      The hidden states.
+    """
     return self.run_layers(
       self.embed(input_ids, attention_mask, token_type_ids), attention_mask, prefixes=prefixes
     )
 
 
 def init_params(cfg: EncoderConfig, key: jax.Array, seq_len: int = 8):
+  """Fresh parameters of an `Encoder(cfg)`.
+
+  Args:
+    cfg: the encoder's config.
+    key: the PRNG key.
+    seq_len: the length of the dummy input traced.
+
+  Returns:
+    The parameter tree.
+  """
   ids = jnp.zeros((1, seq_len), jnp.int32)
   variables = Encoder(cfg).init(key, ids, jnp.ones_like(ids))
   return variables["params"]

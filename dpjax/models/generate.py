@@ -25,6 +25,16 @@ def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int = 0, top_
   top_p < 1 keeps the smallest set of most likely tokens whose probability
   reaches top_p (nucleus sampling, arXiv 1904.09751); the most likely token is
   always kept.
+
+  Args:
+    logits: [B, V].
+    key: the PRNG key.
+    temperature: the softmax temperature (0: greedy).
+    top_k: keep the k largest logits (0: all).
+    top_p: the nucleus mass (1: all).
+
+  Returns:
+    int32 tokens [B].
   """
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -74,6 +84,22 @@ def generate(
 
   After a row emits `cfg.eos_token_id`, its later tokens are `cfg.pad_token_id`.
   Returns (tokens, done) where done[b] says whether row b emitted EOS.
+
+  Args:
+    cfg: the decoder's config.
+    params: its parameters.
+    prompt_ids: left-padded prompts [B, P].
+    prompt_mask: [B, P], 1 for a real token.
+    key: the sampling key.
+    max_new_tokens: the tokens generated per row.
+    temperature: see `sample_logits`.
+    top_k: see `sample_logits`.
+    top_p: see `sample_logits`.
+    use_cache: decode with a key/value cache (False recomputes the prefix each step).
+    prefixes: {layer index: (key, value)} prefixes, or None.
+
+  Returns:
+    (tokens [B, max_new_tokens], done [B]).
   """
   model = Decoder(cfg)
   B, P = prompt_ids.shape
@@ -126,7 +152,16 @@ def generate(
 
 
 def left_pad(sequences, pad_id: int, length: Optional[int] = None):
-  """Lists of token ids -> (ids [B, P], mask [B, P]) left-padded numpy arrays."""
+  """Lists of token ids -> (ids [B, P], mask [B, P]) left-padded numpy arrays.
+
+  Args:
+    sequences: lists of token ids.
+    pad_id: the padding id.
+    length: P (default: the longest sequence).
+
+  Returns:
+    (ids int32 [B, P], mask int32 [B, P]).
+  """
   import numpy as np
 
   if not sequences or any(len(s) == 0 for s in sequences):

@@ -31,7 +31,14 @@ def _require_dir(path: str) -> None:
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """All tensors of all `*.safetensors` files in `path`, as numpy arrays."""
+  """All tensors of all `*.safetensors` files in `path`, as numpy arrays.
+
+  Args:
+    path: a checkpoint directory.
+
+  Returns:
+    {tensor name: array}.
+  """
   from safetensors.numpy import load_file
 
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -54,7 +61,16 @@ def _assign(tree: dict, path: Tuple[str, ...], value) -> None:
 def convert(
   weights: Dict[str, np.ndarray], rules: List[Tuple[str, Callable]], skip: Tuple[str, ...] = ()
 ) -> dict:
-  """Maps checkpoint names to a param tree with (regex, target-template, fn) rules."""
+  """Maps checkpoint names to a param tree with (regex, target-template, fn) rules.
+
+  Args:
+    weights: {checkpoint name: array}.
+    rules: (regex, target template, transform) triples; the first match wins.
+    skip: regexes of names dropped on purpose.
+
+  Returns:
+    The nested param tree (raises ValueError naming an unmatched tensor).
+  """
   tree: dict = {}
   unused = []
   for name, w in weights.items():
@@ -112,6 +128,18 @@ def encoder_config(
   pool_scale: float = 1.0,
   dtype: str = "float32",
 ) -> EncoderConfig:
+  """`EncoderConfig` from a local HF BERT/RoBERTa directory's config.json.
+
+  Args:
+    path: the checkpoint directory.
+    num_labels: the classifier's outputs.
+    pooling: "cls", "mean" or "mean_l2".
+    pool_scale: the scale of "mean_l2" pooling.
+    dtype: the compute dtype.
+
+  Returns:
+    The config.
+  """
   from transformers import AutoConfig
 
   _require_dir(path)
@@ -152,6 +180,17 @@ def load_encoder(
   A checkpoint without a classification head (a bare encoder) gets a fresh
   head drawn from N(0, 0.02^2) with `head_key` (default key 0); with
   mean pooling the pretrained tanh pooler is not used and not loaded.
+
+  Args:
+    path: the checkpoint directory.
+    num_labels: the classifier's outputs.
+    pooling: "cls", "mean" or "mean_l2".
+    pool_scale: the scale of "mean_l2" pooling.
+    head_key: the key of a fresh head.
+    dtype: the parameters' and compute dtype.
+
+  Returns:
+    (config, params).
   """
   cfg = encoder_config(
     path, num_labels=num_labels, pooling=pooling, pool_scale=pool_scale, dtype=dtype
@@ -218,7 +257,15 @@ _GPT2_SKIP = (
 
 
 def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
-  """`DecoderConfig` from a local HF directory's config.json (Llama or GPT-2)."""
+  """`DecoderConfig` from a local HF directory's config.json (Llama or GPT-2).
+
+  Args:
+    path: the checkpoint directory.
+    dtype: the compute dtype.
+
+  Returns:
+    The config.
+  """
   from transformers import AutoConfig
 
   _require_dir(path)
@@ -279,7 +326,15 @@ def _first_id(*ids) -> int:
 
 
 def load_decoder(path: str, *, dtype: str = "float32"):
-  """`(DecoderConfig, params)` from a local HF Llama/GPT-2 directory (safetensors)."""
+  """`(DecoderConfig, params)` from a local HF Llama/GPT-2 directory (safetensors).
+
+  Args:
+    path: the checkpoint directory.
+    dtype: the parameters' and compute dtype.
+
+  Returns:
+    (config, params).
+  """
   cfg = decoder_config(path, dtype=dtype)
   weights = read_safetensors(path)
   if cfg.family == "llama":
@@ -335,6 +390,13 @@ def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   weights so that rotary pairs are adjacent (its kernels rotate pairs
   (2i, 2i+1)); Hugging Face checkpoints rotate halves (i, i + hd/2). This
   puts the rows back in the Hugging Face order.
+
+  Args:
+    w: a q or k weight from GGUF, torch layout [out, in] (or a bias [out]).
+    n_head: the heads of that projection.
+
+  Returns:
+    The weight in the Hugging Face row order.
   """
   out = w.shape[0]
   if out % (2 * n_head):
@@ -343,7 +405,15 @@ def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """llama.cpp's converter permutation (for writing GGUF files in tests/tools)."""
+  """llama.cpp's converter permutation (for writing GGUF files in tests/tools).
+
+  Args:
+    w: a q or k weight in the Hugging Face row order.
+    n_head: the heads of that projection.
+
+  Returns:
+    The weight in llama.cpp's row order.
+  """
   out = w.shape[0]
   return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -361,6 +431,13 @@ def load_gguf(path: str, *, dtype: str = "float32"):
   Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with the
   `gguf` package, then cast to `dtype`. The q/k permutation of llama.cpp is
   undone so the weights match the Hugging Face layout our RoPE expects.
+
+  Args:
+    path: the `.gguf` file.
+    dtype: the parameters' and compute dtype.
+
+  Returns:
+    (config, params).
   """
   import gguf
 
@@ -416,6 +493,12 @@ def gguf_tokenizer(path: str):
 
   Supports llama.cpp's byte-level BPE ("gpt2" tokenizer model), the kind of
   SmolLM2, GPT-2 and Llama 3 checkpoints.
+
+  Args:
+    path: the `.gguf` file.
+
+  Returns:
+    A `PreTrainedTokenizerFast`.
   """
   import gguf
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

@@ -69,6 +69,21 @@ def distillation_loss(
   the hidden-state MSE is a mean over real tokens and width. `projection`
   maps the student width to the teacher's when they differ. Returns
   (loss, {"ce", "kl", "mse"}) with the means over the whole input.
+
+  Args:
+    student_logits: [..., T, V].
+    teacher_logits: [..., T, V].
+    input_ids: [..., T].
+    attention_mask: [..., T].
+    lam: the weight of the KL term (1 - lam on the CE).
+    temperature: the softmax temperature of the KL term.
+    alpha: the weight of the hidden-state MSE.
+    student_hidden: the student's last hidden states (with alpha > 0).
+    teacher_hidden: the teacher's.
+    projection: student width -> teacher width, or None.
+
+  Returns:
+    (loss, {"ce", "kl", "mse"}).
   """
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -111,7 +126,16 @@ def distillation_loss(
 
 
 def init_projection(key: jax.Array, student_width: int, teacher_width: int) -> Dict[str, Any]:
-  """A learned linear map student width -> teacher width (for the hidden-state term)."""
+  """A learned linear map student width -> teacher width (for the hidden-state term).
+
+  Args:
+    key: the PRNG key.
+    student_width: the student's hidden size.
+    teacher_width: the teacher's hidden size.
+
+  Returns:
+    {"kernel": [student_width, teacher_width], "bias": [teacher_width]}.
+  """
   scale = 1.0 / math.sqrt(student_width)
   return {
     "kernel": scale * jax.random.normal(key, (student_width, teacher_width)),
@@ -120,6 +144,15 @@ def init_projection(key: jax.Array, student_width: int, teacher_width: int) -> D
 
 
 def apply_projection(proj: Dict[str, Any], h):
+  """The map of `init_projection` applied to hidden states.
+
+  Args:
+    proj: the projection's parameters.
+    h: [..., student_width].
+
+  Returns:
+    [..., teacher_width].
+  """
   return h @ proj["kernel"] + proj["bias"]
 
 
@@ -132,6 +165,14 @@ def histogram_noise(mechanism: str, epsilon: float, delta: float) -> float:
   Laplace: b = 1 / epsilon (pure DP). Gaussian: the smallest sigma whose
   exact (epsilon, delta) profile (dp-accounting's PLD of one Gaussian step,
   pessimistic) meets the target.
+
+  Args:
+    mechanism: "laplace" or "gaussian".
+    epsilon: the histogram's epsilon.
+    delta: its delta (Gaussian).
+
+  Returns:
+    The Laplace scale or the Gaussian sigma.
   """
   if not (epsilon > 0 and math.isfinite(epsilon)):
     raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
@@ -159,6 +200,17 @@ def dp_label_histogram(
 
   Returns {"counts": {class: noisy count}, "proportions", "mechanism",
   "noise", "epsilon", "delta"}; the proportions are post-processing.
+
+  Args:
+    labels: one label per private example.
+    classes: the classes counted.
+    epsilon: the histogram's epsilon.
+    delta: its delta.
+    mechanism: "gaussian" or "laplace".
+    rng: the noise generator (default: one seeded from the OS).
+
+  Returns:
+    The dict above.
   """
   rng = rng or np.random.default_rng()
   labels = list(labels)
@@ -186,7 +238,15 @@ def dp_label_histogram(
 
 
 def prompt_counts(proportions: Dict[Any, float], total: int) -> Dict[Any, int]:
-  """Split `total` generations over classes by largest remainders (sums to total)."""
+  """Split `total` generations over classes by largest remainders (sums to total).
+
+  Args:
+    proportions: {class: share}.
+    total: the generations wanted.
+
+  Returns:
+    {class: count}.
+  """
   if total < 0:
     raise ValueError(f"total must be >= 0, got {total}")
   keys = list(proportions)
@@ -201,7 +261,15 @@ def prompt_counts(proportions: Dict[Any, float], total: int) -> Dict[Any, int]:
 
 
 def histogram_event(mechanism: str, noise: float):
-  """The DpEvent of one noisy histogram release (sensitivity 1, every example counted)."""
+  """The DpEvent of one noisy histogram release (sensitivity 1, every example counted).
+
+  Args:
+    mechanism: "laplace" or "gaussian".
+    noise: its scale (`histogram_noise`).
+
+  Returns:
+    A dp-accounting event.
+  """
   return ev.laplace_step(noise, 1.0) if mechanism == "laplace" else ev.gaussian_step(noise, 1.0)
 
 
@@ -213,6 +281,15 @@ def budget_report(
   `teacher`: the teacher run's `Ledger` (`RunResult.ledger`), or a sequence of
   dp-accounting DpEvents of its training. Generation, the synthetic set and
   the student add nothing (post-processing).
+
+  Args:
+    teacher: the teacher's Ledger, or its DpEvents.
+    histogram: `dp_label_histogram`'s output, or None.
+    delta: the delta of the composed guarantee.
+
+  Returns:
+    {"teacher", "histogram", "generation" (0), "student" (0), "total": epsilons;
+    "delta"}.
   """
   import dp_accounting
 
@@ -259,6 +336,22 @@ def synthesize(
   {"label": [...], "tokens": [[...], ...] (prompt excluded, cut at EOS),
   "tokens_per_s" (decoded tokens, padding rows included, per second of the
   whole loop, compilation included), "seconds"}.
+
+  Args:
+    cfg: the decoder's config.
+    params: its parameters.
+    prompts: {class: prompt token ids}.
+    counts: {class: continuations wanted}.
+    key: the sampling key.
+    batch_size: rows per generation batch.
+    max_new_tokens: the tokens per continuation.
+    top_k: see `dpjax.models.generate.sample_logits`.
+    top_p: see `dpjax.models.generate.sample_logits`.
+    temperature: see `dpjax.models.generate.sample_logits`.
+    progress: show a progress bar.
+
+  Returns:
+    The dict above.
   """
   if batch_size < 1 or max_new_tokens < 1:
     raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -311,7 +404,15 @@ def synthesize(
 
 
 def truncate_decoder(params: PyTree, num_layers: int) -> PyTree:
-  """The first `num_layers` blocks of a decoder, with its embeddings and final norm."""
+  """The first `num_layers` blocks of a decoder, with its embeddings and final norm.
+
+  Args:
+    params: the decoder's parameters.
+    num_layers: the blocks kept.
+
+  Returns:
+    The truncated parameter tree.
+  """
   have = sorted(int(k.split("_")[1]) for k in params if k.startswith("layer_"))
   if num_layers > len(have):
     raise ValueError(f"cannot keep {num_layers} layers of a {len(have)}-layer decoder")
@@ -340,6 +441,21 @@ def student_task(
   Trainable: the student (and a width projection when alpha > 0 and the
   widths differ); frozen: the teacher. Eval metrics are the student's own
   next-token `nll_sum` / `tokens` on the (real, held-out) splits.
+
+  Args:
+    teacher_cfg: the teacher's DecoderConfig.
+    teacher_params: its (DP-trained) parameters.
+    student_cfg: the student's DecoderConfig.
+    student_init: the student's initial parameters.
+    data: the synthetic training text and the real eval splits.
+    splits: the split names.
+    lam: see `distillation_loss`.
+    temperature: see `distillation_loss`.
+    alpha: see `distillation_loss`.
+    key: the key of the projection's initialisation.
+
+  Returns:
+    The Task.
   """
   teacher, student = Decoder(teacher_cfg), Decoder(student_cfg)
   params = {"student": student_init}
@@ -382,6 +498,15 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   `datasets` directory + info.json, student/ checkpoints, report.json) and
   is skipped when its output exists. The teacher's noise is calibrated so
   that teacher + DP histogram meet `cfg.total_epsilon` together.
+
+  Args:
+    cfg: the `dpjax distill` config.
+    run_dir: the run directory.
+    progress: show progress bars.
+    task: the teacher's task, or None.
+
+  Returns:
+    The report (also written to report.json).
   """
   import json
   import os

@@ -21,7 +21,14 @@ TASKS: Dict[str, Callable] = {
 
 
 def build_task(cfg) -> Task:
-  """The task named by `cfg.task.name`, built from the config's task section."""
+  """The task named by `cfg.task.name`, built from the config's task section.
+
+  Args:
+    cfg: a train config.
+
+  Returns:
+    The Task (raises ValueError naming the known tasks for an unknown name).
+  """
   name = cfg.task.name
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")

@@ -13,7 +13,14 @@ from dpjax.models import hf
 
 
 def resolve(name_or_path: str) -> str:
-  """An asset name (fetched on demand) or a local directory."""
+  """An asset name (fetched on demand) or a local directory.
+
+  Args:
+    name_or_path: an asset's name or a path.
+
+  Returns:
+    A local path.
+  """
   if name_or_path in assets.ASSETS:
     return assets.fetch(name_or_path)
   if not os.path.exists(name_or_path):
@@ -24,9 +31,17 @@ def resolve(name_or_path: str) -> str:
 
 
 def pretrained_decoder(name_or_path: str):
-  """(DecoderConfig, params, encode) of a pretrained decoder: an asset name
-  (e.g. "smollm2-135m"), a `.gguf` file, a directory holding one, or a Hugging
-  Face directory. `encode(texts, seq_len)` -> BOS + tokens, right-padded."""
+  """(DecoderConfig, params, encode) of a pretrained decoder.
+
+  `encode(texts, seq_len)` -> BOS + tokens, right-padded.
+
+  Args:
+    name_or_path: an asset name (e.g. "smollm2-135m"), a `.gguf` file, a
+      directory holding one, or a Hugging Face directory.
+
+  Returns:
+    (config, params, encode).
+  """
   path = resolve(name_or_path)
   ggufs = sorted(glob.glob(os.path.join(path, "*.gguf"))) if os.path.isdir(path) else []
   if path.endswith(".gguf") or ggufs:

@@ -24,7 +24,15 @@ CONTROL_CODES = ("comedy", "history", "romance", "tragedy")  # Shakespeare genre
 
 
 def encode_bytes(texts, seq_len: int) -> Dict[str, np.ndarray]:
-  """UTF-8 bytes with a BOS token, truncated/right-padded to `seq_len`."""
+  """UTF-8 bytes with a BOS token, truncated/right-padded to `seq_len`.
+
+  Args:
+    texts: the strings.
+    seq_len: T.
+
+  Returns:
+    {"input_ids": [N, T], "attention_mask": [N, T]}.
+  """
   ids = np.zeros((len(texts), seq_len), np.int32)
   mask = np.zeros((len(texts), seq_len), np.int32)
   for i, text in enumerate(texts):
@@ -41,7 +49,19 @@ def _held_out_user(user_id: str, fraction: float) -> bool:
 
 
 def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed: int):
-  """Non-private pretraining on PUBLIC text (no privacy cost), cached by its inputs."""
+  """Non-private pretraining on PUBLIC text (no privacy cost), cached by its inputs.
+
+  Args:
+    mcfg: the decoder's config.
+    texts: the public training texts.
+    seq_len: T.
+    steps: the training steps.
+    batch_size: the batch size.
+    seed: the seed of the initialisation and batches.
+
+  Returns:
+    The pretrained parameters.
+  """
   params = init_params(mcfg, jax.random.PRNGKey(seed), seq_len)
   if steps == 0:
     return params
@@ -84,7 +104,15 @@ def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed
 
 
 def byte_decoder_config(model: Dict, seq_len: int):
-  """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP)."""
+  """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP).
+
+  Args:
+    model: the `task.model` section.
+    seq_len: the longest sequence.
+
+  Returns:
+    The DecoderConfig (vocabulary: 256 bytes after the PAD and BOS tokens).
+  """
   return DecoderConfig(
     family="llama",
     vocab_size=256 + BYTE_OFFSET,
@@ -107,6 +135,12 @@ def shakespeare_lm(cfg) -> Task:
   PUBLIC text (the Rotten Tomatoes sentences, another domain) for
   `task.pretrain_steps` steps, then fine-tuned under DP here. Metrics per
   example: `nll_sum` and `tokens`, so perplexity = exp(sum nll / sum tokens).
+
+  Args:
+    cfg: a train config whose task section names "shakespeare_lm".
+
+  Returns:
+    The Task.
   """
 
   t = cfg.task

@@ -22,6 +22,12 @@ def synthetic(cfg) -> Task:
 
   Generated from `cfg.task.data_seed`; classes are separable at a margin the
   private run can find, so accuracy says whether training works.
+
+  Args:
+    cfg: a train config whose task section names "synthetic".
+
+  Returns:
+    The Task.
   """
   t = cfg.task
   rng = np.random.default_rng(t.data_seed)
@@ -70,6 +76,12 @@ def user_mean(cfg) -> Task:
   scatter around mu_u (unit spread), otherwise all of a user's examples are
   identical. Loss 0.5 ||theta - x||^2; the "test" split holds mu itself, so
   its `loss` is 0.5 ||theta - mu||^2, the estimation error.
+
+  Args:
+    cfg: a train config whose task section names "user_mean".
+
+  Returns:
+    The Task.
   """
   t = cfg.task
   rng = np.random.default_rng(t.data_seed)

@@ -49,6 +49,12 @@ def text_classification(cfg) -> Task:
   per-example privacy analysis is unchanged. With `prefix_tokens > 0` the
   top layers stay frozen and each gets a trainable key/value prefix
   (`prefix_layers`: which of them keep one; the others have none at all).
+
+  Args:
+    cfg: a train config whose task section names "text_classification".
+
+  Returns:
+    The Task.
   """
 
   t = cfg.task

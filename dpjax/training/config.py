@@ -16,7 +16,14 @@ REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def resolve_config_path(path: str) -> str:
-  """`path` as given, else relative to the dpjax checkout (e.g. "configs/quickstart.py")."""
+  """`path` as given, else relative to the dpjax checkout (e.g. "configs/quickstart.py").
+
+  Args:
+    path: a config file's path.
+
+  Returns:
+    An existing path (raises FileNotFoundError naming both places tried).
+  """
   if os.path.isfile(path):
     return path
   if not os.path.isabs(path):
@@ -36,6 +43,13 @@ def load_config(path: str, overrides: Sequence[str] = ()):
   Values are Python literals (`steps=400`, `dp_sam={'rho': 0.05}`, `noise_multiplier=None`);
   anything else is taken as a string. An unknown key, or a key below a value that is not
   a section, is a `ValueError` naming it.
+
+  Args:
+    path: the config file (`resolve_config_path`).
+    overrides: `key.sub=value` strings, applied in order.
+
+  Returns:
+    The ConfigDict.
   """
   path = resolve_config_path(path)
   spec = importlib.util.spec_from_file_location("dpjax_config", path)

@@ -92,9 +92,23 @@ def make_optimizer(
   total_steps: int = 0,
   learning_rates: dict | None = None,
 ) -> optax.GradientTransformation:
-  """`learning_rates` maps a prefix of a top-level parameter name to its own
+  """The optax optimizer of a config's `optimizer` / `learning_rate` keys.
+
+  `learning_rates` maps a prefix of a top-level parameter name to its own
   learning rate (e.g. {"layer_": 1e-3} for encoder layers beside a head at
-  `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`."""
+  `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`.
+
+  Args:
+    name: "adamw", "adam" or "sgd" (momentum 0.9).
+    learning_rate: the peak learning rate.
+    weight_decay: AdamW's decoupled weight decay.
+    warmup_steps: warm-up steps of a warm-up + cosine schedule (0: constant).
+    total_steps: the run's steps (the cosine ends there at 0.1 x the peak).
+    learning_rates: {parameter-name prefix: learning rate}, or None.
+
+  Returns:
+    The optax optimizer.
+  """
   if learning_rates:
     rates = {str(k): float(v) for k, v in learning_rates.items()}
     for k, v in rates.items():
@@ -146,7 +160,14 @@ def _num_rows(data: Dict[str, np.ndarray]) -> int:
 
 
 def make_eval_fn(task: Task) -> Callable:
-  """Jitted `(params, batch, mask) -> summed metrics` over a masked batch."""
+  """Jitted `(params, batch, mask) -> summed metrics` over a masked batch.
+
+  Args:
+    task: the task whose loss and metrics are evaluated.
+
+  Returns:
+    The jitted function (metrics include "loss").
+  """
 
   def per_example(params, ex):
     loss, metrics = task.loss_fn(params, ex, task.frozen)
@@ -163,7 +184,18 @@ def make_eval_fn(task: Task) -> Callable:
 def evaluate(
   task: Task, params: PyTree, split: str, batch_size: int, eval_fn: Optional[Callable] = None
 ) -> Dict[str, float]:
-  """Mean metrics of `params` over one held-out split."""
+  """Mean metrics of `params` over one held-out split.
+
+  Args:
+    task: the task.
+    params: the trainable parameters.
+    split: the split's name in `task.splits`.
+    batch_size: the eval batch size.
+    eval_fn: a `make_eval_fn(task)` to reuse (compiled once), or None.
+
+  Returns:
+    {metric: mean over the split's units}.
+  """
   data = task.splits[split]
   eval_fn = eval_fn or make_eval_fn(task)
   n = _num_rows(data)
@@ -189,6 +221,10 @@ def check_task_data(task: Task) -> None:
   """Refuses data that would train silently wrong: non-finite values, labels out of range, empty.
 
   Labels are checked when `task.info["num_classes"]` says how many there are.
+
+  Args:
+    task: the task whose data is checked (raises ValueError naming the split,
+      the field and the first bad row).
   """
   classes = (task.info or {}).get("num_classes")
   for name, data in {"train": task.train, **task.splits}.items():
@@ -220,6 +256,13 @@ def with_weight_distillation(cfg, task: Task) -> Task:
   reference: "init" (the task's initial trainable parameters, e.g. public
   pretrained weights: free) or a path written by `flatness.save_reference`
   (a public or DP-trained copy; its own budget is the caller's to account).
+
+  Args:
+    cfg: the train config.
+    task: the task.
+
+  Returns:
+    The task with the term added to its loss (unchanged without the key).
   """
   spec = cfg.get("weight_distillation")
   if not spec:
@@ -256,6 +299,16 @@ def prepare(
 
   Returns (spec, plan, checkpoint meta or None). Every bad input raises here
   (a `ValueError` of one line), before any compute or file is written.
+
+  Args:
+    cfg: the train config.
+    task: the task.
+    workdir: the run directory (read for a checkpoint to resume), or None.
+    allow_privacy_change: see `train`.
+    extra_event: see `train`.
+
+  Returns:
+    (spec, plan, checkpoint meta or None).
   """
   spec = spec_lib.validate(spec_lib.with_defaults(cfg))
   check_task_data(task)
@@ -313,6 +366,19 @@ def train(
   met by the whole ledger. `extra_event`: another release the target must
   cover too (DistilDP's histogram). `callbacks`: more `Callback`s after the
   built-in ones (metrics, privacy.json, checkpoints, progress).
+
+  Args:
+    cfg: the train config.
+    task: the task.
+    workdir: the run directory, or None (nothing written).
+    progress: show a progress bar.
+    stop_at_step: end after this step.
+    allow_privacy_change: see above.
+    extra_event: see above.
+    callbacks: see above.
+
+  Returns:
+    A `RunResult` (final params and metrics, the ledger, the privacy record).
   """
   lead = jax.process_index() == 0  # multi-host: one process writes metrics and plots
   lock = rundir.RunLock(workdir) if workdir and lead else None

@@ -67,10 +67,19 @@ class Secret:
 
   @classmethod
   def fresh(cls) -> Secret:
+    """128 bits of OS entropy, never written outside the run's checkpoints."""
     return cls(secrets.randbits(128), True)
 
   @classmethod
   def from_seed(cls, noise_seed: int) -> Secret:
+    """A secret from a user's `noise_seed` (the guarantee then assumes the seed is secret).
+
+    Args:
+      noise_seed: any integer.
+
+    Returns:
+      The Secret, marked not generated.
+    """
     return cls(int(noise_seed) % 2**128, False)
 
   def _words(self, stream: int, n: int) -> np.ndarray:
@@ -90,14 +99,31 @@ class Secret:
     return int(sum(int(x) << (32 * i) for i, x in enumerate(w)))
 
   def to_json(self) -> Dict[str, Any]:
+    """The secret as a JSON-ready dict (for the checkpoint only)."""
     return {"entropy": str(self.entropy), "secret": self.secret}
 
   @classmethod
   def from_json(cls, d: Dict[str, Any]) -> Secret:
+    """The secret written by `to_json`.
+
+    Args:
+      d: the dict read from a checkpoint.
+
+    Returns:
+      The Secret.
+    """
     return cls(int(d["entropy"]), bool(d["secret"]))
 
 
 def guarantee_note(secret: bool) -> str:
+  """What the printed guarantee assumes about the noise's randomness.
+
+  Args:
+    secret: whether the entropy came from the OS (`Secret.secret`).
+
+  Returns:
+    One line for privacy.json and the CLI.
+  """
   return (
     "noise and sampling from OS entropy, kept only in the checkpoint"
     if secret
@@ -144,14 +170,29 @@ class PrivacyPlan:
     return self.secret.secret
 
   def ascent_releases(self, start: int, end: int) -> int:
-    """Charged DP-SAM's extra releases among steps [start, end)."""
+    """Charged DP-SAM's extra releases among steps [start, end).
+
+    Args:
+      start: the first step.
+      end: one past the last step.
+
+    Returns:
+      The number of charged ascent releases.
+    """
     if self.sam is None or self.sam.mode != "charged":
       return 0
     active = self.steps if self.sam.active_steps is None else self.sam.active_steps
     return max(0, min(end, active) - start)
 
   def segment(self, end: int) -> Segment:
-    """This plan's releases over steps [start_step, end)."""
+    """This plan's releases over steps [start_step, end).
+
+    Args:
+      end: one past the last step.
+
+    Returns:
+      The ledger Segment.
+    """
     return Segment(
       self.mechanism,
       float(self.noise_multiplier),
@@ -168,7 +209,14 @@ class PrivacyPlan:
     )
 
   def ledger_at(self, step: int) -> Ledger:
-    """The ledger after `step` steps: prior segments + this plan's up to `step`."""
+    """The ledger after `step` steps: prior segments + this plan's up to `step`.
+
+    Args:
+      step: the steps run (start_step or more).
+
+    Returns:
+      The Ledger.
+    """
     if not self.private:
       return Ledger()
     if step <= self.start_step:
@@ -176,11 +224,25 @@ class PrivacyPlan:
     return self.prior.record(self.segment(step))
 
   def event(self, step: int):
-    """The `DpEvent` of everything released after `step` steps."""
+    """The `DpEvent` of everything released after `step` steps.
+
+    Args:
+      step: the steps run.
+
+    Returns:
+      The DpEvent.
+    """
     return self.ledger_at(step).event()
 
   def epsilon_fields(self, step: int) -> Dict[str, Any]:
-    """{"epsilon": the bound, "privacy_unit", ["epsilon_<acc>_estimate"]} after `step` steps."""
+    """{"epsilon": the bound, "privacy_unit", ["epsilon_<acc>_estimate"]} after `step` steps.
+
+    Args:
+      step: the steps run.
+
+    Returns:
+      The dict (epsilon inf for a non-private plan).
+    """
     if not self.private:
       return {"epsilon": math.inf, "privacy_unit": self.unit}
     ledger = self.ledger_at(step)
@@ -193,7 +255,14 @@ class PrivacyPlan:
     return out
 
   def privacy_record(self, step: int) -> Dict[str, Any]:
-    """What `privacy.json` holds after `step` steps."""
+    """What `privacy.json` holds after `step` steps.
+
+    Args:
+      step: the steps run.
+
+    Returns:
+      The record (guarantee, ledger, noise, sampling, what it assumes).
+    """
     fields = self.epsilon_fields(step)
     return {
       "epsilon": fields["epsilon"],
@@ -210,7 +279,14 @@ class PrivacyPlan:
     }
 
   def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
-    """The privatiser alone, on the clipped sum."""
+    """The privatiser alone, on the clipped sum.
+
+    Args:
+      key: the noise key.
+
+    Returns:
+      The Gaussian, Laplace or LMO transform at the plan's noise and sensitivity.
+    """
     sens = self.grad_fn.sensitivity()
     if self.mechanism == "gaussian":
       return gaussian(self.noise_multiplier, sens, key)
@@ -219,7 +295,14 @@ class PrivacyPlan:
     return lmo(self.lmo, key, l1_sensitivity=sens)
 
   def transform(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """noise -> [DP-SAM] -> normalize(expected batch) -> optimizer, as one optax chain."""
+    """noise -> [DP-SAM] -> normalize(expected batch) -> optimizer, as one optax chain.
+
+    Args:
+      optimizer: the optax optimizer.
+
+    Returns:
+      The chained transform (no noise for a non-private plan).
+    """
     sam = [self.sam] if self.sam is not None else []
     if not self.private:
       return optax.chain(*sam, normalize(self.expected_batch_size), optimizer)
@@ -333,6 +416,9 @@ def make_plan(
       segment and `allow_privacy_change` is False.
     BudgetExhausted: `target_epsilon` is already spent, or the remaining steps
       cannot fit in it.
+
+  Returns:
+    The PrivacyPlan (noise calibrated when the spec sets a target epsilon).
   """
   if start_step > spec.steps:
     raise ResumeRefused(

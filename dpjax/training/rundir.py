@@ -27,6 +27,14 @@ PyTree = Any
 
 
 def resumable_keys(allow_privacy_change: bool):
+  """The config keys a resume may change (run control; privacy keys when allowed).
+
+  Args:
+    allow_privacy_change: include the privacy keys.
+
+  Returns:
+    A set of key names.
+  """
   keys = set(spec_lib.RUN_CONTROL)
   if allow_privacy_change:
     keys |= {k.name for k in spec_lib.KEYS if k.privacy}
@@ -44,7 +52,13 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool) -> None:
-  """Refuses to resume a checkpoint written under a different config."""
+  """Refuses to resume a checkpoint written under a different config.
+
+  Args:
+    workdir: the run directory (its config.json is compared).
+    new: the new resolved config.
+    allow_privacy_change: let privacy keys differ (the ledger records the change).
+  """
   path = os.path.join(workdir, "config.json")
   if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
     return
@@ -75,7 +89,14 @@ class Checkpoints:
 
   @staticmethod
   def latest_meta(workdir: str) -> Optional[Dict[str, Any]]:
-    """The ledger, secret and step of the newest checkpoint in `workdir`, or None."""
+    """The ledger, secret and step of the newest checkpoint in `workdir`, or None.
+
+    Args:
+      workdir: the run directory.
+
+    Returns:
+      {"step", "ledger", "secret"}, or None without a checkpoint.
+    """
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
       return None
@@ -98,6 +119,13 @@ class Checkpoints:
     }
 
   def save(self, state, ledger: Ledger, secret: Secret) -> None:
+    """Saves the train state with its ledger and secret (one orbax step, waited for).
+
+    Args:
+      state: the TrainState.
+      ledger: everything released up to `state.step`.
+      secret: the run's entropy.
+    """
     ocp = self._ocp
     meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
     self.mngr.save(
@@ -108,6 +136,14 @@ class Checkpoints:
     self.mngr.wait_until_finished()
 
   def restore(self, template: PyTree) -> PyTree:
+    """The newest checkpoint's train state.
+
+    Args:
+      template: a TrainState with the expected structure, shapes and dtypes.
+
+    Returns:
+      The restored state.
+    """
     ocp = self._ocp
     step = self.mngr.latest_step()
     restored = self.mngr.restore(
@@ -124,6 +160,7 @@ class RunLock:
     self.held = False
 
   def acquire(self) -> None:
+    """Takes the lock (a stale lock of a dead process is replaced); raises RunLocked if held."""
     for _ in range(2):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -145,6 +182,7 @@ class RunLock:
       return
 
   def release(self) -> None:
+    """Removes the lock file if this process holds it."""
     if self.held:
       self.held = False
       try:
@@ -168,6 +206,14 @@ def _alive(pid: int) -> bool:
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """A JSON file's content, or None when the file does not exist.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The parsed JSON, or None.
+  """
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -175,6 +221,12 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def write_json_atomic(path: str, rec: Dict[str, Any]) -> None:
+  """Writes `rec` as strict JSON through a temporary file, so a reader never sees half.
+
+  Args:
+    path: the file.
+    rec: the record (non-finite floats become None, see `strict_json`).
+  """
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(json.dumps(strict_json(rec), indent=2, allow_nan=False) + "\n")
@@ -182,7 +234,14 @@ def write_json_atomic(path: str, rec: Dict[str, Any]) -> None:
 
 
 def strict_json(x: Any) -> Any:
-  """`x` with every non-finite float replaced by None and a `<key>_nonfinite` flag beside it."""
+  """`x` with every non-finite float replaced by None and a `<key>_nonfinite` flag beside it.
+
+  Args:
+    x: a JSON-like value.
+
+  Returns:
+    A value `json.dumps(..., allow_nan=False)` accepts.
+  """
   if isinstance(x, dict):
     out = {}
     for k, v in x.items():
@@ -202,7 +261,12 @@ def strict_json(x: Any) -> Any:
 
 
 def truncate_metrics(path: str, step: int) -> None:
-  """Drops rows of steps after `step` (they are replayed) and earlier final rows."""
+  """Drops rows of steps after `step` (they are replayed) and earlier final rows.
+
+  Args:
+    path: metrics.jsonl.
+    step: the step resumed from.
+  """
   if not os.path.isfile(path):
     return
   keep = []
@@ -219,6 +283,12 @@ def truncate_metrics(path: str, step: int) -> None:
 
 
 def log_jsonl(path: Optional[str], rec: Dict[str, Any]) -> None:
+  """Appends `rec` as one strict JSON line to `path` (nothing when `path` is None).
+
+  Args:
+    path: the file, or None.
+    rec: the record.
+  """
   if path is None:
     return
   with open(path, "a") as f:
@@ -226,7 +296,12 @@ def log_jsonl(path: Optional[str], rec: Dict[str, Any]) -> None:
 
 
 def plot_curves(metrics_path: str, out_path: str) -> None:
-  """loss, dev accuracy and epsilon against step, from metrics.jsonl."""
+  """loss, dev accuracy and epsilon against step, from metrics.jsonl.
+
+  Args:
+    metrics_path: metrics.jsonl.
+    out_path: the PNG written.
+  """
   import matplotlib
 
   matplotlib.use("Agg")

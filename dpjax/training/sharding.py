@@ -42,6 +42,14 @@ def make_mesh(
   With `model` > 1 the mesh is 2-D, `(axis, "model")` of shape
   `(n // model, model)`: batches split over `axis`, parameters and optimizer
   state split over "model" (`shard_params`, FSDP-style).
+
+  Args:
+    devices: the devices (default: `jax.devices()`).
+    axis: the batch axis's name.
+    model: the size of the "model" axis.
+
+  Returns:
+    The Mesh.
   """
   devs = np.asarray(list(devices) if devices is not None else jax.devices())
   if model < 1 or devs.size % model:
@@ -52,10 +60,27 @@ def make_mesh(
 
 
 def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+  """A sharding splitting the leading (batch) dimension over `axis`.
+
+  Args:
+    mesh: the mesh.
+    axis: the batch axis.
+
+  Returns:
+    The NamedSharding.
+  """
   return NamedSharding(mesh, PartitionSpec(axis))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding holding a full copy on every device of `mesh`.
+
+  Args:
+    mesh: the mesh.
+
+  Returns:
+    The NamedSharding.
+  """
   return NamedSharding(mesh, PartitionSpec())
 
 
@@ -69,6 +94,14 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
   """The GLOBAL host batch (same on every process) -> arrays split over `axis`.
 
   The leading dimension must divide by the number of devices on `axis`.
+
+  Args:
+    batch: a pytree of host arrays [B, ...].
+    mesh: the mesh.
+    axis: the batch axis.
+
+  Returns:
+    The batch as global jax Arrays.
   """
   n_dev = mesh.shape[axis]
   sharding = batch_sharding(mesh, axis)
@@ -88,6 +121,15 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places `tree` on every device of `mesh`.
+
+  Args:
+    tree: a pytree of arrays.
+    mesh: the mesh.
+
+  Returns:
+    The replicated tree.
+  """
   return jax.device_put(tree, replicated(mesh))
 
 
@@ -96,6 +138,14 @@ def param_sharding(tree: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
 
   Arrays with no dimension divisible by the axis size (scalars, odd shapes)
   are replicated. A 1-D mesh (no `axis`) replicates everything.
+
+  Args:
+    tree: a pytree of arrays.
+    mesh: the mesh.
+    axis: the parameter axis.
+
+  Returns:
+    A tree of NamedShardings.
   """
   if axis not in mesh.axis_names:
     return jax.tree.map(lambda _: replicated(mesh), tree)
@@ -114,5 +164,14 @@ def param_sharding(tree: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
 
 
 def shard_params(tree: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
-  """Places `tree` (parameters, optimizer state) with `param_sharding`."""
+  """Places `tree` (parameters, optimizer state) with `param_sharding`.
+
+  Args:
+    tree: a pytree of arrays.
+    mesh: the mesh.
+    axis: the parameter axis.
+
+  Returns:
+    The placed tree.
+  """
   return jax.device_put(tree, param_sharding(tree, mesh, axis))

@@ -297,11 +297,26 @@ RUN_CONTROL = frozenset(k.name for k in KEYS if k.run_control)
 
 
 def is_train_config(cfg) -> bool:
+  """Whether `cfg` is a `dpjax train` config (a task, no teacher section).
+
+  Args:
+    cfg: a config.
+
+  Returns:
+    True for a train config.
+  """
   return "task" in cfg and "teacher" not in cfg
 
 
 def with_defaults(cfg) -> ml_collections.ConfigDict:
-  """`cfg` with every declared key present (its default where the file sets none)."""
+  """`cfg` with every declared key present (its default where the file sets none).
+
+  Args:
+    cfg: a config (ConfigDict or dict).
+
+  Returns:
+    A complete ConfigDict.
+  """
   out = ml_collections.ConfigDict(_plain(cfg), type_safe=False)
   for k in KEYS:
     if k.name not in out:
@@ -352,6 +367,12 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
   Warns (UserWarning) for privacy keys set under private=False. Checks that
   need the data (delta < 1/N, a sampling rate <= 1) are the plan's
   (`dpjax.training.plan.make_plan`).
+
+  Args:
+    cfg: a config (missing keys take their defaults).
+
+  Returns:
+    The FrozenConfigDict (raises SpecError, one line, on a bad value).
   """
   raw = _plain(cfg)
   unknown = sorted(set(raw) - set(BY_NAME))
@@ -429,7 +450,14 @@ def _check_dp_sam(spec: Dict[str, Any], private: bool) -> None:
 
 
 def describe(cfg=None) -> List[str]:
-  """One line per key: name, default (and the config's value where it differs), what it does."""
+  """One line per key: name, default (and the config's value where it differs), what it does.
+
+  Args:
+    cfg: a config to compare with the defaults, or None.
+
+  Returns:
+    The lines.
+  """
   raw = _plain(cfg) if cfg is not None else {}
   lines = []
   for k in KEYS:

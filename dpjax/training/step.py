@@ -60,6 +60,18 @@ def accumulate(
   loss or gradient contribute zero and are counted in `dropped_units`); a
   non-private plan sums plain per-example gradients. Stats are masked sums
   over the batch's units (not privatised: monitoring only).
+
+  Args:
+    gsum: the running sum.
+    params: the trainable parameters (where the gradient is taken).
+    frozen: the frozen parameters.
+    batch: one physical batch of units.
+    mask: [P], 1 for a real unit.
+    plan: the PrivacyPlan.
+    loss_fn: the task's per-example loss.
+
+  Returns:
+    (the new sum, {"loss", the task's metrics, "dropped_units"}: masked sums).
   """
   if plan.grad_fn is not None:
     g, aux = plan.grad_fn(params, batch, frozen, mask=mask)
@@ -86,6 +98,16 @@ def perturb(
   its own stream (`plan.secret.ascent_key()` folded with the step), and the
   plan charges it (`PrivacyPlan.ascent_releases`). The caller passes
   `ascent_sum` exactly when the plan charges an ascent release this step.
+
+  Args:
+    params: theta.
+    opt_state: the optimizer state.
+    ascent_sum: the charged ascent batch's clipped sum, or None.
+    step: the step (for the ascent key).
+    plan: the PrivacyPlan.
+
+  Returns:
+    The parameters to take this step's gradient at.
   """
   sam = plan.sam
   if sam is None:
@@ -101,7 +123,16 @@ def perturb(
 
 
 def apply_update(state: TrainState, gsum: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  """Noise once on the global sum, then normalise and the optimizer (all inside `tx`)."""
+  """Noise once on the global sum, then normalise and the optimizer (all inside `tx`).
+
+  Args:
+    state: the TrainState.
+    gsum: the global (clipped) gradient sum of the logical batch.
+    tx: the plan's transform (`PrivacyPlan.transform`).
+
+  Returns:
+    The next TrainState.
+  """
   updates, opt_state = tx.update(gsum, state.opt_state, state.params)
   return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
