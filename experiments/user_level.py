@@ -41,7 +41,9 @@ def _users_per_step(task, G: int, batch_size: float, seed: int) -> float:
   return batch_size / float(index.counts.mean())
 
 
-def _run(cfg, task, sampling: str, G: int, eps: float, seed: int, batch_size: float) -> dict:
+def _run(cfg, task, spec: dict, batch_size: float) -> dict:
+  """One private run of `spec` (sampling, G, target_epsilon, seed); its row."""
+  sampling, G, eps, seed = (spec[k] for k in ("sampling", "G", "target_epsilon", "seed"))
   cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # G may replace "median"
   cfg.user_sampling = sampling
   cfg.max_examples_per_user = G
@@ -93,10 +95,11 @@ def mean_experiment(args):
       cfg.steps = cfg.log_every = spec["steps"]
       tasks[key] = (cfg, build_task(cfg))
     cfg, task = tasks[key]
-    r = _run(
-      cfg, task, spec["sampling"], spec["G"], spec["target_epsilon"], spec["seed"], cfg.batch_size
-    )
-    return {**r, "diverse": spec["diverse"], "steps": spec["steps"]}
+    return {
+      **_run(cfg, task, spec, cfg.batch_size),
+      "diverse": spec["diverse"],
+      "steps": spec["steps"],
+    }
 
   todo = [
     dict(sampling=s, G=G, target_epsilon=eps, seed=seed, diverse=diverse, steps=steps)
@@ -116,9 +119,7 @@ def shakespeare_experiment(args):
   task = build_task(cfg)
 
   def run(spec):
-    r = _run(
-      cfg, task, spec["sampling"], spec["G"], spec["target_epsilon"], spec["seed"], args.batch_size
-    )
+    r = _run(cfg, task, spec, args.batch_size)
     return {**r, "test_perplexity": math.exp(r["test_nll_sum"] / r["test_tokens"])}
 
   todo = [
