@@ -35,7 +35,17 @@ ALLOWED: Dict[str, Set[str]] = {
     "dpjax.data",
     "dpjax.assets",
   },
+  "dpjax.auditing": {
+    "dpjax.core",
+    "dpjax.methods",
+    "dpjax.training",
+    "dpjax.tasks",
+    "dpjax.models",
+    "dpjax.data",
+    "dpjax.assets",
+  },
   "dpjax.cli": {
+    "dpjax.auditing",
     "dpjax.core",
     "dpjax.methods",
     "dpjax.training",

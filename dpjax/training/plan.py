@@ -380,6 +380,33 @@ def _sam(spec) -> Optional[flatness.DPSAM]:
   )
 
 
+def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
+  """The clipped-gradient function a private plan of `spec` uses, on `loss_fn`.
+
+  Args:
+    spec: a validated spec (clip norm, mechanism, clipping method, microbatch).
+    loss_fn: a per-example `(params, example, frozen) -> (loss, metrics)`.
+    sampling: the plan's user sampling ("uls" averages a user's examples
+      into one unit before clipping), or None.
+
+  Returns:
+    The `clipped_grad` function (L1 clipping for the L1 mechanisms).
+  """
+  unit_loss = group_mean(loss_fn, has_aux=True) if sampling == "uls" else loss_fn
+  clip = (
+    {"l1_clip_norm": spec.l1_clip_norm}
+    if spec.mechanism in L1_MECHANISMS
+    else {"l2_clip_norm": spec.l2_clip_norm}
+  )
+  return clipped_grad(
+    unit_loss,
+    has_aux=True,
+    microbatch_size=spec.microbatch_size,
+    method=spec.clipping_method,
+    **clip,
+  )
+
+
 def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> PrivacyPlan:
   return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
 
@@ -428,21 +455,7 @@ def make_plan(
   seed = secret.sampling_seed()
   unit, sampling, G, sampler, q, expected, units = _unit_sampler(spec, task, seed)
   sam = _sam(spec)
-  grad_fn = None
-  if spec.private:
-    unit_loss = group_mean(task.loss_fn, has_aux=True) if sampling == "uls" else task.loss_fn
-    clip = (
-      {"l1_clip_norm": spec.l1_clip_norm}
-      if spec.mechanism in L1_MECHANISMS
-      else {"l2_clip_norm": spec.l2_clip_norm}
-    )
-    grad_fn = clipped_grad(
-      unit_loss,
-      has_aux=True,
-      microbatch_size=spec.microbatch_size,
-      method=spec.clipping_method,
-      **clip,
-    )
+  grad_fn = make_grad_fn(spec, task.loss_fn, sampling) if spec.private else None
   args = dict(
     private=bool(spec.private),
     mechanism=spec.mechanism if spec.private else None,
