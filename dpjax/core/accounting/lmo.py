@@ -26,18 +26,22 @@ Why the epsilon reported here is an upper bound (the argument):
    of the L1 Laplace mechanism; `tests/test_lmo.py` checks it numerically in
    two dimensions).
 3. **Poisson subsampling** at rate q: the subsampled dominating pair
-   dominates the subsampled mechanism (Zhu, Dong & Wang 2022); this is
-   dp-accounting's `from_laplace_mechanism(..., sampling_prob=q)`, whose
-   pessimistic discretisation only adds privacy loss.
+   dominates the subsampled mechanism (Zhu, Dong & Wang 2022); its
+   hockey-stick divergence is in closed form (`laplace_delta`, equal to
+   dp-accounting's `LaplacePrivacyLoss`).
 4. **Mixing over b.** b is public (step 1) and independent of the data, so
    one step's privacy-loss distribution is the b-mixture of the per-b ones.
    b is cut into bins; each bin is charged its LARGEST b (the subsampled
    Laplace privacy profile grows with b), the mass above `b_max` (at most
    `tail`) is charged infinite loss, and every CDF value of b (by adaptive
    quadrature) is lowered by its error tolerance before differencing, so the
-   distribution used is stochastically larger than the true one.
-5. **T steps** (fresh b each step): PLD self-composition by FFT with
-   pessimistic rounding (dp-accounting). epsilon(delta) is an upper bound.
+   distribution used is stochastically larger than the true one. The
+   mixture's divergence is the weighted sum of the bins'; pessimistic
+   connect-the-dots (Doroshenko et al. 2022, arXiv 2207.04380) turns it into
+   a PMF on the loss grid whose divergence is at least the mixture's at
+   every epsilon (a point mass b gives dp-accounting's own Laplace PLD).
+5. **T steps** (fresh b each step): PLD self-composition by FFT
+   (dp-accounting). epsilon(delta) is an upper bound.
 
 Cross-check (`rdp_epsilon`): with b revealed, exp((a-1) RDP_a) of one step is
 E_b exp((a-1) RDP_a^Laplace(b)) = (a M(a-1) + (a-1) M(-a)) / (2a - 1), with
@@ -57,6 +61,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import attr
 import dp_accounting
 import numpy as np
+from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import special
 
@@ -346,25 +351,6 @@ def _b_bins(params: LMOParams, bins: int, tail: float):
   return edges, probs, max(0.0, 1.0 - float(cdf[-1]))
 
 
-def _u_cdf(u, b, left: bool, shifted: bool):
-  """CDF in u = log(mu1/mu0) of the Laplace pair with scale 1/b, shift 1 (u in [-b, b]).
-
-  Under mu0 (`shifted` False) u has atoms 1/2 at -b and e^-b/2 at b and density
-  e^{-(u+b)/2}/4 between; under mu1 atoms e^-b/2 at -b and 1/2 at b, density
-  e^{(u-b)/2}/4. `left` gives P(u' < u) instead of P(u' <= u).
-  """
-  u = np.asarray(u, np.float64)[None, :]
-  b = np.asarray(b, np.float64)[:, None]
-  inside = np.clip(u, -b, b)
-  if shifted:
-    mid = 0.5 * np.exp((inside - b) / 2)
-  else:
-    mid = 1.0 - 0.5 * np.exp(-(inside + b) / 2)
-  below = (u < -b) | ((u == -b) & left)
-  above = (u > b) | ((u == b) & ~left)
-  return np.where(below, 0.0, np.where(above, 1.0, mid))
-
-
 def _grid_step(b_hi: float, q: float, discretization: float) -> float:
   """The loss-grid step: `discretization`, coarser (still pessimistic) past MAX_GRID cells."""
   span = (
@@ -409,10 +395,10 @@ def step_pld(
 ) -> pld_lib.PrivacyLossDistribution:
   """Privacy-loss distribution of ONE Poisson-sampled LMO step (add/remove, b revealed).
 
-  Per bin of b, the Poisson-subsampled Laplace pair in closed form: with
-  u = log(mu1/mu0), removal has loss log(1 - q + q e^u) under (1-q) mu0 + q mu1
-  and addition -log(1 - q + q e^u) under mu0. Losses are rounded UP to the
-  grid of `discretization` (pessimistic); bins are mixed with their weights.
+  Per bin of b, the Poisson-subsampled Laplace pair's hockey-stick
+  divergence in closed form (`laplace_delta`), mixed with the bins' weights
+  and turned into a PMF by pessimistic connect-the-dots (`_mixture_pmf`).
+  A point mass b is dp-accounting's own Laplace PLD.
 
   Args:
     params: the distribution of b.
@@ -429,52 +415,87 @@ def step_pld(
   values, probs, inf_mass = _b_bins(params, bins, tail)
   keep = probs > 0
   values, probs = values[keep], probs[keep]
-  b_hi = float(values.max())
-  h = _grid_step(b_hi, q, discretization)
+  h = _grid_step(float(values.max()), q, discretization)
+  remove = _mixture_pmf(values, probs, inf_mass, q, h, remove=True)
+  if q == 1.0:  # the Laplace pair is symmetric: add and remove have one PLD
+    return pld_lib.PrivacyLossDistribution(remove)
+  add = _mixture_pmf(values, probs, inf_mass, q, h, remove=False)
+  return pld_lib.PrivacyLossDistribution(remove, add)
 
-  def mix(u, left, shifted):
-    out = np.zeros(len(u))
-    step = max(1, 2_000_000 // max(len(u), 1))
-    for i in range(0, len(values), step):
-      out += probs[i : i + step] @ _u_cdf(u, values[i : i + step], left, shifted)
-    return out
 
-  def u_of_loss(l):  # inverse of l = log(1 - q + q e^u); -inf below the range
-    with np.errstate(divide="ignore", invalid="ignore"):
-      arg = (np.exp(l) - 1.0 + q) / q
-      return np.where(arg > 0, np.log(np.where(arg > 0, arg, 1.0)), -np.inf)
+def laplace_delta(b: float, q: float, eps: np.ndarray, remove: bool) -> np.ndarray:
+  """Hockey-stick divergence of the Poisson-subsampled Laplace pair, in closed form.
 
-  # Removal: L increasing in u; cell i holds L in ((i-1)h, ih].
-  lo = math.floor(math.log1p(-q + q * math.exp(-b_hi)) / h) if q < 1 else math.floor(-b_hi / h)
-  hi = math.ceil(math.log1p(-q + q * math.exp(b_hi)) / h) if q < 1 else math.ceil(b_hi / h)
-  idx = np.arange(lo, hi + 1)
-  edges = u_of_loss(np.append(idx[0] - 1, idx) * h) if q < 1 else np.append(idx[0] - 1, idx) * h
-  cdf = (1 - q) * mix(edges, False, False) + q * mix(edges, False, True)
-  remove = np.diff(cdf)
-  # Addition: L = -log(1 - q + q e^u) decreasing in u; L in ((i-1)h, ih] iff
-  # u in [V(i), V(i-1)) with V(i) = u_of_loss(-ih).
-  lo_a = math.floor(-math.log1p(-q + q * math.exp(b_hi)) / h) if q < 1 else math.floor(-b_hi / h)
-  hi_a = math.ceil(-math.log1p(-q + q * math.exp(-b_hi)) / h) if q < 1 else math.ceil(b_hi / h)
-  idx_a = np.arange(lo_a, hi_a + 1)
-  v = (
-    u_of_loss(-np.append(idx_a[0] - 1, idx_a) * h) if q < 1 else -np.append(idx_a[0] - 1, idx_a) * h
-  )
-  add = -np.diff(mix(v, True, False))
-  total = float(probs.sum())
-  remove_pmf = {int(i): float(m) for i, m in zip(idx, remove) if m > 0}
-  add_pmf = {int(i): float(m) for i, m in zip(idx_a, add) if m > 0}
-  # Rounding slack of the closed forms is charged as infinite loss, never dropped.
-  inf_remove = inf_mass + max(0.0, total - sum(remove_pmf.values()))
-  inf_add = inf_mass + max(0.0, total - sum(add_pmf.values()))
-  return pld_lib.PrivacyLossDistribution.create_from_rounded_probability(
-    remove_pmf,
-    inf_remove,
-    h,
-    pessimistic_estimate=True,
-    rounded_probability_mass_function_add=add_pmf,
-    infinity_mass_add=inf_add,
-    symmetric=False,
-  )
+  The pair is Lap(0, 1/b) vs Lap(1, 1/b) (privacy loss u = b(|x| - |x - 1|)
+  in [-b, b]), subsampled at rate q. Removal compares (1 - q) mu0 + q mu1
+  with mu0 and has delta(eps) = q d(u*), u* = log(1 + (e^eps - 1) / q),
+  d(t) = 1 - e^((t - b)/2) on [-b, b] (1 - e^t below, 0 above); addition
+  compares mu0 with the mixture and has delta(eps) = q e^eps d'(u*),
+  u* = log(1 + (e^-eps - 1) / q), d'(t) = e^t - e^((t - b)/2) on [-b, b]
+  (0 below, e^t - 1 above). `tests/test_lmo.py` checks both against
+  dp-accounting's `LaplacePrivacyLoss`.
+
+  Args:
+    b: the inverse noise scale (sensitivity 1).
+    q: the sampling rate, in (0, 1].
+    eps: the epsilons (an array).
+    remove: the removal direction (else addition).
+
+  Returns:
+    delta(eps), an array like `eps`.
+  """
+  eps = np.asarray(eps, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    if remove:
+      arg = np.expm1(eps) / q  # e^u* - 1
+      t = np.log1p(np.maximum(arg, -1.0))
+      inside = -np.expm1((t - b) / 2)
+      d = np.where(t < -b, -np.expm1(t), np.where(t >= b, 0.0, inside))
+      out = np.where(arg <= -1.0, -np.expm1(eps), q * d)
+    else:
+      arg = np.expm1(-eps) / q
+      t = np.log1p(np.maximum(arg, -1.0))
+      inside = np.exp((t - b) / 2) * np.expm1((t + b) / 2)
+      d = np.where(t <= -b, 0.0, np.where(t > b, np.expm1(t), inside))
+      out = np.where(arg <= -1.0, 0.0, q * np.exp(eps) * d)
+  return np.clip(out, 0.0, 1.0)
+
+
+def _loss_range(b: float, q: float, remove: bool) -> Tuple[float, float]:
+  """The smallest and largest privacy loss of the subsampled Laplace pair at b."""
+  lo = math.log1p(q * math.expm1(-b))
+  hi = math.log1p(q * math.expm1(min(b, 700.0))) if q < 1 else b
+  return (lo, hi) if remove else (-hi, -lo)
+
+
+def _mixture_pmf(
+  values, probs, inf_mass: float, q: float, h: float, remove: bool
+) -> pld_pmf.PLDPmf:
+  """Connect-the-dots PMF (arXiv 2207.04380) of the b-mixture of subsampled Laplace pairs.
+
+  The mixture's hockey-stick divergence is the probability-weighted sum of
+  the bins' (b is public; `laplace_delta`), plus the mass charged as
+  infinite loss at every epsilon. Pessimistic connect-the-dots on the grid
+  of step h turns these deltas into a PMF whose divergence is at least the
+  mixture's at every epsilon, without the per-step bias of rounding each
+  loss up to the grid.
+  """
+  ranges = [_loss_range(float(b), q, remove) for b in values]
+  starts = [math.floor(a / h) for a, _ in ranges]
+  ends = [math.ceil(z / h) for _, z in ranges]
+  lo, hi = min(starts), max(ends)
+  eps = np.arange(lo, hi + 1) * h
+  deltas = np.full(len(eps), float(inf_mass))
+  # Below a bin's smallest loss its divergence is 1 - e^eps (no mass at
+  # infinity), above its largest 0: only the span between is evaluated.
+  below = np.zeros(len(eps) + 1)
+  for b, a, z, p in zip(values, starts, ends, probs):
+    i, j = a - lo, z - lo + 1
+    deltas[i:j] += p * laplace_delta(float(b), q, eps[i:j], remove)
+    below[0] += p
+    below[i] -= p
+  deltas += np.cumsum(below)[:-1] * np.maximum(0.0, -np.expm1(eps))
+  return pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(h, lo, hi, np.minimum(deltas, 1.0))
 
 
 @functools.lru_cache(maxsize=4096)
