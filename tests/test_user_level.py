@@ -1,5 +1,7 @@
 """User-level accounting for ELS/ULS against example-level PLD, group privacy and brute force."""
 
+import math
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -65,6 +67,42 @@ def test_els_between_brute_force_and_group_privacy(sigma, q, G, steps):
   group = U.group_privacy_epsilon(sigma, q, steps, G, delta)
   assert brute <= els <= group, (brute, els, group)
   assert els <= brute * 1.02 + 1e-3  # and tight: PLD is close to the truth
+
+
+def test_sampled_gaussian_rdp_is_the_renyi_divergence_of_the_mixture():
+  # Brute force: D_alpha((1-q) N(0,s^2) + q N(1,s^2) || N(0,s^2)) by numerical integration.
+  x = np.linspace(-40, 41, 800_001)
+  dx = x[1] - x[0]
+  for sigma, q, a in ((1.0, 0.05, 4), (2.0, 0.3, 7), (0.8, 1.0, 3)):
+    l0 = stats.norm.logpdf(x, 0, sigma)
+    l1 = (
+      np.logaddexp(math.log1p(-q) + l0, math.log(q) + stats.norm.logpdf(x, 1, sigma))
+      if q < 1
+      else stats.norm.logpdf(x, 1, sigma)
+    )
+    brute = special.logsumexp(a * l1 + (1 - a) * l0 + math.log(dx)) / (a - 1)
+    assert U.sampled_gaussian_rdp(sigma, q, a) == pytest.approx(brute, rel=1e-6)
+
+
+def test_rdp_group_bound_is_dp_accountings_rdp_for_one_example():
+  acc = dp_accounting.rdp.RdpAccountant(orders=list(U.RDP_GROUP_ORDERS))
+  acc.compose(accounting.dpsgd_event(1.0, 0.05, 100))
+  assert U.rdp_group_epsilon(1.0, 0.05, 100, 1, 1e-5) == pytest.approx(
+    acc.get_epsilon(1e-5), rel=1e-9
+  )
+
+
+@pytest.mark.parametrize(
+  "G", [4, pytest.param(2, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)]
+)
+def test_group_privacy_is_finite_and_above_the_tight_user_level_bounds(G):
+  sigma, q, steps, delta = 1.0, 0.05, 100, 1e-5
+  group = U.group_privacy_epsilon(sigma, q, steps, G, delta)
+  assert math.isfinite(group)
+  assert group >= U.els_epsilon(sigma, q, steps, G, delta)
+  # Without sampling a group of G examples is exactly the Gaussian with shift G.
+  exact = accounting.epsilon(accounting.dpsgd_event(sigma * 4 / G, 1.0, 1), delta)
+  assert U.rdp_group_epsilon(sigma * 4, 1.0, 1, G, delta) >= exact
 
 
 def test_els_grows_with_G_and_uls_is_the_user_level_gaussian():
