@@ -14,20 +14,25 @@ coordinates, epsilon from the b-revealed PLD accountant
 (a in [0.1, 1.8]) has a fixed scale range that cannot reach the small
 epsilons here, the scaled family contains its shapes.
 
-Results are appended to experiments/results/lmo_*.jsonl and printed as
-markdown tables.
+Results are appended to experiments/results/lmo_*.jsonl (training: one row
+per run; a rerun skips the runs recorded with the same LMO parameters) and
+printed as the markdown tables of RESULTS.md.
 """
 
 import argparse
 import os
 
+import ml_collections
 import numpy as np
 import report as report_lib  # experiments/report.py, beside this script
 import rows as rows_lib  # experiments/rows.py, beside this script
+from tqdm.auto import tqdm
 
 from dpjax.core.accounting import lmo as L
 from dpjax.methods import lmo_search as S
+from dpjax.tasks import build_task
 from dpjax.training.config import load_config
+from dpjax.training.loop import prepare, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,17 +51,23 @@ def _config():
   return load_config(os.path.join(os.path.dirname(HERE), "configs", "lmo_dp", "rt.py"))
 
 
-def search(args):
-  from tqdm.auto import tqdm
+def _lmo_config(cfg, params: dict):
+  c = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+  c.mechanism, c.lmo, c.target_epsilon = "lmo", dict(params), None
+  return c
 
+
+def search(args):
   cfg = _config()
-  q = cfg.batch_size / args.train_size
+  # q and the steps as the training run's plan has them (from the task's data).
+  _, plan, _ = prepare(_lmo_config(cfg, L.LMOParams.laplace(1.0).as_dict()), build_task(cfg))
+  q, steps = plan.sampling_rate, plan.steps
   rows = []
   for delta in args.deltas:
     for eps in args.epsilons:
       found = []
       for name, shape in tqdm(SHAPES, desc=f"eps={eps:g} delta={delta:g}", leave=False):
-        r = S.lmo_calibrate(shape, eps, delta, q, cfg.steps)
+        r = S.lmo_calibrate(shape, eps, delta, q, steps)
         found.append(
           {
             "shape": name,
@@ -71,7 +82,7 @@ def search(args):
         "target_epsilon": eps,
         "delta": delta,
         "q": q,
-        "steps": cfg.steps,
+        "steps": steps,
         "best": best,
         "laplace": lap,
         "shapes": found,
@@ -87,16 +98,14 @@ def search(args):
   print("\n" + report_lib.lmo_search())  # every recorded search row, as in RESULTS.md
 
 
+TRAIN_SPEC = ("mechanism", "target_epsilon", "delta", "seed", "lmo")
+
+
 def train_all(args):
-  import ml_collections
-
-  from dpjax.tasks import build_task
-  from dpjax.training.loop import train
-
   searched = {(r["target_epsilon"], r["delta"]): r["best"] for r in rows_lib.load("lmo_search")}
+  done = rows_lib.dedupe(rows_lib.load("lmo_train"), lambda r: {k: r.get(k) for k in TRAIN_SPEC})
   cfg = _config()
   task = build_task(cfg)
-  rows = []
   for delta in args.deltas:
     for eps in args.epsilons:
       for mech in args.mechanisms:
@@ -110,6 +119,15 @@ def train_all(args):
                 "run `python experiments/lmo_dp.py search` first"
               )
             c.lmo = dict(searched[(eps, delta)]["params"])
+          spec = dict(
+            mechanism=mech,
+            target_epsilon=eps,
+            delta=delta,
+            seed=seed,
+            lmo=dict(c.lmo) if mech == "lmo" else None,
+          )
+          if rows_lib.find(done, spec) is not None:
+            continue  # recorded with these parameters: a rerun resumes after it
           run = train(c, task, None, progress=False)
           res = run.final_metrics
           if mech == "lmo":
@@ -119,24 +137,20 @@ def train_all(args):
             noise = run.noise_multiplier * c.l2_clip_norm * np.sqrt(2 / np.pi)
             norm = "L2"
           row = {
-            "mechanism": mech,
-            "target_epsilon": eps,
-            "delta": delta,
-            "seed": seed,
+            **spec,
             "epsilon": res["epsilon"],
             "clip_norm": norm,
             "noise_abs": float(noise),
             "test_accuracy": res["test_accuracy"],
             "dev_accuracy": res.get("dev_accuracy"),
           }
-          rows.append(row)
+          rows_lib.append("lmo_train", [row])
           print(
             f"delta={delta:g} eps={eps:g} {mech} seed={seed}: test "
             f"{100 * row['test_accuracy']:.2f}% (eps {row['epsilon']:.4f}, "
             f"E|Z| {noise:.3f} x {norm} clip)",
             flush=True,
           )
-  rows_lib.append("lmo_train", rows)
   print("\n" + report_lib.lmo_train())  # every recorded training row, as in RESULTS.md
 
 
@@ -151,12 +165,6 @@ def main():
     "--mechanisms", nargs="+", default=["gaussian", "lmo"], choices=["gaussian", "lmo"]
   )
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument(
-    "--train-size",
-    type=int,
-    default=8441,
-    help="training examples (rt-polarity train split) for the search's q",
-  )
   args = p.parse_args()
   search(args) if args.which == "search" else train_all(args)
 
