@@ -1,4 +1,4 @@
-"""`dpjax train | distill | account | assets` command line."""
+"""`dpjax train | distill | audit | account | config | assets` command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 
 from dpjax import assets
+from dpjax.auditing import one_run
 from dpjax.core import accounting
 from dpjax.core.accounting import ACCOUNTANTS, lmo
 from dpjax.core.accounting.edgeworth import bound_report
@@ -81,6 +82,42 @@ def privacy_line(p) -> str:
   if not p["noise_seed_secret"]:
     out += "\n  assumes: noise_seed is fixed, so this holds only while that seed stays secret"
   return out
+
+
+def _audit(args) -> int:
+  if not 0.0 < args.confidence < 1.0:
+    raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+  if args.canaries < 2:
+    raise ValueError(f"--canaries must be >= 2, got {args.canaries}")
+  cfg = load_config(args.config, args.set or [])
+  spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  workdir = args.workdir or os.path.join("runs", f"{name}-audit-{time.strftime('%Y%m%d-%H%M%S')}")
+  rec = one_run.audit_run(
+    cfg,
+    build_task(cfg),
+    workdir,
+    canaries=args.canaries,
+    confidence=args.confidence,
+    seed=args.seed,
+    progress=not args.no_progress,
+  )
+  c, lb, t = rec["claimed"], rec["lower_bound"], rec["tpr_at_fpr"]
+  print(
+    f"claimed: ({c['epsilon']:.3f}, {c['delta']:g})-DP per {c['privacy_unit']} "
+    f"({c['accountant']} accountant, upper bound)"
+  )
+  print(
+    f"audit:   epsilon >= {lb['epsilon']:.3f} with confidence {lb['confidence']:g} "
+    f"({rec['canaries']} canaries, {rec['included']} trained on; one-run audit)"
+  )
+  if t["tpr"] is not None:
+    print(
+      f"         TPR {t['tpr']:.3f} at FPR {t['fpr']:g} (the claim allows at most "
+      f"{t['max_tpr_claimed']:.3f})"
+    )
+  print(f"run directory: {workdir} (audit.json beside privacy.json)")
+  return 0
 
 
 def _config(args) -> int:
@@ -314,6 +351,19 @@ def main(argv=None) -> int:
   d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   d.add_argument("--no-progress", action="store_true")
   d.set_defaults(fn=_distill)
+
+  u = sub.add_parser(
+    "audit",
+    help="train once with canaries and bound epsilon from below (one-run audit)",
+  )
+  u.add_argument("config", nargs="?", default="configs/quickstart.py")
+  u.add_argument("--canaries", type=int, default=1000, help="canaries, each trained on w.p. 1/2")
+  u.add_argument("--confidence", type=float, default=0.95)
+  u.add_argument("--seed", type=int, default=0, help="seed of the canaries and their coin flips")
+  u.add_argument("--workdir", help="run directory (audit.json is written beside privacy.json)")
+  u.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+  u.add_argument("--no-progress", action="store_true")
+  u.set_defaults(fn=_audit)
 
   a = sub.add_parser(
     "account",
