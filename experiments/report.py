@@ -463,6 +463,57 @@ def user_tradeoff() -> str:
   )
 
 
+# --- auditing ------------------------------------------------------------------
+
+
+@renderer
+def audit_steps() -> str:
+  """One step per mechanism: the accountant's epsilon beside the white-box audit's lower bound."""
+  index = rows_lib.dedupe(rows_lib.load("audit_steps"), lambda r: {"setting": r["setting"]})
+  lines = [
+    [
+      r["setting"],
+      f"{r['claimed_epsilon']:.3f}",
+      f"{r['lower_bound']:.3f}",
+      f"{100 * r['lower_bound'] / r['claimed_epsilon']:.0f} %",
+      f"{r['gdp_mu']:.3f} [{r['gdp_mu_lower']:.3f}, {r['gdp_mu_upper']:.3f}]",
+    ]
+    for r in index.values()
+  ]
+  header = ["one step of", "claimed eps", "audited eps >=", "audited / claimed", "GDP mu [95 % CI]"]
+  return _table(header, lines)
+
+
+@renderer
+def audit_runs() -> str:
+  """Whole runs with canaries: the claimed epsilon beside the one-run audit's lower bound."""
+  index = rows_lib.dedupe(rows_lib.load("audit_runs"), lambda r: {"setting": r["setting"]})
+  lines = []
+  for r in index.values():
+    lb, t = r["lower_bound"], r["tpr_at_fpr"]
+    lines.append(
+      [
+        r["setting"],
+        f"{r['claimed']['epsilon']:.3f}",
+        f"{r['canaries']} ({r['included']} in)",
+        f"{lb['epsilon']:.3f}",
+        "-" if lb.get("guesses") is None else f"{lb['correct']} / {lb['guesses']}",
+        "-" if t["tpr"] is None else f"{t['tpr']:.3f}",
+        f"{t['max_tpr_claimed']:.3f}",
+      ]
+    )
+  header = [
+    "run",
+    "claimed eps",
+    "canaries",
+    "audited eps >=",
+    "correct / guesses",
+    "TPR at FPR 0.05",
+    "claim's max TPR there",
+  ]
+  return _table(header, lines)
+
+
 # --- speed ---------------------------------------------------------------------
 
 
