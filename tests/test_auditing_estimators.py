@@ -108,7 +108,7 @@ def test_max_tpr_is_the_gaussian_trade_off_curve():
   ev = dp_accounting.GaussianDpEvent(1.0)
   for fpr in (1e-3, 1e-2, 0.1):
     want = stats.norm.cdf(stats.norm.ppf(fpr) + 1.0)
-    got = est.max_tpr(ev, fpr, epsilons=np.linspace(0, 8, 401))
+    got = est.max_tpr(ev, fpr)
     assert want <= got + 1e-9
     assert got == pytest.approx(want, rel=0.02)
 

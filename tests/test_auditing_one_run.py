@@ -71,8 +71,9 @@ def test_a_task_without_a_canary_rule_is_refused():
 
 def test_dpjax_audit_writes_a_bound_below_the_claim(tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  sets = ["task.num_train=300", "task.num_eval=100", "steps=30", "log_every=30", "target_epsilon=8"]
-  argv = ["audit", os.path.join(CONFIGS, "synthetic.py"), "--canaries", "200"]
+  sets = ["task.num_train=300", "task.num_eval=100", "steps=10", "log_every=10"]
+  sets += ["target_epsilon=None", "noise_multiplier=1.0", "batch_size=50"]
+  argv = ["audit", os.path.join(CONFIGS, "synthetic.py"), "--canaries", "100"]
   argv += ["--workdir", workdir, "--no-progress"] + [a for s in sets for a in ("--set", s)]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
@@ -81,8 +82,8 @@ def test_dpjax_audit_writes_a_bound_below_the_claim(tmp_path, capsys):
     rec = json.load(f)
   with open(os.path.join(workdir, "privacy.json")) as f:
     privacy = json.load(f)
-  assert rec["claimed"]["epsilon"] == privacy["epsilon"] == pytest.approx(8.0, rel=0.01)
-  assert rec["canaries"] == 200 and 0 < rec["included"] < 200
+  assert rec["claimed"]["epsilon"] == privacy["epsilon"] > 0
+  assert rec["canaries"] == 100 and 0 < rec["included"] < 100
   assert 0.0 <= rec["lower_bound"]["epsilon"] <= rec["claimed"]["epsilon"]
   t = rec["tpr_at_fpr"]
   assert t["fpr"] <= t["max_tpr_claimed"] <= 1.0

@@ -106,9 +106,9 @@ def test_user_level_audit_is_below_the_user_level_claim(sampling):
   cfg.task.num_users = 40
   cfg.steps = 1
   cfg.target_epsilon = None
-  cfg.noise_multiplier = 1.0
+  cfg.noise_multiplier = 2.0  # with G = 2: a mixture PLD that composes in seconds
   cfg.user_sampling = sampling
-  cfg.max_examples_per_user = 4
+  cfg.max_examples_per_user = 2
   cfg.sampling_rate = 0.5
   r = _audit(cfg, trials=50_000)
   assert r.unit == "user" and r.sampling == sampling

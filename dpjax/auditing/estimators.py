@@ -398,23 +398,38 @@ def max_tpr(
   """The largest TPR at `fpr` that the guarantee of `event` allows any membership test.
 
   From the privacy curve delta(eps) of `event`: TPR <= min over eps of
-  min(e^eps FPR + delta(eps), 1 - e^-eps (1 - delta(eps) - FPR)).
+  min(e^eps FPR + delta(eps), 1 - e^-eps (1 - delta(eps) - FPR)). Every eps
+  gives a valid bound; the minimum is taken over the grid `epsilons`, then
+  refined around the best grid point.
 
   Args:
     event: the DpEvent of the claimed guarantee.
     fpr: the false-positive rate, in [0, 1].
     accountant: the accountant giving delta(eps).
-    epsilons: the eps grid minimised over (default 0 to 30, 301 points).
+    epsilons: the eps grid (default 0, 1, ..., 30).
 
   Returns:
     The bound on TPR, in [fpr, 1].
   """
   if not 0.0 <= fpr <= 1.0:
     raise ValueError(f"fpr must be in [0, 1], got {fpr}")
-  grid = np.linspace(0.0, 30.0, 301) if epsilons is None else np.asarray(epsilons, float)
+  grid = np.arange(0.0, 31.0) if epsilons is None else np.asarray(epsilons, float)
   composed = accountants.composed(event, accountant)  # composed once, queried per eps
-  best = 1.0
-  for e in grid:
-    d = min(1.0, float(composed.get_delta(float(e))))
-    best = min(best, math.exp(e) * fpr + d, 1.0 - math.exp(-e) * (1.0 - d - fpr))
-  return float(max(best, fpr))
+
+  def bounds(e: float) -> Tuple[float, float]:
+    d = min(1.0, float(composed.get_delta(max(float(e), 0.0))))
+    return math.exp(e) * fpr + d, 1.0 - math.exp(-e) * (1.0 - d - fpr)
+
+  at = np.array([bounds(e) for e in grid])  # [len(grid), 2]
+  best = float(at.min())
+  step = float(np.max(np.diff(grid))) if len(grid) > 1 else 1.0
+  for k in range(2):
+    e0 = float(grid[int(np.argmin(at[:, k]))])
+    r = optimize.minimize_scalar(
+      lambda e, k=k: bounds(e)[k],
+      bounds=(max(0.0, e0 - step), e0 + step),
+      method="bounded",
+      options={"xatol": 1e-4},
+    )
+    best = min(best, float(r.fun))
+  return float(min(1.0, max(best, fpr)))
