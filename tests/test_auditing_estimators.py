@@ -132,3 +132,22 @@ def test_bad_input_is_refused_with_one_line(call, message):
     match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
   ):
     call()
+
+
+def test_the_same_bounds_as_jax_privacys_canary_score_auditor():
+  # An independent implementation of the same theorems (optional: jax_privacy installed).
+  auditing = pytest.importorskip("jax_privacy.auditing")
+  rng = np.random.default_rng(7)
+  m = 3000
+  included = rng.random(m) < 0.5
+  scores = rng.normal(size=m) + 1.5 * included
+  inn, out = scores[included], scores[~included]
+  for k in (100, 400):
+    t = float(np.sort(scores)[::-1][k - 1])  # the k highest scores are guessed "in"
+    ref = auditing.CanaryScoreAuditor(inn, out)
+    explicit = auditing.Explicit(t)
+    one_run = ref.epsilon_one_run(0.05, 1e-5, threshold_strategy=explicit)
+    ours = est.one_run_epsilon(scores, included, 1e-5, confidence=0.95, guesses=[k], one_sided=True)
+    assert ours.epsilon == pytest.approx(one_run, abs=1e-5)
+    cp = ref.epsilon_clopper_pearson(0.05, 1e-5, one_sided=True, threshold_strategy=explicit)
+    assert est.threshold_epsilon(inn, out, 1e-5, threshold=t).epsilon == pytest.approx(cp, abs=1e-9)

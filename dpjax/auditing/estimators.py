@@ -162,6 +162,7 @@ def threshold_epsilon(
   thresholds: int = 64,
   split_fraction: float = 0.5,
   seed: Optional[int] = 0,
+  threshold: Optional[float] = None,
 ) -> EpsilonBound:
   """Epsilon lower bound of the best threshold test, with Clopper-Pearson intervals.
 
@@ -170,7 +171,9 @@ def threshold_epsilon(
   interval ends holding with the confidence asked for. "bonferroni" tries
   `thresholds` candidates on all scores and splits the failure probability
   over every interval used; "split" picks the threshold and direction on a
-  `split_fraction` of the scores and evaluates it on the rest.
+  `split_fraction` of the scores and evaluates it on the rest. A given
+  `threshold` (chosen without looking at these scores) is evaluated alone,
+  in the "score >= threshold is in" direction.
 
   Args:
     in_scores: scores of the canaries that were in.
@@ -181,6 +184,7 @@ def threshold_epsilon(
     thresholds: the number of candidate thresholds.
     split_fraction: the share of scores used to choose (with "split").
     seed: the seed of the split (with "split").
+    threshold: a fixed threshold instead of a search (`strategy` is then unused).
 
   Returns:
     An `EpsilonBound` (method "threshold"; epsilon 0 when no test shows anything).
@@ -191,7 +195,12 @@ def threshold_epsilon(
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   alpha = 1.0 - confidence
-  if strategy == "bonferroni":
+  if threshold is not None:
+    ts = np.array([float(threshold)])
+    eps, tp, fp = _threshold_bounds(inn, out, ts, delta, alpha / 2)
+    d, j, n_in, n_out = 0, 0, len(inn), len(out)
+    strategy = "explicit"
+  elif strategy == "bonferroni":
     ts = _candidates(inn, out, thresholds)
     per = alpha / (4 * len(ts))  # four one-sided intervals per threshold
     eps, tp, fp = _threshold_bounds(inn, out, ts, delta, per)
@@ -246,12 +255,14 @@ def one_run_epsilon(
   *,
   confidence: float = 0.95,
   guesses: Optional[Sequence[int]] = None,
+  one_sided: bool = False,
 ) -> EpsilonBound:
   """Epsilon lower bound of the one-run audit (arXiv 2305.08846, Theorem 5.2).
 
   Each of the m canaries must have been included in the run independently
   with probability 1/2 (`included`). For a number of guesses k, the attacker
-  guesses "in" for the k/2 highest scores and "out" for the k/2 lowest; W
+  guesses "in" for the k/2 highest scores and "out" for the k/2 lowest
+  (`one_sided`: "in" for the k highest, no "out" guesses); W
   correct guesses reject (eps, delta)-DP when Theorem 5.2's bound on
   P(W >= observed) is below 1 - confidence. The bound is the largest eps so
   rejected, maximised over `guesses` with a Bonferroni correction.
@@ -262,6 +273,7 @@ def one_run_epsilon(
     delta: the delta of the bound (per canary).
     confidence: the probability that the bound holds.
     guesses: the numbers of guesses tried (default: m/50, m/20, m/10, m/4, m/2, m).
+    one_sided: guess only "in".
 
   Returns:
     An `EpsilonBound` (method "one_run").
@@ -286,7 +298,7 @@ def one_run_epsilon(
   order = np.argsort(-s, kind="stable")
   best = (0.0, None, None)
   for k in guesses:
-    k_in, k_out = (int(k) + 1) // 2, int(k) // 2
+    k_in, k_out = (int(k), 0) if one_sided else ((int(k) + 1) // 2, int(k) // 2)
     correct = int(np.sum(inc[order[:k_in]])) + (
       int(np.sum(~inc[order[m - k_out :]])) if k_out else 0
     )
