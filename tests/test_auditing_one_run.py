@@ -89,6 +89,18 @@ def test_dpjax_audit_writes_a_bound_below_the_claim(tmp_path, capsys):
   assert t["fpr"] <= t["max_tpr_claimed"] <= 1.0
 
 
+def test_an_audit_does_not_resume_a_run_trained_without_its_canaries(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  cfg = load_config(os.path.join(CONFIGS, "synthetic.py"))
+  with pytest.raises(ValueError, match="holds a run trained without canaries"):
+    one_run.audit_run(cfg, _synthetic_task(), str(tmp_path), canaries=10)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / one_run.CANARY_FILE).write_text(json.dumps({"canaries": 10, "seed": 1}))
+  with pytest.raises(ValueError, match="audits other canaries"):
+    one_run.audit_run(cfg, _synthetic_task(), str(other), canaries=10, seed=0)
+
+
 def test_dpjax_audit_refuses_bad_arguments_before_any_compute(capsys):
   assert cli.main(["audit", os.path.join(CONFIGS, "synthetic.py"), "--canaries", "1"]) == 2
   assert "--canaries must be >= 2, got 1" in capsys.readouterr().err

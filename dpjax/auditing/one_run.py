@@ -31,6 +31,7 @@ from dpjax.training import spec as spec_lib
 from dpjax.training.rundir import strict_json, write_json_atomic
 
 AUDIT_FILE = "audit.json"
+CANARY_FILE = "audit_canaries.json"  # which canaries a run directory was trained with
 LOW_FPR = 0.05  # where the empirical and the claimed TPR are compared
 
 
@@ -138,6 +139,28 @@ def _tpr_at(scores: np.ndarray, included: np.ndarray, fpr: float) -> Optional[fl
   return float(np.mean(scores[included] > t))
 
 
+def _claim_workdir(workdir: str, canaries: Dict[str, int]) -> None:
+  """Marks `workdir` as an audit of these canaries; refuses a run directory of anything else.
+
+  A checkpoint in `workdir` is resumed only when it was written by an audit
+  with the same canaries (same count and seed): resuming a run trained
+  without them, or with others, would mix two datasets in one ledger.
+  """
+  path = os.path.join(workdir, CANARY_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      had = json.load(f)
+    if had != canaries:
+      raise ValueError(
+        f"{workdir} audits other canaries ({had}), not {canaries}: use a new workdir"
+      )
+    return
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"{workdir} holds a run trained without canaries: use a new workdir")
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(path, canaries)
+
+
 def audit_run(
   cfg,
   task: loop.Task,
@@ -166,6 +189,8 @@ def audit_run(
   if not spec.private:
     raise ValueError("private=False: the run claims no epsilon, there is nothing to audit")
   cs = make_canaries(task, canaries, seed)
+  if workdir:
+    _claim_workdir(workdir, {"canaries": int(canaries), "seed": int(seed)})
   run = loop.train(cfg, with_canaries(task, cs), workdir, progress=progress)
   scores = canary_scores(task, run.params, cs)
   claim = run.privacy
