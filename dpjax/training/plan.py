@@ -403,6 +403,7 @@ def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
     has_aux=True,
     microbatch_size=spec.microbatch_size,
     method=spec.clipping_method,
+    automatic=spec.automatic_clipping,
     **clip,
   )
 

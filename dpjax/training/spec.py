@@ -140,6 +140,17 @@ KEYS: Tuple[Key, ...] = (
     privacy=True,
   ),
   Key(
+    "automatic_clipping",
+    None,
+    _NUM,
+    "automatic clipping's stability gamma: each unit's gradient becomes "
+    "C g / (||g|| + gamma) instead of clipped (arXiv 2206.07136; None: clip)",
+    optional=True,
+    check=_pos[0],
+    allowed=_pos[1],
+    privacy=True,
+  ),
+  Key(
     "l1_clip_norm",
     None,
     _NUM,

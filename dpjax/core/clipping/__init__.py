@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp  # noqa: F401  (used by the doctest)
 
-from dpjax.core.checks import check_clip_norms
+from dpjax.core.checks import check_clip_norms, check_positive
 from dpjax.core.clipping.base import (
   ADD_REMOVE,
   REPLACE_ONE,
@@ -50,6 +50,7 @@ def clipped_grad(
   microbatch_size: Optional[int] = None,
   nan_safe: bool = True,
   method: str = "vmap",
+  automatic: Optional[float] = None,
 ) -> ClippedGradFn:
   """Like `jax.grad`, but returns the sum of per-unit clipped gradients.
 
@@ -86,6 +87,11 @@ def clipped_grad(
       (ghost norms + book-keeping for linen `nn.Dense`/`nn.Embed` layers in one
       backward pass, vmap for every other parameter; L2 only; `dpjax.core.clipping.ghost`).
       Both return the same sum up to float rounding.
+    automatic: automatic clipping (Bu et al. 2022, arXiv 2206.07136) with
+      stability gamma > 0: each unit's gradient g (each group's, per-layer)
+      becomes C g / (||g|| + gamma) instead of being clipped, so every unit
+      is normalised and no clip norm needs tuning (C only scales the sum; set
+      it to 1 and tune the learning rate). None (the default) clips.
 
   Returns:
     A `ClippedGradFn`: `grad_fn(params, batch, *args, mask=None)` returns
@@ -94,7 +100,8 @@ def clipped_grad(
 
   Formal guarantees:
     Each unit contributes a vector of norm <= C (flat) or <= C_k on each group
-    k (per-layer); units with mask 0 or a non-finite value contribute exactly
+    k (per-layer); with `automatic`, of norm C ||g|| / (||g|| + gamma) < C;
+    units with mask 0 or a non-finite value contribute exactly
     zero, and no unit's contribution depends on another unit. So under the
     add/remove-one-unit relation the sum moves by at most `sensitivity()`
     (= C, or ||(C_k)_k||), and under replace-one by twice that. This holds
@@ -125,6 +132,9 @@ def clipped_grad(
       )
     if keep_batch_dim:
       raise ValueError("keep_batch_dim does not apply to a group_mean loss (its unit is [G, ...])")
+  if automatic is not None:
+    check_positive(automatic, "automatic (the stability gamma)")
+    automatic = float(automatic)
   if method not in ("vmap", "ghost"):
     raise ValueError(f"method must be 'vmap' or 'ghost', got {method!r}")
   cls = ClippedGradFn
@@ -140,4 +150,5 @@ def clipped_grad(
     keep_batch_dim=keep_batch_dim,
     microbatch_size=microbatch_size,
     nan_safe=nan_safe,
+    automatic=automatic,
   )

@@ -156,10 +156,20 @@ class ClippedGradFn:
   method = "vmap"
 
   def __init__(
-    self, loss_fn, *, clip_norm, norm_ord, has_aux, keep_batch_dim, microbatch_size, nan_safe
+    self,
+    loss_fn,
+    *,
+    clip_norm,
+    norm_ord,
+    has_aux,
+    keep_batch_dim,
+    microbatch_size,
+    nan_safe,
+    automatic=None,
   ):
     self._loss_fn = loss_fn
     self.clip_norm = clip_norm
+    self.automatic = automatic  # gamma of automatic clipping, or None to clip
     self.norm_ord = norm_ord
     self.has_aux = has_aux
     self.keep_batch_dim = keep_batch_dim
@@ -235,11 +245,11 @@ class ClippedGradFn:
       finite = jnp.isfinite(loss.astype(jnp.float32)) & jnp.isfinite(total)
       dropped = keep & ~finite
       keep = keep & finite
-    factors = jax.tree.map(
-      lambda c, n: jnp.where(keep, jnp.minimum(1.0, c / jnp.maximum(n, 1e-30)), 0.0),
-      self.clip_norm,
-      norms,
-    )
+    if self.automatic is None:  # clip: C g / max(||g||, C)
+      factor = lambda c, n: jnp.minimum(1.0, c / jnp.maximum(n, 1e-30))
+    else:  # automatic clipping (arXiv 2206.07136): C g / (||g|| + gamma), norm < C
+      factor = lambda c, n: c / (n + self.automatic)
+    factors = jax.tree.map(lambda c, n: jnp.where(keep, factor(c, n), 0.0), self.clip_norm, norms)
     return keep, dropped, factors
 
   def unit_aux(self, loss, norms, mask, keep, dropped, loss_aux) -> ClippedGradAux:
