@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from dpjax.core.accounting.ledger import Ledger
 from dpjax.core.clipping import GroupUnits
 from dpjax.core.sampling import eval_batches
-from dpjax.methods import flatness
+from dpjax.methods import dp_adam, flatness
 from dpjax.training import rundir
 from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
@@ -91,6 +91,7 @@ def make_optimizer(
   warmup_steps: int = 0,
   total_steps: int = 0,
   learning_rates: dict | None = None,
+  noise_variance: float = 0.0,
 ) -> optax.GradientTransformation:
   """The optax optimizer of a config's `optimizer` / `learning_rate` keys.
 
@@ -99,12 +100,15 @@ def make_optimizer(
   `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`.
 
   Args:
-    name: "adamw", "adam" or "sgd" (momentum 0.9).
+    name: "adamw", "adam", "adam_bc" (DP-AdamBC, `dpjax.methods.dp_adam`) or
+      "sgd" (momentum 0.9).
     learning_rate: the peak learning rate.
     weight_decay: AdamW's decoupled weight decay.
     warmup_steps: warm-up steps of a warm-up + cosine schedule (0: constant).
     total_steps: the run's steps (the cosine ends there at 0.1 x the peak).
     learning_rates: {parameter-name prefix: learning rate}, or None.
+    noise_variance: the per-coordinate noise variance of the updates
+      (`PrivacyPlan.noise_variance`), which "adam_bc" removes.
 
   Returns:
     The optax optimizer.
@@ -117,10 +121,16 @@ def make_optimizer(
           f"learning_rates needs non-empty name prefixes and positive rates, got {k!r}: {v}"
         )
     # label "" = the default group (an empty prefix is refused above, so it cannot collide)
-    txs = {"": make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)}
+    txs = {
+      "": make_optimizer(
+        name, learning_rate, weight_decay, warmup_steps, total_steps, noise_variance=noise_variance
+      )
+    }
     txs.update(
       {
-        k: make_optimizer(name, v, weight_decay, warmup_steps, total_steps)
+        k: make_optimizer(
+          name, v, weight_decay, warmup_steps, total_steps, noise_variance=noise_variance
+        )
         for k, v in rates.items()
       }
     )
@@ -148,7 +158,9 @@ def make_optimizer(
     return optax.adam(lr)
   if name == "sgd":
     return optax.sgd(lr, momentum=0.9)
-  raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {name!r}")
+  if name == "adam_bc":
+    return dp_adam.dp_adam_bc(lr, noise_variance)
+  raise ValueError(f"optimizer must be 'adamw', 'adam', 'adam_bc' or 'sgd', got {name!r}")
 
 
 def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
@@ -517,6 +529,7 @@ def _run(
     spec.warmup_steps,
     spec.steps,
     spec.learning_rates,
+    noise_variance=plan.noise_variance(),
   )
   tx = plan.transform(optimizer)
 

@@ -31,7 +31,7 @@ import optax
 from dpjax.core import accounting
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
 from dpjax.core.accounting.ledger import Ledger, Segment, canonical
-from dpjax.core.accounting.lmo import LMOParams
+from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
 from dpjax.core.mechanisms import gaussian, laplace, lmo, normalize
@@ -277,6 +277,26 @@ class PrivacyPlan:
       "assumes": guarantee_note(self.noise_seed_secret) if self.private else None,
       "ledger": self.ledger_at(step).to_json(),
     }
+
+  def noise_variance(self) -> float:
+    """Per-coordinate variance of the noise in the normalised update (0 when not private).
+
+    What DP-AdamBC subtracts from its second moment: (sigma C / B)^2 for
+    Gaussian noise, 2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO, with B
+    the expected batch size the sum is divided by. Public: a function of the
+    plan's noise and sampling only.
+
+    Returns:
+      The variance.
+    """
+    if not self.private:
+      return 0.0
+    sens, batch = self.grad_fn.sensitivity(), self.expected_batch_size
+    if self.mechanism == "gaussian":
+      return float((self.noise_multiplier * sens / batch) ** 2)
+    if self.mechanism == "laplace":
+      return float(2.0 * (self.noise_multiplier * sens / batch) ** 2)
+    return float(noise_magnitude(self.lmo, sens, "var") / batch**2)
 
   def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
     """The privatiser alone, on the clipped sum.

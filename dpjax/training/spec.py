@@ -213,7 +213,13 @@ KEYS: Tuple[Key, ...] = (
     allowed=_ge1[1],
     run_control=True,
   ),
-  Key("optimizer", "adam", _STR, "adam | adamw | sgd", choices=("adam", "adamw", "sgd")),
+  Key(
+    "optimizer",
+    "adam",
+    _STR,
+    "adam | adamw | adam_bc (DP-AdamBC: the noise variance removed from Adam's 2nd moment) | sgd",
+    choices=("adam", "adamw", "adam_bc", "sgd"),
+  ),
   Key("learning_rate", 1e-3, _NUM, "learning rate", check=_pos[0], allowed=_pos[1]),
   Key(
     "learning_rates",
