@@ -307,3 +307,53 @@ def test_gguf_loads_tiny_llama(tmp_path, qtype, atol):
 def test_gguf_missing_file_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="GGUF file not found"):
     load_gguf(str(tmp_path / "none.gguf"))
+
+
+def _randomise(model, seed=0):
+  """Every parameter random, biases and norm weights included (inits zero or one them)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(0.2 * torch.randn(p.shape, generator=g))
+  return model
+
+
+def test_qwen2_loads_its_qkv_biases_and_matches_pytorch(tmp_path):
+  cfg = transformers.Qwen2Config(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  ref = _randomise(transformers.Qwen2ForCausalLM(cfg).eval())
+  ref.save_pretrained(tmp_path)
+  dcfg, params = load_decoder(str(tmp_path))
+  assert dcfg.bias and not dcfg.o_bias
+  assert "bias" in params["layer_0"]["attn"]["q"] and "bias" not in params["layer_0"]["attn"]["o"]
+  ids = _ids((2, 9))
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  logits, _ = Decoder(dcfg).apply({"params": params}, ids)
+  assert np.max(np.abs(np.asarray(logits) - out)) < 1e-4
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
+  import dataclasses
+
+  from dpjax.models import hf
+
+  ref = _tiny("llama")
+  ref.save_pretrained(tmp_path)
+  cfg, params = load_decoder(str(tmp_path))
+  # The same tensors against a model with q/k/v/o biases: the biases are missing.
+  biased = dataclasses.replace(cfg, attention_bias=True)
+  expected = jax.eval_shape(lambda: hf.init_params(biased, jax.random.PRNGKey(0)))
+  with pytest.raises(ValueError, match="does not fit the model: unused tensors \\[\\], missing"):
+    hf.check_tree(params, expected, str(tmp_path))

@@ -48,7 +48,8 @@ class DecoderConfig:
   rope_theta: float = 10000.0
   hidden_act: Optional[str] = None  # None: family default (silu / gelu_new)
   tie_embeddings: bool = False
-  attention_bias: Optional[bool] = None  # None: family default
+  attention_bias: Optional[bool] = None  # q/k/v (and o) biases; None: family default
+  output_bias: Optional[bool] = None  # the o projection's; None: as attention_bias (Qwen2: False)
   pad_token_id: int = 0
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int] = None
@@ -83,6 +84,10 @@ class DecoderConfig:
     if self.attention_bias is not None:
       return self.attention_bias
     return self.family == "gpt2"
+
+  @property
+  def o_bias(self) -> bool:
+    return self.bias if self.output_bias is None else self.output_bias
 
 
 class Cache(NamedTuple):
@@ -166,7 +171,7 @@ class Attention(nn.Module):
     """
     c = self.cfg
     H, KVH, hd = c.num_heads, c.kv_heads, c.dim_per_head
-    dense = lambda n, f: nn.Dense(f, use_bias=c.bias, dtype=c.dtype, name=n)
+    dense = lambda n, f, bias=c.bias: nn.Dense(f, use_bias=bias, dtype=c.dtype, name=n)
     B, T, _ = h.shape
     q = dense("q", H * hd)(h).reshape(B, T, H, hd)
     k = dense("k", KVH * hd)(h).reshape(B, T, KVH, hd)
@@ -192,7 +197,7 @@ class Attention(nn.Module):
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
-    return dense("o", c.hidden_size)(out), new_kv
+    return dense("o", c.hidden_size, c.o_bias)(out), new_kv
 
 
 class MLP(nn.Module):

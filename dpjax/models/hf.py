@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models.decoder import DecoderConfig
+from dpjax.models.decoder import DecoderConfig, init_params
 from dpjax.models.encoder import EncoderConfig
 
 _T = lambda w: w.T
@@ -271,6 +271,9 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
   if hf.model_type in ("llama", "mistral", "qwen2"):
+    qwen2 = hf.model_type == "qwen2"
+    if qwen2 and getattr(hf, "use_sliding_window", False):
+      raise ValueError(f"{path}: Qwen2 use_sliding_window=True is not implemented")
     rp = getattr(hf, "rope_parameters", None) or {}
     rope_type = rp.get("rope_type", "default")
     if rope_type != "default":
@@ -290,7 +293,9 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       rope_theta=float(theta),
       hidden_act=hf.hidden_act,
       tie_embeddings=bool(hf.tie_word_embeddings),
-      attention_bias=bool(getattr(hf, "attention_bias", False)),
+      # Qwen2 always has q/k/v biases and no o bias (its config has no attention_bias).
+      attention_bias=True if qwen2 else bool(getattr(hf, "attention_bias", False)),
+      output_bias=False if qwen2 else None,
       pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
       bos_token_id=_first_id(hf.bos_token_id),
       eos_token_id=_first_id(hf.eos_token_id),
@@ -356,7 +361,35 @@ def load_decoder(path: str, *, dtype: str = "float32"):
           "kernel": jnp.asarray(w[:, j * D : (j + 1) * D]),
           "bias": jnp.asarray(b[j * D : (j + 1) * D]),
         }
+  check_tree(params, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), path)
   return cfg, _cast(params, dtype)
+
+
+def check_tree(loaded, expected, source: str) -> None:
+  """Refuses a converted checkpoint whose tree is not the model's, naming what differs.
+
+  linen ignores parameters its modules do not use, so a tensor loaded into a
+  path the model does not have (e.g. a bias the config turned off) would be
+  dropped silently; a missing one would fail later and less clearly.
+
+  Args:
+    loaded: the converted parameter tree.
+    expected: the model's parameter tree (arrays or shape structs).
+    source: the checkpoint, for the message.
+  """
+  flat = lambda t: {
+    jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(t)
+  }
+  got, want = flat(loaded), flat(expected)
+  extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+  shapes = [
+    f"{k}: {got[k]} vs {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]
+  ]
+  if extra or missing or shapes:
+    raise ValueError(
+      f"{source}: the checkpoint does not fit the model: "
+      f"unused tensors {extra[:6]}, missing {missing[:6]}, shapes differ {shapes[:6]}"
+    )
 
 
 def _cast(params, dtype: str):
@@ -485,6 +518,7 @@ def load_gguf(path: str, *, dtype: str = "float32"):
       w = llama_cpp_unpermute(w, n_kv)
     weights[t.name] = w
   params = convert(weights, _GGUF_RULES, _GGUF_SKIP)
+  check_tree(params, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), path)
   return cfg, _cast(params, dtype)
 
 
