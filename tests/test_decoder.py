@@ -25,8 +25,12 @@ V = 101
 
 def _tiny(family, tie=False):
   torch.manual_seed(0)
-  if family == "llama":
-    cfg = transformers.LlamaConfig(
+  if family in ("llama", "qwen2"):
+    config, model = {
+      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    cfg = config(
       vocab_size=V,
       hidden_size=48,
       intermediate_size=64,
@@ -40,7 +44,7 @@ def _tiny(family, tie=False):
       bos_token_id=1,
       eos_token_id=2,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model(cfg).eval()
   cfg = transformers.GPT2Config(
     vocab_size=V,
     n_embd=48,
@@ -319,20 +323,7 @@ def _randomise(model, seed=0):
 
 
 def test_qwen2_loads_its_qkv_biases_and_matches_pytorch(tmp_path):
-  cfg = transformers.Qwen2Config(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  ref = _randomise(transformers.Qwen2ForCausalLM(cfg).eval())
+  ref = _randomise(_tiny("qwen2"))
   ref.save_pretrained(tmp_path)
   dcfg, params = load_decoder(str(tmp_path))
   assert dcfg.bias and not dcfg.o_bias
