@@ -182,3 +182,34 @@ def test_secret_streams_differ():
   assert not np.array_equal(*keys)
   assert Secret.from_json(json.loads(json.dumps(s.to_json()))) == s
   assert s.sampling_seed() != Secret.fresh().sampling_seed()
+
+
+def test_bandmf_run_is_accounted_as_dpsgd_over_its_rounds(tmp_path):
+  # 600 examples in 3 groups, 60 expected per step: rate 0.3 within a group;
+  # 6 steps are 2 rounds, each unit in at most 2 of them.
+  res = run(cfg_of(mf_bands=3, noise_multiplier=1.0), tmp_path / "w")
+  want = reference_epsilon([(1.0, 0.3, 2)])
+  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
+  record = json.load(open(tmp_path / "w" / "privacy.json"))
+  (seg,) = record["ledger"]
+  assert (seg["bands"], seg["steps"], seg["sampling_rate"]) == (3, 6, 0.3)
+  assert seg["origin"]["mf_strategy"] == "optimal"
+  with pytest.raises(ResumeRefused, match="BandMF run"):
+    run(
+      cfg_of(mf_bands=2, noise_multiplier=1.0, steps=12), tmp_path / "w", allow_privacy_change=True
+    )
+
+
+def test_bandmf_target_is_met_and_bad_settings_are_refused():
+  res = run(cfg_of(mf_bands=3, noise_multiplier=None, target_epsilon=2.0))
+  eps = res.final_metrics["epsilon"]
+  assert eps == pytest.approx(2.0, rel=0.02) and eps <= 2.0
+  assert eps == pytest.approx(reference_epsilon([(res.noise_multiplier, 0.3, 2)]), rel=1e-6)
+  from dpjax.training.spec import SpecError
+
+  with pytest.raises(SpecError, match="mf_bands=3 needs mechanism 'gaussian'"):
+    run(cfg_of(mf_bands=3, mechanism="laplace", l1_clip_norm=1.0))
+  with pytest.raises(SpecError, match="lower batch_size to at most 200"):
+    run(cfg_of(mf_bands=3, batch_size=300))
+  with pytest.raises(SpecError, match="adam_bc"):
+    run(cfg_of(mf_bands=3, optimizer="adam_bc"))

@@ -7,7 +7,8 @@ per `update`. Chain it before `normalize` and the optimizer:
     tx = optax.chain(gaussian(0.8, 1.0, key), normalize(1024), optax.adam(1e-3))
 
 The Gaussian mechanism is the one of DP-SGD (arXiv 1607.00133); the Laplace
-mechanism is the L1 analogue.
+mechanism is the L1 analogue; `banded_gaussian` correlates the Gaussian
+noise across steps (BandMF, arXiv 2306.08153).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import optax
 
 from dpjax.core.accounting.lmo import LMOParams
 from dpjax.core.checks import check_positive
+from dpjax.core.matrix_factorization import check_coefficients
 
 PyTree = Any
 
@@ -197,6 +199,78 @@ def gaussian(
   check_positive(l2_sensitivity, "l2_sensitivity")
   std = float(noise_multiplier) * float(l2_sensitivity)
   return _noise_transform(_iid(standard_normal, std), key)
+
+
+class BandedNoiseState(NamedTuple):
+  """State of `banded_gaussian`: the key, the step count and the last b - 1 noise vectors."""
+
+  key: chex.PRNGKey
+  count: chex.Array  # int32 scalar
+  history: PyTree  # per leaf [b - 1, *leaf.shape] float32, newest first
+
+
+def banded_gaussian(
+  noise_multiplier: float, l2_sensitivity: float, key: chex.PRNGKey, coefs
+) -> optax.GradientTransformation:
+  """Correlated Gaussian noise of a b-banded Toeplitz matrix factorisation (BandMF).
+
+  Step t adds w_t with sum_j c_j w_{t-j} = z_t, z_t ~ N(0, (sigma C)^2 I)
+  drawn exactly as `gaussian` draws its noise (same key, same z), i.e. the
+  noise is C^-1 z (`dpjax.core.matrix_factorization`). The state keeps the
+  last b - 1 w's: (b - 1) x params of float32 memory. One band is
+  `gaussian` itself (the same transform, no history).
+
+  Example:
+    >>> tx = banded_gaussian(1.0, 1.0, jax.random.key(0), coefs=[0.8, 0.6])
+    >>> state = tx.init(jnp.zeros(3))
+    >>> noisy, state = tx.update(jnp.zeros(3), state)
+
+  Args:
+    noise_multiplier: sigma, in units of the sensitivity of one participation.
+    l2_sensitivity: the L2 sensitivity of the incoming sum under add/remove
+      (`grad_fn.sensitivity()`).
+    key: the PRNG key, split on every update as in `gaussian`.
+    coefs: the strategy's bands c_0..c_{b-1} (scaled here to unit norm, the
+      largest column norm of C).
+
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + w_t, state).
+
+  Formal guarantees:
+    The released sequence is a post-processing of C x + z with C's columns of
+    norm <= 1. If every unit takes part only in steps at least b apart
+    (`dpjax.core.sampling.CyclicPoissonSampler` with b groups), n steps are as
+    private as ceil(n / b) steps of DP-SGD at the same sigma and sampling rate
+    within a group (`dpjax.core.accounting.events.bandmf_event`, arXiv
+    2306.08153); add/remove of one unit.
+  """
+  c = check_coefficients(coefs)
+  if len(c) == 1:
+    return gaussian(noise_multiplier, l2_sensitivity, key)
+  check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
+  check_positive(l2_sensitivity, "l2_sensitivity")
+  draw = _iid(standard_normal, float(noise_multiplier) * float(l2_sensitivity))
+  head, tail = float(c[0]), jnp.asarray(c[1:], jnp.float32)  # tail: [b - 1]
+
+  def init_fn(params):
+    history = jax.tree.map(lambda p: jnp.zeros((len(c) - 1,) + jnp.shape(p), jnp.float32), params)
+    return BandedNoiseState(jnp.asarray(key), jnp.zeros([], jnp.int32), history)
+
+  def update_fn(updates, state, params=None):
+    del params
+    next_key, step_key = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(updates)
+    past = treedef.flatten_up_to(state.history)
+    out, history = [], []
+    for leaf, z, h in zip(leaves, draw(step_key, leaves), past):
+      w = (z - jnp.tensordot(tail, h, axes=1)) / head
+      out.append((leaf.astype(jnp.float32) + w).astype(leaf.dtype))
+      history.append(jnp.concatenate([w[None], h[:-1]]))
+    return jax.tree.unflatten(treedef, out), BandedNoiseState(
+      next_key, state.count + 1, jax.tree.unflatten(treedef, history)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def laplace(

@@ -118,6 +118,52 @@ class PoissonSampler:
     return pad_to_physical(self.sample_indices(step, draw), self.physical_batch_size)
 
 
+class CyclicPoissonSampler(PoissonSampler):
+  """Cyclic Poisson sampling: units in b fixed groups, step t samples group t mod b at rate q.
+
+  The groups are a uniformly random balanced partition (sizes floor or
+  ceil of N / b) drawn once from the seed; the expected batch is q N / b.
+
+  Formal guarantees:
+    A unit takes part only in steps congruent to its group mod b (so at
+    least b apart, and in at most ceil(steps / b) of them), each time
+    independently with probability q: the b-min-separated Poisson sampling
+    of amplified BandMF (`dpjax.core.accounting.events.bandmf_event`, arXiv
+    2306.08153). No sampled unit is dropped. b = 1 is Poisson sampling.
+  """
+
+  STREAM = 5
+
+  def __init__(
+    self, num_units: int, sampling_rate: float, physical_batch_size: int, seed: int, bands: int
+  ):
+    super().__init__(num_units, sampling_rate, physical_batch_size, seed)
+    if isinstance(bands, bool) or int(bands) != bands or not 1 <= bands <= num_units:
+      raise ValueError(f"bands must be an integer in [1, num_units={num_units}], got {bands!r}")
+    self.bands = int(bands)
+    perm = _rng(self.seed, 0, self.STREAM).permutation(self.num_units)
+    self.groups = [np.sort(perm[g :: self.bands]) for g in range(self.bands)]
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self.num_units * self.sampling_rate / self.bands
+
+  def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
+    """The sorted unit indices of group `step mod b` included at `step`.
+
+    Args:
+      step: the logical step.
+      draw: the draw (0 for training).
+
+    Returns:
+      The sorted indices of the units sampled.
+    """
+    group = self.groups[step % self.bands]
+    rng = _rng(self.seed, step, self.STREAM, draw + 1)
+    count = rng.binomial(len(group), self.sampling_rate)
+    return np.sort(rng.choice(group, size=count, replace=False))
+
+
 class ShuffledSampler:
   """Fixed-size batches from a fresh permutation each epoch (no privacy claim).
 

@@ -34,8 +34,10 @@ from dpjax.core.accounting.ledger import Ledger, Segment, canonical
 from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
-from dpjax.core.mechanisms import gaussian, laplace, lmo, normalize
+from dpjax.core.matrix_factorization import inverse_coefficients, strategy
+from dpjax.core.mechanisms import banded_gaussian, gaussian, laplace, lmo, normalize
 from dpjax.core.sampling import (
+  CyclicPoissonSampler,
   ELSSampler,
   PoissonSampler,
   ShuffledSampler,
@@ -160,6 +162,8 @@ class PrivacyPlan:
   secret: Secret
   prior: Ledger = Ledger()
   origin: Optional[Dict[str, Any]] = None  # the spec values that chose the noise
+  bands: int = 1  # BandMF's b (1: independent noise)
+  mf_coefs: Optional[tuple] = None  # the b-banded strategy's c_0..c_{b-1}
 
   @property
   def per_user(self) -> bool:
@@ -206,6 +210,7 @@ class PrivacyPlan:
       self.lmo.as_dict() if self.lmo is not None else None,
       int(self.num_units),
       self.origin,
+      int(self.bands),
     )
 
   def ledger_at(self, step: int) -> Ledger:
@@ -282,9 +287,10 @@ class PrivacyPlan:
     """Per-coordinate variance of the noise in the normalised update (0 when not private).
 
     What DP-AdamBC subtracts from its second moment: (sigma C / B)^2 for
-    Gaussian noise, 2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO, with B
-    the expected batch size the sum is divided by. Public: a function of the
-    plan's noise and sampling only.
+    Gaussian noise (times sum_k d_k^2 of C^-1 for BandMF: its last step's),
+    2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO, with B the expected
+    batch size the sum is divided by. Public: a function of the plan's noise
+    and sampling only.
 
     Returns:
       The variance.
@@ -292,6 +298,9 @@ class PrivacyPlan:
     if not self.private:
       return 0.0
     sens, batch = self.grad_fn.sensitivity(), self.expected_batch_size
+    if self.mechanism == "gaussian" and self.bands > 1:  # the largest, at the last step
+      gain = float(np.sum(inverse_coefficients(self.mf_coefs, self.steps) ** 2))
+      return float(gain * (self.noise_multiplier * sens / batch) ** 2)
     if self.mechanism == "gaussian":
       return float((self.noise_multiplier * sens / batch) ** 2)
     if self.mechanism == "laplace":
@@ -305,9 +314,12 @@ class PrivacyPlan:
       key: the noise key.
 
     Returns:
-      The Gaussian, Laplace or LMO transform at the plan's noise and sensitivity.
+      The Gaussian (BandMF-correlated with bands > 1), Laplace or LMO transform at the
+      plan's noise and sensitivity.
     """
     sens = self.grad_fn.sensitivity()
+    if self.mechanism == "gaussian" and self.bands > 1:
+      return banded_gaussian(self.noise_multiplier, sens, key, self.mf_coefs)
     if self.mechanism == "gaussian":
       return gaussian(self.noise_multiplier, sens, key)
     if self.mechanism == "laplace":
@@ -344,9 +356,21 @@ def _unit_sampler(spec, task, seed: int):
       raise SpecError(f"batch_size={batch} exceeds the {n} training examples")
     return unit, None, 1, ShuffledSampler(n, batch, spec.seed), None, float(batch), n
   if unit == "example":
-    q = spec.sampling_rate or spec.batch_size / n
+    bands = spec.mf_bands
+    if bands > n:
+      raise SpecError(f"mf_bands={bands} exceeds the {n} training examples (one group each)")
+    # With b groups sampled in turn, q is the rate within a group: batch_size b / N.
+    q = spec.sampling_rate or spec.batch_size * bands / n
+    if bands > 1 and not spec.sampling_rate and q > 1:
+      raise SpecError(
+        f"batch_size={spec.batch_size:g} with mf_bands={bands} over {n} examples samples each "
+        f"group of ~{n // bands} at rate {q:.4g} > 1: lower batch_size to at most {n // bands}"
+      )
     _check_q(q, spec, n, "examples")
-    sampler = PoissonSampler(n, q, spec.physical_batch_size, seed)
+    if bands > 1:
+      sampler = CyclicPoissonSampler(n, q, spec.physical_batch_size, seed, bands)
+    else:
+      sampler = PoissonSampler(n, q, spec.physical_batch_size, seed)
     return unit, None, 1, sampler, q, sampler.expected_batch_size, n
   if task.user_ids is None:
     raise SpecError(f"privacy_unit='user' needs a task with user_ids; task {task.name!r} has none")
@@ -495,6 +519,12 @@ def make_plan(
     sam=sam,
     secret=secret,
     prior=prior,
+    bands=int(spec.mf_bands) if spec.private else 1,
+    mf_coefs=(
+      tuple(strategy(spec.mf_strategy, spec.mf_bands, spec.steps).tolist())
+      if spec.private and spec.mf_bands > 1
+      else None
+    ),
   )
   if not spec.private:
     return _candidate(args, 0.0, None)
@@ -522,6 +552,11 @@ def make_plan(
       params = LMOParams(**last.lmo)
     return _candidate(args, last.noise_multiplier, params)
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
+  if max(last.bands, args["bands"]) > 1:
+    raise ResumeRefused(
+      f"resuming at step {start_step} would change the privacy of a BandMF run ({said}): its "
+      "noise is correlated across steps and its bound covers one unchanged run; use a new workdir"
+    )
   if not allow_privacy_change:
     raise ResumeRefused(
       f"resuming at step {start_step} would change the privacy of what already ran ({said}); "
@@ -532,7 +567,15 @@ def make_plan(
 
 
 # Segment fields compared on resume (the plan's arguments of the same names).
-_SAME = ("mechanism", "sampling_rate", "unit", "sampling", "max_examples_per_user", "accountant")
+_SAME = (
+  "mechanism",
+  "sampling_rate",
+  "unit",
+  "sampling",
+  "max_examples_per_user",
+  "accountant",
+  "bands",
+)
 
 
 def _origin(spec, extra_event) -> Dict[str, Any]:
@@ -543,6 +586,9 @@ def _origin(spec, extra_event) -> Dict[str, Any]:
     "lmo": dict(spec.lmo) if spec.lmo is not None else None,
     "target_epsilon": spec.target_epsilon if calibrated else None,
   }
+  if spec.mf_bands > 1:  # the strategy, and the horizon "optimal" was fitted to
+    out["mf_strategy"] = spec.mf_strategy
+    out["mf_horizon"] = int(spec.steps) if spec.mf_strategy == "optimal" else None
   if calibrated:  # the noise depends on the run's length, delta and anything composed with it
     out.update(
       steps=int(spec.steps),

@@ -131,6 +131,24 @@ KEYS: Tuple[Key, ...] = (
     privacy=True,
   ),
   Key(
+    "mf_bands",
+    1,
+    _INT,
+    "BandMF: bands b of the correlated Gaussian noise (1: DP-SGD); b > 1 splits the "
+    "examples into b groups sampled in turn (cyclic Poisson, arXiv 2306.08153)",
+    check=_ge1[0],
+    allowed=_ge1[1],
+    privacy=True,
+  ),
+  Key(
+    "mf_strategy",
+    "optimal",
+    _STR,
+    "BandMF strategy: optimal (least mean prefix-sum error over the run) | sqrt (closed form)",
+    choices=("optimal", "sqrt"),
+    privacy=True,
+  ),
+  Key(
     "l2_clip_norm",
     1.0,
     _NUM,
@@ -421,6 +439,8 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
         f"mechanism={out['mechanism']!r} needs l1_clip_norm (its noise is "
         "calibrated to the L1 sensitivity; L2 clipping does not bound it)"
       )
+    if out["mf_bands"] > 1:
+      _check_bandmf(out)
     if (
       out["privacy_unit"] == "user"
       and out["user_sampling"] == "uls"
@@ -450,6 +470,23 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     if set(wd) != {"lam", "reference"}:
       raise SpecError(f"weight_distillation takes lam and reference; got {sorted(wd)}")
   return ml_collections.FrozenConfigDict(out)
+
+
+def _check_bandmf(out: Dict[str, Any]) -> None:
+  b = out["mf_bands"]
+  if out["mechanism"] != "gaussian":
+    raise SpecError(f"mf_bands={b} needs mechanism 'gaussian', got {out['mechanism']!r}")
+  if out["privacy_unit"] != "example":
+    raise SpecError(f"mf_bands={b} needs privacy_unit 'example', got {out['privacy_unit']!r}")
+  if out["optimizer"] == "adam_bc":
+    raise SpecError(
+      f"mf_bands={b} with optimizer 'adam_bc': the correlated noise's variance changes from "
+      "step to step; use adam, adamw or sgd"
+    )
+  if b > out["steps"]:
+    raise SpecError(f"mf_bands={b} exceeds steps={out['steps']}: use at most one band per step")
+  if out["dp_sam"] and out["dp_sam"].get("mode", "free") == "charged":
+    raise SpecError(f"mf_bands={b} cannot charge DP-SAM ascent releases (dp_sam.mode='charged')")
 
 
 def _check_dp_sam(spec: Dict[str, Any], private: bool) -> None:

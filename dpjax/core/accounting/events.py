@@ -85,6 +85,32 @@ def dpsgd_event(
   return dp_accounting.SelfComposedDpEvent(step, int(steps))
 
 
+def bandmf_event(noise_multiplier: float, sampling_rate: float, steps: int, bands: int) -> DpEvent:
+  """`steps` steps of amplified BandMF with b bands: ceil(steps / b) DP-SGD steps.
+
+  Formal guarantees:
+    With a b-banded strategy of largest column norm 1
+    (`dpjax.mechanisms.banded_gaussian`) and cyclic Poisson sampling (units
+    split into b fixed groups, step t samples group t mod b at rate q:
+    `dpjax.core.sampling.CyclicPoissonSampler`), the run is as private as
+    ceil(steps / b) Poisson-sampled Gaussian steps at (q, sigma) under
+    add/remove (Choquette-Choo et al., arXiv 2306.08153, the amplified
+    BandMF theorem). b = 1 is `dpsgd_event`.
+
+  Args:
+    noise_multiplier: sigma.
+    sampling_rate: q, the rate within a unit's group.
+    steps: the steps run (>= 1).
+    bands: b >= 1.
+
+  Returns:
+    `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), ceil(steps / b))`.
+  """
+  check_steps(steps)
+  check_steps(bands, name="bands")
+  return dpsgd_event(noise_multiplier, sampling_rate, -(-int(steps) // int(bands)))
+
+
 def fixed_batch_event(
   noise_multiplier: float, dataset_size: int, batch_size: int, steps: int
 ) -> DpEvent:

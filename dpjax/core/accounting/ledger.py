@@ -42,6 +42,7 @@ PRIVACY_FIELDS = (
   "accountant",
   "lmo",
   "origin",
+  "bands",
 )
 
 
@@ -66,6 +67,10 @@ class Segment:
     origin: the spec values that chose the noise (e.g. the target epsilon and
       the run's length it was calibrated over): a resume continues this
       segment only when they are unchanged.
+    bands: b of BandMF's correlated noise (1: independent noise, DP-SGD);
+      with b > 1 the steps compose as ceil(steps / b) DP-SGD steps
+      (`events.bandmf_event`), which needs cyclic Poisson sampling over b
+      groups, Gaussian noise, example-level units and no extra releases.
   """
 
   mechanism: str
@@ -80,6 +85,7 @@ class Segment:
   lmo: Optional[Dict[str, float]] = None
   num_units: Optional[int] = None
   origin: Optional[Dict[str, Any]] = None
+  bands: int = 1
 
   def __post_init__(self):
     if self.mechanism not in MECHANISMS:
@@ -89,6 +95,14 @@ class Segment:
     checks.check_sampling_rate(self.sampling_rate)
     checks.check_steps(self.steps, minimum=0, name="segment steps")
     checks.check_steps(self.extra_releases, minimum=0, name="extra_releases")
+    checks.check_steps(self.bands, name="bands")
+    if self.bands > 1 and (
+      self.mechanism != "gaussian" or self.unit != "example" or self.extra_releases
+    ):
+      raise ValueError(
+        f"bands={self.bands} (BandMF) needs mechanism 'gaussian', unit 'example' and no extra "
+        f"releases, got {self.mechanism!r}, {self.unit!r}, {self.extra_releases}"
+      )
     if self.mechanism == "lmo":
       if not self.lmo:
         raise ValueError("an 'lmo' segment needs its LMO parameters")
@@ -132,6 +146,8 @@ class Segment:
     """All the segment's releases (descent steps and charged ascent steps alike)."""
     if self.releases == 0:
       return dp_accounting.NoOpDpEvent()
+    if self.bands > 1:
+      return ev.bandmf_event(self.noise_multiplier, self.sampling_rate, self.steps, self.bands)
     return dp_accounting.SelfComposedDpEvent(self.step_event(), self.releases)
 
   def with_steps(self, steps: int, extra_releases: int) -> Segment:
@@ -225,6 +241,11 @@ class Ledger:
         last.steps + segment.steps, last.extra_releases + segment.extra_releases
       )
       return Ledger(self.segments[:-1] + (merged,))
+    if self.segments and max(self.segments[-1].bands, segment.bands) > 1:
+      raise ValueError(
+        "a BandMF segment (bands > 1) cannot share a ledger with another segment: its noise "
+        "is correlated across steps and the amplified bound covers one unchanged run"
+      )
     return Ledger(self.segments + (segment,))
 
   def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
