@@ -138,6 +138,11 @@ def audit_plan(
     raise ValueError("audit a fresh plan (start_step 0, empty ledger)")
   if trials < 1000:
     raise ValueError(f"trials must be >= 1000, got {trials}")
+  if plan.adaptive is not None:
+    raise ValueError(
+      "the step audit covers a fixed clip norm; adaptive_clipping also releases a noised "
+      "count (audit with adaptive_clipping=None at the same noise_multiplier)"
+    )
   canary = _clipped_canary(spec, plan)
   releases = 1 + plan.ascent_releases(0, 1)
   claimed = plan.ledger_at(1).epsilon(plan.delta, accounting.bound_accountant(plan.accountant))
@@ -146,7 +151,8 @@ def audit_plan(
   def released(keys, counts):  # keys [n, 2], counts [n]: the first coordinate released
     def one(key, count):
       tx = plan.noise_transform(key)
-      out, _ = tx.update({"w": count * canary}, tx.init(None))
+      grads = {"w": count * canary}
+      out, _ = tx.update(grads, tx.init(grads))
       return out["w"][0]
 
     return jax.vmap(one)(keys, counts)

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpjax.core import mechanisms
+
 PyTree = Any
 MODES = ("free", "charged")
 
@@ -215,22 +217,7 @@ def find_state(opt_state: PyTree) -> SAMState:
   Returns:
     The SAMState (raises ValueError when there is none or more than one).
   """
-  found = []
-
-  def walk(s):
-    if isinstance(s, SAMState):
-      found.append(s)
-    elif isinstance(s, (tuple, list)):
-      for x in s:
-        walk(x)
-    elif isinstance(s, dict):
-      for x in s.values():
-        walk(x)
-
-  walk(opt_state)
-  if len(found) != 1:
-    raise ValueError(f"expected one dp_sam state in the optimizer state, found {len(found)}")
-  return found[0]
+  return mechanisms.find_state(opt_state, SAMState)
 
 
 # --- across layers -----------------------------------------------------------

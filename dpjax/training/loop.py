@@ -543,12 +543,12 @@ def _run(
       batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
     return batch, mask
 
-  def summed(params, batches):
+  def summed(params, batches, clip_norm=None):
     """The gradient sum over a step's physical batches, with the stats of each."""
     gsum, stats = zeros, []
     for pb in batches:
       gsum, s = accumulate(
-        gsum, params, task.frozen, *host_batch(pb), plan=plan, loss_fn=task.loss_fn
+        gsum, params, task.frozen, *host_batch(pb), clip_norm, plan=plan, loss_fn=task.loss_fn
       )
       stats.append((pb, s))
     return gsum, stats
@@ -586,6 +586,9 @@ def _run(
     "task": task.name,
     "private": plan.private,
     "noise_multiplier": plan.noise_multiplier,
+    "mf_bands": plan.bands,
+    "adaptive_clipping": plan.adaptive,
+    "gradient_noise_multiplier": plan.gradient_noise_multiplier,
     "sampling_rate": plan.sampling_rate,
     "expected_batch_size": plan.expected_batch_size,
     "steps": spec.steps,
@@ -615,7 +618,8 @@ def _run(
     if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
       ascent, _ = summed(state.params, plan.sampler.batches(step, draw=1))
     at = perturb(state.params, state.opt_state, ascent, jnp.asarray(step, jnp.int32), plan=plan)
-    gsum, stats = summed(at, plan.sampler.batches(step))
+    clip_norm = plan.clip_norm_now(state.opt_state)
+    gsum, stats = summed(at, plan.sampler.batches(step), clip_norm)
     step_units = sum(float(pb.mask.sum()) for pb, _ in stats)
     step_dropped = sum(float(s["dropped_units"]) for _, s in stats)
     if step_units > 0 and step_dropped >= step_units:
@@ -631,7 +635,11 @@ def _run(
     dropped_total += step_dropped
     units_total += step_units
     window["count"] = window.get("count", 0.0) + step_units
-    state = apply_fn(state, gsum)
+    extra = {}
+    if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
+      unclipped = sum(s["unclipped_units"] for _, s in stats)
+      extra["quantile_count"] = unclipped - 0.5 * (step_units - step_dropped)
+    state = apply_fn(state, gsum, **extra)
     done = step + 1
     for cb in cbs:
       cb.on_step(done, state)
@@ -646,6 +654,8 @@ def _run(
         "delta": plan.delta,
         "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
       }
+      if plan.adaptive is not None:  # a function of released counts: public
+        rec["clip_norm"] = float(plan.clip_norm_now(state.opt_state))
       if eval_fn is not None and "dev" in task.splits:
         rec.update(
           {

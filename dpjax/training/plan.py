@@ -35,7 +35,17 @@ from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
 from dpjax.core.matrix_factorization import inverse_coefficients, strategy
-from dpjax.core.mechanisms import banded_gaussian, gaussian, laplace, lmo, normalize
+from dpjax.core.mechanisms import (
+  QuantileClipState,
+  banded_gaussian,
+  find_state,
+  gaussian,
+  gradient_noise_multiplier,
+  laplace,
+  lmo,
+  normalize,
+  quantile_clipped_gaussian,
+)
 from dpjax.core.sampling import (
   CyclicPoissonSampler,
   ELSSampler,
@@ -164,6 +174,27 @@ class PrivacyPlan:
   origin: Optional[Dict[str, Any]] = None  # the spec values that chose the noise
   bands: int = 1  # BandMF's b (1: independent noise)
   mf_coefs: Optional[tuple] = None  # the b-banded strategy's c_0..c_{b-1}
+  adaptive: Optional[Dict[str, Any]] = None  # adaptive clipping, count_noise resolved
+
+  @property
+  def gradient_noise_multiplier(self) -> float:
+    """sigma on the gradient sum: the accounted sigma, less what the quantile count takes."""
+    if self.adaptive is None or not self.private:
+      return float(self.noise_multiplier)
+    return gradient_noise_multiplier(self.noise_multiplier, self.adaptive["count_noise"])
+
+  def clip_norm_now(self, opt_state) -> Optional[jax.Array]:
+    """The clip norm this step must use (adaptive clipping), or None (the fixed bound).
+
+    Args:
+      opt_state: the optimizer state of `transform(...)`.
+
+    Returns:
+      The adaptive clip norm (a device scalar), or None.
+    """
+    if self.adaptive is None or not self.private:
+      return None
+    return find_state(opt_state, QuantileClipState).clip_norm
 
   @property
   def per_user(self) -> bool:
@@ -314,10 +345,22 @@ class PrivacyPlan:
       key: the noise key.
 
     Returns:
-      The Gaussian (BandMF-correlated with bands > 1), Laplace or LMO transform at the
-      plan's noise and sensitivity.
+      The Gaussian (BandMF-correlated with bands > 1; with an adaptive clip norm and
+      its count, which `update` then needs as `quantile_count=`), Laplace or LMO
+      transform at the plan's noise and sensitivity.
     """
     sens = self.grad_fn.sensitivity()
+    if self.adaptive is not None:
+      a = self.adaptive
+      return quantile_clipped_gaussian(
+        self.gradient_noise_multiplier,
+        a["count_noise"],
+        key,
+        initial_clip_norm=sens,
+        target_quantile=a["target_quantile"],
+        learning_rate=a["learning_rate"],
+        expected_batch_size=self.expected_batch_size,
+      )
     if self.mechanism == "gaussian" and self.bands > 1:
       return banded_gaussian(self.noise_multiplier, sens, key, self.mf_coefs)
     if self.mechanism == "gaussian":
@@ -452,6 +495,16 @@ def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
   )
 
 
+def _adaptive(spec, expected_batch_size: float) -> Optional[Dict[str, Any]]:
+  """The adaptive clipping settings with the count noise resolved (B / 20 by default)."""
+  if not spec.private or spec.adaptive_clipping is None:
+    return None
+  a = dict(spec.adaptive_clipping)
+  if a["count_noise"] is None:  # the suggestion of arXiv 1905.03871
+    a["count_noise"] = expected_batch_size / 20.0
+  return a
+
+
 def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> PrivacyPlan:
   return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
 
@@ -525,6 +578,7 @@ def make_plan(
       if spec.private and spec.mf_bands > 1
       else None
     ),
+    adaptive=_adaptive(spec, expected),
   )
   if not spec.private:
     return _candidate(args, 0.0, None)
@@ -586,6 +640,8 @@ def _origin(spec, extra_event) -> Dict[str, Any]:
     "lmo": dict(spec.lmo) if spec.lmo is not None else None,
     "target_epsilon": spec.target_epsilon if calibrated else None,
   }
+  if spec.adaptive_clipping is not None:
+    out["adaptive_clipping"] = dict(spec.adaptive_clipping)
   if spec.mf_bands > 1:  # the strategy, and the horizon "optimal" was fitted to
     out["mf_strategy"] = spec.mf_strategy
     out["mf_horizon"] = int(spec.steps) if spec.mf_strategy == "optimal" else None
@@ -680,4 +736,9 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
     got = total(plan, bound)
     if got > target * (1 + 1e-9):
       raise BudgetExhausted(f"the run would spend eps={got:.4g} > target_epsilon={target:g}")
+  if plan.adaptive is not None:
+    try:
+      gradient_noise_multiplier(plan.noise_multiplier, plan.adaptive["count_noise"])
+    except ValueError as e:
+      raise SpecError(f"adaptive_clipping.count_noise: {e}") from None
   return plan

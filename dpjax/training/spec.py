@@ -169,6 +169,16 @@ KEYS: Tuple[Key, ...] = (
     privacy=True,
   ),
   Key(
+    "adaptive_clipping",
+    None,
+    _DICT,
+    "adaptive quantile clipping (arXiv 1905.03871), l2_clip_norm its start: "
+    "{'target_quantile': 0.5, 'learning_rate': 0.2, 'count_noise': None (expected batch / 20)}; "
+    "the noised count is accounted in the noise multiplier",
+    optional=True,
+    privacy=True,
+  ),
+  Key(
     "l1_clip_norm",
     None,
     _NUM,
@@ -441,6 +451,8 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
       )
     if out["mf_bands"] > 1:
       _check_bandmf(out)
+    if out["adaptive_clipping"] is not None:
+      _check_adaptive(out)
     if (
       out["privacy_unit"] == "user"
       and out["user_sampling"] == "uls"
@@ -487,6 +499,45 @@ def _check_bandmf(out: Dict[str, Any]) -> None:
     raise SpecError(f"mf_bands={b} exceeds steps={out['steps']}: use at most one band per step")
   if out["dp_sam"] and out["dp_sam"].get("mode", "free") == "charged":
     raise SpecError(f"mf_bands={b} cannot charge DP-SAM ascent releases (dp_sam.mode='charged')")
+
+
+ADAPTIVE_DEFAULTS = {"target_quantile": 0.5, "learning_rate": 0.2, "count_noise": None}
+
+
+def _check_adaptive(out: Dict[str, Any]) -> None:
+  a = out["adaptive_clipping"]
+  unknown = sorted(set(a) - set(ADAPTIVE_DEFAULTS))
+  if unknown:
+    raise SpecError(
+      f"adaptive_clipping takes {', '.join(ADAPTIVE_DEFAULTS)}; got unknown {unknown[0]!r}"
+    )
+  a = out["adaptive_clipping"] = dict(ADAPTIVE_DEFAULTS, **a)
+  gamma, eta, sb = a["target_quantile"], a["learning_rate"], a["count_noise"]
+  if not (isinstance(gamma, (int, float)) and 0 < gamma < 1):
+    raise SpecError(f"adaptive_clipping.target_quantile must be in (0, 1), got {gamma!r}")
+  if not (isinstance(eta, (int, float)) and eta > 0 and math.isfinite(eta)):
+    raise SpecError(f"adaptive_clipping.learning_rate must be finite and > 0, got {eta!r}")
+  if sb is not None and not (isinstance(sb, (int, float)) and sb > 0 and math.isfinite(sb)):
+    raise SpecError(f"adaptive_clipping.count_noise must be finite and > 0 or None, got {sb!r}")
+  for bad, why in (
+    (out["mechanism"] != "gaussian", f"needs mechanism 'gaussian', got {out['mechanism']!r}"),
+    (
+      out["automatic_clipping"] is not None,
+      f"and automatic_clipping={out['automatic_clipping']!r}: automatic clipping has no "
+      "clip norm to adapt; set one of them to None",
+    ),
+    (out["mf_bands"] > 1, f"is not analysed with BandMF noise (mf_bands={out['mf_bands']})"),
+    (
+      out["optimizer"] == "adam_bc",
+      "with optimizer 'adam_bc': the noise variance moves with the clip norm; use adam",
+    ),
+  ):
+    if bad:
+      raise SpecError(f"adaptive_clipping {why}")
+  if out["dp_sam"] and out["dp_sam"].get("mode", "free") == "charged":
+    raise SpecError(
+      "adaptive_clipping cannot charge DP-SAM ascent releases (dp_sam.mode='charged')"
+    )
 
 
 def _check_dp_sam(spec: Dict[str, Any], private: bool) -> None:

@@ -50,6 +50,7 @@ def accumulate(
   frozen: PyTree,
   batch: PyTree,
   mask: jax.Array,
+  clip_norm: Optional[jax.Array] = None,
   *,
   plan,
   loss_fn: Callable,
@@ -67,15 +68,20 @@ def accumulate(
     frozen: the frozen parameters.
     batch: one physical batch of units.
     mask: [P], 1 for a real unit.
+    clip_norm: this step's adaptive clip norm (`PrivacyPlan.clip_norm_now`), or
+      None for the plan's fixed bound.
     plan: the PrivacyPlan.
     loss_fn: the task's per-example loss.
 
   Returns:
-    (the new sum, {"loss", the task's metrics, "dropped_units"}: masked sums).
+    (the new sum, {"loss", the task's metrics, "dropped_units", and for a
+    private plan "unclipped_units"}: masked sums).
   """
+  unclipped = None
   if plan.grad_fn is not None:
-    g, aux = plan.grad_fn(params, batch, frozen, mask=mask)
+    g, aux = plan.grad_fn(params, batch, frozen, mask=mask, clip_norm=clip_norm)
     loss, metrics, dropped = aux.loss, aux.loss_aux, aux.num_dropped
+    unclipped = aux.num_unclipped
   else:
     g, loss, metrics, dropped = _plain_grad(loss_fn, params, frozen, batch, mask)
   stats = {
@@ -83,6 +89,8 @@ def accumulate(
     for k, v in dict(metrics, loss=loss).items()
   }
   stats["dropped_units"] = dropped.astype(jnp.float32)
+  if unclipped is not None:
+    stats["unclipped_units"] = unclipped.astype(jnp.float32)
   return jax.tree.map(jnp.add, gsum, g), stats
 
 
@@ -122,18 +130,21 @@ def perturb(
   return sam.perturb(params, state, direction=direction)
 
 
-def apply_update(state: TrainState, gsum: PyTree, tx: optax.GradientTransformation) -> TrainState:
+def apply_update(
+  state: TrainState, gsum: PyTree, tx: optax.GradientTransformation, **extra_args
+) -> TrainState:
   """Noise once on the global sum, then normalise and the optimizer (all inside `tx`).
 
   Args:
     state: the TrainState.
     gsum: the global (clipped) gradient sum of the logical batch.
     tx: the plan's transform (`PrivacyPlan.transform`).
+    **extra_args: passed to `tx.update` (adaptive clipping's `quantile_count`).
 
   Returns:
     The next TrainState.
   """
-  updates, opt_state = tx.update(gsum, state.opt_state, state.params)
+  updates, opt_state = tx.update(gsum, state.opt_state, state.params, **extra_args)
   return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
 

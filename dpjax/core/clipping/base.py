@@ -9,6 +9,8 @@ is shaped `[units, group, ...]`.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -33,6 +35,8 @@ class ClippedGradAux(NamedTuple):
     num_dropped: number of unmasked units dropped for a non-finite loss or
       gradient (only with `nan_safe=True`).
     loss_aux: per-unit auxiliary outputs of `loss_fn` when `has_aux=True`.
+    num_unclipped: number of contributing units whose norm was within the
+      bound (in every group): what adaptive quantile clipping counts.
   """
 
   loss: chex.Array
@@ -40,6 +44,7 @@ class ClippedGradAux(NamedTuple):
   num_units: chex.Array
   num_dropped: chex.Array
   loss_aux: PyTree = None
+  num_unclipped: chex.Array = None
 
 
 def _leaf_norms(tree: PyTree, ord_: int) -> chex.Array:
@@ -266,12 +271,15 @@ class ClippedGradFn:
     Returns:
       The chunk's `ClippedGradAux`.
     """
+    within = jax.tree.leaves(jax.tree.map(lambda c, n: n <= c, self.clip_norm, norms))
+    unclipped = keep & functools.reduce(jnp.logical_and, within)
     return ClippedGradAux(
       loss=jnp.where(keep, loss, 0.0),
       norms=jax.tree.map(lambda x: jnp.where(mask > 0, x, 0.0), norms),
       num_units=jnp.sum(keep.astype(jnp.int32)),
       num_dropped=jnp.sum(dropped.astype(jnp.int32)),
       loss_aux=loss_aux,
+      num_unclipped=jnp.sum(unclipped.astype(jnp.int32)),
     )
 
   def clip_chunk(self, params, batch, mask, args):
@@ -309,8 +317,26 @@ class ClippedGradFn:
       summed = scale_group(factors, grads)
     return summed, self.unit_aux(loss, norms, mask, keep, dropped, aux)
 
-  def __call__(self, params: PyTree, batch: PyTree, *args, mask: Optional[chex.Array] = None):
-    """Returns `(sum of clipped per-unit gradients, ClippedGradAux)`."""
+  def __call__(
+    self,
+    params: PyTree,
+    batch: PyTree,
+    *args,
+    mask: Optional[chex.Array] = None,
+    clip_norm: Optional[chex.Array] = None,
+  ):
+    """Returns `(sum of clipped per-unit gradients, ClippedGradAux)`.
+
+    `clip_norm` (flat clipping only) replaces the bound for this call, e.g.
+    a traced scalar that adaptive quantile clipping moves from step to step;
+    the call's sensitivity is then that value, not `sensitivity()`.
+    """
+    if clip_norm is not None:
+      if self.per_layer:
+        raise ValueError("a call-time clip_norm needs flat clipping (one l2_clip_norm)")
+      at = copy.copy(self)
+      at.clip_norm = jnp.asarray(clip_norm, jnp.float32)
+      return at(params, batch, *args, mask=mask)
     leaves = jax.tree.leaves(batch)
     if not leaves:
       raise ValueError("batch has no arrays")
@@ -356,5 +382,6 @@ class ClippedGradFn:
       num_units=jnp.sum(aux.num_units),
       num_dropped=jnp.sum(aux.num_dropped),
       loss_aux=jax.tree.map(unsplit, aux.loss_aux),
+      num_unclipped=jnp.sum(aux.num_unclipped),
     )
     return summed, aux
