@@ -140,6 +140,143 @@ def dp_flat(
   return _table(header, lines)
 
 
+# --- utility at equal budget --------------------------------------------------
+
+UTILITY_METHODS = (
+  "dp-sgd",
+  "automatic",
+  "adaptive",
+  "bandmf",
+  "adam-bc",
+  "bandmf+automatic",
+  "bandmf+adam-bc",
+)
+
+
+def _non_private(task: str) -> Dict[int, float]:
+  """seed -> test accuracy of the task's non-private run (recorded by its own experiment)."""
+  if task == "rt-top2":
+    rows = [
+      r
+      for r in rows_lib.load("dp_flat")
+      if r.get("mode") == "full"
+      and r["variant"] == "non-private"
+      and r["steps"] == 40
+      and r["batch_size"] == 256
+      and r.get("layer_lr") == 1e-3
+    ]
+    latest = rows_lib.dedupe(rows, lambda r: {"seed": r["seed"]})
+    return {r["seed"]: r["test_accuracy"] for r in latest.values()}
+  rows = [r for r in rows_lib.load("quickstart") if r["variant"] == "non-private"]
+  latest = rows_lib.dedupe(rows, lambda r: {"run": r["run"]})
+  return {r["run"]: r["test_accuracy"] for r in latest.values()}
+
+
+@renderer
+def utility(task: str, epsilon: str) -> str:
+  """Every method at one target epsilon: accuracy, paired differences, the gap closed."""
+  eps = float(epsilon)
+  latest = rows_lib.dedupe(
+    rows_lib.load("utility"),
+    lambda r: {k: r[k] for k in ("task", "method", "epsilon_target", "seed", "clip")},
+  )
+  rows = [r for r in latest.values() if r["task"] == task and r["epsilon_target"] == eps]
+  tune = {r["clip"] for r in rows if r["method"] == "dp-sgd" and r["seed"] != 0}
+  clip = tune.pop() if len(tune) == 1 else None  # the tuned clip: what seeds 1, 2 ran at
+
+  def at(method):
+    return {
+      r["seed"]: r
+      for r in rows
+      if r["method"] == method and (clip is None or r["clip"] == clip or "automatic" in method)
+    }
+
+  base = at("dp-sgd")
+  free = _non_private(task)
+  free_mean = float(np.mean(list(free.values()))) if free else float("nan")
+  base_mean = float(np.mean([r["test_accuracy"] for r in base.values()])) if base else float("nan")
+  lines = []
+  for method in UTILITY_METHODS:
+    got = at(method)
+    if not got:
+      continue
+    seeds = sorted(got)
+    acc = [100 * got[k]["test_accuracy"] for k in seeds]
+    diff = ", ".join(
+      f"{100 * (got[k]['test_accuracy'] - base[k]['test_accuracy']):+.2f}"
+      for k in seeds
+      if k in base
+    )
+    closed = (np.mean([got[k]["test_accuracy"] for k in seeds]) - base_mean) / (
+      free_mean - base_mean
+    )
+    lines.append(
+      [
+        method,
+        ",".join(map(str, seeds)),
+        _ms(acc, ".2f"),
+        "-" if method == "dp-sgd" else diff,
+        "-" if method == "dp-sgd" or not np.isfinite(closed) else f"{100 * closed:+.0f} %",
+        f"{max(got[k]['epsilon'] for k in seeds):.3f}",
+        _ms([got[k]["noise_multiplier"] for k in seeds], ".3f"),
+        str(got[seeds[0]]["bands"]),
+      ]
+    )
+  peers = rows_lib.dedupe(
+    [r for r in rows_lib.load("opacus_rt") if r["task"] == task and r["epsilon_target"] == eps],
+    lambda r: {"seed": r["seed"], "method": r["method"]},
+  )
+  for method in sorted({r["method"] for r in peers.values()}):
+    got = {r["seed"]: r for r in peers.values() if r["method"] == method}
+    seeds = sorted(got)
+    acc = [100 * got[k]["test_accuracy"] for k in seeds]
+    diff = ", ".join(
+      f"{100 * (got[k]['test_accuracy'] - base[k]['test_accuracy']):+.2f}"
+      for k in seeds
+      if k in base
+    )
+    lines.append(
+      [
+        method,
+        ",".join(map(str, seeds)),
+        _ms(acc, ".2f"),
+        diff or "-",
+        "-",
+        f"{max(got[k]['epsilon'] for k in seeds):.3f} "
+        f"({max(got[k]['pld_epsilon'] for k in seeds):.3f} PLD)",
+        _ms([got[k]["noise_multiplier"] for k in seeds], ".3f"),
+        "1",
+      ]
+    )
+  if free:
+    seeds = sorted(free)
+    lines.append(
+      [
+        "non-private",
+        ",".join(map(str, seeds)),
+        _ms([100 * free[k] for k in seeds], ".2f"),
+        ", ".join(f"{100 * (free[k] - base[k]['test_accuracy']):+.2f}" for k in seeds if k in base)
+        or "-",
+        "+100 %",
+        "inf",
+        "-",
+        "-",
+      ]
+    )
+  header = [
+    "method",
+    "seeds",
+    "test acc (%)",
+    "paired diff. vs DP-SGD (points)",
+    "gap to non-private closed",
+    "epsilon",
+    "sigma",
+    "bands",
+  ]
+  note = f"\nDP-SGD clip (tuned on dev): {clip:g}\n" if clip is not None else ""
+  return _table(header, lines) + note
+
+
 # --- LMO-DP ------------------------------------------------------------------
 
 

@@ -1,0 +1,234 @@
+"""Utility at equal budget: DP-SGD against the methods that should close the gap (CPU scale).
+
+  python experiments/utility.py run [--tasks rt-top2 rt-head] [--epsilons 3] [--seeds 3]
+                                    [--methods dp-sgd automatic ...]
+  python experiments/utility.py report          # the tables, from the recorded rows
+  python experiments/utility.py bands           # the BandMF band choice per task and epsilon
+
+Rows are appended to experiments/results/utility.jsonl; a spec already
+recorded is skipped, so an interrupted grid resumes.
+
+Tasks (MiniLM on Rotten-Tomatoes sentences, per-example DP, delta 1e-5, PLD):
+  rt-top2   the top 2 layers and the cosine head trained (configs/dp_flat/full.py:
+            ghost clipping, 40 steps of 256 expected, Adam 1e-3 layers / 0.01 head)
+  rt-head   the frozen-feature quickstart (configs/quickstart.py: 300 steps of
+            1024 expected, Adam 0.01)
+Every method takes the same number of steps and the same expected batch, so
+the same number of gradient evaluations, and the same target epsilon:
+  dp-sgd     clipping at the tuned clip norm (`clip` below; tuned on the dev
+             split at eps 3, seed 0, over 0.1 / 0.3 / 1 for rt-top2)
+  automatic  automatic clipping, gamma 0.01 (arXiv 2206.07136)
+  adaptive   adaptive quantile clipping from the tuned clip, median target,
+             learning rate 0.2, count noise B / 20 (arXiv 1905.03871), the
+             count accounted in sigma
+  bandmf     BandMF with b bands, the optimal banded Toeplitz strategy and
+             cyclic Poisson sampling (arXiv 2306.08153); b minimises the
+             prefix-sum error sigma(b)^2 x mean_error(b) at the target (`bands`)
+  adam-bc    DP-AdamBC (arXiv 2312.14334)
+  bandmf+automatic, bandmf+adam-bc   combinations
+The hyperparameter choices (tuning on dev) are not accounted, as is usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import report as report_lib  # experiments/report.py, beside this script
+import rows as rows_lib  # experiments/rows.py, beside this script
+
+from dpjax.core import matrix_factorization as mf
+from dpjax.core.accounting import accountants, events
+from dpjax.core.accounting.calibrate import calibrate_scale
+from dpjax.tasks import build_task
+from dpjax.training.config import load_config
+from dpjax.training.loop import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
+NAME = "utility"
+
+TASKS = {
+  "rt-top2": os.path.join(CONFIGS, "dp_flat", "full.py"),
+  "rt-head": os.path.join(CONFIGS, "quickstart.py"),
+}
+METHODS = (
+  "dp-sgd",
+  "automatic",
+  "adaptive",
+  "bandmf",
+  "adam-bc",
+  "bandmf+automatic",
+  "bandmf+adam-bc",
+)
+TUNE_CLIPS = (0.1, 0.3, 1.0)
+TRAIN_EXAMPLES = 8441  # rt-polarity's training split
+
+
+def base(task: str):
+  """The task's config (its steps, batch, learning rates)."""
+  cfg = load_config(TASKS[task])
+  cfg.log_every = cfg.checkpoint_every = cfg.steps
+  return cfg
+
+
+def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
+  """b minimising sigma(b)^2 x mean prefix-sum error(b) over powers of 2 with rate <= 1.
+
+  Data-independent (it reads only the public schedule), so free to choose.
+  """
+  out = {}
+  b = 1
+  while b <= steps and batch * b <= TRAIN_EXAMPLES:
+    q = batch * b / TRAIN_EXAMPLES
+    sigma = calibrate_scale(
+      lambda s, q=q, b=b: accountants.epsilon(events.bandmf_event(s, q, steps, b), delta, "pld"),
+      eps,
+    )
+    coefs = mf.optimal_strategy(b, steps) if b > 1 else [1.0]
+    out[b] = {"sigma": sigma, "error": mf.mean_error(coefs, steps)}
+    b *= 2
+  best = min(out, key=lambda k: out[k]["sigma"] ** 2 * out[k]["error"])
+  return {"bands": best, "candidates": out}
+
+
+def tuned_clip(task: str, index) -> float | None:
+  """The clip of best dev accuracy among the recorded tuning runs (None before all ran)."""
+  if task != "rt-top2":
+    return 1.0  # the quickstart's clip, tuned when it was set
+  dev = {}
+  for c in TUNE_CLIPS:
+    r = rows_lib.find(index, spec("rt-top2", "dp-sgd", 3.0, 0, c))
+    if r is None:
+      return None
+    dev[c] = r["dev_accuracy"]
+  return max(dev, key=lambda c: (dev[c], c))
+
+
+def spec(task, method, eps, seed, clip):
+  """The settings that identify a row."""
+  cfg = base(task)
+  return {
+    "task": task,
+    "method": method,
+    "epsilon_target": eps,
+    "seed": seed,
+    "clip": clip,
+    "steps": cfg.steps,
+    "batch_size": cfg.batch_size,
+  }
+
+
+def spec_of(r):
+  """A row's spec."""
+  return {
+    k: r[k] for k in ("task", "method", "epsilon_target", "seed", "clip", "steps", "batch_size")
+  }
+
+
+def config(task, method, eps, seed, clip):
+  """The dpjax config of one cell."""
+  cfg = base(task)
+  cfg.seed = seed
+  cfg.target_epsilon = eps
+  cfg.noise_multiplier = None
+  cfg.l2_clip_norm = clip
+  parts = method.split("+")
+  if "automatic" in parts:
+    cfg.automatic_clipping = 0.01
+    cfg.l2_clip_norm = 1.0
+  if "adaptive" in parts:
+    cfg.adaptive_clipping = {"target_quantile": 0.5, "learning_rate": 0.2}
+  if "bandmf" in parts:
+    cfg.mf_bands = choose_bands(eps, cfg.steps, cfg.batch_size)["bands"]
+  if "adam-bc" in parts:
+    cfg.optimizer = "adam_bc"
+  return cfg
+
+
+def run_cell(task, method, eps, seed, clip):
+  """One training run; its row."""
+  cfg = config(task, method, eps, seed, clip)
+  t0 = time.time()
+  res = train(cfg, build_task(cfg), None, progress=False)
+  m = res.final_metrics
+  return {
+    **spec(task, method, eps, seed, clip),
+    "bands": int(cfg.mf_bands) if "mf_bands" in cfg else 1,
+    "noise_multiplier": res.noise_multiplier,
+    "epsilon": m["epsilon"],
+    "test_accuracy": m["test_accuracy"],
+    "dev_accuracy": m["dev_accuracy"],
+    "final_clip_norm": m.get("clip_norm"),
+    "wall_s": time.time() - t0,
+  }
+
+
+def cells(tasks, epsilons, seeds, methods, index):
+  """(task, method, eps, seed, clip) in run order; tuning first, then what it needs."""
+  for task in tasks:
+    if task == "rt-top2":
+      for c in TUNE_CLIPS:
+        yield task, "dp-sgd", 3.0, 0, c
+    clip = tuned_clip(task, index)
+    if clip is None:
+      return
+    for eps in epsilons:
+      for method in methods:
+        for seed in seeds:
+          yield task, method, eps, seed, clip
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("command", choices=("run", "report", "bands"))
+  p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+  p.add_argument("--epsilons", type=float, nargs="+", default=[3.0])
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  args = p.parse_args(argv)
+  if args.command == "bands":
+    for task in args.tasks:
+      cfg = base(task)
+      for eps in args.epsilons:
+        ch = choose_bands(eps, cfg.steps, cfg.batch_size)
+        cand = ", ".join(
+          f"b={b}: sigma {v['sigma']:.3f}, error {v['error']:.2f}, "
+          f"sigma^2 x error {v['sigma'] ** 2 * v['error']:.2f}"
+          for b, v in ch["candidates"].items()
+        )
+        print(f"{task} eps={eps:g}: bands {ch['bands']} ({cand})")
+    return 0
+  if args.command == "run":
+    while True:  # re-plan after each run: the tuned clip is known only once tuning ran
+      index = rows_lib.dedupe(rows_lib.load(NAME), spec_of)
+      todo = [
+        c
+        for c in cells(args.tasks, args.epsilons, args.seeds, args.methods, index)
+        if rows_lib.find(index, spec(*c)) is None
+      ]
+      if not todo:
+        break
+      task, method, eps, seed, clip = todo[0]
+      print(f"[{len(todo)} left] {task} {method} eps={eps:g} seed={seed} clip={clip:g}", flush=True)
+      r = run_cell(task, method, eps, seed, clip)
+      rows_lib.append(NAME, [r])
+      print(
+        f"  test {100 * r['test_accuracy']:.2f}% dev {100 * r['dev_accuracy']:.2f}% "
+        f"eps {r['epsilon']:.3f} sigma {r['noise_multiplier']:.3f} b={r['bands']} "
+        f"({r['wall_s']:.0f} s)",
+        flush=True,
+      )
+  for task in args.tasks:
+    for eps in args.epsilons:
+      print(f"\n{task}, eps = {eps:g}\n")
+      print(report_lib.utility(task=task, epsilon=str(eps)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
