@@ -1,5 +1,7 @@
 """Our Flax decoders against transformers' PyTorch Llama/GPT-2; KV cache; GGUF loading."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,7 +199,7 @@ def _bytes_to_unicode():
   return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
-def _write_gguf(path, ref, qtype):
+def _write_gguf(path, ref, qtype, rope_freqs=None):
   import gguf
 
   c = ref.config
@@ -253,6 +255,8 @@ def _write_gguf(path, ref, qtype):
       w.add_tensor(gg, q, raw_shape=q.shape, raw_dtype=qtype)
     else:
       w.add_tensor(gg, t)
+  if rope_freqs is not None:  # llama.cpp's form of llama3 rope scaling
+    w.add_tensor("rope_freqs.weight", rope_freqs)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -308,6 +312,26 @@ def test_gguf_loads_tiny_llama(tmp_path, qtype, atol):
   assert tok.eos_token == "</s>"
 
 
+def test_gguf_rope_frequency_factors_are_refused(tmp_path):
+  import gguf
+
+  cfg = transformers.LlamaConfig(
+    vocab_size=264,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+  )
+  ref = transformers.LlamaForCausalLM(cfg).eval()
+  path = tmp_path / "scaled.gguf"
+  _write_gguf(path, ref, gguf.GGMLQuantizationType.F32, rope_freqs=np.ones(8, np.float32))
+  with pytest.raises(ValueError, match="rope scaling \\(rope_freqs.weight\\) is not implemented"):
+    load_gguf(str(path))
+
+
 def test_gguf_missing_file_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="GGUF file not found"):
     load_gguf(str(tmp_path / "none.gguf"))
@@ -348,3 +372,90 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
   expected = jax.eval_shape(lambda: hf.init_params(biased, jax.random.PRNGKey(0)))
   with pytest.raises(ValueError, match="does not fit the model: unused tensors \\[\\], missing"):
     hf.check_tree(params, expected, str(tmp_path))
+
+
+def _parity(ref, tmp_path, ids):
+  ref.save_pretrained(tmp_path)
+  dcfg, params = load_decoder(str(tmp_path))
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  logits, _ = Decoder(dcfg).apply({"params": params}, ids)
+  return dcfg, params, float(np.max(np.abs(np.asarray(logits) - out)))
+
+
+@pytest.mark.parametrize(
+  "rope",
+  [
+    {"rope_type": "linear", "factor": 3.0},
+    # head_dim 8 at theta 500: wavelengths 6, 30, 140, 660 against 64 / 4 and 64 / 1,
+    # so one frequency is kept, one interpolated and two divided by the factor.
+    {
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    },
+  ],
+)
+def test_rope_scaling_matches_pytorch(tmp_path, rope):
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_parameters={"rope_theta": 500.0, **rope},
+    pad_token_id=0,
+  )
+  ref = _randomise(transformers.LlamaForCausalLM(cfg).eval())
+  ids = _ids((2, 40))
+  dcfg, params, err = _parity(ref, tmp_path, ids)
+  assert dcfg.rope_type == rope["rope_type"] and err < 1e-4
+  plain = dataclasses.replace(dcfg, rope_type="default")  # the scaling must matter
+  logits, _ = Decoder(plain).apply({"params": params}, ids)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  assert np.max(np.abs(np.asarray(logits) - out)) > 1e-2
+
+
+def test_mistral_sliding_window_matches_pytorch(tmp_path):
+  torch.manual_seed(0)
+  cfg = transformers.MistralConfig(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    sliding_window=4,
+    rope_theta=500.0,
+    pad_token_id=0,
+  )
+  ref = _randomise(transformers.MistralForCausalLM(cfg).eval())
+  ids = _ids((2, 12))
+  dcfg, params, err = _parity(ref, tmp_path, ids)
+  assert dcfg.sliding_window == 4 and err < 1e-4
+  full = dataclasses.replace(dcfg, sliding_window=None)
+  a, _ = Decoder(full).apply({"params": params}, ids)
+  b, _ = Decoder(dcfg).apply({"params": params}, ids)
+  assert np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-2  # the window matters here
+
+
+def test_unimplemented_rope_types_are_refused(tmp_path):
+  cfg = transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=6,
+    max_position_embeddings=64,
+    rope_parameters={"rope_theta": 500.0, "rope_type": "dynamic", "factor": 2.0},
+  )
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="rope type 'dynamic' is not implemented"):
+    load_decoder(str(tmp_path))

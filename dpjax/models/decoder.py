@@ -27,6 +27,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpjax.models.activations import activation
 
@@ -46,6 +47,12 @@ class DecoderConfig:
   max_position: int = 2048
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  rope_type: str = "default"  # "default", "linear" (positions / factor) or "llama3"
+  rope_factor: float = 1.0  # linear, llama3: the context extension factor
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_position: Optional[int] = None  # llama3: the pre-extension context
+  sliding_window: Optional[int] = None  # Mistral: a token sees the last W slots (itself included)
   hidden_act: Optional[str] = None  # None: family default (silu / gelu_new)
   tie_embeddings: bool = False
   attention_bias: Optional[bool] = None  # q/k/v (and o) biases; None: family default
@@ -62,6 +69,12 @@ class DecoderConfig:
       raise ValueError(
         f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}"
       )
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.rope_type == "llama3" and not self.rope_original_max_position:
+      raise ValueError("rope_type 'llama3' needs rope_original_max_position")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
         f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -137,19 +150,60 @@ def _norm(cfg: DecoderConfig, name: str):
   return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name=name)
 
 
-def rope(x, positions, theta: float):
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """The inverse frequencies of the config's RoPE, scaling applied: `[head_dim / 2]`.
+
+  "linear" divides every frequency by the factor (positions / factor);
+  "llama3" (Llama 3.1) divides the low frequencies (wavelength above
+  original / low_freq_factor) by the factor, keeps the high ones (below
+  original / high_freq_factor) and interpolates smoothly between, as
+  transformers' `_compute_llama3_parameters` does.
+
+  Args:
+    cfg: the decoder's config.
+
+  Returns:
+    The inverse frequencies, float64.
+  """
+  hd = cfg.dim_per_head
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  if cfg.rope_type == "linear":
+    return inv / cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    old, lo, hi = (
+      cfg.rope_original_max_position,
+      cfg.rope_low_freq_factor,
+      cfg.rope_high_freq_factor,
+    )
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / cfg.rope_factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mixed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return np.where(medium, mixed, scaled)
+  return inv
+
+
+def rope(x, positions, theta: float, inv_freq=None):
   """Rotary embedding, "rotate half" layout. x: [B, T, H, hd]; positions: [B, T].
 
   Args:
     x: queries or keys [B, T, H, hd].
     positions: the position of each token [B, T].
     theta: the RoPE base.
+    inv_freq: `[hd / 2]` inverse frequencies (`rope_frequencies`, scaling
+      applied); None: theta^(-2i / hd).
 
   Returns:
     The rotated x, in x's dtype.
   """
   hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
   cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
@@ -177,7 +231,8 @@ class Attention(nn.Module):
     k = dense("k", KVH * hd)(h).reshape(B, T, KVH, hd)
     v = dense("v", KVH * hd)(h).reshape(B, T, KVH, hd)
     if c.family == "llama":
-      q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+      freqs = rope_frequencies(c)
+      q, k = rope(q, positions, c.rope_theta, freqs), rope(k, positions, c.rope_theta, freqs)
     new_kv = None
     if layer_cache is not None:
       ck, cv = layer_cache
@@ -185,6 +240,8 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
       new_kv = (k, v)
     allowed = (k_slots[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # [B,T,S]
+    if c.sliding_window is not None:  # slots, as transformers' sliding-window mask counts them
+      allowed = allowed & (q_slots[:, None] - k_slots[None, :] < c.sliding_window)[None]
     if prefix is not None:
       pk, pv = prefix  # [P, KVH, hd] each
       P = pk.shape[0]

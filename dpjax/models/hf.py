@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models.decoder import DecoderConfig, init_params
+from dpjax.models.decoder import ROPE_TYPES, DecoderConfig, init_params
 from dpjax.models.encoder import EncoderConfig
 
 _T = lambda w: w.T
@@ -274,11 +274,16 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
     qwen2 = hf.model_type == "qwen2"
     if qwen2 and getattr(hf, "use_sliding_window", False):
       raise ValueError(f"{path}: Qwen2 use_sliding_window=True is not implemented")
-    rp = getattr(hf, "rope_parameters", None) or {}
-    rope_type = rp.get("rope_type", "default")
-    if rope_type != "default":
-      raise ValueError(f"rope type {rope_type!r} is not supported (only 'default')")
+    rp = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(
+        f"{path}: rope type {rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})"
+      )
+    if rope_type != "default" and rp.get("attention_factor", 1.0) != 1.0:
+      raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
     theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    window = getattr(hf, "sliding_window", None) if hf.model_type == "mistral" else None
     return DecoderConfig(
       family="llama",
       vocab_size=hf.vocab_size,
@@ -291,6 +296,12 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       max_position=hf.max_position_embeddings,
       norm_eps=hf.rms_norm_eps,
       rope_theta=float(theta),
+      rope_type=rope_type,
+      rope_factor=float(rp.get("factor", 1.0)),
+      rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+      rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+      rope_original_max_position=rp.get("original_max_position_embeddings"),
+      sliding_window=window,
       hidden_act=hf.hidden_act,
       tie_embeddings=bool(hf.tie_word_embeddings),
       # Qwen2 always has q/k/v biases and no o bias (its config has no attention_bias).
@@ -413,7 +424,7 @@ _GGUF_RULES = [
   (r"blk\.(\d+)\.ffn_up\.weight", r"layer_\1/mlp/up/kernel", _T),
   (r"blk\.(\d+)\.ffn_down\.weight", r"layer_\1/mlp/down/kernel", _T),
 ]
-_GGUF_SKIP = (r"rope_freqs\.weight",)
+_GGUF_SKIP = ()
 
 
 def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -488,6 +499,12 @@ def load_gguf(path: str, *, dtype: str = "float32"):
   D = int(g("embedding_length"))
   head_dim = int(g("attention.key_length", D // n_head))
   names = {t.name for t in reader.tensors}
+  scaling = g("rope.scaling.type", "none")
+  if "rope_freqs.weight" in names or scaling not in ("none", None):
+    raise ValueError(
+      f"{path}: rope scaling ({'rope_freqs.weight' if 'rope_freqs.weight' in names else scaling})"
+      " is not implemented for GGUF files; load the Hugging Face directory instead"
+    )
   tok = lambda k: _gguf_field(reader, f"tokenizer.ggml.{k}")
   eos = tok("eos_token_id")
   cfg = DecoderConfig(
