@@ -459,3 +459,26 @@ def test_unimplemented_rope_types_are_refused(tmp_path):
   transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
   with pytest.raises(ValueError, match="rope type 'dynamic' is not implemented"):
     load_decoder(str(tmp_path))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen3_loads_its_qk_norms_and_matches_pytorch(tmp_path, tie):
+  torch.manual_seed(0)
+  cfg = transformers.Qwen3Config(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,  # Qwen3 sets it apart from hidden / heads
+    max_position_embeddings=64,
+    tie_word_embeddings=tie,
+    rope_theta=500.0,
+    pad_token_id=0,
+  )
+  ref = _randomise(transformers.Qwen3ForCausalLM(cfg).eval())
+  ids = _ids((2, 9))
+  dcfg, params, err = _parity(ref, tmp_path, ids)
+  assert dcfg.qk_norm and dcfg.dim_per_head == 16 and err < 1e-4
+  assert params["layer_1"]["attn"]["k_norm"]["scale"].shape == (16,)

@@ -53,6 +53,7 @@ class DecoderConfig:
   rope_high_freq_factor: float = 4.0  # llama3
   rope_original_max_position: Optional[int] = None  # llama3: the pre-extension context
   sliding_window: Optional[int] = None  # Mistral: a token sees the last W slots (itself included)
+  qk_norm: bool = False  # Qwen3: RMSNorm of each head's query and key before RoPE
   hidden_act: Optional[str] = None  # None: family default (silu / gelu_new)
   tie_embeddings: bool = False
   attention_bias: Optional[bool] = None  # q/k/v (and o) biases; None: family default
@@ -230,6 +231,9 @@ class Attention(nn.Module):
     q = dense("q", H * hd)(h).reshape(B, T, H, hd)
     k = dense("k", KVH * hd)(h).reshape(B, T, KVH, hd)
     v = dense("v", KVH * hd)(h).reshape(B, T, KVH, hd)
+    if c.qk_norm:
+      q = RMSNorm(c.norm_eps, c.dtype, name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, c.dtype, name="k_norm")(k)
     if c.family == "llama":
       freqs = rope_frequencies(c)
       q, k = rope(q, positions, c.rope_theta, freqs), rope(k, positions, c.rope_theta, freqs)

@@ -225,6 +225,7 @@ _LLAMA_RULES = (
     (r"model\.norm\.weight", "final_norm/scale", _I),
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layer_\1/attn_norm/scale", _I),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layer_\1/mlp_norm/scale", _I),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layer_\1/attn/\2_norm/scale", _I),
   ]
   + _lin(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj", r"layer_\1/attn/\2")
   + _lin(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"layer_\1/mlp/\2")
@@ -257,7 +258,7 @@ _GPT2_SKIP = (
 
 
 def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
-  """`DecoderConfig` from a local HF directory's config.json (Llama or GPT-2).
+  """`DecoderConfig` from a local HF directory's config.json (Llama, Mistral, Qwen2/3 or GPT-2).
 
   Args:
     path: the checkpoint directory.
@@ -270,10 +271,10 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
 
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
-  if hf.model_type in ("llama", "mistral", "qwen2"):
+  if hf.model_type in ("llama", "mistral", "qwen2", "qwen3"):
     qwen2 = hf.model_type == "qwen2"
-    if qwen2 and getattr(hf, "use_sliding_window", False):
-      raise ValueError(f"{path}: Qwen2 use_sliding_window=True is not implemented")
+    if hf.model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
+      raise ValueError(f"{path}: {hf.model_type} use_sliding_window=True is not implemented")
     rp = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -302,6 +303,7 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
       rope_original_max_position=rp.get("original_max_position_embeddings"),
       sliding_window=window,
+      qk_norm=hf.model_type == "qwen3",
       hidden_act=hf.hidden_act,
       tie_embeddings=bool(hf.tie_word_embeddings),
       # Qwen2 always has q/k/v biases and no o bias (its config has no attention_bias).
