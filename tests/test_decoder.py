@@ -63,7 +63,7 @@ def _tiny(family, tie=False):
 @pytest.fixture(scope="module", params=["llama", "llama-tied", "gpt2"])
 def tiny(request, tmp_path_factory):
   family = request.param.split("-")[0]
-  ref = _tiny(family, tie=request.param.endswith("tied"))
+  ref = _randomise(_tiny(family, tie=request.param.endswith("tied")))  # biases, norms too
   path = tmp_path_factory.mktemp(request.param)
   ref.save_pretrained(path)
   cfg, params = load_decoder(str(path))

@@ -33,6 +33,10 @@ def _tiny(model_type):
 def test_logits_match_pytorch(tmp_path, model_type):
   torch.manual_seed(0)
   ref = _tiny(model_type)
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():  # every parameter random: biases and LayerNorms too
+    for p in ref.parameters():
+      p.copy_(0.2 * torch.randn(p.shape, generator=g))
   ref.save_pretrained(tmp_path)  # config.json + model.safetensors
   cfg, params = load_encoder(str(tmp_path), num_labels=3)
   rng = np.random.default_rng(0)
@@ -86,3 +90,27 @@ def test_mean_l2_pooling_is_scaled_unit_norm():
     EncoderConfig(
       vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, pool_scale=0.0
     )
+
+
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (
+      lambda w: w.update({"bert.encoder.layer.0.attention.self.extra.weight": np.ones(2)}),
+      "no place in the model",
+    ),
+    (lambda w: w.pop("bert.encoder.layer.1.output.dense.bias"), "missing .*layer_1"),
+    (lambda w: w.update({"bert.pooler.dense.bias": np.ones(5, np.float32)}), "shapes differ"),
+  ],
+)
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path, edit, match):
+  from safetensors.numpy import load_file, save_file
+
+  ref = _tiny("bert")
+  ref.save_pretrained(tmp_path)
+  path = tmp_path / "model.safetensors"
+  weights = load_file(str(path))
+  edit(weights)
+  save_file(weights, str(path), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=match):
+    load_encoder(str(tmp_path), num_labels=3)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.models.decoder import ROPE_TYPES, DecoderConfig, init_params
-from dpjax.models.encoder import EncoderConfig
+from dpjax.models.encoder import Encoder, EncoderConfig
 
 _T = lambda w: w.T
 _I = lambda w: w
@@ -212,6 +212,11 @@ def load_encoder(
       "kernel": 0.02 * jax.random.normal(k2, (cfg.hidden_size, num_labels)),
       "bias": jnp.zeros(num_labels),
     }
+  ids = jnp.zeros((1, 2), jnp.int32)
+  model = Encoder(cfg)
+  check_tree(
+    params, jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids))["params"], path
+  )
   return cfg, params
 
 
