@@ -1,5 +1,8 @@
 """Ghost-norm / book-keeping clipping equals the vmap path (dpjax/ghost.py)."""
 
+import warnings
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,7 +179,7 @@ def test_lora_and_prefix_adapters():
     trainable, _batch(), frozen
   )
   assert rules["lm_head/kernel"] == "ghost"
-  assert rules["lora/layer_0/attn/q/a"] == "vmap"
+  assert rules["lora/layer_0/attn/q/a"] == "materialised"  # T^2 > 16 x 2: from the taps
   assert rules["prefix/layer_1/key"] == "vmap"
   (gv, _), (gg, _) = _both(adapted, trainable, _batch(), frozen, l2_clip_norm=0.5)
   assert _rel_err(gv, gg) < 1e-5
@@ -315,3 +318,73 @@ def test_group_mean_units_keep_the_ghost_rule():
   np.testing.assert_allclose(ag.loss_aux["scaled"], av.loss_aux["scaled"], rtol=1e-6)
   with pytest.raises(ValueError, match="has_aux"):
     dpjax.clipped_grad(user_loss, l2_clip_norm=0.4, method="ghost")
+
+
+def _rules_and_equality(model, params, x, loss=None):
+  loss = loss or (lambda p, xu: jnp.mean(model.apply({"params": p}, xu) ** 2))
+  rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, x)
+  (gv, _), (gg, _) = _both(loss, params, x, l2_clip_norm=0.3)
+  return rules, _rel_err(gv, gg)
+
+
+class _Twice(nn.Dense):  # a subclass keeping Dense's math: the rule applies
+  pass
+
+
+class _Odd(nn.Dense):  # a subclass with its own math: no rule, vmap
+  def __call__(self, x):
+    return super().__call__(x) ** 2
+
+
+def test_dense_general_and_dense_subclasses():
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: [T, 12]
+      h = nn.DenseGeneral((3, 4), axis=-1, name="split")(x)  # [T, 3, 4]
+      h = nn.DenseGeneral(6, axis=(-2, -1), name="merge")(jnp.tanh(h))  # [T, 6]
+      h = _Twice(5, name="sub")(h)
+      return _Odd(2, name="odd")(h)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 12))
+  params = Net().init(jax.random.PRNGKey(1), x[0])["params"]
+  rules, err = _rules_and_equality(Net(), params, x)
+  assert rules["split/kernel"] == "ghost" and rules["split/bias"] == "materialised"
+  assert rules["merge/kernel"] == "ghost" and rules["sub/kernel"] == "ghost"
+  assert rules["odd/kernel"] == "vmap"
+  assert err < 1e-5
+
+
+def test_lora_factors_take_the_ghost_rule_and_equal_vmap():
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1, name="out")(jnp.tanh(nn.Dense(64, name="wide")(x)))
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 3, 64))  # T = 3: T^2 < 64 x 4
+  base = Net().init(jax.random.PRNGKey(1), x[0])["params"]
+  lora = adapters.init_lora(base, jax.random.PRNGKey(2), rank=4, targets=r"wide")
+  lora = jax.tree.map(lambda a: a + 0.1, lora)
+
+  def loss(f, xu):
+    with adapters.lora(f, alpha=8):
+      return jnp.mean(Net().apply({"params": base}, xu) ** 2)
+
+  rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(lora, x)
+  assert rules == {"wide/a": "ghost", "wide/b": "ghost"}
+  (gv, _), (gg, _) = _both(loss, lora, x, l2_clip_norm=0.3)
+  assert _rel_err(gv, gg) < 1e-5
+
+
+def test_a_large_parameter_on_the_vmap_path_is_warned_about():
+  big = {"w": jnp.full((1000, 1000), 1e-3), "v": jnp.ones(3)}
+  loss = lambda p, xu: jnp.sum((xu @ p["w"]) ** 2) + jnp.sum(p["v"])  # a raw matmul: no rule
+  x = jnp.ones((2, 1000))
+  grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost")
+  with pytest.warns(UserWarning, match=r"w \(1,000,000\) have no ghost rule"):
+    grad_fn(big, x)
+  small = {"w": jnp.full((10, 10), 1e-3), "v": jnp.ones(3)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grad_fn(small, jnp.ones((2, 10)))

@@ -212,7 +212,12 @@ def lora(factors: Dict[str, Any], *, alpha: Optional[float] = None):
     x = args[0] if args else kwargs["inputs"]
     r = ab["a"].shape[1]
     scale = (alpha if alpha is not None else r) / r
-    delta = (x.astype(ab["a"].dtype) @ ab["a"]) @ ab["b"]
+    # x A B through two bias-free linen Dense calls, so that ghost clipping
+    # sees the factors as layers (their own ghost / book-keeping rule).
+    down = nn.Dense(r, use_bias=False).apply(
+      {"params": {"kernel": ab["a"]}}, x.astype(ab["a"].dtype)
+    )
+    delta = nn.Dense(ab["b"].shape[1], use_bias=False).apply({"params": {"kernel": ab["b"]}}, down)
     return out + (scale * delta).astype(out.dtype)
 
   with nn.intercept_methods(interceptor):

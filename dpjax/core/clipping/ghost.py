@@ -15,10 +15,16 @@ at its outputs `[T, d_out]`), so
   output gradients and clip factors (book-keeping, Bu et al., arXiv
   2210.00038): no second backward pass.
 
-How the layers are seen: inside the loss, linen's `nn.Dense` (`__call__`) and
-`nn.Embed` (`__call__` and `attend`) calls are intercepted
-(`flax.linen.intercept_methods`): each records its input and adds a zero
-"tap" to its output, whose gradient is `g`. One vmapped backward pass w.r.t.
+How the layers are seen: inside the loss, linen's `nn.Dense` and
+`nn.DenseGeneral` (`__call__`, contracting the input's trailing axes, no
+batch dims, no custom `dot_general`) and `nn.Embed` (`__call__` and
+`attend`) calls are intercepted (`flax.linen.intercept_methods`), and so
+are those of subclasses that keep the base class's method (one that
+overrides it has its own math and gets no rule); each records its input
+and adds a zero "tap" to its output, whose gradient is `g`. LoRA factors
+(`dpjax.models.adapters.lora`) are applied as two such Dense calls, so they
+get the rule too. A parameter of `LARGE_FALLBACK` entries or more left to
+the vmap path is named in a warning. One vmapped backward pass w.r.t.
 the taps and the remaining parameters gives every `g` and the per-unit
 gradients of the parameters without a rule (norm scales, prefixes, LoRA
 factors, raw parameters): those fall back to the vmap path, per parameter.
@@ -72,6 +78,8 @@ another trace; it gets no rule and its weights take the vmap path
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -91,27 +99,54 @@ class _Site(NamedTuple):
   weight: int  # flat index of its weight leaf
   bias: Optional[int]  # flat index of its bias leaf (dense with bias)
   out: jax.ShapeDtypeStruct  # per-unit output (the tap's shape)
+  n_in: int = 1  # dense: trailing input axes contracted with the kernel's leading axes
+  n_out: int = 1  # dense: the kernel's trailing (feature) axes
+
+
+def _inherits(module, base, method: str) -> bool:
+  """`module` is `base` or a subclass that keeps `base`'s `method` (so its math)."""
+  return isinstance(module, base) and getattr(type(module), method) is getattr(base, method)
+
+
+def _plain_dot(module) -> bool:
+  """No custom dot_general (e.g. a quantised one): the layer is x @ W."""
+  return getattr(module, "dot_general", None) is None and (
+    getattr(module, "dot_general_cls", None) is None
+  )
 
 
 def _call_site(module, method: str, args, kwargs, index_of: Dict[int, int]):
-  """(kind, weight, bias, layer input) when this call has a ghost rule, else None."""
+  """(kind, weight, bias, layer input, n_in, n_out) when this call has a rule, else None."""
   if not (args or kwargs):
     return None
   x = args[0] if args else next(iter(kwargs.values()))
   params = module.variables.get("params", {})
-  if type(module) is nn.Dense and method == "__call__":
+  dense = method == "__call__" and _plain_dot(module)
+  n_in = n_out = 1
+  if dense and _inherits(module, nn.DenseGeneral, "__call__"):
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    feats = module.features if isinstance(module.features, tuple) else (module.features,)
+    nd = jnp.ndim(x)
+    # Contraction over x's trailing axes in order, no batch dims: x W after flattening.
+    trailing = tuple(range(nd - len(axis), nd))
+    if module.batch_dims or tuple(a % nd for a in axis) != trailing:
+      return None
+    n_in, n_out = len(axis), len(feats)
+  elif not (dense and _inherits(module, nn.Dense, "__call__")):
+    dense = False
+  if dense:
     w = index_of.get(id(params.get("kernel")))
     if w is None:
       return None
     # An untracked bias (frozen, or not a leaf of params) is a constant of the
     # layer; a tracked one is taken with its kernel.
     b = index_of.get(id(params.get("bias"))) if module.use_bias else None
-    return "dense", w, b, x
-  if type(module) is nn.Embed and method in ("__call__", "attend"):
+    return "dense", w, b, x, n_in, n_out
+  if method in ("__call__", "attend") and _inherits(module, nn.Embed, method):
     w = index_of.get(id(params.get("embedding")))
     if w is None:
       return None
-    return ("embed" if method == "__call__" else "attend"), w, None, x
+    return ("embed" if method == "__call__" else "attend"), w, None, x, 1, 1
   return None
 
 
@@ -147,14 +182,15 @@ class _Tape:
     found = _call_site(context.module, context.method_name, args, kwargs, self.index_of)
     if found is None:
       return next_fun(*args, **kwargs)
-    kind, w, b, x = found
+    kind, w, b, x, n_in, n_out = found
     if self.planning:
       self._inside = True
       try:
         out = _apply_cut(context.module, context.method_name, args, kwargs)
       finally:
         self._inside = False
-      self.sites.append(_Site(kind, w, b, jax.ShapeDtypeStruct(out.shape, out.dtype)))
+      shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+      self.sites.append(_Site(kind, w, b, shape, n_in, n_out))
       return out
     k = len(self.inputs)
     if k >= len(self.sites) or self.sites[k][:3] != (kind, w, b):
@@ -225,33 +261,63 @@ class _Use(NamedTuple):
   right: jax.Array  # [U, T, cols]
 
 
+def _matrix_shape(site: _Site, shape) -> tuple:
+  """(rows, cols) of a weight as the matrix its layer multiplies by."""
+  if site.kind != "dense":
+    return tuple(shape)
+  return math.prod(shape[: site.n_in]), math.prod(shape[site.n_in :])
+
+
 def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str]:
   """The mixed rule per taken leaf: ghost unless T^2 > rows * cols (T: the unit's rows)."""
   tokens: Dict[int, int] = {}
+  matrix: Dict[int, tuple] = {}
   out = {}
   for s in sites:
     t = group_size
-    for d in s.out.shape[:-1]:  # rows of x^T g: every axis but the features
+    for d in s.out.shape[: len(s.out.shape) - s.n_out]:  # rows of x^T g: all but the features
       t *= d
     tokens[s.weight] = tokens.get(s.weight, 0) + t
+    matrix[s.weight] = _matrix_shape(s, leaves[s.weight].shape)
     if s.bias is not None:
       out[s.bias] = "materialised"
   for i, t in tokens.items():
-    rows, cols = leaves[i].shape
+    rows, cols = matrix[i]
     out[i] = "materialised" if t * t > rows * cols else "ghost"
   return out
 
 
 def _materialise(u: _Use, shape, n_units: int):
-  """The per-unit gradient `left^T right` of one use, `[U, rows, cols]` (f32)."""
+  """The per-unit gradient `left^T right` of one use, `[U, *shape]` (f32)."""
   if u.left_kind == "dense":
-    return jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
+    g = jnp.einsum("uti,utj->uij", u.left, u.right, preferred_element_type=_F32)
+    return g.reshape((n_units,) + tuple(shape))
   units = jnp.arange(n_units)[:, None]
   return (
     jnp.zeros((n_units,) + tuple(shape), _F32)
     .at[units, u.left]
     .add(u.right.astype(_F32), mode="drop")
   )
+
+
+LARGE_FALLBACK = 1_000_000  # entries of a parameter whose vmap fallback is warned about
+
+
+def _warn_large_fallbacks(params, fallback: Sequence[int]) -> None:
+  """Warns (once per trace) naming the large parameters that take the vmap path."""
+  big = [
+    f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({leaf.size:,})"
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+    if i in set(fallback) and jnp.size(leaf) >= LARGE_FALLBACK
+  ]
+  if big:
+    warnings.warn(
+      f"ghost clipping: {', '.join(big)} have no ghost rule (not used only through linen "
+      "nn.Dense / nn.DenseGeneral / nn.Embed calls) and take the vmap path, with their "
+      "per-example gradients materialised; see GhostClippedGradFn.rules",
+      UserWarning,
+      stacklevel=4,
+    )
 
 
 class GhostClippedGradFn(ClippedGradFn):
@@ -332,6 +398,7 @@ class GhostClippedGradFn(ClippedGradFn):
     sites, taken, group_size = self._plan(leaves, treedef, batch, args)
     fallback = [i for i in range(len(leaves)) if i not in taken]
     n_units = mask.shape[0]
+    _warn_large_fallbacks(params, fallback)
 
     def taped(fb_leaves, taps, unit):
       """(loss, aux) and the recorded layer inputs of one traced call."""
@@ -371,21 +438,28 @@ class GhostClippedGradFn(ClippedGradFn):
     # Per-unit gradient of each leaf: materialised (fallback, biases) or as uses.
     dense_grads: Dict[int, jax.Array] = dict(zip(fallback, g_fb))
     uses: Dict[int, List[_Use]] = {}
-    flat = lambda a, keep_last=True: a.reshape(
-      (n_units, -1) + ((a.shape[-1],) if keep_last else ())
-    )
+
+    def flat(a, last=1):
+      """[U, ..., f_1..f_last] -> [U, rows, prod(f)] (last = 0: [U, rows])."""
+      feats = a.shape[a.ndim - last :] if last else ()
+      size = 1
+      for d in feats:
+        size *= d
+      return a.reshape((n_units, -1) + ((size,) if last else ()))
+
     for s, x, g in zip(sites, inputs, g_taps):
       if s.kind == "dense":
-        uses.setdefault(s.weight, []).append(_Use("dense", flat(x), flat(g)))
+        uses.setdefault(s.weight, []).append(_Use("dense", flat(x, s.n_in), flat(g, s.n_out)))
         if s.bias is not None:
-          gb = jnp.sum(flat(g).astype(_F32), axis=1)
+          gb = jnp.sum(flat(g, s.n_out).astype(_F32), axis=1)
           dense_grads[s.bias] = dense_grads[s.bias] + gb if s.bias in dense_grads else gb
       elif s.kind == "embed":
-        uses.setdefault(s.weight, []).append(_Use("index", flat(x, keep_last=False), flat(g)))
+        uses.setdefault(s.weight, []).append(_Use("index", flat(x, 0), flat(g)))
       else:  # attend: logits = x E^T, so dE = g^T x
         uses.setdefault(s.weight, []).append(_Use("dense", flat(g), flat(x)))
 
     rules = _rules(sites, leaves, group_size)
+    matrix_of = {s.weight: _matrix_shape(s, leaves[s.weight].shape) for s in sites}
     sq: Dict[int, jax.Array] = {}
     for i, us in list(uses.items()):
       if rules[i] == "materialised":
@@ -405,6 +479,7 @@ class GhostClippedGradFn(ClippedGradFn):
       sq[i] = acc
     for i, g in dense_grads.items():
       sq[i] = jnp.sum(jnp.square(g.astype(_F32)).reshape(n_units, -1), axis=1)
+      dense_grads[i] = g.reshape((n_units,) + leaves[i].shape)  # a bias of several feature axes
 
     # Group the squared norms by clip group (flat: one group).
     group_of = self._groups(params, len(leaves))
@@ -432,7 +507,7 @@ class GhostClippedGradFn(ClippedGradFn):
       sums = []
       for i, us in uses.items():
         c = factor_list[group_of[i]].astype(_F32)
-        total = jnp.zeros(leaves[i].shape, _F32)
+        total = jnp.zeros(matrix_of[i], _F32)
         for u in us:
           right = prep(u.right).astype(_F32) * c[:, None, None]
           if u.left_kind == "index":
@@ -442,7 +517,7 @@ class GhostClippedGradFn(ClippedGradFn):
             total = total + jnp.einsum(
               "uti,utj->ij", prep(u.left), right, preferred_element_type=_F32
             )
-        sums.append(total)
+        sums.append(total.reshape(leaves[i].shape))
       return sums
 
     # Any non-finite activation or output gradient makes its unit's squared
