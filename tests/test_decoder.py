@@ -482,3 +482,56 @@ def test_qwen3_loads_its_qk_norms_and_matches_pytorch(tmp_path, tie):
   dcfg, params, err = _parity(ref, tmp_path, ids)
   assert dcfg.qk_norm and dcfg.dim_per_head == 16 and err < 1e-4
   assert params["layer_1"]["attn"]["k_norm"]["scale"].shape == (16,)
+
+
+def _gemma(kind, tie):
+  torch.manual_seed(0)
+  common = dict(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    sliding_window=4,  # shorter than the 12 tokens compared: the windows matter
+    query_pre_attn_scalar=24,
+    tie_word_embeddings=tie,
+    pad_token_id=0,
+  )
+  if kind == "gemma2":
+    cfg = transformers.Gemma2Config(
+      **common, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, rope_theta=500.0
+    )
+    return transformers.Gemma2ForCausalLM(cfg)
+  cfg = transformers.Gemma3TextConfig(
+    **common,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+      "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+    },
+  )
+  return transformers.Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_gemma_matches_pytorch(tmp_path, kind, tie):
+  ref = _randomise(_gemma(kind, tie).eval())
+  ids = _ids((2, 12))
+  dcfg, params, err = _parity(ref, tmp_path, ids)
+  assert dcfg.sandwich_norms and dcfg.embed_scale and dcfg.norm_offset == 1.0
+  assert err < 1e-4, err
+  if kind == "gemma2":
+    assert (dcfg.attn_softcap, dcfg.final_softcap) == (5.0, 3.0)
+    ablations = dict(attn_softcap=None, final_softcap=None, sliding_window=None)
+  else:
+    assert dcfg.qk_norm and dcfg.rope_local_theta == 100.0 and dcfg.rope_type == "linear"
+    ablations = dict(rope_local_theta=None, rope_type="default", sliding_window=None)
+  ablations.update(query_pre_attn_scalar=None)
+  base, _ = Decoder(dcfg).apply({"params": params}, ids)
+  for field, value in ablations.items():  # every feature matters on this input
+    other, _ = Decoder(dataclasses.replace(dcfg, **{field: value})).apply({"params": params}, ids)
+    assert np.max(np.abs(np.asarray(other) - np.asarray(base))) > 1e-3, field

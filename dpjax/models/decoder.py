@@ -53,7 +53,15 @@ class DecoderConfig:
   rope_high_freq_factor: float = 4.0  # llama3
   rope_original_max_position: Optional[int] = None  # llama3: the pre-extension context
   sliding_window: Optional[int] = None  # Mistral: a token sees the last W slots (itself included)
-  qk_norm: bool = False  # Qwen3: RMSNorm of each head's query and key before RoPE
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of each head's query and key before RoPE
+  norm_offset: float = 0.0  # Gemma: RMSNorm multiplies by (offset + scale)
+  embed_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size)
+  sandwich_norms: bool = False  # Gemma 2/3: norms after attention and before/after the MLP
+  attn_softcap: Optional[float] = None  # Gemma 2: scores -> cap tanh(scores / cap)
+  final_softcap: Optional[float] = None  # Gemma 2: logits -> cap tanh(logits / cap)
+  query_pre_attn_scalar: Optional[float] = None  # Gemma 2/3: scores scaled by its ^-1/2
+  layer_types: Optional[Tuple[str, ...]] = None  # per layer "full_attention"/"sliding_attention"
+  rope_local_theta: Optional[float] = None  # Gemma 3: the RoPE base of sliding layers
   hidden_act: Optional[str] = None  # None: family default (silu / gelu_new)
   tie_embeddings: bool = False
   attention_bias: Optional[bool] = None  # q/k/v (and o) biases; None: family default
@@ -74,12 +82,32 @@ class DecoderConfig:
       raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
     if self.rope_type == "llama3" and not self.rope_original_max_position:
       raise ValueError("rope_type 'llama3' needs rope_original_max_position")
+    if self.layer_types is not None and (
+      len(self.layer_types) != self.num_layers
+      or set(self.layer_types) - {"full_attention", "sliding_attention"}
+    ):
+      raise ValueError(
+        f"layer_types must give full_attention or sliding_attention for each of the "
+        f"{self.num_layers} layers, got {self.layer_types}"
+      )
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
         f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
       )
+
+  def window(self, layer: int) -> Optional[int]:
+    """The sliding window of `layer` (None: it attends to every earlier slot)."""
+    if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+      return None
+    return self.sliding_window
+
+  def layer_rope(self, layer: int) -> DecoderConfig:
+    """The config whose RoPE `layer` uses (Gemma 3's sliding layers: their own base, unscaled)."""
+    if self.rope_local_theta is None or self.window(layer) is None:
+      return self
+    return dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_type="default")
 
   @property
   def kv_heads(self) -> int:
@@ -136,18 +164,20 @@ def init_cache(cfg: DecoderConfig, batch_size: int, size: int) -> Cache:
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any = jnp.float32
+  offset: float = 0.0  # Gemma: x * (1 + scale), its scale initialised at 0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale).astype(self.dtype)
+    return (x32 * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
 def _norm(cfg: DecoderConfig, name: str):
   if cfg.family == "llama":
-    return RMSNorm(cfg.norm_eps, cfg.dtype, name=name)
+    return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.norm_offset, name=name)
   return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name=name)
 
 
@@ -215,6 +245,7 @@ def rope(x, positions, theta: float, inv_freq=None):
 
 class Attention(nn.Module):
   cfg: DecoderConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(
@@ -232,11 +263,12 @@ class Attention(nn.Module):
     k = dense("k", KVH * hd)(h).reshape(B, T, KVH, hd)
     v = dense("v", KVH * hd)(h).reshape(B, T, KVH, hd)
     if c.qk_norm:
-      q = RMSNorm(c.norm_eps, c.dtype, name="q_norm")(q)
-      k = RMSNorm(c.norm_eps, c.dtype, name="k_norm")(k)
+      q = RMSNorm(c.norm_eps, c.dtype, c.norm_offset, name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, c.dtype, c.norm_offset, name="k_norm")(k)
     if c.family == "llama":
-      freqs = rope_frequencies(c)
-      q, k = rope(q, positions, c.rope_theta, freqs), rope(k, positions, c.rope_theta, freqs)
+      rc = c.layer_rope(self.layer)
+      freqs = rope_frequencies(rc)
+      q, k = rope(q, positions, rc.rope_theta, freqs), rope(k, positions, rc.rope_theta, freqs)
     new_kv = None
     if layer_cache is not None:
       ck, cv = layer_cache
@@ -244,8 +276,9 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
       new_kv = (k, v)
     allowed = (k_slots[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # [B,T,S]
-    if c.sliding_window is not None:  # slots, as transformers' sliding-window mask counts them
-      allowed = allowed & (q_slots[:, None] - k_slots[None, :] < c.sliding_window)[None]
+    window = c.window(self.layer)
+    if window is not None:  # slots, as transformers' sliding-window mask counts them
+      allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)[None]
     if prefix is not None:
       pk, pv = prefix  # [P, KVH, hd] each
       P = pk.shape[0]
@@ -254,7 +287,10 @@ class Attention(nn.Module):
       allowed = jnp.concatenate([jnp.ones((B, T, P), bool), allowed], -1)
     g = H // KVH
     qg = q.reshape(B, T, KVH, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(hd)
+    scale = (c.query_pre_attn_scalar or hd) ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
+    if c.attn_softcap is not None:
+      scores = c.attn_softcap * jnp.tanh(scores / c.attn_softcap)
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
@@ -278,12 +314,14 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: DecoderConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(
     self, h, positions, q_slots, k_slots, key_mask, layer_cache=None, cache_index=None, prefix=None
   ):
-    a, new_kv = Attention(self.cfg, name="attn")(
+    sandwich = self.cfg.sandwich_norms
+    a, new_kv = Attention(self.cfg, self.layer, name="attn")(
       _norm(self.cfg, "attn_norm")(h),
       positions,
       q_slots,
@@ -293,8 +331,9 @@ class Block(nn.Module):
       cache_index,
       prefix,
     )
-    h = h + a
-    h = h + MLP(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(h))
+    h = h + (_norm(self.cfg, "post_attn_norm")(a) if sandwich else a)
+    m = MLP(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(h))
+    h = h + (_norm(self.cfg, "post_mlp_norm")(m) if sandwich else m)
     return h, new_kv
 
 
@@ -308,7 +347,7 @@ class Decoder(nn.Module):
     self.embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed")
     if c.family == "gpt2":
       self.pos_embed = nn.Embed(c.max_position, c.hidden_size, name="pos_embed")
-    self.layers = [Block(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.layers = [Block(c, i, name=f"layer_{i}") for i in range(c.num_layers)]
     self.final_norm = _norm(c, "final_norm")
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")
@@ -341,6 +380,8 @@ class Decoder(nn.Module):
     seen = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)  # [B, 1]
     positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=1) - 1, 0) + position_offset
     h = self.embed(input_ids).astype(c.dtype)
+    if c.embed_scale:  # Gemma: the normaliser in the compute dtype, as transformers rounds it
+      h = h * jnp.asarray(c.hidden_size**0.5, c.dtype)
     if c.family == "gpt2":
       h = h + self.pos_embed(positions).astype(c.dtype)
     if cache is None:
@@ -367,6 +408,8 @@ class Decoder(nn.Module):
     else:
       logits = self.lm_head(h.astype(jnp.float32))
     logits = logits.astype(jnp.float32)
+    if c.final_softcap is not None:
+      logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
     new_cache = None
     if cache is not None:
       new_cache = Cache(jnp.stack(ks), jnp.stack(vs), key_mask, index + T)

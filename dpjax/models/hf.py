@@ -235,6 +235,16 @@ _LLAMA_RULES = (
   + _lin(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj", r"layer_\1/attn/\2")
   + _lin(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"layer_\1/mlp/\2")
 )
+# Gemma 2/3 norm around both sublayers; first match wins, so these precede Llama's names.
+_SANDWICH_RULES = [
+  (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layer_\1/post_attn_norm/scale", _I),
+  (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", r"layer_\1/mlp_norm/scale", _I),
+  (
+    r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight",
+    r"layer_\1/post_mlp_norm/scale",
+    _I,
+  ),
+] + _LLAMA_RULES
 _LLAMA_SKIP = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\..*")
 
 # GPT-2 uses Conv1D, whose weight is already [in, out]; c_attn packs q, k, v.
@@ -276,6 +286,12 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
 
   _require_dir(path)
   hf = AutoConfig.from_pretrained(path, local_files_only=True)
+  if hf.model_type == "gemma3":
+    raise ValueError(
+      f"{path}: a multimodal Gemma 3 checkpoint; dpjax loads the text model (gemma3_text)"
+    )
+  if hf.model_type in GEMMA:
+    return _gemma_config(path, hf, dtype)
   if hf.model_type in ("llama", "mistral", "qwen2", "qwen3"):
     qwen2 = hf.model_type == "qwen2"
     if hf.model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
@@ -348,6 +364,66 @@ def _first_id(*ids) -> int:
   return 0
 
 
+GEMMA = ("gemma", "gemma2", "gemma3_text")
+
+
+def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
+  """Gemma 1/2/3 (text): RMSNorm x (1 + w), sqrt(D)-scaled embeddings; 2 and 3 add
+  sandwich norms and alternating sliding windows, 2 soft-capping, 3 q/k norms and a
+  RoPE base of their own for sliding layers."""
+  rp = dict(getattr(hf, "rope_parameters", None) or {})
+  local = None
+  if "full_attention" in rp or "sliding_attention" in rp:  # Gemma 3: per layer type
+    local = rp.get("sliding_attention") or {}
+    rp = rp.get("full_attention") or {}
+    if local.get("rope_type", "default") != "default":
+      raise ValueError(f"{path}: sliding-layer rope type {local['rope_type']!r} is not implemented")
+  rope_type = rp.get("rope_type", "default")
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(
+      f"{path}: rope type {rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})"
+    )
+  if rp.get("attention_factor", 1.0) != 1.0:
+    raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
+  gen = hf.model_type != "gemma"
+  types = tuple(getattr(hf, "layer_types", None) or ()) or None
+  return DecoderConfig(
+    family="llama",
+    vocab_size=hf.vocab_size,
+    hidden_size=hf.hidden_size,
+    num_layers=hf.num_hidden_layers,
+    num_heads=hf.num_attention_heads,
+    num_kv_heads=hf.num_key_value_heads,
+    head_dim=hf.head_dim,
+    intermediate_size=hf.intermediate_size,
+    max_position=hf.max_position_embeddings,
+    norm_eps=hf.rms_norm_eps,
+    rope_theta=float(rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+    rope_type=rope_type,
+    rope_factor=float(rp.get("factor", 1.0)),
+    rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+    rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+    rope_original_max_position=rp.get("original_max_position_embeddings"),
+    sliding_window=getattr(hf, "sliding_window", None) if gen else None,
+    layer_types=types if gen else None,
+    rope_local_theta=float(local["rope_theta"]) if local and "rope_theta" in local else None,
+    qk_norm=hf.model_type == "gemma3_text",
+    norm_offset=1.0,
+    embed_scale=True,
+    sandwich_norms=gen,
+    attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+    final_softcap=getattr(hf, "final_logit_softcapping", None),
+    query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None),
+    hidden_act=getattr(hf, "hidden_activation", None) or hf.hidden_act,
+    tie_embeddings=bool(hf.tie_word_embeddings),
+    attention_bias=bool(getattr(hf, "attention_bias", False)),
+    pad_token_id=_first_id(hf.pad_token_id, hf.eos_token_id),
+    bos_token_id=_first_id(hf.bos_token_id),
+    eos_token_id=_first_id(hf.eos_token_id),
+    dtype=dtype,
+  )
+
+
 def load_decoder(path: str, *, dtype: str = "float32"):
   """`(DecoderConfig, params)` from a local HF Llama/GPT-2 directory (safetensors).
 
@@ -362,7 +438,7 @@ def load_decoder(path: str, *, dtype: str = "float32"):
   weights = read_safetensors(path)
   if cfg.family == "llama":
     skip = _LLAMA_SKIP + ((r"lm_head\.weight",) if cfg.tie_embeddings else ())
-    params = convert(weights, _LLAMA_RULES, skip)
+    params = convert(weights, _SANDWICH_RULES if cfg.sandwich_norms else _LLAMA_RULES, skip)
   else:
     weights = {
       (k if k.startswith("transformer.") or k.startswith("lm_head") else "transformer." + k): v
