@@ -535,3 +535,24 @@ def test_gemma_matches_pytorch(tmp_path, kind, tie):
   for field, value in ablations.items():  # every feature matters on this input
     other, _ = Decoder(dataclasses.replace(dcfg, **{field: value})).apply({"params": params}, ids)
     assert np.max(np.abs(np.asarray(other) - np.asarray(base))) > 1e-3, field
+
+
+def test_phi3_fused_projections_and_sliding_window_match_pytorch(tmp_path):
+  torch.manual_seed(0)
+  cfg = transformers.Phi3Config(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    sliding_window=5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  ref = _randomise(transformers.Phi3ForCausalLM(cfg).eval())
+  ids = _ids((2, 12))
+  dcfg, params, err = _parity(ref, tmp_path, ids)
+  assert dcfg.sliding_window == 5 and err < 1e-4, err

@@ -273,7 +273,7 @@ _GPT2_SKIP = (
 
 
 def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
-  """`DecoderConfig` from a local HF directory's config.json (Llama, Mistral, Qwen2/3 or GPT-2).
+  """`DecoderConfig` from a local HF directory's config.json (the families of `load_decoder`).
 
   Args:
     path: the checkpoint directory.
@@ -292,7 +292,7 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
     )
   if hf.model_type in GEMMA:
     return _gemma_config(path, hf, dtype)
-  if hf.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+  if hf.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
     qwen2 = hf.model_type == "qwen2"
     if hf.model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
       raise ValueError(f"{path}: {hf.model_type} use_sliding_window=True is not implemented")
@@ -305,7 +305,10 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
     if rope_type != "default" and rp.get("attention_factor", 1.0) != 1.0:
       raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
     theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    window = getattr(hf, "sliding_window", None) if hf.model_type == "mistral" else None
+    window = getattr(hf, "sliding_window", None) if hf.model_type in ("mistral", "phi3") else None
+    partial = rp.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
+    if partial != 1.0:
+      raise ValueError(f"{path}: partial_rotary_factor {partial} is not implemented (only 1.0)")
     return DecoderConfig(
       family="llama",
       vocab_size=hf.vocab_size,
@@ -424,8 +427,32 @@ def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
   )
 
 
+def _unfuse(weights: Dict[str, np.ndarray], cfg: DecoderConfig) -> Dict[str, np.ndarray]:
+  """Phi-3's fused qkv_proj and gate_up_proj as the separate Llama projections."""
+  q = cfg.num_heads * cfg.dim_per_head
+  kv = cfg.kv_heads * cfg.dim_per_head
+  out = {}
+  for name, w in weights.items():
+    if name.endswith("self_attn.qkv_proj.weight"):
+      stem = name[: -len("qkv_proj.weight")]
+      if w.shape[0] != q + 2 * kv:
+        raise ValueError(f"{name}: {w.shape[0]} rows, expected q {q} + k {kv} + v {kv}")
+      out[stem + "q_proj.weight"], out[stem + "k_proj.weight"], out[stem + "v_proj.weight"] = (
+        w[:q],
+        w[q : q + kv],
+        w[q + kv :],
+      )
+    elif name.endswith("mlp.gate_up_proj.weight"):  # gate first, as transformers' chunk(2)
+      stem = name[: -len("gate_up_proj.weight")]
+      out[stem + "gate_proj.weight"], out[stem + "up_proj.weight"] = np.split(w, 2, axis=0)
+    else:
+      out[name] = w
+  return out
+
+
 def load_decoder(path: str, *, dtype: str = "float32"):
-  """`(DecoderConfig, params)` from a local HF Llama/GPT-2 directory (safetensors).
+  """`(DecoderConfig, params)` from a local HF decoder directory (safetensors): Llama, Mistral,
+  Qwen2/3, Phi-3, Gemma 1/2/3 (text) or GPT-2.
 
   Args:
     path: the checkpoint directory.
@@ -435,7 +462,7 @@ def load_decoder(path: str, *, dtype: str = "float32"):
     (config, params).
   """
   cfg = decoder_config(path, dtype=dtype)
-  weights = read_safetensors(path)
+  weights = _unfuse(read_safetensors(path), cfg)
   if cfg.family == "llama":
     skip = _LLAMA_SKIP + ((r"lm_head\.weight",) if cfg.tie_embeddings else ())
     params = convert(weights, _SANDWICH_RULES if cfg.sandwich_norms else _LLAMA_RULES, skip)
