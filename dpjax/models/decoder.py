@@ -7,6 +7,13 @@ One linen module covers both; the family differences are config:
   attention (arXiv 2305.13245), no biases, optionally untied LM head.
 - GPT-2: LayerNorm, learned absolute positions, GELU (tanh) feed-forward,
   biases everywhere, LM head tied to the token embedding.
+- Within the Llama family, as config: Mistral's and Phi-3's sliding window,
+  Qwen2's q/k/v biases, Qwen3's per-head q/k norms, linear and Llama-3.1
+  RoPE scaling, and Gemma 1/2/3 (RMSNorm x (1 + w), sqrt(D)-scaled
+  embeddings, norms after attention and around the MLP, soft-capped scores
+  and logits, per-layer sliding windows with their own RoPE base). What a
+  checkpoint asks for and this module does not implement is refused at load
+  time (`dpjax.models.hf`), never ignored.
 
 Pre-norm blocks. The KV cache is explicit and functional (a `Cache` pytree in,
 a `Cache` out) so generation runs under `jax.jit` and `lax.scan` with fixed
