@@ -27,7 +27,7 @@ from dpjax.pipelines import distil_dp as distill
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import load_config
-from dpjax.training.loop import train
+from dpjax.training.loop import evaluate, train
 from dpjax.training.rundir import RunLocked, strict_json
 
 
@@ -44,6 +44,10 @@ def _train(args) -> int:
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   task = build_task(cfg)
+  info = task.info or {}
+  before = None
+  if info.get("perplexity"):  # the held-out perplexity of the pretrained model, for comparison
+    before = perplexity(evaluate(task, task.params, "dev", int(cfg.physical_batch_size)))
   result = train(
     cfg,
     task,
@@ -52,12 +56,38 @@ def _train(args) -> int:
     allow_privacy_change=args.allow_privacy_change,
   )
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
+  if before is not None:
+    summary["dev_perplexity_before"] = before
+    summary["dev_perplexity"] = perplexity(
+      {k[4:]: v for k, v in result.final_metrics.items() if k.startswith("dev_")}
+    )
   print(json.dumps(strict_json(summary), allow_nan=False))
   p = result.privacy
   if p["private"]:
     print(privacy_line(p))
+  if info.get("samples") and int(result.final_metrics.get("step", 0)) == int(cfg.steps):
+    texts = info["samples"](result.params)
+    with open(os.path.join(workdir, "samples.txt"), "w") as f:
+      f.write("\n".join(texts) + "\n")
+    print("samples (prompt | greedy continuation):")
+    for line in texts:
+      print("  " + line.replace("\n", " "))
   print(f"run directory: {workdir}")
   return 0
+
+
+def perplexity(metrics) -> float:
+  """exp(mean NLL per token) from a split's mean `nll_sum` and `tokens`.
+
+  Args:
+    metrics: the split's mean metrics (`evaluate`), with nll_sum and tokens.
+
+  Returns:
+    The perplexity.
+  """
+  import math
+
+  return math.exp(metrics["nll_sum"] / max(metrics["tokens"], 1e-9))
 
 
 def privacy_line(p) -> str:

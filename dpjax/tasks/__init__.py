@@ -2,14 +2,14 @@
 
 A task bundles the initial parameters, the per-example loss and the data
 splits. Builders are looked up by `cfg.task.name` in `TASKS`; each lives in
-its own module (`synthetic`, `text_classification`, `shakespeare`).
+its own module (`synthetic`, `text_classification`, `shakespeare`, `causal_lm`).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict
 
-from dpjax.tasks import shakespeare, synthetic, text_classification
+from dpjax.tasks import causal_lm, shakespeare, synthetic, text_classification
 from dpjax.training.loop import Task
 
 TASKS: Dict[str, Callable] = {
@@ -17,6 +17,7 @@ TASKS: Dict[str, Callable] = {
   "text_classification": text_classification.text_classification,
   "shakespeare_lm": shakespeare.shakespeare_lm,
   "user_mean": synthetic.user_mean,
+  "causal_lm": causal_lm.causal_lm,
 }
 
 

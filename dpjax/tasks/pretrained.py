@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Dict
+from typing import Any, Callable, Dict, NamedTuple
 
 import numpy as np
 
@@ -30,17 +30,30 @@ def resolve(name_or_path: str) -> str:
   return name_or_path
 
 
-def pretrained_decoder(name_or_path: str):
-  """(DecoderConfig, params, encode) of a pretrained decoder.
+class Pretrained(NamedTuple):
+  """A pretrained decoder with its tokenizer's encode and decode."""
 
-  `encode(texts, seq_len)` -> BOS + tokens, right-padded.
+  config: Any  # DecoderConfig
+  params: Any
+  encode: Callable  # (texts, seq_len, completions=None) -> arrays
+  decode: Callable  # token ids -> text (special tokens dropped)
+  path: str  # the checkpoint loaded (HF directory or .gguf file)
+
+
+def load_pretrained(name_or_path: str) -> Pretrained:
+  """A pretrained decoder and its tokenizer.
+
+  `encode(texts, seq_len)` -> BOS + tokens, right-padded, as "input_ids" and
+  "attention_mask"; with `completions`, each row is BOS + text + completion
+  + EOS and "loss_mask" marks the completion and EOS tokens (the targets a
+  prompt/completion loss counts).
 
   Args:
     name_or_path: an asset name (e.g. "smollm2-135m"), a `.gguf` file, a
       directory holding one, or a Hugging Face directory.
 
   Returns:
-    (config, params, encode).
+    The `Pretrained`.
   """
   path = resolve(name_or_path)
   ggufs = sorted(glob.glob(os.path.join(path, "*.gguf"))) if os.path.isdir(path) else []
@@ -54,14 +67,41 @@ def pretrained_decoder(name_or_path: str):
     mcfg, params = hf.load_decoder(path)
     tok = AutoTokenizer.from_pretrained(path)
 
-  def encode(texts, seq_len: int) -> Dict[str, np.ndarray]:
+  def encode(texts, seq_len: int, completions=None) -> Dict[str, np.ndarray]:
     ids = np.full((len(texts), seq_len), mcfg.pad_token_id, np.int32)
     mask = np.zeros((len(texts), seq_len), np.int32)
+    loss = np.zeros((len(texts), seq_len), np.int32)
     bos = [] if mcfg.bos_token_id is None else [mcfg.bos_token_id]
+    eos = [] if mcfg.eos_token_id is None else [mcfg.eos_token_id]
     for i, text in enumerate(texts):
-      row = (bos + tok(text, add_special_tokens=False)["input_ids"])[:seq_len]
+      head = bos + tok(text, add_special_tokens=False)["input_ids"]
+      tail = []
+      if completions is not None:
+        tail = tok(completions[i], add_special_tokens=False)["input_ids"] + eos
+      row = (head + tail)[:seq_len]
       ids[i, : len(row)] = row
       mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+      loss[i, len(head) if completions is not None else 0 : len(row)] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if completions is not None:
+      out["loss_mask"] = loss
+    return out
 
-  return mcfg, params, encode
+  def decode(token_ids) -> str:
+    return tok.decode([int(t) for t in token_ids], skip_special_tokens=True)
+
+  return Pretrained(mcfg, params, encode, decode, path)
+
+
+def pretrained_decoder(name_or_path: str):
+  """(DecoderConfig, params, encode) of a pretrained decoder (`load_pretrained`).
+
+  Args:
+    name_or_path: an asset name, a `.gguf` file, a directory holding one, or
+      a Hugging Face directory.
+
+  Returns:
+    (config, params, encode).
+  """
+  p = load_pretrained(name_or_path)
+  return p.config, p.params, p.encode

@@ -1,0 +1,132 @@
+"""The causal_lm task: own text/JSONL data, completion-only loss, LoRA from the CLI."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dpjax.cli import main
+from dpjax.models.decoder import Decoder
+from dpjax.tasks import build_task
+from dpjax.tasks.causal_lm import read_examples
+from dpjax.training.config import load_config
+
+torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint")
+transformers = pytest.importorskip("transformers")
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "lm_lora.py")
+WORDS = "the a king queen speaks loud soft and night day comes goes to of my lord".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  path = tmp_path_factory.mktemp("tiny-llama")
+  vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  fast = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+  )
+  fast.save_pretrained(path)
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  return str(path)
+
+
+def _sentences(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(WORDS, rng.integers(3, 8))) for _ in range(n)]
+
+
+def _jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def _cfg(model_dir, data, **over):
+  cfg = load_config(CONFIG)
+  cfg.task.model, cfg.task.data, cfg.task.seq_len = model_dir, data, 16
+  cfg.task.dev_fraction, cfg.task.max_eval = 0.2, 16
+  cfg.batch_size, cfg.physical_batch_size, cfg.steps, cfg.log_every = 8, 16, 3, 3
+  for k, v in over.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_completion_only_loss(model_dir, tmp_path):
+  rows = [{"prompt": p, "completion": c} for p, c in zip(_sentences(40), _sentences(40, 1))]
+  task = build_task(_cfg(model_dir, _jsonl(tmp_path / "pc.jsonl", rows)))
+  ex = {k: v[0] for k, v in task.train.items()}
+  ids, mask, lm = ex["input_ids"], ex["attention_mask"], ex["loss_mask"]
+  n_prompt = int(np.argmax(lm))  # BOS + prompt tokens come before the first counted one
+  assert n_prompt > 1 and lm[:n_prompt].sum() == 0 and lm.sum() > 0
+  assert np.all(lm <= mask) and ids[int(mask.sum()) - 1] == 2  # ends with EOS, counted
+  loss, metrics = task.loss_fn(task.params, ex, task.frozen)
+  from dpjax.models import adapters
+
+  with adapters.lora(task.params, alpha=16):
+    logits, _ = Decoder(task.info["decoder"]).apply({"params": task.frozen}, ids[None])
+  logp = jax.nn.log_softmax(logits[0], -1)
+  targets = [t for t in range(1, int(mask.sum())) if lm[t]]
+  want = -np.mean([float(logp[t - 1, ids[t]]) for t in targets])
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(metrics["tokens"]) == len(targets)
+
+
+def test_bad_rows_are_refused_with_their_line(tmp_path):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: needs 'text', or 'prompt' and 'completion'"):
+    read_examples(_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, {"prompt": "b"}]))
+  with pytest.raises(ValueError, match="mixes 'text' rows"):
+    read_examples(
+      _jsonl(tmp_path / "mix.jsonl", [{"text": "a"}, {"prompt": "b", "completion": "c"}])
+    )
+  with pytest.raises(ValueError, match="must be a .txt or .jsonl"):
+    read_examples(str(_jsonl(tmp_path / "x.csv", [{"text": "a"}])))
+
+
+@pytest.mark.parametrize("unit", ["example", "user"])
+def test_cli_lora_run_reports_privacy_and_perplexity(model_dir, tmp_path, capsys, unit):
+  users = [{"text": s, "user_id": f"u{i % 20}"} for i, s in enumerate(_sentences(120))]
+  data = _jsonl(tmp_path / "d.jsonl", users)
+  sets = [
+    f"task.model={model_dir}",
+    f"task.data={data}",
+    "task.seq_len=16",
+    "task.dev_fraction=0.2",
+    "batch_size=16",
+    "physical_batch_size=16",
+    "steps=3",
+    "log_every=3",
+    f"privacy_unit={unit}",
+  ]
+  if unit == "user":
+    sets += ["users_per_step=4", "max_examples_per_user=4"]
+  work = tmp_path / "run"
+  argv = ["train", CONFIG, "--no-progress", "--workdir", str(work)]
+  assert main(argv + sum((["--set", s] for s in sets), [])) == 0
+  out = capsys.readouterr().out
+  summary = json.loads(out.splitlines()[0])
+  assert summary["dev_perplexity_before"] > 1 and summary["dev_perplexity"] > 1
+  assert 0 < summary["epsilon"] <= 3.0 and summary["privacy_unit"] == unit
+  assert "samples (prompt | greedy continuation):" in out
+  assert (work / "samples.txt").read_text().count("|") == 3
+  params = json.load(open(work / "privacy.json"))
+  assert params["privacy_unit"] == unit
