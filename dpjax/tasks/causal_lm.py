@@ -99,6 +99,37 @@ def _truncate(cfg, params, num_layers: Optional[int]):
   return cfg.__class__(**{**cfg.__dict__, "num_layers": num_layers, "layer_types": types}), keep
 
 
+def base_model(t):
+  """(Pretrained, config, params) of `task.model`, truncated to `task.num_layers`.
+
+  Args:
+    t: the task section.
+
+  Returns:
+    The loaded model, its (truncated) config and parameters.
+  """
+  pre = load_pretrained(t.model)
+  mcfg, params = _truncate(pre.config, pre.params, t.get("num_layers"))
+  return pre, mcfg, params
+
+
+def merged_params(t, params, trained):
+  """The full parameters of a run: `trained` itself, or the LoRA factors merged into `params`.
+
+  Args:
+    t: the task section.
+    params: the base model's parameters.
+    trained: the run's trained parameters (the LoRA factors with `task.lora`).
+
+  Returns:
+    The parameter tree of the fine-tuned model.
+  """
+  lora = t.get("lora")
+  if lora is None:
+    return trained
+  return adapters.merge_lora(params, trained, alpha=float(lora.get("alpha", lora.get("rank", 8))))
+
+
 def causal_lm(cfg) -> Task:
   """DP fine-tuning of a pretrained decoder on `task.data` (see the module docstring).
 
@@ -122,8 +153,7 @@ def causal_lm(cfg) -> Task:
   frac = float(t.get("dev_fraction", 0.05))
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")
-  pre = load_pretrained(t.model)
-  mcfg, params = _truncate(pre.config, pre.params, t.get("num_layers"))
+  pre, mcfg, params = base_model(t)
   completions = [r["completion"] for r in rows] if "completion" in rows[0] else None
   enc = pre.encode([r["text"] for r in rows], int(t.seq_len), completions)
   if "loss_mask" not in enc:
@@ -160,11 +190,6 @@ def causal_lm(cfg) -> Task:
   else:
     trainable, frozen = params, {}
 
-  def full_params(p, frozen):
-    if lora is None:
-      return p
-    return adapters.merge_lora(frozen, p, alpha=scale)
-
   def loss_fn(p, ex, frozen):
     ids, mask, targets = ex["input_ids"][None], ex["attention_mask"][None], ex["loss_mask"]
     if lora is None:
@@ -180,7 +205,7 @@ def causal_lm(cfg) -> Task:
 
   def samples(p, n: int = 3, prompt_tokens: int = 8, new_tokens: int = 24, seed: int = 0):
     """n continuations of the first dev examples' first tokens (greedy), as text."""
-    merged = full_params(p, frozen)
+    merged = merged_params(t, params, p)
     rows_ = [
       list(dev["input_ids"][i][: min(prompt_tokens, int(dev["attention_mask"][i].sum()))])
       for i in range(min(n, len(dev["input_ids"])))
@@ -204,8 +229,6 @@ def causal_lm(cfg) -> Task:
       "encode": pre.encode,
       "perplexity": True,
       "samples": samples,
-      "merge": full_params,
-      "source": pre.path,
-      "lora": lora,
+      "exportable": True,
     },
   )

@@ -38,6 +38,7 @@ class Pretrained(NamedTuple):
   encode: Callable  # (texts, seq_len, completions=None) -> arrays
   decode: Callable  # token ids -> text (special tokens dropped)
   path: str  # the checkpoint loaded (HF directory or .gguf file)
+  tokenizer: Any  # the transformers tokenizer
 
 
 def load_pretrained(name_or_path: str) -> Pretrained:
@@ -90,7 +91,7 @@ def load_pretrained(name_or_path: str) -> Pretrained:
   def decode(token_ids) -> str:
     return tok.decode([int(t) for t in token_ids], skip_special_tokens=True)
 
-  return Pretrained(mcfg, params, encode, decode, path)
+  return Pretrained(mcfg, params, encode, decode, path, tok)
 
 
 def pretrained_decoder(name_or_path: str):
