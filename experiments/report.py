@@ -149,7 +149,7 @@ UTILITY_METHODS = (
   "bandmf",
   "adam-bc",
   "bandmf+automatic",
-  "bandmf+adam-bc",
+  "automatic+adam-bc",
 )
 
 
