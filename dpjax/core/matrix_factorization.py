@@ -89,11 +89,11 @@ def inverse_coefficients(coefs: Sequence[float], steps: int) -> np.ndarray:
     d_0..d_{n-1} with sum_j c_j d_{k-j} = [k == 0].
   """
   c = np.asarray(coefs, np.float64)
+  tail = c[1:]  # c_1..c_{b-1}
   d = np.zeros(steps)
   for k in range(steps):
-    acc = 1.0 if k == 0 else 0.0
-    for j in range(1, min(len(c), k + 1)):
-      acc -= c[j] * d[k - j]
+    m = min(len(tail), k)  # d_{k-1}, ..., d_{k-m}
+    acc = (1.0 if k == 0 else 0.0) - (np.dot(tail[:m], d[k - m : k][::-1]) if m else 0.0)
     d[k] = acc / c[0]
   return d
 
