@@ -27,6 +27,15 @@ needs_torch = pytest.mark.skipif(
 )
 
 V = 101
+# The shape of every tiny checkpoint compared with transformers (6 heads of 8, 2 KV heads).
+SMALL = dict(
+  vocab_size=V,
+  hidden_size=48,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=6,
+  num_key_value_heads=2,
+)
 
 
 def _tiny(family, tie=False):
@@ -428,12 +437,7 @@ def _parity(ref, tmp_path, ids):
 def test_rope_scaling_matches_pytorch(tmp_path, rope):
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
+    **SMALL,
     max_position_embeddings=512,
     rope_parameters={"rope_theta": 500.0, **rope},
     pad_token_id=0,
@@ -453,12 +457,7 @@ def test_rope_scaling_matches_pytorch(tmp_path, rope):
 def test_mistral_sliding_window_matches_pytorch(tmp_path):
   torch.manual_seed(0)
   cfg = transformers.MistralConfig(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
+    **SMALL,
     max_position_embeddings=64,
     sliding_window=4,
     rope_theta=500.0,
@@ -495,12 +494,7 @@ def test_unimplemented_rope_types_are_refused(tmp_path):
 def test_qwen3_loads_its_qk_norms_and_matches_pytorch(tmp_path, tie):
   torch.manual_seed(0)
   cfg = transformers.Qwen3Config(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
+    **SMALL,
     head_dim=16,  # Qwen3 sets it apart from hidden / heads
     max_position_embeddings=64,
     tie_word_embeddings=tie,
@@ -572,12 +566,7 @@ def test_gemma_matches_pytorch(tmp_path, kind, tie):
 def test_phi3_fused_projections_and_sliding_window_match_pytorch(tmp_path):
   torch.manual_seed(0)
   cfg = transformers.Phi3Config(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
+    **SMALL,
     max_position_embeddings=64,
     sliding_window=5,
     pad_token_id=0,

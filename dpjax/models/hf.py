@@ -297,14 +297,6 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
     if hf.model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
       raise ValueError(f"{path}: {hf.model_type} use_sliding_window=True is not implemented")
     rp = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-      raise ValueError(
-        f"{path}: rope type {rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})"
-      )
-    if rope_type != "default" and rp.get("attention_factor", 1.0) != 1.0:
-      raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
-    theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     window = getattr(hf, "sliding_window", None) if hf.model_type in ("mistral", "phi3") else None
     partial = rp.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
     if partial != 1.0:
@@ -320,12 +312,7 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       intermediate_size=hf.intermediate_size,
       max_position=hf.max_position_embeddings,
       norm_eps=hf.rms_norm_eps,
-      rope_theta=float(theta),
-      rope_type=rope_type,
-      rope_factor=float(rp.get("factor", 1.0)),
-      rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
-      rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
-      rope_original_max_position=rp.get("original_max_position_embeddings"),
+      **_rope_fields(path, rp, hf),
       sliding_window=window,
       qk_norm=hf.model_type == "qwen3",
       hidden_act=hf.hidden_act,
@@ -370,6 +357,25 @@ def _first_id(*ids) -> int:
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
+def _rope_fields(path: str, rp: Dict, hf) -> Dict:
+  """The DecoderConfig RoPE fields of a checkpoint's rope parameters; unimplemented ones refused."""
+  rope_type = rp.get("rope_type", rp.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(
+      f"{path}: rope type {rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})"
+    )
+  if rope_type != "default" and rp.get("attention_factor", 1.0) != 1.0:
+    raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
+  return dict(
+    rope_theta=float(rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+    rope_type=rope_type,
+    rope_factor=float(rp.get("factor", 1.0)),
+    rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+    rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+    rope_original_max_position=rp.get("original_max_position_embeddings"),
+  )
+
+
 def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
   """Gemma 1/2/3 (text): RMSNorm x (1 + w), sqrt(D)-scaled embeddings; 2 and 3 add
   sandwich norms and alternating sliding windows, 2 soft-capping, 3 q/k norms and a
@@ -381,13 +387,6 @@ def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
     rp = rp.get("full_attention") or {}
     if local.get("rope_type", "default") != "default":
       raise ValueError(f"{path}: sliding-layer rope type {local['rope_type']!r} is not implemented")
-  rope_type = rp.get("rope_type", "default")
-  if rope_type not in ROPE_TYPES:
-    raise ValueError(
-      f"{path}: rope type {rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})"
-    )
-  if rp.get("attention_factor", 1.0) != 1.0:
-    raise ValueError(f"{path}: rope attention_factor {rp['attention_factor']} is not implemented")
   gen = hf.model_type != "gemma"
   types = tuple(getattr(hf, "layer_types", None) or ()) or None
   return DecoderConfig(
@@ -401,12 +400,7 @@ def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
     intermediate_size=hf.intermediate_size,
     max_position=hf.max_position_embeddings,
     norm_eps=hf.rms_norm_eps,
-    rope_theta=float(rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
-    rope_type=rope_type,
-    rope_factor=float(rp.get("factor", 1.0)),
-    rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
-    rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
-    rope_original_max_position=rp.get("original_max_position_embeddings"),
+    **_rope_fields(path, rp, hf),
     sliding_window=getattr(hf, "sliding_window", None) if gen else None,
     layer_types=types if gen else None,
     rope_local_theta=float(local["rope_theta"]) if local and "rope_theta" in local else None,
