@@ -302,16 +302,7 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
     if partial != 1.0:
       raise ValueError(f"{path}: partial_rotary_factor {partial} is not implemented (only 1.0)")
     return DecoderConfig(
-      family="llama",
-      vocab_size=hf.vocab_size,
-      hidden_size=hf.hidden_size,
-      num_layers=hf.num_hidden_layers,
-      num_heads=hf.num_attention_heads,
-      num_kv_heads=hf.num_key_value_heads,
-      head_dim=getattr(hf, "head_dim", None),
-      intermediate_size=hf.intermediate_size,
-      max_position=hf.max_position_embeddings,
-      norm_eps=hf.rms_norm_eps,
+      **_llama_shape(hf),
       **_rope_fields(path, rp, hf),
       sliding_window=window,
       qk_norm=hf.model_type == "qwen3",
@@ -357,6 +348,22 @@ def _first_id(*ids) -> int:
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
+def _llama_shape(hf) -> Dict:
+  """The DecoderConfig size fields of a Llama-family transformers config."""
+  return dict(
+    family="llama",
+    vocab_size=hf.vocab_size,
+    hidden_size=hf.hidden_size,
+    num_layers=hf.num_hidden_layers,
+    num_heads=hf.num_attention_heads,
+    num_kv_heads=hf.num_key_value_heads,
+    head_dim=getattr(hf, "head_dim", None),
+    intermediate_size=hf.intermediate_size,
+    max_position=hf.max_position_embeddings,
+    norm_eps=hf.rms_norm_eps,
+  )
+
+
 def _rope_fields(path: str, rp: Dict, hf) -> Dict:
   """The DecoderConfig RoPE fields of a checkpoint's rope parameters; unimplemented ones refused."""
   rope_type = rp.get("rope_type", rp.get("type", "default"))
@@ -390,16 +397,7 @@ def _gemma_config(path: str, hf, dtype: str) -> DecoderConfig:
   gen = hf.model_type != "gemma"
   types = tuple(getattr(hf, "layer_types", None) or ()) or None
   return DecoderConfig(
-    family="llama",
-    vocab_size=hf.vocab_size,
-    hidden_size=hf.hidden_size,
-    num_layers=hf.num_hidden_layers,
-    num_heads=hf.num_attention_heads,
-    num_kv_heads=hf.num_key_value_heads,
-    head_dim=hf.head_dim,
-    intermediate_size=hf.intermediate_size,
-    max_position=hf.max_position_embeddings,
-    norm_eps=hf.rms_norm_eps,
+    **_llama_shape(hf),
     **_rope_fields(path, rp, hf),
     sliding_window=getattr(hf, "sliding_window", None) if gen else None,
     layer_types=types if gen else None,
