@@ -216,7 +216,9 @@ def utility(task: str, epsilon: str) -> str:
         ",".join(map(str, seeds)),
         _ms(acc, ".2f"),
         "-" if method == "dp-sgd" else diff,
-        "-" if method == "dp-sgd" or not np.isfinite(closed) else f"{100 * closed:+.0f} %",
+        "-"
+        if method == "dp-sgd" or not np.isfinite(closed)
+        else f"{int(round(100 * closed)):+d} %",
         f"{max(got[k]['epsilon'] for k in seeds):.3f}",
         _ms([got[k]["noise_multiplier"] for k in seeds], ".3f"),
         str(got[seeds[0]]["bands"]),
