@@ -23,8 +23,10 @@ from dpjax.core.checks import (
   check_steps,
 )
 from dpjax.methods.lmo_search import lmo_search
+from dpjax.models.hf import export_decoder
 from dpjax.pipelines import distil_dp as distill
 from dpjax.tasks import build_task
+from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import load_config
 from dpjax.training.loop import evaluate, train
@@ -126,9 +128,6 @@ def load_trained(workdir: str):
 
 
 def _export(args) -> int:
-  from dpjax.models.hf import export_decoder
-  from dpjax.tasks.causal_lm import base_model, merged_params
-
   conf = os.path.join(args.run_dir, "config.json")
   if not os.path.exists(conf):
     raise FileNotFoundError(f"{conf}: not a run directory (no config.json)")

@@ -105,13 +105,27 @@ class DecoderConfig:
       )
 
   def window(self, layer: int) -> Optional[int]:
-    """The sliding window of `layer` (None: it attends to every earlier slot)."""
+    """The sliding window of `layer`.
+
+    Args:
+      layer: the layer's index.
+
+    Returns:
+      Its window in slots, or None (it attends to every earlier slot).
+    """
     if self.layer_types is not None and self.layer_types[layer] == "full_attention":
       return None
     return self.sliding_window
 
   def layer_rope(self, layer: int) -> DecoderConfig:
-    """The config whose RoPE `layer` uses (Gemma 3's sliding layers: their own base, unscaled)."""
+    """The config whose RoPE `layer` uses (Gemma 3's sliding layers: their own base, unscaled).
+
+    Args:
+      layer: the layer's index.
+
+    Returns:
+      This config, or a copy with the sliding layers' RoPE fields.
+    """
     if self.rope_local_theta is None or self.window(layer) is None:
       return self
     return dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_type="default")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax.data.shakespeare import load_shakespeare
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.generate import generate, left_pad
@@ -83,8 +84,6 @@ def read_examples(path: str) -> List[Dict[str, Any]]:
 
 
 def _shakespeare_rows() -> List[Dict[str, Any]]:
-  from dpjax.data.shakespeare import load_shakespeare
-
   ds = load_shakespeare()
   return [{"text": r["line"], "user_id": r["user_id"]} for split in ds for r in ds[split]]
 
