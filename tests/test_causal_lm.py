@@ -102,7 +102,7 @@ def test_bad_rows_are_refused_with_their_line(tmp_path):
     read_examples(str(_jsonl(tmp_path / "x.csv", [{"text": "a"}])))
 
 
-@pytest.mark.parametrize("unit", ["example", "user"])
+@pytest.mark.parametrize("unit", ["example", pytest.param("user", marks=pytest.mark.slow)])
 def test_cli_lora_run_reports_privacy_and_perplexity(model_dir, tmp_path, capsys, unit):
   users = [{"text": s, "user_id": f"u{i % 20}"} for i, s in enumerate(_sentences(120))]
   data = _jsonl(tmp_path / "d.jsonl", users)
@@ -132,7 +132,7 @@ def test_cli_lora_run_reports_privacy_and_perplexity(model_dir, tmp_path, capsys
   assert params["privacy_unit"] == unit
 
 
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
   import ml_collections
 

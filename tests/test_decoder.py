@@ -541,8 +541,15 @@ def _gemma(kind, tie):
 
 
 @needs_torch
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize(
+  "kind,tie",
+  [
+    ("gemma2", True),
+    ("gemma3", False),
+    pytest.param("gemma2", False, marks=pytest.mark.slow),
+    pytest.param("gemma3", True, marks=pytest.mark.slow),
+  ],
+)
 def test_gemma_matches_pytorch(tmp_path, kind, tie):
   ref = _randomise(_gemma(kind, tie).eval())
   ids = _ids((2, 12))
