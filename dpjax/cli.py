@@ -58,7 +58,7 @@ def _train(args) -> int:
     allow_privacy_change=args.allow_privacy_change,
   )
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
-  if before is not None:
+  if before is not None and "dev_nll_sum" in result.final_metrics:
     summary["dev_perplexity_before"] = before
     summary["dev_perplexity"] = perplexity(
       {k[4:]: v for k, v in result.final_metrics.items() if k.startswith("dev_")}
