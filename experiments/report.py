@@ -47,6 +47,11 @@ def _g(x: float) -> str:
   return f"{x:g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
+def _paired(acc: Dict, base: Dict) -> str:
+  """Per-seed differences in points, "+0.57, -0.28, ..." ({seed: accuracy in [0, 1]} each)."""
+  return ", ".join(f"{100 * (acc[k] - base[k]):+.2f}" for k in sorted(acc) if k in base)
+
+
 def _table(header: List[str], lines: List[List[str]]) -> str:
   out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -109,15 +114,7 @@ def dp_flat(
       continue
     seeds = sorted(got)
     acc = [100 * got[k]["test_accuracy"] for k in seeds]
-    diff = (
-      ", ".join(
-        f"{100 * (got[k]['test_accuracy'] - plain[k]['test_accuracy']):+.2f}"
-        for k in seeds
-        if k in plain
-      )
-      if v != "plain"
-      else "-"
-    )
+    diff = _paired(_test(got), _test(plain)) if v != "plain" else "-"
     cells = [
       v,
       ",".join(map(str, seeds)),
@@ -151,6 +148,11 @@ UTILITY_METHODS = (
   "bandmf+automatic",
   "automatic+adam-bc",
 )
+
+
+def _test(by_seed: Dict) -> Dict:
+  """{seed: row} -> {seed: test accuracy}."""
+  return {k: r["test_accuracy"] for k, r in by_seed.items()}
 
 
 def _non_private(task: str) -> Dict[int, float]:
@@ -202,11 +204,7 @@ def utility(task: str, epsilon: str) -> str:
       continue
     seeds = sorted(got)
     acc = [100 * got[k]["test_accuracy"] for k in seeds]
-    diff = ", ".join(
-      f"{100 * (got[k]['test_accuracy'] - base[k]['test_accuracy']):+.2f}"
-      for k in seeds
-      if k in base
-    )
+    diff = _paired(_test(got), _test(base))
     closed = (np.mean([got[k]["test_accuracy"] for k in seeds]) - base_mean) / (
       free_mean - base_mean
     )
@@ -232,11 +230,7 @@ def utility(task: str, epsilon: str) -> str:
     got = {r["seed"]: r for r in peers.values() if r["method"] == method}
     seeds = sorted(got)
     acc = [100 * got[k]["test_accuracy"] for k in seeds]
-    diff = ", ".join(
-      f"{100 * (got[k]['test_accuracy'] - base[k]['test_accuracy']):+.2f}"
-      for k in seeds
-      if k in base
-    )
+    diff = _paired(_test(got), _test(base))
     lines.append(
       [
         method,
@@ -257,8 +251,7 @@ def utility(task: str, epsilon: str) -> str:
         "non-private",
         ",".join(map(str, seeds)),
         _ms([100 * free[k] for k in seeds], ".2f"),
-        ", ".join(f"{100 * (free[k] - base[k]['test_accuracy']):+.2f}" for k in seeds if k in base)
-        or "-",
+        _paired(free, _test(base)) or "-",
         "+100 %",
         "inf",
         "-",

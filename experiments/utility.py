@@ -56,15 +56,7 @@ TASKS = {
   "rt-top2": os.path.join(CONFIGS, "dp_flat", "full.py"),
   "rt-head": os.path.join(CONFIGS, "quickstart.py"),
 }
-METHODS = (
-  "dp-sgd",
-  "automatic",
-  "adaptive",
-  "bandmf",
-  "adam-bc",
-  "bandmf+automatic",
-  "automatic+adam-bc",
-)
+METHODS = report_lib.UTILITY_METHODS
 TUNE_CLIPS = (0.1, 0.3, 1.0)
 TRAIN_EXAMPLES = 8441  # rt-polarity's training split
 
