@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -28,13 +29,18 @@ from dpjax.pipelines import distil_dp as distill
 from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
-from dpjax.training.config import load_config
+from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import evaluate, train
 from dpjax.training.rundir import RunLocked, strict_json
 
 
 def _train(args) -> int:
-
+  if args.list:
+    configs = list_configs()
+    width = max(map(len, configs))
+    for name, doc in configs.items():
+      print(f"{name:<{width}}  {doc}")
+    return 0
   if args.distributed:
     if not args.workdir:
       raise SystemExit("--distributed needs --workdir (every process must use the same one)")
@@ -402,6 +408,13 @@ def _assets(args) -> int:
   return 0
 
 
+def _version() -> str:
+  try:
+    return importlib.metadata.version("dpjax")
+  except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+    return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
   """The `dpjax` command (`dpjax --help` lists the subcommands).
 
@@ -412,16 +425,18 @@ def main(argv=None) -> int:
     The exit status.
   """
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
+  p.add_argument("--version", action="version", version=f"dpjax {_version()}")
   sub = p.add_subparsers(dest="cmd", required=True)
 
   t = sub.add_parser(
     "train",
-    help="run a config from configs/",
+    help="run a config: a file, or a shipped config's name (dpjax train --list)",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="config keys (--set KEY=VALUE; `dpjax config CONFIG` shows a "
     "config's values):\n  " + "\n  ".join(spec_lib.describe()),
   )
   t.add_argument("config", nargs="?", default="configs/quickstart.py")
+  t.add_argument("--list", action="store_true", help="list the shipped configs and exit")
   t.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   t.add_argument("--no-progress", action="store_true")

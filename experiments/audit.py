@@ -27,10 +27,10 @@ import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.auditing import one_run, step_audit
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
+CONFIGS = os.path.join(CONFIG_DIR)
 TRIALS = 1_000_000
 
 # name -> (config file, overrides): one step, sigma 1 (Laplace: scale = L1 clip).

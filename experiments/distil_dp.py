@@ -32,7 +32,7 @@ from dpjax.core import accounting
 from dpjax.models.decoder import Decoder, causal_lm_loss
 from dpjax.pipelines import distil_dp as distill
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import Task, prepare, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,7 +62,7 @@ def _student_private_task(task, scfg, init, teacher=None, teacher_params=None, l
 
 
 def run(eps, seed, workdir):
-  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "distil_shakespeare.py"))
+  cfg = load_config(os.path.join(CONFIG_DIR, "distil_shakespeare.py"))
   cfg.total_epsilon = eps
   cfg.teacher.seed = cfg.generation.seed = cfg.student.seed = seed
   rows = {}

@@ -50,7 +50,7 @@ import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.methods import flatness
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,7 +69,7 @@ SHARPNESS = {"prefix": (0.05, False), "full": (1e-3, True)}
 
 def base_config(steps, prefix_layers=None, mode="prefix", batch_size=512, layer_lr=1e-3):
   """configs/dp_flat/<mode>.py with this grid's steps, batch size and layer rate."""
-  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "dp_flat", f"{mode}.py"))
+  cfg = load_config(os.path.join(CONFIG_DIR, "dp_flat", f"{mode}.py"))
   if mode == "prefix":
     cfg.task.prefix_layers = prefix_layers
   else:

@@ -20,6 +20,7 @@ import warnings
 import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core import accounting
+from dpjax.training.config import CONFIG_DIR
 
 TASKS = {"sst2": 67_349, "qnli": 104_743, "qqp": 363_846, "mnli": 392_702}
 BATCH, EPOCHS = 2000, 20
@@ -68,7 +69,6 @@ def finetune(args):
   from dpjax.training.config import load_config
   from dpjax.training.loop import train
 
-  root = os.path.join(os.path.dirname(__file__), "..")
   done = rows_lib.dedupe(
     rows_lib.load("ew_tune_finetune"), lambda r: {"accountant": r["accountant"], "seed": r["seed"]}
   )
@@ -76,9 +76,7 @@ def finetune(args):
     for seed in args.seeds:
       if rows_lib.find(done, {"accountant": acc, "seed": seed}) is not None:
         continue
-      cfg = load_config(
-        os.path.join(root, "configs", "ew_rt.py"), [f"accountant={acc}", f"seed={seed}"]
-      )
+      cfg = load_config(os.path.join(CONFIG_DIR, "ew_rt.py"), [f"accountant={acc}", f"seed={seed}"])
       task = build_task(cfg)
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from dpjax.core.accounting import lmo as L
 from dpjax.methods import lmo_search as S
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import prepare, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,7 +48,7 @@ SHAPES = [("laplace", L.LMOParams.laplace(1.0))] + [
 
 
 def _config():
-  return load_config(os.path.join(os.path.dirname(HERE), "configs", "lmo_dp", "rt.py"))
+  return load_config(os.path.join(CONFIG_DIR, "lmo_dp", "rt.py"))
 
 
 def _lmo_config(cfg, params: dict):

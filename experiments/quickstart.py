@@ -19,11 +19,11 @@ import time
 import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(os.path.dirname(HERE), "configs", "quickstart.py")
+CONFIG = os.path.join(CONFIG_DIR, "quickstart.py")
 
 
 def spec_of(r):

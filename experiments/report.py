@@ -692,6 +692,47 @@ def bench_step(file: str = "bench_step_cpu") -> str:
   )
 
 
+@renderer
+def bench_accounting(file: str = "bench_accounting") -> str:
+  """Noise calibration: seconds and exact PLD evaluations, coarse-to-fine beside bisection."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file),
+    lambda r: {k: r[k] for k in ("method", "sampling_rate", "steps", "target_epsilon", "device")},
+  )
+  cases = list(
+    dict.fromkeys((r["sampling_rate"], r["steps"], r["target_epsilon"]) for r in index.values())
+  )
+  lines = []
+  for q, steps, target in cases:
+    by = {
+      r["method"]: r
+      for r in index.values()
+      if (r["sampling_rate"], r["steps"], r["target_epsilon"]) == (q, steps, target)
+    }
+    fast, slow = by["coarse_to_fine"], by.get("bisection")
+    lines.append(
+      [
+        f"{_g(q)}, {steps:,}, {_g(target)}",
+        "-" if slow is None else f"{slow['seconds']:.2f} ({slow['exact_evaluations']})",
+        f"{fast['seconds']:.2f} ({fast['exact_evaluations']})",
+        "-" if slow is None else f"{slow['seconds'] / fast['seconds']:.1f}x",
+        f"{fast['noise_multiplier']:.4f}",
+        f"{fast['epsilon_dp_accounting']:.4f} ({fast['epsilon_over_target']:.4f})",
+      ]
+    )
+  return _table(
+    [
+      "q, steps, target eps",
+      "bisection s (exact evals)",
+      "coarse-to-fine s (exact evals)",
+      "speed-up",
+      "sigma",
+      "dp-accounting eps of sigma (/ target)",
+    ],
+    lines,
+  )
+
+
 # --- the driver --------------------------------------------------------------
 
 

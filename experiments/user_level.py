@@ -30,7 +30,7 @@ from dpjax.core.accounting import user_level
 from dpjax.core.sampling import bound_contributions
 from dpjax.data.shakespeare import load_shakespeare
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +90,7 @@ def mean_experiment(args):
   def run(spec):
     key = (spec["steps"], spec["diverse"])
     if key not in tasks:
-      cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "user_mean.py"))
+      cfg = load_config(os.path.join(CONFIG_DIR, "user_mean.py"))
       cfg.task.diverse = spec["diverse"]
       cfg.steps = cfg.log_every = spec["steps"]
       tasks[key] = (cfg, build_task(cfg))
@@ -114,7 +114,7 @@ def mean_experiment(args):
 
 
 def shakespeare_experiment(args):
-  cfg = load_config(os.path.join(os.path.dirname(HERE), "configs", "user_shakespeare.py"))
+  cfg = load_config(os.path.join(CONFIG_DIR, "user_shakespeare.py"))
   cfg.steps = cfg.log_every = args.steps[0]
   task = build_task(cfg)
 

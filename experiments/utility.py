@@ -45,11 +45,11 @@ from dpjax.core import matrix_factorization as mf
 from dpjax.core.accounting import accountants, events
 from dpjax.core.accounting.calibrate import calibrate_scale
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
+CONFIGS = os.path.join(CONFIG_DIR)
 NAME = "utility"
 
 TASKS = {

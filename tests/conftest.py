@@ -1,6 +1,38 @@
 import os
 
+import pytest
+
 # Sharding tests need several devices; on CPU they are virtual. Must be set
 # before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture
+def tiny_bert(tmp_path, monkeypatch):
+  """A writer of a tiny random BERT (2 layers, width 16) with a word-level vocab: dir path.
+
+  Sets DPJAX_HOME to a fresh directory (the frozen-feature cache). Needs torch.
+  """
+  torch = pytest.importorskip("torch", reason="torch (CPU) writes the tiny BERT fixture")
+  transformers = pytest.importorskip("transformers")
+  monkeypatch.setenv("DPJAX_HOME", str(tmp_path / "home"))
+
+  def write(words):
+    model_dir = tmp_path / "bert"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+      vocab_size=len(vocab),
+      hidden_size=16,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=24,
+      max_position_embeddings=32,
+    )
+    transformers.BertModel(cfg).save_pretrained(model_dir)
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    return str(model_dir)
+
+  return write

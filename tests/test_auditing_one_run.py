@@ -12,9 +12,9 @@ import pytest
 from dpjax import cli
 from dpjax.auditing import one_run
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(CONFIG_DIR)
 
 
 def _synthetic_task(num_users=None):

@@ -11,10 +11,10 @@ import pytest
 from dpjax.auditing import step_audit as sa
 from dpjax.tasks import build_task
 from dpjax.training import loop
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.plan import PrivacyPlan
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(CONFIG_DIR)
 TRIALS = 1_000_000
 
 

@@ -15,10 +15,10 @@ import pytest
 
 import dpjax
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import prepare, train
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+CONFIG = os.path.join(CONFIG_DIR, "synthetic.py")
 
 
 class MLP(nn.Module):

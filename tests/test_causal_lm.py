@@ -11,12 +11,12 @@ from dpjax.cli import main
 from dpjax.models.decoder import Decoder
 from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import read_examples
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 
 torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint")
 transformers = pytest.importorskip("transformers")
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "lm_lora.py")
+CONFIG = os.path.join(CONFIG_DIR, "lm_lora.py")
 WORDS = "the a king queen speaks loud soft and night day comes goes to of my lord".split()
 
 

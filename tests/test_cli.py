@@ -290,11 +290,41 @@ def test_laplace_is_settable_end_to_end(tmp_path, capsys):
 
 
 def test_configs_are_found_from_any_directory(tmp_path, monkeypatch):
-  """`dpjax train configs/X.py` works outside the checkout (the README's first command)."""
-  from dpjax.training.config import load_config, resolve_config_path
+  """`dpjax train configs/X.py` (and `X`) works outside the checkout (the README's first line)."""
+  from dpjax.training.config import CONFIG_DIR, list_configs, load_config, resolve_config_path
 
   monkeypatch.chdir(tmp_path)
-  path = resolve_config_path("configs/quickstart.py")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  assert os.path.samefile(path, os.path.join(root, "configs", "quickstart.py"))
-  assert load_config("configs/synthetic.py").task.name == "synthetic"
+  want = os.path.join(CONFIG_DIR, "quickstart.py")
+  for name in ("configs/quickstart.py", "quickstart.py", "quickstart"):
+    assert os.path.samefile(resolve_config_path(name), want)
+  assert os.path.samefile(
+    resolve_config_path("configs/dp_flat/full.py"), os.path.join(CONFIG_DIR, "dp_flat", "full.py")
+  )
+  assert load_config("synthetic").task.name == "synthetic"
+  # a file of that name in the working directory wins over the shipped one
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "quickstart.py").write_text("def get_config(): pass\n")
+  assert os.path.samefile(resolve_config_path("configs/quickstart.py"), "configs/quickstart.py")
+  shipped = {
+    os.path.relpath(os.path.join(d, f), CONFIG_DIR)[:-3]
+    for d, _, fs in os.walk(CONFIG_DIR)
+    for f in fs
+    if f.endswith(".py") and f != "__init__.py"
+  }
+  assert set(list_configs()) == shipped and "dp_flat/full" in shipped
+  assert all(list_configs().values())  # every config says what it is
+  with pytest.raises(FileNotFoundError, match="nor a shipped config; shipped: .*quickstart"):
+    resolve_config_path("nope")
+
+
+def test_version_and_list(capsys):
+  import importlib.metadata
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.strip() == f"dpjax {importlib.metadata.version('dpjax')}"
+  assert cli.main(["train", "--list"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert any(line.startswith("quickstart ") and "MiniLM" in line for line in lines)
+  assert any(line.startswith("dp_flat/full ") for line in lines)

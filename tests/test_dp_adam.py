@@ -12,10 +12,10 @@ import pytest
 
 from dpjax.methods import dp_adam
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import prepare, train
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+CONFIG = os.path.join(CONFIG_DIR, "synthetic.py")
 
 
 def _run(tx, grads):

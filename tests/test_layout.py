@@ -56,6 +56,9 @@ ALLOWED: Dict[str, Set[str]] = {
     "dpjax.assets",
   },
 }
+# The shipped config files sit on top, beside the CLI (one builds on another
+# through `dpjax.training.config`).
+ALLOWED["dpjax.configs"] = ALLOWED["dpjax.cli"]
 FACADE = "dpjax"  # dpjax/__init__.py re-exports the public names; nothing imports it
 # What the private core may import from outside dpjax: flax because ghost clipping
 # intercepts linen layers, attr because DpEvents are attrs classes.

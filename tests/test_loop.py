@@ -7,10 +7,10 @@ import pytest
 
 from dpjax.core import accounting
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+CONFIG = os.path.join(CONFIG_DIR, "synthetic.py")
 
 
 def small_config(**overrides):
@@ -101,11 +101,11 @@ def test_config_override_errors(tmp_path):
 
 
 def test_every_shipped_config_loads():
-  import glob
+  from dpjax.training.config import list_configs
 
-  paths = glob.glob(os.path.join(os.path.dirname(CONFIG), "*.py"))
-  assert len(paths) >= 3
-  for p in paths:
+  names = list_configs()
+  assert len(names) >= 10
+  for p in names:
     cfg = load_config(p)
     if "teacher" in cfg:  # a `dpjax distill` pipeline: its training stage
       assert cfg.total_epsilon > 0 and cfg.student.steps >= 1

@@ -16,11 +16,11 @@ import pytest
 from dp_accounting import pld
 
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 from dpjax.training.plan import BudgetExhausted, ResumeRefused
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+CONFIG = os.path.join(CONFIG_DIR, "synthetic.py")
 DELTA = 1e-5
 
 

@@ -7,33 +7,19 @@ import numpy as np
 import pytest
 
 from dpjax.tasks import build_task
-from dpjax.training.config import load_config
+from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
 torch = pytest.importorskip("torch", reason="torch (CPU) writes the tiny BERT fixture")
 transformers = pytest.importorskip("transformers")
 
-QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
+QUICKSTART = os.path.join(CONFIG_DIR, "quickstart.py")
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "plot", "the", "a"]
 
 
 @pytest.fixture
-def fixtures(tmp_path, monkeypatch):
-  monkeypatch.setenv("DPJAX_HOME", str(tmp_path / "home"))
-  model_dir = tmp_path / "bert"
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-  torch.manual_seed(0)
-  cfg = transformers.BertConfig(
-    vocab_size=len(vocab),
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=24,
-    max_position_embeddings=32,
-  )
-  transformers.BertModel(cfg).save_pretrained(model_dir)
-  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  transformers.BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+def fixtures(tmp_path, tiny_bert):
+  model_dir = tiny_bert(WORDS)
   rng = np.random.default_rng(0)
   lines = []
   for i in range(400):

@@ -6,7 +6,6 @@ nothing is downloaded here.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Dict, Optional, Sequence
@@ -14,14 +13,9 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from dpjax import assets
+from dpjax.data.tables import hash_split
 
 RT_FILE = "movieReviewSnippets_GroundTruth.txt"
-
-
-def _split_of(text: str) -> str:
-  """Fixed 80/10/10 split by a hash of the sentence (stable across runs and machines)."""
-  bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % 10
-  return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
 
 
 def load_rt_polarity(path: Optional[str] = None):
@@ -74,7 +68,7 @@ def load_rt_polarity(path: Optional[str] = None):
       sentence = "\t".join(parts[2:]).strip()
       if not sentence:
         raise ValueError(f"{path}:{lineno}: empty sentence")
-      split = rows[_split_of(sentence)]
+      split = rows[hash_split(sentence)]  # the table loader's split
       split["sentence"].append(sentence)
       split["label"].append(int(rating > 0))
       split["rating"].append(rating)
@@ -97,22 +91,34 @@ def load_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, np.ndarray]:
+def encode(
+  tokenizer, texts: Sequence[str], max_length: int, pairs: Optional[Sequence[str]] = None
+) -> Dict[str, np.ndarray]:
   """Token ids and attention mask, padded/truncated to `max_length`: `[N, T]` each.
 
   Args:
     tokenizer: a `transformers` tokenizer.
     texts: the strings.
     max_length: T.
+    pairs: second segments (sentence pairs), or None.
 
   Returns:
-    {"input_ids": int32 [N, T], "attention_mask": int32 [N, T]}.
+    {"input_ids": int32 [N, T], "attention_mask": int32 [N, T]}, and
+    "token_type_ids" (0 first segment, 1 second) when `pairs` is given.
   """
   enc = tokenizer(
-    list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="np"
+    list(texts),
+    None if pairs is None else list(pairs),
+    max_length=max_length,
+    truncation=True,
+    padding="max_length",
+    return_tensors="np",
   )
   ids = enc["input_ids"].astype(np.int32)
   mask = enc["attention_mask"].astype(np.int32)
   if len(texts) and int(mask.sum(1).min()) == 0:
     raise ValueError("tokenizer produced an empty encoding for some text")
-  return {"input_ids": ids, "attention_mask": mask}
+  out = {"input_ids": ids, "attention_mask": mask}
+  if pairs is not None and "token_type_ids" in enc:
+    out["token_type_ids"] = enc["token_type_ids"].astype(np.int32)
+  return out

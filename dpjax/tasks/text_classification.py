@@ -1,4 +1,12 @@
-"""Sentence classification (Rotten Tomatoes polarity) with a pretrained encoder."""
+"""Sentence (or sentence-pair) classification with a pretrained encoder: RT polarity or your table.
+
+`task.data` is "rt-polarity" (the asset), an RT-format file or directory
+(`id<TAB>rating<TAB>sentence`, binary labels from the rating's sign), or a
+table of your own: a CSV / TSV / JSONL / parquet file or a `save_to_disk`
+directory (`dpjax.data.tables.load_labelled_text`, with `task.text_column`,
+`task.label_column`, `task.num_labels` or `task.labels`, and optionally
+`task.text_pair_column` and `task.split_column`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpjax import assets
-from dpjax.data.text import encode, load_rt_polarity, load_tokenizer
+from dpjax.data.tables import load_labelled_text
+from dpjax.data.text import RT_FILE, encode, load_rt_polarity, load_tokenizer
 from dpjax.models import adapters
 from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
@@ -24,18 +33,45 @@ def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str)
   """Hidden states entering layer `start` (the frozen bottom, run once): `[N, T, D]`."""
 
   @jax.jit
-  def bottom(ids, mask):
-    h = model.apply({"params": params}, ids, mask, method=Encoder.embed)
+  def bottom(ids, mask, types):
+    h = model.apply({"params": params}, ids, mask, types, method=Encoder.embed)
     return model.apply({"params": params}, h, mask, 0, start, method=Encoder.run_layers)
 
   n = len(enc["input_ids"])
+  types = enc.get("token_type_ids", np.zeros_like(enc["input_ids"]))
   out = np.zeros(enc["input_ids"].shape + (model.cfg.hidden_size,), np.float32)
   for i in tqdm(range(0, n, batch_size), desc=desc, dynamic_ncols=True):
     ids, mask = enc["input_ids"][i : i + batch_size], enc["attention_mask"][i : i + batch_size]
     pad = batch_size - len(ids)  # fixed shapes: one compile
-    h = bottom(np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0))))
+    h = bottom(*(np.pad(a, ((0, pad), (0, 0))) for a in (ids, mask, types[i : i + batch_size])))
     out[i : i + len(ids)] = np.asarray(h)[: len(ids)]
   return out
+
+
+def _is_rt(data: str) -> bool:
+  if data == "rt-polarity":
+    return True
+  if os.path.isdir(data):
+    return os.path.isfile(os.path.join(data, RT_FILE))
+  return os.path.basename(data) == RT_FILE or data.endswith(".txt")
+
+
+def _data(t):
+  """The task section's data as (DatasetDict with sentence[, sentence_pair], label; num_labels)."""
+  if _is_rt(t.data):
+    return load_rt_polarity(None if t.data == "rt-polarity" else t.data), 2
+  labels = t.get("labels")
+  data = load_labelled_text(
+    t.data,
+    text_column=t.get("text_column", "text"),
+    label_column=t.get("label_column", "label"),
+    num_labels=t.get("num_labels"),
+    labels=None if labels is None else list(labels),
+    text_pair_column=t.get("text_pair_column"),
+    split_column=t.get("split_column"),
+    split_seed=t.get("split_seed", 0),
+  )
+  return data, len(labels) if labels is not None else t.num_labels
 
 
 def text_classification(cfg) -> Task:
@@ -58,13 +94,11 @@ def text_classification(cfg) -> Task:
   """
 
   t = cfg.task
-  if t.data != "rt-polarity" and not os.path.exists(t.data):
-    raise ValueError(f"task.data must be 'rt-polarity' or a local path, got {t.data!r}")
-  data = load_rt_polarity(None if t.data == "rt-polarity" else t.data)
+  data, num_labels = _data(t)
   model_dir = resolve(t.model)
   mcfg, params = load_encoder(
     model_dir,
-    num_labels=2,
+    num_labels=num_labels,
     pooling=t.pooling,
     pool_scale=t.get("pool_scale", 1.0),
     head_key=jax.random.PRNGKey(cfg.seed),
@@ -80,18 +114,29 @@ def text_classification(cfg) -> Task:
   tok = load_tokenizer(model_dir)
 
   arrays = {}
+  pairs = "sentence_pair" in data["train"].column_names
   for split in data:
-    enc = encode(tok, data[split]["sentence"], t.max_length)
+    second = data[split]["sentence_pair"] if pairs else None
+    enc = encode(tok, data[split]["sentence"], t.max_length, second)
     ex = {
       "attention_mask": enc["attention_mask"],
       "label": np.asarray(data[split]["label"], np.int32),
     }
     if full:
       ex["input_ids"] = enc["input_ids"]
+      if "token_type_ids" in enc:
+        ex["token_type_ids"] = enc["token_type_ids"]
     else:
       key = hashlib.sha1(
         repr(
-          (os.path.abspath(model_dir), t.max_length, start, split, enc["input_ids"].tobytes())
+          (
+            os.path.abspath(model_dir),
+            t.max_length,
+            start,
+            split,
+            enc["input_ids"].tobytes(),
+            enc["token_type_ids"].tobytes() if "token_type_ids" in enc else None,
+          )
         ).encode()
       ).hexdigest()[:16]
       path = os.path.join(assets.home(), "cache", f"features-{key}.npy")
@@ -145,7 +190,8 @@ def text_classification(cfg) -> Task:
       prefixes = prefix_layers(p["prefix"])
       p = {**frozen, **{k: v for k, v in p.items() if k != "prefix"}}
     if full:
-      h = model.apply({"params": p}, ex["input_ids"][None], mask, method=Encoder.embed)
+      types = ex["token_type_ids"][None] if "token_type_ids" in ex else None
+      h = model.apply({"params": p}, ex["input_ids"][None], mask, types, method=Encoder.embed)
     else:
       h = ex["hidden"][None]
     h = model.apply({"params": p}, h, mask, start, L, prefixes, method=Encoder.run_layers)
@@ -153,12 +199,13 @@ def text_classification(cfg) -> Task:
     loss = -jax.nn.log_softmax(logits)[ex["label"]]
     return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
 
+  data_name = "rt" if t.data == "rt-polarity" else os.path.basename(str(t.data).rstrip("/"))
   return Task(
-    f"{os.path.basename(model_dir.rstrip('/'))}-rt",
+    f"{os.path.basename(model_dir.rstrip('/'))}-{data_name}",
     trainable,
     frozen,
     loss_fn,
     arrays["train"],
     {"dev": arrays["dev"], "test": arrays["test"]},
-    info={"num_classes": 2},
+    info={"num_classes": num_labels},
   )

@@ -6,32 +6,69 @@ import ast
 import contextlib
 import importlib.util
 import os
-from typing import Sequence
+from typing import Dict, Sequence
 
 from dpjax.training import spec as spec_lib
 
-# The checkout dpjax is installed from (editable installs): its configs/ are
-# found from any working directory.
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+# The configs shipped inside the package (dpjax/configs): found the same way
+# from a checkout, an editable install or a wheel.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _shipped_name(path: str) -> str:
+  """ "configs/dp_flat/full.py", "dp_flat/full.py" and "dp_flat/full" -> "dp_flat/full"."""
+  name = path.replace(os.sep, "/")
+  if name.startswith("./"):
+    name = name[2:]
+  if name.startswith("configs/"):
+    name = name[len("configs/") :]
+  return name[:-3] if name.endswith(".py") else name
+
+
+def list_configs() -> Dict[str, str]:
+  """The shipped configs: name (as `dpjax train NAME` takes it) -> the first line of its docstring.
+
+  Example:
+    >>> "quickstart" in list_configs()
+    True
+
+  Returns:
+    A dict sorted by name.
+  """
+  out = {}
+  for dirpath, _, files in os.walk(CONFIG_DIR):
+    for f in files:
+      if f.endswith(".py") and f != "__init__.py":
+        full = os.path.join(dirpath, f)
+        rel = os.path.relpath(full, CONFIG_DIR)[:-3].replace(os.sep, "/")
+        with open(full) as fh:
+          doc = ast.get_docstring(ast.parse(fh.read())) or ""
+        out[rel] = doc.strip().splitlines()[0] if doc.strip() else ""
+  return dict(sorted(out.items()))
 
 
 def resolve_config_path(path: str) -> str:
-  """`path` as given, else relative to the dpjax checkout (e.g. "configs/quickstart.py").
+  """`path` as given if that file exists, else the shipped config of that name.
+
+  "configs/quickstart.py", "quickstart.py" and "quickstart" all name
+  dpjax/configs/quickstart.py (`list_configs`), from any working directory.
 
   Args:
-    path: a config file's path.
+    path: a config file's path, or a shipped config's name.
 
   Returns:
-    An existing path (raises FileNotFoundError naming both places tried).
+    An existing path (raises FileNotFoundError naming what was tried and the
+    shipped names).
   """
   if os.path.isfile(path):
     return path
   if not os.path.isabs(path):
-    candidate = os.path.join(REPO_ROOT, path)
+    candidate = os.path.join(CONFIG_DIR, *_shipped_name(path).split("/")) + ".py"
     if os.path.isfile(candidate):
       return candidate
   raise FileNotFoundError(
-    f"config file not found: {path} (looked in {os.getcwd()} and {REPO_ROOT})"
+    f"config file not found: {path} (not a file in {os.getcwd()}, nor a shipped config; "
+    f"shipped: {', '.join(list_configs())})"
   )
 
 

@@ -30,9 +30,11 @@ NOT privatised: they are for monitoring, not for release.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
+import sys
 import time
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -500,6 +502,90 @@ class ProgressBar(Callback):
     self.bar.close()
 
 
+def _now() -> str:
+  """The wall-clock time of a metric row, ISO 8601 in UTC to the second."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def plan_line(spec, plan: PrivacyPlan) -> str:
+  """The privacy plan in one line, printed before the first step.
+
+  Args:
+    spec: the validated spec.
+    plan: its privacy plan.
+
+  Returns:
+    E.g. "privacy plan: target (3, 1e-05)-DP per example | gaussian sigma 1.08
+    | Poisson q 0.05 (expected batch 50) | 400 steps | accountant pld".
+  """
+  if not plan.private:
+    return f"privacy plan: none (private=False, no guarantee) | {spec.steps} steps"
+  target = "none" if spec.target_epsilon is None else f"{spec.target_epsilon:g}"
+  unit = plan.unit if plan.sampling is None else f"{plan.unit} ({plan.sampling.upper()})"
+  if plan.lmo is not None:
+    noise = "lmo"
+  else:
+    noise = f"{plan.mechanism} sigma {plan.noise_multiplier:.4g}"
+  parts = [
+    f"privacy plan: target eps {target} at delta {plan.delta:g} per {unit}",
+    noise,
+    f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g})",
+    f"{spec.steps} steps",
+    f"accountant {plan.accountant}",
+  ]
+  if plan.bands > 1:
+    parts.append(f"BandMF {plan.bands} bands")
+  if plan.adaptive is not None:
+    parts.append(f"adaptive clipping (gradient sigma {plan.gradient_noise_multiplier:.4g})")
+  return " | ".join(parts)
+
+
+class LogLines(Callback):
+  """One plain line per metric row (time, step, loss, accuracy, epsilon) when the bar is off."""
+
+  KEYS = ("train_loss", "dev_loss", "dev_accuracy", "epsilon", "clip_norm", "examples_per_s")
+
+  def __init__(self, total: int, stream=None):
+    self.total, self.stream = total, stream or sys.stderr
+
+  def on_log(self, step, rec, state):
+    fields = [f"{k}={rec[k]:.4g}" for k in self.KEYS if isinstance(rec.get(k), (int, float))]
+    if rec.get("dropped_units"):
+      fields.append(f"dropped_units={rec['dropped_units']}")
+    print(f"{rec['time']} step {step}/{self.total} " + " ".join(fields), file=self.stream)
+    self.stream.flush()
+
+
+class TensorBoardWriter(Callback):
+  """TensorBoard event files under WORKDIR/tensorboard: each numeric metric by step.
+
+  Needs the optional `tensorboardX` (`pip install tensorboardX`); the spec
+  refuses `metric_writers=...tensorboard` without it before any compute.
+  """
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter  # optional dependency
+
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def on_start(self, header):
+    self.writer.add_text("run", json.dumps(rundir.strict_json(header), indent=1), 0)
+
+  def _scalars(self, prefix: str, step: int, rec: Dict[str, Any]) -> None:
+    for k, v in rec.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+        if k != "step":
+          self.writer.add_scalar(prefix + k, v, step)
+    self.writer.flush()
+
+  def on_log(self, step, rec, state):
+    self._scalars("", step, rec)
+
+  def on_end(self, final, state):
+    self._scalars("final/", final["step"], final)
+    self.writer.close()
+
+
 def _run(
   spec,
   plan: PrivacyPlan,
@@ -574,15 +660,21 @@ def _run(
   if workdir and lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
-    cbs += [MetricsFile(workdir, start, spec.steps), PrivacyFile(workdir, plan)]
+    if "jsonl" in spec.metric_writers.split(","):
+      cbs.append(MetricsFile(workdir, start, spec.steps))
+    cbs.append(PrivacyFile(workdir, plan))
   if ckpt is not None:
     cbs.append(Checkpointer(ckpt, plan, spec.checkpoint_every, end))
-  if progress and lead:
-    cbs.append(ProgressBar(start, spec.steps))
+  writers = spec.metric_writers.split(",")
+  if workdir and lead and "tensorboard" in writers:
+    cbs.append(TensorBoardWriter(workdir))
+  if lead:
+    cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
   cbs += list(callbacks)
   full = plan.ledger_at(spec.steps)
   header = {
     "event": "start",
+    "time": _now(),
     "task": task.name,
     "private": plan.private,
     "noise_multiplier": plan.noise_multiplier,
@@ -604,6 +696,8 @@ def _run(
     "ledger_segments": len(full.segments),
     "noise_seed_secret": plan.noise_seed_secret,
   }
+  if lead:
+    print(plan_line(spec, plan), file=sys.stderr, flush=True)
   for cb in cbs:
     cb.on_start(header)
 
@@ -648,6 +742,7 @@ def _run(
       dropped = window.pop("dropped_units", 0.0)
       rec = {
         "step": done,
+        "time": _now(),
         **{f"train_{k}": v / cnt for k, v in window.items()},
         "dropped_units": int(dropped),
         **plan.epsilon_fields(done),
@@ -678,7 +773,7 @@ def _run(
     )
 
   final = dict(last)
-  final["step"] = int(state.step)
+  final["step"], final["time"] = int(state.step), _now()
   final.update(plan.epsilon_fields(int(state.step)))
   if int(state.step) == spec.steps and eval_fn is not None:
     for split in task.splits:

@@ -667,12 +667,12 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
   bound = accounting.bound_accountant(spec.accountant)
   target = spec.target_epsilon
 
-  def total(plan: PrivacyPlan, accountant: str) -> float:
+  def total(plan: PrivacyPlan, accountant: str, coarse: bool = False) -> float:
     ledger = plan.ledger_at(plan.steps)
     if extra_event is None:
-      return ledger.epsilon(spec.delta, accountant)
+      return ledger.epsilon(spec.delta, accountant, coarse=coarse)
     return accounting.epsilon(
-      accounting.compose([ledger.event(), extra_event]), spec.delta, accountant
+      accounting.compose([ledger.event(), extra_event]), spec.delta, accountant, coarse=coarse
     )
 
   if prior.segments and target is not None:
@@ -717,7 +717,12 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         stacklevel=3,
       )
     try:
-      sigma = calibrate_scale(lambda s: total(_candidate(args, s, None), spec.accountant), target)
+      coarse = None
+      if spec.accountant == "pld":  # bracket on the coarse PLD, certify on the reported one
+        coarse = lambda s: total(_candidate(args, s, None), spec.accountant, coarse=True)
+      sigma = calibrate_scale(
+        lambda s: total(_candidate(args, s, None), spec.accountant), target, coarse=coarse
+      )
     except UnreachableTarget:
       if prior.segments:
         spent = prior.epsilon(spec.delta, bound)

@@ -13,6 +13,7 @@ checked against what the config file declares, not here.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -46,6 +47,16 @@ _ge1 = (lambda v: v >= 1, ">= 1")
 _unit = (lambda v: 0 < v < 1, "in (0, 1)")
 _rate = (lambda v: 0 < v <= 1, "in (0, 1]")
 _NUM, _INT, _STR, _DICT = (int, float), (int,), (str,), (dict, ml_collections.ConfigDict)
+
+METRIC_WRITERS = ("jsonl", "tensorboard")
+
+
+def _writers_ok(value: str) -> bool:
+  names = value.split(",")
+  if not names or any(n not in METRIC_WRITERS for n in names) or len(set(names)) < len(names):
+    return False
+  return "tensorboard" not in names or importlib.util.find_spec("tensorboardX") is not None
+
 
 KEYS: Tuple[Key, ...] = (
   Key("task", None, _DICT, "the task section (see dpjax.tasks)"),
@@ -282,6 +293,16 @@ KEYS: Tuple[Key, ...] = (
     "steps between metric rows",
     check=_ge1[0],
     allowed=_ge1[1],
+    run_control=True,
+  ),
+  Key(
+    "metric_writers",
+    "jsonl",
+    _STR,
+    "where metric rows go, comma-separated: jsonl (metrics.jsonl, curves.png), tensorboard "
+    "(WORKDIR/tensorboard, needs `pip install tensorboardX`)",
+    check=lambda v: _writers_ok(v),
+    allowed="comma-separated names from jsonl, tensorboard (tensorboard needs tensorboardX)",
     run_control=True,
   ),
   Key(

@@ -3,7 +3,7 @@
 Layers, each importing only the ones before it: `events` (DpEvent builders and
 the leaf-accountant base) -> the accountants of dpjax's own releases
 (`edgeworth`, `lmo`, `step_pld`) -> `accountants` (by name; epsilon and delta
-of any event) -> `user_level` -> `calibrate` (the one noise bisection) ->
+of any event) -> `user_level` -> `calibrate` (the one noise search) ->
 `ledger` (what a run released).
 """
 

@@ -248,7 +248,9 @@ class Ledger:
       )
     return Ledger(self.segments + (segment,))
 
-  def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
+  def epsilon(
+    self, delta: float, accountant: Optional[str] = None, *, coarse: bool = False
+  ) -> float:
     """Epsilon of everything released, by `accountant` (default: the segments' own).
 
     0.0 before the first release. An estimating accountant ("edgeworth")
@@ -257,6 +259,8 @@ class Ledger:
     Args:
       delta: the delta of the guarantee.
       accountant: an accountant's name; None uses the segments' own.
+      coarse: the looser, cheaper PLD bound calibration brackets with
+        (`accountants.composed`); never the reported one.
 
     Returns:
       The epsilon (memoised on the ledger's JSON).
@@ -271,7 +275,7 @@ class Ledger:
           "name the accountant to compose them with"
         )
       accountant = names.pop()
-    return _epsilon(self.dumps(), float(delta), accountant)
+    return _epsilon(self.dumps(), float(delta), accountant, bool(coarse))
 
   def to_json(self) -> list:
     """The segments as JSON-ready dicts (inverse of `from_json`)."""
@@ -295,7 +299,8 @@ class Ledger:
 
 
 @functools.lru_cache(maxsize=512)
-def _epsilon(ledger_json: str, delta: float, accountant: str) -> float:
+def _epsilon(ledger_json: str, delta: float, accountant: str, coarse: bool) -> float:
   # Memoised: a run asks for the same ledger's epsilon at every log row, and a
   # mixture (ELS) or LMO PLD is costly to build.
-  return accountants.epsilon(Ledger.from_json(json.loads(ledger_json)).event(), delta, accountant)
+  event = Ledger.from_json(json.loads(ledger_json)).event()
+  return accountants.epsilon(event, delta, accountant, coarse=coarse)

@@ -1,0 +1,1 @@
+"""DP-Flat configs (flatness-aware fine-tuning)."""

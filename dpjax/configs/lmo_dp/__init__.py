@@ -1,0 +1,1 @@
+"""LMO-DP configs (optimised non-Gaussian noise)."""

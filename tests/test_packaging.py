@@ -1,0 +1,70 @@
+"""dpjax installed from a wheel, not the checkout: the shipped configs run from anywhere."""
+
+import glob
+import os
+import subprocess
+import sys
+import sysconfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
+  dist = tmp_path / "dist"
+  subprocess.run(
+    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    + ["-w", str(dist), ROOT],
+    check=True,
+    cwd=tmp_path,
+  )
+  (wheel,) = glob.glob(str(dist / "dpjax-*.whl"))
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  py = str(venv / "bin" / "python")
+  site = subprocess.run(
+    [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
+  # The wheel installed by the new venv's own pip (no network); its third-party
+  # dependencies are this environment's, seen through a .pth file, which does
+  # not run this environment's editable finder.
+  subprocess.run(
+    [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
+    check=True,
+  )
+  with open(os.path.join(site, "deps.pth"), "w") as f:
+    f.write(sysconfig.get_paths()["purelib"] + "\n")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  where = subprocess.run(
+    [py, "-c", "import dpjax, os; print(os.path.dirname(dpjax.__file__))"],
+    check=True,
+    capture_output=True,
+    text=True,
+    cwd=elsewhere,
+    env=env,
+  ).stdout.strip()
+  assert os.path.samefile(where, os.path.join(site, "dpjax")), where  # not the checkout
+  assert os.path.isfile(os.path.join(where, "configs", "dp_flat", "full.py"))
+  out = subprocess.run(
+    [str(venv / "bin" / "dpjax"), "train", "configs/synthetic.py", "--no-progress"]
+    + ["--workdir", "run", "--set", "steps=3"],
+    capture_output=True,
+    text=True,
+    cwd=elsewhere,
+    env=env,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (elsewhere / "run" / "privacy.json").is_file()
+  listed = subprocess.run(
+    [str(venv / "bin" / "dpjax"), "train", "--list"],
+    check=True,
+    capture_output=True,
+    text=True,
+    cwd=elsewhere,
+    env=env,
+  ).stdout
+  assert "quickstart" in listed and "lm_lora" in listed

@@ -1,0 +1,197 @@
+"""Your own labelled text (CSV, JSONL, parquet, saved datasets): checked row by row, trained on."""
+
+import hashlib
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+from dpjax import cli
+from dpjax.data.tables import SPLITS, hash_split, load_labelled_text
+
+WORDS = ["one", "two", "three", "four", "five", "film", "plot", "the", "a"]
+
+
+def _rows(n=200, seed=0):
+  """Reviews whose star count (0..4) is the word they contain: learnable, 5 classes."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    stars = i % 5
+    words = [WORDS[stars], *rng.choice(WORDS[5:], 2)]
+    rng.shuffle(words)
+    out.append({"id": i, "review": f"{' '.join(words)} {i}", "stars": stars})
+  return out
+
+
+def _write(rows, path):
+  ds = datasets.Dataset.from_list(rows)
+  if path.endswith(".csv"):
+    ds.to_csv(path, index=False)
+  elif path.endswith(".jsonl"):
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  elif path.endswith(".parquet"):
+    ds.to_parquet(path)
+  return path
+
+
+def test_hash_split_is_the_unsalted_sha1_bucket():
+  for text in ["a fine film", "dull", "x" * 300, "é"]:
+    b = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10
+    assert hash_split(text) == ("test" if b == 0 else "dev" if b == 1 else "train")
+  texts = [f"t{i}" for i in range(5000)]
+  share = {s: sum(hash_split(t) == s for t in texts) / len(texts) for s in SPLITS}
+  assert abs(share["train"] - 0.8) < 0.02 and abs(share["test"] - 0.1) < 0.015
+  salted = sum(hash_split(t) != hash_split(t, seed=1) for t in texts)
+  assert salted > 1000  # another seed, another split
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_formats_give_the_same_examples(tmp_path, ext):
+  rows = _rows()
+  d = load_labelled_text(
+    _write(rows, str(tmp_path / f"my{ext}")),
+    text_column="review",
+    label_column="stars",
+    num_labels=5,
+  )
+  got = {(t, y) for s in SPLITS for t, y in zip(d[s]["sentence"], d[s]["label"])}
+  assert got == {(r["review"], r["stars"]) for r in rows}
+  for s in SPLITS:
+    assert all(hash_split(t) == s for t in d[s]["sentence"])
+
+
+def test_string_labels_split_column_pairs_and_saved_splits(tmp_path):
+  rows = [
+    {"q": f"q{i}", "a": f"a{i}", "y": ["neg", "pos"][i % 2], "part": SPLITS[i % 3]}
+    for i in range(30)
+  ]
+  d = load_labelled_text(
+    _write(rows, str(tmp_path / "p.jsonl")),
+    text_column="q",
+    text_pair_column="a",
+    label_column="y",
+    labels=["neg", "pos"],
+    split_column="part",
+  )
+  assert d["dev"]["sentence"] == [f"q{i}" for i in range(1, 30, 3)]
+  assert d["dev"]["sentence_pair"] == [f"a{i}" for i in range(1, 30, 3)]
+  assert d["dev"]["label"] == [i % 2 for i in range(1, 30, 3)]
+  saved = datasets.DatasetDict(
+    {
+      name: datasets.Dataset.from_list(_rows(20, seed=k))
+      for k, name in enumerate(["train", "validation", "test"])
+    }
+  )
+  saved.save_to_disk(str(tmp_path / "saved"))
+  d = load_labelled_text(
+    str(tmp_path / "saved"), text_column="review", label_column="stars", num_labels=5
+  )
+  assert d["dev"]["sentence"] == [r["review"] for r in _rows(20, seed=1)]
+
+
+@pytest.mark.parametrize(
+  "change,kwargs,match",
+  [
+    (
+      None,
+      {"text_column": "text"},
+      r"task.text_column='text' is not a column of my.csv "
+      r"\(columns: id, review, stars\)",
+    ),
+    ({"stars": 5}, {}, r"my.csv record 4: label 5 is not an integer in \[0, 5\)"),
+    ({"stars": -1}, {}, r"record 4: label -1 is not an integer in \[0, 5\)"),
+    ({"stars": 1.5}, {}, r"record 4: label 1.5 is not an integer"),
+    ({"stars": None}, {}, r"record 4: the label is missing"),
+    ({"review": ""}, {}, r"record 4: 'review' is empty or not text"),
+    (None, {"num_labels": None}, r"task.num_labels must be an integer >= 2 .*got None"),
+    (None, {"labels": ["a", "b"]}, r"task.num_labels=5 but task.labels has 2 values"),
+    (None, {"labels": [0, 1, 2, 3, 9], "num_labels": None}, r"label 4 is not one of task.labels"),
+  ],
+)
+def test_bad_rows_and_settings_are_one_clear_line(tmp_path, change, kwargs, match):
+  rows = _rows(40)
+  if change:
+    rows[3].update(change)
+  path = _write(rows, str(tmp_path / "my.csv"))
+  args = dict(text_column="review", label_column="stars", num_labels=5)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match) as e:
+    load_labelled_text(path, **args)
+  assert "\n" not in str(e.value)
+
+
+def test_bad_sources_are_one_clear_line(tmp_path):
+  (tmp_path / "x.xlsx").write_text("")
+  with pytest.raises(ValueError, match=r"unknown file type '.xlsx'; allowed: .csv, .json"):
+    load_labelled_text(str(tmp_path / "x.xlsx"), num_labels=2)
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(ValueError, match="not a saved dataset"):
+    load_labelled_text(str(tmp_path / "empty_dir"), num_labels=2)
+  path = _write(_rows(3), str(tmp_path / "tiny.csv"))
+  with pytest.raises(ValueError, match="no examples in the .* split of the 80/10/10 hash split"):
+    load_labelled_text(path, text_column="review", label_column="stars", num_labels=5)
+  rows = [dict(r, part="training") for r in _rows(10)]
+  with pytest.raises(ValueError, match=r"record 1: 'part' = 'training', allowed"):
+    load_labelled_text(
+      _write(rows, str(tmp_path / "s.csv")),
+      text_column="review",
+      label_column="stars",
+      num_labels=5,
+      split_column="part",
+    )
+  saved = datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(10))})
+  saved.save_to_disk(str(tmp_path / "only_train"))
+  with pytest.raises(ValueError, match="has splits \\['train'\\]: no dev, test"):
+    load_labelled_text(
+      str(tmp_path / "only_train"), text_column="review", label_column="stars", num_labels=5
+    )
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_dpjax_train_on_your_own_table(tmp_path, tiny_bert, monkeypatch, ext):
+  """The acceptance command, on a table this test writes."""
+  model = tiny_bert(WORDS)
+  data = _write(_rows(300), str(tmp_path / f"my{ext}"))
+  monkeypatch.chdir(tmp_path)
+  argv = ["train", "configs/text_classification.py", "--workdir", "run", "--no-progress"]
+  for kv in [
+    f"task.data={data}",
+    "task.text_column=review",
+    "task.label_column=stars",
+    "task.num_labels=5",
+    f"task.model={model}",
+    "task.max_length=8",
+    "steps=40",
+    "batch_size=64",
+    "physical_batch_size=64",
+    "learning_rate=0.1",
+    "target_epsilon=8.0",
+  ]:
+    argv += ["--set", kv]
+  assert cli.main(argv) == 0
+  privacy = json.load(open(tmp_path / "run" / "privacy.json"))
+  assert privacy["epsilon"] <= 8.0
+  final = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+  assert final["test_accuracy"] > 0.5  # 5 classes: chance is 0.2
+
+
+def test_dpjax_train_bad_column_is_one_line(tmp_path, tiny_bert, capsys):
+  model = tiny_bert(WORDS)
+  data = _write(_rows(50), str(tmp_path / "my.csv"))
+  argv = ["train", "configs/text_classification.py", "--workdir", str(tmp_path / "run")]
+  for kv in [
+    f"task.data={data}",
+    "task.text_column=body",
+    "task.num_labels=5",
+    f"task.model={model}",
+  ]:
+    argv += ["--set", kv]
+  capsys.readouterr()  # the fixture's own output
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [
+    "dpjax: error: task.text_column='body' is not a column of my.csv (columns: id, review, stars)"
+  ]
