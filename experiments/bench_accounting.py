@@ -8,8 +8,11 @@ Each (case, method) runs in a fresh Python process (no memoised PLD carries
 over), timed from after the imports to the calibrated sigma:
   coarse_to_fine  `dpjax.accounting.calibrate_noise` (bracketed on a 10x
                   coarser PLD grid, certified on the 1e-4 grid)
-  bisection       `calibrate_scale` on the 1e-4 PLD alone (the former method)
-Recorded: seconds, sigma, how many exact (1e-4) PLD evaluations it made, and
+  bisection       the former method: `calibrate_scale` on the 1e-4 PLD alone,
+                  each step's PLD built by dp-accounting's
+                  `from_gaussian_mechanism` (one point at a time)
+Recorded: seconds (the median of --repeats fresh processes, each one's
+beside it), sigma, how many exact (1e-4) PLD evaluations it made, and
 the epsilon of the returned sigma by dp-accounting's own `PLDAccountant`
 (1e-4 grid, computed after the clock stops) with its ratio to the target.
 """
@@ -18,14 +21,17 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 
 from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from dpjax.core import accounting
 from dpjax.core.accounting import calibrate as calibrate_lib
+from dpjax.core.accounting import step_pld
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "bench_accounting.jsonl")
@@ -44,6 +50,10 @@ def one(q: float, steps: int, target: float, method: str) -> dict:
     return real(*a, **k)
 
   calibrate_lib.epsilon_spent = counted
+  if method == "bisection":  # the former per-point PLD build
+    step_pld._sampled_gaussian_pld = lambda std, q, h: pld_lib.from_gaussian_mechanism(
+      std, value_discretization_interval=h, sampling_prob=q
+    )
   t = time.perf_counter()
   if method == "coarse_to_fine":
     sigma = accounting.calibrate_noise(target, DELTA, q, steps)
@@ -76,6 +86,7 @@ def main(argv=None) -> int:
   p.add_argument("--case", nargs=3, type=float, action="append", metavar=("Q", "STEPS", "EPS"))
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--out", default=OUT)
+  p.add_argument("--repeats", type=int, default=3, help="fresh processes per (case, method)")
   p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.one:
@@ -90,8 +101,12 @@ def main(argv=None) -> int:
   for q, steps, target in cases:
     for method in methods:
       cmd = [sys.executable, __file__, "--one", str(q), str(steps), str(target), method]
-      out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-      row = json.loads(out.strip().splitlines()[-1])
+      runs = []
+      for _ in range(args.repeats):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+      row = dict(runs[0], repeats=[r["seconds"] for r in runs])
+      row["seconds"] = statistics.median(row["repeats"])
       with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
       print(json.dumps(row), flush=True)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import pld
 
@@ -113,3 +114,54 @@ def test_calibration_is_memoised_per_event_and_target():
   assert a == b
   assert calibrate_lib._calibrated_noise.cache_info().hits == 1
   assert accounting.calibrate_noise(2.5, 1e-5, 0.02, 300) < a
+
+
+@pytest.mark.parametrize(
+  "std,q,h",
+  [
+    (0.573, 0.001, 1e-4),
+    (1.08, 0.05, 1e-4),
+    (0.8, 0.3, 1e-3),
+    (2.0, 0.999, 1e-4),
+    (0.5, 1e-5, 1e-4),
+    (10.0, 0.2, 1e-3),
+  ],
+)
+def test_vectorised_sampled_gaussian_pld_equals_dp_accounting(std, q, h):
+  """The faster build gives dp-accounting's own PLD, value for value."""
+  from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+  from dpjax.core.accounting import step_pld
+
+  want = pld_lib.from_gaussian_mechanism(std, value_discretization_interval=h, sampling_prob=q)
+  got = step_pld._sampled_gaussian_pld(std, q, h)
+  for e in [-1.0, 0.0, 0.3, 1.0, 4.0]:
+    assert got.get_delta_for_epsilon(e) == want.get_delta_for_epsilon(e)
+  assert got.self_compose(50).get_epsilon_for_delta(1e-5) == (
+    want.self_compose(50).get_epsilon_for_delta(1e-5)
+  )
+
+
+@pytest.mark.parametrize("q", [1e-4, 0.01, 0.3, 0.9])
+@pytest.mark.parametrize("kind", ["ADD", "REMOVE"])
+def test_vectorised_hockey_stick_equals_the_scalar_one_at_every_point(q, kind):
+  """At random points and at the edges +-log(1 - q) and 0, array in == one point at a time."""
+  from dp_accounting.pld import privacy_loss_mechanism as mech
+
+  from dpjax.core.accounting import step_pld
+
+  adjacency = getattr(mech.AdjacencyType, kind)
+  loss = step_pld._SampledGaussianLoss(0.9, sampling_prob=q, adjacency_type=adjacency)
+  ref = mech.GaussianPrivacyLoss(0.9, sampling_prob=q, adjacency_type=adjacency)
+  edge = math.log(1 - q)
+  rng = np.random.default_rng(0)
+  eps = np.concatenate(
+    [
+      rng.uniform(-3, 6, 300),
+      [0.0, edge, -edge, np.nextafter(edge, 0), np.nextafter(-edge, 0), edge * (1 + 1e-10)],
+      [math.log1p(-q), -math.log1p(-q), 30.0, -30.0],
+    ]
+  )
+  got = loss.get_delta_for_epsilon(eps)
+  want = np.array([ref.get_delta_for_epsilon(float(e)) for e in eps])
+  np.testing.assert_array_equal(got, want)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -10,12 +11,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
-  dist = tmp_path / "dist"
+  # Nothing of the checkout on the path (a PYTHONPATH to it would also make
+  # pip see its egg-info as dpjax already installed).
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  dist, src = tmp_path / "dist", tmp_path / "src"  # built from a copy: the checkout stays clean
+  shutil.copytree(
+    ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "runs", "build", "*.egg-info")
+  )
   subprocess.run(
     [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    + ["-w", str(dist), ROOT],
+    + ["-w", str(dist), str(src)],
     check=True,
     cwd=tmp_path,
+    env=env,
   )
   (wheel,) = glob.glob(str(dist / "dpjax-*.whl"))
   venv = tmp_path / "venv"
@@ -24,6 +32,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   site = subprocess.run(
     [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
     check=True,
+    env=env,
     capture_output=True,
     text=True,
   ).stdout.strip()
@@ -33,12 +42,13 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   subprocess.run(
     [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
     check=True,
+    cwd=tmp_path,
+    env=env,
   )
   with open(os.path.join(site, "deps.pth"), "w") as f:
     f.write(sysconfig.get_paths()["purelib"] + "\n")
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   where = subprocess.run(
     [py, "-c", "import dpjax, os; print(os.path.dirname(dpjax.__file__))"],
     check=True,

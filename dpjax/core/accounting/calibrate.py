@@ -282,7 +282,18 @@ def _log_excess(f, level: float):
       seen[u] = math.log(e / level) if 0 < e < math.inf else (math.inf if e > 0 else -math.inf)
     return seen[u]
 
+  g.seen = seen
   return g
+
+
+def _slope_at(g, u: float) -> float:
+  """d g / d u near u from two points g already saw (>= 0.01 apart), else one more evaluation."""
+  pts = sorted((abs(v - u), v) for v, y in g.seen.items() if math.isfinite(y))
+  for _, v in pts[1:]:
+    if abs(v - pts[0][1]) >= 0.01:
+      a = pts[0][1]
+      return (g.seen[v] - g.seen[a]) / (v - a)
+  return (g(u + 0.02) - g(u)) / 0.02
 
 
 def _coarse_to_fine(eps_of, coarse, target: float, rel_tol: float, max_scale: float):
@@ -301,7 +312,7 @@ def _coarse_to_fine(eps_of, coarse, target: float, rel_tol: float, max_scale: fl
       return None
   u = optimize.brentq(g, math.log(lo), math.log(hi), xtol=1e-3)
   # The coarse curve's log-log slope at its root: the exact curve's first guess.
-  slope = (g(u + 0.02) - g(u)) / 0.02
+  slope = _slope_at(g, u)
   bad, good = None, None  # exact bracket: eps_of(bad) > target >= eps_of(good)
   last = None
   for _ in range(_FINE_STEPS):

@@ -7,7 +7,10 @@ more for a mixture). `StepPLDAccountant` composes exactly what
 `PLDAccountant` composes -- the same `PrivacyLossDistribution` constructors
 with the same arguments, self-composed per count and composed in event
 order -- but memoises the per-step PLDs, so its epsilon is the same upper
-bound (tests check it to 1e-9 relative against `PLDAccountant`).
+bound (tests check it to 1e-9 relative against `PLDAccountant`). A
+Poisson-sampled Gaussian's PLD is built through `_SampledGaussianLoss`
+(dp-accounting's privacy loss with its hockey-stick divergence evaluated on
+the whole grid at once): the same PLD, exactly, 5-16x faster to build.
 
 Leaves covered: Gaussian, Laplace, Poisson-sampled Gaussian or Laplace, and
 mixtures of Gaussians (user-level ELS, arXiv 2407.07737: one user's G
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional
 
 import dp_accounting
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.pld import privacy_loss_mechanism as mechanism_lib
 
 from dpjax.core.accounting import events as ev
 
@@ -36,18 +42,77 @@ MOG_DISCRETIZATION = 1e-3
 _ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
+class _SampledGaussianLoss(mechanism_lib.GaussianPrivacyLoss):
+  """dp-accounting's Poisson-sampled Gaussian privacy loss, its hockey-stick divergence vectorised.
+
+  dp-accounting builds a PLD by asking `get_delta_for_epsilon` at every grid
+  point (1e5 of them at sigma 0.6, grid 1e-4), inverting the privacy loss one
+  point at a time in Python: 90 % of building the PLD. Here the inverse is the
+  same closed form on the whole array: x(eps) = -D/2 - l0 s^2 / D (+ D for
+  ADD), with l0 = log((e^eps - 1) / q + 1) (REMOVE) or -log((e^-eps - 1) / q +
+  1) (ADD) the loss before sampling, and the same boundary cases; delta(eps) =
+  mu_upper_cdf(x) - e^eps mu_lower_cdf(x) as in dp-accounting. The PLD equals
+  `from_gaussian_mechanism`'s value for value (tests: exactly equal deltas and epsilons).
+  """
+
+  def get_delta_for_epsilon(self, epsilon):
+    if isinstance(epsilon, numbers.Number):
+      return super().get_delta_for_epsilon(epsilon)
+    eps = np.asarray(epsilon, dtype=float)
+    q, d, var = self.sampling_prob, self.sensitivity, self._standard_deviation**2
+    deltas = np.zeros_like(eps)
+    add = self.adjacency_type == mechanism_lib.AdjacencyType.ADD
+    if add:
+      edge = -math.log(1 - q)
+      inside = eps < -math.log1p(-q)  # delta is 0 above -log(1 - q)
+      sign = -1.0
+    else:
+      edge = math.log(1 - q)
+      inside = eps > math.log1p(-q)
+      deltas[~inside] = -np.expm1(eps[~inside])  # 1 - e^eps below log(1 - q)
+      sign = 1.0
+    e = eps[inside]
+    # The loss before sampling: log((1/q) e^(sign eps) + 1 - 1/q), as log(e^u - e^v).
+    u = sign * e + math.log(1 / q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      at_zero = math.log(1 / q + (1 - 1 / q))  # dp-accounting's value at eps = 0 (~0)
+      l0 = sign * np.where(e == 0, at_zero, u + np.log1p(-np.exp(math.log(1 / q - 1) - u)))
+    at_edge = np.abs(e - edge) <= 1e-9 * np.maximum(np.abs(e), abs(edge))  # math.isclose
+    l0 = np.where(at_edge, -sign * math.inf, l0)  # as dp-accounting at the edge
+    x = -0.5 * d - l0 * var / d + (d if add else 0.0)
+    deltas[inside] = self.mu_upper_cdf(x) - np.exp(e + self.mu_lower_log_cdf(x))
+    return np.clip(deltas, 0, 1)
+
+
+def _sampled_gaussian_pld(std: float, q: float, h: float) -> pld_lib.PrivacyLossDistribution:
+  """`from_gaussian_mechanism(std, sampling_prob=q)` built through `_SampledGaussianLoss`."""
+  build = getattr(pld_lib, "_create_pld_pmf_from_monotone_privacy_loss", None)
+  if build is None or not 0 < q < 1:  # another dp-accounting layout: its own (slower) build
+    return pld_lib.from_gaussian_mechanism(
+      standard_deviation=std,
+      value_discretization_interval=h,
+      sampling_prob=q,
+      neighboring_relation=_ADD_REMOVE,
+    )
+  pmfs = [
+    build(
+      _SampledGaussianLoss(std, sampling_prob=q, adjacency_type=kind),
+      pessimistic_estimate=True,
+      value_discretization_interval=h,
+      use_connect_dots=True,
+    )
+    for kind in (mechanism_lib.AdjacencyType.REMOVE, mechanism_lib.AdjacencyType.ADD)
+  ]
+  return pld_lib.PrivacyLossDistribution(*pmfs)
+
+
 @functools.lru_cache(maxsize=256)
 def _gaussian(std: float, q: Optional[float], h: float) -> pld_lib.PrivacyLossDistribution:
   if q is None:
     return pld_lib.from_gaussian_mechanism(
       standard_deviation=std, value_discretization_interval=h, neighboring_relation=_ADD_REMOVE
     )
-  return pld_lib.from_gaussian_mechanism(
-    standard_deviation=std,
-    value_discretization_interval=h,
-    sampling_prob=q,
-    neighboring_relation=_ADD_REMOVE,
-  )
+  return _sampled_gaussian_pld(std, q, h)
 
 
 @functools.lru_cache(maxsize=256)
