@@ -195,3 +195,28 @@ def test_dpjax_train_bad_column_is_one_line(tmp_path, tiny_bert, capsys):
   assert err == [
     "dpjax: error: task.text_column='body' is not a column of my.csv (columns: id, review, stars)"
   ]
+
+
+def test_a_hub_id_is_tried_only_when_no_such_path_exists(tmp_path, monkeypatch):
+  asked = []
+
+  def hub(name, *a, **k):
+    asked.append(name)
+    if name == "someone/reviews":
+      return datasets.DatasetDict(
+        {s: datasets.Dataset.from_list(_rows(20, seed=i)) for i, s in enumerate(SPLITS)}
+      )
+    raise ConnectionError("offline\nsecond line")
+
+  monkeypatch.setattr(datasets, "load_dataset", hub)
+  monkeypatch.chdir(tmp_path)
+  d = load_labelled_text(
+    "someone/reviews", text_column="review", label_column="stars", num_labels=5
+  )
+  assert asked == ["someone/reviews"] and len(d["test"]) == 20
+  with pytest.raises(
+    ValueError,
+    match=r"as a hub dataset id it could not be loaded "
+    r"\(ConnectionError: offline\)$",
+  ):
+    load_labelled_text("nobody/nothing", num_labels=2)

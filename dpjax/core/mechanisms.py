@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,12 +30,12 @@ PyTree = Any
 class NoiseState(NamedTuple):
   """State of a noise transform: the next key and the number of noised steps."""
 
-  key: chex.PRNGKey
-  count: chex.Array  # int32 scalar
+  key: jax.Array
+  count: jax.Array  # int32 scalar
 
 
 def _noise_transform(
-  draw: Callable[[chex.PRNGKey, list], list], key: chex.PRNGKey
+  draw: Callable[[jax.Array, list], list], key: jax.Array
 ) -> optax.GradientTransformation:
   """Adds `draw(step_key, leaves)` (one f32 noise array per leaf), fresh key each step."""
 
@@ -85,7 +84,7 @@ MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)  # -log of the smallest U:
 MAX_GAUSSIAN = math.sqrt(2.0 * MAX_EXPONENTIAL)
 
 
-def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -> chex.Array:
+def exponential_from_bits(exponent_words: jax.Array, significand: jax.Array) -> jax.Array:
   """-log U for U = 2^-k (1/2 + m 2^-24): k leading zeros of the words, m 23 bits of `significand`.
 
   Args:
@@ -105,7 +104,7 @@ def exponential_from_bits(exponent_words: chex.Array, significand: chex.Array) -
   return lz.astype(jnp.float32) * math.log(2.0) - jnp.log(half_to_one)
 
 
-def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
+def standard_exponential(key: jax.Array, shape) -> jax.Array:
   """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL.
 
   Args:
@@ -121,7 +120,7 @@ def standard_exponential(key: chex.PRNGKey, shape) -> chex.Array:
   return exponential_from_bits(words, jax.random.bits(km, shape, jnp.uint32))
 
 
-def standard_laplace(key: chex.PRNGKey, shape) -> chex.Array:
+def standard_laplace(key: jax.Array, shape) -> jax.Array:
   """Laplace(0, 1) draws in float32, |x| out to MAX_EXPONENTIAL.
 
   Args:
@@ -136,7 +135,7 @@ def standard_laplace(key: chex.PRNGKey, shape) -> chex.Array:
   return sign * standard_exponential(ke, shape)
 
 
-def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
+def standard_normal(key: jax.Array, shape) -> jax.Array:
   """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN.
 
   Args:
@@ -156,7 +155,7 @@ def standard_normal(key: chex.PRNGKey, shape) -> chex.Array:
   return z.reshape(shape)
 
 
-def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
+def _iid(sample: Callable[[jax.Array, tuple], jax.Array], std_scale: float):
   """A `draw` of i.i.d. `std_scale * sample(key, shape)`, one key per leaf."""
 
   def draw(step_key, leaves):
@@ -167,7 +166,7 @@ def _iid(sample: Callable[[chex.PRNGKey, tuple], chex.Array], std_scale: float):
 
 
 def gaussian(
-  noise_multiplier: float, l2_sensitivity: float, key: chex.PRNGKey
+  noise_multiplier: float, l2_sensitivity: float, key: jax.Array
 ) -> optax.GradientTransformation:
   """Adds N(0, (noise_multiplier * l2_sensitivity)^2 I) to the clipped sum.
 
@@ -204,13 +203,13 @@ def gaussian(
 class BandedNoiseState(NamedTuple):
   """State of `banded_gaussian`: the key, the step count and the last b - 1 noise vectors."""
 
-  key: chex.PRNGKey
-  count: chex.Array  # int32 scalar
+  key: jax.Array
+  count: jax.Array  # int32 scalar
   history: PyTree  # per leaf [b - 1, *leaf.shape] float32, newest first
 
 
 def banded_gaussian(
-  noise_multiplier: float, l2_sensitivity: float, key: chex.PRNGKey, coefs
+  noise_multiplier: float, l2_sensitivity: float, key: jax.Array, coefs
 ) -> optax.GradientTransformation:
   """Correlated Gaussian noise of a b-banded Toeplitz matrix factorisation (BandMF).
 
@@ -314,15 +313,15 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise_multiplier: f
 class QuantileClipState(NamedTuple):
   """State of `quantile_clipped_gaussian`: the key, the step count and this step's clip norm."""
 
-  key: chex.PRNGKey
-  count: chex.Array  # int32 scalar
-  clip_norm: chex.Array  # f32 scalar: the bound the next clipped sum must use
+  key: jax.Array
+  count: jax.Array  # int32 scalar
+  clip_norm: jax.Array  # f32 scalar: the bound the next clipped sum must use
 
 
 def quantile_clipped_gaussian(
   noise_multiplier: float,
   count_noise_multiplier: float,
-  key: chex.PRNGKey,
+  key: jax.Array,
   *,
   initial_clip_norm: float,
   target_quantile: float,
@@ -433,7 +432,7 @@ def find_state(opt_state: PyTree, kind: type):
 
 
 def laplace(
-  noise_multiplier: float, l1_sensitivity: float, key: chex.PRNGKey
+  noise_multiplier: float, l1_sensitivity: float, key: jax.Array
 ) -> optax.GradientTransformation:
   """Adds i.i.d. Laplace(0, noise_multiplier * l1_sensitivity) to every coordinate.
 
@@ -485,7 +484,7 @@ def normalize(expected_batch_size: float) -> optax.GradientTransformation:
 
 def lmo(
   params,
-  key: chex.PRNGKey,
+  key: jax.Array,
   *,
   l1_sensitivity: Optional[float] = None,
   l2_sensitivity: Optional[float] = None,

@@ -137,7 +137,7 @@ def load_labelled_text(
     >>> rows = [f"{'good' if i % 2 else 'bad'} film {i},{i % 2}" for i in range(40)]
     >>> _ = open(path, "w").write("review,stars\\n" + "\\n".join(rows) + "\\n")
     >>> d = load_labelled_text(path, text_column="review", label_column="stars", num_labels=2)
-    >>> sorted(d), sum(len(d[s]) for s in d), sorted(set(d["train"]["label"]))
+    >>> sorted(d), sum(len(d[s]) for s in d), sorted(d["train"].unique("label"))
     (['dev', 'test', 'train'], 40, [0, 1])
 
   Args:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,7 +84,7 @@ def perturbation(
 
 class SAMState(NamedTuple):
   direction: PyTree  # the last privatised gradient seen (free mode)
-  count: chex.Array  # steps seen
+  count: jax.Array  # steps seen
 
 
 class DPSAM(NamedTuple):

@@ -515,8 +515,8 @@ def plan_line(spec, plan: PrivacyPlan) -> str:
     plan: its privacy plan.
 
   Returns:
-    E.g. "privacy plan: target (3, 1e-05)-DP per example | gaussian sigma 1.08
-    | Poisson q 0.05 (expected batch 50) | 400 steps | accountant pld".
+    E.g. "privacy plan: target eps 3 at delta 1e-05 per example | gaussian
+    sigma 1.08 | Poisson q 0.05 (expected batch 50) | 400 steps | accountant pld".
   """
   if not plan.private:
     return f"privacy plan: none (private=False, no guarantee) | {spec.steps} steps"
@@ -529,7 +529,9 @@ def plan_line(spec, plan: PrivacyPlan) -> str:
   parts = [
     f"privacy plan: target eps {target} at delta {plan.delta:g} per {unit}",
     noise,
-    f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g})",
+    "fixed batches"
+    if plan.sampling_rate is None
+    else f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g})",
     f"{spec.steps} steps",
     f"accountant {plan.accountant}",
   ]

@@ -116,8 +116,10 @@ def composed(
   """
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
-  acc = _pld_accountant(event, coarse=True) if coarse and accountant == "pld" else None
-  acc = acc or ACCOUNTANTS[accountant](event)
+  if coarse and accountant == "pld":
+    acc = _pld_accountant(event, coarse=True)
+  else:
+    acc = ACCOUNTANTS[accountant](event)
   if not acc.supports(event):
     raise ValueError(f"accountant {accountant!r} does not support event {event}")
   acc.compose(event)

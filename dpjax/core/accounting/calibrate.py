@@ -113,8 +113,14 @@ def calibrate_noise(
 
   Args:
     target_epsilon: finite and > 0.
-    delta, sampling_rate, steps, accountant, mechanism, unit, sampling,
-      max_examples_per_user: as in `epsilon_spent`.
+    delta: in (0, 1), as in `epsilon_spent`.
+    sampling_rate: q in (0, 1], per `unit`.
+    steps: releases, an integer >= 1.
+    accountant: a name in `ACCOUNTANTS`.
+    mechanism: "gaussian" or "laplace".
+    unit: "example" or "user".
+    sampling: for users, "els" or "uls".
+    max_examples_per_user: the cap G of ELS (users only).
     rel_tol: how far below the target the epsilon of the returned sigma may be.
 
   Returns:

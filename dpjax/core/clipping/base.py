@@ -14,7 +14,6 @@ import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 
@@ -39,15 +38,15 @@ class ClippedGradAux(NamedTuple):
       bound (in every group): what adaptive quantile clipping counts.
   """
 
-  loss: chex.Array
+  loss: jax.Array
   norms: PyTree
-  num_units: chex.Array
-  num_dropped: chex.Array
+  num_units: jax.Array
+  num_dropped: jax.Array
   loss_aux: PyTree = None
-  num_unclipped: chex.Array = None
+  num_unclipped: jax.Array = None
 
 
-def _leaf_norms(tree: PyTree, ord_: int) -> chex.Array:
+def _leaf_norms(tree: PyTree, ord_: int) -> jax.Array:
   """Per-unit norm of a pytree whose leaves carry a leading unit axis."""
   leaves = jax.tree.leaves(tree)
   if ord_ == 2:
@@ -69,7 +68,7 @@ class GroupUnits(NamedTuple):
   """
 
   examples: PyTree
-  example_mask: chex.Array
+  example_mask: jax.Array
 
 
 class GroupMean:
@@ -322,8 +321,8 @@ class ClippedGradFn:
     params: PyTree,
     batch: PyTree,
     *args,
-    mask: Optional[chex.Array] = None,
-    clip_norm: Optional[chex.Array] = None,
+    mask: Optional[jax.Array] = None,
+    clip_norm: Optional[jax.Array] = None,
   ):
     """Returns `(sum of clipped per-unit gradients, ClippedGradAux)`.
 
