@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 
 def mlp_init(key, d_in=5, d_hidden=7, d_out=3):
@@ -44,3 +46,22 @@ def transformer_loss(params, ex):
   logits = x @ params["head"]
   logp = jax.nn.log_softmax(logits[:-1])
   return -jnp.mean(jnp.take_along_axis(logp, t[1:, None], axis=-1))
+
+
+def assert_trees_close(got, want, atol: float = 0.0, rtol: float = 1e-6):
+  """Same tree structure, every leaf equal within `atol` + `rtol` |want| (numpy's rule)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=rtol)
+
+
+def assert_trees_equal(got, want):
+  """Same tree structure, every leaf bit-identical (dtype and values)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.asarray(g).dtype == np.asarray(w).dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+# `variant` of a test: the function as is, or jitted.
+VARIANTS = [pytest.param(lambda f: f, id="without_jit"), pytest.param(jax.jit, id="with_jit")]

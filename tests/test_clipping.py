@@ -1,6 +1,5 @@
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +74,7 @@ def test_matches_loop_reference(model, masked, microbatch, per_layer):
   grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=clip, microbatch_size=microbatch)
   got, aux = jax.jit(grad_fn)(params, batch, mask=jnp.asarray(mask))
   want = loop_reference(loss_fn, params, batch, mask, clip, per_layer)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  mt.assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
   assert int(aux.num_units) == int(mask.sum())
   # Clipping really happened (else the test would not test clipping).
   flat_norms = sum(jax.tree.leaves(aux.norms)) if per_layer else aux.norms
@@ -88,7 +87,7 @@ def test_l1_clipping_matches_loop():
   mask = np.ones(6, np.float32)
   grad_fn = dpjax.clipped_grad(mt.mlp_loss, l1_clip_norm=0.7)
   got, _ = grad_fn(params, batch, mask=jnp.asarray(mask))
-  chex.assert_trees_all_close(
+  mt.assert_trees_close(
     got, loop_reference(mt.mlp_loss, params, batch, mask, 0.7, ord_=1), atol=1e-5
   )
   assert grad_fn.sensitivity() == pytest.approx(0.7)
@@ -114,7 +113,7 @@ def test_nan_safe_drops_bad_unit():
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
   assert int(aux.num_dropped) == 1 and int(aux.num_units) == 3
   want, _ = safe(params, batch, mask=mask.at[2].set(0))
-  chex.assert_trees_all_close(g, want)
+  mt.assert_trees_close(g, want)
   unsafe = dpjax.clipped_grad(mt.mlp_loss, l2_clip_norm=1.0, nan_safe=False)
   g_bad, _ = unsafe(params, batch, mask=mask)
   assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g_bad))
@@ -131,7 +130,7 @@ def test_grouped_units_mean_then_clip():
 
   got, aux = dpjax.clipped_grad(user_loss, l2_clip_norm=0.2)(params, groups)
   want = loop_reference(user_loss, params, groups, np.ones(4), 0.2)
-  chex.assert_trees_all_close(got, want, atol=1e-6)
+  mt.assert_trees_close(got, want, atol=1e-6)
   assert aux.norms.shape == (4,)
 
 
@@ -147,7 +146,7 @@ def test_keep_batch_dim_and_has_aux():
     params, batch
   )
   g2, _ = dpjax.clipped_grad(mt.mlp_loss, l2_clip_norm=0.5)(params, batch)
-  chex.assert_trees_all_close(g1, g2, atol=1e-6)
+  mt.assert_trees_close(g1, g2, atol=1e-6)
   np.testing.assert_array_equal(aux.loss_aux["n"], np.ones(5))
   np.testing.assert_allclose(
     aux.loss, jax.vmap(mt.mlp_loss, in_axes=(None, 0))(params, batch), rtol=1e-6

@@ -8,7 +8,6 @@ own PLD composition, and the plain Gaussian transform's draws.
 import itertools
 import math
 
-import chex
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from dpjax.core import mechanisms
 from dpjax.core.accounting import accountants, events
 from dpjax.core.accounting.ledger import Ledger, Segment
 from dpjax.core.sampling import CyclicPoissonSampler
+from tests import models_tiny as mt
 
 
 def test_full_band_sqrt_squares_to_the_prefix_sum_matrix():
@@ -109,7 +109,7 @@ def test_one_band_is_the_gaussian_transform_exactly():
   for _ in range(3):
     o1, s1 = plain.update(g, s1)
     o2, s2 = banded.update(g, s2)
-    chex.assert_trees_all_equal(o1, o2)
+    mt.assert_trees_equal(o1, o2)
 
 
 def test_history_costs_bands_minus_one_copies_of_the_params():
@@ -119,25 +119,24 @@ def test_history_costs_bands_minus_one_copies_of_the_params():
   assert _bytes(four) - _bytes(one) == 3 * _bytes(g)
 
 
-class StreamingTest(chex.TestCase):
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_streaming_noise_is_the_dense_inverse_times_the_gaussian_draws(self):
-    steps, key = 12, jax.random.key(11)
-    coefs = mf.check_coefficients([1.0, -0.4, 0.3, 0.2])
-    zeros = {"w": jnp.zeros((3, 2)), "v": jnp.zeros(5)}
-    plain = mechanisms.gaussian(0.7, 1.5, key)
-    banded = mechanisms.banded_gaussian(0.7, 1.5, key, coefs)
-    sp, sb = plain.init(zeros), banded.init(zeros)
-    up, ub = self.variant(plain.update), self.variant(banded.update)
-    Z, W = [], []
-    for _ in range(steps):
-      z, sp = up(zeros, sp)
-      w, sb = ub(zeros, sb)
-      Z.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]))
-      W.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(w)]))
-    Z, W = np.asarray(Z, np.float64), np.asarray(W, np.float64)  # [steps, d]
-    C = mf.strategy_matrix(coefs, steps)
-    np.testing.assert_allclose(W, np.linalg.solve(C, Z), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("variant", mt.VARIANTS)
+def test_streaming_noise_is_the_dense_inverse_times_the_gaussian_draws(variant):
+  steps, key = 12, jax.random.key(11)
+  coefs = mf.check_coefficients([1.0, -0.4, 0.3, 0.2])
+  zeros = {"w": jnp.zeros((3, 2)), "v": jnp.zeros(5)}
+  plain = mechanisms.gaussian(0.7, 1.5, key)
+  banded = mechanisms.banded_gaussian(0.7, 1.5, key, coefs)
+  sp, sb = plain.init(zeros), banded.init(zeros)
+  up, ub = variant(plain.update), variant(banded.update)
+  Z, W = [], []
+  for _ in range(steps):
+    z, sp = up(zeros, sp)
+    w, sb = ub(zeros, sb)
+    Z.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]))
+    W.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(w)]))
+  Z, W = np.asarray(Z, np.float64), np.asarray(W, np.float64)  # [steps, d]
+  C = mf.strategy_matrix(coefs, steps)
+  np.testing.assert_allclose(W, np.linalg.solve(C, Z), rtol=1e-4, atol=1e-5)
 
 
 def _dp_accounting_epsilon(sigma, q, count, delta=1e-5):

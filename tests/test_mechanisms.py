@@ -1,4 +1,3 @@
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,32 +6,33 @@ import pytest
 
 import dpjax
 from dpjax.core import mechanisms
+from tests import models_tiny as mt
 
 
-class GaussianTest(chex.TestCase):
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_std_within_two_percent_over_a_million_draws(self):
-    tx = mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=2.0, key=jax.random.PRNGKey(0))
-    zeros = {"a": jnp.zeros((1000, 500)), "b": jnp.zeros(500_000)}
-    noisy, _ = self.variant(tx.update)(zeros, tx.init(zeros))
-    draws = np.concatenate([np.ravel(x) for x in jax.tree.leaves(noisy)])
-    assert draws.size == 10**6
-    assert abs(draws.std() / 1.4 - 1.0) < 0.02
-    assert abs(draws.mean()) < 0.01
+@pytest.mark.parametrize("variant", mt.VARIANTS)
+def test_std_within_two_percent_over_a_million_draws(variant):
+  tx = mechanisms.gaussian(noise_multiplier=0.7, l2_sensitivity=2.0, key=jax.random.PRNGKey(0))
+  zeros = {"a": jnp.zeros((1000, 500)), "b": jnp.zeros(500_000)}
+  noisy, _ = variant(tx.update)(zeros, tx.init(zeros))
+  draws = np.concatenate([np.ravel(x) for x in jax.tree.leaves(noisy)])
+  assert draws.size == 10**6
+  assert abs(draws.std() / 1.4 - 1.0) < 0.02
+  assert abs(draws.mean()) < 0.01
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_noise_added_to_the_sum_and_never_repeats(self):
-    tx = mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(1))
-    grads = {"w": jnp.full((64,), 3.0), "v": jnp.full((64,), 3.0)}
-    state = tx.init(grads)
-    update = self.variant(tx.update)
-    out1, state = update(grads, state)
-    out2, state = update(grads, state)
-    n1, n2 = out1["w"] - 3.0, out2["w"] - 3.0
-    assert not np.allclose(n1, n2)
-    assert not np.allclose(out1["w"], out1["v"])  # each leaf its own key
-    assert int(state.count) == 2
-    assert abs(float(jnp.mean(jnp.concatenate([n1, n2])))) < 0.5
+
+@pytest.mark.parametrize("variant", mt.VARIANTS)
+def test_noise_added_to_the_sum_and_never_repeats(variant):
+  tx = mechanisms.gaussian(1.0, 1.0, jax.random.PRNGKey(1))
+  grads = {"w": jnp.full((64,), 3.0), "v": jnp.full((64,), 3.0)}
+  state = tx.init(grads)
+  update = variant(tx.update)
+  out1, state = update(grads, state)
+  out2, state = update(grads, state)
+  n1, n2 = out1["w"] - 3.0, out2["w"] - 3.0
+  assert not np.allclose(n1, n2)
+  assert not np.allclose(out1["w"], out1["v"])  # each leaf its own key
+  assert int(state.count) == 2
+  assert abs(float(jnp.mean(jnp.concatenate([n1, n2])))) < 0.5
 
 
 def test_bf16_grads_get_f32_noise_and_keep_dtype():
