@@ -127,6 +127,9 @@ def test_bad_sources_are_one_clear_line(tmp_path):
   (tmp_path / "x.xlsx").write_text("")
   with pytest.raises(ValueError, match=r"unknown file type '.xlsx'; allowed: .csv, .json"):
     load_labelled_text(str(tmp_path / "x.xlsx"), num_labels=2)
+  for missing in [str(tmp_path / "nope.csv"), "./data/nope", "nope.parquet"]:
+    with pytest.raises(ValueError, match=r"no such file or directory$"):
+      load_labelled_text(missing, num_labels=2)
   (tmp_path / "empty_dir").mkdir()
   with pytest.raises(ValueError, match="not a saved dataset"):
     load_labelled_text(str(tmp_path / "empty_dir"), num_labels=2)

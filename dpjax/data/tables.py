@@ -90,6 +90,9 @@ def _read(datasets, source: str):
       )
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
     return datasets.load_dataset(FORMATS[ext], data_files=source, split="train", **kwargs)
+  looks_like_a_path = os.path.splitext(source)[1].lower() in FORMATS
+  if os.path.isabs(source) or source.startswith(".") or looks_like_a_path:
+    raise ValueError(f"task.data={source!r}: no such file or directory")  # a path, not a hub id
   try:
     return datasets.load_dataset(source)
   except Exception as e:  # offline, unknown id, gated: one line either way
