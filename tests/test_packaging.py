@@ -29,13 +29,13 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   py = str(venv / "bin" / "python")
-  site = subprocess.run(
-    [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-    check=True,
-    env=env,
-    capture_output=True,
-    text=True,
-  ).stdout.strip()
+
+  def output(cmd, cwd=tmp_path):
+    """stdout of `cmd` in the new venv's environment (raises on failure)."""
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd, env=env)
+    return done.stdout.strip()
+
+  site = output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
   # The wheel installed by the new venv's own pip (no network); its third-party
   # dependencies are this environment's, seen through a .pth file, which does
   # not run this environment's editable finder.
@@ -49,14 +49,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
     f.write(sysconfig.get_paths()["purelib"] + "\n")
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  where = subprocess.run(
-    [py, "-c", "import dpjax, os; print(os.path.dirname(dpjax.__file__))"],
-    check=True,
-    capture_output=True,
-    text=True,
-    cwd=elsewhere,
-    env=env,
-  ).stdout.strip()
+  where = output([py, "-c", "import dpjax, os; print(os.path.dirname(dpjax.__file__))"], elsewhere)
   assert os.path.samefile(where, os.path.join(site, "dpjax")), where  # not the checkout
   assert os.path.isfile(os.path.join(where, "configs", "dp_flat", "full.py"))
   out = subprocess.run(
@@ -69,12 +62,5 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert (elsewhere / "run" / "privacy.json").is_file()
-  listed = subprocess.run(
-    [str(venv / "bin" / "dpjax"), "train", "--list"],
-    check=True,
-    capture_output=True,
-    text=True,
-    cwd=elsewhere,
-    env=env,
-  ).stdout
+  listed = output([str(venv / "bin" / "dpjax"), "train", "--list"], elsewhere)
   assert "quickstart" in listed and "lm_lora" in listed

@@ -659,15 +659,15 @@ def _run(
   start = int(state.step)
   end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
   cbs: List[Callback] = []
+  writers = spec.metric_writers.split(",")
   if workdir and lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
-    if "jsonl" in spec.metric_writers.split(","):
+    if "jsonl" in writers:
       cbs.append(MetricsFile(workdir, start, spec.steps))
     cbs.append(PrivacyFile(workdir, plan))
   if ckpt is not None:
     cbs.append(Checkpointer(ckpt, plan, spec.checkpoint_every, end))
-  writers = spec.metric_writers.split(",")
   if workdir and lead and "tensorboard" in writers:
     cbs.append(TensorBoardWriter(workdir))
   if lead:
