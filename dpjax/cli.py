@@ -450,8 +450,9 @@ def main(argv=None) -> int:
     "--distributed",
     action="store_true",
     help="multi-host: jax.distributed.initialize() first; every process runs "
-    "this same command, feeds its slice of each global batch, and "
-    "process 0 writes the metrics",
+    "this same command and feeds its slice of each global batch, data-parallel "
+    "over every device of every process unless model_devices says otherwise; "
+    "process 0's secret seeds all of them and process 0 writes the metrics",
   )
   t.set_defaults(fn=_train)
 

@@ -7,6 +7,7 @@ import pytest
 
 from dpjax.core import accounting
 from dpjax.tasks import build_task
+from dpjax.training import loop as loop_lib
 from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
@@ -448,3 +449,118 @@ def test_nonprivate_metrics_are_strict_json(tmp_path):
   assert final["epsilon"] is None and final["epsilon_nonfinite"] == "inf"
   p = json.loads(open(tmp_path / "privacy.json").read(), parse_constant=no_constants)
   assert p["private"] is False and p["ledger"] == []
+
+
+class _NoReadsBetweenLogs:
+  """Fails any device-to-host read from a log row (or the start) until the next log step's reads.
+
+  Two detectors: the transfer guard (enforced on accelerators; on the CPU a
+  device buffer is host memory and the guard sees nothing), and a counter on
+  `ArrayImpl._value`, the path of every host read of a multi-device array
+  (np.asarray, item, float) and of float / int / bool / format of any array.
+  The runs below use a mesh, so every read is seen on the CPU too. A log
+  step's reads start with its dropped-unit check, which lifts the guard.
+  """
+
+  def __init__(self, log_every, end, monkeypatch):
+    import jax._src.array as array_impl  # the one host-read path of jax.Array
+
+    self.end, self.steps, self.guarded, self.reads = end, [], False, []
+    value = array_impl.ArrayImpl._value
+
+    def read(arr):
+      if self.guarded:
+        self.reads.append(arr.shape)
+        raise RuntimeError(f"device-to-host read of a {arr.shape} array between log steps")
+      return value.fget(arr)
+
+    monkeypatch.setattr(array_impl.ArrayImpl, "_value", property(read))
+    check = loop_lib._check_dropped  # the log step's first read: its dropped-unit counts
+
+    def checked(unchecked, done):
+      assert done % log_every == 0 or done == end, f"device reads after step {done}"
+      self._guard(False)
+      return check(unchecked, done)
+
+    monkeypatch.setattr(loop_lib, "_check_dropped", checked)
+
+  def _guard(self, on):
+    self.guarded = on
+    jax.config.update("jax_transfer_guard_device_to_host", "disallow" if on else "allow")
+
+  def on_start(self, header):
+    self._guard(True)  # the first step runs guarded too
+
+  def on_step(self, step, state):
+    self.steps.append(step)
+
+  def on_log(self, step, rec, state):
+    self._guard(step != self.end)  # after the last step: the loop is over
+
+  def on_end(self, final, state):
+    self._guard(False)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {"data_devices": 8},
+    {"data_devices": 2, "adaptive_clipping": {"target_quantile": 0.5}},
+    {"data_devices": 4, "model_devices": 2, "clipping_method": "ghost"},
+  ],
+  ids=["dp_sgd", "adaptive", "fsdp_ghost"],
+)
+def test_no_device_reads_inside_the_step_loop_except_at_log_steps(overrides, monkeypatch):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices (set in conftest)")
+  cfg = small_config(steps=7, log_every=3, **overrides)
+  task = build_task(cfg)
+  guard = _NoReadsBetweenLogs(3, 7, monkeypatch)
+  try:
+    result = train(cfg, task, None, progress=False, callbacks=[guard])
+  finally:
+    guard._guard(False)
+  assert guard.steps == list(range(1, 8)) and not guard.reads
+  assert np.isfinite(result.final_metrics["epsilon"]) and result.final_metrics["step"] == 7
+
+  class ReadsEachStep(_NoReadsBetweenLogs):
+    def on_step(self, step, state):
+      super().on_step(step, state)
+      np.asarray(state.params["head"]["b"])  # a read between log steps
+
+  # Control: the same guard catches a read made between log steps.
+  control = ReadsEachStep(3, 7, monkeypatch)
+  try:
+    with pytest.raises(RuntimeError, match="read of a .* array between log steps"):
+      train(cfg, task, None, progress=False, callbacks=[control])
+  finally:
+    control._guard(False)
+  assert control.reads == [(4,)]
+
+
+def test_the_step_donates_its_state_and_leaves_the_task_alone():
+  cfg = small_config(steps=3)
+  task = build_task(cfg)
+  before = jax.tree.map(np.asarray, task.params)
+  kept = []
+
+  class Keep:
+    def on_start(self, header):
+      pass
+
+    def on_step(self, step, state):
+      kept.append(state)
+
+    def on_log(self, step, rec, state):
+      pass
+
+    def on_end(self, final, state):
+      pass
+
+  train(cfg, task, None, progress=False, callbacks=[Keep()])
+  # Every state but the last was given to the next step (its buffers reused)...
+  assert all(leaf.is_deleted() for s in kept[:-1] for leaf in jax.tree.leaves(s.params))
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept[-1].params))
+  # ... while the task's own parameters are untouched and still readable.
+  for a, b in zip(jax.tree.leaves(task.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), b)

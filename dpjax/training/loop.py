@@ -17,7 +17,16 @@ the composition of the run's ledger (`dpjax.core.accounting.ledger`). With
 `data_devices` = n > 1, batches are split over a data mesh of n devices
 (`dpjax.training.sharding`); with `model_devices` = m > 1 too, the mesh is
 n x m and parameters and optimizer state are split over its "model" axis.
-Noise is still one draw on the global sum.
+Under `jax.distributed` the mesh spans every process's devices (all on the
+data axis unless `model_devices` is set), and process 0's fresh secret is
+broadcast so that every process samples the same batches and draws the same
+noise. Noise is still one draw on the global sum.
+
+The state is created (`jax.jit(init, out_shardings=...)`) and restored (orbax,
+with the target shardings) directly in its placement; the step is compiled
+once ahead of time with the state donated; statistics stay on the devices
+and are read only at log and checkpoint steps; checkpoints are written in
+the background.
 
 The run directory is described in `dpjax.training.rundir`. A resumed run continues
 the same noise and batches; one that would change sigma, q or the unit is
@@ -43,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dpjax.core.accounting.ledger import Ledger
@@ -54,7 +65,7 @@ from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
 from dpjax.training.plan import PrivacyPlan, Secret, make_plan
 from dpjax.training.spec import SpecError
-from dpjax.training.step import TrainState, accumulate, apply, apply_update, perturb
+from dpjax.training.step import TrainState, accumulate, apply_update, perturb
 
 PyTree = Any
 
@@ -166,7 +177,7 @@ def make_optimizer(
 
 
 def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
-  return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+  return {k: jax.device_put(np.asarray(v)[idx]) for k, v in data.items()}
 
 
 def _num_rows(data: Dict[str, np.ndarray]) -> int:
@@ -301,6 +312,15 @@ def _resume_point(workdir: Optional[str]):
   return meta, ran_ledger
 
 
+def _one_secret(secret: Secret) -> Secret:
+  """Process 0's fresh secret on every process (one noise and one sampling stream per run)."""
+  if jax.process_count() == 1:
+    return secret
+  words = np.array([(secret.entropy >> (32 * i)) & 0xFFFFFFFF for i in range(4)], np.uint32)
+  words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+  return Secret(sum(int(w) << (32 * i) for i, w in enumerate(words)), True)
+
+
 def prepare(
   cfg,
   task: Task,
@@ -330,7 +350,10 @@ def prepare(
   if workdir and meta is not None:
     rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)
   if meta is None:
-    secret = Secret.from_seed(spec.noise_seed) if spec.noise_seed is not None else Secret.fresh()
+    if spec.noise_seed is not None:
+      secret = Secret.from_seed(spec.noise_seed)
+    else:
+      secret = _one_secret(Secret.fresh())
     prior, start = Ledger(), 0
   else:
     secret, prior, start = meta["secret"], meta["ledger"], meta["step"]
@@ -395,6 +418,7 @@ def train(
     A `RunResult` (final params and metrics, the ledger, the privacy record).
   """
   lead = jax.process_index() == 0  # multi-host: one process writes metrics and plots
+  mesh = run_mesh(spec_lib.validate(spec_lib.with_defaults(cfg)))  # device errors first
   lock = rundir.RunLock(workdir) if workdir and lead else None
   if lock is not None and os.path.isdir(workdir):
     lock.acquire()
@@ -406,7 +430,7 @@ def train(
       os.makedirs(workdir, exist_ok=True)
       if lock is not None and not lock.held:
         lock.acquire()
-    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks)
+    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh)
   finally:
     if lock is not None:
       lock.release()
@@ -470,14 +494,28 @@ class PrivacyFile(Callback):
 
 
 class Checkpointer(Callback):
-  """Saves the state with the ledger every `every` steps and at `end`."""
+  """Saves the state with the ledger every `every` steps and at `end` (asynchronously)."""
 
   def __init__(self, ckpt: rundir.Checkpoints, plan: PrivacyPlan, every: int, end: int):
     self.ckpt, self.plan, self.every, self.end = ckpt, plan, every, end
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is saved.
+
+    Args:
+      step: steps done.
+
+    Returns:
+      True at every `every`-th step and at the end.
+    """
+    return step % self.every == 0 or step == self.end
+
   def on_step(self, step, state):
-    if step % self.every == 0 or step == self.end:
+    if self.due(step):
       self.ckpt.save(state, self.plan.ledger_at(step), self.plan.secret)
+
+  def on_end(self, final, state):
+    self.ckpt.wait()
 
 
 class ProgressBar(Callback):
@@ -588,6 +626,57 @@ class TensorBoardWriter(Callback):
     self.writer.close()
 
 
+def run_mesh(spec) -> Optional[Mesh]:
+  """The run's device mesh from `data_devices` x `model_devices`, or None on one device.
+
+  Under `jax.distributed` (more than one process) the mesh takes every device
+  of every process; `data_devices` left at 1 then means data parallelism over
+  all of them (`jax.device_count() // model_devices`).
+
+  Args:
+    spec: the validated spec.
+
+  Returns:
+    The Mesh, or None (one device).
+  """
+  n_data, n_model = spec.data_devices, spec.model_devices
+  total = jax.device_count()
+  if jax.process_count() > 1:
+    if n_data == 1:
+      n_data = max(total // n_model, 1)
+    if n_data * n_model != total:
+      raise SpecError(
+        f"data_devices={n_data} x model_devices={n_model}: under jax.distributed "
+        f"({jax.process_count()} processes) the mesh takes all {total} devices"
+      )
+  elif n_data * n_model > total:
+    raise SpecError(
+      f"data_devices={n_data} x model_devices={n_model} but only {total} devices are visible"
+    )
+  if spec.physical_batch_size % n_data:
+    raise SpecError(
+      f"physical_batch_size={spec.physical_batch_size} is not divisible by the {n_data} "
+      "devices of the data axis; pick a multiple of them"
+    )
+  if n_data * n_model == 1:
+    return None
+  return shard_lib.make_mesh(jax.devices()[: n_data * n_model], model=n_model)
+
+
+class _Sums(NamedTuple):
+  """One logical step's clipped sum and stats, still on the devices."""
+
+  gsum: PyTree
+  stats: Dict[str, jax.Array]  # summed over the step's physical batches
+  units: float  # sampled units (host: from the sampler's masks)
+  examples: int  # examples in them
+
+
+@jax.jit
+def _add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
 def _run(
   spec,
   plan: PrivacyPlan,
@@ -598,18 +687,17 @@ def _run(
   progress: bool,
   stop_at_step: Optional[int],
   callbacks: Sequence[Callback],
+  mesh: Optional[Mesh],
 ) -> RunResult:
-  """The driver: state in, the pure step per sampled batch, callbacks out."""
+  """The driver: state in, the pure step per sampled batch, callbacks out.
+
+  Nothing inside the step loop reads the devices except at log and checkpoint
+  steps: statistics are summed on the devices and read there; the state and
+  the gradient sum are donated to the step, which is compiled ahead of time,
+  once, for the state's placement (`init` and `restore` put it there
+  directly).
+  """
   task = with_weight_distillation(spec, task)
-  mesh = None
-  n_data, n_model = spec.data_devices, spec.model_devices
-  if n_data * n_model > 1:
-    if n_data * n_model > jax.device_count():
-      raise SpecError(
-        f"data_devices={n_data} x model_devices={n_model} but only "
-        f"{jax.device_count()} devices are visible"
-      )
-    mesh = shard_lib.make_mesh(jax.devices()[: n_data * n_model], model=n_model)
   optimizer = make_optimizer(
     spec.optimizer,
     spec.learning_rate,
@@ -625,40 +713,87 @@ def _run(
     """A sampler's physical batch -> (device batch, unit mask)."""
     batch = _take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
     if plan.per_user:  # [P, G, ...] examples of P users and which of them are real
-      batch = GroupUnits(batch, jnp.asarray(pb.example_mask))
-    mask = jnp.asarray(pb.mask)
+      batch = GroupUnits(batch, jax.device_put(pb.example_mask))
+    mask = jax.device_put(pb.mask)
     if mesh is not None:
       batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
     return batch, mask
 
-  def summed(params, batches, clip_norm=None):
-    """The gradient sum over a step's physical batches, with the stats of each."""
-    gsum, stats = zeros, []
-    for pb in batches:
-      gsum, s = accumulate(
-        gsum, params, task.frozen, *host_batch(pb), clip_norm, plan=plan, loss_fn=task.loss_fn
-      )
-      stats.append((pb, s))
-    return gsum, stats
+  def init(params):
+    params = jax.tree.map(jnp.copy, params)  # buffers of its own: the step donates them
+    return TrainState(params, tx.init(params), jnp.zeros([], jnp.int32))
 
-  state = TrainState(task.params, tx.init(task.params), jnp.zeros([], jnp.int32))
-  ckpt = rundir.Checkpoints(workdir) if workdir else None
-  if ckpt is not None:
-    if meta is not None:
-      state = ckpt.restore(state)
-    else:
-      ckpt.save(state, Ledger(), plan.secret)  # the secret is kept before anything is released
+  abstract = jax.eval_shape(init, task.params)
   if mesh is not None:
-    sharding = shard_lib.param_sharding(state, mesh)  # replicated on a data-only mesh
-    state = jax.device_put(state, sharding)
-    # One compilation, the state kept in its placement.
-    apply_fn = jax.jit(functools.partial(apply_update, tx=tx), out_shardings=sharding)
+    shardings = shard_lib.param_sharding(abstract, mesh)  # replicated on a data-only mesh
+    scalar = shard_lib.replicated(mesh)
   else:
-    apply_fn = functools.partial(apply, tx=tx)
+    scalar = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: scalar, abstract)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  ckpt = rundir.Checkpoints(workdir) if workdir else None
+  if meta is not None:  # every array read straight onto its devices
+    state = ckpt.restore(target)
+  else:
+    state = jax.jit(init, out_shardings=shardings)(task.params)
+    if ckpt is not None:  # the secret is kept before anything is released
+      ckpt.save(state, Ledger(), plan.secret, wait=True)
 
   start = int(state.step)
   end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
+  if lead:
+    print(plan_line(spec, plan), file=sys.stderr, flush=True)
+
+  # The step, compiled once (ahead of time) for the state's placement.
+  t_compile = time.perf_counter()
+  zeros = (
+    jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
+    .lower(target.params)
+    .compile()
+  )
+  clip_now = plan.clip_norm_now(state.opt_state)
+  first = host_batch(plan.sampler.batches(start)[0])
+  acc = (
+    jax.jit(
+      functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
+      out_shardings=(shardings.params, scalar),
+      donate_argnums=0,
+    )
+    .lower(target.params, target.params, task.frozen, *first, clip_now)
+    .compile()
+  )
+  extra = {}
+  if clip_now is not None:
+    extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
+  update = (
+    jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
+    .lower(target, target.params, **extra)
+    .compile()
+  )
+  at_fn = None
+  if plan.sam is not None:
+    at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
+  compile_s = time.perf_counter() - t_compile
+
+  def summed(params, batches, clip_norm=None, fn=None) -> _Sums:
+    """The gradient sum over a step's physical batches, and their stats, on the devices."""
+    gsum, stats, units, examples = zeros(params), None, 0.0, 0
+    for pb in batches:
+      gsum, s = (fn or acc)(gsum, params, task.frozen, *host_batch(pb), clip_norm)
+      stats = s if stats is None else _add(stats, s)
+      units += float(pb.mask.sum())
+      examples += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
+    return _Sums(gsum, stats, units, examples)
+
+  def ascent_sum(params, batches) -> PyTree:
+    """Charged DP-SAM's clipped sum of an independent draw (at the plan's fixed bound)."""
+    fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
+    return summed(params, batches, fn=lambda g, p, f, b, m, c: fn(g, p, f, b, m)).gsum
+
   cbs: List[Callback] = []
+  checkpointer = None
   writers = spec.metric_writers.split(",")
   if workdir and lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -667,7 +802,8 @@ def _run(
       cbs.append(MetricsFile(workdir, start, spec.steps))
     cbs.append(PrivacyFile(workdir, plan))
   if ckpt is not None:
-    cbs.append(Checkpointer(ckpt, plan, spec.checkpoint_every, end))
+    checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
+    cbs.append(checkpointer)
   if workdir and lead and "tensorboard" in writers:
     cbs.append(TensorBoardWriter(workdir))
   if lead:
@@ -697,55 +833,50 @@ def _run(
     "releases": full.releases,
     "ledger_segments": len(full.segments),
     "noise_seed_secret": plan.noise_seed_secret,
+    "devices": 1 if mesh is None else int(mesh.devices.size),
+    "compile_s": compile_s,
   }
-  if lead:
-    print(plan_line(spec, plan), file=sys.stderr, flush=True)
   for cb in cbs:
     cb.on_start(header)
 
   eval_fn = make_eval_fn(task) if task.splits else None
-  zeros = jax.tree.map(jnp.zeros_like, state.params)  # replicated like the params
-  window: Dict[str, float] = {}
-  t0, seen = time.perf_counter(), 0
+  window, count, seen = None, 0.0, 0  # stats since the last log row (on the devices)
+  unchecked: List[tuple] = []  # (step, units, dropped on the devices) since the last read
+  t0 = time.perf_counter()
   last: Dict[str, Any] = {}
   dropped_total = units_total = 0.0
   for step in range(start, end):
-    ascent = None
-    if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
-      ascent, _ = summed(state.params, plan.sampler.batches(step, draw=1))
-    at = perturb(state.params, state.opt_state, ascent, jnp.asarray(step, jnp.int32), plan=plan)
+    at = state.params
+    if at_fn is not None:
+      ascent = None
+      if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
+        ascent = ascent_sum(state.params, plan.sampler.batches(step, draw=1))
+      at = at_fn(state.params, state.opt_state, ascent, state.step)
     clip_norm = plan.clip_norm_now(state.opt_state)
-    gsum, stats = summed(at, plan.sampler.batches(step), clip_norm)
-    step_units = sum(float(pb.mask.sum()) for pb, _ in stats)
-    step_dropped = sum(float(s["dropped_units"]) for _, s in stats)
-    if step_units > 0 and step_dropped >= step_units:
-      raise NonFiniteData(
-        f"step {step + 1}: every one of the {int(step_units)} sampled units had "
-        "a non-finite loss or gradient and was dropped; check the data and the "
-        "learning rate (the run stopped before releasing this step)"
-      )
-    for pb, s in stats:
-      for k, v in s.items():
-        window[k] = window.get(k, 0.0) + float(v)
-      seen += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
-    dropped_total += step_dropped
-    units_total += step_units
-    window["count"] = window.get("count", 0.0) + step_units
+    sums = summed(at, plan.sampler.batches(step), clip_norm)
+    window = sums.stats if window is None else _add(window, sums.stats)
+    count += sums.units
+    seen += sums.examples
+    unchecked.append((step + 1, sums.units, sums.stats["dropped_units"]))
     extra = {}
     if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
-      unclipped = sum(s["unclipped_units"] for _, s in stats)
-      extra["quantile_count"] = unclipped - 0.5 * (step_units - step_dropped)
-    state = apply_fn(state, gsum, **extra)
+      kept = sums.units - sums.stats["dropped_units"]
+      extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
+    state = update(state, sums.gsum, **extra)
     done = step + 1
+    logs = done % spec.log_every == 0 or done == end
+    if logs or (checkpointer is not None and checkpointer.due(done)):
+      d, u = _check_dropped(unchecked, done)  # before the step is saved or logged
+      dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
     for cb in cbs:
       cb.on_step(done, state)
-    if done % spec.log_every == 0 or done == end:
-      cnt = max(window.pop("count", 0.0), 1.0)
-      dropped = window.pop("dropped_units", 0.0)
+    if logs:
+      totals = {k: float(v) for k, v in window.items()}  # the one read of the window
+      dropped = totals.pop("dropped_units")
       rec = {
         "step": done,
         "time": _now(),
-        **{f"train_{k}": v / cnt for k, v in window.items()},
+        **{f"train_{k}": v / max(count, 1.0) for k, v in totals.items()},
         "dropped_units": int(dropped),
         **plan.epsilon_fields(done),
         "delta": plan.delta,
@@ -764,7 +895,7 @@ def _run(
         )
       for cb in cbs:
         cb.on_log(done, rec, state)
-      last, window = rec, {}
+      last, window, count = rec, None, 0.0
   if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
     warnings.warn(
       f"{int(dropped_total)} of {int(units_total)} sampled units "
@@ -791,6 +922,29 @@ def _run(
     plan.ledger_at(int(state.step)),
     plan.privacy_record(int(state.step)),
   )
+
+
+def _check_dropped(unchecked: List[tuple], done: int) -> tuple:
+  """Reads the dropped-unit counts of the steps since the last read; stops at an all-dropped step.
+
+  Args:
+    unchecked: (step, sampled units, dropped units on the devices) per step.
+    done: the steps run (for the message).
+
+  Returns:
+    (dropped units, sampled units) over those steps.
+  """
+  dropped_sum = units_sum = 0.0
+  for step, units, dropped in unchecked:
+    dropped = float(dropped)
+    if units > 0 and dropped >= units:
+      raise NonFiniteData(
+        f"step {step}: every one of the {int(units)} sampled units had a non-finite "
+        "loss or gradient and was dropped; check the data and the learning rate "
+        f"(the run stopped at step {done}, before saving or logging any step past {step - 1})"
+      )
+    dropped_sum, units_sum = dropped_sum + dropped, units_sum + units
+  return dropped_sum, units_sum
 
 
 class NonFiniteData(ValueError):

@@ -16,7 +16,6 @@ import os
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpjax.core.accounting.ledger import Ledger
@@ -76,7 +75,14 @@ def check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool
 
 
 class Checkpoints:
-  """Orbax checkpoints of the state with the ledger and the secret beside it (one atomic step)."""
+  """Orbax checkpoints of the state with the ledger and the secret beside it (one atomic step).
+
+  Saves are asynchronous: `save` returns once the arrays are copied off the
+  devices (so the step may donate them) and the files are written in the
+  background; a step directory appears, finalised, only when all of it is on
+  disk, so a crash mid-write leaves the previous checkpoint as the newest.
+  `wait` blocks until the pending save is on disk.
+  """
 
   def __init__(self, workdir: str):
     import orbax.checkpoint as ocp
@@ -84,7 +90,10 @@ class Checkpoints:
     self._ocp = ocp
     self.path = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.mngr = ocp.CheckpointManager(
-      self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+      self.path,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, enable_async_checkpointing=True
+      ),
     )
 
   @staticmethod
@@ -118,13 +127,15 @@ class Checkpoints:
       "secret": Secret.from_json(meta["secret"]),
     }
 
-  def save(self, state, ledger: Ledger, secret: Secret) -> None:
-    """Saves the train state with its ledger and secret (one orbax step, waited for).
+  def save(self, state, ledger: Ledger, secret: Secret, *, wait: bool = False) -> None:
+    """Saves the train state with its ledger and secret (one orbax step).
 
     Args:
       state: the TrainState.
       ledger: everything released up to `state.step`.
       secret: the run's entropy.
+      wait: block until the step is on disk (the first save of a run: the
+        secret is kept before anything is released).
     """
     ocp = self._ocp
     meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
@@ -133,23 +144,30 @@ class Checkpoints:
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
       force=True,
     )
+    if wait:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the pending save, if any, is finalised on disk."""
     self.mngr.wait_until_finished()
 
-  def restore(self, template: PyTree) -> PyTree:
-    """The newest checkpoint's train state.
+  def restore(self, target: PyTree) -> PyTree:
+    """The newest checkpoint's train state, read straight into `target`'s placement.
 
     Args:
-      template: a TrainState with the expected structure, shapes and dtypes.
+      target: a TrainState of `jax.ShapeDtypeStruct`s (or arrays) with the
+        structure, shapes, dtypes and shardings to restore into; each array
+        is read onto its own devices (a parameter split over a mesh's
+        "model" axis is never assembled on one device first).
 
     Returns:
       The restored state.
     """
     ocp = self._ocp
     step = self.mngr.latest_step()
-    restored = self.mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-    )["state"]
-    return jax.tree.map(jnp.asarray, restored)
+    return self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+      "state"
+    ]
 
 
 class RunLock:

@@ -39,7 +39,8 @@ def make_mesh(
 ) -> Mesh:
   """A data-parallel mesh over `devices` (default: all).
 
-  With `model` > 1 the mesh is 2-D, `(axis, "model")` of shape
+  Built by `jax.make_mesh` (which orders the devices by the physical
+  topology). With `model` > 1 the mesh is 2-D, `(axis, "model")` of shape
   `(n // model, model)`: batches split over `axis`, parameters and optimizer
   state split over "model" (`shard_params`, FSDP-style).
 
@@ -51,12 +52,16 @@ def make_mesh(
   Returns:
     The Mesh.
   """
-  devs = np.asarray(list(devices) if devices is not None else jax.devices())
-  if model < 1 or devs.size % model:
-    raise ValueError(f"model={model} must be >= 1 and divide the {devs.size} devices")
+  devs = list(devices) if devices is not None else jax.devices()
+  if model < 1 or len(devs) % model:
+    raise ValueError(f"model={model} must be >= 1 and divide the {len(devs)} devices")
   if model == 1:
-    return Mesh(devs, (axis,))
-  return Mesh(devs.reshape(devs.size // model, model), (axis, MODEL_AXIS))
+    shape, names = (len(devs),), (axis,)
+  else:
+    shape, names = (len(devs) // model, model), (axis, MODEL_AXIS)
+  # Auto axes: shardings are declared on the step's inputs and outputs, not in the types.
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(shape, names, axis_types=auto, devices=devs)
 
 
 def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:

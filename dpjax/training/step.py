@@ -8,9 +8,9 @@ arrays and a `dpjax.training.plan.PrivacyPlan`:
     state <- apply(state, gsum)                            noise once -> normalize -> optimizer
 
 `accumulate` and `perturb` are jitted here with the plan (and the loss) as
-static arguments; `apply_update` is jitted by the driver, which knows the
-state's sharding (`apply` is the unsharded version). Nothing here reads the
-sampler, the clock or a file.
+static arguments; the driver (`dpjax.training.loop`) compiles the step ahead
+of time for the state's placement, with the state and the gradient sum
+donated. Nothing here reads the sampler, the clock or a file.
 """
 
 from __future__ import annotations
@@ -146,6 +146,3 @@ def apply_update(
   """
   updates, opt_state = tx.update(gsum, state.opt_state, state.params, **extra_args)
   return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-
-
-apply = jax.jit(apply_update, static_argnames=("tx",))
