@@ -564,3 +564,20 @@ def test_the_step_donates_its_state_and_leaves_the_task_alone():
   # ... while the task's own parameters are untouched and still readable.
   for a, b in zip(jax.tree.leaves(task.params), jax.tree.leaves(before)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_mesh_the_devices_or_batch_cannot_fill_is_one_line_before_any_file(tmp_path):
+  from dpjax.training.spec import SpecError
+
+  n = jax.device_count()
+  for overrides, match in (
+    ({"data_devices": n + 1}, f"data_devices={n + 1} x model_devices=1 but only {n} devices"),
+    ({"data_devices": 3}, "physical_batch_size=32 is not divisible by the 3 devices"),
+  ):
+    if overrides["data_devices"] == 3 and n < 3:
+      continue
+    cfg = small_config(**overrides)
+    with pytest.raises(SpecError, match=match) as e:
+      train(cfg, build_task(cfg), str(tmp_path / "w"), progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "w").exists()
