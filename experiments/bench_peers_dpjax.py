@@ -68,19 +68,47 @@ def parse():
   return a
 
 
-def run(a, bench):
-  import flax
+def build(a, bench, config=None):
+  """One step of `config` (default `a.config`) on the harness's model, jitted, and its inputs.
+
+  "A" is the harness's non-private step (value and grad of the batch mean,
+  adamw), the reference of the cost analysis; G, H and I are dpjax's.
+
+  Args:
+    a: the parsed shape arguments.
+    bench: the harness module.
+    config: "A", "G", "H" or "I".
+
+  Returns:
+    (the jitted step `(params, opt_state, tokens) -> (params, opt_state, loss)`
+    with params and opt_state donated, params, opt_state, tokens).
+  """
   import jax
   import jax.numpy as jnp
   import optax
 
   import dpjax
 
+  config = config or a.config
   B, T, V = a.batch, a.seq, a.vocab
   model = bench.jax_gpt(a)
   k_init, k_data, k_noise = jax.random.split(jax.random.key(0), 3)
   tokens = jax.random.randint(k_data, (B, T + 1), 0, V, dtype=jnp.int32)
   params = model.init(k_init, tokens[:1, :T])["params"]
+  adamw = optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD)
+
+  if config == "A":
+
+    def batch_loss(params, toks):
+      logits = model.apply({"params": params}, toks[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+    def step(params, opt_state, toks):
+      loss, g = jax.value_and_grad(batch_loss)(params, toks)
+      upd, opt_state = adamw.update(g, opt_state, params)
+      return optax.apply_updates(params, upd), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1)), params, adamw.init(params), tokens
 
   def loss_one(params, toks1):  # one sequence [T + 1]
     logits = model.apply({"params": params}, toks1[None, :-1])
@@ -89,13 +117,13 @@ def run(a, bench):
   grad_fn = dpjax.clipped_grad(
     loss_one,
     l2_clip_norm=bench.CLIP,
-    microbatch_size=a.microbatch if a.config == "H" else None,
-    method="ghost" if a.config == "I" else "vmap",
+    microbatch_size=a.microbatch if config == "H" else None,
+    method="ghost" if config == "I" else "vmap",
   )
   tx = optax.chain(
     dpjax.mechanisms.gaussian(bench.NOISE_MULT, bench.CLIP, k_noise),
     dpjax.normalize(float(B)),
-    optax.adamw(bench.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=bench.WD),
+    adamw,
   )
 
   def step(params, opt_state, toks):
@@ -103,8 +131,18 @@ def run(a, bench):
     upd, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, upd), opt_state, jnp.mean(aux.loss)
 
-  jstep = jax.jit(step, donate_argnums=(0, 1))
-  carry = [params, tx.init(params)]
+  return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), tokens
+
+
+def run(a, bench):
+  import flax
+  import jax
+  import optax
+
+  import dpjax
+
+  jstep, params, opt_state, tokens = build(a, bench)
+  carry = [params, opt_state]
 
   def one():
     p, s, loss = jstep(carry[0], carry[1], tokens)

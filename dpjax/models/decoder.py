@@ -306,12 +306,16 @@ class Attention(nn.Module):
       k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (B, P, KVH, hd)), k], 1)
       v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (B, P, KVH, hd)), v], 1)
       allowed = jnp.concatenate([jnp.ones((B, T, P), bool), allowed], -1)
-    g = H // KVH
-    qg = q.reshape(B, T, KVH, g, hd)
     scale = (c.query_pre_attn_scalar or hd) ** -0.5
+    if c.attn_softcap is None:  # XLA's attention on the CPU, cuDNN's where the GPU has one
+      out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=scale
+      )
+      return dense("o", c.hidden_size, c.o_bias)(out.reshape(B, T, H * hd)), new_kv
+    g = H // KVH  # Gemma 2's soft-capped scores: by hand
+    qg = q.reshape(B, T, KVH, g, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
-    if c.attn_softcap is not None:
-      scores = c.attn_softcap * jnp.tanh(scores / c.attn_softcap)
+    scores = c.attn_softcap * jnp.tanh(scores / c.attn_softcap)
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)

@@ -1,0 +1,143 @@
+"""XLA's cost analysis of the compiled steps: FLOPs, bytes accessed and memory, device-independent.
+
+  python experiments/bench_cost.py                         # GPT-2-small, 32 x 128: A, I, G
+  python experiments/bench_cost.py --layers 2 --d 64 --heads 4 --vocab 512 --batch 4 --seq 16
+  python experiments/bench_cost.py --configs A,I --out rows.jsonl
+
+Each step of `bench_peers_dpjax.build` (A: the harness's non-private step;
+G: dpjax vmap; I: dpjax ghost) is lowered and
+compiled for the default backend, never run: `cost_analysis()` gives the
+FLOPs and bytes accessed of the whole step (forward, backward, clipping,
+noise, optimizer), `memory_analysis()` the buffers it needs (arguments +
+outputs - donated aliases + temporaries). One JSON line per config, then the
+ratios to A. These count what XLA's HLO cost model counts on that backend
+(fusion decisions differ by backend; FLOPs barely do). The model counts a
+loop's body once, whatever its trip count, so the micro-batched step (H, a
+`lax.scan`) is left out; A, G and I have no loops.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_peers_dpjax  # noqa: E402
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--configs", default="A,I,G")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--d", type=int, default=768)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--vocab", type=int, default=50257)
+  p.add_argument("--npos", type=int, default=1024)
+  p.add_argument(
+    "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
+  )
+  p.add_argument("--out", default=None)
+  a = p.parse_args(argv)
+  a.untied = False
+  a.configs = a.configs.split(",")
+  for c in a.configs:
+    if c not in ("A", "G", "I"):
+      p.error(f"--configs takes A, G and I (H is a loop: its cost is not counted), got {c!r}")
+  return a
+
+
+def cost(a, bench, config):
+  """The compiled step's cost record.
+
+  Args:
+    a: the parsed arguments.
+    bench: the harness module.
+    config: "A", "G" or "I".
+
+  Returns:
+    {"config", "flops", "bytes_accessed", "memory_bytes", its parts, "compile_s", shape}.
+  """
+  import jax
+
+  jstep, params, opt_state, tokens = bench_peers_dpjax.build(a, bench, config)
+  t0 = time.perf_counter()
+  compiled = jstep.lower(params, opt_state, tokens).compile()
+  compile_s = time.perf_counter() - t0
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  mem = compiled.memory_analysis()
+  parts = {
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "alias_bytes": int(mem.alias_size_in_bytes),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+  }
+  return {
+    "config": config,
+    "name": "jax_nonprivate" if config == "A" else bench_peers_dpjax.NAMES[config],
+    "flops": float(ca.get("flops", float("nan"))),
+    "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
+    "memory_bytes": parts["argument_bytes"]
+    + parts["output_bytes"]
+    - parts["alias_bytes"]
+    + parts["temp_bytes"],
+    **parts,
+    "compile_s": round(compile_s, 2),
+    "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "shape": {k: getattr(a, k) for k in ("layers", "d", "heads", "vocab", "batch", "seq")},
+  }
+
+
+def table(rows):
+  """Markdown: each config's FLOPs, bytes and memory, and their ratios to A.
+
+  Args:
+    rows: records of `cost`.
+
+  Returns:
+    The table's lines.
+  """
+  ref = next((r for r in rows if r["config"] == "A"), None)
+  out = [
+    "| config | GFLOP | x A | GB accessed | x A | memory GB | x A |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+
+    def ratio(k):
+      return f"{r[k] / ref[k]:.3f}" if ref else "-"
+
+    out.append(
+      f"| {r['config']} {r['name']} | {r['flops'] / 1e9:,.1f} | {ratio('flops')} "
+      f"| {r['bytes_accessed'] / 1e9:,.2f} | {ratio('bytes_accessed')} "
+      f"| {r['memory_bytes'] / 1e9:,.2f} | {ratio('memory_bytes')} |"
+    )
+  return out
+
+
+def main(argv=None):
+  a = parse(argv)
+  bench = bench_peers_dpjax._bench(a.bench_dir)
+  rows = []
+  for config in a.configs:
+    rec = cost(a, bench, config)
+    rows.append(rec)
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if a.out:
+      with open(a.out, "a") as f:
+        f.write(line + "\n")
+  print("\n".join(table(rows)))
+
+
+if __name__ == "__main__":
+  main()
