@@ -2,7 +2,7 @@
 
   python experiments/bench_cost.py                         # GPT-2-small, 32 x 128: A, I, G
   python experiments/bench_cost.py --layers 2 --d 64 --heads 4 --vocab 512 --batch 4 --seq 16
-  python experiments/bench_cost.py --configs A,I --out rows.jsonl
+  python experiments/bench_cost.py --configs A,I --record     # rows for RESULTS.md
 
 Each step of `bench_peers_dpjax.build` (A: the harness's non-private step;
 G: dpjax vmap; I: dpjax ghost) is lowered and
@@ -26,6 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_peers_dpjax  # noqa: E402
+import report  # noqa: E402
+import rows as rows_lib  # noqa: E402
 
 
 def parse(argv=None):
@@ -43,7 +45,9 @@ def parse(argv=None):
   p.add_argument(
     "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
   )
-  p.add_argument("--out", default=None)
+  p.add_argument(
+    "--record", action="store_true", help="append the rows to experiments/results/bench_cost.jsonl"
+  )
   a = p.parse_args(argv)
   a.untied = False
   a.configs = a.configs.split(",")
@@ -97,46 +101,16 @@ def cost(a, bench, config):
   }
 
 
-def table(rows):
-  """Markdown: each config's FLOPs, bytes and memory, and their ratios to A.
-
-  Args:
-    rows: records of `cost`.
-
-  Returns:
-    The table's lines.
-  """
-  ref = next((r for r in rows if r["config"] == "A"), None)
-  out = [
-    "| config | GFLOP | x A | GB accessed | x A | memory GB | x A |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  for r in rows:
-
-    def ratio(k):
-      return f"{r[k] / ref[k]:.3f}" if ref else "-"
-
-    out.append(
-      f"| {r['config']} {r['name']} | {r['flops'] / 1e9:,.1f} | {ratio('flops')} "
-      f"| {r['bytes_accessed'] / 1e9:,.2f} | {ratio('bytes_accessed')} "
-      f"| {r['memory_bytes'] / 1e9:,.2f} | {ratio('memory_bytes')} |"
-    )
-  return out
-
-
 def main(argv=None):
   a = parse(argv)
   bench = bench_peers_dpjax._bench(a.bench_dir)
   rows = []
   for config in a.configs:
-    rec = cost(a, bench, config)
-    rows.append(rec)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if a.out:
-      with open(a.out, "a") as f:
-        f.write(line + "\n")
-  print("\n".join(table(rows)))
+    rows.append(cost(a, bench, config))
+    print(json.dumps(rows[-1]), flush=True)
+  if a.record:
+    rows_lib.append("bench_cost", rows)
+  print(report.cost_table(rows))
 
 
 if __name__ == "__main__":

@@ -733,6 +733,53 @@ def bench_accounting(file: str = "bench_accounting") -> str:
   )
 
 
+def cost_table(rows) -> str:
+  """XLA's cost analysis per shape: FLOPs, bytes accessed and memory, and their ratios to A.
+
+  Args:
+    rows: `bench_cost.py` records.
+
+  Returns:
+    The markdown table.
+  """
+  lines = []
+  for shape in dict.fromkeys(_shape_key(r["shape"]) for r in rows):
+    group = [r for r in rows if _shape_key(r["shape"]) == shape]
+    ref = next((r for r in group if r["config"] == "A"), None)
+    for r in group:
+
+      def x(k, r=r):
+        return "-" if ref is None else f"{r[k] / ref[k]:.3f}"
+
+      sh = r["shape"]
+      lines.append(
+        [
+          f"{sh['layers']} x d {sh['d']}, vocab {sh['vocab']:,}, {sh['batch']} x {sh['seq']}",
+          f"{r['config']} {r['name']}",
+          f"{r['flops'] / 1e9:,.1f}",
+          x("flops"),
+          f"{r['bytes_accessed'] / 1e9:,.2f}",
+          x("bytes_accessed"),
+          f"{r['memory_bytes'] / 2**30:,.2f}",
+          x("memory_bytes"),
+        ]
+      )
+  return _table(["shape", "step", "GFLOP", "x A", "GB accessed", "x A", "memory GiB", "x A"], lines)
+
+
+def _shape_key(d) -> str:
+  return ",".join(f"{k}={d[k]}" for k in sorted(d))
+
+
+@renderer
+def bench_cost(file: str = "bench_cost") -> str:
+  """XLA's cost analysis of the compiled steps (`bench_cost.py`): the last row per shape, step."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file), lambda r: {"shape": r["shape"], "config": r["config"], "jax": r["jax"]}
+  )
+  return cost_table(list(index.values()))
+
+
 # --- the driver --------------------------------------------------------------
 
 

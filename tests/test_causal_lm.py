@@ -173,3 +173,32 @@ def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
   with pytest.raises(FileExistsError):
     hf.export_decoder(mcfg, merged, str(out))
+
+
+def test_bfloat16_compute_keeps_float32_weights(model_dir, tmp_path):
+  from dpjax.training.loop import train
+
+  data = _jsonl(tmp_path / "t.jsonl", [{"text": s} for s in _sentences(64)])
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = _cfg(model_dir, data, noise_seed=3, clipping_method="ghost")
+    cfg.task.dtype = dtype
+    task = build_task(cfg)
+    assert task.info["decoder"].dtype == dtype
+    ex = {k: v[0] for k, v in task.train.items()}
+    jaxpr = str(jax.make_jaxpr(lambda p: task.loss_fn(p, ex, task.frozen)[0])(task.params))
+    assert ("bf16" in jaxpr) == (dtype == "bfloat16")  # the matmuls run in the compute dtype
+    runs[dtype] = train(cfg, task, None, progress=False)
+    leaves = jax.tree.leaves(runs[dtype].params)
+    assert leaves and all(x.dtype == np.float32 for x in leaves)  # master weights
+  f32, bf16 = runs["float32"], runs["bfloat16"]
+  assert bf16.final_metrics["epsilon"] == f32.final_metrics["epsilon"]
+  assert bf16.final_metrics["dev_loss"] == pytest.approx(f32.final_metrics["dev_loss"], rel=0.02)
+  for a, b in zip(jax.tree.leaves(f32.params), jax.tree.leaves(bf16.params)):
+    scale = float(np.max(np.abs(np.asarray(a)))) or 1.0
+    assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= 0.05 * scale
+
+  cfg = _cfg(model_dir, data)
+  cfg.task.dtype = "float16"
+  with pytest.raises(ValueError, match="task.dtype must be 'float32' or 'bfloat16'.*got 'float16'"):
+    build_task(cfg)

@@ -25,6 +25,7 @@ def get_config():
       dev_fraction=0.05,
       max_eval=256,
       lora=dict(rank=8, alpha=16, targets=r".*attn/(q|v)"),  # None: full fine-tuning
+      dtype="float32",  # compute dtype; "bfloat16" keeps float32 weights, norms and noise
     )
   )
   c.private = True

@@ -26,6 +26,7 @@ def get_config():
       train_embeddings=False,
       prefix_tokens=0,
       prefix_layers=None,
+      dtype="float32",  # compute dtype; "bfloat16" keeps float32 weights, norms and noise
     )
   )
   c.private = True

@@ -14,6 +14,7 @@ None` trains every parameter. `task.num_layers` keeps the first layers only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -26,7 +27,7 @@ from dpjax.data.shakespeare import load_shakespeare
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.generate import generate, left_pad
-from dpjax.tasks.pretrained import load_pretrained
+from dpjax.tasks.pretrained import compute_dtype, load_pretrained
 from dpjax.training.loop import Task
 
 LORA_KEYS = ("rank", "alpha", "targets")
@@ -109,7 +110,7 @@ def base_model(t):
   """
   pre = load_pretrained(t.model)
   mcfg, params = _truncate(pre.config, pre.params, t.get("num_layers"))
-  return pre, mcfg, params
+  return pre, dataclasses.replace(mcfg, dtype=compute_dtype(t)), params
 
 
 def merged_params(t, params, trained):

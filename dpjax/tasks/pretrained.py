@@ -11,6 +11,27 @@ import numpy as np
 from dpjax import assets
 from dpjax.models import hf
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(t, default: str = "float32") -> str:
+  """`task.dtype`: the model's compute dtype; weights, clipping norms and noise stay float32.
+
+  Args:
+    t: the task section.
+    default: the dtype without the key.
+
+  Returns:
+    "float32" or "bfloat16".
+  """
+  dtype = t.get("dtype", default)
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+      f"task.dtype must be 'float32' or 'bfloat16' (the compute dtype; weights, "
+      f"clipping norms and noise stay float32), got {dtype!r}"
+    )
+  return dtype
+
 
 def resolve(name_or_path: str) -> str:
   """An asset name (fetched on demand) or a local directory.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Dict
@@ -16,7 +17,7 @@ from dpjax import assets
 from dpjax.data.shakespeare import load_shakespeare
 from dpjax.data.text import load_rt_polarity
 from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_params
-from dpjax.tasks.pretrained import pretrained_decoder
+from dpjax.tasks.pretrained import compute_dtype, pretrained_decoder
 from dpjax.training.loop import Task
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2  # byte b is token b + 2
@@ -181,7 +182,7 @@ def shakespeare_lm(cfg) -> Task:
     else:
       public = []
     params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
-  model = Decoder(mcfg)
+  model = Decoder(dataclasses.replace(mcfg, dtype=compute_dtype(t, mcfg.dtype)))
 
   def loss_fn(p, ex, frozen):
     del frozen

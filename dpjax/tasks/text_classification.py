@@ -10,6 +10,7 @@ directory (`dpjax.data.tables.load_labelled_text`, with `task.text_column`,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -25,7 +26,7 @@ from dpjax.models import adapters
 from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
-from dpjax.tasks.pretrained import resolve
+from dpjax.tasks.pretrained import compute_dtype, resolve
 from dpjax.training.loop import Task
 
 
@@ -103,6 +104,7 @@ def text_classification(cfg) -> Task:
     pool_scale=t.get("pool_scale", 1.0),
     head_key=jax.random.PRNGKey(cfg.seed),
   )
+  mcfg = dataclasses.replace(mcfg, dtype=compute_dtype(t))  # float32 weights either way
   model = Encoder(mcfg)
   L = mcfg.num_layers
   if not (0 <= t.train_layers <= L):
@@ -133,6 +135,7 @@ def text_classification(cfg) -> Task:
             os.path.abspath(model_dir),
             t.max_length,
             start,
+            mcfg.dtype,
             split,
             enc["input_ids"].tobytes(),
             enc["token_type_ids"].tobytes() if "token_type_ids" in enc else None,
