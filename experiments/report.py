@@ -780,6 +780,74 @@ def bench_cost(file: str = "bench_cost") -> str:
   return cost_table(list(index.values()))
 
 
+STEP_LABELS = {
+  "A": ("JAX non-private", "A"),
+  "B": ("jax_privacy 2.0 clipped_grad (vmap)", "A"),
+  "Bm4": ("jax_privacy, microbatch 4", "A"),
+  "G": ("dpjax vmap", "A"),
+  "H": ("dpjax vmap, microbatch 4", "A"),
+  "I": ("dpjax ghost", "A"),
+  "D": ("torch non-private (tied)", "D"),
+  "E": ("Opacus 1.6 hooks", "D"),
+  "Du": ("torch non-private (untied)", "Du"),
+  "Fu": ("Opacus 1.6 ghost (untied)", "Du"),
+}
+
+
+def step_table(rows) -> str:
+  """The peer step table of one run (`bench_table.py`): ms, ratio to own non-private, peak.
+
+  Args:
+    rows: `bench_table.py` records of one shape (timings and memory-curve rows).
+
+  Returns:
+    The markdown table(s).
+  """
+  steps = [r for r in rows if not r.get("memory_curve")]
+  ms = {r["config"]: r["step_ms"] for r in steps if r.get("status") == "ok"}
+  lines = []
+  for r in steps:
+    label, base = STEP_LABELS[r["config"]]
+    if r.get("status") != "ok":
+      lines.append(
+        [f"{r['config']} {label}", f"{r.get('status')}: {r.get('error', '')[:80]}", "", ""]
+      )
+      continue
+    ratio = f"{r['step_ms'] / ms[base]:.2f}" if base in ms else "-"
+    peak = "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}"
+    lines.append([f"{r['config']} {label}", f"{r['step_ms']:,.1f}", ratio, peak])
+  out = _table(["config", "step ms", "x own non-private", "peak GB"], lines)
+  curve = [r for r in rows if r.get("memory_curve")]
+  if curve:
+    cells = []
+    for r in curve:
+      got = r.get("largest_batch") if r.get("status") == "ok" else r.get("error", "")[:60]
+      cells.append([f"{r['config']} {STEP_LABELS[r['config']][0]}", str(got)])
+    budget = next((r["budget_bytes"] for r in curve if r.get("budget_bytes")), None)
+    head = "largest batch" + ("" if budget is None else f" within {budget / 1e9:g} GB")
+    out += "\n" + _table(["config", head], cells)
+  return out
+
+
+@renderer
+def bench_table(layers: str, d: str, batch: str, seq: str, file: str = "bench_table") -> str:
+  """One shape of the recorded peer step table: the last run's rows."""
+  rows = [
+    r
+    for r in rows_lib.load(file)
+    if (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq"))
+    == (int(layers), int(d), int(batch), int(seq))
+    or (
+      r.get("memory_curve")
+      and (r.get("layers"), r.get("d"), r.get("seq")) == (int(layers), int(d), int(seq))
+    )
+  ]
+  last = rows_lib.dedupe(
+    rows, lambda r: {"config": r["config"], "curve": bool(r.get("memory_curve"))}
+  )
+  return step_table(list(last.values()))
+
+
 # --- the driver --------------------------------------------------------------
 
 
