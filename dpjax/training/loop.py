@@ -443,7 +443,9 @@ class Callback:
   after every step (`step` = steps done), `on_log(step, rec, state)` with each
   metric row, `on_end(final, state)` once. Callbacks see released values
   (parameters, privatised state) and monitoring metrics; what they compute
-  from the private data themselves is theirs to account.
+  from the private data themselves is theirs to account. The state of
+  `on_step` / `on_log` is donated to the next step (its buffers reused): a
+  callback that keeps it copies it (`jax.device_get`) before returning.
   """
 
   def on_start(self, header: Dict[str, Any]) -> None:
@@ -513,9 +515,6 @@ class Checkpointer(Callback):
   def on_step(self, step, state):
     if self.due(step):
       self.ckpt.save(state, self.plan.ledger_at(step), self.plan.secret)
-
-  def on_end(self, final, state):
-    self.ckpt.wait()
 
 
 class ProgressBar(Callback):
@@ -734,194 +733,198 @@ def _run(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
   ckpt = rundir.Checkpoints(workdir) if workdir else None
-  if meta is not None:  # every array read straight onto its devices
-    state = ckpt.restore(target)
-  else:
-    state = jax.jit(init, out_shardings=shardings)(task.params)
-    if ckpt is not None:  # the secret is kept before anything is released
-      ckpt.save(state, Ledger(), plan.secret, wait=True)
+  try:
+    if meta is not None:  # every array read straight onto its devices
+      state = ckpt.restore(target)
+    else:
+      state = jax.jit(init, out_shardings=shardings)(task.params)
+      if ckpt is not None:  # the secret is kept before anything is released
+        ckpt.save(state, Ledger(), plan.secret, wait=True)
 
-  start = int(state.step)
-  end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
-  if lead:
-    print(plan_line(spec, plan), file=sys.stderr, flush=True)
+    start = int(state.step)
+    end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
+    if lead:
+      print(plan_line(spec, plan), file=sys.stderr, flush=True)
 
-  # The step, compiled once (ahead of time) for the state's placement.
-  t_compile = time.perf_counter()
-  zeros = (
-    jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
-    .lower(target.params)
-    .compile()
-  )
-  clip_now = plan.clip_norm_now(state.opt_state)
-  first = host_batch(plan.sampler.batches(start)[0])
-  acc = (
-    jax.jit(
-      functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
-      out_shardings=(shardings.params, scalar),
-      donate_argnums=0,
+    # The step, compiled once (ahead of time) for the state's placement.
+    t_compile = time.perf_counter()
+    zeros = (
+      jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
+      .lower(target.params)
+      .compile()
     )
-    .lower(target.params, target.params, task.frozen, *first, clip_now)
-    .compile()
-  )
-  extra = {}
-  if clip_now is not None:
-    extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
-  update = (
-    jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
-    .lower(target, target.params, **extra)
-    .compile()
-  )
-  at_fn = None
-  if plan.sam is not None:
-    at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
-  compile_s = time.perf_counter() - t_compile
-
-  def summed(params, batches, clip_norm=None, fn=None) -> _Sums:
-    """The gradient sum over a step's physical batches, and their stats, on the devices."""
-    gsum, stats, units, examples = zeros(params), None, 0.0, 0
-    for pb in batches:
-      gsum, s = (fn or acc)(gsum, params, task.frozen, *host_batch(pb), clip_norm)
-      stats = s if stats is None else _add(stats, s)
-      units += float(pb.mask.sum())
-      examples += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
-    return _Sums(gsum, stats, units, examples)
-
-  def ascent_sum(params, batches) -> PyTree:
-    """Charged DP-SAM's clipped sum of an independent draw (at the plan's fixed bound)."""
-    fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
-    return summed(params, batches, fn=lambda g, p, f, b, m, c: fn(g, p, f, b, m)).gsum
-
-  cbs: List[Callback] = []
-  checkpointer = None
-  writers = spec.metric_writers.split(",")
-  if workdir and lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
-    if "jsonl" in writers:
-      cbs.append(MetricsFile(workdir, start, spec.steps))
-    cbs.append(PrivacyFile(workdir, plan))
-  if ckpt is not None:
-    checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
-    cbs.append(checkpointer)
-  if workdir and lead and "tensorboard" in writers:
-    cbs.append(TensorBoardWriter(workdir))
-  if lead:
-    cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
-  cbs += list(callbacks)
-  full = plan.ledger_at(spec.steps)
-  header = {
-    "event": "start",
-    "time": _now(),
-    "task": task.name,
-    "private": plan.private,
-    "noise_multiplier": plan.noise_multiplier,
-    "mf_bands": plan.bands,
-    "adaptive_clipping": plan.adaptive,
-    "gradient_noise_multiplier": plan.gradient_noise_multiplier,
-    "sampling_rate": plan.sampling_rate,
-    "expected_batch_size": plan.expected_batch_size,
-    "steps": spec.steps,
-    "resumed_from": start,
-    "privacy_unit": plan.unit,
-    "user_sampling": plan.sampling,
-    "max_examples_per_user": plan.max_examples_per_user,
-    "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
-    "dp_sam": None
-    if plan.sam is None
-    else {"rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
-    "releases": full.releases,
-    "ledger_segments": len(full.segments),
-    "noise_seed_secret": plan.noise_seed_secret,
-    "devices": 1 if mesh is None else int(mesh.devices.size),
-    "compile_s": compile_s,
-  }
-  for cb in cbs:
-    cb.on_start(header)
-
-  eval_fn = make_eval_fn(task) if task.splits else None
-  window, count, seen = None, 0.0, 0  # stats since the last log row (on the devices)
-  unchecked: List[tuple] = []  # (step, units, dropped on the devices) since the last read
-  t0 = time.perf_counter()
-  last: Dict[str, Any] = {}
-  dropped_total = units_total = 0.0
-  for step in range(start, end):
-    at = state.params
-    if at_fn is not None:
-      ascent = None
-      if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
-        ascent = ascent_sum(state.params, plan.sampler.batches(step, draw=1))
-      at = at_fn(state.params, state.opt_state, ascent, state.step)
-    clip_norm = plan.clip_norm_now(state.opt_state)
-    sums = summed(at, plan.sampler.batches(step), clip_norm)
-    window = sums.stats if window is None else _add(window, sums.stats)
-    count += sums.units
-    seen += sums.examples
-    unchecked.append((step + 1, sums.units, sums.stats["dropped_units"]))
+    clip_now = plan.clip_norm_now(state.opt_state)
+    first = host_batch(plan.sampler.batches(start)[0])
+    acc = (
+      jax.jit(
+        functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
+        out_shardings=(shardings.params, scalar),
+        donate_argnums=0,
+      )
+      .lower(target.params, target.params, task.frozen, *first, clip_now)
+      .compile()
+    )
     extra = {}
-    if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
-      kept = sums.units - sums.stats["dropped_units"]
-      extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
-    state = update(state, sums.gsum, **extra)
-    done = step + 1
-    logs = done % spec.log_every == 0 or done == end
-    if logs or (checkpointer is not None and checkpointer.due(done)):
-      d, u = _check_dropped(unchecked, done)  # before the step is saved or logged
-      dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
-    for cb in cbs:
-      cb.on_step(done, state)
-    if logs:
-      totals = {k: float(v) for k, v in window.items()}  # the one read of the window
-      dropped = totals.pop("dropped_units")
-      rec = {
-        "step": done,
-        "time": _now(),
-        **{f"train_{k}": v / max(count, 1.0) for k, v in totals.items()},
-        "dropped_units": int(dropped),
-        **plan.epsilon_fields(done),
-        "delta": plan.delta,
-        "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-      }
-      if plan.adaptive is not None:  # a function of released counts: public
-        rec["clip_norm"] = float(plan.clip_norm_now(state.opt_state))
-      if eval_fn is not None and "dev" in task.splits:
-        rec.update(
-          {
-            f"dev_{k}": v
-            for k, v in evaluate(
-              task, state.params, "dev", spec.physical_batch_size, eval_fn
-            ).items()
-          }
-        )
-      for cb in cbs:
-        cb.on_log(done, rec, state)
-      last, window, count = rec, None, 0.0
-  if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
-    warnings.warn(
-      f"{int(dropped_total)} of {int(units_total)} sampled units "
-      f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
-      "were dropped (dropped_units in metrics.jsonl)",
-      UserWarning,
-      stacklevel=3,
+    if clip_now is not None:
+      extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
+    update = (
+      jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
+      .lower(target, target.params, **extra)
+      .compile()
     )
+    at_fn = None
+    if plan.sam is not None:
+      at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
+    compile_s = time.perf_counter() - t_compile
 
-  final = dict(last)
-  final["step"], final["time"] = int(state.step), _now()
-  final.update(plan.epsilon_fields(int(state.step)))
-  if int(state.step) == spec.steps and eval_fn is not None:
-    for split in task.splits:
-      for k, v in evaluate(task, state.params, split, spec.physical_batch_size, eval_fn).items():
-        final[f"{split}_{k}"] = v
-  for cb in cbs:
-    cb.on_end(final, state)
-  return RunResult(
-    state.params,
-    final,
-    workdir,
-    plan.noise_multiplier if plan.private else None,
-    plan.ledger_at(int(state.step)),
-    plan.privacy_record(int(state.step)),
-  )
+    def summed(params, batches, clip_norm=None, fn=None) -> _Sums:
+      """The gradient sum over a step's physical batches, and their stats, on the devices."""
+      gsum, stats, units, examples = zeros(params), None, 0.0, 0
+      for pb in batches:
+        gsum, s = (fn or acc)(gsum, params, task.frozen, *host_batch(pb), clip_norm)
+        stats = s if stats is None else _add(stats, s)
+        units += float(pb.mask.sum())
+        examples += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
+      return _Sums(gsum, stats, units, examples)
+
+    def ascent_sum(params, batches) -> PyTree:
+      """Charged DP-SAM's clipped sum of an independent draw (at the plan's fixed bound)."""
+      fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
+      return summed(params, batches, fn=lambda g, p, f, b, m, c: fn(g, p, f, b, m)).gsum
+
+    cbs: List[Callback] = []
+    checkpointer = None
+    writers = spec.metric_writers.split(",")
+    if workdir and lead:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
+      if "jsonl" in writers:
+        cbs.append(MetricsFile(workdir, start, spec.steps))
+      cbs.append(PrivacyFile(workdir, plan))
+    if ckpt is not None:
+      checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
+      cbs.append(checkpointer)
+    if workdir and lead and "tensorboard" in writers:
+      cbs.append(TensorBoardWriter(workdir))
+    if lead:
+      cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
+    cbs += list(callbacks)
+    full = plan.ledger_at(spec.steps)
+    header = {
+      "event": "start",
+      "time": _now(),
+      "task": task.name,
+      "private": plan.private,
+      "noise_multiplier": plan.noise_multiplier,
+      "mf_bands": plan.bands,
+      "adaptive_clipping": plan.adaptive,
+      "gradient_noise_multiplier": plan.gradient_noise_multiplier,
+      "sampling_rate": plan.sampling_rate,
+      "expected_batch_size": plan.expected_batch_size,
+      "steps": spec.steps,
+      "resumed_from": start,
+      "privacy_unit": plan.unit,
+      "user_sampling": plan.sampling,
+      "max_examples_per_user": plan.max_examples_per_user,
+      "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
+      "dp_sam": None
+      if plan.sam is None
+      else {"rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
+      "releases": full.releases,
+      "ledger_segments": len(full.segments),
+      "noise_seed_secret": plan.noise_seed_secret,
+      "devices": 1 if mesh is None else int(mesh.devices.size),
+      "compile_s": compile_s,
+    }
+    for cb in cbs:
+      cb.on_start(header)
+
+    eval_fn = make_eval_fn(task) if task.splits else None
+    window, count, seen = None, 0.0, 0  # stats since the last log row (on the devices)
+    unchecked: List[tuple] = []  # (step, units, dropped on the devices) since the last read
+    t0 = time.perf_counter()
+    last: Dict[str, Any] = {}
+    dropped_total = units_total = 0.0
+    for step in range(start, end):
+      at = state.params
+      if at_fn is not None:
+        ascent = None
+        if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
+          ascent = ascent_sum(state.params, plan.sampler.batches(step, draw=1))
+        at = at_fn(state.params, state.opt_state, ascent, state.step)
+      clip_norm = plan.clip_norm_now(state.opt_state)
+      sums = summed(at, plan.sampler.batches(step), clip_norm)
+      window = sums.stats if window is None else _add(window, sums.stats)
+      count += sums.units
+      seen += sums.examples
+      unchecked.append((step + 1, sums.units, sums.stats["dropped_units"]))
+      extra = {}
+      if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
+        kept = sums.units - sums.stats["dropped_units"]
+        extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
+      state = update(state, sums.gsum, **extra)
+      done = step + 1
+      logs = done % spec.log_every == 0 or done == end
+      if logs or (checkpointer is not None and checkpointer.due(done)):
+        d, u = _check_dropped(unchecked, done)  # before the step is saved or logged
+        dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
+      for cb in cbs:
+        cb.on_step(done, state)
+      if logs:
+        totals = {k: float(v) for k, v in window.items()}  # the one read of the window
+        dropped = totals.pop("dropped_units")
+        rec = {
+          "step": done,
+          "time": _now(),
+          **{f"train_{k}": v / max(count, 1.0) for k, v in totals.items()},
+          "dropped_units": int(dropped),
+          **plan.epsilon_fields(done),
+          "delta": plan.delta,
+          "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+        }
+        if plan.adaptive is not None:  # a function of released counts: public
+          rec["clip_norm"] = float(plan.clip_norm_now(state.opt_state))
+        if eval_fn is not None and "dev" in task.splits:
+          rec.update(
+            {
+              f"dev_{k}": v
+              for k, v in evaluate(
+                task, state.params, "dev", spec.physical_batch_size, eval_fn
+              ).items()
+            }
+          )
+        for cb in cbs:
+          cb.on_log(done, rec, state)
+        last, window, count = rec, None, 0.0
+    if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
+      warnings.warn(
+        f"{int(dropped_total)} of {int(units_total)} sampled units "
+        f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
+        "were dropped (dropped_units in metrics.jsonl)",
+        UserWarning,
+        stacklevel=3,
+      )
+
+    final = dict(last)
+    final["step"], final["time"] = int(state.step), _now()
+    final.update(plan.epsilon_fields(int(state.step)))
+    if int(state.step) == spec.steps and eval_fn is not None:
+      for split in task.splits:
+        for k, v in evaluate(task, state.params, split, spec.physical_batch_size, eval_fn).items():
+          final[f"{split}_{k}"] = v
+    for cb in cbs:
+      cb.on_end(final, state)
+    return RunResult(
+      state.params,
+      final,
+      workdir,
+      plan.noise_multiplier if plan.private else None,
+      plan.ledger_at(int(state.step)),
+      plan.privacy_record(int(state.step)),
+    )
+  finally:
+    if ckpt is not None:  # a save still being written (at an error too) is finished
+      ckpt.wait()
 
 
 def _check_dropped(unchecked: List[tuple], done: int) -> tuple:
