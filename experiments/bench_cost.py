@@ -35,16 +35,7 @@ def parse(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--configs", default="A,I,G")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--d", type=int, default=768)
-  p.add_argument("--heads", type=int, default=12)
-  p.add_argument("--vocab", type=int, default=50257)
-  p.add_argument("--npos", type=int, default=1024)
-  p.add_argument(
-    "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
-  )
+  bench_peers_dpjax.add_shape_args(p)
   p.add_argument(
     "--record", action="store_true", help="append the rows to experiments/results/bench_cost.jsonl"
   )

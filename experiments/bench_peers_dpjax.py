@@ -41,24 +41,30 @@ def _bench(bench_dir):
   return mod
 
 
+def add_shape_args(p):
+  """The model and batch shape flags (GPT-2-small, 32 x 128 by default), and --bench-dir.
+
+  Args:
+    p: an argparse parser.
+  """
+  for flag, default in (("batch", 32), ("seq", 128), ("layers", 12), ("d", 768), ("heads", 12)):
+    p.add_argument(f"--{flag}", type=int, default=default)
+  p.add_argument("--vocab", type=int, default=50257)
+  p.add_argument("--npos", type=int, default=1024)
+  p.add_argument(
+    "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
+  )
+
+
 def parse():
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("config", choices=sorted(NAMES))
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--d", type=int, default=768)
-  p.add_argument("--heads", type=int, default=12)
-  p.add_argument("--vocab", type=int, default=50257)
-  p.add_argument("--npos", type=int, default=1024)
+  add_shape_args(p)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--microbatch", type=int, default=None)
-  p.add_argument(
-    "--bench-dir", default=os.environ.get("DPJAX_BENCH_PEERS", os.path.join(HERE, "bench_peers"))
-  )
   p.add_argument("--out", default=None)
   p.add_argument("--tag", default="")
   a = p.parse_args()

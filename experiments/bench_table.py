@@ -16,8 +16,9 @@ its own framework's non-private step of the same run (JAX rows to A, torch
 rows to D or Du with the same head). `--memory-curve` adds, per JAX config,
 the largest batch (doubling from --batch) whose compiled step fits the
 device's memory (XLA's memory analysis, compile only; on the CPU against
-`--memory-budget-gb`). Rows are JSON lines in --out (and, with --record, in
-experiments/results/bench_table.jsonl for RESULTS.md).
+`--memory-budget-gb`). Rows are JSON lines in --out as they come (and, with
+--record, in experiments/results/bench_table.jsonl for RESULTS.md); the
+table is printed at the end.
 """
 
 import argparse
@@ -88,45 +89,34 @@ def _shape_args(a, batch=None):
   ]
 
 
-def run_config(a, name, out):
+def run_config(a, name):
   """One config in a fresh process; its record (or a skipped / failed row).
 
   Args:
     a: the parsed arguments.
     name: a key of CONFIGS.
-    out: the JSON-lines file the process appends to.
 
   Returns:
-    The record.
+    The record, its "config" the CONFIGS key.
   """
   script, flags, needs = CONFIGS[name]
   base = {"config": name, "batch": a.batch, "seq": a.seq, "layers": a.layers, "d": a.d}
   if needs and importlib.util.find_spec(needs) is None:
     return dict(base, status="skipped", error=f"{needs} is not installed")
-  cmd = [sys.executable, script, *flags, *_shape_args(a), "--out", out]
-  cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--tag", "bench_table"]
-  if script == DPJAX:
-    cmd += ["--bench-dir", os.path.dirname(HARNESS)]
-  before = _count(out)
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-  except subprocess.TimeoutExpired:
-    return dict(base, status="error", error=f"timed out after {a.timeout} s")
-  rows = _rows(out)[before:]
-  if not rows:
-    return dict(base, status="error", error=(proc.stderr or proc.stdout)[-800:])
-  return dict(rows[-1], config=name)
-
-
-def _rows(path):
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _count(path):
-  return len(_rows(path))
+  with tempfile.TemporaryDirectory() as tmp:
+    rec_file = os.path.join(tmp, "row.jsonl")
+    cmd = [sys.executable, script, *flags, *_shape_args(a), "--out", rec_file]
+    cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--tag", "bench_table"]
+    if script == DPJAX:
+      cmd += ["--bench-dir", os.path.dirname(HARNESS)]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+      return dict(base, status="error", error=f"timed out after {a.timeout} s")
+    if not os.path.exists(rec_file):
+      return dict(base, status="error", error=(proc.stderr or proc.stdout)[-800:])
+    with open(rec_file) as f:
+      return dict(json.loads(f.read().splitlines()[-1]), config=name)
 
 
 def memory_curve(a, name):
@@ -172,15 +162,21 @@ def main(argv=None):
   a = parse(argv)
   out = a.out or tempfile.mkstemp(suffix=".jsonl")[1]
   rows = []
-  for name in a.configs:
-    rec = run_config(a, name, out)
+
+  def keep(rec):
     rows.append(rec)
+    with open(out, "a") as f:  # as they come: a time limit keeps what ran
+      f.write(json.dumps(rec) + "\n")
+
+  for name in a.configs:
+    rec = run_config(a, name)
+    keep(rec)
     ms = f"{rec['step_ms']:.1f} ms" if rec.get("status") == "ok" else rec.get("error", "")[:120]
     print(f"{name}: {rec.get('status')} {ms}", file=sys.stderr, flush=True)
   if a.memory_curve:
     for name in a.configs:
       if CONFIGS[name][0] == DPJAX or name == "A":
-        rows.append(memory_curve(a, name))
+        keep(memory_curve(a, name))
   if a.record:
     rows_lib.append("bench_table", rows)
   print(report.step_table(rows))

@@ -1,4 +1,4 @@
-"""Assets for a machine with no network, within a small transfer: float16 copies, restored to float32.
+"""Assets for an offline machine, in a small transfer: float16 copies, restored to float32.
 
   python experiments/gpu_assets.py pack DEST minilm rt-polarity   # here: DEST/NAME/...
   python experiments/gpu_assets.py unpack SRC                      # there: into $DPJAX_HOME

@@ -21,24 +21,28 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "no nvidia-smi (not a GPU machine)"
   $py -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/device.txt" 2>&1
 if [ -d .gpu_assets ]; then $py experiments/gpu_assets.py unpack .gpu_assets >> "$out/device.txt" 2>&1; fi
 
 if [ "$smoke" = --smoke ]; then
-  peers="--shape 2,64,4,512,4,16 --steps 1 --warmup 1 --memory-budget-gb 0.05 --max-batch 16"
+  peers="--shape 2,64,4,512,4,16 --steps 1 --warmup 1 --memory-budget-gb 0.05 --max-batch 16 --configs A,I,D"
   rt="--set steps=1 --set batch_size=32 --set physical_batch_size=32 --set log_every=1"
 else
-  peers="--gpu --steps 10 --warmup 2 --max-batch 1024"
+  peers="--gpu --steps 10 --warmup 2 --max-batch 512 --configs A,B,G,H,I,D,Du,E,Fu"
   rt=""
 fi
 
-timeout 330 $py experiments/bench_table.py $peers --memory-curve \
-  --configs A,B,G,H,I,D,Du,E,Fu --out "$out/peers.jsonl" > "$out/peers.md" 2> "$out/peers.err"
+timeout 300 $py experiments/bench_table.py $peers --memory-curve \
+  --out "$out/peers.jsonl" > /dev/null 2> "$out/peers.err"
 echo "peers: rc $? at $(( $(date +%s) - t0 )) s" >> "$out/device.txt"
+# the table from the rows written so far (a time limit keeps what ran)
+$py -c "import json, sys; sys.path.insert(0, 'experiments'); import report
+print(report.step_table([json.loads(l) for l in open('$out/peers.jsonl')]))" > "$out/peers.md" 2>> "$out/peers.err"
 
 s=$(date +%s)
-timeout 200 $py -m dpjax train dpjax/configs/rt_full_gpu.py --no-progress \
+timeout 180 $py -m dpjax train dpjax/configs/rt_full_gpu.py --no-progress \
   --workdir "$out/rt_full" $rt > "$out/rt_full.out" 2> "$out/rt_full.err"
 rc=$?
 wall=$(( $(date +%s) - s ))
