@@ -59,6 +59,7 @@ ALLOWED: Dict[str, Set[str]] = {
 # The shipped config files sit on top, beside the CLI (one builds on another
 # through `dpjax.training.config`).
 ALLOWED["dpjax.configs"] = ALLOWED["dpjax.cli"]
+ALLOWED["dpjax.__main__"] = {"dpjax.cli"}  # `python -m dpjax`
 FACADE = "dpjax"  # dpjax/__init__.py re-exports the public names; nothing imports it
 # What the private core may import from outside dpjax: flax because ghost clipping
 # intercepts linen layers, attr because DpEvents are attrs classes.
