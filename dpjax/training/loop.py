@@ -68,6 +68,7 @@ from dpjax.training.spec import SpecError
 from dpjax.training.step import TrainState, accumulate, apply_update, perturb
 
 PyTree = Any
+_JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
 
 
 class Task(NamedTuple):
@@ -419,6 +420,12 @@ def train(
   """
   lead = jax.process_index() == 0  # multi-host: one process writes metrics and plots
   mesh = run_mesh(spec_lib.validate(spec_lib.with_defaults(cfg)))  # device errors first
+  if workdir and jax.process_count() > 1 and _JAX_VERSION < (0, 7):
+    raise SpecError(
+      f"checkpoints of a multi-process run need jax >= 0.7 (orbax writes arrays split "
+      f"over processes under jax.sharding.set_mesh as a context manager); this is jax "
+      f"{jax.__version__}"
+    )
   lock = rundir.RunLock(workdir) if workdir and lead else None
   if lock is not None and os.path.isdir(workdir):
     lock.acquire()

@@ -74,6 +74,19 @@ def check_same_run(workdir: str, new: Dict[str, Any], allow_privacy_change: bool
     )
 
 
+def _host_copy(x):
+  """A multi-device array this process holds whole, as a host array; anything else as it is.
+
+  orbax writes an array replicated over several devices by slicing it per
+  replica under `jax.sharding.set_mesh`, which jax before 0.7 has no context
+  manager for; a host copy (what orbax makes anyway before writing) avoids
+  that path. An array split over several processes stays a jax.Array.
+  """
+  if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and x.is_fully_addressable:
+    return np.asarray(x)
+  return x
+
+
 class Checkpoints:
   """Orbax checkpoints of the state with the ledger and the secret beside it (one atomic step).
 
@@ -139,6 +152,7 @@ class Checkpoints:
     """
     ocp = self._ocp
     meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
+    state = jax.tree.map(_host_copy, state)
     self.mngr.save(
       int(state.step),
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
