@@ -82,10 +82,10 @@ def parse(argv=None):
   return a
 
 
-def _shape_args(a, batch=None):
+def _shape_args(a):
   return [
     *("--layers", str(a.layers), "--d", str(a.d), "--heads", str(a.heads)),
-    *("--vocab", str(a.vocab), "--batch", str(batch or a.batch), "--seq", str(a.seq)),
+    *("--vocab", str(a.vocab), "--batch", str(a.batch), "--seq", str(a.seq)),
   ]
 
 

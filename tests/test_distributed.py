@@ -15,6 +15,7 @@ from dpjax.training import rundir
 from dpjax.training import sharding as shard_lib
 from dpjax.training.plan import Secret
 from dpjax.training.step import TrainState
+from tests import distributed_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,15 +120,9 @@ def test_a_run_resumed_on_a_model_sharded_mesh_equals_one_run(tmp_path):
   if jax.device_count() < 8:
     pytest.skip("needs 8 virtual devices (set in conftest)")
   from dpjax.tasks import build_task
-  from dpjax.training.config import CONFIG_DIR, load_config
   from dpjax.training.loop import train
 
-  cfg = load_config(os.path.join(CONFIG_DIR, "synthetic.py"))
-  cfg.task.num_train, cfg.task.num_eval = 400, 64
-  cfg.steps, cfg.batch_size, cfg.physical_batch_size = 6, 40, 16
-  cfg.target_epsilon, cfg.noise_multiplier, cfg.noise_seed = None, 1.0, 5
-  cfg.log_every, cfg.checkpoint_every = 3, 3
-  cfg.data_devices, cfg.model_devices = 2, 4
+  cfg = distributed_worker.small_config(5, 2, 4, steps=6, every=3)
   task = build_task(cfg)
   whole = train(cfg, task, str(tmp_path / "whole"), progress=False)
   train(cfg, task, str(tmp_path / "cut"), progress=False, stop_at_step=3)

@@ -796,8 +796,8 @@ def _run(
 
     def ascent_sum(params, batches) -> PyTree:
       """Charged DP-SAM's clipped sum of an independent draw (at the plan's fixed bound)."""
-      fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
-      return summed(params, batches, fn=lambda g, p, f, b, m, c: fn(g, p, f, b, m)).gsum
+      fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)  # jitted, not AOT
+      return summed(params, batches, fn=fn).gsum
 
     cbs: List[Callback] = []
     checkpointer = None
