@@ -55,7 +55,7 @@ def test_smollm2_gguf_generates(tmp_path, monkeypatch):
   import numpy as np
 
   from dpjax.models.generate import generate, left_pad
-  from dpjax.models.hf import gguf_tokenizer, load_gguf
+  from dpjax.models.llama_cpp import gguf_tokenizer, load_gguf
 
   monkeypatch.setenv("DPJAX_HOME", str(tmp_path))
   (path,) = glob.glob(os.path.join(assets.fetch("smollm2-135m"), "*.gguf"))

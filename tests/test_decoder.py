@@ -1,4 +1,6 @@
-"""Our Flax decoders against transformers' PyTorch Llama/GPT-2; KV cache; GGUF loading."""
+"""Our Flax decoders against transformers' PyTorch models of every family; KV cache; generation.
+
+GGUF files are in test_gguf.py."""
 
 import dataclasses
 
@@ -9,13 +11,9 @@ import pytest
 
 from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_cache, init_params
 from dpjax.models.generate import generate, left_pad, sample_logits
-from dpjax.models.hf import (
-  gguf_tokenizer,
-  llama_cpp_permute,
-  llama_cpp_unpermute,
-  load_decoder,
-  load_gguf,
-)
+from dpjax.models.hf import load_decoder
+from tests import hf_tiny
+from tests.hf_tiny import SMALL, V
 
 try:  # the parity tests need torch; the cache, generation and loss tests do not
   import torch
@@ -25,52 +23,8 @@ except ImportError:
 needs_torch = pytest.mark.skipif(
   torch is None, reason="torch (CPU) is needed for logit parity: pip install -e '.[test]'"
 )
-
-V = 101
-# The shape of every tiny checkpoint compared with transformers (6 heads of 8, 2 KV heads).
-SMALL = dict(
-  vocab_size=V,
-  hidden_size=48,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=6,
-  num_key_value_heads=2,
-)
-
-
-def _tiny(family, tie=False):
-  torch.manual_seed(0)
-  if family in ("llama", "qwen2"):
-    config, model = {
-      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[family]
-    cfg = config(
-      vocab_size=V,
-      hidden_size=48,
-      intermediate_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=6,
-      num_key_value_heads=2,
-      max_position_embeddings=64,
-      tie_word_embeddings=tie,
-      rope_theta=500.0,
-      pad_token_id=0,
-      bos_token_id=1,
-      eos_token_id=2,
-    )
-    return model(cfg).eval()
-  cfg = transformers.GPT2Config(
-    vocab_size=V,
-    n_embd=48,
-    n_layer=2,
-    n_head=4,
-    n_positions=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-  )
-  return transformers.GPT2LMHeadModel(cfg).eval()
+_ids = hf_tiny.ids
+_randomise = hf_tiny.randomise
 
 
 @pytest.fixture(scope="module", params=["llama", "llama-tied", "gpt2"])
@@ -93,15 +47,11 @@ def tiny(request, tmp_path_factory):
       eos_token_id=2,
     )
     return None, cfg, init_params(cfg, jax.random.PRNGKey(0))
-  ref = _randomise(_tiny(family, tie=request.param.endswith("tied")))  # biases, norms too
+  ref = hf_tiny.model(family, tie=request.param.endswith("tied"))  # biases, norms too
   path = tmp_path_factory.mktemp(request.param)
   ref.save_pretrained(path)
   cfg, params = load_decoder(str(path))
   return ref, cfg, params
-
-
-def _ids(shape, seed=0):
-  return np.random.default_rng(seed).integers(3, V, shape).astype(np.int32)
 
 
 @needs_torch
@@ -210,178 +160,9 @@ def test_causal_lm_loss_masks_padding():
   np.testing.assert_allclose(np.asarray(causal_lm_loss(logits2, ids2, mask)), np.asarray(loss))
 
 
-# ---------------------------------------------------------------------------
-# GGUF
-
-
-def _bytes_to_unicode():
-  bs = (
-    list(range(ord("!"), ord("~") + 1))
-    + list(range(ord("¡"), ord("¬") + 1))
-    + list(range(ord("®"), ord("ÿ") + 1))
-  )
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
-def _write_gguf(path, ref, qtype, rope_freqs=None):
-  import gguf
-
-  c = ref.config
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_vocab_size(c.vocab_size)
-  base = _bytes_to_unicode()
-  merges = ["h e", "l l", "he ll", "Ġ w", "o r"]
-  extra = ["he", "ll", "hell", "Ġw", "or"]
-  tokens = (["<pad>", "<s>", "</s>"] + base + extra)[: c.vocab_size]
-  tokens += [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
-  w.add_tokenizer_model("gpt2")
-  w.add_token_list(tokens)
-  w.add_token_merges(merges)
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
-  w.add_pad_token_id(0)
-  sd = {k: v.detach().numpy().astype(np.float32) for k, v in ref.state_dict().items()}
-  names = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-  }
-  per_layer = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-  }
-  for i in range(c.num_hidden_layers):
-    for hf, gg in per_layer.items():
-      names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-  for hf, gg in names.items():
-    t = sd[hf]
-    if gg.endswith("attn_q.weight"):
-      t = llama_cpp_permute(t, c.num_attention_heads)
-    elif gg.endswith("attn_k.weight"):
-      t = llama_cpp_permute(t, c.num_key_value_heads)
-    if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-      q = gguf.quants.quantize(t, qtype)
-      w.add_tensor(gg, q, raw_shape=q.shape, raw_dtype=qtype)
-    else:
-      w.add_tensor(gg, t)
-  if rope_freqs is not None:  # llama.cpp's form of llama3 rope scaling
-    w.add_tensor("rope_freqs.weight", rope_freqs)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return tokens
-
-
-def test_llama_cpp_permutation_round_trip():
-  w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
-  np.testing.assert_array_equal(llama_cpp_unpermute(llama_cpp_permute(w, 6), 6), w)
-  assert not np.array_equal(llama_cpp_permute(w, 6), w)
-
-
-@needs_torch
-@pytest.mark.parametrize("qtype,atol", [("F32", 1e-4), ("Q8_0", 0.05)])
-def test_gguf_loads_tiny_llama(tmp_path, qtype, atol):
-  import gguf
-
-  # Room for the 256 byte-level tokens; Q8_0 blocks are 32 wide, so every row
-  # length (hidden 64, intermediate 96) is a multiple of 32.
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-    vocab_size=264,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    rope_theta=500.0,
-  )
-  ref = transformers.LlamaForCausalLM(cfg).eval()
-  path = tmp_path / "tiny.gguf"
-  tokens = _write_gguf(path, ref, getattr(gguf.GGMLQuantizationType, qtype))
-  cfg, params = load_gguf(str(path))
-  assert (cfg.num_heads, cfg.kv_heads, cfg.tie_embeddings) == (
-    ref.config.num_attention_heads,
-    ref.config.num_key_value_heads,
-    False,
-  )
-  ids = _ids((2, 8), 7)
-  with torch.no_grad():
-    out = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  logits, _ = Decoder(cfg).apply({"params": params}, ids)
-  err = np.max(np.abs(np.asarray(logits) - out))
-  assert err < atol, err
-
-  tok = gguf_tokenizer(str(path))
-  enc = tok("hello world")["input_ids"]
-  assert len(enc) > 0
-  assert tokens.index("hell") in enc and tokens.index("Ġw") in enc
-  assert tok.decode(enc) == "hello world"
-  assert tok.eos_token == "</s>"
-
-
-@needs_torch
-def test_gguf_rope_frequency_factors_are_refused(tmp_path):
-  import gguf
-
-  cfg = transformers.LlamaConfig(
-    vocab_size=264,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rope_theta=500.0,
-  )
-  ref = transformers.LlamaForCausalLM(cfg).eval()
-  path = tmp_path / "scaled.gguf"
-  _write_gguf(path, ref, gguf.GGMLQuantizationType.F32, rope_freqs=np.ones(8, np.float32))
-  with pytest.raises(ValueError, match="rope scaling \\(rope_freqs.weight\\) is not implemented"):
-    load_gguf(str(path))
-
-
-def test_gguf_missing_file_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="GGUF file not found"):
-    load_gguf(str(tmp_path / "none.gguf"))
-
-
-def _randomise(model, seed=0):
-  """Every parameter random, biases and norm weights included (inits zero or one them)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(0.2 * torch.randn(p.shape, generator=g))
-  return model
-
-
 @needs_torch
 def test_qwen2_loads_its_qkv_biases_and_matches_pytorch(tmp_path):
-  ref = _randomise(_tiny("qwen2"))
+  ref = hf_tiny.model("qwen2")
   ref.save_pretrained(tmp_path)
   dcfg, params = load_decoder(str(tmp_path))
   assert dcfg.bias and not dcfg.o_bias
@@ -399,7 +180,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
 
   from dpjax.models import hf
 
-  ref = _tiny("llama")
+  ref = hf_tiny.model("llama")
   ref.save_pretrained(tmp_path)
   cfg, params = load_decoder(str(tmp_path))
   # The same tensors against a model with q/k/v/o biases: the biases are missing.
@@ -455,15 +236,7 @@ def test_rope_scaling_matches_pytorch(tmp_path, rope):
 
 @needs_torch
 def test_mistral_sliding_window_matches_pytorch(tmp_path):
-  torch.manual_seed(0)
-  cfg = transformers.MistralConfig(
-    **SMALL,
-    max_position_embeddings=64,
-    sliding_window=4,
-    rope_theta=500.0,
-    pad_token_id=0,
-  )
-  ref = _randomise(transformers.MistralForCausalLM(cfg).eval())
+  ref = hf_tiny.model("mistral", sliding_window=4)
   ids = _ids((2, 12))
   dcfg, params, err = _parity(ref, tmp_path, ids)
   assert dcfg.sliding_window == 4 and err < 1e-4
@@ -492,52 +265,11 @@ def test_unimplemented_rope_types_are_refused(tmp_path):
 @needs_torch
 @pytest.mark.parametrize("tie", [False, True])
 def test_qwen3_loads_its_qk_norms_and_matches_pytorch(tmp_path, tie):
-  torch.manual_seed(0)
-  cfg = transformers.Qwen3Config(
-    **SMALL,
-    head_dim=16,  # Qwen3 sets it apart from hidden / heads
-    max_position_embeddings=64,
-    tie_word_embeddings=tie,
-    rope_theta=500.0,
-    pad_token_id=0,
-  )
-  ref = _randomise(transformers.Qwen3ForCausalLM(cfg).eval())
+  ref = hf_tiny.model("qwen3", tie)
   ids = _ids((2, 9))
   dcfg, params, err = _parity(ref, tmp_path, ids)
   assert dcfg.qk_norm and dcfg.dim_per_head == 16 and err < 1e-4
   assert params["layer_1"]["attn"]["k_norm"]["scale"].shape == (16,)
-
-
-def _gemma(kind, tie):
-  torch.manual_seed(0)
-  common = dict(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-    sliding_window=4,  # shorter than the 12 tokens compared: the windows matter
-    query_pre_attn_scalar=24,
-    tie_word_embeddings=tie,
-    pad_token_id=0,
-  )
-  if kind == "gemma2":
-    cfg = transformers.Gemma2Config(
-      **common, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, rope_theta=500.0
-    )
-    return transformers.Gemma2ForCausalLM(cfg)
-  cfg = transformers.Gemma3TextConfig(
-    **common,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    rope_parameters={
-      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-      "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
-    },
-  )
-  return transformers.Gemma3ForCausalLM(cfg)
 
 
 @needs_torch
@@ -551,7 +283,7 @@ def _gemma(kind, tie):
   ],
 )
 def test_gemma_matches_pytorch(tmp_path, kind, tie):
-  ref = _randomise(_gemma(kind, tie).eval())
+  ref = hf_tiny.model(kind, tie)
   ids = _ids((2, 12))
   dcfg, params, err = _parity(ref, tmp_path, ids)
   assert dcfg.sandwich_norms and dcfg.embed_scale and dcfg.norm_offset == 1.0
@@ -571,16 +303,7 @@ def test_gemma_matches_pytorch(tmp_path, kind, tie):
 
 @needs_torch
 def test_phi3_fused_projections_and_sliding_window_match_pytorch(tmp_path):
-  torch.manual_seed(0)
-  cfg = transformers.Phi3Config(
-    **SMALL,
-    max_position_embeddings=64,
-    sliding_window=5,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  ref = _randomise(transformers.Phi3ForCausalLM(cfg).eval())
+  ref = hf_tiny.model("phi3")
   ids = _ids((2, 12))
   dcfg, params, err = _parity(ref, tmp_path, ids)
   assert dcfg.sliding_window == 5 and err < 1e-4, err

@@ -270,29 +270,14 @@ def test_pipeline_spends_only_teacher_and_histogram_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_pipeline_with_a_gguf_teacher(tmp_path):
   """The same pipeline with a pretrained GGUF decoder and its BPE tokenizer (SmolLM2's path)."""
-  import gguf
-  import torch
-  import transformers
-
+  pytest.importorskip("torch")
   from dpjax.training.config import load_config
-  from tests.test_decoder import _write_gguf
+  from tests import hf_tiny
+  from tests.test_gguf import write_gguf
 
-  torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(
-    transformers.LlamaConfig(
-      vocab_size=264,
-      hidden_size=64,
-      intermediate_size=96,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      max_position_embeddings=64,
-      tie_word_embeddings=False,
-      rope_theta=500.0,
-    )
-  ).eval()
+  ref = hf_tiny.model("llama", vocab_size=264, hidden_size=64, num_attention_heads=4)
   path = tmp_path / "teacher.gguf"
-  _write_gguf(path, ref, gguf.GGMLQuantizationType.F32)
+  write_gguf(path, ref)
   (tmp_path / "plays").mkdir()
   cfg = load_config("configs/distil_shakespeare.py")
   import ml_collections

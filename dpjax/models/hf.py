@@ -285,7 +285,20 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
   from transformers import AutoConfig
 
   _require_dir(path)
-  hf = AutoConfig.from_pretrained(path, local_files_only=True)
+  return from_hf_config(AutoConfig.from_pretrained(path, local_files_only=True), path, dtype)
+
+
+def from_hf_config(hf, path: str, dtype: str = "float32") -> DecoderConfig:
+  """`DecoderConfig` of a transformers config object; what dpjax does not implement is refused.
+
+  Args:
+    hf: a transformers `PretrainedConfig` (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, GPT-2).
+    path: where it came from, for the messages.
+    dtype: the compute dtype.
+
+  Returns:
+    The config.
+  """
   if hf.model_type == "gemma3":
     raise ValueError(
       f"{path}: a multimodal Gemma 3 checkpoint; dpjax loads the text model (gemma3_text)"
@@ -333,7 +346,10 @@ def decoder_config(path: str, *, dtype: str = "float32") -> DecoderConfig:
       eos_token_id=_first_id(hf.eos_token_id),
       dtype=dtype,
     )
-  raise ValueError(f"{path} holds a {hf.model_type!r} model; decoders load 'llama' or 'gpt2'")
+  raise ValueError(
+    f"{path} holds a {hf.model_type!r} model; decoders load "
+    "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text or gpt2"
+  )
 
 
 def _first_id(*ids) -> int:
@@ -454,7 +470,21 @@ def load_decoder(path: str, *, dtype: str = "float32"):
     (config, params).
   """
   cfg = decoder_config(path, dtype=dtype)
-  weights = _unfuse(read_safetensors(path), cfg)
+  return cfg, params_from_hf(cfg, read_safetensors(path), path)
+
+
+def params_from_hf(cfg: DecoderConfig, weights: Dict[str, np.ndarray], source: str):
+  """The parameter tree of `cfg` from Hugging Face tensors, checked against the model's tree.
+
+  Args:
+    cfg: the decoder's config (`from_hf_config`).
+    weights: {Hugging Face tensor name: array} (fused Phi-3 projections are split here).
+    source: the checkpoint, for the messages.
+
+  Returns:
+    The tree, cast to `cfg.dtype`.
+  """
+  weights = _unfuse(weights, cfg)
   if cfg.family == "llama":
     skip = _LLAMA_SKIP + ((r"lm_head\.weight",) if cfg.tie_embeddings else ())
     params = convert(weights, _SANDWICH_RULES if cfg.sandwich_norms else _LLAMA_RULES, skip)
@@ -474,8 +504,8 @@ def load_decoder(path: str, *, dtype: str = "float32"):
           "kernel": jnp.asarray(w[:, j * D : (j + 1) * D]),
           "bias": jnp.asarray(b[j * D : (j + 1) * D]),
         }
-  check_tree(params, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), path)
-  return cfg, _cast(params, dtype)
+  check_tree(params, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), source)
+  return _cast(params, cfg.dtype)
 
 
 def check_tree(loaded, expected, source: str) -> None:
@@ -507,191 +537,6 @@ def check_tree(loaded, expected, source: str) -> None:
 
 def _cast(params, dtype: str):
   return jax.tree.map(lambda x: x.astype(dtype), params)
-
-
-# ---------------------------------------------------------------------------
-# GGUF (llama.cpp) files, Llama family.
-
-_GGUF_RULES = [
-  (r"token_embd\.weight", "embed/embedding", _I),
-  (r"output\.weight", "lm_head/kernel", _T),
-  (r"output_norm\.weight", "final_norm/scale", _I),
-  (r"blk\.(\d+)\.attn_norm\.weight", r"layer_\1/attn_norm/scale", _I),
-  (r"blk\.(\d+)\.ffn_norm\.weight", r"layer_\1/mlp_norm/scale", _I),
-  (r"blk\.(\d+)\.attn_q\.weight", r"layer_\1/attn/q/kernel", _T),
-  (r"blk\.(\d+)\.attn_k\.weight", r"layer_\1/attn/k/kernel", _T),
-  (r"blk\.(\d+)\.attn_v\.weight", r"layer_\1/attn/v/kernel", _T),
-  (r"blk\.(\d+)\.attn_output\.weight", r"layer_\1/attn/o/kernel", _T),
-  (r"blk\.(\d+)\.ffn_gate\.weight", r"layer_\1/mlp/gate/kernel", _T),
-  (r"blk\.(\d+)\.ffn_up\.weight", r"layer_\1/mlp/up/kernel", _T),
-  (r"blk\.(\d+)\.ffn_down\.weight", r"layer_\1/mlp/down/kernel", _T),
-]
-_GGUF_SKIP = ()
-
-
-def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Inverse of llama.cpp's q/k row permutation (rotary pairs interleaved).
-
-  llama.cpp's converter reorders the rows of the torch `[out, in]` q and k
-  weights so that rotary pairs are adjacent (its kernels rotate pairs
-  (2i, 2i+1)); Hugging Face checkpoints rotate halves (i, i + hd/2). This
-  puts the rows back in the Hugging Face order.
-
-  Args:
-    w: a q or k weight from GGUF, torch layout [out, in] (or a bias [out]).
-    n_head: the heads of that projection.
-
-  Returns:
-    The weight in the Hugging Face row order.
-  """
-  out = w.shape[0]
-  if out % (2 * n_head):
-    raise ValueError(f"{out} rows do not split into {n_head} heads of even size")
-  return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """llama.cpp's converter permutation (for writing GGUF files in tests/tools).
-
-  Args:
-    w: a q or k weight in the Hugging Face row order.
-    n_head: the heads of that projection.
-
-  Returns:
-    The weight in llama.cpp's row order.
-  """
-  out = w.shape[0]
-  return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_field(reader, name: str, default=None):
-  f = reader.fields.get(name)
-  if f is None:
-    return default
-  return f.contents()
-
-
-def load_gguf(path: str, *, dtype: str = "float32"):
-  """`(DecoderConfig, params)` from a llama.cpp GGUF file of a Llama-family model.
-
-  Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with the
-  `gguf` package, then cast to `dtype`. The q/k permutation of llama.cpp is
-  undone so the weights match the Hugging Face layout our RoPE expects.
-
-  Args:
-    path: the `.gguf` file.
-    dtype: the parameters' and compute dtype.
-
-  Returns:
-    (config, params).
-  """
-  import gguf
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(path)
-  arch = _gguf_field(reader, "general.architecture")
-  if arch != "llama":
-    raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-  g = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)
-  n_head, n_kv = (
-    int(g("attention.head_count")),
-    int(g("attention.head_count_kv", g("attention.head_count"))),
-  )
-  D = int(g("embedding_length"))
-  head_dim = int(g("attention.key_length", D // n_head))
-  names = {t.name for t in reader.tensors}
-  scaling = g("rope.scaling.type", "none")
-  if "rope_freqs.weight" in names or scaling not in ("none", None):
-    raise ValueError(
-      f"{path}: rope scaling ({'rope_freqs.weight' if 'rope_freqs.weight' in names else scaling})"
-      " is not implemented for GGUF files; load the Hugging Face directory instead"
-    )
-  tok = lambda k: _gguf_field(reader, f"tokenizer.ggml.{k}")
-  eos = tok("eos_token_id")
-  cfg = DecoderConfig(
-    family="llama",
-    vocab_size=int(g("vocab_size", len(tok("tokens") or []))),
-    hidden_size=D,
-    num_layers=int(g("block_count")),
-    num_heads=n_head,
-    num_kv_heads=n_kv,
-    head_dim=head_dim if head_dim != D // n_head else None,
-    intermediate_size=int(g("feed_forward_length")),
-    max_position=int(g("context_length", 2048)),
-    norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-    rope_theta=float(g("rope.freq_base", 10000.0)),
-    tie_embeddings="output.weight" not in names,
-    pad_token_id=_first_id(tok("padding_token_id"), eos),
-    bos_token_id=_first_id(tok("bos_token_id")),
-    eos_token_id=_first_id(eos),
-    dtype=dtype,
-  )
-  weights = {}
-  for t in reader.tensors:
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml ne order is innermost first
-    if t.name.endswith("attn_q.weight"):
-      w = llama_cpp_unpermute(w, n_head)
-    elif t.name.endswith("attn_k.weight"):
-      w = llama_cpp_unpermute(w, n_kv)
-    weights[t.name] = w
-  params = convert(weights, _GGUF_RULES, _GGUF_SKIP)
-  check_tree(params, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), path)
-  return cfg, _cast(params, dtype)
-
-
-def gguf_tokenizer(path: str):
-  """A transformers fast tokenizer built from the vocab and merges inside a GGUF file.
-
-  Supports llama.cpp's byte-level BPE ("gpt2" tokenizer model), the kind of
-  SmolLM2, GPT-2 and Llama 3 checkpoints.
-
-  Args:
-    path: the `.gguf` file.
-
-  Returns:
-    A `PreTrainedTokenizerFast`.
-  """
-  import gguf
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  reader = gguf.GGUFReader(path)
-  tok = lambda k: _gguf_field(reader, f"tokenizer.ggml.{k}")
-  kind = tok("model")
-  if kind != "gpt2":
-    raise ValueError(
-      f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')"
-    )
-  tokens = tok("tokens")
-  merges = [tuple(m.split(" ", 1)) for m in tok("merges")]
-  bpe = models.BPE(
-    vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False
-  )
-  t = Tokenizer(bpe)
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if tok("pre") == "smollm":  # digits one by one, as SmolLM's tokenizer.json does
-    t.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.Digits(individual_digits=True), byte_level]
-    )
-  else:
-    t.pre_tokenizer = byte_level
-  t.decoder = decoders.ByteLevel()
-  # Control tokens (llama.cpp token type 3, e.g. "<|im_start|>") are never split.
-  types = tok("token_type") or []
-  control = [tokens[i] for i, ty in enumerate(types) if int(ty) == 3]
-  if control:
-    t.add_special_tokens([AddedToken(c, special=True) for c in control])
-  name = lambda i: tokens[int(i)] if i is not None else None
-  special = {k: name(tok(f"{k}_token_id")) for k in ("bos", "eos", "unknown", "padding")}
-  return PreTrainedTokenizerFast(
-    tokenizer_object=t,
-    bos_token=special["bos"],
-    eos_token=special["eos"],
-    unk_token=special["unknown"],
-    pad_token=special["padding"] or special["eos"],
-  )
 
 
 # ---------------------------------------------------------------------------

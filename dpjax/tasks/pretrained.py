@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, NamedTuple
 import numpy as np
 
 from dpjax import assets
-from dpjax.models import hf
+from dpjax.models import hf, llama_cpp
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -81,8 +81,8 @@ def load_pretrained(name_or_path: str) -> Pretrained:
   ggufs = sorted(glob.glob(os.path.join(path, "*.gguf"))) if os.path.isdir(path) else []
   if path.endswith(".gguf") or ggufs:
     path = path if path.endswith(".gguf") else ggufs[0]
-    mcfg, params = hf.load_gguf(path)
-    tok = hf.gguf_tokenizer(path)
+    mcfg, params = llama_cpp.load_gguf(path)
+    tok = llama_cpp.gguf_tokenizer(path)
   else:
     from transformers import AutoTokenizer
 
