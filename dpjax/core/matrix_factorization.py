@@ -248,3 +248,208 @@ def sensitivity(
 def _check_bands(bands: int, name: str = "bands") -> None:
   if isinstance(bands, bool) or int(bands) != bands or bands < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {bands!r}")
+
+
+# ---------------------------------------------------------------------------
+# Buffered linear Toeplitz (BLT) strategies: C with c_0 = 1 and
+# c_k = sum_j s_j d_j^(k-1) (k >= 1), m buffers (Dvijotham et al., arXiv
+# 2404.16706; McMahan et al., arXiv 2408.08868). Its noise C^-1 z streams with
+# m buffers whatever the horizon: w_t = z_t - sum_j s_j buf_j, then
+# buf_j <- d_j buf_j + w_t (`dpjax.mechanisms.blt_gaussian`). Not banded, so
+# no amplification by sampling: under b-min-separated participation (at most k
+# times, b or more steps apart) the run is one Gaussian mechanism whose
+# sensitivity is `toeplitz_sensitivity` (`events.blt_event`).
+
+
+def check_blt(decay: Sequence[float], scale: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+  """BLT parameters as float64 arrays, refused unless C's coefficients are >= 0 and
+  non-increasing (0 <= d_j < 1, s_j >= 0, sum s_j <= 1), which `toeplitz_sensitivity` needs.
+
+  Args:
+    decay: d_1..d_m, the buffers' decays.
+    scale: s_1..s_m, their output scales.
+
+  Returns:
+    (decay, scale).
+  """
+  d, s = np.asarray(decay, np.float64).reshape(-1), np.asarray(scale, np.float64).reshape(-1)
+  if d.shape != s.shape or not (np.all(np.isfinite(d)) and np.all(np.isfinite(s))):
+    raise ValueError(
+      f"BLT decay and scale must be finite lists of one length, got {decay}, {scale}"
+    )
+  if np.any(d < 0) or np.any(d >= 1) or np.any(s < 0) or s.sum() > 1 + 1e-12:
+    raise ValueError(
+      f"BLT parameters need 0 <= decay < 1, scale >= 0 and sum(scale) <= 1 (coefficients >= 0 "
+      f"and non-increasing), got decay {d.tolist()}, scale {s.tolist()}"
+    )
+  return d, s
+
+
+def blt_coefficients(decay: Sequence[float], scale: Sequence[float], steps: int) -> np.ndarray:
+  """The Toeplitz coefficients c_0..c_{n-1} of a BLT strategy.
+
+  Example:
+    >>> blt_coefficients([0.5], [0.4], 4).tolist()
+    [1.0, 0.4, 0.2, 0.1]
+
+  Args:
+    decay: d_1..d_m.
+    scale: s_1..s_m.
+    steps: n.
+
+  Returns:
+    c_0 = 1, c_k = sum_j s_j d_j^(k-1).
+  """
+  d, s = check_blt(decay, scale)
+  k = np.arange(max(int(steps) - 1, 0))
+  return np.concatenate([[1.0], (s[None, :] * d[None, :] ** k[:, None]).sum(1)])[: int(steps)]
+
+
+def _minsep_count(steps: int, min_separation: int, max_participations: int) -> int:
+  _check_bands(min_separation, "min_separation")
+  if int(max_participations) != max_participations or max_participations < 1:
+    raise ValueError(f"max_participations must be an integer >= 1, got {max_participations}")
+  return min(int(max_participations), math.ceil(steps / min_separation))
+
+
+def toeplitz_sensitivity(
+  coefs: Sequence[float], steps: int, min_separation: int, max_participations: int
+) -> float:
+  """L2 sensitivity of C x for a lower-triangular Toeplitz C with coefficients >= 0 and
+  non-increasing, when a unit takes part in at most k steps, at least b apart.
+
+  Formal guarantees:
+    C's columns then have non-negative inner products, so contributions of
+    norm <= 1 change C x most when they are all the same unit vector, and
+    among b-separated patterns the earliest, tightest one (steps 0, b, 2b,
+    ...) has the largest norm (Kalinin & Lampert, arXiv 2405.13763, Thm 2):
+    the bound is ||C u|| for that pattern's indicator u, and it is attained.
+
+  Args:
+    coefs: c_0, c_1, ... (fewer than n: the rest are 0).
+    steps: n.
+    min_separation: b, the fewest steps between two participations.
+    max_participations: k >= 1.
+
+  Returns:
+    The sensitivity.
+  """
+  c = np.zeros(int(steps))
+  given = np.asarray(coefs, np.float64)[: int(steps)]
+  c[: len(given)] = given
+  if np.any(c < 0) or np.any(np.diff(c) > 1e-12):
+    raise ValueError("toeplitz_sensitivity needs coefficients >= 0 and non-increasing")
+  k = _minsep_count(steps, min_separation, max_participations)
+  u = np.zeros(int(steps))
+  u[: k * int(min_separation) : int(min_separation)] = 1.0
+  return float(np.linalg.norm(np.convolve(c, u)[: int(steps)]))
+
+
+def _blt_loss(params: jax.Array, steps: int, pattern: jax.Array) -> jax.Array:
+  """sensitivity^2 x mean prefix-sum error per unit noise of the BLT these logits give."""
+  m = params.shape[0] // 2
+  decay = jax.nn.sigmoid(params[:m])
+  scale = jax.nn.sigmoid(params[-1]) * jax.nn.softmax(params[m:-1])
+
+  def stream(inverse):
+    def body(buf, u):  # the buffers hold the past inputs of C: x for C x, the output for C^-1 y
+      if inverse:
+        x = u - jnp.dot(scale, buf)
+        return decay * buf + x, x
+      return decay * buf + u, u + jnp.dot(scale, buf)
+
+    return body
+
+  impulse = jnp.zeros(steps).at[0].set(1.0)
+  _, y = jax.lax.scan(stream(False), jnp.zeros(m), pattern)  # C u
+  _, d = jax.lax.scan(stream(True), jnp.zeros(m), impulse)  # C^-1's coefficients
+  e = jnp.cumsum(d)
+  weights = jnp.arange(steps, 0, -1, dtype=e.dtype)
+  return jnp.dot(y, y) * jnp.dot(weights, e * e) / steps
+
+
+def blt_error(
+  decay: Sequence[float],
+  scale: Sequence[float],
+  steps: int,
+  min_separation: int,
+  max_participations: int,
+) -> float:
+  """Mean squared error of the n prefix sums per unit noise, at the BLT's min-sep sensitivity.
+
+  Args:
+    decay: d_1..d_m.
+    scale: s_1..s_m.
+    steps: n.
+    min_separation: b.
+    max_participations: k.
+
+  Returns:
+    sens^2 ||A C^-1||_F^2 / n (DP-SGD without amplification, C = I: k' (n + 1) / 2).
+  """
+  c = blt_coefficients(decay, scale, steps)
+  sens = toeplitz_sensitivity(c, steps, min_separation, max_participations)
+  e = np.cumsum(inverse_coefficients(c, steps))
+  return float(sens**2 * np.dot(np.arange(steps, 0, -1), e * e) / steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _blt(buffers: int, steps: int, b: int, k: int, iterations: int) -> Tuple[tuple, tuple]:
+  j = np.arange(1, buffers + 1)
+  decay0 = 1.0 - float(steps) ** (-j / (buffers + 1))  # spread over the horizon's time scales
+  start = jnp.asarray(
+    np.concatenate([np.log(decay0 / (1 - decay0)), np.zeros(buffers), [0.0]]), jnp.float32
+  )
+  pattern = np.zeros(steps, np.float32)
+  pattern[: _minsep_count(steps, b, k) * b : b] = 1.0
+  loss = functools.partial(_blt_loss, steps=steps, pattern=jnp.asarray(pattern))
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  @jax.jit
+  def step(v, state):
+    value, grad = value_and_grad(v, state=state)
+    updates, state = opt.update(grad, state, v, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(v, updates), state
+
+  v, state = start, opt.init(start)
+  for _ in range(iterations):
+    v, state = step(v, state)
+  v = np.asarray(v, np.float64)
+  decay = 1.0 / (1.0 + np.exp(-v[:buffers]))
+  p = np.exp(v[buffers:-1] - v[buffers:-1].max())
+  scale = p / p.sum() / (1.0 + np.exp(-v[-1]))
+  none = (np.zeros(buffers), np.zeros(buffers))  # C = I
+  try:
+    if blt_error(decay, scale, steps, b, k) < blt_error(*none, steps, b, k):
+      return tuple(decay.tolist()), tuple(scale.tolist())
+  except ValueError:  # rounding left the constraints: keep the identity
+    pass
+  return tuple(none[0].tolist()), tuple(none[1].tolist())
+
+
+def blt_strategy(
+  buffers: int, steps: int, min_separation: int, max_participations: int, iterations: int = 300
+) -> Tuple[np.ndarray, np.ndarray]:
+  """The m-buffer BLT of least `blt_error` for this horizon and participation.
+
+  L-BFGS over the decays (in (0, 1)) and the scales (>= 0, summing to < 1, so
+  the coefficients stay >= 0 and non-increasing and `toeplitz_sensitivity`
+  holds). Never worse than C = I (it falls back to it); its privacy does not
+  depend on how good it is: the noise is scaled by the sensitivity of the
+  parameters returned, computed in float64.
+
+  Args:
+    buffers: m >= 1.
+    steps: n.
+    min_separation: b, the fewest steps between a unit's participations.
+    max_participations: k.
+    iterations: L-BFGS iterations.
+
+  Returns:
+    (decay, scale), each [m].
+  """
+  _check_bands(buffers, "buffers")
+  _minsep_count(steps, min_separation, max_participations)
+  d, s = _blt(int(buffers), int(steps), int(min_separation), int(max_participations), iterations)
+  return np.asarray(d), np.asarray(s)

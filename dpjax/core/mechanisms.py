@@ -8,7 +8,8 @@ per `update`. Chain it before `normalize` and the optimizer:
 
 The Gaussian mechanism is the one of DP-SGD (arXiv 1607.00133); the Laplace
 mechanism is the L1 analogue; `banded_gaussian` correlates the Gaussian
-noise across steps (BandMF, arXiv 2306.08153).
+noise across steps (BandMF, arXiv 2306.08153), `blt_gaussian` likewise with
+a buffered linear Toeplitz strategy (arXiv 2408.08868).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpjax.core.accounting.lmo import LMOParams
 from dpjax.core.checks import check_positive
-from dpjax.core.matrix_factorization import check_coefficients
+from dpjax.core.matrix_factorization import check_blt, check_coefficients
 
 PyTree = Any
 
@@ -267,6 +269,78 @@ def banded_gaussian(
       history.append(jnp.concatenate([w[None], h[:-1]]))
     return jax.tree.unflatten(treedef, out), BandedNoiseState(
       next_key, state.count + 1, jax.tree.unflatten(treedef, history)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class BLTNoiseState(NamedTuple):
+  """State of `blt_gaussian`: the key, the step count and the m buffers."""
+
+  key: jax.Array
+  count: jax.Array  # int32 scalar
+  buffers: PyTree  # per leaf [m, *leaf.shape] float32
+
+
+def blt_gaussian(
+  noise_multiplier: float, l2_sensitivity: float, key: jax.Array, decay, scale
+) -> optax.GradientTransformation:
+  """Correlated Gaussian noise of a buffered linear Toeplitz (BLT) factorisation.
+
+  Step t adds w = C^-1 z for the lower-triangular Toeplitz C with c_0 = 1,
+  c_k = sum_j s_j d_j^(k-1) (`dpjax.core.matrix_factorization.blt_coefficients`),
+  z_t ~ N(0, (sigma sens)^2 I) drawn exactly as `gaussian` draws its noise:
+  w_t = z_t - sum_j s_j buf_j, then buf_j <- d_j buf_j + w_t (arXiv 2408.08868,
+  Alg. 3). The state holds m buffers: m x params of float32 memory, whatever
+  the horizon. All scales 0 (or m = 0) is `gaussian` itself.
+
+  Example:
+    >>> tx = blt_gaussian(1.0, 1.0, jax.random.key(0), decay=[0.9], scale=[0.3])
+    >>> state = tx.init(jnp.zeros(3))
+    >>> noisy, state = tx.update(jnp.zeros(3), state)
+
+  Args:
+    noise_multiplier: sigma.
+    l2_sensitivity: the sensitivity of the whole released C x: the clipped
+      sum's (`grad_fn.sensitivity()`) times C's under the run's participation
+      (`matrix_factorization.toeplitz_sensitivity`).
+    key: the PRNG key, split on every update as in `gaussian`.
+    decay: d_1..d_m.
+    scale: s_1..s_m.
+
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + w_t, state).
+
+  Formal guarantees:
+    The released sequence is a post-processing of C x + z, one Gaussian
+    mechanism of multiplier sigma when `l2_sensitivity` bounds the change of
+    C x (`dpjax.core.accounting.events.blt_event`): no amplification by
+    sampling is claimed.
+  """
+  d, s = check_blt(decay, scale)
+  if not np.any(s > 0):
+    return gaussian(noise_multiplier, l2_sensitivity, key)
+  check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
+  check_positive(l2_sensitivity, "l2_sensitivity")
+  draw = _iid(standard_normal, float(noise_multiplier) * float(l2_sensitivity))
+  dj, sj = jnp.asarray(d, jnp.float32), jnp.asarray(s, jnp.float32)
+
+  def init_fn(params):
+    buffers = jax.tree.map(lambda p: jnp.zeros((len(d),) + jnp.shape(p), jnp.float32), params)
+    return BLTNoiseState(jnp.asarray(key), jnp.zeros([], jnp.int32), buffers)
+
+  def update_fn(updates, state, params=None):
+    del params
+    next_key, step_key = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(updates)
+    past = treedef.flatten_up_to(state.buffers)
+    out, buffers = [], []
+    for leaf, z, buf in zip(leaves, draw(step_key, leaves), past):
+      w = z - jnp.tensordot(sj, buf, axes=1)
+      out.append((leaf.astype(jnp.float32) + w).astype(leaf.dtype))
+      buffers.append(dj.reshape((-1,) + (1,) * w.ndim) * buf + w[None])
+    return jax.tree.unflatten(treedef, out), BLTNoiseState(
+      next_key, state.count + 1, jax.tree.unflatten(treedef, buffers)
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

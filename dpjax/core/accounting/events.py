@@ -111,6 +111,27 @@ def bandmf_event(noise_multiplier: float, sampling_rate: float, steps: int, band
   return dpsgd_event(noise_multiplier, sampling_rate, -(-int(steps) // int(bands)))
 
 
+def blt_event(noise_multiplier: float) -> DpEvent:
+  """A whole run of BLT (or any matrix-factorisation) noise scaled to C x's sensitivity.
+
+  Formal guarantees:
+    `dpjax.mechanisms.blt_gaussian` releases C x + z with z ~ N(0, (sigma
+    Delta)^2 I), Delta the sensitivity of C x over every participation the
+    run allows (`matrix_factorization.toeplitz_sensitivity`: at most k times,
+    b or more steps apart); everything trained is post-processing. That is one
+    Gaussian mechanism of multiplier sigma, however many steps ran; sampling
+    is not assumed to amplify anything.
+
+  Args:
+    noise_multiplier: sigma, in units of Delta.
+
+  Returns:
+    `GaussianDpEvent(sigma)`.
+  """
+  check_noise_multiplier(noise_multiplier)
+  return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+
 def fixed_batch_event(
   noise_multiplier: float, dataset_size: int, batch_size: int, steps: int
 ) -> DpEvent:
