@@ -194,7 +194,7 @@ def test_bandmf_run_is_accounted_as_dpsgd_over_its_rounds(tmp_path):
   (seg,) = record["ledger"]
   assert (seg["bands"], seg["steps"], seg["sampling_rate"]) == (3, 6, 0.3)
   assert seg["origin"]["mf_strategy"] == "optimal"
-  with pytest.raises(ResumeRefused, match="BandMF run"):
+  with pytest.raises(ResumeRefused, match="BandMF or BLT run"):
     run(
       cfg_of(mf_bands=2, noise_multiplier=1.0, steps=12), tmp_path / "w", allow_privacy_change=True
     )
@@ -213,3 +213,46 @@ def test_bandmf_target_is_met_and_bad_settings_are_refused():
     run(cfg_of(mf_bands=3, batch_size=300))
   with pytest.raises(SpecError, match="adam_bc"):
     run(cfg_of(mf_bands=3, optimizer="adam_bc"))
+
+
+def _gaussian_epsilon(sigma, delta=DELTA):
+  """dp-accounting's PLD epsilon of one Gaussian mechanism (no sampling, no composition)."""
+  acc = pld.PLDAccountant(
+    dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+  )
+  return acc.compose(dp_accounting.GaussianDpEvent(sigma)).get_epsilon(delta)
+
+
+def test_blt_run_is_one_gaussian_mechanism_at_its_min_separation_sensitivity(tmp_path):
+  from dpjax.core import matrix_factorization as mf
+  from dpjax.training.plan import Secret, make_plan
+  from dpjax.training.spec import validate
+  from tests.test_blt import _brute_force, _dense
+
+  cfg = cfg_of(mf_bands=3, mf_strategy="blt", mf_buffers=2, noise_multiplier=1.0)
+  res = run(cfg, tmp_path / "w")
+  want = _gaussian_epsilon(1.0)
+  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-6)
+  (seg,) = json.load(open(tmp_path / "w" / "privacy.json"))["ledger"]
+  assert (seg["bands"], seg["mf_buffers"], seg["mf_horizon"], seg["steps"]) == (3, 2, 6, 6)
+  # The noise is scaled to C x's sensitivity: 6 steps, 3 groups, so 2 participations 3 apart.
+  plan = make_plan(validate(cfg), build_task(cfg), secret=Secret.fresh())
+  C = _dense(mf.blt_coefficients(*plan.mf_blt, 6), 6)
+  assert plan.mf_sensitivity == pytest.approx(_brute_force(C, 3, 2), rel=1e-12)
+  assert plan.mf_sensitivity > 1.0  # two participations cost more than one
+  with pytest.raises(ResumeRefused, match="BandMF or BLT run"):
+    more = cfg_of(mf_bands=3, mf_strategy="blt", mf_buffers=2, noise_multiplier=2.0)
+    run(more, tmp_path / "w", allow_privacy_change=True)
+
+
+def test_blt_target_is_met_and_bad_settings_are_refused():
+  from dpjax.training.spec import SpecError
+
+  res = run(cfg_of(mf_strategy="blt", mf_buffers=1, noise_multiplier=None, target_epsilon=2.0))
+  eps = res.final_metrics["epsilon"]
+  assert eps == pytest.approx(2.0, rel=0.02) and eps <= 2.0
+  assert eps == pytest.approx(_gaussian_epsilon(res.noise_multiplier), rel=1e-6)
+  with pytest.raises(SpecError, match="mf_strategy='blt' needs mechanism 'gaussian'"):
+    run(cfg_of(mf_strategy="blt", mechanism="laplace", l1_clip_norm=1.0))
+  with pytest.raises(SpecError, match="mf_strategy='blt' with optimizer 'adam_bc'"):
+    run(cfg_of(mf_strategy="blt", optimizer="adam_bc"))

@@ -126,7 +126,8 @@ def test_a_run_charges_the_count_and_moves_the_clip_norm_to_the_quantile(tmp_pat
     (dict(adaptive_clipping={"quantile": 0.5}), "unknown 'quantile'"),
     (dict(adaptive_clipping={"target_quantile": 1.0}), r"target_quantile must be in \(0, 1\)"),
     (dict(adaptive_clipping={}, automatic_clipping=0.01), "no clip norm to adapt"),
-    (dict(adaptive_clipping={}, mf_bands=2), "BandMF"),
+    (dict(adaptive_clipping={}, mf_bands=2), "correlated noise"),
+    (dict(adaptive_clipping={}, mf_strategy="blt"), "correlated noise"),
     (dict(adaptive_clipping={"count_noise": 0.4}), "count_noise.*must exceed"),
   ],
 )

@@ -579,8 +579,13 @@ def plan_line(spec, plan: PrivacyPlan) -> str:
     f"{spec.steps} steps",
     f"accountant {plan.accountant}",
   ]
-  if plan.bands > 1:
+  if plan.bands > 1 and not plan.mf_buffers:
     parts.append(f"BandMF {plan.bands} bands")
+  if plan.mf_buffers:
+    parts.append(
+      f"BLT {plan.mf_buffers} buffers, {plan.bands} group(s), C-sensitivity "
+      f"{plan.mf_sensitivity:.4g} (one Gaussian mechanism, no amplification)"
+    )
   if plan.adaptive is not None:
     parts.append(f"adaptive clipping (gradient sigma {plan.gradient_noise_multiplier:.4g})")
   return " | ".join(parts)
@@ -824,6 +829,7 @@ def _run(
       "private": plan.private,
       "noise_multiplier": plan.noise_multiplier,
       "mf_bands": plan.bands,
+      "mf_buffers": plan.mf_buffers,
       "adaptive_clipping": plan.adaptive,
       "gradient_noise_multiplier": plan.gradient_noise_multiplier,
       "sampling_rate": plan.sampling_rate,

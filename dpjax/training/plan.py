@@ -34,10 +34,17 @@ from dpjax.core.accounting.ledger import Ledger, Segment, canonical
 from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
-from dpjax.core.matrix_factorization import inverse_coefficients, strategy
+from dpjax.core.matrix_factorization import (
+  blt_coefficients,
+  blt_strategy,
+  inverse_coefficients,
+  strategy,
+  toeplitz_sensitivity,
+)
 from dpjax.core.mechanisms import (
   QuantileClipState,
   banded_gaussian,
+  blt_gaussian,
   find_state,
   gaussian,
   gradient_noise_multiplier,
@@ -174,6 +181,8 @@ class PrivacyPlan:
   origin: Optional[Dict[str, Any]] = None  # the spec values that chose the noise
   bands: int = 1  # BandMF's b (1: independent noise)
   mf_coefs: Optional[tuple] = None  # the b-banded strategy's c_0..c_{b-1}
+  mf_buffers: int = 0  # BLT's m (0: no BLT)
+  mf_blt: Optional[tuple] = None  # BLT's (decay, scale), fitted to the run's steps and groups
   adaptive: Optional[Dict[str, Any]] = None  # adaptive clipping, count_noise resolved
 
   @property
@@ -195,6 +204,15 @@ class PrivacyPlan:
     if self.adaptive is None or not self.private:
       return None
     return find_state(opt_state, QuantileClipState).clip_norm
+
+  @property
+  def mf_sensitivity(self) -> float:
+    """BLT: the sensitivity of C x over the run (units in at most ceil(steps / b) steps, b
+    apart, `matrix_factorization.toeplitz_sensitivity`); 1 without BLT."""
+    if not self.mf_buffers:
+      return 1.0
+    n, b = int(self.steps), int(self.bands)
+    return toeplitz_sensitivity(blt_coefficients(*self.mf_blt, n), n, b, -(-n // b))
 
   @property
   def per_user(self) -> bool:
@@ -242,6 +260,8 @@ class PrivacyPlan:
       int(self.num_units),
       self.origin,
       int(self.bands),
+      mf_buffers=int(self.mf_buffers),
+      mf_horizon=int(self.steps) if self.mf_buffers else None,
     )
 
   def ledger_at(self, step: int) -> Ledger:
@@ -329,6 +349,10 @@ class PrivacyPlan:
     if not self.private:
       return 0.0
     sens, batch = self.grad_fn.sensitivity(), self.expected_batch_size
+    if self.mf_buffers:  # the largest, at the last step, of noise at C x's sensitivity
+      c = blt_coefficients(*self.mf_blt, self.steps)
+      gain = float(np.sum(inverse_coefficients(c, self.steps) ** 2)) * self.mf_sensitivity**2
+      return float(gain * (self.noise_multiplier * sens / batch) ** 2)
     if self.mechanism == "gaussian" and self.bands > 1:  # the largest, at the last step
       gain = float(np.sum(inverse_coefficients(self.mf_coefs, self.steps) ** 2))
       return float(gain * (self.noise_multiplier * sens / batch) ** 2)
@@ -361,6 +385,8 @@ class PrivacyPlan:
         learning_rate=a["learning_rate"],
         expected_batch_size=self.expected_batch_size,
       )
+    if self.mf_buffers:
+      return blt_gaussian(self.noise_multiplier, sens * self.mf_sensitivity, key, *self.mf_blt)
     if self.mechanism == "gaussian" and self.bands > 1:
       return banded_gaussian(self.noise_multiplier, sens, key, self.mf_coefs)
     if self.mechanism == "gaussian":
@@ -552,6 +578,7 @@ def make_plan(
     )
   seed = secret.sampling_seed()
   unit, sampling, G, sampler, q, expected, units = _unit_sampler(spec, task, seed)
+  blt = bool(spec.private and spec.mf_strategy == "blt")
   sam = _sam(spec)
   grad_fn = make_grad_fn(spec, task.loss_fn, sampling) if spec.private else None
   args = dict(
@@ -575,7 +602,18 @@ def make_plan(
     bands=int(spec.mf_bands) if spec.private else 1,
     mf_coefs=(
       tuple(strategy(spec.mf_strategy, spec.mf_bands, spec.steps).tolist())
-      if spec.private and spec.mf_bands > 1
+      if spec.private and spec.mf_bands > 1 and not blt
+      else None
+    ),
+    mf_buffers=int(spec.mf_buffers) if blt else 0,
+    mf_blt=(
+      tuple(
+        tuple(v.tolist())
+        for v in blt_strategy(
+          spec.mf_buffers, spec.steps, spec.mf_bands, -(-int(spec.steps) // spec.mf_bands)
+        )
+      )
+      if blt
       else None
     ),
     adaptive=_adaptive(spec, expected),
@@ -606,10 +644,11 @@ def make_plan(
       params = LMOParams(**last.lmo)
     return _candidate(args, last.noise_multiplier, params)
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
-  if max(last.bands, args["bands"]) > 1:
+  if last.correlated or args["bands"] > 1 or args["mf_buffers"]:
     raise ResumeRefused(
-      f"resuming at step {start_step} would change the privacy of a BandMF run ({said}): its "
-      "noise is correlated across steps and its bound covers one unchanged run; use a new workdir"
+      f"resuming at step {start_step} would change the privacy of a BandMF or BLT run ({said}): "
+      "its noise is correlated across steps and its bound covers one unchanged run; use a new "
+      "workdir"
     )
   if not allow_privacy_change:
     raise ResumeRefused(
@@ -629,6 +668,7 @@ _SAME = (
   "max_examples_per_user",
   "accountant",
   "bands",
+  "mf_buffers",
 )
 
 
@@ -642,9 +682,11 @@ def _origin(spec, extra_event) -> Dict[str, Any]:
   }
   if spec.adaptive_clipping is not None:
     out["adaptive_clipping"] = dict(spec.adaptive_clipping)
-  if spec.mf_bands > 1:  # the strategy, and the horizon "optimal" was fitted to
+  if spec.mf_bands > 1 or spec.mf_strategy == "blt":  # the strategy, its fitted horizon
     out["mf_strategy"] = spec.mf_strategy
-    out["mf_horizon"] = int(spec.steps) if spec.mf_strategy == "optimal" else None
+    out["mf_horizon"] = int(spec.steps) if spec.mf_strategy in ("optimal", "blt") else None
+    if spec.mf_strategy == "blt":
+      out["mf_buffers"] = int(spec.mf_buffers)
   if calibrated:  # the noise depends on the run's length, delta and anything composed with it
     out.update(
       steps=int(spec.steps),

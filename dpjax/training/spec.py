@@ -146,7 +146,8 @@ KEYS: Tuple[Key, ...] = (
     1,
     _INT,
     "BandMF: bands b of the correlated Gaussian noise (1: DP-SGD); b > 1 splits the "
-    "examples into b groups sampled in turn (cyclic Poisson, arXiv 2306.08153)",
+    "examples into b groups sampled in turn (cyclic Poisson, arXiv 2306.08153); with "
+    "mf_strategy='blt' the groups alone (a unit's steps are then b apart)",
     check=_ge1[0],
     allowed=_ge1[1],
     privacy=True,
@@ -155,8 +156,19 @@ KEYS: Tuple[Key, ...] = (
     "mf_strategy",
     "optimal",
     _STR,
-    "BandMF strategy: optimal (least mean prefix-sum error over the run) | sqrt (closed form)",
-    choices=("optimal", "sqrt"),
+    "BandMF strategy: optimal (least mean prefix-sum error over the run) | sqrt (closed "
+    "form) | blt (buffered linear Toeplitz noise, mf_buffers buffers, accounted as one "
+    "Gaussian mechanism at its min-separation sensitivity: no amplification)",
+    choices=("optimal", "sqrt", "blt"),
+    privacy=True,
+  ),
+  Key(
+    "mf_buffers",
+    4,
+    _INT,
+    "BLT: the buffers m of the noise (m x params of memory), with mf_strategy='blt'",
+    check=_ge1[0],
+    allowed=_ge1[1],
     privacy=True,
   ),
   Key(
@@ -470,7 +482,7 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
         f"mechanism={out['mechanism']!r} needs l1_clip_norm (its noise is "
         "calibrated to the L1 sensitivity; L2 clipping does not bound it)"
       )
-    if out["mf_bands"] > 1:
+    if out["mf_bands"] > 1 or out["mf_strategy"] == "blt":
       _check_bandmf(out)
     if out["adaptive_clipping"] is not None:
       _check_adaptive(out)
@@ -507,19 +519,20 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
 
 def _check_bandmf(out: Dict[str, Any]) -> None:
   b = out["mf_bands"]
+  what = "mf_strategy='blt'" if out["mf_strategy"] == "blt" else f"mf_bands={b}"
   if out["mechanism"] != "gaussian":
-    raise SpecError(f"mf_bands={b} needs mechanism 'gaussian', got {out['mechanism']!r}")
+    raise SpecError(f"{what} needs mechanism 'gaussian', got {out['mechanism']!r}")
   if out["privacy_unit"] != "example":
-    raise SpecError(f"mf_bands={b} needs privacy_unit 'example', got {out['privacy_unit']!r}")
+    raise SpecError(f"{what} needs privacy_unit 'example', got {out['privacy_unit']!r}")
   if out["optimizer"] == "adam_bc":
     raise SpecError(
-      f"mf_bands={b} with optimizer 'adam_bc': the correlated noise's variance changes from "
+      f"{what} with optimizer 'adam_bc': the correlated noise's variance changes from "
       "step to step; use adam, adamw or sgd"
     )
   if b > out["steps"]:
     raise SpecError(f"mf_bands={b} exceeds steps={out['steps']}: use at most one band per step")
   if out["dp_sam"] and out["dp_sam"].get("mode", "free") == "charged":
-    raise SpecError(f"mf_bands={b} cannot charge DP-SAM ascent releases (dp_sam.mode='charged')")
+    raise SpecError(f"{what} cannot charge DP-SAM ascent releases (dp_sam.mode='charged')")
 
 
 ADAPTIVE_DEFAULTS = {"target_quantile": 0.5, "learning_rate": 0.2, "count_noise": None}
@@ -547,7 +560,11 @@ def _check_adaptive(out: Dict[str, Any]) -> None:
       f"and automatic_clipping={out['automatic_clipping']!r}: automatic clipping has no "
       "clip norm to adapt; set one of them to None",
     ),
-    (out["mf_bands"] > 1, f"is not analysed with BandMF noise (mf_bands={out['mf_bands']})"),
+    (
+      out["mf_bands"] > 1 or out["mf_strategy"] == "blt",
+      f"is not analysed with correlated noise (mf_bands={out['mf_bands']}, "
+      f"mf_strategy={out['mf_strategy']!r})",
+    ),
     (
       out["optimizer"] == "adam_bc",
       "with optimizer 'adam_bc': the noise variance moves with the clip norm; use adam",

@@ -43,6 +43,8 @@ PRIVACY_FIELDS = (
   "lmo",
   "origin",
   "bands",
+  "mf_buffers",
+  "mf_horizon",
 )
 
 
@@ -71,6 +73,11 @@ class Segment:
       with b > 1 the steps compose as ceil(steps / b) DP-SGD steps
       (`events.bandmf_event`), which needs cyclic Poisson sampling over b
       groups, Gaussian noise, example-level units and no extra releases.
+    mf_buffers: m of BLT noise (0: none). With m > 0 the whole segment is one
+      Gaussian mechanism (`events.blt_event`): its noise was scaled to C x's
+      sensitivity over `mf_horizon` steps, b = `bands` apart (min separation),
+      so it covers at most `mf_horizon` steps; same restrictions as BandMF.
+    mf_horizon: the steps the BLT noise was scaled for.
   """
 
   mechanism: str
@@ -86,6 +93,13 @@ class Segment:
   num_units: Optional[int] = None
   origin: Optional[Dict[str, Any]] = None
   bands: int = 1
+  mf_buffers: int = 0
+  mf_horizon: Optional[int] = None
+
+  @property
+  def correlated(self) -> bool:
+    """Noise correlated across steps (BandMF or BLT): one unchanged run, nothing composed."""
+    return self.bands > 1 or self.mf_buffers > 0
 
   def __post_init__(self):
     if self.mechanism not in MECHANISMS:
@@ -96,12 +110,21 @@ class Segment:
     checks.check_steps(self.steps, minimum=0, name="segment steps")
     checks.check_steps(self.extra_releases, minimum=0, name="extra_releases")
     checks.check_steps(self.bands, name="bands")
-    if self.bands > 1 and (
+    checks.check_steps(self.mf_buffers, minimum=0, name="mf_buffers")
+    if self.correlated and (
       self.mechanism != "gaussian" or self.unit != "example" or self.extra_releases
     ):
+      what = (
+        f"mf_buffers={self.mf_buffers} (BLT)" if self.mf_buffers else f"bands={self.bands} (BandMF)"
+      )
       raise ValueError(
-        f"bands={self.bands} (BandMF) needs mechanism 'gaussian', unit 'example' and no extra "
+        f"{what} needs mechanism 'gaussian', unit 'example' and no extra "
         f"releases, got {self.mechanism!r}, {self.unit!r}, {self.extra_releases}"
+      )
+    if self.mf_buffers and (self.mf_horizon is None or self.steps > self.mf_horizon):
+      raise ValueError(
+        f"a BLT segment of {self.steps} steps exceeds the mf_horizon={self.mf_horizon} its "
+        "noise was scaled for"
       )
     if self.mechanism == "lmo":
       if not self.lmo:
@@ -146,6 +169,8 @@ class Segment:
     """All the segment's releases (descent steps and charged ascent steps alike)."""
     if self.releases == 0:
       return dp_accounting.NoOpDpEvent()
+    if self.mf_buffers:
+      return ev.blt_event(self.noise_multiplier)
     if self.bands > 1:
       return ev.bandmf_event(self.noise_multiplier, self.sampling_rate, self.steps, self.bands)
     return dp_accounting.SelfComposedDpEvent(self.step_event(), self.releases)
@@ -241,10 +266,10 @@ class Ledger:
         last.steps + segment.steps, last.extra_releases + segment.extra_releases
       )
       return Ledger(self.segments[:-1] + (merged,))
-    if self.segments and max(self.segments[-1].bands, segment.bands) > 1:
+    if self.segments and (self.segments[-1].correlated or segment.correlated):
       raise ValueError(
-        "a BandMF segment (bands > 1) cannot share a ledger with another segment: its noise "
-        "is correlated across steps and the amplified bound covers one unchanged run"
+        "a BandMF or BLT segment cannot share a ledger with another segment: its noise "
+        "is correlated across steps and its bound covers one unchanged run"
       )
     return Ledger(self.segments + (segment,))
 
