@@ -144,6 +144,7 @@ UTILITY_METHODS = (
   "automatic",
   "adaptive",
   "bandmf",
+  "blt",
   "adam-bc",
   "bandmf+automatic",
   "automatic+adam-bc",

@@ -24,6 +24,10 @@ the same number of gradient evaluations, and the same target epsilon:
   bandmf     BandMF with b bands, the optimal banded Toeplitz strategy and
              cyclic Poisson sampling (arXiv 2306.08153); b minimises the
              prefix-sum error sigma(b)^2 x mean_error(b) at the target (`bands`)
+  blt        BLT noise, 4 buffers, fitted to the run (arXiv 2408.08868), over b
+             cyclic groups: one Gaussian mechanism at its min-separation
+             sensitivity, no amplification; b minimises sigma^2 x blt_error
+             over powers of 2 with rate <= 1 (`bands`)
   adam-bc    DP-AdamBC (arXiv 2312.14334)
   bandmf+automatic, automatic+adam-bc   combinations (BandMF's correlated noise has no
              fixed per-step variance for DP-AdamBC, and adaptive clipping is not
@@ -88,6 +92,26 @@ def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dic
   return {"bands": best, "candidates": out}
 
 
+BLT_BUFFERS = 4
+
+
+def choose_blt(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
+  """The groups b minimising sigma^2 x blt_error (sigma: one Gaussian mechanism at eps).
+
+  Data-independent, like `choose_bands`.
+  """
+  sigma = calibrate_scale(lambda s: accountants.epsilon(events.blt_event(s), delta, "pld"), eps)
+  out = {}
+  b = 1
+  while b <= steps and batch * b <= TRAIN_EXAMPLES:
+    k = -(-steps // b)
+    decay, scale = mf.blt_strategy(BLT_BUFFERS, steps, b, k)
+    out[b] = {"sigma": sigma, "error": mf.blt_error(decay, scale, steps, b, k)}
+    b *= 2
+  best = min(out, key=lambda k: out[k]["error"])
+  return {"bands": best, "candidates": out}
+
+
 def tuned_clip(task: str, index) -> float | None:
   """The clip of best dev accuracy among the recorded tuning runs (None before all ran)."""
   if task != "rt-top2":
@@ -137,6 +161,10 @@ def config(task, method, eps, seed, clip):
     cfg.adaptive_clipping = {"target_quantile": 0.5, "learning_rate": 0.2}
   if "bandmf" in parts:
     cfg.mf_bands = choose_bands(eps, cfg.steps, cfg.batch_size)["bands"]
+  if "blt" in parts:
+    cfg.mf_strategy = "blt"
+    cfg.mf_buffers = BLT_BUFFERS
+    cfg.mf_bands = choose_blt(eps, cfg.steps, cfg.batch_size)["bands"]
   if "adam-bc" in parts:
     cfg.optimizer = "adam_bc"
   return cfg
@@ -189,13 +217,14 @@ def main(argv=None):
     for task in args.tasks:
       cfg = base(task)
       for eps in args.epsilons:
-        ch = choose_bands(eps, cfg.steps, cfg.batch_size)
-        cand = ", ".join(
-          f"b={b}: sigma {v['sigma']:.3f}, error {v['error']:.2f}, "
-          f"sigma^2 x error {v['sigma'] ** 2 * v['error']:.2f}"
-          for b, v in ch["candidates"].items()
-        )
-        print(f"{task} eps={eps:g}: bands {ch['bands']} ({cand})")
+        for name, choose in (("bandmf", choose_bands), ("blt", choose_blt)):
+          ch = choose(eps, cfg.steps, cfg.batch_size)
+          cand = ", ".join(
+            f"b={b}: sigma {v['sigma']:.3f}, error {v['error']:.2f}, "
+            f"sigma^2 x error {v['sigma'] ** 2 * v['error']:.2f}"
+            for b, v in ch["candidates"].items()
+          )
+          print(f"{task} eps={eps:g} {name}: b {ch['bands']} ({cand})")
     return 0
   if args.command == "run":
     while True:  # re-plan after each run: the tuned clip is known only once tuning ran

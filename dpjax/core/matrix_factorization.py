@@ -415,7 +415,7 @@ def _blt(buffers: int, steps: int, b: int, k: int, iterations: int) -> Tuple[tup
   v, state = start, opt.init(start)
   for _ in range(iterations):
     v, state = step(v, state)
-  v = np.asarray(v, np.float64)
+  v = np.clip(np.asarray(v, np.float64), -500.0, 500.0)  # logits: no overflow in exp
   decay = 1.0 / (1.0 + np.exp(-v[:buffers]))
   p = np.exp(v[buffers:-1] - v[buffers:-1].max())
   scale = p / p.sum() / (1.0 + np.exp(-v[-1]))
