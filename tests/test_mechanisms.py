@@ -138,3 +138,25 @@ def test_gaussian_and_laplace_moments_and_tails_over_a_million_draws():
   # Kolmogorov-Smirnov against the exact Gaussian CDF.
   z = np.ravel(mechanisms.standard_normal(jax.random.PRNGKey(5), (200_000,)))
   assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 5), (2, 3, 4), (1001,)])
+def test_random_words_are_jax_randoms_bit_for_bit(shape):
+  """The unrolled hash gives jax's own words (typed, raw and split keys; jit or not), and the
+  uniforms and coin flips built on them are jax's uniform and bernoulli."""
+  keys = (jax.random.key(3), jax.random.PRNGKey(9), jax.random.split(jax.random.key(1))[1])
+  jitted = jax.jit(mechanisms.random_bits, static_argnums=1)
+  for k in keys:
+    want = np.asarray(jax.random.bits(k, shape, jnp.uint32))
+    np.testing.assert_array_equal(np.asarray(mechanisms.random_bits(k, shape)), want)
+    np.testing.assert_array_equal(np.asarray(jitted(k, shape)), want)
+    u = np.asarray(mechanisms.random_uniform(k, shape))
+    np.testing.assert_array_equal(u, np.asarray(jax.random.uniform(k, shape, jnp.float32)))
+    np.testing.assert_array_equal(u < 0.5, np.asarray(jax.random.bernoulli(k, 0.5, shape)))
+
+
+def test_other_key_implementations_take_jax_randoms_path():
+  k = jax.random.key(4, impl="rbg")
+  np.testing.assert_array_equal(
+    np.asarray(mechanisms.random_bits(k, (5,))), np.asarray(jax.random.bits(k, (5,), jnp.uint32))
+  )
