@@ -65,3 +65,28 @@ def assert_trees_equal(got, want):
 
 # `variant` of a test: the function as is, or jitted.
 VARIANTS = [pytest.param(lambda f: f, id="without_jit"), pytest.param(jax.jit, id="with_jit")]
+
+
+def noise_streams(plain, other, zeros, steps, variant):
+  """[steps, d] noise of two noise transforms on the zero pytree `zeros`, step by step.
+
+  Args:
+    plain: e.g. `mechanisms.gaussian(...)`.
+    other: the transform compared with it (same key).
+    zeros: the pytree the noise is added to.
+    steps: the steps.
+    variant: a wrapper of `update` (VARIANTS: plain, jitted).
+
+  Returns:
+    (Z, W, state): both transforms' noise as float64 arrays, one row per step, and the
+    second one's final state.
+  """
+  sp, so = plain.init(zeros), other.init(zeros)
+  up, uo = variant(plain.update), variant(other.update)
+  Z, W = [], []
+  for _ in range(steps):
+    z, sp = up(zeros, sp)
+    w, so = uo(zeros, so)
+    Z.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]))
+    W.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(w)]))
+  return np.asarray(Z, np.float64), np.asarray(W, np.float64), so

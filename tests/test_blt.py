@@ -90,16 +90,9 @@ def test_streaming_noise_is_the_dense_inverse_times_the_gaussian_draws(variant):
   zeros = {"w": jnp.zeros((3, 2)), "v": jnp.zeros(5)}
   plain = mechanisms.gaussian(0.7, 1.5, key)
   blt = mechanisms.blt_gaussian(0.7, 1.5, key, d, s)
-  sp, sb = plain.init(zeros), blt.init(zeros)
-  up, ub = variant(plain.update), variant(blt.update)
-  Z, W = [], []
-  for _ in range(steps):
-    z, sp = up(zeros, sp)
-    w, sb = ub(zeros, sb)
-    Z.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]))
-    W.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(w)]))
+  Z, W, sb = mt.noise_streams(plain, blt, zeros, steps, variant)
   C = _dense(mf.blt_coefficients(d, s, steps), steps)
-  np.testing.assert_allclose(np.asarray(W), np.linalg.solve(C, np.asarray(Z)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(W, np.linalg.solve(C, Z), rtol=1e-4, atol=1e-5)
   assert sum(x.size for x in jax.tree.leaves(sb.buffers)) == 2 * 11  # m x params
 
 

@@ -126,15 +126,7 @@ def test_streaming_noise_is_the_dense_inverse_times_the_gaussian_draws(variant):
   zeros = {"w": jnp.zeros((3, 2)), "v": jnp.zeros(5)}
   plain = mechanisms.gaussian(0.7, 1.5, key)
   banded = mechanisms.banded_gaussian(0.7, 1.5, key, coefs)
-  sp, sb = plain.init(zeros), banded.init(zeros)
-  up, ub = variant(plain.update), variant(banded.update)
-  Z, W = [], []
-  for _ in range(steps):
-    z, sp = up(zeros, sp)
-    w, sb = ub(zeros, sb)
-    Z.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]))
-    W.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(w)]))
-  Z, W = np.asarray(Z, np.float64), np.asarray(W, np.float64)  # [steps, d]
+  Z, W, _ = mt.noise_streams(plain, banded, zeros, steps, variant)
   C = mf.strategy_matrix(coefs, steps)
   np.testing.assert_allclose(W, np.linalg.solve(C, Z), rtol=1e-4, atol=1e-5)
 

@@ -145,10 +145,8 @@ def mean_error(coefs: Sequence[float], steps: int) -> float:
   return float(np.dot(c, c) * np.dot(np.arange(steps, 0, -1), e * e) / steps)
 
 
-@functools.lru_cache(maxsize=64)
-def _optimal(bands: int, steps: int, iterations: int) -> Tuple[float, ...]:
-  start = jnp.asarray(sqrt_strategy(bands), jnp.float32)
-  loss = functools.partial(_prefix_error, steps=steps)
+def _lbfgs(loss, start: jax.Array, iterations: int) -> jax.Array:
+  """`iterations` L-BFGS steps on `loss` from `start` (optax, jitted)."""
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
 
@@ -161,6 +159,13 @@ def _optimal(bands: int, steps: int, iterations: int) -> Tuple[float, ...]:
   v, state = start, opt.init(start)
   for _ in range(iterations):
     v, state = step(v, state)
+  return v
+
+
+@functools.lru_cache(maxsize=64)
+def _optimal(bands: int, steps: int, iterations: int) -> Tuple[float, ...]:
+  start = jnp.asarray(sqrt_strategy(bands), jnp.float32)
+  v = _lbfgs(functools.partial(_prefix_error, steps=steps), start, iterations)
   c = np.asarray(v, np.float64)
   if not (np.all(np.isfinite(c)) and c[0] > 0) or mean_error(c, steps) > mean_error(
     np.asarray(start, np.float64), steps
@@ -402,19 +407,9 @@ def _blt(buffers: int, steps: int, b: int, k: int, iterations: int) -> Tuple[tup
   )
   pattern = np.zeros(steps, np.float32)
   pattern[: _minsep_count(steps, b, k) * b : b] = 1.0
-  loss = functools.partial(_blt_loss, steps=steps, pattern=jnp.asarray(pattern))
-  opt = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(loss)
-
-  @jax.jit
-  def step(v, state):
-    value, grad = value_and_grad(v, state=state)
-    updates, state = opt.update(grad, state, v, value=value, grad=grad, value_fn=loss)
-    return optax.apply_updates(v, updates), state
-
-  v, state = start, opt.init(start)
-  for _ in range(iterations):
-    v, state = step(v, state)
+  v = _lbfgs(
+    functools.partial(_blt_loss, steps=steps, pattern=jnp.asarray(pattern)), start, iterations
+  )
   v = np.clip(np.asarray(v, np.float64), -500.0, 500.0)  # logits: no overflow in exp
   decay = 1.0 / (1.0 + np.exp(-v[:buffers]))
   p = np.exp(v[buffers:-1] - v[buffers:-1].max())
