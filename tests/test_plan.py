@@ -235,6 +235,7 @@ def test_blt_run_is_one_gaussian_mechanism_at_its_min_separation_sensitivity(tmp
   assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-6)
   (seg,) = json.load(open(tmp_path / "w" / "privacy.json"))["ledger"]
   assert (seg["bands"], seg["mf_buffers"], seg["mf_horizon"], seg["steps"]) == (3, 2, 6, 6)
+  assert len(seg["origin"]["mf_blt"][0]) == 2  # the fitted decays: a refit is a privacy change
   # The noise is scaled to C x's sensitivity: 6 steps, 3 groups, so 2 participations 3 apart.
   plan = make_plan(validate(cfg), build_task(cfg), secret=Secret.fresh())
   C = _dense(mf.blt_coefficients(*plan.mf_blt, 6), 6)

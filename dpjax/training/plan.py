@@ -626,6 +626,8 @@ def make_plan(
     raise SpecError(str(e)) from None
 
   args["origin"] = _origin(spec, extra_event)
+  if blt:  # the fitted strategy itself: a resume that refits it differently changes the noise
+    args["origin"]["mf_blt"] = [list(v) for v in args["mf_blt"]]
   if not prior.segments:
     return _plan_noise(spec, args, prior, start_step, extra_event)
   last = prior.segments[-1]
