@@ -16,12 +16,12 @@ from tests import hf_tiny  # noqa: E402
 
 CASES = [
   ("llama", False, "llama"),
-  ("llama", True, "llama"),
+  pytest.param("llama", True, "llama", marks=pytest.mark.slow),
   ("mistral", False, "mistral"),
-  ("qwen2", True, "qwen2"),
+  pytest.param("qwen2", True, "qwen2", marks=pytest.mark.slow),
   ("qwen3", False, "qwen3"),
   ("phi3", False, "mistral"),  # the Llama layout of its fused projections
-  ("gemma", True, "gemma"),
+  pytest.param("gemma", True, "gemma", marks=pytest.mark.slow),
   ("gemma2", True, "gemma2"),
   ("gemma3", False, "gemma3_text"),
   ("gpt2", True, "gpt2"),

@@ -189,11 +189,11 @@ def _err(cfg, params, ref, ids):
 
 CASES = [
   ("llama", False),
-  ("llama", True),
+  pytest.param("llama", True, marks=pytest.mark.slow),
   ("qwen2", True),
   ("qwen3", False),
   ("phi3", False),
-  ("gemma", True),
+  pytest.param("gemma", True, marks=pytest.mark.slow),
   ("gemma2", True),
   ("gemma3", False),
   ("gpt2", True),
