@@ -716,7 +716,8 @@ def _run(
     spec.warmup_steps,
     spec.steps,
     spec.learning_rates,
-    noise_variance=plan.noise_variance(),
+    # only DP-AdamBC reads it; BandMF's and BLT's cost a pass over C^-1's coefficients
+    noise_variance=plan.noise_variance() if spec.optimizer == "adam_bc" else 0.0,
   )
   tx = plan.transform(optimizer)
 
