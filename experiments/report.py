@@ -47,9 +47,9 @@ def _g(x: float) -> str:
   return f"{x:g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
-def _paired(acc: Dict, base: Dict) -> str:
-  """Per-seed differences in points, "+0.57, -0.28, ..." ({seed: accuracy in [0, 1]} each)."""
-  return ", ".join(f"{100 * (acc[k] - base[k]):+.2f}" for k in sorted(acc) if k in base)
+def _paired(acc: Dict, base: Dict, scale: float = 100.0, fmt: str = "+.2f") -> str:
+  """Per-seed differences, in points by default: "+0.57, -0.28, ..." ({seed: value} each)."""
+  return ", ".join(f"{scale * (acc[k] - base[k]):{fmt}}" for k in sorted(acc) if k in base)
 
 
 def _table(header: List[str], lines: List[List[str]]) -> str:
@@ -148,16 +148,25 @@ UTILITY_METHODS = (
   "adam-bc",
   "bandmf+automatic",
   "automatic+adam-bc",
+  "adaptive+adam-bc",
 )
 
 
-def _test(by_seed: Dict) -> Dict:
-  """{seed: row} -> {seed: test accuracy}."""
-  return {k: r["test_accuracy"] for k, r in by_seed.items()}
+def _test(by_seed: Dict, key: str = "test_accuracy") -> Dict:
+  """{seed: row} -> {seed: the row's `key`}."""
+  return {k: r[key] for k, r in by_seed.items()}
 
 
 def _non_private(task: str) -> Dict[int, float]:
-  """seed -> test accuracy of the task's non-private run (recorded by its own experiment)."""
+  """seed -> test score of the task's non-private run: the utility grid's own rows, else
+  those its task's experiment recorded (DP-Flat's for rt-top2, the quickstart's)."""
+  own = rows_lib.dedupe(
+    [r for r in rows_lib.load("utility") if r["task"] == task and r["method"] == "non-private"],
+    lambda r: {"seed": r["seed"]},
+  )
+  if own:
+    key = "test_perplexity" if task == "shakespeare" else "test_accuracy"
+    return {r["seed"]: r[key] for r in own.values()}
   if task == "rt-top2":
     rows = [
       r
@@ -179,6 +188,9 @@ def _non_private(task: str) -> Dict[int, float]:
 def utility(task: str, epsilon: str) -> str:
   """Every method at one target epsilon: accuracy, paired differences, the gap closed."""
   eps = float(epsilon)
+  key, scale, fmt = (
+    ("test_perplexity", 1.0, ".3f") if task == "shakespeare" else ("test_accuracy", 100.0, ".2f")
+  )
   latest = rows_lib.dedupe(
     rows_lib.load("utility"),
     lambda r: {k: r[k] for k in ("task", "method", "epsilon_target", "seed", "clip")},
@@ -197,23 +209,21 @@ def utility(task: str, epsilon: str) -> str:
   base = at("dp-sgd")
   free = _non_private(task)
   free_mean = float(np.mean(list(free.values()))) if free else float("nan")
-  base_mean = float(np.mean([r["test_accuracy"] for r in base.values()])) if base else float("nan")
+  base_mean = float(np.mean([r[key] for r in base.values()])) if base else float("nan")
   lines = []
   for method in UTILITY_METHODS:
     got = at(method)
     if not got:
       continue
     seeds = sorted(got)
-    acc = [100 * got[k]["test_accuracy"] for k in seeds]
-    diff = _paired(_test(got), _test(base))
-    closed = (np.mean([got[k]["test_accuracy"] for k in seeds]) - base_mean) / (
-      free_mean - base_mean
-    )
+    acc = [scale * got[k][key] for k in seeds]
+    diff = _paired(_test(got, key), _test(base, key), scale, "+" + fmt)
+    closed = (np.mean([got[k][key] for k in seeds]) - base_mean) / (free_mean - base_mean)
     lines.append(
       [
         method,
         ",".join(map(str, seeds)),
-        _ms(acc, ".2f"),
+        _ms(acc, fmt),
         "-" if method == "dp-sgd" else diff,
         "-"
         if method == "dp-sgd" or not np.isfinite(closed)
@@ -251,8 +261,8 @@ def utility(task: str, epsilon: str) -> str:
       [
         "non-private",
         ",".join(map(str, seeds)),
-        _ms([100 * free[k] for k in seeds], ".2f"),
-        _paired(free, _test(base)) or "-",
+        _ms([scale * free[k] for k in seeds], fmt),
+        _paired(free, _test(base, key), scale, "+" + fmt) or "-",
         "+100 %",
         "inf",
         "-",
@@ -262,8 +272,8 @@ def utility(task: str, epsilon: str) -> str:
   header = [
     "method",
     "seeds",
-    "test acc (%)",
-    "paired diff. vs DP-SGD (points)",
+    "test perplexity" if task == "shakespeare" else "test acc (%)",
+    "paired diff. vs DP-SGD" + ("" if task == "shakespeare" else " (points)"),
     "gap to non-private closed",
     "epsilon",
     "sigma",

@@ -8,11 +8,17 @@
 Rows are appended to experiments/results/utility.jsonl; a spec already
 recorded is skipped, so an interrupted grid resumes.
 
-Tasks (MiniLM on Rotten-Tomatoes sentences, per-example DP, delta 1e-5, PLD):
-  rt-top2   the top 2 layers and the cosine head trained (configs/dp_flat/full.py:
-            ghost clipping, 40 steps of 256 expected, Adam 1e-3 layers / 0.01 head)
+Tasks (per-example DP, delta 1e-5, PLD):
+  rt-top2   MiniLM on Rotten-Tomatoes sentences, the top 2 layers and the cosine
+            head trained (configs/dp_flat/full.py: ghost clipping, 40 steps of
+            256 expected, Adam 1e-3 layers / 0.01 head); test accuracy
   rt-head   the frozen-feature quickstart (configs/quickstart.py: 300 steps of
-            1024 expected, Adam 0.01)
+            1024 expected, Adam 0.01); test accuracy
+  shakespeare  the byte-level decoder of configs/user_shakespeare.py (2 layers,
+            d 128, pretrained on public text) fine-tuned on the plays with
+            per-example DP: 48 steps of 128 expected, ghost clipping, Adam 1e-3,
+            clip 1 (the config's, not tuned); test perplexity per byte on
+            characters never seen in training
 Every method takes the same number of steps and the same expected batch, so
 the same number of gradient evaluations, and the same target epsilon:
   dp-sgd     clipping at the tuned clip norm (`clip` below; tuned on the dev
@@ -29,15 +35,18 @@ the same number of gradient evaluations, and the same target epsilon:
              sensitivity, no amplification; b minimises sigma^2 x blt_error
              over powers of 2 with rate <= 1 (`bands`)
   adam-bc    DP-AdamBC (arXiv 2312.14334)
-  bandmf+automatic, automatic+adam-bc   combinations (BandMF's correlated noise has no
-             fixed per-step variance for DP-AdamBC, and adaptive clipping is not
-             analysed with it: those pairs are refused)
+  bandmf+automatic, automatic+adam-bc, adaptive+adam-bc   combinations (DP-AdamBC
+             removes adaptive clipping's moving (sigma_g C_t / B)^2; BandMF's
+             correlated noise with DP-AdamBC and adaptive clipping with
+             BandMF are refused)
+  non-private  the same config without privacy (the reference of "gap closed")
 The hyperparameter choices (tuning on dev) are not accounted, as is usual.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -59,6 +68,13 @@ NAME = "utility"
 TASKS = {
   "rt-top2": os.path.join(CONFIGS, "dp_flat", "full.py"),
   "rt-head": os.path.join(CONFIGS, "quickstart.py"),
+  "shakespeare": os.path.join(CONFIGS, "user_shakespeare.py"),
+}
+SHAKESPEARE = {  # per-example DP at the user-level grid's compute (48 steps of 128)
+  "privacy_unit": "example",
+  "batch_size": 128,
+  "steps": 48,
+  "clipping_method": "ghost",
 }
 METHODS = report_lib.UTILITY_METHODS
 TUNE_CLIPS = (0.1, 0.3, 1.0)
@@ -68,8 +84,16 @@ TRAIN_EXAMPLES = 8441  # rt-polarity's training split
 def base(task: str):
   """The task's config (its steps, batch, learning rates)."""
   cfg = load_config(TASKS[task])
+  if task == "shakespeare":
+    for k, v in SHAKESPEARE.items():
+      cfg[k] = v
   cfg.log_every = cfg.checkpoint_every = cfg.steps
   return cfg
+
+
+def metric(task: str) -> str:
+  """The row key each task is judged by: test accuracy, or perplexity for the byte LM."""
+  return "test_perplexity" if task == "shakespeare" else "test_accuracy"
 
 
 def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
@@ -115,7 +139,7 @@ def choose_blt(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
 def tuned_clip(task: str, index) -> float | None:
   """The clip of best dev accuracy among the recorded tuning runs (None before all ran)."""
   if task != "rt-top2":
-    return 1.0  # the quickstart's clip, tuned when it was set
+    return 1.0  # the configs' clip (the quickstart's was tuned when it was set)
   dev = {}
   for c in TUNE_CLIPS:
     r = rows_lib.find(index, spec("rt-top2", "dp-sgd", 3.0, 0, c))
@@ -154,6 +178,9 @@ def config(task, method, eps, seed, clip):
   cfg.noise_multiplier = None
   cfg.l2_clip_norm = clip
   parts = method.split("+")
+  if method == "non-private":
+    cfg.private = False
+    cfg.target_epsilon = None
   if "automatic" in parts:
     cfg.automatic_clipping = 0.01
     cfg.l2_clip_norm = 1.0
@@ -176,13 +203,19 @@ def run_cell(task, method, eps, seed, clip):
   t0 = time.time()
   res = train(cfg, build_task(cfg), None, progress=False)
   m = res.final_metrics
+  if task == "shakespeare":
+    scores = {
+      f"{split}_perplexity": math.exp(m[f"{split}_nll_sum"] / m[f"{split}_tokens"])
+      for split in ("test", "dev")
+    }
+  else:
+    scores = {"test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}
   return {
     **spec(task, method, eps, seed, clip),
     "bands": int(cfg.mf_bands) if "mf_bands" in cfg else 1,
     "noise_multiplier": res.noise_multiplier,
-    "epsilon": m["epsilon"],
-    "test_accuracy": m["test_accuracy"],
-    "dev_accuracy": m["dev_accuracy"],
+    "epsilon": m.get("epsilon") if cfg.private else None,
+    **scores,
     "final_clip_norm": m.get("clip_norm"),
     "wall_s": time.time() - t0,
   }
@@ -197,10 +230,12 @@ def cells(tasks, epsilons, seeds, methods, index):
     clip = tuned_clip(task, index)
     if clip is None:
       return
-    for eps in epsilons:
+    for i, eps in enumerate(epsilons):
       for method in methods:
+        if method == "non-private" and i:
+          continue  # one non-private run per seed, whatever the epsilons
         for seed in seeds:
-          yield task, method, eps, seed, clip
+          yield task, method, None if method == "non-private" else eps, seed, clip
 
 
 def main(argv=None):
@@ -237,13 +272,20 @@ def main(argv=None):
       if not todo:
         break
       task, method, eps, seed, clip = todo[0]
-      print(f"[{len(todo)} left] {task} {method} eps={eps:g} seed={seed} clip={clip:g}", flush=True)
+      print(
+        f"[{len(todo)} left] {task} {method} eps={eps or math.inf:g} seed={seed} clip={clip:g}",
+        flush=True,
+      )
       r = run_cell(task, method, eps, seed, clip)
       rows_lib.append(NAME, [r])
+      score = (
+        f"test ppl {r['test_perplexity']:.3f} dev ppl {r['dev_perplexity']:.3f}"
+        if task == "shakespeare"
+        else f"test {100 * r['test_accuracy']:.2f}% dev {100 * r['dev_accuracy']:.2f}%"
+      )
       print(
-        f"  test {100 * r['test_accuracy']:.2f}% dev {100 * r['dev_accuracy']:.2f}% "
-        f"eps {r['epsilon']:.3f} sigma {r['noise_multiplier']:.3f} b={r['bands']} "
-        f"({r['wall_s']:.0f} s)",
+        f"  {score} eps {r['epsilon'] or math.inf:.3f} sigma {r['noise_multiplier'] or 0:.3f} "
+        f"b={r['bands']} ({r['wall_s']:.0f} s)",
         flush=True,
       )
   for task in args.tasks:

@@ -105,7 +105,7 @@ def make_optimizer(
   warmup_steps: int = 0,
   total_steps: int = 0,
   learning_rates: dict | None = None,
-  noise_variance: float = 0.0,
+  noise_variance: Optional[float] = 0.0,
 ) -> optax.GradientTransformation:
   """The optax optimizer of a config's `optimizer` / `learning_rate` keys.
 
@@ -122,7 +122,8 @@ def make_optimizer(
     total_steps: the run's steps (the cosine ends there at 0.1 x the peak).
     learning_rates: {parameter-name prefix: learning rate}, or None.
     noise_variance: the per-coordinate noise variance of the updates
-      (`PrivacyPlan.noise_variance`), which "adam_bc" removes.
+      (`PrivacyPlan.noise_variance`), which "adam_bc" removes; None: it is
+      given with each update (`update(..., noise_variance=Phi_t)`).
 
   Returns:
     The optax optimizer.
@@ -175,6 +176,15 @@ def make_optimizer(
   if name == "adam_bc":
     return dp_adam.dp_adam_bc(lr, noise_variance)
   raise ValueError(f"optimizer must be 'adamw', 'adam', 'adam_bc' or 'sgd', got {name!r}")
+
+
+def _fixed_noise_variance(spec, plan) -> Optional[float]:
+  """DP-AdamBC's Phi when it is fixed for the run; None when it comes with each update
+  (adaptive clipping); 0 for the other optimizers, which do not read it (BandMF's and
+  BLT's cost a pass over C^-1's coefficients)."""
+  if spec.optimizer != "adam_bc":
+    return 0.0
+  return None if plan.adaptive is not None else plan.noise_variance()
 
 
 def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
@@ -716,8 +726,7 @@ def _run(
     spec.warmup_steps,
     spec.steps,
     spec.learning_rates,
-    # only DP-AdamBC reads it; BandMF's and BLT's cost a pass over C^-1's coefficients
-    noise_variance=plan.noise_variance() if spec.optimizer == "adam_bc" else 0.0,
+    noise_variance=_fixed_noise_variance(spec, plan),
   )
   tx = plan.transform(optimizer)
 
@@ -780,6 +789,8 @@ def _run(
     extra = {}
     if clip_now is not None:
       extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
+      if spec.optimizer == "adam_bc":
+        extra["noise_variance"] = extra["quantile_count"]
     update = (
       jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
       .lower(target, target.params, **extra)
@@ -876,6 +887,8 @@ def _run(
       if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
         kept = sums.units - sums.stats["dropped_units"]
         extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
+        if spec.optimizer == "adam_bc":  # this step's (sigma_g C_t / B)^2, for DP-AdamBC
+          extra["noise_variance"] = plan.noise_variance(clip_norm).astype(jnp.float32)
       state = update(state, sums.gsum, **extra)
       done = step + 1
       logs = done % spec.log_every == 0 or done == end

@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -334,21 +335,30 @@ class PrivacyPlan:
       "ledger": self.ledger_at(step).to_json(),
     }
 
-  def noise_variance(self) -> float:
+  def noise_variance(self, clip_norm: Optional[jax.Array] = None):
     """Per-coordinate variance of the noise in the normalised update (0 when not private).
 
     What DP-AdamBC subtracts from its second moment: (sigma C / B)^2 for
     Gaussian noise (times sum_k d_k^2 of C^-1 for BandMF: its last step's),
     2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO, with B the expected
-    batch size the sum is divided by. Public: a function of the plan's noise
-    and sampling only.
+    batch size the sum is divided by; with adaptive clipping (sigma_g C_t /
+    B)^2 at this step's clip norm C_t. Public: a function of the plan's noise,
+    its sampling and earlier releases only.
+
+    Args:
+      clip_norm: adaptive clipping's C_t (`clip_norm_now`); needed exactly
+        when the plan clips adaptively.
 
     Returns:
-      The variance.
+      The variance (a device scalar with adaptive clipping).
     """
     if not self.private:
       return 0.0
     sens, batch = self.grad_fn.sensitivity(), self.expected_batch_size
+    if (self.adaptive is None) != (clip_norm is None):
+      raise ValueError("noise_variance takes this step's clip_norm exactly with adaptive clipping")
+    if self.adaptive is not None:
+      return jnp.square(self.gradient_noise_multiplier * clip_norm / batch)
     if self.mf_buffers:  # the largest, at the last step, of noise at C x's sensitivity
       c = blt_coefficients(*self.mf_blt, self.steps)
       gain = float(np.sum(inverse_coefficients(c, self.steps) ** 2)) * self.mf_sensitivity**2

@@ -565,10 +565,6 @@ def _check_adaptive(out: Dict[str, Any]) -> None:
       f"is not analysed with correlated noise (mf_bands={out['mf_bands']}, "
       f"mf_strategy={out['mf_strategy']!r})",
     ),
-    (
-      out["optimizer"] == "adam_bc",
-      "with optimizer 'adam_bc': the noise variance moves with the clip norm; use adam",
-    ),
   ):
     if bad:
       raise SpecError(f"adaptive_clipping {why}")

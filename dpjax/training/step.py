@@ -139,7 +139,8 @@ def apply_update(
     state: the TrainState.
     gsum: the global (clipped) gradient sum of the logical batch.
     tx: the plan's transform (`PrivacyPlan.transform`).
-    **extra_args: passed to `tx.update` (adaptive clipping's `quantile_count`).
+    **extra_args: passed to `tx.update` (adaptive clipping's `quantile_count`, and
+      DP-AdamBC's `noise_variance` with it).
 
   Returns:
     The next TrainState.
