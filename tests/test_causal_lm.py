@@ -175,6 +175,7 @@ def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
     hf.export_decoder(mcfg, merged, str(out))
 
 
+@pytest.mark.slow  # bf16 clipping stays in the default run (test_ghost)
 def test_bfloat16_compute_keeps_float32_weights(model_dir, tmp_path):
   from dpjax.training.loop import train
 
