@@ -279,7 +279,8 @@ def utility(task: str, epsilon: str) -> str:
     "sigma",
     "bands",
   ]
-  note = f"\nDP-SGD clip (tuned on dev): {clip:g}\n" if clip is not None else ""
+  how = "tuned on dev" if task == "rt-top2" else "the config's"
+  note = f"\nDP-SGD clip ({how}): {clip:g}\n" if clip is not None else ""
   return _table(header, lines) + note
 
 

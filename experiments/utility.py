@@ -246,7 +246,7 @@ def main(argv=None):
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
   p.add_argument("--epsilons", type=float, nargs="+", default=[3.0])
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("non-private",))
   args = p.parse_args(argv)
   if args.command == "bands":
     for task in args.tasks:
