@@ -1,6 +1,7 @@
 """Utility at equal budget: DP-SGD against the methods that should close the gap (CPU scale).
 
-  python experiments/utility.py run [--tasks rt-top2 rt-head] [--epsilons 3] [--seeds 3]
+  python experiments/utility.py run [--tasks rt-top2 rt-head shakespeare] [--epsilons 3]
+                                    [--seeds 0 1 2]
                                     [--methods dp-sgd automatic ...]
   python experiments/utility.py report          # the tables, from the recorded rows
   python experiments/utility.py bands           # the BandMF band choice per task and epsilon
