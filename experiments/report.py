@@ -152,6 +152,11 @@ UTILITY_METHODS = (
 )
 
 
+def _utility_metric(task: str) -> str:
+  """The row key each utility task is judged by: test accuracy, or perplexity for the byte LM."""
+  return "test_perplexity" if task == "shakespeare" else "test_accuracy"
+
+
 def _test(by_seed: Dict, key: str = "test_accuracy") -> Dict:
   """{seed: row} -> {seed: the row's `key`}."""
   return {k: r[key] for k, r in by_seed.items()}
@@ -165,8 +170,7 @@ def _non_private(task: str) -> Dict[int, float]:
     lambda r: {"seed": r["seed"]},
   )
   if own:
-    key = "test_perplexity" if task == "shakespeare" else "test_accuracy"
-    return {r["seed"]: r[key] for r in own.values()}
+    return {r["seed"]: r[_utility_metric(task)] for r in own.values()}
   if task == "rt-top2":
     rows = [
       r
@@ -188,9 +192,8 @@ def _non_private(task: str) -> Dict[int, float]:
 def utility(task: str, epsilon: str) -> str:
   """Every method at one target epsilon: accuracy, paired differences, the gap closed."""
   eps = float(epsilon)
-  key, scale, fmt = (
-    ("test_perplexity", 1.0, ".3f") if task == "shakespeare" else ("test_accuracy", 100.0, ".2f")
-  )
+  key = _utility_metric(task)
+  scale, fmt = (1.0, ".3f") if key == "test_perplexity" else (100.0, ".2f")
   latest = rows_lib.dedupe(
     rows_lib.load("utility"),
     lambda r: {k: r[k] for k in ("task", "method", "epsilon_target", "seed", "clip")},

@@ -92,11 +92,6 @@ def base(task: str):
   return cfg
 
 
-def metric(task: str) -> str:
-  """The row key each task is judged by: test accuracy, or perplexity for the byte LM."""
-  return "test_perplexity" if task == "shakespeare" else "test_accuracy"
-
-
 def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
   """b minimising sigma(b)^2 x mean prefix-sum error(b) over powers of 2 with rate <= 1.
 
