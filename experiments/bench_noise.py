@@ -8,7 +8,8 @@
 Rows (JSON lines; with --record also experiments/results/bench_noise.jsonl):
   A          the harness's non-private step
   I          dpjax ghost + `dpjax.mechanisms.gaussian` (full-range tails: Exp(1)
-             from 96 exponent bits, Box-Muller; 2.5 Threefry words per draw)
+             from 96 exponent bits, Box-Muller with polynomial cos and sin;
+             1.5 Threefry hashes, both halves used, per draw)
   I-normal   the same step, the draws from `jax.random.normal` (one word per
              draw, tails cut at ~5.3 sigma: NOT a sound release, timing only)
   I-zero     the same step with zeros for the draws (what clipping and Adam cost)

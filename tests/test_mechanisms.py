@@ -140,23 +140,60 @@ def test_gaussian_and_laplace_moments_and_tails_over_a_million_draws():
   assert stats.kstest(z, "norm").pvalue > 1e-3
 
 
-@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 5), (2, 3, 4), (1001,)])
-def test_random_words_are_jax_randoms_bit_for_bit(shape):
-  """The unrolled hash gives jax's own words (typed, raw and split keys; jit or not), and the
-  uniforms and coin flips built on them are jax's uniform and bernoulli."""
+@pytest.mark.parametrize("size", [0, 1, 7, 1001])
+def test_random_words_are_both_halves_of_jax_threefry(size):
+  """Both halves of jax's own Threefry-2x32 at the counters (0, i), for typed, raw and split keys,
+  jitted or not; their xor is `jax.random.bits`' word (the partitionable layout)."""
+  from jax.extend.random import threefry_2x32
+
   keys = (jax.random.key(3), jax.random.PRNGKey(9), jax.random.split(jax.random.key(1))[1])
-  jitted = jax.jit(mechanisms.random_bits, static_argnums=1)
+  jitted = jax.jit(mechanisms.threefry_words, static_argnums=1)
+  counters = np.concatenate([np.zeros(size, np.uint32), np.arange(size, dtype=np.uint32)])
   for k in keys:
-    want = np.asarray(jax.random.bits(k, shape, jnp.uint32))
-    np.testing.assert_array_equal(np.asarray(mechanisms.random_bits(k, shape)), want)
-    np.testing.assert_array_equal(np.asarray(jitted(k, shape)), want)
-    u = np.asarray(mechanisms.random_uniform(k, shape))
-    np.testing.assert_array_equal(u, np.asarray(jax.random.uniform(k, shape, jnp.float32)))
-    np.testing.assert_array_equal(u < 0.5, np.asarray(jax.random.bernoulli(k, 0.5, shape)))
+    data = jax.random.key_data(k) if jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+    want = np.asarray(threefry_2x32(data, jnp.asarray(counters))) if size else np.zeros(0)
+    for hi, lo in (mechanisms.threefry_words(k, size), jitted(k, size)):
+      np.testing.assert_array_equal(np.asarray(hi), want[:size])
+      np.testing.assert_array_equal(np.asarray(lo), want[size:])
+      if jax.config.jax_threefry_partitionable:
+        bits = np.asarray(jax.random.bits(k, (size,), jnp.uint32))
+        np.testing.assert_array_equal(np.asarray(hi ^ lo), bits)
 
 
 def test_other_key_implementations_take_jax_randoms_path():
   k = jax.random.key(4, impl="rbg")
-  np.testing.assert_array_equal(
-    np.asarray(mechanisms.random_bits(k, (5,))), np.asarray(jax.random.bits(k, (5,), jnp.uint32))
-  )
+  hi, lo = mechanisms.threefry_words(k, 5)
+  want = np.asarray(jax.random.bits(k, (2, 5), jnp.uint32))
+  np.testing.assert_array_equal(np.stack([hi, lo]), want)
+
+
+def test_cos_sin_of_every_angle_on_the_grid():
+  """All 2^23 angles of the uniform grid against float64 cos and sin (the low 9 bits unused)."""
+  v = np.arange(2**23, dtype=np.uint32)
+  exact = 2 * np.pi * v / 2.0**23
+  for low in (0, 0x1FF):
+    c, s = jax.jit(mechanisms.cos_sin_turns)(jnp.asarray((v << np.uint32(9)) | np.uint32(low)))
+    c, s = np.asarray(c, np.float64), np.asarray(s, np.float64)
+    assert np.max(np.abs(c - np.cos(exact))) < 1e-7
+    assert np.max(np.abs(s - np.sin(exact))) < 1e-7
+    assert np.all(np.abs(c) <= 1) and np.all(np.abs(s) <= 1)
+  # The four axis points exactly.
+  for turn, want in ((0, (1, 0)), (2**21, (0, 1)), (2**22, (-1, 0)), (3 * 2**21, (0, -1))):
+    c, s = mechanisms.cos_sin_turns(jnp.asarray([turn << 9], jnp.uint32))
+    assert (float(c[0]), float(s[0])) == want
+
+
+def test_gaussian_pairs_are_isotropic():
+  """The cosine and sine halves of one pair: uncorrelated, the angle uniform, r^2 Exp(mean 2)."""
+  from scipy import stats
+
+  n = 200_000
+  z = np.asarray(mechanisms.standard_normal(jax.random.key(6), (2 * n,)), np.float64)
+  x, y = z[:n], z[n:]
+  assert abs(np.corrcoef(x, y)[0, 1]) < 5 / np.sqrt(n)
+  assert stats.kstest((np.arctan2(y, x) / (2 * np.pi)) % 1.0, "uniform").pvalue > 1e-3
+  assert stats.kstest(x**2 + y**2, "expon", args=(0, 2)).pvalue > 1e-3
+  # Sign patterns by octant pairs: each quadrant a quarter.
+  quad = (x > 0).astype(int) * 2 + (y > 0)
+  counts = np.bincount(quad, minlength=4)
+  assert stats.chisquare(counts).pvalue > 1e-3

@@ -72,56 +72,61 @@ def _noise_transform(
 # `MAX_EXPONENTIAL` = 97 ln 2 ~ 67.2; Laplace is sign * E and the Gaussian
 # comes from E by Box-Muller, sqrt(2E) * (cos, sin)(2 pi V), out to
 # `MAX_GAUSSIAN` ~ 11.6 sigma. Within that range the law is exact up to the
-# significand's 2^-24 grid (relative, at every scale of U) and float32
-# rounding of log, sqrt and cos; what remains is the floating-point caveat of
-# Mironov (CCS 2012): the set of attainable float32 values is not
-# translation invariant, so the output grid itself could in principle leak
-# through the lowest bits of a released value. dpjax adds noise in float32
-# to the float32 clipped sum and releases the sum (no snapping); see the
-# README's "What the guarantee assumes".
+# significand's 2^-24 grid (relative, at every scale of U), V's 2^-23 grid
+# and float32 rounding of log and sqrt and of the cosine and sine
+# polynomials (within 1e-7 of the exact values at every V); what remains is
+# the floating-point caveat of Mironov (CCS 2012): the set of attainable
+# float32 values is not translation invariant, so the output grid itself
+# could in principle leak through the lowest bits of a released value. dpjax
+# adds noise in float32 to the float32 clipped sum and releases the sum (no
+# snapping); see the README's "What the guarantee assumes".
 
 # --- random words -------------------------------------------------------------
 #
-# jax lowers Threefry-2x32 on the CPU as a rolled loop of 5 x 4 rounds over the
-# whole array, which materialises the state between rounds: for the ~17M
-# noise draws of a 4-layer d-512 model that loop dominates the private step.
-# `random_bits` is the same hash unrolled (the lowering jax uses elsewhere),
-# which XLA fuses into one pass: the same words as `jax.random.bits`, bit for
-# bit (tested), about 5x faster there. Other key implementations and the
-# non-partitionable counter layout take `jax.random.bits` itself.
+# Threefry-2x32, the hash of jax's default keys, maps a 64-bit counter to 64
+# random bits. `threefry_words` returns both 32-bit halves for the counters
+# 0..n-1, two words per hash, where `jax.random.bits` (partitionable layout)
+# xors the halves into one word. The hash is written out round by round: jax
+# lowers it on the CPU as a rolled loop of 5 x 4 rounds over the whole array,
+# which materialises the state between rounds, while unrolled XLA fuses it
+# with its consumers into one pass. Tested against jax's own hash
+# (`jax.extend.random.threefry_2x32`) and words (`jax.random.bits`); keys of
+# other implementations take `jax.random.bits` itself.
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
-def _unrolled_threefry(key) -> bool:
-  """Whether `random_bits` reproduces `jax.random.bits` for this key by the unrolled hash."""
-  if not jax.config.jax_threefry_partitionable:
-    return False
+def _threefry_key_data(key) -> Optional[jax.Array]:
+  """The uint32[2] Threefry key behind `key`, or None for another implementation."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return str(jax.random.key_impl(key)) == "threefry2x32" and key.shape == ()
-  return jax.config.jax_default_prng_impl == "threefry2x32" and key.shape == (2,)
+    if str(jax.random.key_impl(key)) == "threefry2x32" and key.shape == ():
+      return jax.random.key_data(key)
+    return None
+  if jax.config.jax_default_prng_impl == "threefry2x32" and key.shape == (2,):
+    return key
+  return None
 
 
-def random_bits(key: jax.Array, shape) -> jax.Array:
-  """uint32 words equal to `jax.random.bits(key, shape, jnp.uint32)`, faster on the CPU.
+def threefry_words(key: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The two uint32 halves of Threefry-2x32 under `key` at the counters 0..size-1.
 
   Example:
-    >>> k = jax.random.key(0)
-    >>> bool(jnp.all(random_bits(k, (2, 3)) == jax.random.bits(k, (2, 3), jnp.uint32)))
+    >>> hi, lo = threefry_words(jax.random.key(0), 4)
+    >>> bool(jnp.all((hi ^ lo) == jax.random.bits(jax.random.key(0), (4,), jnp.uint32)))
     True
 
   Args:
     key: a PRNG key (typed, or a raw uint32[2] threefry key).
-    shape: the output shape.
+    size: the number of counters.
 
   Returns:
-    uint32 words of that shape.
+    Two `[size]` uint32 arrays of independent random words (for a key of
+    another implementation, `jax.random.bits(key, (2, size))`'s two rows).
   """
-  shape = tuple(shape)
-  size = math.prod(shape)
-  if not _unrolled_threefry(key) or size >= 2**32:
-    return jax.random.bits(key, shape, jnp.uint32)
-  data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  data = _threefry_key_data(key)
+  if data is None or size >= 2**32:
+    words = jax.random.bits(key, (2, size), jnp.uint32)
+    return words[0], words[1]
   k1, k2 = data[0], data[1]
   ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
   # The counter of word i is the 64-bit i as (hi, lo) = (0, i) below 2^32.
@@ -133,22 +138,7 @@ def random_bits(key: jax.Array, shape) -> jax.Array:
       x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
     x0 = x0 + ks[(i + 1) % 3]
     x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-  return (x0 ^ x1).reshape(shape)
-
-
-def random_uniform(key: jax.Array, shape) -> jax.Array:
-  """float32 draws in [0, 1) equal to `jax.random.uniform(key, shape, jnp.float32)`.
-
-  Args:
-    key: a PRNG key.
-    shape: the output shape.
-
-  Returns:
-    float32 uniforms on the 2^-23 grid.
-  """
-  bits = random_bits(key, shape)
-  one = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32)
-  return jnp.maximum(jnp.float32(0.0), one - jnp.float32(1.0))
+  return x0, x1
 
 
 EXPONENT_WORDS = 3  # 96 bits for U's binary exponent
@@ -157,15 +147,16 @@ MAX_EXPONENTIAL = (EXPONENT_BITS + 1) * math.log(2.0)  # -log of the smallest U:
 MAX_GAUSSIAN = math.sqrt(2.0 * MAX_EXPONENTIAL)
 
 
-def exponential_from_bits(exponent_words: jax.Array, significand: jax.Array) -> jax.Array:
+def exponential_from_bits(exponent_words, significand: jax.Array) -> jax.Array:
   """-log U for U = 2^-k (1/2 + m 2^-24): k leading zeros of the words, m 23 bits of `significand`.
 
   Args:
-    exponent_words: `[EXPONENT_WORDS, *shape]` uint32 random words.
-    significand: `[*shape]` uint32 random words (their top 23 bits are used).
+    exponent_words: EXPONENT_WORDS uint32 arrays of random words, each of
+      `significand`'s shape (a sequence, or one array stacked on axis 0).
+    significand: uint32 random words (their top 23 bits are used).
 
   Returns:
-    `[*shape]` float32 draws of Exp(1) (k capped at EXPONENT_BITS).
+    float32 draws of Exp(1) of `significand`'s shape (k capped at EXPONENT_BITS).
   """
   lz = jnp.zeros(significand.shape, jnp.int32)
   done = jnp.zeros(significand.shape, jnp.bool_)
@@ -180,6 +171,8 @@ def exponential_from_bits(exponent_words: jax.Array, significand: jax.Array) -> 
 def standard_exponential(key: jax.Array, shape) -> jax.Array:
   """Exp(1) draws in float32 with the full tail out to MAX_EXPONENTIAL.
 
+  Four words per draw (the exponent's three and the significand), from two hashes.
+
   Args:
     key: a PRNG key.
     shape: the output shape.
@@ -187,10 +180,12 @@ def standard_exponential(key: jax.Array, shape) -> jax.Array:
   Returns:
     A float32 array of Exp(1) draws.
   """
-  kw, km = jax.random.split(key)
   shape = tuple(shape)
-  words = random_bits(kw, (EXPONENT_WORDS,) + shape)
-  return exponential_from_bits(words, random_bits(km, shape))
+  size = math.prod(shape)
+  ka, kb = jax.random.split(key)
+  w0, w1 = threefry_words(ka, size)
+  w2, significand = threefry_words(kb, size)
+  return exponential_from_bits((w0, w1, w2), significand).reshape(shape)
 
 
 def standard_laplace(key: jax.Array, shape) -> jax.Array:
@@ -203,13 +198,68 @@ def standard_laplace(key: jax.Array, shape) -> jax.Array:
   Returns:
     A float32 array of Laplace(0, 1) draws.
   """
+  shape = tuple(shape)
   ke, ks = jax.random.split(key)
-  sign = jnp.where(random_uniform(ks, tuple(shape)) < 0.5, 1.0, -1.0)  # jax's bernoulli
+  coin, _ = threefry_words(ks, math.prod(shape))
+  sign = jnp.where(coin < jnp.uint32(2**31), 1.0, -1.0).reshape(shape)  # the top bit
   return sign * standard_exponential(ke, shape)
+
+
+# Taylor coefficients of sin and cos on [0, pi/4]: the first omitted terms,
+# phi^11 / 11! and phi^12 / 12!, are below 2e-9 there (float32's half ulp of
+# 1 is 6e-8).
+_SIN = tuple((-1) ** j / math.factorial(2 * j + 1) for j in range(5))
+_COS = tuple((-1) ** j / math.factorial(2 * j) for j in range(6))
+
+
+def _horner(x2: jax.Array, coefs) -> jax.Array:
+  """sum_j coefs[j] x2^j."""
+  acc = jnp.full(x2.shape, coefs[-1], jnp.float32)
+  for c in coefs[-2::-1]:
+    acc = acc * x2 + jnp.float32(c)
+  return acc
+
+
+def cos_sin_turns(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of 2 pi V in float32, V = (words >> 9) / 2^23: jax's uniform grid.
+
+  The top 3 bits pick the octant, the next 20 the angle phi in [0, pi/4]
+  within it (counted back from the octant's end in odd octants), whose sine
+  and cosine are polynomials; the octant then swaps and signs them. No
+  range reduction and no branch: the work is the same for every word, and on
+  the CPU it is several times cheaper than `jnp.cos` and `jnp.sin`.
+
+  Example:
+    >>> c, s = cos_sin_turns(jnp.asarray([0, 2**30], jnp.uint32))  # 0 and 1/4 turn
+    >>> [float(abs(v)) for v in (c[0], s[0], c[1], s[1])]
+    [1.0, 0.0, 0.0, 1.0]
+
+  Args:
+    words: uint32 random words.
+
+  Returns:
+    (cos, sin), float32 arrays of `words`' shape, within 1e-7 of the exact values.
+  """
+  octant = (words >> 29).astype(jnp.int32)
+  odd = (octant & 1) == 1
+  f = ((words >> 9) & jnp.uint32(0xFFFFF)).astype(jnp.float32) * (2.0**-20)  # exact
+  phi = jnp.where(odd, 1.0 - f, f) * (math.pi / 4)
+  phi2 = phi * phi
+  s = phi * _horner(phi2, _SIN)
+  c = _horner(phi2, _COS)
+  # theta = n pi / 2 + phi (even octants) or - phi (odd), n = ceil(octant / 2) mod 4.
+  s = jnp.where(odd, -s, s)
+  n = ((octant + 1) >> 1) & 3
+  cos_t = jnp.where(n == 0, c, jnp.where(n == 1, -s, jnp.where(n == 2, -c, s)))
+  sin_t = jnp.where(n == 0, s, jnp.where(n == 1, c, jnp.where(n == 2, -s, -c)))
+  return cos_t, sin_t
 
 
 def standard_normal(key: jax.Array, shape) -> jax.Array:
   """N(0, 1) draws in float32 by Box-Muller from a full-range Exp(1), |x| out to MAX_GAUSSIAN.
+
+  Each pair of draws is sqrt(2 E) (cos, sin)(2 pi V): five words (E's four
+  and V's) from three hashes, 1.5 hashes per draw.
 
   Args:
     key: a PRNG key.
@@ -223,11 +273,12 @@ def standard_normal(key: jax.Array, shape) -> jax.Array:
   pairs = -(-size // 2)
   ke, ku = jax.random.split(key)
   r = jnp.sqrt(2.0 * standard_exponential(ke, (pairs,)))
-  theta = (2.0 * math.pi) * random_uniform(ku, (pairs,))
+  v, _ = threefry_words(ku, pairs)
+  cos, sin = cos_sin_turns(v)
   # The cosines then the sines, as one [2, pairs] select: XLA's CPU fusion of a
   # concatenate with these producers is several times slower than this.
   rows = jnp.arange(2)[:, None]
-  z = jnp.where(rows == 0, r * jnp.cos(theta), r * jnp.sin(theta)).reshape(-1)[:size]
+  z = jnp.where(rows == 0, r * cos, r * sin).reshape(-1)[:size]
   return z.reshape(shape)
 
 
