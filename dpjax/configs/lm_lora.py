@@ -26,6 +26,7 @@ def get_config():
       max_eval=256,
       lora=dict(rank=8, alpha=16, targets=r".*attn/(q|v)"),  # None: full fine-tuning
       dtype="float32",  # compute dtype; "bfloat16" keeps float32 weights, norms and noise
+      remat=False,  # recompute each block in the backward pass (less memory; vmap clipping)
     )
   )
   c.private = True

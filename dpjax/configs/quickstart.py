@@ -27,6 +27,7 @@ def get_config():
       prefix_tokens=0,
       prefix_layers=None,
       dtype="float32",  # compute dtype; "bfloat16" keeps float32 weights, norms and noise
+      remat=False,  # recompute each block in the backward pass (less memory; vmap clipping)
     )
   )
   c.private = True

@@ -77,6 +77,7 @@ class DecoderConfig:
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int] = None
   dtype: str = "float32"
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   def __post_init__(self):
     if self.family not in ("llama", "gpt2"):
@@ -372,7 +373,8 @@ class Decoder(nn.Module):
     self.embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed")
     if c.family == "gpt2":
       self.pos_embed = nn.Embed(c.max_position, c.hidden_size, name="pos_embed")
-    self.layers = [Block(c, i, name=f"layer_{i}") for i in range(c.num_layers)]
+    block = nn.remat(Block) if c.remat else Block  # the same parameters either way
+    self.layers = [block(c, i, name=f"layer_{i}") for i in range(c.num_layers)]
     self.final_norm = _norm(c, "final_norm")
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")

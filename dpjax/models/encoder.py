@@ -39,6 +39,7 @@ class EncoderConfig:
   pooling: str = "cls"  # "cls" (first token, then tanh pooler), "mean" or "mean_l2"
   pool_scale: float = 1.0  # "mean_l2": the unit-norm embedding is scaled by this
   dtype: str = "float32"
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -100,7 +101,8 @@ class Encoder(nn.Module):
     self.position = nn.Embed(c.max_position, c.hidden_size, name="position_embeddings")
     self.token_type = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")
     self.embed_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, name="embeddings_ln")
-    self.layers = [Layer(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    layer = nn.remat(Layer) if c.remat else Layer  # the same parameters either way
+    self.layers = [layer(c, name=f"layer_{i}") for i in range(c.num_layers)]
     self.pooler = nn.Dense(c.hidden_size, name="pooler")
     self.classifier = nn.Dense(c.num_labels, name="classifier")
 

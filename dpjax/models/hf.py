@@ -710,6 +710,7 @@ def _plain(cfg: DecoderConfig) -> DecoderConfig:
   rope = dict(rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
   return dataclasses.replace(
     cfg,
+    remat=False,
     hidden_act=cfg.act,
     num_kv_heads=cfg.kv_heads,
     head_dim=cfg.dim_per_head,

@@ -27,7 +27,7 @@ from dpjax.data.shakespeare import load_shakespeare
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.generate import generate, left_pad
-from dpjax.tasks.pretrained import compute_dtype, load_pretrained
+from dpjax.tasks.pretrained import compute_dtype, load_pretrained, remat_blocks
 from dpjax.training.loop import Task
 
 LORA_KEYS = ("rank", "alpha", "targets")
@@ -143,6 +143,7 @@ def causal_lm(cfg) -> Task:
     The Task (info: the decoder config, `perplexity` and `samples(params, n)`).
   """
   t = cfg.task
+  remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
   lora = t.get("lora")
   if lora is not None:
@@ -154,6 +155,7 @@ def causal_lm(cfg) -> Task:
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")
   pre, mcfg, params = base_model(t)
+  mcfg = dataclasses.replace(mcfg, remat=remat)
   completions = [r["completion"] for r in rows] if "completion" in rows[0] else None
   enc = pre.encode([r["text"] for r in rows], int(t.seq_len), completions)
   if "loss_mask" not in enc:

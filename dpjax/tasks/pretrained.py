@@ -33,6 +33,30 @@ def compute_dtype(t, default: str = "float32") -> str:
   return dtype
 
 
+def remat_blocks(cfg) -> bool:
+  """`task.remat`: each block's activations recomputed in the backward pass instead of kept.
+
+  Less activation memory for about one more forward pass of compute; the
+  parameters, the gradients and the guarantee are the same. Refused with
+  ghost clipping, which must see each layer's inputs in the forward pass.
+
+  Args:
+    cfg: the train config.
+
+  Returns:
+    Whether the model's blocks are rematerialised.
+  """
+  remat = cfg.task.get("remat", False)
+  if not isinstance(remat, bool):
+    raise ValueError(f"task.remat must be True or False, got {remat!r}")
+  if remat and cfg.get("clipping_method", "vmap") == "ghost":
+    raise ValueError(
+      "task.remat=True hides each block's layers from ghost clipping (they would fall back "
+      "to per-example gradients); use clipping_method='vmap' with it, or task.remat=False"
+    )
+  return remat
+
+
 def resolve(name_or_path: str) -> str:
   """An asset name (fetched on demand) or a local directory.
 

@@ -17,7 +17,7 @@ from dpjax import assets
 from dpjax.data.shakespeare import load_shakespeare
 from dpjax.data.text import load_rt_polarity
 from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_params
-from dpjax.tasks.pretrained import compute_dtype, pretrained_decoder
+from dpjax.tasks.pretrained import compute_dtype, pretrained_decoder, remat_blocks
 from dpjax.training.loop import Task
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2  # byte b is token b + 2
@@ -145,6 +145,7 @@ def shakespeare_lm(cfg) -> Task:
   """
 
   t = cfg.task
+  remat = remat_blocks(cfg)
   ds = load_shakespeare(None if t.data == "shakespeare" else t.data)
   rows = [r for split in ds for r in ds[split]]
   held = np.array([_held_out_user(r["user_id"], t.heldout_fraction) for r in rows])
@@ -182,7 +183,7 @@ def shakespeare_lm(cfg) -> Task:
     else:
       public = []
     params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
-  model = Decoder(dataclasses.replace(mcfg, dtype=compute_dtype(t, mcfg.dtype)))
+  model = Decoder(dataclasses.replace(mcfg, dtype=compute_dtype(t, mcfg.dtype), remat=remat))
 
   def loss_fn(p, ex, frozen):
     del frozen

@@ -26,7 +26,7 @@ from dpjax.models import adapters
 from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
-from dpjax.tasks.pretrained import compute_dtype, resolve
+from dpjax.tasks.pretrained import compute_dtype, remat_blocks, resolve
 from dpjax.training.loop import Task
 
 
@@ -95,6 +95,7 @@ def text_classification(cfg) -> Task:
   """
 
   t = cfg.task
+  remat = remat_blocks(cfg)
   data, num_labels = _data(t)
   model_dir = resolve(t.model)
   mcfg, params = load_encoder(
@@ -104,7 +105,7 @@ def text_classification(cfg) -> Task:
     pool_scale=t.get("pool_scale", 1.0),
     head_key=jax.random.PRNGKey(cfg.seed),
   )
-  mcfg = dataclasses.replace(mcfg, dtype=compute_dtype(t))  # float32 weights either way
+  mcfg = dataclasses.replace(mcfg, dtype=compute_dtype(t), remat=remat)  # float32 weights
   model = Encoder(mcfg)
   L = mcfg.num_layers
   if not (0 <= t.train_layers <= L):
