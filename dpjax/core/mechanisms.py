@@ -231,8 +231,8 @@ def cos_sin_turns(words: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Example:
     >>> c, s = cos_sin_turns(jnp.asarray([0, 2**30], jnp.uint32))  # 0 and 1/4 turn
-    >>> [float(abs(v)) for v in (c[0], s[0], c[1], s[1])]
-    [1.0, 0.0, 0.0, 1.0]
+    >>> tuple(float(abs(v)) for v in (c[0], s[0], c[1], s[1]))
+    (1.0, 0.0, 0.0, 1.0)
 
   Args:
     words: uint32 random words.
