@@ -4,7 +4,7 @@ A row is one run's outcome beside the settings that identify it. Each
 experiment says which fields of a row are its spec (`spec_of(row)`); a row's
 identity is the hash of that spec, so a grid resumes by skipping the specs it
 already holds and a rerun of the same spec supersedes the older row. Every
-appended row records the code revision that produced it.
+appended row records the code revision and the machine that produced it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -45,6 +46,20 @@ def revision() -> str:
     return "unknown"
 
 
+def machine() -> str:
+  """The processor's model name and core count, e.g. "AMD EPYC, 2 cores"."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          name = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{name}, {os.cpu_count()} cores"
+
+
 def _canonical(v):
   if isinstance(v, float) and v.is_integer() and math.isfinite(v):
     return int(v)  # 3.0 and 3 name the same setting
@@ -70,12 +85,13 @@ def load(name: str) -> List[Row]:
 
 
 def append(name: str, rows: Iterable[Row]) -> None:
-  """Appends rows (each stamped with the code revision) to experiment `name`."""
+  """Appends rows (each stamped with the code revision and machine) to experiment `name`."""
   os.makedirs(RESULTS, exist_ok=True)
-  rev = revision()
+  rev, host = revision(), machine()
   with open(path(name), "a") as f:
     for r in rows:
-      f.write(json.dumps({**r, "revision": r.get("revision", rev)}, default=float) + "\n")
+      stamp = {"revision": r.get("revision", rev), "machine": r.get("machine", host)}
+      f.write(json.dumps({**r, **stamp}, default=float) + "\n")
 
 
 def dedupe(rows: Iterable[Row], spec_of: Callable[[Row], Dict[str, Any]]) -> Dict[str, Row]:
