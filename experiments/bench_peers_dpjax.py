@@ -1,13 +1,16 @@
 """dpjax's configurations for the peer harness (shared/bench_peers/bench.py).
 
   python experiments/bench_peers_dpjax.py G --batch 32 --seq 128 --bench-dir DIR [--out F]
-  python experiments/bench_peers_dpjax.py --check [DIR]   # CPU: G/H/I == per-example loop
+  python experiments/bench_peers_dpjax.py I --microbatch 4 ...   # ghost, 4 units at a time
+  python experiments/bench_peers_dpjax.py --check [DIR]   # CPU: G/H/I (I also with
+                                                          # microbatch 4) == per-example loop
 
   G  dpjax_clipped_grad          dpjax.clipped_grad (vmap) + mechanisms.gaussian
                                  + normalize + adamw
   H  dpjax_clipped_grad_micro    the same with --microbatch N
   I  dpjax_clipped_grad_ghost    the same with method="ghost" (ghost norms +
-                                 book-keeping, one backward pass)
+                                 book-keeping, one backward pass; --microbatch N
+                                 optional: N units' rows at a time)
 
 The model, data, optimizer, clip (1.0), noise multiplier (1.0), timing loop
 (first step, warm-ups, median of --steps) and the JSON record are the
@@ -78,7 +81,8 @@ def build(a, bench, config=None):
   """One step of `config` (default `a.config`) on the harness's model, jitted, and its inputs.
 
   "A" is the harness's non-private step (value and grad of the batch mean,
-  adamw), the reference of the cost analysis; G, H and I are dpjax's.
+  adamw), the reference of the cost analysis; G, H and I are dpjax's (H
+  and I read `a.microbatch`; None for I is the whole batch at once).
 
   Args:
     a: the parsed shape arguments.
@@ -123,7 +127,7 @@ def build(a, bench, config=None):
   grad_fn = dpjax.clipped_grad(
     loss_one,
     l2_clip_norm=bench.CLIP,
-    microbatch_size=a.microbatch if config == "H" else None,
+    microbatch_size=getattr(a, "microbatch", None) if config in ("H", "I") else None,
     method="ghost" if config == "I" else "vmap",
   )
   tx = optax.chain(
@@ -207,13 +211,20 @@ def check(bench_dir) -> int:
     ref = g if ref is None else jax.tree.map(jnp.add, ref, g)
   top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref))
   ok = min(norms) > clip
-  for config, kw in (("G", {}), ("H", {"microbatch_size": 4}), ("I", {"method": "ghost"})):
+  ghost = {"method": "ghost"}
+  for config, kw in (
+    ("G", {}),
+    ("H", {"microbatch_size": 4}),
+    ("I", ghost),
+    ("I", {**ghost, "microbatch_size": 4}),
+  ):
     got, _ = jax.jit(dpjax.clipped_grad(loss_one, l2_clip_norm=clip, **kw))(params, toks)
     diff = max(
       float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
     )
     ok &= diff < 1e-5 * max(1.0, top)
-    print(f"{config} {NAMES[config]}: max|diff| vs loop {diff:.2e} (max|ref| {top:.3f})")
+    mb = f", microbatch {kw['microbatch_size']}" if "microbatch_size" in kw else ""
+    print(f"{config} {NAMES[config]}{mb}: max|diff| vs loop {diff:.2e} (max|ref| {top:.3f})")
   print("ALL OK" if ok else "MISMATCH")
   return 0 if ok else 1
 

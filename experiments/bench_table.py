@@ -7,7 +7,9 @@
 Configs (`--configs`, default all): A JAX non-private; B jax_privacy 2.0
 clipped_grad, and Bm4 with microbatch 4; D torch non-private, Du untied; E
 Opacus 1.6 hooks; Fu Opacus 1.6 ghost (untied: Opacus refuses tied weights
-there); G dpjax vmap; H dpjax vmap, microbatch 4; I dpjax ghost. A-F run the
+there); G dpjax vmap; H dpjax vmap, microbatch 4; I dpjax ghost; Im4 dpjax
+ghost, microbatch 4 (4 units' rows at a time: on a CPU the smaller
+intermediates stay in cache; on a GPU it only adds a loop). A-F run the
 peer harness (`experiments/bench_peers/bench.py`), G-I
 `experiments/bench_peers_dpjax.py`, each in a fresh process, back to back,
 on the same shape and data. A peer whose package is missing (jax_privacy;
@@ -49,6 +51,7 @@ CONFIGS = {
   "G": (DPJAX, ["G"], None),
   "H": (DPJAX, ["H", "--microbatch", "4"], None),
   "I": (DPJAX, ["I"], None),
+  "Im4": (DPJAX, ["I", "--microbatch", "4"], None),
 }
 CPU_SHAPE = "4,512,8,8192,16,64"
 GPU_SHAPE = "12,768,12,50257,32,128"
@@ -124,7 +127,7 @@ def memory_curve(a, name):
 
   Args:
     a: the parsed arguments.
-    name: a JAX config (A, G, H or I).
+    name: a JAX config (A, G, H, I or Im4).
 
   Returns:
     {"config", "memory_curve": True, "largest_batch", "budget_bytes", "seq", ...}.
@@ -141,11 +144,14 @@ def memory_curve(a, name):
   if budget is None:
     return dict(rec, status="skipped", error="no device memory limit: pass --memory-budget-gb")
   fits, n, shape = None, a.batch, argparse.Namespace(**vars(a), untied=False, npos=1024)
-  shape.microbatch = 4  # H's; the others ignore it
+  flags = CONFIGS[name][1]
+  config = flags[0]
+  mb = flags.index("--microbatch") + 1 if "--microbatch" in flags else None
+  shape.microbatch = None if mb is None else int(flags[mb])
   while n <= a.max_batch:
     shape.batch = n
     try:
-      need = bench_cost.cost(shape, bench, name)["memory_bytes"]
+      need = bench_cost.cost(shape, bench, config)["memory_bytes"]
     except Exception as e:  # XLA refuses to compile: out of memory
       if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
         raise

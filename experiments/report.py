@@ -802,6 +802,7 @@ STEP_LABELS = {
   "G": ("dpjax vmap", "A"),
   "H": ("dpjax vmap, microbatch 4", "A"),
   "I": ("dpjax ghost", "A"),
+  "Im4": ("dpjax ghost, microbatch 4", "A"),
   "D": ("torch non-private (tied)", "D"),
   "E": ("Opacus 1.6 hooks", "D"),
   "Du": ("torch non-private (untied)", "Du"),
