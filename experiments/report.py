@@ -811,7 +811,7 @@ STEP_LABELS = {
 
 
 def step_table(rows) -> str:
-  """The peer step table of one run (`bench_table.py`): ms, ratio to own non-private, peak.
+  """The peer step table of one run (`bench_table.py`): ms, spread, ratio to own non-private, peak.
 
   Args:
     rows: `bench_table.py` records of one shape (timings and memory-curve rows).
@@ -826,13 +826,17 @@ def step_table(rows) -> str:
     label, base = STEP_LABELS[r["config"]]
     if r.get("status") != "ok":
       lines.append(
-        [f"{r['config']} {label}", f"{r.get('status')}: {r.get('error', '')[:80]}", "", ""]
+        [f"{r['config']} {label}", f"{r.get('status')}: {r.get('error', '')[:80]}", "", "", ""]
       )
       continue
     ratio = f"{r['step_ms'] / ms[base]:.2f}" if base in ms else "-"
     peak = "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}"
-    lines.append([f"{r['config']} {label}", f"{r['step_ms']:,.1f}", ratio, peak])
-  out = _table(["config", "step ms", "x own non-private", "peak GB"], lines)
+    spread = "-"
+    if r.get("step_ms_min") is not None and r.get("step_ms_max") is not None:
+      spread = f"{r['step_ms_min']:,.0f}-{r['step_ms_max']:,.0f}"
+    lines.append([f"{r['config']} {label}", f"{r['step_ms']:,.1f}", spread, ratio, peak])
+  head = ["config", "step ms (median)", "timed steps, min-max", "x own non-private", "peak GB"]
+  out = _table(head, lines)
   curve = [r for r in rows if r.get("memory_curve")]
   if curve:
     cells = []
@@ -846,11 +850,14 @@ def step_table(rows) -> str:
 
 
 @renderer
-def bench_table(layers: str, d: str, batch: str, seq: str, file: str = "bench_table") -> str:
-  """One shape of the recorded peer step table: the last run's rows."""
+def bench_table(
+  layers: str, d: str, batch: str, seq: str, file: str = "bench_table", revision: str = ""
+) -> str:
+  """One shape of the recorded peer step table: the last run's rows (of `revision`, if given)."""
+  rows = [r for r in rows_lib.load(file) if revision in ("", r.get("revision"))]
   rows = [
     r
-    for r in rows_lib.load(file)
+    for r in rows
     if (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq"))
     == (int(layers), int(d), int(batch), int(seq))
     or (
