@@ -20,7 +20,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import rows as rows_lib  # experiments/rows.py, beside this script
@@ -869,6 +869,40 @@ def bench_table(
     rows, lambda r: {"config": r["config"], "curve": bool(r.get("memory_curve"))}
   )
   return step_table(list(last.values()))
+
+
+@renderer
+def bench_table_runs(layers: str, d: str, batch: str, seq: str, file: str = "bench_table") -> str:
+  """Every recorded run of one shape of the peer table: its ratios to A and fastest DP step.
+
+  A run is the rows of one revision; its ratios are to that run's own A.
+  """
+  runs: Dict[str, Dict[str, Any]] = {}
+  for r in rows_lib.load(file):
+    if r.get("memory_curve") or r.get("status") != "ok":
+      continue
+    if (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq")) != (
+      int(layers),
+      int(d),
+      int(batch),
+      int(seq),
+    ):
+      continue
+    runs.setdefault(r.get("revision", "?"), {})[r["config"]] = r
+  lines = []
+  for rev, got in runs.items():
+    if "A" not in got:
+      continue
+    a = got["A"]["step_ms"]
+    ratio = lambda c: f"{got[c]['step_ms'] / a:.2f}" if c in got else "-"
+    dp = {c: got[c]["step_ms"] for c in got if STEP_LABELS[c][1] != c}
+    fastest = min(dp, key=dp.get) if dp else None
+    spread = f"{got['A']['step_ms_min']:,.0f}-{got['A']['step_ms_max']:,.0f}"
+    machine = got["A"].get("machine", "-")
+    cells = [rev, machine, f"{a:,.0f} ({spread})", ratio("I"), ratio("Im4"), ratio("H")]
+    lines.append(cells + ["-" if fastest is None else f"{fastest} {STEP_LABELS[fastest][0]}"])
+  head = ["run (revision)", "machine", "A ms (timed min-max)", "I x A", "Im4 x A", "H x A"]
+  return _table(head + ["fastest DP step"], lines)
 
 
 # --- the driver --------------------------------------------------------------
