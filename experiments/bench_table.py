@@ -10,7 +10,7 @@ Opacus 1.6 hooks; Fu Opacus 1.6 ghost (untied: Opacus refuses tied weights
 there); G dpjax vmap; H dpjax vmap, microbatch 4; I dpjax ghost; Im4 dpjax
 ghost, microbatch 4 (4 units' rows at a time: on a CPU the smaller
 intermediates stay in cache; on a GPU it only adds a loop). A-F run the
-peer harness (`experiments/bench_peers/bench.py`), G-I
+peer harness (`experiments/bench_peers/bench.py`), G, H, I and Im4
 `experiments/bench_peers_dpjax.py`, each in a fresh process, back to back,
 on the same shape and data. A peer whose package is missing (jax_privacy;
 torch; opacus) is a "skipped" row, not an error. Each DP row's ratio is to

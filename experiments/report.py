@@ -897,9 +897,10 @@ def bench_table_runs(layers: str, d: str, batch: str, seq: str, file: str = "ben
     ratio = lambda c: f"{got[c]['step_ms'] / a:.2f}" if c in got else "-"
     dp = {c: got[c]["step_ms"] for c in got if STEP_LABELS[c][1] != c}
     fastest = min(dp, key=dp.get) if dp else None
-    spread = f"{got['A']['step_ms_min']:,.0f}-{got['A']['step_ms_max']:,.0f}"
+    lo, hi = got["A"].get("step_ms_min"), got["A"].get("step_ms_max")
+    spread = "" if lo is None or hi is None else f" ({lo:,.0f}-{hi:,.0f})"
     machine = got["A"].get("machine", "-")
-    cells = [rev, machine, f"{a:,.0f} ({spread})", ratio("I"), ratio("Im4"), ratio("H")]
+    cells = [rev, machine, f"{a:,.0f}{spread}", ratio("I"), ratio("Im4"), ratio("H")]
     lines.append(cells + ["-" if fastest is None else f"{fastest} {STEP_LABELS[fastest][0]}"])
   head = ["run (revision)", "machine", "A ms (timed min-max)", "I x A", "Im4 x A", "H x A"]
   return _table(head + ["fastest DP step"], lines)
