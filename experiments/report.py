@@ -810,6 +810,18 @@ STEP_LABELS = {
 }
 
 
+def _spread(r) -> str:
+  """A timing row's timed steps as "min-max" ms ("" when the row has no bounds)."""
+  lo, hi = r.get("step_ms_min"), r.get("step_ms_max")
+  return "" if lo is None or hi is None else f"{lo:,.0f}-{hi:,.0f}"
+
+
+def _of_shape(r, layers: str, d: str, batch: str, seq: str) -> bool:
+  """Whether a `bench_table.py` row was timed at this shape."""
+  shape = (int(layers), int(d), int(batch), int(seq))
+  return (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq")) == shape
+
+
 def step_table(rows) -> str:
   """The peer step table of one run (`bench_table.py`): ms, spread, ratio to own non-private, peak.
 
@@ -831,9 +843,7 @@ def step_table(rows) -> str:
       continue
     ratio = f"{r['step_ms'] / ms[base]:.2f}" if base in ms else "-"
     peak = "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}"
-    spread = "-"
-    if r.get("step_ms_min") is not None and r.get("step_ms_max") is not None:
-      spread = f"{r['step_ms_min']:,.0f}-{r['step_ms_max']:,.0f}"
+    spread = _spread(r) or "-"
     lines.append([f"{r['config']} {label}", f"{r['step_ms']:,.1f}", spread, ratio, peak])
   head = ["config", "step ms (median)", "timed steps, min-max", "x own non-private", "peak GB"]
   out = _table(head, lines)
@@ -858,8 +868,7 @@ def bench_table(
   rows = [
     r
     for r in rows
-    if (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq"))
-    == (int(layers), int(d), int(batch), int(seq))
+    if _of_shape(r, layers, d, batch, seq)
     or (
       r.get("memory_curve")
       and (r.get("layers"), r.get("d"), r.get("seq")) == (int(layers), int(d), int(seq))
@@ -881,12 +890,7 @@ def bench_table_runs(layers: str, d: str, batch: str, seq: str, file: str = "ben
   for r in rows_lib.load(file):
     if r.get("memory_curve") or r.get("status") != "ok":
       continue
-    if (r.get("layers"), r.get("d"), r.get("batch"), r.get("seq")) != (
-      int(layers),
-      int(d),
-      int(batch),
-      int(seq),
-    ):
+    if not _of_shape(r, layers, d, batch, seq):
       continue
     runs.setdefault(r.get("revision", "?"), {})[r["config"]] = r
   lines = []
@@ -897,10 +901,10 @@ def bench_table_runs(layers: str, d: str, batch: str, seq: str, file: str = "ben
     ratio = lambda c: f"{got[c]['step_ms'] / a:.2f}" if c in got else "-"
     dp = {c: got[c]["step_ms"] for c in got if STEP_LABELS[c][1] != c}
     fastest = min(dp, key=dp.get) if dp else None
-    lo, hi = got["A"].get("step_ms_min"), got["A"].get("step_ms_max")
-    spread = "" if lo is None or hi is None else f" ({lo:,.0f}-{hi:,.0f})"
+    spread = _spread(got["A"])
+    timing = f"{a:,.0f} ({spread})" if spread else f"{a:,.0f}"
     machine = got["A"].get("machine", "-")
-    cells = [rev, machine, f"{a:,.0f}{spread}", ratio("I"), ratio("Im4"), ratio("H")]
+    cells = [rev, machine, timing, ratio("I"), ratio("Im4"), ratio("H")]
     lines.append(cells + ["-" if fastest is None else f"{fastest} {STEP_LABELS[fastest][0]}"])
   head = ["run (revision)", "machine", "A ms (timed min-max)", "I x A", "Im4 x A", "H x A"]
   return _table(head + ["fastest DP step"], lines)
