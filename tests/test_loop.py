@@ -78,7 +78,8 @@ def test_interrupted_run_differs_without_restore(tmp_path):
 def test_private_run_learns_and_reports_epsilon():
   cfg = small_config(steps=40, noise_multiplier=None, target_epsilon=4.0)
   result = train(cfg, build_task(cfg), None, progress=False)
-  assert result.final_metrics["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
+  # 4 classes: chance is 0.25; over 10 noise seeds 0.61-0.70 (200 test rows, +-0.034)
+  assert result.final_metrics["test_accuracy"] > 0.5
   assert result.final_metrics["epsilon"] <= 4.0
   # The sigma it reports is the one the accountant charges.
   assert accounting.epsilon_spent(result.noise_multiplier, 60 / 600, 40, 1e-5) == pytest.approx(
