@@ -200,6 +200,27 @@ def test_bandmf_run_is_accounted_as_dpsgd_over_its_rounds(tmp_path):
     )
 
 
+def test_bandmf_resume_that_refits_other_bands_is_refused(tmp_path, monkeypatch):
+  from dpjax.core import matrix_factorization as mf
+  from dpjax.training import plan as plan_lib
+
+  cfg = cfg_of(mf_bands=3, noise_multiplier=1.0)
+  run(cfg, tmp_path / "w", stop_at_step=3)
+  (seg,) = json.load(open(tmp_path / "w" / "privacy.json"))["ledger"]
+  fitted = mf.strategy("optimal", 3, 6)
+  np.testing.assert_array_equal(seg["origin"]["mf_coefs"], fitted)  # the bands the noise used
+  # A refit that lands elsewhere (another jax, another machine) would mix two strategies.
+  moved = fitted + np.array([0.0, 1e-7, -1e-7])
+  monkeypatch.setattr(plan_lib, "strategy", lambda name, b, n: moved)
+  with pytest.raises(ResumeRefused, match=r"BandMF or BLT run \(mf_coefs: "):
+    run(cfg, tmp_path / "w", allow_privacy_change=True)
+  monkeypatch.setattr(plan_lib, "strategy", mf.strategy)
+  res = run(cfg, tmp_path / "w")  # the same refit continues the segment
+  assert res.final_metrics["step"] == 6
+  (seg,) = json.load(open(tmp_path / "w" / "privacy.json"))["ledger"]
+  assert seg["steps"] == 6
+
+
 def test_bandmf_target_is_met_and_bad_settings_are_refused():
   res = run(cfg_of(mf_bands=3, noise_multiplier=None, target_epsilon=2.0))
   eps = res.final_metrics["epsilon"]

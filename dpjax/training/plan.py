@@ -636,8 +636,11 @@ def make_plan(
     raise SpecError(str(e)) from None
 
   args["origin"] = _origin(spec, extra_event)
-  if blt:  # the fitted strategy itself: a resume that refits it differently changes the noise
+  # A fitted strategy itself: a resume that refits it differently changes the noise.
+  if blt:
     args["origin"]["mf_blt"] = [list(v) for v in args["mf_blt"]]
+  elif args["mf_coefs"] is not None and spec.mf_strategy == "optimal":
+    args["origin"]["mf_coefs"] = list(args["mf_coefs"])
   if not prior.segments:
     return _plan_noise(spec, args, prior, start_step, extra_event)
   last = prior.segments[-1]
