@@ -327,6 +327,41 @@ def gaussian(
   return _noise_transform(_iid(standard_normal, std), key)
 
 
+def _correlated_noise(draw, key, rows: int, step, state_type) -> optax.GradientTransformation:
+  """The noise transform of a correlated strategy: iid draws z_t through `step` per leaf.
+
+  Args:
+    draw: `_iid(...)`: the key and the leaves -> one z per leaf, as `gaussian` draws.
+    key: the PRNG key, split on every update.
+    rows: the memory's leading size per leaf (float32, zeros at init).
+    step: (z, memory) -> (w_t, next memory) for one leaf.
+    state_type: the state's NamedTuple of (key, count, memory).
+
+  Returns:
+    An optax transform whose `update(sum, state)` returns (sum + w_t, state).
+  """
+
+  def init_fn(params):
+    memory = jax.tree.map(lambda p: jnp.zeros((rows,) + jnp.shape(p), jnp.float32), params)
+    return state_type(jnp.asarray(key), jnp.zeros([], jnp.int32), memory)
+
+  def update_fn(updates, state, params=None):
+    del params
+    next_key, step_key = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(updates)
+    past = treedef.flatten_up_to(state[2])
+    out, memory = [], []
+    for leaf, z, m in zip(leaves, draw(step_key, leaves), past):
+      w, m = step(z, m)
+      out.append((leaf.astype(jnp.float32) + w).astype(leaf.dtype))
+      memory.append(m)
+    return jax.tree.unflatten(treedef, out), state_type(
+      next_key, state.count + 1, jax.tree.unflatten(treedef, memory)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 class BandedNoiseState(NamedTuple):
   """State of `banded_gaussian`: the key, the step count and the last b - 1 noise vectors."""
 
@@ -378,25 +413,11 @@ def banded_gaussian(
   draw = _iid(standard_normal, float(noise_multiplier) * float(l2_sensitivity))
   head, tail = float(c[0]), jnp.asarray(c[1:], jnp.float32)  # tail: [b - 1]
 
-  def init_fn(params):
-    history = jax.tree.map(lambda p: jnp.zeros((len(c) - 1,) + jnp.shape(p), jnp.float32), params)
-    return BandedNoiseState(jnp.asarray(key), jnp.zeros([], jnp.int32), history)
+  def step(z, h):  # h: the last b - 1 w's, newest first
+    w = (z - jnp.tensordot(tail, h, axes=1)) / head
+    return w, jnp.concatenate([w[None], h[:-1]])
 
-  def update_fn(updates, state, params=None):
-    del params
-    next_key, step_key = jax.random.split(state.key)
-    leaves, treedef = jax.tree.flatten(updates)
-    past = treedef.flatten_up_to(state.history)
-    out, history = [], []
-    for leaf, z, h in zip(leaves, draw(step_key, leaves), past):
-      w = (z - jnp.tensordot(tail, h, axes=1)) / head
-      out.append((leaf.astype(jnp.float32) + w).astype(leaf.dtype))
-      history.append(jnp.concatenate([w[None], h[:-1]]))
-    return jax.tree.unflatten(treedef, out), BandedNoiseState(
-      next_key, state.count + 1, jax.tree.unflatten(treedef, history)
-    )
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _correlated_noise(draw, key, len(c) - 1, step, BandedNoiseState)
 
 
 class BLTNoiseState(NamedTuple):
@@ -450,25 +471,11 @@ def blt_gaussian(
   draw = _iid(standard_normal, float(noise_multiplier) * float(l2_sensitivity))
   dj, sj = jnp.asarray(d, jnp.float32), jnp.asarray(s, jnp.float32)
 
-  def init_fn(params):
-    buffers = jax.tree.map(lambda p: jnp.zeros((len(d),) + jnp.shape(p), jnp.float32), params)
-    return BLTNoiseState(jnp.asarray(key), jnp.zeros([], jnp.int32), buffers)
+  def step(z, buf):  # buf: [m, *z.shape]
+    w = z - jnp.tensordot(sj, buf, axes=1)
+    return w, dj.reshape((-1,) + (1,) * w.ndim) * buf + w[None]
 
-  def update_fn(updates, state, params=None):
-    del params
-    next_key, step_key = jax.random.split(state.key)
-    leaves, treedef = jax.tree.flatten(updates)
-    past = treedef.flatten_up_to(state.buffers)
-    out, buffers = [], []
-    for leaf, z, buf in zip(leaves, draw(step_key, leaves), past):
-      w = z - jnp.tensordot(sj, buf, axes=1)
-      out.append((leaf.astype(jnp.float32) + w).astype(leaf.dtype))
-      buffers.append(dj.reshape((-1,) + (1,) * w.ndim) * buf + w[None])
-    return jax.tree.unflatten(treedef, out), BLTNoiseState(
-      next_key, state.count + 1, jax.tree.unflatten(treedef, buffers)
-    )
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _correlated_noise(draw, key, len(d), step, BLTNoiseState)
 
 
 def effective_noise_multiplier(noise_multiplier: float, count_noise_multiplier: float) -> float:
