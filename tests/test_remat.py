@@ -43,7 +43,7 @@ def _models():
     family="gpt2",
     vocab_size=64,
     hidden_size=32,
-    num_layers=3,
+    num_layers=2,
     num_heads=4,
     num_kv_heads=4,
     intermediate_size=96,
@@ -51,7 +51,7 @@ def _models():
     tie_embeddings=True,
   )
   enc = EncoderConfig(
-    vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=96
+    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=96
   )
   ids = jax.random.randint(jax.random.key(0), (4, 16), 1, 64)
 
