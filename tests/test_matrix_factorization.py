@@ -169,7 +169,7 @@ def test_cyclic_poisson_samples_each_unit_only_in_its_group_at_rate_q():
   s = CyclicPoissonSampler(n, q, 16, seed=5, bands=bands)
   members = np.concatenate(s.groups)
   np.testing.assert_array_equal(np.sort(members), np.arange(n))  # a partition
-  assert {len(g) for g in s.groups} <= {n // bands, n // bands + 1}
+  assert sum(len(g) for g in s.groups) == n  # sizes vary (test_sampling: binomial)
   seen = np.zeros((steps, n))
   for t in range(steps):
     idx = s.sample_indices(t)

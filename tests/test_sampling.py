@@ -1,9 +1,19 @@
+import itertools
 import math
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
-from dpjax.core.sampling import PoissonSampler, ShuffledSampler, eval_batches
+from dpjax.core.accounting import accountants, events
+from dpjax.core.matrix_factorization import sqrt_strategy, strategy_matrix
+from dpjax.core.sampling import (
+  CyclicPoissonSampler,
+  PoissonSampler,
+  ShuffledSampler,
+  eval_batches,
+  unit_groups,
+)
 
 
 def test_poisson_inclusion_rate_within_three_standard_errors():
@@ -157,3 +167,126 @@ def test_median_group_size_and_contribution_report():
   rep = contribution_report(ids, [1, 3, 10])
   assert [r["examples_kept"] for r in rep] == [4, 1 + 3 + 3 + 3, 18]
   assert rep[-1]["fraction_kept"] == 1.0 and rep[1]["users_capped"] == 2
+
+
+# --- cyclic Poisson sampling under add/remove of one unit ---------------------------------
+
+
+class _BalancedSplit:
+  """The former cyclic groups, kept as a reference: perm(N)[g::b], a split that depends on N."""
+
+  def __init__(self, num_units, seed, bands):
+    perm = np.random.default_rng([seed, 5, 0]).permutation(num_units)
+    self.group_of = np.empty(num_units, np.int64)
+    for g in range(bands):
+      self.group_of[perm[g::bands]] = g
+
+
+def test_appending_a_unit_never_moves_another_units_group_or_inclusion():
+  for seed in range(60):
+    for bands in (2, 3, 5):
+      n = 40 + seed
+      a = CyclicPoissonSampler(n, 0.4, 16, seed, bands)
+      b = CyclicPoissonSampler(n + 1, 0.4, 16, seed, bands)
+      np.testing.assert_array_equal(a.group_of, b.group_of[:n])
+      for t in range(2 * bands):
+        np.testing.assert_array_equal(
+          a.sample_indices(t), b.sample_indices(t)[b.sample_indices(t) < n]
+        )
+  # The balanced split the groups replaced moves others in most seeds: the test can fail.
+  moved = [
+    not np.array_equal(_BalancedSplit(40, s, 2).group_of, _BalancedSplit(41, s, 2).group_of[:40])
+    for s in range(60)
+  ]
+  assert np.mean(moved) > 0.9
+
+
+def test_group_sizes_are_binomial_and_each_unit_uniform():
+  n, bands, seeds = 90, 3, 3000
+  groups = np.stack([unit_groups(s, n, bands) for s in range(seeds)])  # [S, N]
+  sizes = (groups == 0).sum(axis=1)
+  p = 1 / bands
+  assert abs(sizes.mean() - n * p) < 4 * math.sqrt(n * p * (1 - p) / seeds)
+  assert sizes.var() == pytest.approx(n * p * (1 - p), rel=0.1)  # balanced: variance 0
+  counts = np.stack([(groups[:, 7] == g).sum() for g in range(bands)])  # one unit over seeds
+  chi2 = float(((counts - seeds * p) ** 2 / (seeds * p)).sum())
+  assert chi2 < 13.8  # chi-square with 2 degrees of freedom, p = 0.001
+  # Two units' groups are independent: their agreement rate is 1/b.
+  same = np.mean(groups[:, 3] == groups[:, 4])
+  assert abs(same - p) < 4 * math.sqrt(p * (1 - p) / seeds)
+
+
+def _true_delta(draw_groups, law, n, bands, sigma, coefs, eps, samples_per_config, rng):
+  """Hockey-stick delta of D = {z, z, z} vs D' = D + {x} (both directions), by Monte Carlo.
+
+  z = e1 and x = e2 are orthogonal unit gradients; q = 1 (every unit of the step's group takes
+  part); the release is C G + sigma Z with C the banded Toeplitz strategy, G[t] the sum of the
+  gradients of the units in group t mod b. `draw_groups(N, seed)` gives the sampler's groups (the
+  samples); `law(N)` the exact [(probability, groups)] of the scheme (the likelihoods).
+  """
+  C = strategy_matrix(coefs, n)
+  grads = {3: np.eye(2)[[0, 0, 0]], 4: np.eye(2)[[0, 0, 0, 1]]}  # [N, 2]
+
+  def mean(groups, N):  # [n * 2]
+    G = np.stack([grads[N][groups == t % bands].sum(axis=0) for t in range(n)])  # [n, 2]
+    return (C @ G).reshape(-1)
+
+  def log_density(Y, N):  # [S], up to a constant shared by D and D'
+    probs, means = zip(*[(pr, mean(g, N)) for pr, g in law(N)])
+    sq = ((Y[:, None, :] - np.stack(means)[None]) ** 2).sum(-1)  # [S, K]
+    return logsumexp(np.log(probs)[None] - sq / (2 * sigma**2), axis=1)
+
+  worst = []
+  for P, Q in ((4, 3), (3, 4)):  # add, then remove
+    means = np.stack([mean(draw_groups(P, s), P) for s in range(2000)])
+    Y = np.repeat(means, samples_per_config, axis=0)
+    Y = Y + sigma * rng.standard_normal(Y.shape)
+    loss = log_density(Y, P) - log_density(Y, Q)
+    terms = np.maximum(0.0, 1.0 - np.exp(eps - loss))
+    worst.append((terms.mean(), terms.std() / math.sqrt(len(terms))))
+  return max(worst)
+
+
+def test_cyclic_groups_meet_the_claimed_delta_by_exact_likelihoods():
+  # The audit's case: n = 8 steps, b = 2 groups, q = 1, sigma = 1, delta 1e-3, with the
+  # closed-form 2-banded strategy dpjax ships (c = (2, 1) / sqrt 5).
+  n, bands, sigma, delta, coefs = 8, 2, 1.0, 1e-3, sqrt_strategy(2)
+  claimed = accountants.epsilon(events.bandmf_event(sigma, 1.0, n, bands), delta, "pld")
+  assert claimed == pytest.approx(7.581, abs=2e-3)  # 4 Gaussian steps, mu = 2
+  rng = np.random.default_rng(0)
+
+  def iid_law(N):
+    return [(bands**-N, np.array(g)) for g in itertools.product(range(bands), repeat=N)]
+
+  def balanced_law(N):
+    out = []
+    for perm in itertools.permutations(range(N)):
+      g = np.empty(N, np.int64)
+      g[list(perm)] = np.arange(N) % bands
+      out.append((1 / math.factorial(N), g))
+    return out
+
+  new, se = _true_delta(
+    lambda N, s: CyclicPoissonSampler(N, 1.0, 4, s, bands).group_of,
+    iid_law,
+    n,
+    bands,
+    sigma,
+    coefs,
+    claimed,
+    100,
+    rng,
+  )
+  assert new <= delta + 3 * se, (new, se)
+  old, se_old = _true_delta(
+    lambda N, s: _BalancedSplit(N, s, bands).group_of,
+    balanced_law,
+    n,
+    bands,
+    sigma,
+    coefs,
+    claimed,
+    100,
+    rng,
+  )
+  assert old > 3 * delta and old - 3 * se_old > delta, (old, se_old)

@@ -118,18 +118,51 @@ class PoissonSampler:
     return pad_to_physical(self.sample_indices(step, draw), self.physical_batch_size)
 
 
-class CyclicPoissonSampler(PoissonSampler):
-  """Cyclic Poisson sampling: units in b fixed groups, step t samples group t mod b at rate q.
+def unit_groups(seed: int, num_units: int, bands: int) -> np.ndarray:
+  """Each unit's group, drawn independently for every unit (balls in bins).
 
-  The groups are a uniformly random balanced partition (sizes floor or
-  ceil of N / b) drawn once from the seed; the expected batch is q N / b.
+  Unit i's group is the i-th word of one random stream of `seed`, modulo b:
+  it depends on (seed, i) only, never on how many other units there are.
+  Appending a unit to the dataset leaves every other unit's group as it was,
+  and under add/remove the others' groups have the same joint law with or
+  without any one unit. (A balanced split such as `permutation(N)[g::b]`
+  moves other units when N changes; it is sound only under replace-one.)
+
+  Example:
+    >>> a, b = unit_groups(7, 5, 2), unit_groups(7, 6, 2)
+    >>> bool((a == b[:5]).all())
+    True
+
+  Args:
+    seed: the sampler's (secret) seed.
+    num_units: N.
+    bands: b, the number of groups.
+
+  Returns:
+    `[N]` int64 group indices in [0, b): i.i.d., each uniform up to a bias
+    below b / 2^64 (64-bit words reduced mod b); the privacy argument needs
+    only that the units' groups are independent and identically distributed.
+  """
+  words = _rng(seed, 0, CyclicPoissonSampler.STREAM).bit_generator.random_raw(num_units)
+  return (np.asarray(words, np.uint64) % np.uint64(bands)).astype(np.int64)
+
+
+class CyclicPoissonSampler(PoissonSampler):
+  """Cyclic Poisson sampling: units in b groups, step t samples group t mod b at rate q.
+
+  Each unit's group is drawn once, independently and uniformly
+  (`unit_groups`), so the group sizes vary (Binomial(N, 1/b)) and the
+  expected batch is q N / b; padding absorbs the spread.
 
   Formal guarantees:
-    A unit takes part only in steps congruent to its group mod b (so at
-    least b apart, and in at most ceil(steps / b) of them), each time
-    independently with probability q: the b-min-separated Poisson sampling
-    of amplified BandMF (`dpjax.core.accounting.events.bandmf_event`, arXiv
-    2306.08153). No sampled unit is dropped. b = 1 is Poisson sampling.
+    Neighbouring relation: add/remove of one unit (and so replace-one). A
+    unit takes part only in steps congruent to its group mod b (so at least
+    b apart, and in at most ceil(steps / b) of them), each time
+    independently with probability q; adding or removing one unit changes
+    neither the group nor the inclusions of any other unit. This is the
+    b-min-separated Poisson sampling of amplified BandMF
+    (`dpjax.core.accounting.events.bandmf_event`, arXiv 2306.08153). No
+    sampled unit is dropped. b = 1 is Poisson sampling.
   """
 
   STREAM = 5
@@ -141,8 +174,8 @@ class CyclicPoissonSampler(PoissonSampler):
     if isinstance(bands, bool) or int(bands) != bands or not 1 <= bands <= num_units:
       raise ValueError(f"bands must be an integer in [1, num_units={num_units}], got {bands!r}")
     self.bands = int(bands)
-    perm = _rng(self.seed, 0, self.STREAM).permutation(self.num_units)
-    self.groups = [np.sort(perm[g :: self.bands]) for g in range(self.bands)]
+    self.group_of = unit_groups(self.seed, self.num_units, self.bands)  # [N]
+    self.groups = [np.flatnonzero(self.group_of == g) for g in range(self.bands)]
 
   @property
   def expected_batch_size(self) -> float:
@@ -150,6 +183,10 @@ class CyclicPoissonSampler(PoissonSampler):
 
   def sample_indices(self, step: int, draw: int = 0) -> np.ndarray:
     """The sorted unit indices of group `step mod b` included at `step`.
+
+    Each member of the group is included independently with probability q:
+    one uniform per unit, indexed by the unit (so an added unit changes no
+    other unit's inclusion either).
 
     Args:
       step: the logical step.
@@ -160,8 +197,8 @@ class CyclicPoissonSampler(PoissonSampler):
     """
     group = self.groups[step % self.bands]
     rng = _rng(self.seed, step, self.STREAM, draw + 1)
-    count = rng.binomial(len(group), self.sampling_rate)
-    return np.sort(rng.choice(group, size=count, replace=False))
+    u = rng.random(self.num_units)  # [N], one uniform per unit, by index
+    return group[u[group] < self.sampling_rate]
 
 
 class ShuffledSampler:

@@ -90,12 +90,15 @@ def bandmf_event(noise_multiplier: float, sampling_rate: float, steps: int, band
 
   Formal guarantees:
     With a b-banded strategy of largest column norm 1
-    (`dpjax.mechanisms.banded_gaussian`) and cyclic Poisson sampling (units
-    split into b fixed groups, step t samples group t mod b at rate q:
-    `dpjax.core.sampling.CyclicPoissonSampler`), the run is as private as
-    ceil(steps / b) Poisson-sampled Gaussian steps at (q, sigma) under
-    add/remove (Choquette-Choo et al., arXiv 2306.08153, the amplified
-    BandMF theorem). b = 1 is `dpsgd_event`.
+    (`dpjax.mechanisms.banded_gaussian`) and cyclic Poisson sampling (each
+    unit's group drawn once, independently of every other unit; step t
+    samples group t mod b at rate q: `dpjax.core.sampling.CyclicPoissonSampler`),
+    the run is as private as ceil(steps / b) Poisson-sampled Gaussian steps
+    at (q, sigma) under add/remove of one unit (Choquette-Choo et al., arXiv
+    2306.08153, the amplified BandMF theorem). The theorem holds the other
+    units' groups fixed: a split that depends on N (e.g. balanced groups of
+    a permutation) moves other units when one is added and is covered only
+    under replace-one. b = 1 is `dpsgd_event`.
 
   Args:
     noise_multiplier: sigma.
