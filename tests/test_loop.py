@@ -424,18 +424,136 @@ def test_a_second_process_on_the_workdir_is_refused(tmp_path):
   task = build_task(cfg)
   w = tmp_path / "w"
   os.makedirs(w)
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  hold = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); "
+    "print('held', flush=True); time.sleep(60)"
+  )
+  holder = subprocess.Popen(
+    [sys.executable, "-c", hold, str(w / ".lock")], stdout=subprocess.PIPE, text=True
+  )
   try:
-    (w / ".lock").write_text(str(holder.pid))
+    assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RunLocked, match=f"in use by process {holder.pid}"):
       train(cfg, task, str(w), progress=False)
     assert sorted(os.listdir(w)) == [".lock"]  # nothing else written
   finally:
     holder.kill()
     holder.wait()
-  # A lock whose process is gone is stale: the run takes it and removes it at the end.
+  # The holder is gone, so is its lock (whatever the file says): the run takes it and removes it.
   train(cfg, task, str(w), progress=False)
   assert not (w / ".lock").exists()
+  # A lock file naming a live process that holds no lock (a PID reused after a reboot) is free.
+  w2 = tmp_path / "w2"
+  os.makedirs(w2)
+  (w2 / ".lock").write_text(str(os.getppid()))
+  train(cfg, task, str(w2), progress=False)
+  # A directory where the lock file goes: one line, nothing written.
+  w3 = tmp_path / "w3"
+  os.makedirs(w3 / ".lock")
+  with pytest.raises(RunLocked, match=r"\.lock is a directory, not a lock file"):
+    train(cfg, task, str(w3), progress=False)
+  assert os.listdir(w3) == [".lock"]
+
+
+def test_the_lock_is_taken_before_the_workdir_is_read(tmp_path, monkeypatch):
+  import threading
+
+  from dpjax.training.rundir import RunLocked
+
+  # B starts on a workdir that does not exist yet and prepares slowly; A, started meanwhile
+  # on the same workdir, is refused (it can never finish there and have B overwrite it).
+  w = tmp_path / "w"
+  slow, release = threading.Event(), threading.Event()
+  real = loop_lib.prepare
+
+  def slow_prepare(*a, **k):
+    slow.set()
+    release.wait(60)
+    return real(*a, **k)
+
+  monkeypatch.setattr(loop_lib, "prepare", slow_prepare)
+  b_cfg = small_config(steps=6, noise_multiplier=2.0)
+  out = {}
+  b = threading.Thread(
+    target=lambda: out.setdefault("b", train(b_cfg, build_task(b_cfg), str(w), progress=False))
+  )
+  b.start()
+  assert slow.wait(60)
+  a_cfg = small_config(steps=3)
+  with pytest.raises(RunLocked, match="in use by process"):
+    train(a_cfg, build_task(a_cfg), str(w), progress=False)
+  release.set()
+  b.join()
+  monkeypatch.setattr(loop_lib, "prepare", real)
+  p = json.load(open(w / "privacy.json"))
+  assert p["steps"] == 6 and p["ledger"][0]["noise_multiplier"] == 2.0
+  # The other order: a finished run's directory is read under the lock; another config there
+  # is refused as any resume would be, and its ledger stays.
+  from dpjax.training.plan import ResumeRefused
+
+  with pytest.raises(ResumeRefused, match="different config"):
+    train(a_cfg, build_task(a_cfg), str(w), progress=False)
+  assert json.load(open(w / "privacy.json")) == p
+
+
+def test_a_ledger_without_its_checkpoints_is_never_restarted(tmp_path):
+  import shutil
+
+  from dpjax.training.plan import ResumeRefused
+
+  cfg = small_config(steps=3)
+  w = tmp_path / "w"
+  train(cfg, build_task(cfg), str(w), progress=False)
+  before = open(w / "privacy.json").read()
+  shutil.rmtree(w / "checkpoints")
+  more = small_config(steps=6)
+  with pytest.raises(ResumeRefused, match="holds no checkpoint, but its privacy.json records 3"):
+    train(more, build_task(more), str(w), progress=False)
+  assert open(w / "privacy.json").read() == before
+  assert not (w / "checkpoints").exists()
+
+
+def test_a_changed_plan_without_privacy_json_is_refused(tmp_path):
+  from dpjax.training.plan import ResumeRefused
+
+  w = tmp_path / "w"
+  cfg = small_config(steps=6)
+  train(cfg, build_task(cfg), str(w), progress=False, stop_at_step=4)  # checkpoint 3, ran 4
+  changed = small_config(steps=6, noise_multiplier=2.0)
+  os.rename(w / "privacy.json", tmp_path / "kept.json")
+  with pytest.raises(ResumeRefused, match="privacy.json is missing: the steps released past"):
+    train(changed, build_task(changed), str(w), progress=False, allow_privacy_change=True)
+  (w / "privacy.json").write_text("{not json")
+  with pytest.raises(ResumeRefused, match=r"privacy.json is unreadable \(JSONDecodeError"):
+    train(changed, build_task(changed), str(w), progress=False, allow_privacy_change=True)
+  # The unchanged plan resumes (its replays draw the same noise), and rewrites the record.
+  res = train(cfg, build_task(cfg), str(w), progress=False)
+  assert res.privacy["steps"] == 6 and json.load(open(w / "privacy.json"))["steps"] == 6
+
+
+def test_no_file_of_a_run_is_readable_by_others_and_the_noise_seed_is_never_written(tmp_path):
+  import stat
+
+  old = os.umask(0o022)
+  try:
+    cfg = small_config(steps=3, noise_seed=987654321)
+    w = tmp_path / "runs" / "w"
+    train(cfg, build_task(cfg), str(w), progress=False)
+  finally:
+    os.umask(old)
+  assert os.umask(old) == old  # the run restored the umask
+  found = []
+  for root, dirs, files in os.walk(w):
+    for name in dirs + files:
+      mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+      found.append(name)
+      assert not mode & 0o077, (os.path.join(root, name), oct(mode))
+  assert "metadata" in found and "config.json" in found  # the secret's file was checked
+  assert not stat.S_IMODE(os.stat(w).st_mode) & 0o077
+  for name in ("config.json", "metrics.jsonl", "privacy.json"):
+    text = open(w / name).read()
+    assert "987654321" not in text and 'noise_seed"' not in text, name
 
 
 def test_nonprivate_metrics_are_strict_json(tmp_path):

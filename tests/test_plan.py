@@ -278,3 +278,170 @@ def test_blt_target_is_met_and_bad_settings_are_refused():
     run(cfg_of(mf_strategy="blt", mechanism="laplace", l1_clip_norm=1.0))
   with pytest.raises(SpecError, match="mf_strategy='blt' with optimizer 'adam_bc'"):
     run(cfg_of(mf_strategy="blt", optimizer="adam_bc"))
+
+
+# --- every privacy key: a resume that changes it is refused, or appends a segment with it ---
+
+LMO = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
+LMO_TARGET = 3.0
+ONE_LMO = {"a": [0.1], "theta_k": [[1, 2]], "lam": [1.0], "Ub_Ua": [[2, 1]]}
+USER = dict(privacy_unit="user", users_per_step=10, max_examples_per_user=4)
+# key -> (the first run's overrides, the resume's); every key of test_spec.PRIVACY is here.
+RESUME_CASES = {
+  "privacy_unit": ({}, USER),
+  "user_sampling": (USER, dict(USER, user_sampling="els", batch_size=30)),
+  "max_examples_per_user": (USER, dict(USER, max_examples_per_user=8)),
+  "users_per_step": (USER, dict(USER, users_per_step=20)),
+  "target_epsilon": (
+    dict(noise_multiplier=None, target_epsilon=3.0),
+    dict(noise_multiplier=None, target_epsilon=4.0),
+  ),
+  "noise_multiplier": ({}, dict(noise_multiplier=1.5)),
+  "delta": ({}, dict(delta=1e-6)),
+  "accountant": ({}, dict(accountant="rdp")),
+  "mechanism": ({}, dict(mechanism="laplace", l1_clip_norm=1.0)),
+  "mf_bands": ({}, dict(mf_bands=2)),
+  "mf_strategy": (dict(mf_bands=2), dict(mf_bands=2, mf_strategy="sqrt")),
+  "mf_buffers": (
+    dict(mf_strategy="blt", mf_buffers=1),
+    dict(mf_strategy="blt", mf_buffers=2),
+  ),
+  "l2_clip_norm": ({}, dict(l2_clip_norm=2.0)),
+  "automatic_clipping": ({}, dict(automatic_clipping=0.01)),
+  "adaptive_clipping": ({}, dict(adaptive_clipping={"target_quantile": 0.7})),
+  "l1_clip_norm": (
+    dict(mechanism="laplace", l1_clip_norm=1.0),
+    dict(mechanism="laplace", l1_clip_norm=2.0),
+  ),
+  "batch_size": ({}, dict(batch_size=120)),
+  "sampling_rate": ({}, dict(sampling_rate=0.2)),
+  "dp_sam": ({}, dict(dp_sam={"rho": 0.05})),
+  "lmo": (
+    dict(mechanism="lmo", l1_clip_norm=1.0, lmo=LMO),
+    dict(mechanism="lmo", l1_clip_norm=1.0, lmo=dict(LMO, a1=0.4)),
+  ),
+  "lmo_grid": (
+    dict(
+      mechanism="lmo",
+      l1_clip_norm=1.0,
+      noise_multiplier=None,
+      target_epsilon=LMO_TARGET,
+      lmo_grid=ONE_LMO,
+    ),
+    dict(
+      mechanism="lmo",
+      l1_clip_norm=1.0,
+      noise_multiplier=None,
+      target_epsilon=LMO_TARGET,
+      lmo_grid=dict(ONE_LMO, lam=[0.5]),
+    ),
+  ),
+  "lmo_objective": (
+    dict(
+      mechanism="lmo",
+      l1_clip_norm=1.0,
+      noise_multiplier=None,
+      target_epsilon=LMO_TARGET,
+      lmo_grid=ONE_LMO,
+    ),
+    dict(
+      mechanism="lmo",
+      l1_clip_norm=1.0,
+      noise_multiplier=None,
+      target_epsilon=LMO_TARGET,
+      lmo_grid=ONE_LMO,
+      lmo_objective="var",
+    ),
+  ),
+}
+
+
+def _plan(overrides, prior=None, start=0, allow=False):
+  from dpjax.core.accounting.ledger import Ledger
+  from dpjax.training import spec as spec_lib
+  from dpjax.training.plan import Secret, make_plan
+
+  cfg = cfg_of(**overrides)
+  cfg.task.num_users = 40
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  return make_plan(
+    spec,
+    build_task(cfg),
+    secret=Secret(12345, True),
+    prior=prior or Ledger(),
+    start_step=start,
+    allow_privacy_change=allow,
+  )
+
+
+def test_the_resume_cases_cover_every_privacy_key():
+  from test_spec import PRIVACY
+
+  assert set(RESUME_CASES) == PRIVACY
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_CASES))
+def test_a_resume_that_changes_a_privacy_key_is_refused_or_appends_it(key):
+  from dpjax.training.spec import SpecError
+
+  first, then = RESUME_CASES[key]
+  a = _plan(first)
+  ledger = a.ledger_at(3)
+  same = _plan(first, ledger, 3)  # unchanged: continues the segment, on the same streams
+  assert len(same.ledger_at(6).segments) == 1 and same.stream == a.stream == 0
+  with pytest.raises(ResumeRefused, match=key):
+    _plan(then, ledger, 3)
+  correlated = {"mf_bands", "mf_strategy", "mf_buffers"}
+  if key in correlated:  # one unchanged run is all their bound covers
+    with pytest.raises(ResumeRefused, match="BandMF or BLT run"):
+      _plan(then, ledger, 3, allow=True)
+    return
+  if key in ("lmo_grid", "lmo_objective"):  # a search cannot be held to a spent budget
+    with pytest.raises(SpecError, match="cannot be searched against a spent budget"):
+      _plan(then, ledger, 3, allow=True)
+    return
+  b = _plan(then, ledger, 3, allow=True)
+  segs = b.ledger_at(6).segments
+  assert len(segs) == 2 and segs[0] == ledger.segments[0]
+  assert segs[1].steps == 3 and segs[1].origin[key] is not None
+  assert segs[1].origin[key] != segs[0].origin[key]
+  assert b.stream not in (0, a.stream)  # fresh noise and sampling streams
+  assert not np.array_equal(
+    np.asarray(b.secret.noise_key(b.stream)), np.asarray(a.secret.noise_key(a.stream))
+  )
+
+
+def _head(res):
+  return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(res.params)])
+
+
+@pytest.mark.parametrize(
+  "key, values, sigmas",
+  [
+    ("noise_multiplier", (1.0, 2.0, 3.0), (1.0, 2.0, 3.0)),
+    ("l2_clip_norm", (10, 20, 30), (1, 1, 1)),
+  ],
+)
+def test_replays_past_the_checkpoint_draw_fresh_noise_and_all_three_are_charged(
+  tmp_path, key, values, sigmas
+):
+  # Step 4 released (privacy.json at 4) and the newest checkpoint lost: each resume from the
+  # step-3 checkpoint replays step 4 under a new plan. With the noise reused, the second
+  # difference of the three step-4 updates would cancel the noise (sigma or C linear in z).
+  w = tmp_path / "w"
+  base = dict(steps=4, checkpoint_every=3, log_every=1, optimizer="sgd", learning_rate=0.5)
+  ends = []
+  for i, v in enumerate(values):
+    res = run(cfg_of(**base, **{key: v}), w, allow_privacy_change=i > 0)
+    assert starts(w)[-1]["resumed_from"] == (0 if i == 0 else 3)
+    ends.append(_head(res))
+    shutil.rmtree(w / "checkpoints" / "4")
+  d1, d2, d3 = ends
+  second, spread = np.linalg.norm(d1 - 2 * d2 + d3), np.linalg.norm(d3 - d1)
+  assert second > 0.3 * spread > 0, (second, spread)
+  p = json.load(open(w / "privacy.json"))
+  assert [(s["steps"], s["origin"][key]) for s in p["ledger"]] == [(4, values[0])] + [
+    (1, v) for v in values[1:]
+  ]
+  want = reference_epsilon([(sigmas[0], 0.1, 4), (sigmas[1], 0.1, 1), (sigmas[2], 0.1, 1)])
+  assert want <= p["epsilon"] <= want * (1 + 1e-9)

@@ -63,7 +63,7 @@ from dpjax.methods import dp_adam, flatness
 from dpjax.training import rundir
 from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
-from dpjax.training.plan import PrivacyPlan, Secret, make_plan
+from dpjax.training.plan import PrivacyPlan, ResumeRefused, Secret, make_plan
 from dpjax.training.spec import SpecError
 from dpjax.training.step import TrainState, accumulate, apply_update, perturb
 
@@ -314,13 +314,25 @@ def with_weight_distillation(cfg, task: Task) -> Task:
 
 
 def _resume_point(workdir: Optional[str]):
-  """(checkpoint meta or None, the ledger privacy.json says ran, or None)."""
+  """(checkpoint meta or None, the ledger privacy.json says ran or None, why it is None)."""
   if not workdir or not os.path.isdir(workdir):
-    return None, None
+    return None, None, "there is no run directory"
   meta = rundir.Checkpoints.latest_meta(workdir)
-  ran = rundir.read_json(os.path.join(workdir, "privacy.json"))
-  ran_ledger = Ledger.from_json(ran["ledger"]) if ran and ran.get("ledger") else None
-  return meta, ran_ledger
+  path = os.path.join(workdir, "privacy.json")
+  try:
+    ran = rundir.read_json(path)
+    ran_ledger = Ledger.from_json(ran["ledger"]) if ran and ran.get("ledger") else None
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    return meta, None, f"{path} is unreadable ({type(e).__name__}: {str(e)[:80]})"
+  if ran is None:
+    return meta, None, f"{path} is missing"
+  if meta is None and ran_ledger is not None and ran_ledger.steps:
+    raise ResumeRefused(
+      f"{workdir} holds no checkpoint, but its privacy.json records {ran_ledger.steps} released "
+      "steps: their ledger cannot be continued, and a fresh run would report only its own; "
+      "restore the checkpoints directory, or start the new run in another workdir"
+    )
+  return meta, ran_ledger, None
 
 
 def _one_secret(secret: Secret) -> Secret:
@@ -357,7 +369,7 @@ def prepare(
   """
   spec = spec_lib.validate(spec_lib.with_defaults(cfg))
   check_task_data(task)
-  meta, ran = _resume_point(workdir)
+  meta, ran, no_ran = _resume_point(workdir)
   if workdir and meta is not None:
     rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)
   if meta is None:
@@ -377,19 +389,27 @@ def prepare(
     allow_privacy_change=allow_privacy_change,
     extra_event=extra_event,
   )
-  if plan.private and prior.segments and ran is not None and ran.steps > start:
+  if plan.private and prior.segments:
     if plan.segment(plan.steps).privacy_key() != prior.segments[-1].privacy_key():
       # Steps that ran past the checkpoint released outputs under the old plan;
-      # replaying them under a new one releases again: charge both.
-      plan = make_plan(
-        spec,
-        task,
-        secret=secret,
-        prior=ran,
-        start_step=start,
-        allow_privacy_change=True,
-        extra_event=extra_event,
-      )
+      # replaying them under a new one releases again (fresh draws): charge both.
+      if ran is None:
+        raise ResumeRefused(
+          f"{no_ran}: the steps released past the checkpoint at step {start} cannot be "
+          "counted, and a changed plan would release them again; restore privacy.json, or "
+          "resume with the unchanged config first (its replayed steps draw the same noise: "
+          "nothing is released twice), or use a new workdir"
+        )
+      if ran.steps > start:
+        plan = make_plan(
+          spec,
+          task,
+          secret=secret,
+          prior=ran,
+          start_step=start,
+          allow_privacy_change=True,
+          extra_event=extra_event,
+        )
   return spec, plan, meta
 
 
@@ -437,20 +457,23 @@ def train(
       f"{jax.__version__}"
     )
   lock = rundir.RunLock(workdir) if workdir and lead else None
-  if lock is not None and os.path.isdir(workdir):
+  created = False
+  if lock is not None:  # taken before anything in the workdir is read
+    created = rundir.make_private_dir(workdir)
     lock.acquire()
   try:
-    spec, plan, meta = prepare(
-      cfg, task, workdir, allow_privacy_change=allow_privacy_change, extra_event=extra_event
-    )
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      if lock is not None and not lock.held:
-        lock.acquire()
-    return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh)
+    with rundir.owner_only_files():
+      spec, plan, meta = prepare(
+        cfg, task, workdir, allow_privacy_change=allow_privacy_change, extra_event=extra_event
+      )
+      if workdir and lock is None:  # another process of a multi-host run holds the lock
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+      return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh)
   finally:
     if lock is not None:
       lock.release()
+      if created and not os.listdir(workdir):  # refused before anything was written
+        os.rmdir(workdir)
 
 
 class Callback:
@@ -531,7 +554,8 @@ class Checkpointer(Callback):
 
   def on_step(self, step, state):
     if self.due(step):
-      self.ckpt.save(state, self.plan.ledger_at(step), self.plan.secret)
+      plan = self.plan
+      self.ckpt.save(state, plan.ledger_at(step), plan.secret, stream=plan.stream, end=self.end)
 
 
 class ProgressBar(Callback):
@@ -756,15 +780,17 @@ def _run(
   )
   ckpt = rundir.Checkpoints(workdir) if workdir else None
   try:
+    start = 0 if meta is None else meta["step"]
+    end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
     if meta is not None:  # every array read straight onto its devices
       state = ckpt.restore(target)
+      # a new segment draws its own noise: the restored key is the old segment's
+      state = state._replace(opt_state=plan.rekey(state.opt_state, meta["stream"]))
     else:
       state = jax.jit(init, out_shardings=shardings)(task.params)
       if ckpt is not None:  # the secret is kept before anything is released
-        ckpt.save(state, Ledger(), plan.secret, wait=True)
+        ckpt.save(state, Ledger(), plan.secret, stream=plan.stream, end=end, wait=True)
 
-    start = int(state.step)
-    end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
     if lead:
       print(plan_line(spec, plan), file=sys.stderr, flush=True)
 
@@ -820,11 +846,12 @@ def _run(
     checkpointer = None
     writers = spec.metric_writers.split(",")
     if workdir and lead:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(rundir.strict_json(spec.to_dict()), f, indent=2)
+      with open(os.path.join(workdir, "config.json"), "w") as f:  # never the noise seed
+        config = {k: v for k, v in spec.to_dict().items() if k != "noise_seed"}
+        json.dump(rundir.strict_json(config), f, indent=2)
+      cbs.append(PrivacyFile(workdir, plan))  # first: a logged step is in it before anywhere
       if "jsonl" in writers:
         cbs.append(MetricsFile(workdir, start, spec.steps))
-      cbs.append(PrivacyFile(workdir, plan))
     if ckpt is not None:
       checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
       cbs.append(checkpointer)

@@ -19,10 +19,12 @@ noise are separate streams of the secret; no key is used twice.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import secrets
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,7 @@ from dpjax.core.sampling import (
 )
 from dpjax.methods import flatness
 from dpjax.methods.lmo_search import lmo_search
+from dpjax.training import spec as spec_lib
 from dpjax.training.spec import SpecError
 
 L1_MECHANISMS = ("laplace", "lmo")  # noise calibrated to the L1 sensitivity
@@ -102,20 +105,42 @@ class Secret:
     """
     return cls(int(noise_seed) % 2**128, False)
 
-  def _words(self, stream: int, n: int) -> np.ndarray:
-    return np.random.SeedSequence([self.entropy, stream]).generate_state(n, np.uint32)
+  def _words(self, kind: int, n: int, stream: int = 0) -> np.ndarray:
+    words = [self.entropy, kind] + ([stream] if stream else [])
+    return np.random.SeedSequence(words).generate_state(n, np.uint32)
 
-  def noise_key(self) -> jax.Array:
-    """Raw threefry key of the noise stream (stream 1)."""
-    return jax.numpy.asarray(self._words(1, 2))
+  def noise_key(self, stream: int = 0) -> jax.Array:
+    """Raw threefry key of the noise (kind 1) of ledger stream `stream` (`segment_stream`).
 
-  def ascent_key(self) -> jax.Array:
-    """Raw threefry key of charged DP-SAM's ascent noise (stream 2)."""
-    return jax.numpy.asarray(self._words(2, 2))
+    Args:
+      stream: 0 for a run's first segment, `segment_stream(...)` for a later one.
 
-  def sampling_seed(self) -> int:
-    """Seed of the Poisson sampler (stream 3), 128 bits."""
-    w = self._words(3, 4)
+    Returns:
+      A uint32[2] key.
+    """
+    return jax.numpy.asarray(self._words(1, 2, stream))
+
+  def ascent_key(self, stream: int = 0) -> jax.Array:
+    """Raw threefry key of charged DP-SAM's ascent noise (kind 2) of ledger stream `stream`.
+
+    Args:
+      stream: as in `noise_key`.
+
+    Returns:
+      A uint32[2] key.
+    """
+    return jax.numpy.asarray(self._words(2, 2, stream))
+
+  def sampling_seed(self, stream: int = 0) -> int:
+    """Seed of the Poisson sampler (kind 3) of ledger stream `stream`, 128 bits.
+
+    Args:
+      stream: as in `noise_key`.
+
+    Returns:
+      The seed.
+    """
+    w = self._words(3, 4, stream)
     return int(sum(int(x) << (32 * i) for i, x in enumerate(w)))
 
   def to_json(self) -> Dict[str, Any]:
@@ -149,6 +174,30 @@ def guarantee_note(secret: bool) -> str:
     if secret
     else "noise_seed is fixed: the guarantee assumes that seed is secret"
   )
+
+
+def segment_stream(earlier: Sequence[Segment], segment: Segment) -> int:
+  """The stream of the noise, sampling and ascent draws of `segment`, after `earlier` segments.
+
+  0 for a run's first segment (the streams a fresh run always drew); a
+  later segment's stream is a 128-bit hash of its index and of the privacy
+  keys of every segment up to it. A resume that continues a segment gets
+  its stream again (bit for bit the same steps: no second release); one
+  that changes the plan gets a stream no released step drew from, so the
+  steps it replays past the last checkpoint are fresh draws.
+
+  Args:
+    earlier: the ledger's segments before `segment`.
+    segment: the segment (its step counts are ignored).
+
+  Returns:
+    The stream (an int).
+  """
+  if not earlier:
+    return 0
+  keys = [repr(s.privacy_key()) for s in (*earlier, segment)]
+  digest = hashlib.sha256(json.dumps([len(earlier), keys]).encode()).digest()
+  return int.from_bytes(digest[:16], "little") | 1  # never 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
@@ -185,6 +234,7 @@ class PrivacyPlan:
   mf_buffers: int = 0  # BLT's m (0: no BLT)
   mf_blt: Optional[tuple] = None  # BLT's (decay, scale), fitted to the run's steps and groups
   adaptive: Optional[Dict[str, Any]] = None  # adaptive clipping, count_noise resolved
+  stream: int = 0  # this segment's noise, sampling and ascent stream (`segment_stream`)
 
   @property
   def gradient_noise_multiplier(self) -> float:
@@ -335,6 +385,28 @@ class PrivacyPlan:
       "ledger": self.ledger_at(step).to_json(),
     }
 
+  def rekey(self, opt_state, stream: int):
+    """`opt_state` restored from a checkpoint of `stream`, its noise key this plan's own.
+
+    The noise transform keeps its key in the optimizer state (the first
+    state of `transform`'s chain), so a checkpoint carries the key of the
+    segment that wrote it. A plan that continues that segment keeps it (the
+    same draws, bit for bit); one on a new segment replaces it with its own
+    stream's key, so no released draw is drawn again.
+
+    Args:
+      opt_state: the restored optimizer state.
+      stream: the stream of the segment that wrote the checkpoint.
+
+    Returns:
+      The optimizer state to continue from.
+    """
+    if not self.private or int(stream) == self.stream:
+      return opt_state
+    noise, *rest = opt_state
+    key = jax.device_put(self.secret.noise_key(self.stream), noise.key.sharding)
+    return (noise._replace(key=key), *rest)
+
   def noise_variance(self, clip_norm: Optional[jax.Array] = None):
     """Per-coordinate variance of the noise in the normalised update (0 when not private).
 
@@ -418,7 +490,7 @@ class PrivacyPlan:
     if not self.private:
       return optax.chain(*sam, normalize(self.expected_batch_size), optimizer)
     return optax.chain(
-      self.noise_transform(self.secret.noise_key()),
+      self.noise_transform(self.secret.noise_key(self.stream)),
       *sam,
       normalize(self.expected_batch_size),
       optimizer,
@@ -629,35 +701,28 @@ def make_plan(
     adaptive=_adaptive(spec, expected),
   )
   if not spec.private:
+    if prior.segments:
+      raise ResumeRefused(
+        f"resuming at step {start_step} with private=False would continue a private run "
+        f"without noise ({prior.steps} private steps in its ledger): use a new workdir"
+      )
     return _candidate(args, 0.0, None)
   try:
     check_accountant_covers(spec.mechanism, unit, sampling, spec.accountant)
   except ValueError as e:
     raise SpecError(str(e)) from None
 
-  args["origin"] = _origin(spec, extra_event)
-  # A fitted strategy itself: a resume that refits it differently changes the noise.
-  if blt:
-    args["origin"]["mf_blt"] = [list(v) for v in args["mf_blt"]]
-  elif args["mf_coefs"] is not None and spec.mf_strategy == "optimal":
-    args["origin"]["mf_coefs"] = list(args["mf_coefs"])
+  args["origin"] = _origin(spec, args, extra_event)
   if not prior.segments:
-    return _plan_noise(spec, args, prior, start_step, extra_event)
+    return _with_stream(_plan_noise(spec, args, prior, start_step, extra_event), spec, task)
   last = prior.segments[-1]
-  changed = {
-    f: (getattr(last, f), args[f])
-    for f in _SAME
-    if canonical(getattr(last, f)) != canonical(args[f])
-  }
-  for k in sorted(set(last.origin or {}) | set(args["origin"])):
-    old, new = (last.origin or {}).get(k), args["origin"].get(k)
-    if canonical(old) != canonical(new):
-      changed[k] = (old, new)
+  # The plan continuing the last segment's noise: any field that differs is a privacy change.
+  same_noise = _candidate(args, last.noise_multiplier, LMOParams(**last.lmo) if last.lmo else None)
+  changed = last.differs_from(same_noise.segment(same_noise.steps))
+  if changed.pop("origin", None) is not None:  # said key by key
+    changed.update(_origin_diff(last, args))
   if not changed:  # the same noise, chosen the same way: continue the last segment
-    params = None
-    if last.lmo is not None:
-      params = LMOParams(**last.lmo)
-    return _candidate(args, last.noise_multiplier, params)
+    return _with_stream(same_noise, spec, task)
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
   if last.correlated or args["bands"] > 1 or args["mf_buffers"]:
     raise ResumeRefused(
@@ -671,47 +736,62 @@ def make_plan(
       "rerun with --allow-privacy-change (dpjax.train(..., allow_privacy_change=True)) to "
       "append a new ledger segment, or use a new workdir"
     )
-  return _plan_noise(spec, args, prior, start_step, extra_event)
+  return _with_stream(_plan_noise(spec, args, prior, start_step, extra_event), spec, task)
 
 
-# Segment fields compared on resume (the plan's arguments of the same names).
-_SAME = (
-  "mechanism",
-  "sampling_rate",
-  "unit",
-  "sampling",
-  "max_examples_per_user",
-  "accountant",
-  "bands",
-  "mf_buffers",
-)
+def _with_stream(plan: PrivacyPlan, spec, task) -> PrivacyPlan:
+  """`plan` drawing from its segment's stream: the sampler reseeded for it (`segment_stream`)."""
+  if not plan.private:
+    return plan
+  seg = plan.segment(plan.steps)
+  earlier = plan.prior.segments
+  if earlier and earlier[-1].privacy_key() == seg.privacy_key():
+    earlier = earlier[:-1]  # the plan continues the last segment
+  stream = segment_stream(earlier, seg)
+  if stream == plan.stream:
+    return plan
+  sampler = _unit_sampler(spec, task, plan.secret.sampling_seed(stream))[3]
+  return dataclasses.replace(plan, stream=stream, sampler=sampler)
 
 
-def _origin(spec, extra_event) -> Dict[str, Any]:
-  """The spec values that choose the noise: a resume with other values is a privacy change."""
-  calibrated = spec.noise_multiplier is None
-  out = {
-    "noise_multiplier": spec.noise_multiplier,
-    "lmo": dict(spec.lmo) if spec.lmo is not None else None,
-    "target_epsilon": spec.target_epsilon if calibrated else None,
+def _origin_diff(last: Segment, args: Dict[str, Any]) -> Dict[str, tuple]:
+  old, new = last.origin or {}, args["origin"]
+  return {
+    k: (old.get(k), new.get(k))
+    for k in sorted(set(old) | set(new))
+    if canonical(old.get(k)) != canonical(new.get(k))
   }
-  if spec.adaptive_clipping is not None:
-    out["adaptive_clipping"] = dict(spec.adaptive_clipping)
-  if spec.mf_bands > 1 or spec.mf_strategy == "blt":  # the strategy, its fitted horizon
-    out["mf_strategy"] = spec.mf_strategy
+
+
+def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
+  """The segment's origin: the privacy spec and what the plan derives from it.
+
+  `spec_lib.privacy_spec` (every privacy key) plus the fitted correlated-noise
+  strategy, the horizon a calibrated noise was fitted over and what it was
+  composed with, and the data's identity (the task section).
+  """
+  out = spec_lib.privacy_spec(spec)
+  out["task"] = _plain(spec.task)
+  if args["mf_blt"] is not None:  # a resume that refits the strategy changes the noise
+    out["mf_blt"] = [list(v) for v in args["mf_blt"]]
+  elif args["mf_coefs"] is not None and spec.mf_strategy == "optimal":
+    out["mf_coefs"] = list(args["mf_coefs"])
+  if spec.mf_bands > 1 or spec.mf_strategy == "blt":
     out["mf_horizon"] = int(spec.steps) if spec.mf_strategy in ("optimal", "blt") else None
-    if spec.mf_strategy == "blt":
-      out["mf_buffers"] = int(spec.mf_buffers)
-  if calibrated:  # the noise depends on the run's length, delta and anything composed with it
-    out.update(
-      steps=int(spec.steps),
-      delta=spec.delta,
-      dp_sam=dict(spec.dp_sam) if spec.dp_sam else None,
-      lmo_grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
-      lmo_objective=spec.lmo_objective if spec.lmo is None else None,
-      composed_with=repr(extra_event) if extra_event is not None else None,
-    )
+  if spec.noise_multiplier is None:  # calibrated: over the run's length, with what it composes
+    out["steps"] = int(spec.steps)
+    out["composed_with"] = repr(extra_event) if extra_event is not None else None
   return out
+
+
+def _plain(v):
+  if hasattr(v, "to_dict"):
+    v = v.to_dict()
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  return v
 
 
 def _fmt(v) -> str:

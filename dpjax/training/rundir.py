@@ -10,6 +10,8 @@ ledger and its epsilon) and `curves.png`; `.lock` names the process using it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -117,7 +119,9 @@ class Checkpoints:
       workdir: the run directory.
 
     Returns:
-      {"step", "ledger", "secret"}, or None without a checkpoint.
+      {"step", "ledger", "secret", "stream" (of the segment that wrote it: 0 in
+      checkpoints that predate streams), "end" (the step that run was to stop
+      at, or None)}, or None without a checkpoint.
     """
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
@@ -138,20 +142,40 @@ class Checkpoints:
       "step": int(step),
       "ledger": Ledger.from_json(meta["ledger"]),
       "secret": Secret.from_json(meta["secret"]),
+      "stream": int(meta.get("stream", 0)),
+      "end": meta.get("end"),
     }
 
-  def save(self, state, ledger: Ledger, secret: Secret, *, wait: bool = False) -> None:
+  def save(
+    self,
+    state,
+    ledger: Ledger,
+    secret: Secret,
+    *,
+    stream: int = 0,
+    end: Optional[int] = None,
+    wait: bool = False,
+  ) -> None:
     """Saves the train state with its ledger and secret (one orbax step).
 
     Args:
       state: the TrainState.
       ledger: everything released up to `state.step`.
       secret: the run's entropy.
+      stream: the stream of the segment whose noise key the state holds
+        (`dpjax.training.plan.segment_stream`).
+      end: the step this run stops at (no step runs past a checkpoint there).
       wait: block until the step is on disk (the first save of a run: the
         secret is kept before anything is released).
     """
     ocp = self._ocp
-    meta = {"ledger": ledger.to_json(), "secret": secret.to_json(), "step": int(state.step)}
+    meta = {
+      "ledger": ledger.to_json(),
+      "secret": secret.to_json(),
+      "step": int(state.step),
+      "stream": str(int(stream)),
+      "end": None if end is None else int(end),
+    }
     state = jax.tree.map(_host_copy, state)
     self.mngr.save(
       int(state.step),
@@ -185,56 +209,101 @@ class Checkpoints:
 
 
 class RunLock:
-  """`<workdir>/.lock` holding the pid: one process per run directory."""
+  """`<workdir>/.lock`: one process per run directory, held by an OS lock on the file.
+
+  The lock is `flock` on the file, which the OS releases when its process
+  ends however it ends: a lock file left by a dead process (or naming a PID
+  that was reused since) is free, and two processes can never both hold it
+  (taking it is one atomic call; the file is checked to still be the one
+  locked, since a releasing process removes it). The file names the holder's
+  PID for the message.
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, ".lock")
     self.held = False
+    self._fd: Optional[int] = None
 
   def acquire(self) -> None:
-    """Takes the lock (a stale lock of a dead process is replaced); raises RunLocked if held."""
-    for _ in range(2):
+    """Takes the lock; raises RunLocked if a live process holds it."""
+    if os.path.isdir(self.path):
+      raise RunLocked(
+        f"{self.path} is a directory, not a lock file: remove it (nothing of dpjax's is in it) "
+        "or use another workdir"
+      )
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        try:
-          pid = int(open(self.path).read().strip() or 0)
-        except (OSError, ValueError):
-          pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-          raise RunLocked(
-            f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
-            f"{self.path}); wait for it or use another workdir"
-          ) from None
-        os.remove(self.path)  # stale: its process is gone
-        continue
-      with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-      self.held = True
-      return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunLocked(
+          f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
+          f"{self.path}); wait for it or use another workdir"
+        ) from None
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+      except FileNotFoundError:  # removed by its releasing holder: lock the new one
+        same = False
+      if same:
+        break
+      os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd, self.held = fd, True
 
   def release(self) -> None:
-    """Removes the lock file if this process holds it."""
+    """Removes the lock file and releases the lock, if this process holds it."""
     if self.held:
       self.held = False
       try:
-        os.remove(self.path)
+        os.remove(self.path)  # while still locked: a waiter then finds another file
       except FileNotFoundError:
         pass
+      os.close(self._fd)  # releases the flock
+      self._fd = None
 
 
 class RunLocked(RuntimeError):
   """Another live process holds the run directory."""
 
 
-def _alive(pid: int) -> bool:
+def make_private_dir(path: str) -> bool:
+  """Creates `path` (and parents) owner-only, or makes an existing one owner-only.
+
+  The run directory holds the noise secret (in the checkpoints) and what is
+  derived from private data: nobody but its owner may read it.
+
+  Args:
+    path: the directory.
+
+  Returns:
+    True when this call created it.
+  """
+  created = not os.path.isdir(path)
+  os.makedirs(path, mode=0o700, exist_ok=True)
+  if os.stat(path).st_mode & 0o077:
+    os.chmod(path, 0o700)
+  return created
+
+
+@contextlib.contextmanager
+def owner_only_files():
+  """Within: files and directories this process creates are owner-only (umask 077).
+
+  Orbax writes checkpoint files from background threads with the process's
+  umask; the secret and arrays derived from private data are among them.
+  The previous umask is restored on exit.
+
+  Yields:
+    Nothing.
+  """
+  old = os.umask(0o077)
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    yield
+  finally:
+    os.umask(old)
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:

@@ -37,7 +37,8 @@ class Key:
   choices: Optional[Tuple] = None
   check: Optional[Callable[[Any], bool]] = None
   allowed: str = ""  # how to say what `check` allows
-  privacy: bool = False  # only meaningful with private=True
+  why: str = ""  # one line: why the key does (or does not) change the guarantee
+  privacy: bool = False  # changes a release or its accounting (the privacy spec holds it)
   run_control: bool = False  # may change when a run resumes
 
 
@@ -59,14 +60,27 @@ def _writers_ok(value: str) -> bool:
 
 
 KEYS: Tuple[Key, ...] = (
-  Key("task", None, _DICT, "the task section (see dpjax.tasks)"),
-  Key("private", True, (bool,), "train with DP-SGD (False: the non-private baseline)"),
+  Key(
+    "task",
+    None,
+    _DICT,
+    "the task section (see dpjax.tasks)",
+    why="the data and model: a resume never changes it; the ledger keeps it as the data's identity",
+  ),
+  Key(
+    "private",
+    True,
+    (bool,),
+    "train with DP-SGD (False: the non-private baseline)",
+    why="a private run's ledger never continues without noise: turning it off is refused",
+  ),
   Key(
     "privacy_unit",
     "example",
     _STR,
     "what one neighbour adds or removes",
     choices=("example", "user"),
+    why="the neighbouring relation the epsilon is stated for",
     privacy=True,
   ),
   Key(
@@ -75,6 +89,7 @@ KEYS: Tuple[Key, ...] = (
     _STR,
     "user level: sample examples (els) or users (uls)",
     choices=("els", "uls"),
+    why="which user-level mechanism runs (ELS or ULS) and its accountant",
     privacy=True,
   ),
   Key(
@@ -84,6 +99,7 @@ KEYS: Tuple[Key, ...] = (
     "user level: cap G on each user's examples, an integer >= 1 or 'median'",
     check=lambda v: v == "median" if isinstance(v, str) else v >= 1,
     allowed="an integer >= 1 or 'median'",
+    why="G bounds a user's contribution: the sensitivity per user",
     privacy=True,
   ),
   Key(
@@ -94,6 +110,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_pos[0],
     allowed=_pos[1],
+    why="sets the users' sampling rate q",
     privacy=True,
   ),
   Key(
@@ -104,6 +121,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_pos[0],
     allowed=_pos[1],
+    why="chooses the noise multiplier (calibrated over the run)",
     privacy=True,
   ),
   Key(
@@ -114,6 +132,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_pos[0],
     allowed=_pos[1],
+    why="the noise of every release",
     privacy=True,
   ),
   Key(
@@ -123,6 +142,7 @@ KEYS: Tuple[Key, ...] = (
     "delta of every epsilon reported",
     check=_unit[0],
     allowed=_unit[1],
+    why="the delta every epsilon is stated at (and calibrated for)",
     privacy=True,
   ),
   Key(
@@ -131,6 +151,7 @@ KEYS: Tuple[Key, ...] = (
     _STR,
     "pld | rdp (bounds), edgeworth (an estimate; PLD reported beside it), edgeworth-bound",
     choices=ACCOUNTANT_NAMES,
+    why="how the releases are composed and the noise calibrated",
     privacy=True,
   ),
   Key(
@@ -139,6 +160,7 @@ KEYS: Tuple[Key, ...] = (
     _STR,
     "gaussian (L2 clipping) | laplace | lmo (L1 clipping)",
     choices=("gaussian", "laplace", "lmo"),
+    why="the noise distribution and the norm it is calibrated to",
     privacy=True,
   ),
   Key(
@@ -150,6 +172,7 @@ KEYS: Tuple[Key, ...] = (
     "mf_strategy='blt' the groups alone (a unit's steps are then b apart)",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="the correlated noise and the cyclic groups that sample the units",
     privacy=True,
   ),
   Key(
@@ -160,6 +183,7 @@ KEYS: Tuple[Key, ...] = (
     "form) | blt (buffered linear Toeplitz noise, mf_buffers buffers, accounted as one "
     "Gaussian mechanism at its min-separation sensitivity: no amplification)",
     choices=("optimal", "sqrt", "blt"),
+    why="the correlation of the noise across steps",
     privacy=True,
   ),
   Key(
@@ -169,6 +193,7 @@ KEYS: Tuple[Key, ...] = (
     "BLT: the buffers m of the noise (m x params of memory), with mf_strategy='blt'",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="BLT's noise correlation (its sensitivity)",
     privacy=True,
   ),
   Key(
@@ -178,6 +203,7 @@ KEYS: Tuple[Key, ...] = (
     "per-unit L2 clip norm (gaussian)",
     check=_pos[0],
     allowed=_pos[1],
+    why="the L2 sensitivity the Gaussian noise is scaled to",
     privacy=True,
   ),
   Key(
@@ -189,6 +215,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_pos[0],
     allowed=_pos[1],
+    why="each unit's gradient scaling, its sensitivity",
     privacy=True,
   ),
   Key(
@@ -199,6 +226,7 @@ KEYS: Tuple[Key, ...] = (
     "{'target_quantile': 0.5, 'learning_rate': 0.2, 'count_noise': None (expected batch / 20)}; "
     "the noised count is accounted in the noise multiplier",
     optional=True,
+    why="the clip norm's path and the noised count released each step",
     privacy=True,
   ),
   Key(
@@ -209,6 +237,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_pos[0],
     allowed=_pos[1],
+    why="the L1 sensitivity the Laplace or LMO noise is scaled to",
     privacy=True,
   ),
   Key(
@@ -218,6 +247,8 @@ KEYS: Tuple[Key, ...] = (
     "expected units per step (sampling_rate = batch_size / N)",
     check=_pos[0],
     allowed=_pos[1],
+    why="sets the sampling rate q = batch_size / N",
+    privacy=True,
   ),
   Key(
     "sampling_rate",
@@ -227,6 +258,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_rate[0],
     allowed=_rate[1],
+    why="the Poisson rate of every release",
     privacy=True,
   ),
   Key(
@@ -236,6 +268,7 @@ KEYS: Tuple[Key, ...] = (
     "rows per compiled batch (accumulated to a step)",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="rows per compiled batch: the same logical batch, the same sum",
     run_control=True,
   ),
   Key(
@@ -246,6 +279,7 @@ KEYS: Tuple[Key, ...] = (
     optional=True,
     check=_ge1[0],
     allowed=_ge1[1],
+    why="units per vmap: the same sum",
     run_control=True,
   ),
   Key(
@@ -254,6 +288,7 @@ KEYS: Tuple[Key, ...] = (
     _STR,
     "vmap | ghost (the same sums, one backward pass)",
     choices=("vmap", "ghost"),
+    why="vmap and ghost give the same clipped sums (same sensitivity)",
   ),
   Key(
     "steps",
@@ -262,6 +297,7 @@ KEYS: Tuple[Key, ...] = (
     "training steps of the whole run",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="the run's length; with target_epsilon the noise depends on it (kept as its horizon)",
     run_control=True,
   ),
   Key(
@@ -270,16 +306,34 @@ KEYS: Tuple[Key, ...] = (
     _STR,
     "adam | adamw | adam_bc (DP-AdamBC: the noise variance removed from Adam's 2nd moment) | sgd",
     choices=("adam", "adamw", "adam_bc", "sgd"),
+    why="post-processing of the noised sum",
   ),
-  Key("learning_rate", 1e-3, _NUM, "learning rate", check=_pos[0], allowed=_pos[1]),
+  Key(
+    "learning_rate",
+    1e-3,
+    _NUM,
+    "learning rate",
+    check=_pos[0],
+    allowed=_pos[1],
+    why="post-processing of the noised sum",
+  ),
   Key(
     "learning_rates",
     None,
     _DICT,
     "own learning rate per top-level parameter-name prefix, e.g. {'layer_': 1e-3}",
     optional=True,
+    why="post-processing of the noised sum",
   ),
-  Key("weight_decay", 0.0, _NUM, "adamw weight decay", check=_nonneg[0], allowed=_nonneg[1]),
+  Key(
+    "weight_decay",
+    0.0,
+    _NUM,
+    "adamw weight decay",
+    check=_nonneg[0],
+    allowed=_nonneg[1],
+    why="post-processing of the noised sum",
+  ),
   Key(
     "warmup_steps",
     0,
@@ -287,8 +341,15 @@ KEYS: Tuple[Key, ...] = (
     "warm-up then cosine decay (0: constant rate)",
     check=lambda v: v >= 0,
     allowed=">= 0",
+    why="post-processing of the noised sum",
   ),
-  Key("seed", 0, _INT, "initialisation, splits and shuffles (public; never the noise)"),
+  Key(
+    "seed",
+    0,
+    _INT,
+    "initialisation, splits and shuffles (public; never the noise)",
+    why="initialisation, splits, shuffles, a user's kept examples: public, never the noise",
+  ),
   Key(
     "noise_seed",
     None,
@@ -296,7 +357,8 @@ KEYS: Tuple[Key, ...] = (
     "fix the noise and sampling randomness (research only: the guarantee then assumes "
     "this seed is secret); None: OS entropy",
     optional=True,
-    privacy=True,
+    why="makes a fresh run's secret (never written out); a resume uses the checkpoint's",
+    run_control=True,
   ),
   Key(
     "log_every",
@@ -305,6 +367,7 @@ KEYS: Tuple[Key, ...] = (
     "steps between metric rows",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="when metrics are written, not what is released",
     run_control=True,
   ),
   Key(
@@ -315,6 +378,7 @@ KEYS: Tuple[Key, ...] = (
     "(WORKDIR/tensorboard, needs `pip install tensorboardX`)",
     check=lambda v: _writers_ok(v),
     allowed="comma-separated names from jsonl, tensorboard (tensorboard needs tensorboardX)",
+    why="where metrics are written",
     run_control=True,
   ),
   Key(
@@ -324,6 +388,7 @@ KEYS: Tuple[Key, ...] = (
     "steps between checkpoints",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="when the state is saved",
     run_control=True,
   ),
   Key(
@@ -333,6 +398,7 @@ KEYS: Tuple[Key, ...] = (
     "devices on the mesh's data axis",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="placement: noise is added once to the global sum",
     run_control=True,
   ),
   Key(
@@ -342,6 +408,7 @@ KEYS: Tuple[Key, ...] = (
     "devices on the mesh's model axis (FSDP-style)",
     check=_ge1[0],
     allowed=_ge1[1],
+    why="placement: noise is added once to the global sum",
     run_control=True,
   ),
   Key(
@@ -351,6 +418,8 @@ KEYS: Tuple[Key, ...] = (
     "DP-Flat's min-max: {'rho': .., 'mode': 'free'|'charged', "
     "'active_fraction': 0.5, 'layerwise': True}",
     optional=True,
+    why="the charged mode releases a noised ascent gradient per step; rho shapes each release",
+    privacy=True,
   ),
   Key(
     "weight_distillation",
@@ -358,6 +427,7 @@ KEYS: Tuple[Key, ...] = (
     _DICT,
     "DP-Flat's weight distillation: {'lam': .., 'reference': 'init' | path}",
     optional=True,
+    why="changes the loss whose per-unit gradient is clipped, not the sensitivity",
   ),
   Key(
     "lmo",
@@ -365,10 +435,27 @@ KEYS: Tuple[Key, ...] = (
     _DICT,
     "LMO-DP noise parameters (LMOParams fields); None: searched for target_epsilon",
     optional=True,
+    why="the LMO noise distribution",
     privacy=True,
   ),
-  Key("lmo_grid", None, _DICT, "LMO search grid overrides", optional=True, privacy=True),
-  Key("lmo_objective", "abs", _STR, "LMO search objective", choices=("abs", "var"), privacy=True),
+  Key(
+    "lmo_grid",
+    None,
+    _DICT,
+    "LMO search grid overrides",
+    optional=True,
+    why="the LMO search that chooses the noise",
+    privacy=True,
+  ),
+  Key(
+    "lmo_objective",
+    "abs",
+    _STR,
+    "LMO search objective",
+    choices=("abs", "var"),
+    why="the LMO search that chooses the noise",
+    privacy=True,
+  ),
 )
 BY_NAME: Dict[str, Key] = {k.name: k for k in KEYS}
 RUN_CONTROL = frozenset(k.name for k in KEYS if k.run_control)
@@ -496,10 +583,14 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
   else:
     if out["privacy_unit"] != "example":
       raise SpecError("privacy_unit='user' needs private=True")
-    set_here = [
+    set_here = [  # batch_size sets a non-private run's batch too
       k.name
       for k in KEYS
-      if k.privacy and k.name in raw and raw[k.name] is not None and raw[k.name] != k.default
+      if k.privacy
+      and k.name != "batch_size"
+      and k.name in raw
+      and raw[k.name] is not None
+      and raw[k.name] != k.default
     ]
     if set_here:
       warnings.warn(
@@ -515,6 +606,51 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     if set(wd) != {"lam", "reference"}:
       raise SpecError(f"weight_distillation takes lam and reference; got {sorted(wd)}")
   return ml_collections.FrozenConfigDict(out)
+
+
+PRIVACY_KEYS: Tuple[str, ...] = tuple(k.name for k in KEYS if k.privacy)
+
+
+def _applies(name: str, spec) -> bool:
+  """Whether privacy key `name` shapes the releases of `spec` (a value that does not is None)."""
+  user, l1 = spec["privacy_unit"] == "user", spec["mechanism"] in ("laplace", "lmo")
+  blt = spec["mf_strategy"] == "blt"
+  return {
+    "user_sampling": user,
+    "max_examples_per_user": user,
+    "users_per_step": user and spec["user_sampling"] == "uls" and spec["sampling_rate"] is None,
+    "batch_size": spec["sampling_rate"] is None and not (user and spec["user_sampling"] == "uls"),
+    "l2_clip_norm": not l1,
+    "l1_clip_norm": l1,
+    "mf_strategy": spec["mf_bands"] > 1 or blt,
+    "mf_buffers": blt,
+    "lmo": spec["mechanism"] == "lmo",
+    "lmo_grid": spec["mechanism"] == "lmo" and spec["lmo"] is None,
+    "lmo_objective": spec["mechanism"] == "lmo" and spec["lmo"] is None,
+  }.get(name, True)
+
+
+def privacy_spec(spec) -> Dict[str, Any]:
+  """What the guarantee of a private spec depends on: every privacy key, the inapplicable None.
+
+  The one definition of a privacy change: the ledger's segment keeps this
+  (`Segment.origin`, with what the plan derives from it: the fitted
+  strategy, the calibration's horizon, the data's identity), and a resume
+  whose privacy spec differs is refused unless allowed, then appends a
+  segment. Keys with `privacy=False` say in `Key.why` why they cannot change
+  a release.
+
+  Args:
+    spec: a validated spec (`validate`).
+
+  Returns:
+    {key: value} over `PRIVACY_KEYS` (plain dicts for dict values).
+  """
+  out = {}
+  for name in PRIVACY_KEYS:
+    v = spec[name] if _applies(name, spec) else None
+    out[name] = v.to_dict() if hasattr(v, "to_dict") else (dict(v) if isinstance(v, dict) else v)
+  return out
 
 
 def _check_bandmf(out: Dict[str, Any]) -> None:

@@ -103,7 +103,7 @@ def perturb(
   DP-SAM's state (inside `opt_state`) holds the last released gradient for
   the free mode; in the charged mode `ascent_sum` is the clipped sum of an
   independent batch, privatised here with the plan's mechanism and a key of
-  its own stream (`plan.secret.ascent_key()` folded with the step), and the
+  its own stream (`plan.secret.ascent_key(plan.stream)` folded with the step), and the
   plan charges it (`PrivacyPlan.ascent_releases`). The caller passes
   `ascent_sum` exactly when the plan charges an ascent release this step.
 
@@ -125,7 +125,7 @@ def perturb(
     if sam.mode == "charged":  # past active_steps: no ascent, no perturbation
       return params
     return sam.perturb(params, state)
-  noise = plan.noise_transform(jax.random.fold_in(plan.secret.ascent_key(), step))
+  noise = plan.noise_transform(jax.random.fold_in(plan.secret.ascent_key(plan.stream), step))
   direction, _ = noise.update(ascent_sum, noise.init(ascent_sum))
   return sam.perturb(params, state, direction=direction)
 

@@ -31,22 +31,6 @@ from dpjax.core.accounting.user_level import els_step
 
 MECHANISMS = ("gaussian", "laplace", "lmo")
 
-# What must stay equal for a resume to extend a segment instead of adding one.
-PRIVACY_FIELDS = (
-  "mechanism",
-  "noise_multiplier",
-  "sampling_rate",
-  "unit",
-  "sampling",
-  "max_examples_per_user",
-  "accountant",
-  "lmo",
-  "origin",
-  "bands",
-  "mf_buffers",
-  "mf_horizon",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -66,9 +50,11 @@ class Segment:
     accountant: the accountant the run was planned with.
     lmo: LMO-DP parameters (`LMOParams.as_dict()`) for mechanism "lmo".
     num_units: units the sampler drew from (informational).
-    origin: the spec values that chose the noise (e.g. the target epsilon and
-      the run's length it was calibrated over): a resume continues this
-      segment only when they are unchanged.
+    origin: the privacy spec the segment ran under
+      (`dpjax.training.spec.privacy_spec`: every key that changes a release
+      or its accounting, e.g. the clip norm, the target epsilon and the
+      run's length it was calibrated over, the data's identity): a resume
+      continues this segment only when it is unchanged.
     bands: b of BandMF's correlated noise (1: independent noise, DP-SGD);
       with b > 1 the steps compose as ceil(steps / b) DP-SGD steps
       (`events.bandmf_event`), which needs cyclic Poisson sampling over b
@@ -137,7 +123,7 @@ class Segment:
     return int(self.steps) + int(self.extra_releases)
 
   def privacy_key(self) -> Tuple:
-    """The canonical privacy fields: two segments with equal keys compose as one."""
+    """The canonical privacy fields (all but the counts): two segments with equal keys are one."""
     return tuple(canonical(getattr(self, f)) for f in PRIVACY_FIELDS)
 
   def differs_from(self, other: Segment) -> Dict[str, Tuple[Any, Any]]:
@@ -321,6 +307,13 @@ class Ledger:
   def dumps(self) -> str:
     """The ledger as canonical JSON (sorted keys): its identity for caching and resume checks."""
     return json.dumps(self.to_json(), sort_keys=True)
+
+
+# What must stay equal for a resume to extend a segment: every field but the counts. The spec
+# side of it is `origin` (`dpjax.training.spec.privacy_spec`), the one definition of a change.
+PRIVACY_FIELDS = tuple(
+  f.name for f in dataclasses.fields(Segment) if f.name not in ("steps", "extra_releases")
+)
 
 
 @functools.lru_cache(maxsize=512)

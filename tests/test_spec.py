@@ -1,0 +1,84 @@
+"""The spec's key table: every key classified once, with the reason it does or does not change
+the guarantee; the privacy spec holds exactly the privacy keys."""
+
+import pytest
+
+from dpjax.training import spec as spec_lib
+
+# Written out here, not read from the table: marking a new key (or unmarking one) must be a
+# decision this test sees, and each privacy key below has a resume case in test_plan.py.
+PRIVACY = {
+  "privacy_unit",
+  "user_sampling",
+  "max_examples_per_user",
+  "users_per_step",
+  "target_epsilon",
+  "noise_multiplier",
+  "delta",
+  "accountant",
+  "mechanism",
+  "mf_bands",
+  "mf_strategy",
+  "mf_buffers",
+  "l2_clip_norm",
+  "automatic_clipping",
+  "adaptive_clipping",
+  "l1_clip_norm",
+  "batch_size",
+  "sampling_rate",
+  "dp_sam",
+  "lmo",
+  "lmo_grid",
+  "lmo_objective",
+}
+NOT_PRIVACY = {
+  "task",
+  "private",
+  "physical_batch_size",
+  "microbatch_size",
+  "clipping_method",
+  "steps",
+  "optimizer",
+  "learning_rate",
+  "learning_rates",
+  "weight_decay",
+  "warmup_steps",
+  "seed",
+  "noise_seed",
+  "log_every",
+  "metric_writers",
+  "checkpoint_every",
+  "data_devices",
+  "model_devices",
+  "weight_distillation",
+}
+
+
+def test_every_key_is_classified_with_a_reason():
+  names = [k.name for k in spec_lib.KEYS]
+  assert len(names) == len(set(names))
+  assert set(names) == PRIVACY | NOT_PRIVACY, "a new key: classify it here and in the table"
+  assert not PRIVACY & NOT_PRIVACY
+  for k in spec_lib.KEYS:
+    assert k.privacy == (k.name in PRIVACY), k.name
+    assert len(k.why.split()) >= 3 and "\n" not in k.why, f"{k.name}: say why in one line"
+    assert not (k.privacy and k.run_control), f"{k.name}: a privacy key is not run control"
+  assert set(spec_lib.PRIVACY_KEYS) == PRIVACY
+
+
+@pytest.mark.parametrize(
+  "overrides, none",
+  [
+    ({}, {"l1_clip_norm", "user_sampling", "users_per_step", "lmo", "mf_strategy"}),
+    (dict(mechanism="laplace", l1_clip_norm=2.0), {"l2_clip_norm"}),
+    (dict(sampling_rate=0.1), {"batch_size"}),
+  ],
+)
+def test_the_privacy_spec_holds_every_privacy_key_and_nones_what_does_not_apply(overrides, none):
+  cfg = dict(task={"name": "synthetic"}, noise_multiplier=1.0, **overrides)
+  ps = spec_lib.privacy_spec(spec_lib.validate(spec_lib.with_defaults(cfg)))
+  assert set(ps) == PRIVACY
+  for name in none:
+    assert ps[name] is None, name
+  for name, v in overrides.items():
+    assert ps[name] == v
