@@ -16,12 +16,13 @@ from dpjax.core.accounting import ACCOUNTANTS, lmo
 from dpjax.core.accounting.edgeworth import bound_report
 from dpjax.core.accounting.ledger import Ledger, Segment
 from dpjax.core.checks import (
+  MAX_RELEASES,
   check_delta,
-  check_epsilon,
   check_max_examples_per_user,
   check_noise_multiplier,
   check_sampling_rate,
   check_steps,
+  check_target_epsilon,
 )
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.hf import export_decoder
@@ -255,13 +256,18 @@ def _distill(args) -> int:
 def _check_account_args(args) -> None:
   check_sampling_rate(args.sampling_rate)
   check_steps(args.steps)
+  if args.steps > MAX_RELEASES:
+    raise ValueError(
+      f"--steps must be at most {MAX_RELEASES} (the most releases one ledger "
+      f"composes), got {args.steps}"
+    )
   check_delta(args.delta)
   if getattr(args, "accountant", "pld") not in ACCOUNTANTS:
     raise ValueError(f"--accountant must be one of {sorted(ACCOUNTANTS)}, got {args.accountant!r}")
   if getattr(args, "noise_multiplier", None) is not None:
     check_noise_multiplier(args.noise_multiplier)
   if getattr(args, "target_epsilon", None) is not None:
-    check_epsilon(args.target_epsilon)
+    check_target_epsilon(args.target_epsilon, "--target-epsilon")
   check_max_examples_per_user(getattr(args, "G", 1))
 
 
@@ -308,6 +314,7 @@ def _account(args) -> int:
       )
     )
   else:
+    accounting.check_accountable(ledger(args.noise_multiplier).event())
     eps = ledger(args.noise_multiplier).epsilon(args.delta)
     out = {
       "epsilon": eps,

@@ -38,6 +38,29 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None
     raise ValueError(f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value}")
 
 
+# What the accountants are held to (`dpjax.core.accounting.accountants.check_accountable`):
+# beyond these a PLD's grid outgrows memory, and no meaningful guarantee is left.
+MAX_RELEASES = 10**7  # releases composed in one ledger
+MAX_TARGET_EPSILON = 100.0  # a target the noise is calibrated to
+MAX_EPSILON = 1000.0  # the RDP bound of a planned ledger
+MAX_RELEASE_SCALE = 10.0  # sensitivity / noise std of one release (Gaussian), 1 / Laplace scale
+
+
+def check_target_epsilon(target_epsilon: float, name: str = "target_epsilon") -> None:
+  """Raises ValueError unless 0 < target_epsilon <= `MAX_TARGET_EPSILON`.
+
+  Args:
+    target_epsilon: the epsilon a noise is calibrated to.
+    name: the argument's name, used in the message.
+  """
+  if not (math.isfinite(target_epsilon) and 0 < target_epsilon <= MAX_TARGET_EPSILON):
+    raise ValueError(
+      f"{name} must be in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon}: calibration "
+      f"composes the whole run on a grid that grows with epsilon, and beyond "
+      f"{MAX_TARGET_EPSILON:g} no meaningful guarantee remains"
+    )
+
+
 def check_delta(delta: float) -> None:
   """Raises ValueError unless 0 < delta < 1.
 

@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -56,6 +57,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dpjax.core import accounting
 from dpjax.core.accounting.ledger import Ledger
 from dpjax.core.clipping import GroupUnits
 from dpjax.core.sampling import eval_batches
@@ -410,6 +412,17 @@ def prepare(
           allow_privacy_change=True,
           extra_event=extra_event,
         )
+  if plan.private:  # the whole planned ledger, accounted before any compute
+    try:
+      accounting.check_accountable(plan.ledger_at(plan.steps).event())
+    except ValueError as e:
+      raise SpecError(str(e)) from None
+    eps = plan.epsilon_fields(plan.steps)["epsilon"]
+    if not math.isfinite(eps):
+      raise SpecError(
+        f"the planned run's epsilon is {eps} ({plan.accountant}): it gives no guarantee; "
+        "raise noise_multiplier or lower steps"
+      )
   return spec, plan, meta
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ml_collections
 
+from dpjax.core.checks import MAX_RELEASES, MAX_TARGET_EPSILON
+
 ACCOUNTANT_NAMES = ("pld", "rdp", "edgeworth", "edgeworth-bound")
 
 
@@ -119,8 +121,9 @@ KEYS: Tuple[Key, ...] = (
     _NUM,
     "epsilon the noise is calibrated to (whole run)",
     optional=True,
-    check=_pos[0],
-    allowed=_pos[1],
+    check=lambda v: 0 < v <= MAX_TARGET_EPSILON,
+    allowed=f"in (0, {MAX_TARGET_EPSILON:g}] (calibration beyond it outgrows the accountant's "
+    "grid, and no meaningful guarantee remains)",
     why="chooses the noise multiplier (calibrated over the run)",
     privacy=True,
   ),
@@ -295,8 +298,8 @@ KEYS: Tuple[Key, ...] = (
     100,
     _INT,
     "training steps of the whole run",
-    check=_ge1[0],
-    allowed=_ge1[1],
+    check=lambda v: 1 <= v <= MAX_RELEASES,
+    allowed=f"in [1, {MAX_RELEASES}] (the most releases one ledger composes)",
     why="the run's length; with target_epsilon the noise depends on it (kept as its horizon)",
     run_control=True,
   ),

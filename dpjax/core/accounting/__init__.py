@@ -11,6 +11,7 @@ from dpjax.core.accounting.accountants import (
   ACCOUNTANTS,
   ESTIMATES,
   bound_accountant,
+  check_accountable,
   delta,
   epsilon,
 )
@@ -31,6 +32,7 @@ __all__ = [
   "EdgeworthAccountant",
   "bound_accountant",
   "calibrate_noise",
+  "check_accountable",
   "calibrate_scale",
   "check_unit",
   "compose",

@@ -18,11 +18,13 @@ A new kind of release plugs in as a `DpEvent` and an accountant for it
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from dpjax.core import checks
 from dpjax.core.accounting import events as ev
 from dpjax.core.accounting.edgeworth import EdgeworthAccountant
 from dpjax.core.accounting.lmo import LMOAccountant, LMODpEvent
@@ -95,6 +97,72 @@ def bound_accountant(accountant: str) -> str:
     "pld" when `accountant` only estimates (Edgeworth), else `accountant`.
   """
   return "pld" if accountant in ESTIMATES else accountant
+
+
+def check_accountable(event: dp_accounting.DpEvent) -> None:
+  """Refuses, in one line and before any PLD is built, an event no accountant here can finish.
+
+  A PLD's grid grows with the privacy loss of each release and with the
+  number of releases: noise of a tiny multiplier or billions of steps would
+  exhaust memory long before an epsilon came out (and would say nothing
+  meaningful). Held to: at most `checks.MAX_RELEASES` releases; each
+  Gaussian or mixture release with sensitivity at most
+  `checks.MAX_RELEASE_SCALE` noise standard deviations, each Laplace
+  release with a scale of at least 1 / `MAX_RELEASE_SCALE`; and the RDP
+  bound of the whole (where RDP covers it; cheap and never larger than
+  needed to decide) at most `checks.MAX_EPSILON`. LMO releases have a
+  bounded grid of their own.
+
+  Example:
+    >>> check_accountable(ev.dpsgd_event(1.0, 0.01, 1000))  # nothing to refuse
+    >>> check_accountable(ev.dpsgd_event(0.05, 0.1, 20))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the planned releases cannot be accounted: Gaussian noise multiplier 0.05 < 0.1 ...
+
+  Args:
+    event: the planned releases.
+  """
+  why = None
+  leaves = ev.leaf_events(event)
+  releases = sum(count for _, count in leaves)
+  floor = 1.0 / checks.MAX_RELEASE_SCALE
+  if releases > checks.MAX_RELEASES:
+    why = f"{releases} releases > {checks.MAX_RELEASES}"
+  for leaf, _ in leaves:
+    inner = leaf.event if isinstance(leaf, dp_accounting.PoissonSampledDpEvent) else leaf
+    if why is not None:
+      break
+    if isinstance(inner, dp_accounting.GaussianDpEvent) and inner.noise_multiplier < floor:
+      why = (
+        f"Gaussian noise multiplier {inner.noise_multiplier:g} < {floor:g} (a sensitivity of "
+        f"{1 / max(inner.noise_multiplier, 1e-300):.3g} noise stds per release)"
+      )
+    elif isinstance(inner, dp_accounting.LaplaceDpEvent) and inner.noise_multiplier < floor:
+      why = f"Laplace noise multiplier {inner.noise_multiplier:g} < {floor:g}"
+    elif isinstance(inner, dp_accounting.dp_event.MixtureOfGaussiansDpEvent):
+      scale = max(abs(x) for x in inner.sensitivities) / inner.standard_deviation
+      if scale > checks.MAX_RELEASE_SCALE:
+        why = f"a mixture release of {scale:.3g} noise stds > {checks.MAX_RELEASE_SCALE:g}"
+  if why is None:
+    rdp_acc = _rdp_accountant(event)
+    if rdp_acc.supports(event):
+      absl = logging.getLogger("absl")  # orders RDP cannot evaluate are dropped, said loudly
+      level = absl.level
+      absl.setLevel(logging.ERROR)
+      try:
+        rdp_eps = float(rdp_acc.compose(event).get_epsilon(1e-7))
+      finally:
+        absl.setLevel(level)
+      if not rdp_eps <= checks.MAX_EPSILON:
+        why = f"its RDP epsilon at delta 1e-7 is {rdp_eps:.4g} > {checks.MAX_EPSILON:g}"
+  if why is not None:
+    raise ValueError(
+      f"the planned releases cannot be accounted: {why}; dpjax accounts at most "
+      f"{checks.MAX_RELEASES} releases, noise multipliers of at least {floor:g} and an RDP "
+      f"epsilon of at most {checks.MAX_EPSILON:g}: raise noise_multiplier, lower steps or the "
+      "sampling rate"
+    )
 
 
 def composed(
