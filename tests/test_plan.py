@@ -445,3 +445,30 @@ def test_replays_past_the_checkpoint_draw_fresh_noise_and_all_three_are_charged(
   ]
   want = reference_epsilon([(sigmas[0], 0.1, 4), (sigmas[1], 0.1, 1), (sigmas[2], 0.1, 1)])
   assert want <= p["epsilon"] <= want * (1 + 1e-9)
+
+
+def test_only_released_values_reach_the_transforms_after_the_noise():
+  import jax.numpy as jnp
+  import optax
+
+  from dpjax.core.mechanisms import QuantileClipState, find_state
+
+  seen = []
+
+  def update(updates, state, params=None, **extra):
+    seen.append(sorted(extra))
+    return updates, state
+
+  recorder = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  plan = _plan(dict(adaptive_clipping={}))
+  tx = plan.transform(recorder)
+  params = build_task(cfg_of()).params
+  grads = jax.tree.map(jnp.zeros_like, params)
+  clip = []
+  for count in (-30.0, 30.0):  # the count moves the clip norm: the noise transform reads it
+    _, state = tx.update(
+      grads, tx.init(params), params, quantile_count=jnp.float32(count), noise_variance=0.1
+    )
+    clip.append(float(find_state(state, QuantileClipState).clip_norm))
+  assert clip[0] > clip[1]  # fewer units under C: C grows
+  assert seen == [["noise_variance"]] * 2  # the private count never gets past the noise

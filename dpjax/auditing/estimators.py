@@ -8,7 +8,8 @@ least have. Three estimators:
 
 - `threshold_epsilon`: the two-sample threshold test (Nasr et al. 2021, arXiv
   2101.04535) with Clopper-Pearson intervals; the threshold is chosen under a
-  Bonferroni correction over a grid or on a held-out split.
+  Bonferroni correction over candidates drawn from a held-out share of the
+  scores, or on a held-out split.
 - `one_run_epsilon`: the one-run audit of Steinke, Nasr and Jagielski 2023
   (arXiv 2305.08846, Theorem 5.2): canaries included independently with
   probability 1/2 in ONE run, the attacker guesses the membership of its most
@@ -146,9 +147,13 @@ def _threshold_bounds(inn, out, thresholds, delta, alpha):
   return np.nan_to_num(np.stack([up, down]), nan=-np.inf), tp, fp
 
 
+GRID_SHARE = 0.1  # the share of scores the Bonferroni strategy draws its candidates from
+
+
 def _split(scores: np.ndarray, fraction: float, rng: np.random.Generator):
+  """(a `fraction` of `scores`, the rest), at random; each part keeps at least one score."""
   perm = rng.permutation(len(scores))
-  k = int(round(fraction * len(scores)))
+  k = min(max(int(round(fraction * len(scores))), 1), len(scores) - 1)
   return scores[perm[:k]], scores[perm[k:]]
 
 
@@ -168,10 +173,12 @@ def threshold_epsilon(
 
   For a threshold t ("score >= t" guesses in) the bound is
   max(log((TPR_lo - delta) / FPR_hi), log((TNR_lo - delta) / FNR_hi)), the
-  interval ends holding with the confidence asked for. "bonferroni" tries
-  `thresholds` candidates on all scores and splits the failure probability
-  over every interval used; "split" picks the threshold and direction on a
-  `split_fraction` of the scores and evaluates it on the rest. A given
+  interval ends holding with the confidence asked for. "bonferroni" draws
+  `thresholds` candidates from a random `GRID_SHARE` of the scores (not
+  counted, so the candidates are fixed before the counted scores are seen)
+  and splits the failure probability over every interval on the rest;
+  "split" picks the threshold and direction on a `split_fraction` of the
+  scores and evaluates it on the rest. A given
   `threshold` (chosen without looking at these scores) is evaluated alone,
   in the "score >= threshold is in" direction.
 
@@ -183,7 +190,7 @@ def threshold_epsilon(
     strategy: "bonferroni" or "split".
     thresholds: the number of candidate thresholds.
     split_fraction: the share of scores used to choose (with "split").
-    seed: the seed of the split (with "split").
+    seed: the seed of the random split (both strategies).
     threshold: a fixed threshold instead of a search (`strategy` is then unused).
 
   Returns:
@@ -201,7 +208,12 @@ def threshold_epsilon(
     d, j, n_in, n_out = 0, 0, len(inn), len(out)
     strategy = "explicit"
   elif strategy == "bonferroni":
-    ts = _candidates(inn, out, thresholds)
+    # The candidates come from a share of the scores never counted: a set drawn from the
+    # counted scores themselves would not be fixed before they were seen, as the union bound
+    # over Clopper-Pearson intervals needs.
+    rng = np.random.default_rng(seed)
+    (in_g, inn), (out_g, out) = _split(inn, GRID_SHARE, rng), _split(out, GRID_SHARE, rng)
+    ts = _candidates(in_g, out_g, thresholds)
     per = alpha / (4 * len(ts))  # four one-sided intervals per threshold
     eps, tp, fp = _threshold_bounds(inn, out, ts, delta, per)
     d, j = np.unravel_index(int(np.argmax(eps)), eps.shape)

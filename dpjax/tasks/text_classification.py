@@ -150,8 +150,12 @@ def text_classification(cfg) -> Task:
         ex["hidden"] = _frozen_features(
           model, params, enc, start, 128, f"frozen layers 0..{start} on {split}"
         )
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.save(path + ".tmp.npy", ex["hidden"])
+        cache = os.path.dirname(path)  # features of the private data: owner-only
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        os.chmod(cache, 0o700)
+        tmp = os.open(path + ".tmp.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(tmp, "wb") as f:
+          np.save(f, ex["hidden"])
         os.replace(path + ".tmp.npy", path)
     arrays[split] = ex
 

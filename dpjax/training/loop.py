@@ -28,9 +28,12 @@ once ahead of time with the state donated; statistics stay on the devices
 and are read only at log and checkpoint steps; checkpoints are written in
 the background.
 
-The run directory is described in `dpjax.training.rundir`. A resumed run continues
-the same noise and batches; one that would change sigma, q or the unit is
-refused unless allowed, and then appends a ledger segment.
+The run directory is described in `dpjax.training.rundir`; it is locked
+before anything in it is read, and created owner-only. A resumed run
+continues the same noise and batches; one that would change what its
+guarantee depends on (`spec.privacy_spec`) is refused unless allowed, and
+then appends a ledger segment with noise and batches of its own stream.
+The whole planned ledger is accounted before the first step.
 
 Training loss and accuracy logged here are computed on private data and are
 NOT privatised: they are for monitoring, not for release.

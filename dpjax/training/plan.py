@@ -13,7 +13,13 @@ from the OS by default (`Secret.fresh()`), kept only in the checkpoint; a
 research run may fix `noise_seed`, and every privacy statement then says
 that the guarantee assumes the seed is secret. Initialisation, splits and
 shuffles use the public `seed`. The noise, the sampler and DP-SAM's ascent
-noise are separate streams of the secret; no key is used twice.
+noise are separate streams of the secret, and each ledger segment has its
+own (`segment_stream`): a resume that changes the plan never draws a noise
+or a batch an earlier segment drew; no key is used twice.
+
+What a segment depends on is defined once, `dpjax.training.spec.privacy_spec`
+(the keys marked `privacy`), kept in the segment's `origin`; the resume
+check compares segments and nothing else.
 """
 
 from __future__ import annotations
@@ -489,12 +495,32 @@ class PrivacyPlan:
     sam = [self.sam] if self.sam is not None else []
     if not self.private:
       return optax.chain(*sam, normalize(self.expected_batch_size), optimizer)
+    after = [*sam, normalize(self.expected_batch_size), optimizer]
     return optax.chain(
       self.noise_transform(self.secret.noise_key(self.stream)),
-      *sam,
-      normalize(self.expected_batch_size),
-      optimizer,
+      *[_released_only(t) for t in after],
     )
+
+
+PRIVATE_EXTRA_ARGS = ("quantile_count",)  # consumed by the noise, never seen after it
+
+
+def _released_only(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` without the private extra arguments: what follows the noise sees released values only.
+
+  Adaptive clipping's `quantile_count` (sum_i 1[||g_i|| <= C] - 1/2, a
+  function of the private batch) is noised inside the noise transform;
+  passed on through `optax.chain` it would reach the optimizer in the
+  clear. The state of `tx` is unchanged.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    for k in PRIVATE_EXTRA_ARGS:
+      extra_args.pop(k, None)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _unit_sampler(spec, task, seed: int):
