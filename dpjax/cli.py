@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -31,7 +32,7 @@ from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
-from dpjax.training.loop import evaluate, train
+from dpjax.training.loop import RunInterrupted, evaluate, train
 from dpjax.training.rundir import RunLocked, strict_json
 
 
@@ -57,13 +58,20 @@ def _train(args) -> int:
   before = None
   if info.get("perplexity"):  # the held-out perplexity of the pretrained model, for comparison
     before = perplexity(evaluate(task, task.params, "dev", int(cfg.physical_batch_size)))
-  result = train(
-    cfg,
-    task,
-    workdir,
-    progress=not args.no_progress,
-    allow_privacy_change=args.allow_privacy_change,
-  )
+  try:
+    result = train(
+      cfg,
+      task,
+      workdir,
+      progress=not args.no_progress,
+      allow_privacy_change=args.allow_privacy_change,
+    )
+  except RunInterrupted as e:  # SIGTERM (preemption) or SIGINT: the step in flight was saved
+    again = ["dpjax", "train", args.config, "--workdir", workdir]
+    again += [a for kv in args.set or [] for a in ("--set", kv)]
+    again += ["--allow-privacy-change"] if args.allow_privacy_change else []
+    print(f"dpjax: {e}; resume with: {shlex.join(again)}", file=sys.stderr, flush=True)
+    return 128 + e.signum
   summary = {k: v for k, v in result.final_metrics.items() if not k.startswith("train_")}
   if before is not None and "dev_nll_sum" in result.final_metrics:
     summary["dev_perplexity_before"] = before

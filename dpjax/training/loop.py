@@ -47,7 +47,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -318,6 +320,62 @@ def with_weight_distillation(cfg, task: Task) -> Task:
   return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
 
 
+class RunInterrupted(KeyboardInterrupt):
+  """A run stopped by SIGTERM or SIGINT after the step in flight, with that step saved.
+
+  Attributes:
+    signum: the signal.
+    step: the steps done (checkpointed with the ledger; privacy.json written).
+    steps: the steps the run was to take.
+    workdir: the run directory (None when the run wrote nothing).
+  """
+
+  def __init__(self, signum: int, step: int, steps: int, workdir: Optional[str]):
+    self.signum, self.step, self.steps, self.workdir = signum, step, steps, workdir
+    saved = f": checkpoint and privacy ledger saved in {workdir}" if workdir else ""
+    name = signal.Signals(signum).name
+    super().__init__(f"stopped by {name} after step {step} of {steps}{saved}")
+
+
+class StopSignals:
+  """Within: the first SIGTERM or SIGINT asks the loop to stop after the step in flight.
+
+  A cluster scheduler sends SIGTERM before preemption, a user SIGINT: the
+  run finishes its step, checkpoints it with the ledger and raises
+  `RunInterrupted`. A second signal ends the process at once, leaving the
+  last complete checkpoint (checkpoints appear only when whole). Outside
+  the main thread (where Python cannot take signals) it does nothing.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._old: Dict[int, Any] = {}
+
+  def __enter__(self) -> StopSignals:
+    if threading.current_thread() is threading.main_thread():
+      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    if self.signum is not None:  # the second: now
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    self.signum = signum
+    print(
+      f"dpjax: {signal.Signals(signum).name}: stopping after the step in flight "
+      "(again to stop at once)",
+      file=sys.stderr,
+      flush=True,
+    )
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+    self._old = {}
+
+
 def _resume_point(workdir: Optional[str]):
   """(checkpoint meta or None, the ledger privacy.json says ran or None, why it is None)."""
   if not workdir or not os.path.isdir(workdir):
@@ -484,7 +542,10 @@ def train(
       )
       if workdir and lock is None:  # another process of a multi-host run holds the lock
         os.makedirs(workdir, mode=0o700, exist_ok=True)
-      return _run(spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh)
+      with StopSignals() as stop:
+        return _run(
+          spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh, stop
+        )
   finally:
     if lock is not None:
       lock.release()
@@ -749,6 +810,7 @@ def _run(
   stop_at_step: Optional[int],
   callbacks: Sequence[Callback],
   mesh: Optional[Mesh],
+  stop: StopSignals,
 ) -> RunResult:
   """The driver: state in, the pure step per sampled batch, callbacks out.
 
@@ -913,7 +975,11 @@ def _run(
     t0 = time.perf_counter()
     last: Dict[str, Any] = {}
     dropped_total = units_total = 0.0
+    stopped_after = None  # the step a SIGTERM / SIGINT stopped the run after
     for step in range(start, end):
+      if stop.signum is not None:  # before the first step: nothing ran since the checkpoint
+        stopped_after = step
+        break
       at = state.params
       if at_fn is not None:
         ascent = None
@@ -966,6 +1032,14 @@ def _run(
         for cb in cbs:
           cb.on_log(done, rec, state)
         last, window, count = rec, None, 0.0
+      if stop.signum is not None:  # a signal came during this step: it is done; save it, stop
+        if checkpointer is not None and not checkpointer.due(done):
+          d, u = _check_dropped(unchecked, done)
+          dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
+          checkpointer.end = done
+          checkpointer.on_step(done, state)
+        stopped_after = done
+        break
     if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
       warnings.warn(
         f"{int(dropped_total)} of {int(units_total)} sampled units "
@@ -984,6 +1058,10 @@ def _run(
           final[f"{split}_{k}"] = v
     for cb in cbs:
       cb.on_end(final, state)
+    if stopped_after is not None:
+      if ckpt is not None:
+        ckpt.wait()
+      raise RunInterrupted(stop.signum, int(state.step), spec.steps, workdir)
     return RunResult(
       state.params,
       final,
