@@ -112,3 +112,82 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(t
     timeout=300,
   )
   assert out.returncode == 0, out.stderr
+
+
+def _small(**overrides):
+  from dpjax.training.config import load_config
+
+  cfg = load_config("configs/synthetic.py")
+  cfg.task.num_train, cfg.task.num_eval = 600, 100
+  cfg.target_epsilon, cfg.noise_multiplier = None, 1.0
+  cfg.batch_size, cfg.physical_batch_size = 60, 64
+  cfg.steps, cfg.log_every, cfg.checkpoint_every = 6, 3, 3
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def _train(cfg, w, **kw):
+  from dpjax.tasks import build_task
+  from dpjax.training.loop import train
+
+  return train(cfg, build_task(cfg), str(w), progress=False, **kw)
+
+
+def _starts(w):
+  return [json.loads(l) for l in open(w / "metrics.jsonl") if '"start"' in l]
+
+
+def _largest_file(d):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["state", "meta"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(
+  tmp_path, capfd, damage
+):
+  w = tmp_path / "w"
+  _train(_small(), w)
+  if damage == "state":  # a truncated array file
+    f = _largest_file(w / "checkpoints" / "6" / "state")
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  else:  # garbage privacy metadata
+    (w / "checkpoints" / "6" / "meta" / "metadata").write_text("{garbage")
+  capfd.readouterr()
+  res = _train(_small(steps=9), w)
+  err = capfd.readouterr().err
+  assert "dpjax: warning: checkpoint step 6 is damaged" in err and "resuming from step 3" in err
+  assert os.path.isdir(w / "damaged-checkpoints" / "6")  # set aside, never deleted
+  assert _starts(w)[-1]["resumed_from"] == 3
+  assert res.privacy["steps"] == 9 and res.ledger.steps == 9
+
+
+def test_no_intact_checkpoint_is_one_line(tmp_path):
+  from dpjax.training.plan import ResumeRefused
+
+  w = tmp_path / "w"
+  _train(_small(steps=3), w)
+  for step in os.listdir(w / "checkpoints"):
+    (w / "checkpoints" / step / "meta" / "metadata").write_text("{garbage")
+  with pytest.raises(ResumeRefused, match="no intact checkpoint is left"):
+    _train(_small(steps=6), w)
+
+
+def test_a_torn_last_metrics_row_is_dropped_and_said(tmp_path, capfd):
+  w = tmp_path / "w"
+  _train(_small(), w, stop_at_step=3)
+  with open(w / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "train_lo')  # a crash mid-write
+  capfd.readouterr()
+  _train(_small(), w)
+  assert "last line of" in capfd.readouterr().err
+  rows = [json.loads(l) for l in open(w / "metrics.jsonl")]  # every line parses again
+  assert [r["step"] for r in rows if "event" not in r] == [3, 6]
+  # A broken line that is not the last is not guessed at: one line naming it.
+  lines = open(w / "metrics.jsonl").read().splitlines()
+  lines[1] = lines[1][:10]
+  (w / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+    _train(_small(steps=9), w)

@@ -536,16 +536,23 @@ def train(
     created = rundir.make_private_dir(workdir)
     lock.acquire()
   try:
-    with rundir.owner_only_files():
-      spec, plan, meta = prepare(
-        cfg, task, workdir, allow_privacy_change=allow_privacy_change, extra_event=extra_event
-      )
-      if workdir and lock is None:  # another process of a multi-host run holds the lock
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-      with StopSignals() as stop:
-        return _run(
-          spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh, stop
+    with rundir.owner_only_files(), StopSignals() as stop:
+      while True:  # each pass sets one damaged checkpoint aside, falling back to an older one
+        spec, plan, meta = prepare(
+          cfg, task, workdir, allow_privacy_change=allow_privacy_change, extra_event=extra_event
         )
+        if workdir and lock is None:  # another process of a multi-host run holds the lock
+          os.makedirs(workdir, mode=0o700, exist_ok=True)
+        try:
+          return _run(
+            spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh, stop
+          )
+        except rundir.DamagedCheckpoint as e:
+          if not lead or jax.process_count() > 1:
+            raise
+          older = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+          older = [d for d in older if d < e.step]
+          rundir.set_aside(workdir, e.step, e.error, max(older) if older else None)
   finally:
     if lock is not None:
       lock.release()

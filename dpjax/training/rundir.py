@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 from typing import Any, Dict, Optional
 
 import jax
@@ -113,7 +114,11 @@ class Checkpoints:
 
   @staticmethod
   def latest_meta(workdir: str) -> Optional[Dict[str, Any]]:
-    """The ledger, secret and step of the newest checkpoint in `workdir`, or None.
+    """The ledger, secret and step of the newest intact checkpoint in `workdir`, or None.
+
+    A checkpoint whose privacy metadata cannot be read is set aside
+    (`set_aside`, one line on stderr naming both) and the next newest is
+    tried; when none is left, the run is refused.
 
     Args:
       workdir: the run directory.
@@ -129,22 +134,28 @@ class Checkpoints:
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager(os.path.abspath(path))
-    step = mngr.latest_step()
-    if step is None:
-      return None
-    if not os.path.isdir(os.path.join(path, str(step), "meta")):
-      raise ResumeRefused(
-        f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
-        "its budget cannot be composed: use a new workdir"
-      )
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return {
-      "step": int(step),
-      "ledger": Ledger.from_json(meta["ledger"]),
-      "secret": Secret.from_json(meta["secret"]),
-      "stream": int(meta.get("stream", 0)),
-      "end": meta.get("end"),
-    }
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      if not os.path.isdir(os.path.join(path, str(step), "meta")):
+        raise ResumeRefused(
+          f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
+          "its budget cannot be composed: use a new workdir"
+        )
+      try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return {
+          "step": int(step),
+          "ledger": Ledger.from_json(meta["ledger"]),
+          "secret": Secret.from_json(meta["secret"]),
+          "stream": int(meta.get("stream", 0)),
+          "end": meta.get("end"),
+        }
+      except Exception as e:  # noqa: BLE001 - any unreadable metadata: try the older one
+        set_aside(workdir, step, e, steps[i + 1] if i + 1 < len(steps) else None)
+    raise ResumeRefused(
+      f"no intact checkpoint is left in {path} (the damaged ones are in "
+      f"{os.path.join(workdir, DAMAGED)}): the ledger cannot be continued; use a new workdir"
+    )
 
   def save(
     self,
@@ -189,7 +200,7 @@ class Checkpoints:
     """Blocks until the pending save, if any, is finalised on disk."""
     self.mngr.wait_until_finished()
 
-  def restore(self, target: PyTree) -> PyTree:
+  def restore(self, target: PyTree, step: Optional[int] = None) -> PyTree:
     """The newest checkpoint's train state, read straight into `target`'s placement.
 
     Args:
@@ -197,15 +208,64 @@ class Checkpoints:
         structure, shapes, dtypes and shardings to restore into; each array
         is read onto its own devices (a parameter split over a mesh's
         "model" axis is never assembled on one device first).
+      step: the checkpoint's step (None: the newest).
 
     Returns:
       The restored state.
     """
     ocp = self._ocp
-    step = self.mngr.latest_step()
-    return self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
-      "state"
-    ]
+    step = self.mngr.latest_step() if step is None else step
+    try:
+      return self.mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )["state"]
+    except Exception as e:  # noqa: BLE001 - a damaged file of any kind: the caller falls back
+      raise DamagedCheckpoint(step, e) from e
+
+
+DAMAGED = "damaged-checkpoints"  # where checkpoints that fail to restore are set aside
+
+
+class DamagedCheckpoint(RuntimeError):
+  """A checkpoint that failed to restore (a truncated or corrupted file)."""
+
+  def __init__(self, step: int, error: BaseException):
+    self.step, self.error = int(step), error
+    super().__init__(f"checkpoint step {step} fails to restore: {_short(error)}")
+
+
+def _short(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:120]}{'...' if len(text) > 120 else ''}"
+
+
+def set_aside(workdir: str, step: int, error: BaseException, next_step: Optional[int]) -> str:
+  """Moves a damaged checkpoint out of `checkpoints/` (never deletes it) and says so in one line.
+
+  Args:
+    workdir: the run directory.
+    step: the damaged checkpoint's step.
+    error: why it failed.
+    next_step: the checkpoint the run falls back to, or None.
+
+  Returns:
+    Where it now is (`<workdir>/damaged-checkpoints/<step>[.n]`).
+  """
+  src = os.path.join(workdir, "checkpoints", str(step))
+  dst_dir = os.path.join(workdir, DAMAGED)
+  os.makedirs(dst_dir, mode=0o700, exist_ok=True)
+  dst, n = os.path.join(dst_dir, str(step)), 1
+  while os.path.exists(dst):
+    dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
+  os.replace(src, dst)
+  then = f"resuming from step {next_step}" if next_step is not None else "no older checkpoint"
+  print(
+    f"dpjax: warning: checkpoint step {step} is damaged ({_short(error)}); set aside in {dst}, "
+    f"{then}",
+    file=sys.stderr,
+    flush=True,
+  )
+  return dst
 
 
 class RunLock:
@@ -371,10 +431,22 @@ def truncate_metrics(path: str, step: int) -> None:
   if not os.path.isfile(path):
     return
   keep = []
-  for line in open(path):
-    if not line.strip():
+  lines = [line for line in open(path) if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      rec = json.loads(line)
+    except ValueError:
+      if i < len(lines) - 1:
+        raise ValueError(
+          f"{path} line {i + 1} is not JSON (only a last line can be torn by a crash); "
+          "repair or remove that line"
+        ) from None
+      print(
+        f"dpjax: warning: the last line of {path} was torn (a crash mid-write) and is dropped",
+        file=sys.stderr,
+        flush=True,
+      )
       continue
-    rec = json.loads(line)
     if rec.get("event") == "final" or ("event" not in rec and rec.get("step", 0) > step):
       continue
     keep.append(line if line.endswith("\n") else line + "\n")
