@@ -33,7 +33,7 @@ from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import RunInterrupted, evaluate, train
-from dpjax.training.rundir import RunLocked, strict_json
+from dpjax.training.rundir import RunLocked, check_writable, strict_json
 
 
 def _train(args) -> int:
@@ -53,6 +53,7 @@ def _train(args) -> int:
   spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  check_writable(workdir)  # a read-only or full disk is one line, before the task is built
   task = build_task(cfg)
   info = task.info or {}
   before = None
@@ -558,6 +559,14 @@ def main(argv=None) -> int:
     return args.fn(args)
   except (ValueError, FileNotFoundError, FileExistsError, RunLocked) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a full or read-only disk, a directory we may not write
+    where = f": {e.filename}" if e.filename else ""
+    print(
+      f"dpjax: error: {e.strerror or e}{where} (what was saved before it is intact: free "
+      "space or fix the permissions and rerun the same command to resume)",
+      file=sys.stderr,
+    )
     return 2
 
 

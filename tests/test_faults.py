@@ -191,3 +191,62 @@ def test_a_torn_last_metrics_row_is_dropped_and_said(tmp_path, capfd):
   (w / "metrics.jsonl").write_text("\n".join(lines) + "\n")
   with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
     _train(_small(steps=9), w)
+
+
+def _cli_train(w, *sets):
+  from dpjax import cli
+
+  argv = TRAIN[3:] + ["--workdir", str(w)]
+  for s in sets:
+    argv += ["--set", s]
+  return cli.main(argv)
+
+
+def test_a_read_only_workdir_is_one_line_before_the_task_is_built(tmp_path, capsys, monkeypatch):
+  import errno
+
+  from dpjax import cli
+  from dpjax.training import rundir
+
+  def read_only(path):
+    raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+  built = []
+  monkeypatch.setattr(rundir, "make_private_dir", read_only)
+  monkeypatch.setattr(cli, "build_task", lambda cfg: built.append(cfg))
+  w = tmp_path / "ro"
+  assert _cli_train(w, "steps=3") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"dpjax: error: Read-only file system: {w}"), err
+  assert not built and not w.exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_resumes_exactly(
+  tmp_path, capsys, monkeypatch
+):
+  import errno
+
+  from dpjax.training import rundir
+
+  clean = tmp_path / "clean"
+  assert _cli_train(clean, "steps=6", "log_every=2", "checkpoint_every=2") == 0
+  w = tmp_path / "w"
+  real, calls = rundir.write_json_atomic, []
+
+  def full(path, rec):
+    calls.append(path)
+    if len(calls) == 2:  # privacy.json at the second log row
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    return real(path, rec)
+
+  monkeypatch.setattr(rundir, "write_json_atomic", full)
+  capsys.readouterr()
+  assert _cli_train(w, "steps=6", "log_every=2", "checkpoint_every=2") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("dpjax: error: No space left on device: ") and "rerun" in err[-1]
+  assert "Traceback" not in "\n".join(err)
+  monkeypatch.setattr(rundir, "write_json_atomic", real)
+  assert _cli_train(w, "steps=6", "log_every=2", "checkpoint_every=2") == 0
+  got, want = (json.load(open(d / "privacy.json")) for d in (w, clean))
+  assert got["steps"] == want["steps"] == 6
+  assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-12)

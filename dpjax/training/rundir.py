@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import socket
 import sys
 from typing import Any, Dict, Optional
 
@@ -276,7 +277,7 @@ class RunLock:
   that was reused since) is free, and two processes can never both hold it
   (taking it is one atomic call; the file is checked to still be the one
   locked, since a releasing process removes it). The file names the holder's
-  PID for the message.
+  PID and host for the message.
   """
 
   def __init__(self, workdir: str):
@@ -296,11 +297,13 @@ class RunLock:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        who = os.read(fd, 256).decode(errors="replace").split() or ["?"]
         os.close(fd)
+        on = f" on {who[1]}" if len(who) > 1 else ""
         raise RunLocked(
-          f"{os.path.dirname(self.path)} is in use by process {pid} (lock file "
-          f"{self.path}); wait for it or use another workdir"
+          f"{os.path.dirname(self.path)} is in use by process {who[0]}{on} (lock file "
+          f"{self.path}, held by that live process: the OS frees it when the process ends); "
+          "wait for it or use another workdir"
         ) from None
       try:
         same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -310,7 +313,7 @@ class RunLock:
         break
       os.close(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
     self._fd, self.held = fd, True
 
   def release(self) -> None:
@@ -346,6 +349,29 @@ def make_private_dir(path: str) -> bool:
   if os.stat(path).st_mode & 0o077:
     os.chmod(path, 0o700)
   return created
+
+
+def check_writable(path: str) -> None:
+  """Raises OSError (naming `path`) unless a run can write there; leaves nothing behind.
+
+  Called before a task is built, so a read-only, full or foreign directory
+  is one line and not a traceback after minutes of work.
+
+  Args:
+    path: the run directory (created owner-only if missing, removed again).
+  """
+  created = make_private_dir(path)
+  probe = os.path.join(path, f".probe-{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("x" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
+    if created and not os.listdir(path):
+      os.rmdir(path)
 
 
 @contextlib.contextmanager
