@@ -52,6 +52,8 @@ def _train(args) -> int:
   cfg = load_config(args.config, args.set or [])
   spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
+  if args.workdir is not None and not args.workdir.strip():
+    raise ValueError("--workdir must name a directory, got ''")
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   check_writable(workdir)  # a read-only or full disk is one line, before the task is built
   task = build_task(cfg)

@@ -194,6 +194,23 @@ BAD_TRAIN = [
   (["private=False", "privacy_unit='user'"], "privacy_unit='user' needs private=True"),
   (["delta=1.5"], "delta must be in (0, 1), got 1.5"),
   (["dp_sam={'rho': 0.1, 'mode': 'raw'}"], "dp_sam.mode must be one of"),
+  # The key table's types and ranges, nested dicts included (each once traceback or silent).
+  (["batch_size=1e-300"], "batch_size must be finite and >= 1"),
+  (["l2_clip_norm=1e308"], "l2_clip_norm must be finite, > 0 and <= 1e9"),
+  (["dp_sam={'rho': 'x'}"], "dp_sam.rho must be a finite number >= 0, got 'x'"),
+  (["dp_sam={'rho': 0.1, 'layerwise': 'maybe'}"], "dp_sam.layerwise must be True or False"),
+  (
+    ["weight_distillation={'lam': 'x', 'reference': 'init'}"],
+    "weight_distillation.lam must be a finite number >= 0",
+  ),
+  (
+    ["weight_distillation={'lam': 1, 'reference': 'no/such/file'}"],
+    "weight_distillation.reference must be 'init' or an existing file",
+  ),
+  (["learning_rates={'layer_': 'fast'}"], "learning_rates maps non-empty parameter-name prefixes"),
+  (["target_epsilon=True"], "target_epsilon must be an integer or a number or None, got True"),
+  (["lmo_grid={'nope': 1}"], "lmo_grid takes a, theta_k, lam, Ub_Ua; got unknown 'nope'"),
+  (["mf_strategy='blt'", "mf_buffers=1000"], "mf_buffers=1000 exceeds steps=100"),
 ]
 
 
@@ -265,7 +282,9 @@ def test_every_key_is_listed_and_settable(capsys):
     if k.name == "task":
       continue
     assert f"\n{k.name} " in "\n" + out and f"  {k.name} " in help_text, k.name
-    value = {bool: "True", str: repr(k.choices[0]) if k.choices else "'x'"}.get(k.kind[0], "1")
+    str_value = repr(k.choices[0]) if k.choices else repr(k.default)
+    number = "1" if k.default is None else repr(k.default)
+    value = {bool: "True", str: str_value, dict: "None"}.get(k.kind[0], number)
     cfg = load_config("configs/synthetic.py", [f"{k.name}={value}"])
     assert k.name in cfg
 
@@ -351,3 +370,43 @@ def test_version_and_list(capsys):
   lines = capsys.readouterr().out.splitlines()
   assert any(line.startswith("quickstart ") and "MiniLM" in line for line in lines)
   assert any(line.startswith("dp_flat/full ") for line in lines)
+
+
+@pytest.mark.parametrize(
+  "text, msg",
+  [
+    ("x =", "line 1: SyntaxError"),
+    ("def get_config():\n  raise RuntimeError('boom')", "RuntimeError: boom"),
+    ("def get_config():\n  return None", "get_config() must return a ConfigDict, got NoneType"),
+    ("import no_such_module_here", "ModuleNotFoundError"),
+    ("y = 1", "it defines no get_config()"),
+  ],
+)
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, capsys, text, msg):
+  path = tmp_path / "mine.py"
+  path.write_text(text)
+  assert cli.main(["train", str(path), "--workdir", str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and str(path) in err[0] and msg in err[0], err
+  assert not (tmp_path / "w").exists()
+
+
+def test_bad_workdirs_and_config_overrides_are_one_line(tmp_path, capsys):
+  (tmp_path / "afile").write_text("")
+  (tmp_path / "c.json").write_text("{}")
+  for argv, msg in [
+    (["train", "synthetic", "--workdir", str(tmp_path / "afile")], "is a file, not a directory"),
+    (["train", "synthetic", "--workdir", ""], "--workdir must name a directory, got ''"),
+    (["train", str(tmp_path / "c.json")], "a config is a Python file (.py)"),
+    (["config", "synthetic", "--set", "steps=-1"], "steps must be in [1, 10000000]"),
+  ]:
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], (argv, err)
+
+
+def test_the_lmo_grid_keys_are_the_search_grids():
+  from dpjax.methods.lmo_search import PAPER_GRID
+  from dpjax.training.spec import LMO_GRID_KEYS
+
+  assert set(LMO_GRID_KEYS) == set(PAPER_GRID)

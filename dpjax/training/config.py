@@ -89,12 +89,21 @@ def load_config(path: str, overrides: Sequence[str] = ()):
     The ConfigDict.
   """
   path = resolve_config_path(path)
-  spec = importlib.util.spec_from_file_location("dpjax_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} defines no get_config()")
-  cfg = module.get_config()
+  if not path.endswith(".py"):
+    raise ValueError(f"{path}: a config is a Python file (.py) defining get_config()")
+  try:  # anything the file does wrong is one line naming it
+    spec = importlib.util.spec_from_file_location("dpjax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ValueError("it defines no get_config()")
+    cfg = module.get_config()
+  except Exception as e:  # noqa: BLE001 - a user's file: its error, named, in one line
+    if isinstance(e, SyntaxError):
+      raise ValueError(f"{path} line {e.lineno}: SyntaxError: {e.msg}") from None
+    raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
+  if not hasattr(cfg, "keys"):
+    raise ValueError(f"{path}: get_config() must return a ConfigDict, got {type(cfg).__name__}")
   if spec_lib.is_train_config(cfg):
     cfg = spec_lib.with_defaults(cfg)
   elif "teacher" in cfg and spec_lib.is_train_config(cfg.teacher):
@@ -125,6 +134,8 @@ def load_config(path: str, overrides: Sequence[str] = ()):
         f"unknown config key {key!r} in {path} (from --set {item}); "
         f"`dpjax config {path}` lists the keys"
       )
+    if node is cfg and key in spec_lib.BY_NAME:  # the key table's type and range, now
+      spec_lib.check_value(spec_lib.BY_NAME[key], value)
     with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
       try:
         node[parts[-1]] = value

@@ -344,6 +344,10 @@ def make_private_dir(path: str) -> bool:
   Returns:
     True when this call created it.
   """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(
+      f"workdir {path} is a file, not a directory: name a directory (new or a run's)"
+    )
   created = not os.path.isdir(path)
   os.makedirs(path, mode=0o700, exist_ok=True)
   if os.stat(path).st_mode & 0o077:

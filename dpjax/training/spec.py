@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -48,7 +49,8 @@ _pos = (lambda v: v > 0 and math.isfinite(v), "finite and > 0")
 _nonneg = (lambda v: v >= 0 and math.isfinite(v), "finite and >= 0")
 _ge1 = (lambda v: v >= 1, ">= 1")
 _unit = (lambda v: 0 < v < 1, "in (0, 1)")
-_rate = (lambda v: 0 < v <= 1, "in (0, 1]")
+_rate = (lambda v: 1e-12 <= v <= 1, "in [1e-12, 1]")
+_norm = (lambda v: 0 < v <= 1e9, "finite, > 0 and <= 1e9 (float32 sums overflow beyond)")
 _NUM, _INT, _STR, _DICT = (int, float), (int,), (str,), (dict, ml_collections.ConfigDict)
 
 METRIC_WRITERS = ("jsonl", "tensorboard")
@@ -204,8 +206,8 @@ KEYS: Tuple[Key, ...] = (
     1.0,
     _NUM,
     "per-unit L2 clip norm (gaussian)",
-    check=_pos[0],
-    allowed=_pos[1],
+    check=_norm[0],
+    allowed=_norm[1],
     why="the L2 sensitivity the Gaussian noise is scaled to",
     privacy=True,
   ),
@@ -238,8 +240,8 @@ KEYS: Tuple[Key, ...] = (
     _NUM,
     "per-unit L1 clip norm (laplace, lmo)",
     optional=True,
-    check=_pos[0],
-    allowed=_pos[1],
+    check=_norm[0],
+    allowed=_norm[1],
     why="the L1 sensitivity the Laplace or LMO noise is scaled to",
     privacy=True,
   ),
@@ -248,8 +250,8 @@ KEYS: Tuple[Key, ...] = (
     256,
     _NUM,
     "expected units per step (sampling_rate = batch_size / N)",
-    check=_pos[0],
-    allowed=_pos[1],
+    check=lambda v: 1 <= v < math.inf,
+    allowed="finite and >= 1 (expected units per step)",
     why="sets the sampling rate q = batch_size / N",
     privacy=True,
   ),
@@ -508,7 +510,8 @@ def _type_name(kind: Tuple[type, ...]) -> str:
   return " or ".join(dict.fromkeys(names[t] for t in kind))
 
 
-def _check_value(k: Key, v: Any) -> Any:
+def check_value(k: Key, v: Any) -> Any:
+  """`v` checked against key `k`'s type, choices and range (SpecError, one line)."""
   if v is None:
     if k.optional:
       return None
@@ -550,7 +553,7 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     raise SpecError("the config has no task section (task.name = one of dpjax.tasks.TASKS)")
   out = {}
   for k in KEYS:
-    out[k.name] = _check_value(k, raw.get(k.name, k.default))
+    out[k.name] = check_value(k, raw.get(k.name, k.default))
   if out["private"]:
     if out["target_epsilon"] is not None and out["noise_multiplier"] is not None:
       raise SpecError(
@@ -608,6 +611,24 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     wd = out["weight_distillation"]
     if set(wd) != {"lam", "reference"}:
       raise SpecError(f"weight_distillation takes lam and reference; got {sorted(wd)}")
+    if not (_number(wd["lam"]) and wd["lam"] >= 0):
+      raise SpecError(f"weight_distillation.lam must be a finite number >= 0, got {wd['lam']!r}")
+    ref = wd["reference"]
+    if not (ref == "init" or (isinstance(ref, str) and os.path.isfile(ref))):
+      raise SpecError(
+        f"weight_distillation.reference must be 'init' or an existing file, got {ref!r}"
+      )
+  if out["learning_rates"] is not None:
+    for prefix, rate in out["learning_rates"].items():
+      if not (isinstance(prefix, str) and prefix and _number(rate) and rate > 0):
+        raise SpecError(
+          "learning_rates maps non-empty parameter-name prefixes to finite rates > 0, got "
+          f"{prefix!r}: {rate!r}"
+        )
+  if out["lmo_grid"] is not None:
+    unknown = sorted(set(out["lmo_grid"]) - set(LMO_GRID_KEYS))
+    if unknown:
+      raise SpecError(f"lmo_grid takes {', '.join(LMO_GRID_KEYS)}; got unknown {unknown[0]!r}")
   return ml_collections.FrozenConfigDict(out)
 
 
@@ -670,10 +691,16 @@ def _check_bandmf(out: Dict[str, Any]) -> None:
     )
   if b > out["steps"]:
     raise SpecError(f"mf_bands={b} exceeds steps={out['steps']}: use at most one band per step")
+  if out["mf_strategy"] == "blt" and out["mf_buffers"] > out["steps"]:
+    raise SpecError(
+      f"mf_buffers={out['mf_buffers']} exceeds steps={out['steps']}: BLT keeps m buffers of "
+      "the parameters' size, more than one per step buys nothing"
+    )
   if out["dp_sam"] and out["dp_sam"].get("mode", "free") == "charged":
     raise SpecError(f"{what} cannot charge DP-SAM ascent releases (dp_sam.mode='charged')")
 
 
+LMO_GRID_KEYS = ("a", "theta_k", "lam", "Ub_Ua")  # dpjax.methods.lmo_search.PAPER_GRID's
 ADAPTIVE_DEFAULTS = {"target_quantile": 0.5, "learning_rate": 0.2, "count_noise": None}
 
 
@@ -713,10 +740,18 @@ def _check_adaptive(out: Dict[str, Any]) -> None:
     )
 
 
+def _number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_dp_sam(spec: Dict[str, Any], private: bool) -> None:
   unknown = set(spec) - {"rho", "mode", "active_fraction", "layerwise"}
   if unknown or "rho" not in spec:
     raise SpecError(f"dp_sam takes rho, mode, active_fraction, layerwise; got {sorted(spec)}")
+  if not (_number(spec["rho"]) and spec["rho"] >= 0):
+    raise SpecError(f"dp_sam.rho must be a finite number >= 0, got {spec['rho']!r}")
+  if not isinstance(spec.get("layerwise", True), bool):
+    raise SpecError(f"dp_sam.layerwise must be True or False, got {spec['layerwise']!r}")
   frac = spec.get("active_fraction", 0.5)
   if not (isinstance(frac, (int, float)) and 0 <= frac <= 1):
     raise SpecError(f"dp_sam.active_fraction must be in [0, 1], got {frac!r}")
