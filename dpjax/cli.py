@@ -384,12 +384,23 @@ def _account_lmo(argv) -> int:
       )
     )
     return 0
+  grid = None
+  if args.grid:
+    try:
+      grid = json.loads(args.grid)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--grid must be a JSON object: {e}") from None
+    unknown = sorted(set(grid) - set(spec_lib.LMO_GRID_KEYS)) if isinstance(grid, dict) else [0]
+    if unknown:
+      raise ValueError(
+        f"--grid takes the keys {', '.join(spec_lib.LMO_GRID_KEYS)}; got {args.grid!r}"
+      )
   res = lmo_search(
     args.target_epsilon,
     args.delta,
     args.sampling_rate,
     args.steps,
-    grid=json.loads(args.grid) if args.grid else None,
+    grid=grid,
     objective=args.objective,
     progress=True,
   )

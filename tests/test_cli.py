@@ -410,3 +410,11 @@ def test_the_lmo_grid_keys_are_the_search_grids():
   from dpjax.training.spec import LMO_GRID_KEYS
 
   assert set(LMO_GRID_KEYS) == set(PAPER_GRID)
+
+
+def test_account_lmo_grid_takes_only_its_keys(capsys):
+  base = ["account", "lmo", "--sampling-rate", "0.02", "--steps", "30", "--target-epsilon", "3"]
+  for grid in ('{"nope": 1}', "[1, 2]", "{not json"):
+    assert cli.main(base + ["--grid", grid]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--grid" in err[0], err
