@@ -149,10 +149,22 @@ def _export(args) -> int:
   conf = os.path.join(args.run_dir, "config.json")
   if not os.path.exists(conf):
     raise FileNotFoundError(f"{conf}: not a run directory (no config.json)")
-  with open(conf) as f:
-    spec = json.load(f)
-  if spec["task"]["name"] != "causal_lm":
-    raise ValueError(f"dpjax export takes causal_lm runs, got task {spec['task']['name']!r}")
+  try:
+    with open(conf) as f:
+      spec = json.load(f)
+    task_name = spec["task"]["name"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{conf} is not a run's config ({type(e).__name__}: {e}): export a run directory that "
+      "dpjax train wrote"
+    ) from None
+  if task_name != "causal_lm":
+    raise ValueError(f"dpjax export takes causal_lm runs, got task {task_name!r}")
+  trained = os.path.join(args.run_dir, TRAINED)
+  if not os.path.exists(trained):  # before the base model is loaded
+    raise FileNotFoundError(
+      f"{trained}: no trained parameters (the run has not finished: resume it to its last step)"
+    )
   import ml_collections
 
   t = ml_collections.ConfigDict(spec["task"])

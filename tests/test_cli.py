@@ -418,3 +418,20 @@ def test_account_lmo_grid_takes_only_its_keys(capsys):
     assert cli.main(base + ["--grid", grid]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--grid" in err[0], err
+
+
+def test_export_checks_the_run_before_loading_anything(tmp_path, capsys, monkeypatch):
+  loaded = []
+  monkeypatch.setattr(cli, "base_model", lambda t: loaded.append(t))
+  run = tmp_path / "run"
+  run.mkdir()
+  for text, msg in [
+    ('{"steps": 3}', "is not a run's config (KeyError"),
+    ("{not json", "is not a run's config (JSONDecodeError"),
+    ('{"task": {"name": "causal_lm"}}', "no trained parameters (the run has not finished"),
+  ]:
+    (run / "config.json").write_text(text)
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+  assert not loaded and not (tmp_path / "out").exists()
