@@ -225,3 +225,23 @@ def test_a_hub_id_is_tried_only_when_no_such_path_exists(tmp_path, monkeypatch):
     r"\(ConnectionError: offline\)$",
   ):
     load_labelled_text("nobody/nothing", num_labels=2)
+
+
+@pytest.mark.parametrize(
+  "name, content, msg",
+  [
+    ("empty.csv", b"", "is empty (no header, no records)"),
+    ("header.csv", b"text,label\n", "holds no records"),
+    ("binary.csv", bytes(range(256)) * 50, "cannot be read as csv"),
+    ("torn.jsonl", b'{"text": "a", "label": 1}\n{"text": \n', "cannot be read as jsonl"),
+  ],
+)
+def test_unreadable_data_files_are_one_line_naming_the_file(tmp_path, capfd, name, content, msg):
+  from dpjax.data.tables import read_table
+
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    read_table(str(path))
+  assert str(path) in str(e.value) and msg in str(e.value) and "\n" not in str(e.value)
+  assert capfd.readouterr().err == ""  # the reader's own log lines are not printed too

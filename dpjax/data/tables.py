@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 from typing import Dict, List, Optional, Sequence
@@ -51,9 +52,12 @@ def _quiet():
 
   was = datasets.is_progress_bar_enabled()
   datasets.disable_progress_bars()
+  verbosity = datasets.logging.get_verbosity()
+  datasets.logging.set_verbosity(logging.CRITICAL)  # its reader errors: said once, in our line
   try:
     yield
   finally:
+    datasets.logging.set_verbosity(verbosity)
     if was:
       datasets.enable_progress_bars()
 
@@ -89,7 +93,23 @@ def _read(datasets, source: str):
         f"task.data={source!r}: unknown file type {ext!r}; allowed: {', '.join(sorted(FORMATS))}"
       )
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    return datasets.load_dataset(FORMATS[ext], data_files=source, split="train", **kwargs)
+    if os.path.getsize(source) == 0:
+      raise ValueError(f"task.data={source!r} is empty (no header, no records)")
+    try:
+      table = datasets.load_dataset(FORMATS[ext], data_files=source, split="train", **kwargs)
+    except Exception as e:  # the reader's own error (binary, undecodable, malformed): one line
+      while e.__cause__ is not None or e.__context__ is not None:  # the reader's, not the wrapper's
+        e = e.__cause__ or e.__context__
+      first = (str(e).splitlines() or [""])[0][:160]
+      if "corresponds to no data" in first:
+        raise ValueError(f"task.data={source!r} holds no records") from None
+      raise ValueError(
+        f"task.data={source!r} cannot be read as {ext[1:]} ({type(e).__name__}: {first}); "
+        f"check it is a text {ext[1:]} file in UTF-8"
+      ) from None
+    if len(table) == 0:
+      raise ValueError(f"task.data={source!r} holds no records")
+    return table
   looks_like_a_path = os.path.splitext(source)[1].lower() in FORMATS
   if os.path.isabs(source) or source.startswith(".") or looks_like_a_path:
     raise ValueError(f"task.data={source!r}: no such file or directory")  # a path, not a hub id
