@@ -230,6 +230,7 @@ def _audit(args) -> int:
     confidence=args.confidence,
     seed=args.seed,
     progress=not args.no_progress,
+    accept_other_plan=args.accept_other_plan,
   )
   c, lb, t = rec["claimed"], rec["lower_bound"], rec["tpr_at_fpr"]
   print(
@@ -516,6 +517,11 @@ def main(argv=None) -> int:
   u.add_argument("--canaries", type=int, default=1000, help="canaries, each trained on w.p. 1/2")
   u.add_argument("--confidence", type=float, default=0.95)
   u.add_argument("--seed", type=int, default=0, help="seed of the canaries and their coin flips")
+  u.add_argument(
+    "--accept-other-plan",
+    action="store_true",
+    help="audit even when the canaries change the sampling rate or the calibrated noise",
+  )
   u.add_argument("--workdir", help="run directory (audit.json is written beside privacy.json)")
   u.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
   u.add_argument("--no-progress", action="store_true")

@@ -75,7 +75,14 @@ def test_dpjax_audit_writes_a_bound_below_the_claim(tmp_path, capsys):
   sets += ["target_epsilon=None", "noise_multiplier=1.0", "batch_size=50"]
   argv = ["audit", os.path.join(CONFIGS, "synthetic.py"), "--canaries", "100"]
   argv += ["--workdir", workdir, "--no-progress"] + [a for s in sets for a in ("--set", s)]
-  assert cli.main(argv) == 0
+  # ~50 canaries join 300 examples: the audited run samples at another rate, said and refused
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    len(err) == 1 and "sampling rate 0.1667 -> 0.1" in err[0] and "--accept-other-plan" in err[0]
+  )
+  assert not os.path.exists(workdir)
+  assert cli.main(argv + ["--accept-other-plan"]) == 0
   out = capsys.readouterr().out
   assert "audit:   epsilon >=" in out and "claimed: (" in out
   with open(os.path.join(workdir, "audit.json")) as f:
@@ -93,12 +100,14 @@ def test_an_audit_does_not_resume_a_run_trained_without_its_canaries(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   cfg = load_config(os.path.join(CONFIGS, "synthetic.py"))
   with pytest.raises(ValueError, match="holds a run trained without canaries"):
-    one_run.audit_run(cfg, _synthetic_task(), str(tmp_path), canaries=10)
+    one_run.audit_run(cfg, _synthetic_task(), str(tmp_path), canaries=10, accept_other_plan=True)
   other = tmp_path / "other"
   other.mkdir()
   (other / one_run.CANARY_FILE).write_text(json.dumps({"canaries": 10, "seed": 1}))
   with pytest.raises(ValueError, match="audits other canaries"):
-    one_run.audit_run(cfg, _synthetic_task(), str(other), canaries=10, seed=0)
+    one_run.audit_run(
+      cfg, _synthetic_task(), str(other), canaries=10, seed=0, accept_other_plan=True
+    )
 
 
 def test_dpjax_audit_refuses_bad_arguments_before_any_compute(capsys):

@@ -174,16 +174,16 @@ BAD_TRAIN = [
   (["noise_multiplier=0", "target_epsilon=None"], "noise_multiplier must be finite and > 0, got 0"),
   (["learning_rate=-0.1"], "learning_rate must be finite and > 0, got -0.1"),
   (["steps=abc"], "steps must be an integer, got 'abc'"),
-  (["target_epsilon=inf"], "target_epsilon must be in (0, 100]"),
+  (["target_epsilon=inf"], "target_epsilon must be in (0, 1000]"),
   # Extremes the accountant cannot finish: refused in one line before the first step.
-  (["target_epsilon=1e9"], "target_epsilon must be in (0, 100] (calibration beyond it"),
+  (["target_epsilon=1e9"], "target_epsilon must be in (0, 1000] (calibration beyond it"),
   (["steps=1000000000000"], "steps must be in [1, 10000000]"),
   (
     ["noise_multiplier=1e-9", "target_epsilon=None", "steps=3"],
     "cannot be accounted: Gaussian noise multiplier 1e-09 < 0.1",
   ),
   (
-    ["noise_multiplier=0.2", "target_epsilon=None", "steps=5000"],
+    ["noise_multiplier=0.15", "target_epsilon=None", "steps=20000"],
     "cannot be accounted: its RDP epsilon at delta 1e-7 is",
   ),
   (["tsk.x=1"], "unknown config key 'tsk'"),
@@ -259,7 +259,7 @@ def test_bad_train_inputs_exit_2_with_one_line_and_no_files(tmp_path, capsys, se
     ),
     (
       ["--sampling-rate", "0.01", "--steps", "100", "--target-epsilon", "1e9"],
-      "--target-epsilon must be in (0, 100]",
+      "--target-epsilon must be in (0, 1000]",
     ),
   ],
 )

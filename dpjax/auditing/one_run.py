@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Dict, Optional
 
@@ -170,8 +171,14 @@ def audit_run(
   confidence: float = 0.95,
   seed: int = 0,
   progress: bool = True,
+  accept_other_plan: bool = False,
 ) -> Dict[str, Any]:
   """Trains `cfg` once on `task` with canaries and audits the run.
+
+  The canaries join the training data, which changes its size, so the
+  sampling rate and a calibrated noise multiplier of the audited run can
+  differ from the configured run's; that is refused, naming both, unless
+  `accept_other_plan` (the record then holds the audited run's claim).
 
   Args:
     cfg: a private train config.
@@ -181,6 +188,7 @@ def audit_run(
     confidence: the probability that the lower bound holds.
     seed: the seed of the canaries and their coin flips.
     progress: show the training progress bar.
+    accept_other_plan: audit even when the canaries change the plan.
 
   Returns:
     The audit record (what audit.json holds).
@@ -189,9 +197,27 @@ def audit_run(
   if not spec.private:
     raise ValueError("private=False: the run claims no epsilon, there is nothing to audit")
   cs = make_canaries(task, canaries, seed)
+  audited = with_canaries(task, cs)
+  _, want, _ = loop.prepare(cfg, task)  # the configured run
+  _, got, _ = loop.prepare(cfg, audited)  # the run the canaries make
+  changed = [
+    f"{name} {a:.4g} -> {b:.4g}"
+    for name, a, b in (
+      ("sampling rate", want.sampling_rate, got.sampling_rate),
+      ("noise multiplier", want.noise_multiplier, got.noise_multiplier),
+    )
+    if not math.isclose(a, b, rel_tol=1e-9)
+  ]
+  if changed and not accept_other_plan:
+    n = len(next(iter(task.train.values())))
+    raise ValueError(
+      f"the audited run is not the configured one: {int(cs.included.sum())} canaries join the "
+      f"{n} training examples ({', '.join(changed)}); audit it anyway with "
+      "--accept-other-plan (accept_other_plan=True), or use fewer canaries"
+    )
   if workdir:
     _claim_workdir(workdir, {"canaries": int(canaries), "seed": int(seed)})
-  run = loop.train(cfg, with_canaries(task, cs), workdir, progress=progress)
+  run = loop.train(cfg, audited, workdir, progress=progress)
   scores = canary_scores(task, run.params, cs)
   claim = run.privacy
   bound = estimators.one_run_epsilon(scores, cs.included, claim["delta"], confidence=confidence)

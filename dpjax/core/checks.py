@@ -41,8 +41,8 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None
 # What the accountants are held to (`dpjax.core.accounting.accountants.check_accountable`):
 # beyond these a PLD's grid outgrows memory, and no meaningful guarantee is left.
 MAX_RELEASES = 10**7  # releases composed in one ledger
-MAX_TARGET_EPSILON = 100.0  # a target the noise is calibrated to
-MAX_EPSILON = 1000.0  # the RDP bound of a planned ledger
+MAX_TARGET_EPSILON = 1000.0  # a target the noise is calibrated to
+MAX_EPSILON = 5000.0  # the RDP bound of a planned ledger
 MAX_RELEASE_SCALE = 10.0  # sensitivity / noise std of one release (Gaussian), 1 / Laplace scale
 
 
