@@ -210,6 +210,7 @@ BAD_TRAIN = [
   (["learning_rates={'layer_': 'fast'}"], "learning_rates maps non-empty parameter-name prefixes"),
   (["target_epsilon=True"], "target_epsilon must be an integer or a number or None, got True"),
   (["lmo_grid={'nope': 1}"], "lmo_grid takes a, theta_k, lam, Ub_Ua; got unknown 'nope'"),
+  (["physical_batch_size=10000000"], "physical_batch_size=10000000 exceeds the 4000 training"),
   (["mf_strategy='blt'", "mf_buffers=1000"], "mf_buffers=1000 exceeds steps=100"),
 ]
 

@@ -532,6 +532,11 @@ def _unit_sampler(spec, task, seed: int):
     if batch > n:
       raise SpecError(f"batch_size={batch} exceeds the {n} training examples")
     return unit, None, 1, ShuffledSampler(n, batch, spec.seed), None, float(batch), n
+  if spec.physical_batch_size > n:  # rows no step can fill, allocated on every device
+    raise SpecError(
+      f"physical_batch_size={spec.physical_batch_size} exceeds the {n} training examples: "
+      f"use at most {n} (a step never samples more)"
+    )
   if unit == "example":
     bands = spec.mf_bands
     if bands > n:
