@@ -511,7 +511,15 @@ def _type_name(kind: Tuple[type, ...]) -> str:
 
 
 def check_value(k: Key, v: Any) -> Any:
-  """`v` checked against key `k`'s type, choices and range (SpecError, one line)."""
+  """`v` checked against key `k`'s type, choices and range (SpecError, one line).
+
+  Args:
+    k: the key.
+    v: the value given.
+
+  Returns:
+    The value (a ConfigDict as a plain dict).
+  """
   if v is None:
     if k.optional:
       return None
