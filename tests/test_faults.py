@@ -44,7 +44,7 @@ def _steps_logged(workdir) -> int:
 def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, signum, code):
   w = str(tmp_path / "w")
   proc = subprocess.Popen(
-    TRAIN + ["--workdir", w, "--set", "steps=100000"],
+    TRAIN + ["--workdir", w, "--set", "steps=20000"],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -64,7 +64,7 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, si
   assert last.startswith(f"dpjax: stopped by {signal.Signals(signum).name} after step "), last
   step = int(last.split("after step ")[1].split()[0])
   assert f"resume with: {' '.join(TRAIN[2:3])}" not in last  # the command, not python -m
-  assert "dpjax train configs/synthetic.py --workdir" in last and "steps=100000" in last
+  assert "dpjax train configs/synthetic.py --workdir" in last and "steps=20000" in last
   # The step it stopped after is checkpointed with its ledger, and privacy.json says so.
   assert str(step) in os.listdir(os.path.join(w, "checkpoints"))
   privacy = json.load(open(os.path.join(w, "privacy.json")))
@@ -82,10 +82,11 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, si
   assert starts[-1]["resumed_from"] == step
 
 
+@pytest.mark.slow  # a third interpreter start; the first signal's tests run by default
 def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(tmp_path):
   w = str(tmp_path / "w")
   proc = subprocess.Popen(
-    TRAIN + ["--workdir", w, "--set", "steps=100000"],
+    TRAIN + ["--workdir", w, "--set", "steps=20000"],
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -143,7 +144,7 @@ def _largest_file(d):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["state", "meta"])
+@pytest.mark.parametrize("damage", ["state", pytest.param("meta", marks=pytest.mark.slow)])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(
   tmp_path, capfd, damage
 ):
