@@ -472,3 +472,13 @@ def test_only_released_values_reach_the_transforms_after_the_noise():
     clip.append(float(find_state(state, QuantileClipState).clip_norm))
   assert clip[0] > clip[1]  # fewer units under C: C grows
   assert seen == [["noise_variance"]] * 2  # the private count never gets past the noise
+
+
+@pytest.mark.parametrize("first, then", [("gaussian", "lmo"), ("lmo", "gaussian")])
+def test_a_resume_between_lmo_and_another_mechanism_is_refused_as_a_privacy_change(first, then):
+  over = {"gaussian": {}, "lmo": dict(mechanism="lmo", l1_clip_norm=1.0, lmo=LMO)}
+  ledger = _plan(over[first]).ledger_at(3)
+  with pytest.raises(ResumeRefused, match=f"mechanism: '{first}' -> '{then}'"):
+    _plan(over[then], ledger, 3)
+  segs = _plan(over[then], ledger, 3, allow=True).ledger_at(6).segments
+  assert [s.mechanism for s in segs] == [first, then]

@@ -749,9 +749,12 @@ def make_plan(
   last = prior.segments[-1]
   # The plan continuing the last segment's noise: any field that differs is a privacy change.
   same_noise = _candidate(args, last.noise_multiplier, LMOParams(**last.lmo) if last.lmo else None)
-  changed = last.differs_from(same_noise.segment(same_noise.steps))
-  if changed.pop("origin", None) is not None:  # said key by key
-    changed.update(_origin_diff(last, args))
+  try:
+    changed = last.differs_from(same_noise.segment(same_noise.steps))
+    changed.pop("origin", None)  # said key by key below
+  except ValueError:  # the last noise does not fit this mechanism: the origin says what changed
+    changed = {}
+  changed.update(_origin_diff(last, args))
   if not changed:  # the same noise, chosen the same way: continue the last segment
     return _with_stream(same_noise, spec, task)
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
