@@ -5,7 +5,10 @@ A run directory holds `config.json` (the validated spec, no secret),
 `<key>_nonfinite` flag; one row per logged step, replayed steps replace
 their rows), orbax checkpoints (the state, and beside it in the same atomic
 step the privacy ledger and the run's secret entropy), `privacy.json` (the
-ledger and its epsilon) and `curves.png`; `.lock` names the process using it.
+ledger and its epsilon) and `curves.png`; `.lock` is held (flock) by the
+process using it and names it. The directory is owner-only (0700) and the
+run writes its files owner-only. A checkpoint that fails to restore is
+moved to `damaged-checkpoints/`, never deleted.
 """
 
 from __future__ import annotations
