@@ -700,3 +700,39 @@ def test_a_mesh_the_devices_or_batch_cannot_fill_is_one_line_before_any_file(tmp
       train(cfg, build_task(cfg), str(tmp_path / "w"), progress=False)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "w").exists()
+
+
+def test_two_holders_of_one_lock_never_coexist(tmp_path):
+  import threading
+
+  from dpjax.training.rundir import RunLock, RunLocked
+
+  held, errors = [], []
+
+  def take(i):
+    lock = RunLock(str(tmp_path))
+    try:
+      lock.acquire()
+    except RunLocked:
+      errors.append(i)
+      return
+    held.append(i)
+
+  # Many takers at once over a stale file (no live holder): exactly one wins.
+  (tmp_path / ".lock").write_text("999999999 gone-host")
+  threads = [threading.Thread(target=take, args=(i,)) for i in range(16)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(held) == 1 and len(errors) == 15
+  a, b = RunLock(str(tmp_path / "x")), RunLock(str(tmp_path / "x"))
+  os.makedirs(tmp_path / "x")
+  a.acquire()
+  with pytest.raises(RunLocked, match=f"in use by process {os.getpid()} on "):
+    b.acquire()
+  a.release()
+  b.acquire()  # released: free again, and the file is b's now
+  assert (tmp_path / "x" / ".lock").read_text().split()[0] == str(os.getpid())
+  b.release()
+  assert not (tmp_path / "x" / ".lock").exists()
