@@ -40,20 +40,28 @@ def _steps_logged(workdir) -> int:
   return max([r["step"] for r in rows if "event" not in r], default=0)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, signum, code):
-  w = str(tmp_path / "w")
+def _started(workdir: str, logged: int) -> subprocess.Popen:
+  """A `dpjax train` of 20,000 steps in a subprocess, once it has logged `logged` steps."""
   proc = subprocess.Popen(
-    TRAIN + ["--workdir", w, "--set", "steps=20000"],
+    TRAIN + ["--workdir", workdir, "--set", "steps=20000"],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
   )
+  deadline = time.time() + 120
+  while _steps_logged(workdir) < logged and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  if _steps_logged(workdir) < logged:
+    proc.kill()
+    pytest.fail(f"no {logged} steps logged: {proc.communicate()[1][-2000:]}")
+  return proc
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, signum, code):
+  w = str(tmp_path / "w")
+  proc = _started(w, logged=3)
   try:
-    deadline = time.time() + 120
-    while _steps_logged(w) < 3 and time.time() < deadline and proc.poll() is None:
-      time.sleep(0.2)
-    assert _steps_logged(w) >= 3, proc.stderr.read() if proc.poll() is not None else "slow"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
   finally:
@@ -85,16 +93,8 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, si
 @pytest.mark.slow  # a third interpreter start; the first signal's tests run by default
 def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(tmp_path):
   w = str(tmp_path / "w")
-  proc = subprocess.Popen(
-    TRAIN + ["--workdir", w, "--set", "steps=20000"],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  proc = _started(w, logged=2)
   try:
-    deadline = time.time() + 120
-    while _steps_logged(w) < 2 and time.time() < deadline and proc.poll() is None:
-      time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -116,16 +116,9 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(t
 
 
 def _small(**overrides):
-  from dpjax.training.config import load_config
+  from test_loop import small_config
 
-  cfg = load_config("configs/synthetic.py")
-  cfg.task.num_train, cfg.task.num_eval = 600, 100
-  cfg.target_epsilon, cfg.noise_multiplier = None, 1.0
-  cfg.batch_size, cfg.physical_batch_size = 60, 64
-  cfg.steps, cfg.log_every, cfg.checkpoint_every = 6, 3, 3
-  for k, v in overrides.items():
-    cfg[k] = v
-  return cfg
+  return small_config(**dict(dict(steps=6), **overrides))
 
 
 def _train(cfg, w, **kw):

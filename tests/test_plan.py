@@ -285,6 +285,13 @@ def test_blt_target_is_met_and_bad_settings_are_refused():
 LMO = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
 LMO_TARGET = 3.0
 ONE_LMO = {"a": [0.1], "theta_k": [[1, 2]], "lam": [1.0], "Ub_Ua": [[2, 1]]}
+LMO_SEARCH = dict(  # LMO parameters searched for a target, over a one-candidate grid
+  mechanism="lmo",
+  l1_clip_norm=1.0,
+  noise_multiplier=None,
+  target_epsilon=LMO_TARGET,
+  lmo_grid=ONE_LMO,
+)
 USER = dict(privacy_unit="user", users_per_step=10, max_examples_per_user=4)
 # key -> (the first run's overrides, the resume's); every key of test_spec.PRIVACY is here.
 RESUME_CASES = {
@@ -321,37 +328,12 @@ RESUME_CASES = {
     dict(mechanism="lmo", l1_clip_norm=1.0, lmo=dict(LMO, a1=0.4)),
   ),
   "lmo_grid": (
-    dict(
-      mechanism="lmo",
-      l1_clip_norm=1.0,
-      noise_multiplier=None,
-      target_epsilon=LMO_TARGET,
-      lmo_grid=ONE_LMO,
-    ),
-    dict(
-      mechanism="lmo",
-      l1_clip_norm=1.0,
-      noise_multiplier=None,
-      target_epsilon=LMO_TARGET,
-      lmo_grid=dict(ONE_LMO, lam=[0.5]),
-    ),
+    LMO_SEARCH,
+    dict(LMO_SEARCH, lmo_grid=dict(ONE_LMO, lam=[0.5])),
   ),
   "lmo_objective": (
-    dict(
-      mechanism="lmo",
-      l1_clip_norm=1.0,
-      noise_multiplier=None,
-      target_epsilon=LMO_TARGET,
-      lmo_grid=ONE_LMO,
-    ),
-    dict(
-      mechanism="lmo",
-      l1_clip_norm=1.0,
-      noise_multiplier=None,
-      target_epsilon=LMO_TARGET,
-      lmo_grid=ONE_LMO,
-      lmo_objective="var",
-    ),
+    LMO_SEARCH,
+    dict(LMO_SEARCH, lmo_objective="var"),
   ),
 }
 

@@ -550,9 +550,7 @@ def train(
         except rundir.DamagedCheckpoint as e:
           if not lead or jax.process_count() > 1:
             raise
-          older = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-          older = [d for d in older if d < e.step]
-          rundir.set_aside(workdir, e.step, e.error, max(older) if older else None)
+          rundir.set_aside(workdir, e.step, e.error)
   finally:
     if lock is not None:
       lock.release()

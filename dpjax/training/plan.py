@@ -39,7 +39,7 @@ import optax
 
 from dpjax.core import accounting
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
-from dpjax.core.accounting.ledger import Ledger, Segment, canonical
+from dpjax.core.accounting.ledger import Ledger, Segment, changes
 from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
 from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
@@ -754,7 +754,7 @@ def make_plan(
     changed.pop("origin", None)  # said key by key below
   except ValueError:  # the last noise does not fit this mechanism: the origin says what changed
     changed = {}
-  changed.update(_origin_diff(last, args))
+  changed.update(changes(last.origin or {}, args["origin"]))
   if not changed:  # the same noise, chosen the same way: continue the last segment
     return _with_stream(same_noise, spec, task)
   said = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
@@ -788,15 +788,6 @@ def _with_stream(plan: PrivacyPlan, spec, task) -> PrivacyPlan:
   return dataclasses.replace(plan, stream=stream, sampler=sampler)
 
 
-def _origin_diff(last: Segment, args: Dict[str, Any]) -> Dict[str, tuple]:
-  old, new = last.origin or {}, args["origin"]
-  return {
-    k: (old.get(k), new.get(k))
-    for k in sorted(set(old) | set(new))
-    if canonical(old.get(k)) != canonical(new.get(k))
-  }
-
-
 def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
   """The segment's origin: the privacy spec and what the plan derives from it.
 
@@ -805,7 +796,7 @@ def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
   composed with, and the data's identity (the task section).
   """
   out = spec_lib.privacy_spec(spec)
-  out["task"] = _plain(spec.task)
+  out["task"] = spec.task.to_dict()
   if args["mf_blt"] is not None:  # a resume that refits the strategy changes the noise
     out["mf_blt"] = [list(v) for v in args["mf_blt"]]
   elif args["mf_coefs"] is not None and spec.mf_strategy == "optimal":
@@ -816,16 +807,6 @@ def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
     out["steps"] = int(spec.steps)
     out["composed_with"] = repr(extra_event) if extra_event is not None else None
   return out
-
-
-def _plain(v):
-  if hasattr(v, "to_dict"):
-    v = v.to_dict()
-  if isinstance(v, dict):
-    return {str(k): _plain(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_plain(x) for x in v]
-  return v
 
 
 def _fmt(v) -> str:

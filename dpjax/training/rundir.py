@@ -139,7 +139,7 @@ class Checkpoints:
 
     mngr = ocp.CheckpointManager(os.path.abspath(path))
     steps = sorted(mngr.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    for step in steps:
       if not os.path.isdir(os.path.join(path, str(step), "meta")):
         raise ResumeRefused(
           f"{path} holds a checkpoint (step {step}) without a privacy ledger; "
@@ -155,7 +155,7 @@ class Checkpoints:
           "end": meta.get("end"),
         }
       except Exception as e:  # noqa: BLE001 - any unreadable metadata: try the older one
-        set_aside(workdir, step, e, steps[i + 1] if i + 1 < len(steps) else None)
+        set_aside(workdir, step, e)
     raise ResumeRefused(
       f"no intact checkpoint is left in {path} (the damaged ones are in "
       f"{os.path.join(workdir, DAMAGED)}): the ledger cannot be continued; use a new workdir"
@@ -243,14 +243,13 @@ def _short(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:120]}{'...' if len(text) > 120 else ''}"
 
 
-def set_aside(workdir: str, step: int, error: BaseException, next_step: Optional[int]) -> str:
+def set_aside(workdir: str, step: int, error: BaseException) -> str:
   """Moves a damaged checkpoint out of `checkpoints/` (never deletes it) and says so in one line.
 
   Args:
     workdir: the run directory.
     step: the damaged checkpoint's step.
     error: why it failed.
-    next_step: the checkpoint the run falls back to, or None.
 
   Returns:
     Where it now is (`<workdir>/damaged-checkpoints/<step>[.n]`).
@@ -262,7 +261,8 @@ def set_aside(workdir: str, step: int, error: BaseException, next_step: Optional
   while os.path.exists(dst):
     dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
   os.replace(src, dst)
-  then = f"resuming from step {next_step}" if next_step is not None else "no older checkpoint"
+  older = [int(d) for d in os.listdir(os.path.dirname(src)) if d.isdigit() and int(d) < step]
+  then = f"resuming from step {max(older)}" if older else "no older checkpoint"
   print(
     f"dpjax: warning: checkpoint step {step} is damaged ({_short(error)}); set aside in {dst}, "
     f"{then}",

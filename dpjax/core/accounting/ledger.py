@@ -135,11 +135,8 @@ class Segment:
     Returns:
       {field: (self's value, other's value)} for each privacy field that differs.
     """
-    return {
-      f: (getattr(self, f), getattr(other, f))
-      for f in PRIVACY_FIELDS
-      if canonical(getattr(self, f)) != canonical(getattr(other, f))
-    }
+    mine, theirs = ({f: getattr(s, f) for f in PRIVACY_FIELDS} for s in (self, other))
+    return changes(mine, theirs)
 
   def step_event(self) -> dp_accounting.DpEvent:
     """One release of this segment."""
@@ -194,6 +191,23 @@ class Segment:
     if unknown:
       raise ValueError(f"unknown ledger segment fields {sorted(unknown)}")
     return cls(**d)
+
+
+def changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+  """{key: (old value, new value)} for every key whose `canonical` values differ.
+
+  Args:
+    old: the values before (a missing key counts as None).
+    new: the values after.
+
+  Returns:
+    The differing keys, in sorted order.
+  """
+  return {
+    k: (old.get(k), new.get(k))
+    for k in sorted(set(old) | set(new))
+    if canonical(old.get(k)) != canonical(new.get(k))
+  }
 
 
 def canonical(v):
