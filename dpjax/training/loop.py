@@ -976,10 +976,18 @@ def _run(
 
     eval_fn = make_eval_fn(task) if task.splits else None
     window, count, seen = None, 0.0, 0  # stats since the last log row (on the devices)
-    unchecked: List[tuple] = []  # (step, units, dropped on the devices) since the last read
+    unchecked = _NO_DROPS  # dropped-unit counts since the last read (on the devices)
     t0 = time.perf_counter()
     last: Dict[str, Any] = {}
-    dropped_total = units_total = 0.0
+    dropped_total = units_total = units_unchecked = 0.0
+
+    def read_dropped(done: int) -> None:
+      """Reads the dropped-unit counts before a step is saved or logged (stops if all dropped)."""
+      nonlocal unchecked, units_unchecked, dropped_total, units_total
+      dropped_total += _check_dropped(unchecked, done)
+      units_total += units_unchecked
+      unchecked, units_unchecked = _NO_DROPS, 0.0
+
     stopped_after = None  # the step a SIGTERM / SIGINT stopped the run after
     for step in range(start, end):
       if stop.signum is not None:  # before the first step: nothing ran since the checkpoint
@@ -996,7 +1004,8 @@ def _run(
       window = sums.stats if window is None else _add(window, sums.stats)
       count += sums.units
       seen += sums.examples
-      unchecked.append((step + 1, sums.units, sums.stats["dropped_units"]))
+      unchecked = _note_dropped(unchecked, sums.stats["dropped_units"], sums.units, step + 1)
+      units_unchecked += sums.units
       extra = {}
       if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
         kept = sums.units - sums.stats["dropped_units"]
@@ -1007,8 +1016,7 @@ def _run(
       done = step + 1
       logs = done % spec.log_every == 0 or done == end
       if logs or (checkpointer is not None and checkpointer.due(done)):
-        d, u = _check_dropped(unchecked, done)  # before the step is saved or logged
-        dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
+        read_dropped(done)
       for cb in cbs:
         cb.on_step(done, state)
       if logs:
@@ -1039,8 +1047,7 @@ def _run(
         last, window, count = rec, None, 0.0
       if stop.signum is not None:  # a signal came during this step: it is done; save it, stop
         if checkpointer is not None and not checkpointer.due(done):
-          d, u = _check_dropped(unchecked, done)
-          dropped_total, units_total, unchecked = dropped_total + d, units_total + u, []
+          read_dropped(done)
           checkpointer.end = done
           checkpointer.on_step(done, state)
         stopped_after = done
@@ -1080,27 +1087,40 @@ def _run(
       ckpt.wait()
 
 
-def _check_dropped(unchecked: List[tuple], done: int) -> tuple:
+# Dropped-unit counts kept on the devices between reads, so that a run that logs
+# rarely holds three scalars, not one array per step: (dropped units since the
+# last read, the first step since then whose every sampled unit was dropped (0:
+# none), that step's sampled units).
+_NO_DROPS = (0.0, 0, 0.0)
+
+
+@jax.jit
+def _note_dropped(unchecked: tuple, dropped: jax.Array, units: float, step: int) -> tuple:
+  """Adds one step's dropped units to `unchecked` (on the devices: nothing is read)."""
+  since, bad_step, bad_units = unchecked
+  bad = (units > 0) & (dropped >= units) & (bad_step == 0)
+  return since + dropped, jnp.where(bad, step, bad_step), jnp.where(bad, units, bad_units)
+
+
+def _check_dropped(unchecked: tuple, done: int) -> float:
   """Reads the dropped-unit counts of the steps since the last read; stops at an all-dropped step.
 
   Args:
-    unchecked: (step, sampled units, dropped units on the devices) per step.
+    unchecked: `_NO_DROPS` or what `_note_dropped` returned.
     done: the steps run (for the message).
 
   Returns:
-    (dropped units, sampled units) over those steps.
+    The units dropped over those steps.
   """
-  dropped_sum = units_sum = 0.0
-  for step, units, dropped in unchecked:
-    dropped = float(dropped)
-    if units > 0 and dropped >= units:
-      raise NonFiniteData(
-        f"step {step}: every one of the {int(units)} sampled units had a non-finite "
-        "loss or gradient and was dropped; check the data and the learning rate "
-        f"(the run stopped at step {done}, before saving or logging any step past {step - 1})"
-      )
-    dropped_sum, units_sum = dropped_sum + dropped, units_sum + units
-  return dropped_sum, units_sum
+  since, bad_step, bad_units = (float(x) for x in unchecked)
+  if bad_step:
+    step = int(bad_step)
+    raise NonFiniteData(
+      f"step {step}: every one of the {int(bad_units)} sampled units had a non-finite "
+      "loss or gradient and was dropped; check the data and the learning rate "
+      f"(the run stopped at step {done}, before saving or logging any step past {step - 1})"
+    )
+  return since
 
 
 class NonFiniteData(ValueError):

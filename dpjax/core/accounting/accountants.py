@@ -28,7 +28,12 @@ from dpjax.core import checks
 from dpjax.core.accounting import events as ev
 from dpjax.core.accounting.edgeworth import EdgeworthAccountant
 from dpjax.core.accounting.lmo import LMOAccountant, LMODpEvent
-from dpjax.core.accounting.step_pld import MOG_DISCRETIZATION, PLD_DISCRETIZATION, StepPLDAccountant
+from dpjax.core.accounting.step_pld import (
+  MOG_DISCRETIZATION,
+  PLD_DISCRETIZATION,
+  StepPLDAccountant,
+  numpy_fft,
+)
 from dpjax.core.checks import check_delta, check_epsilon
 
 NeighborRel = dp_accounting.NeighboringRelation
@@ -190,7 +195,8 @@ def composed(
     acc = ACCOUNTANTS[accountant](event)
   if not acc.supports(event):
     raise ValueError(f"accountant {accountant!r} does not support event {event}")
-  acc.compose(event)
+  with numpy_fft():  # no FFT plans kept per composition length (`step_pld.numpy_fft`)
+    acc.compose(event)
   return acc
 
 
