@@ -910,6 +910,52 @@ def bench_table_runs(layers: str, d: str, batch: str, seq: str, file: str = "ben
   return _table(head + ["fastest DP step"], lines)
 
 
+# --- memory over a long run ----------------------------------------------------
+
+
+@renderer
+def bench_memory(file: str = "bench_memory") -> str:
+  """Resident memory over a long run (`bench_memory.py`): one line per revision and cadence."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file),
+    lambda r: {
+      k: r[k] for k in ("revision", "steps", "warmup", "log_every", "checkpoint_every", "machine")
+    },
+  )
+  lines = []
+  for r in index.values():
+    counted = [m for s, m in r["rss_mb"] if s >= r["warmup"]]
+    lines.append(
+      [
+        r["revision"],
+        f"{r['steps']:,}",
+        f"{r['log_every']:,} / {r['checkpoint_every']:,}",
+        f"{r['rss_mb'][0][1]:.1f}",
+        f"{r['rss_start_mb']:.1f}",
+        f"{r['rss_end_mb']:.1f}",
+        f"{max(counted) - min(counted):.1f}",
+        f"{r['growth_mb']:+.1f}",
+        f"{r['slope_mb_per_1000']:+.2f}",
+        f"{r['seconds']:.0f}",
+      ]
+    )
+  return _table(
+    [
+      "revision",
+      "steps",
+      "log / checkpoint every",
+      "RSS MB at the first sample",
+      "after the warm-up",
+      "at the end",
+      "max - min after the warm-up",
+      "growth MB (end - warm-up)",
+      "slope MB / 1,000 steps",
+      "run s",
+    ],
+    lines,
+  )
+
+
 # --- the driver --------------------------------------------------------------
 
 

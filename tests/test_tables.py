@@ -123,6 +123,22 @@ def test_bad_rows_and_settings_are_one_clear_line(tmp_path, change, kwargs, matc
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kwargs", [{"num_labels": 2}, {"labels": [0, 1]}])
+def test_a_text_label_among_integers_is_blamed_on_its_own_record(tmp_path, kwargs):
+  # One text label makes the CSV reader read every label as text ("0", "1"):
+  # the record named is the one with the text, not the first.
+  path = tmp_path / "mixed.csv"
+  path.write_text("text,label\n" + "".join(f"r{i},{i % 2}\n" for i in range(5)) + "r5,pos\n")
+  with pytest.raises(ValueError, match=r"^mixed.csv record 6: label 'pos' is not"):
+    load_labelled_text(str(path), text_column="text", **kwargs)
+  path.write_text("text,label\n" + "".join(f"r{i},{i % 2}\n" for i in range(40)))
+  quoted = tmp_path / "quoted.csv"  # integers as text everywhere: read as the integers
+  quoted.write_text("text,label\n" + "".join(f'r{i},"{i % 2}"\n' for i in range(40)))
+  for p in (path, quoted):
+    d = load_labelled_text(str(p), text_column="text", **kwargs)
+    assert sorted(sum((list(d[s]["label"]) for s in d), [])) == [0] * 20 + [1] * 20
+
+
 def test_bad_sources_are_one_clear_line(tmp_path):
   (tmp_path / "x.xlsx").write_text("")
   with pytest.raises(ValueError, match=r"unknown file type '.xlsx'; allowed: .csv, .json"):

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -122,23 +123,37 @@ def _read(datasets, source: str):
     ) from None
 
 
+def _integer(value) -> Optional[int]:
+  """`value` as an int when it is one: 3, 3.0, or the text "3" (a CSV column that one
+  non-integer record turned into text holds its integers as text); else None."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, float) and math.isfinite(value) and value == int(value):
+    return int(value)
+  if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+    return int(value)
+  return None
+
+
 def _label_index(value, row: int, where: str, num_labels: int, labels) -> int:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     raise ValueError(f"{where} record {row}: the label is missing")
   if labels is not None:
+    if value not in labels and _integer(value) in labels:
+      value = _integer(value)
     if value not in labels:
       shown = ", ".join(repr(v) for v in list(labels)[:10])
       raise ValueError(f"{where} record {row}: label {value!r} is not one of task.labels [{shown}]")
     return labels[value]
-  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-  if isinstance(value, float) and math.isfinite(value) and value == int(value):
-    ok, value = True, int(value)
-  if not ok or not 0 <= int(value) < num_labels:
+  index = _integer(value)
+  if index is None or not 0 <= index < num_labels:
     raise ValueError(
       f"{where} record {row}: label {value!r} is not an integer in [0, {num_labels}) "
       f"(task.num_labels={num_labels}; give task.labels to name string labels)"
     )
-  return int(value)
+  return index
 
 
 def load_labelled_text(
