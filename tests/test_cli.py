@@ -227,6 +227,50 @@ def test_bad_train_inputs_exit_2_with_one_line_and_no_files(tmp_path, capsys, se
   assert not workdir.exists()
 
 
+BAD_DISTILL = [
+  ("configs/synthetic.py", [], "not a distill config: it has no teacher section"),
+  ("configs/distil_shakespeare.py", ["teacher.steps='abc'"], "steps must be an integer, got 'abc'"),
+  ("configs/distil_shakespeare.py", ["total_epsilon=-1"], "total_epsilon must be in (0, 1000]"),
+  ("configs/distil_shakespeare.py", ["histogram.epsilon=5.0"], "must be below total_epsilon=2"),
+  ("configs/distil_shakespeare.py", ["histogram.mechanism='lap'"], "histogram.mechanism must be"),
+  ("configs/distil_shakespeare.py", ["generation.top_p=0.0"], "generation.top_p must be in (0, 1]"),
+  ("configs/distil_shakespeare.py", ["student.steps=0"], "student.steps must be in [1, "),
+  ("configs/distil_shakespeare.py", ["student.lam='x'"], "student.lam='x'"),
+  ("configs/distil_shakespeare.py", ["student.model={'layers': 1}"], "got 'layers'"),
+  (
+    "configs/distil_shakespeare.py",
+    ["student.model={'hidden_size': 64}", "student.init_from_public=None"],
+    "student.init_from_public must be a bool",
+  ),
+  ("configs/distil_shakespeare.py", ["student.model={'num_heads': 4}"], "num_layers is missing"),
+  (
+    "configs/distil_shakespeare.py",
+    ["teacher.task.control_code=False"],
+    "teacher.task.control_code must be True",
+  ),
+]
+
+
+@pytest.mark.parametrize("config,sets,msg", BAD_DISTILL)
+def test_bad_distill_inputs_exit_2_before_any_fetch(
+  tmp_path, capsys, monkeypatch, config, sets, msg
+):
+  from dpjax import assets
+
+  def no_fetch(*a, **k):
+    raise AssertionError("an asset was fetched before the config was checked")
+
+  monkeypatch.setattr(assets, "fetch", no_fetch)
+  run_dir = tmp_path / "run"
+  argv = ["distill", config, "--run-dir", str(run_dir), "--no-progress"]
+  for s in sets:
+    argv += ["--set", s]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("dpjax: error: ") and msg in err[0], err
+  assert not run_dir.exists()
+
+
 @pytest.mark.parametrize(
   "argv,msg",
   [

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,10 +33,13 @@ from dpjax.core.accounting import calibrate_noise
 from dpjax.core.accounting import epsilon as eps_of
 from dpjax.core.accounting import events as ev
 from dpjax.core.accounting.ledger import Ledger
+from dpjax.core.checks import MAX_RELEASES, MAX_TARGET_EPSILON
 from dpjax.models.decoder import Decoder, causal_lm_loss, init_params
 from dpjax.models.generate import generate, left_pad
 from dpjax.tasks import build_task
+from dpjax.training import spec as spec_lib
 from dpjax.training.loop import Task, train
+from dpjax.training.rundir import make_private_dir
 
 PyTree = Any
 
@@ -488,6 +492,140 @@ def student_task(
   return Task("distil-student", params, {"teacher": teacher_params}, loss_fn, data, splits)
 
 
+def _section(where: str, keys: Sequence[spec_lib.Key], given) -> None:
+  """Checks one section of a distill config against its declared keys (one line per error)."""
+  if not isinstance(given, (dict, ml_collections.ConfigDict)):
+    raise spec_lib.SpecError(f"{where} must be a section (a dict), got {given!r}")
+  names = [k.name.split(".")[-1] for k in keys]
+  unknown = sorted(set(given) - set(names))
+  if unknown:
+    raise spec_lib.SpecError(f"{where} takes {', '.join(names)}; got unknown {unknown[0]!r}")
+  for k, name in zip(keys, names):
+    if name in given:
+      spec_lib.check_value(k, given[name])
+    elif k.default is None and not k.optional:
+      raise spec_lib.SpecError(f"{k.name} is missing (it has no default)")
+
+
+def _key(name, kind, check=None, *, default=None, choices=None, optional=False) -> spec_lib.Key:
+  """A key of a distill section; `default` None: the config must set it."""
+  return spec_lib.Key(
+    name,
+    default,
+    kind,
+    doc="",
+    check=check[0] if check else None,
+    allowed=check[1] if check else "",
+    optional=optional,
+    choices=choices,
+  )
+
+
+_POS = (lambda v: v > 0 and math.isfinite(v), "finite and > 0")
+_GE1 = (lambda v: v >= 1, ">= 1")
+_NUM, _INT, _DICT = (int, float), (int,), (dict, ml_collections.ConfigDict)
+TOP_KEYS = (
+  _key(
+    "total_epsilon",
+    _NUM,
+    (lambda v: 0 < v <= MAX_TARGET_EPSILON, f"in (0, {MAX_TARGET_EPSILON:g}]"),
+  ),
+  _key("delta", _NUM, (lambda v: 0 < v < 1, "in (0, 1)")),
+  _key("teacher", _DICT),
+  _key("histogram", _DICT, optional=True),  # None: uniform prompts, no histogram released
+  _key("generation", _DICT),
+  _key("student", _DICT),
+)
+HISTOGRAM_KEYS = (
+  _key("histogram.epsilon", _NUM, _POS),
+  _key("histogram.mechanism", (str,), choices=("gaussian", "laplace")),
+)
+GENERATION_KEYS = (
+  _key("generation.num_samples", _INT, _GE1),
+  _key("generation.batch_size", _INT, _GE1),
+  _key("generation.top_k", _INT, (lambda v: v >= 0, ">= 0 (0: no top-k)")),
+  _key("generation.top_p", _NUM, (lambda v: 0 < v <= 1, "in (0, 1]")),
+  _key("generation.temperature", _NUM, _POS),
+  _key("generation.seed", _INT),
+)
+STUDENT_KEYS = (
+  _key("student.model", _DICT),
+  _key("student.init_from_public", (bool,), default=True),
+  _key("student.lam", _NUM, (lambda v: 0 <= v <= 1, "in [0, 1]")),
+  _key("student.temperature", _NUM, _POS),
+  _key("student.alpha", _NUM, (lambda v: v >= 0 and math.isfinite(v), "finite and >= 0")),
+  _key("student.steps", _INT, (lambda v: 1 <= v <= MAX_RELEASES, f"in [1, {MAX_RELEASES:g}]")),
+  _key("student.batch_size", _INT, _GE1),
+  _key("student.learning_rate", _NUM, _POS),
+  _key("student.seed", _INT),
+)
+# The `DecoderConfig` fields a student may change (same family and tokenizer as the teacher).
+STUDENT_SIZES = (
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "intermediate_size",
+  "num_kv_heads",
+  "head_dim",
+)
+
+
+def teacher_config(cfg) -> ml_collections.ConfigDict:
+  """The teacher's train config: `cfg.teacher` with the distill budget (calibrated to
+  `total_epsilon` with the histogram, at `delta`)."""
+  tcfg = ml_collections.ConfigDict(cfg.teacher.to_dict(), type_safe=False)
+  tcfg.delta = cfg.delta
+  tcfg.target_epsilon = cfg.total_epsilon
+  tcfg.noise_multiplier = None
+  return tcfg
+
+
+def check_config(cfg) -> None:
+  """Checks every value of a `dpjax distill` config before anything is fetched or built.
+
+  The teacher section is a train config (`dpjax.training.spec`); the others
+  are declared here (`TOP_KEYS`, `HISTOGRAM_KEYS`, `GENERATION_KEYS`,
+  `STUDENT_KEYS`; `student.model` overrides `STUDENT_SIZES` of the
+  teacher's `DecoderConfig`). Errors are one line (`SpecError`).
+
+  Args:
+    cfg: the config.
+  """
+  if "teacher" not in cfg:
+    raise spec_lib.SpecError(
+      "not a distill config: it has no teacher section (a train config runs with `dpjax train`)"
+    )
+  _section("the distill config", TOP_KEYS, cfg)
+  spec = spec_lib.validate(spec_lib.with_defaults(teacher_config(cfg)))
+  if not spec.task.get("control_code"):
+    raise spec_lib.SpecError("teacher.task.control_code must be True (prompts by label)")
+  hist = cfg.get("histogram")
+  if hist is not None:
+    _section("histogram", HISTOGRAM_KEYS, hist)
+  if hist and hist["epsilon"] >= cfg.total_epsilon:
+    raise spec_lib.SpecError(
+      f"histogram.epsilon must be below total_epsilon={cfg.total_epsilon:g} (the teacher "
+      f"spends the rest), got {hist['epsilon']!r}"
+    )
+  _section("generation", GENERATION_KEYS, cfg.generation)
+  _section("student", STUDENT_KEYS, cfg.student)
+  for name, v in dict(cfg.student.model).items():
+    if name not in STUDENT_SIZES:
+      raise spec_lib.SpecError(
+        f"student.model sets the sizes of the teacher's decoder that the student changes "
+        f"({', '.join(STUDENT_SIZES)}); got {name!r}"
+      )
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise spec_lib.SpecError(f"student.model.{name} must be an integer >= 1, got {v!r}")
+  model = dict(cfg.student.model)
+  if cfg.student.get("init_from_public", True) and "hidden_size" not in model:
+    if "num_layers" not in model:  # the student is the teacher's first num_layers blocks
+      raise spec_lib.SpecError(
+        "student.model.num_layers is missing: a student initialised from the public "
+        "pretrained decoder keeps its first num_layers blocks"
+      )
+
+
 def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any]:
   """`dpjax distill`: teacher DP fine-tune -> synthetic text -> student, resumable.
 
@@ -512,14 +650,12 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   import os
 
   import datasets
-  import ml_collections
 
-  os.makedirs(run_dir, exist_ok=True)
+  check_config(cfg)
+  make_private_dir(run_dir)
 
   # Stage 1: the DP teacher (the only reader of the private data, with the histogram).
-  tcfg = ml_collections.ConfigDict(cfg.teacher.to_dict(), type_safe=False)
-  if not tcfg.task.get("control_code"):
-    raise ValueError("the teacher task needs task.control_code=True (prompts by label)")
+  tcfg = teacher_config(cfg)
   if task is None:
     task = build_task(tcfg)
   hist_cfg = cfg.get("histogram")
@@ -529,10 +665,7 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
       hist_cfg.mechanism, histogram_noise(hist_cfg.mechanism, hist_cfg.epsilon, cfg.delta)
     )
   # The teacher's plan calibrates its noise so that its ledger and the
-  # histogram compose to total_epsilon.
-  tcfg.delta = cfg.delta
-  tcfg.target_epsilon = cfg.total_epsilon
-  tcfg.noise_multiplier = None
+  # histogram compose to total_epsilon (`teacher_config`).
   teacher_res = train(
     tcfg, task, os.path.join(run_dir, "teacher"), progress=progress, extra_event=h_event
   )
@@ -625,6 +758,7 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   )
   student_cfg = ml_collections.ConfigDict(
     dict(
+      task=dict(name="distil_student", model=dict(s.model)),  # built here, not by build_task
       private=False,
       steps=s.steps,
       batch_size=s.batch_size,
