@@ -244,3 +244,20 @@ def test_a_full_disk_mid_run_is_one_line_and_the_rerun_resumes_exactly(
   got, want = (json.load(open(d / "privacy.json")) for d in (w, clean))
   assert got["steps"] == want["steps"] == 6
   assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-12)
+
+
+def test_per_example_gradients_larger_than_the_machine_are_one_line(tmp_path, capsys, monkeypatch):
+  # The synthetic task trains 676 parameters: 128 per-example float32 copies are 346,112
+  # bytes. With 300,000 bytes available the physical batch of 128 is refused before any
+  # file is written (110 is the most that fits); a microbatch of 64 runs.
+  from dpjax.training import loop
+
+  monkeypatch.setattr(loop, "available_memory", lambda: 300_000)
+  w = tmp_path / "w"
+  assert _cli_train(w, "steps=2") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    len(err) == 1 and "physical_batch_size=128 holds 128 per-example gradients of 676" in err[0]
+  )
+  assert "set microbatch_size to at most 110" in err[0] and not w.exists()
+  assert _cli_train(w, "steps=2", "microbatch_size=64") == 0

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import time
 
 import jax
 import numpy as np
@@ -729,8 +731,13 @@ def test_two_holders_of_one_lock_never_coexist(tmp_path):
   a, b = RunLock(str(tmp_path / "x")), RunLock(str(tmp_path / "x"))
   os.makedirs(tmp_path / "x")
   a.acquire()
-  with pytest.raises(RunLocked, match=f"in use by process {os.getpid()} on "):
+  with pytest.raises(RunLocked, match=f"in use by process {os.getpid()} on ") as e:
     b.acquire()
+  # the holder's start time (this process's, before the lock was taken), and how to
+  # remove a lock that is really stale
+  started = re.search(r"\(started (\S+)\)", str(e.value)).group(1)
+  assert started <= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  assert f"remove {tmp_path / 'x' / '.lock'})" in str(e.value)
   a.release()
   b.acquire()  # released: free again, and the file is b's now
   assert (tmp_path / "x" / ".lock").read_text().split()[0] == str(os.getpid())

@@ -293,6 +293,49 @@ def check_task_data(task: Task) -> None:
           )
 
 
+def available_memory() -> Optional[int]:
+  """Bytes the local devices can hold: their allocators' limits, or the host's available memory
+  for CPU devices (None when neither says)."""
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+  if all(limits):
+    return int(sum(limits))
+  try:
+    with open("/proc/meminfo") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+  except (OSError, StopIteration, ValueError):
+    return None
+
+
+def check_fits(spec, task: Task) -> None:
+  """Refuses a private step whose per-example gradients alone exceed the devices' memory.
+
+  The vmap path holds one gradient per example of a microbatch (the physical
+  batch unless `microbatch_size`) at once: that many float32 copies of the
+  trained parameters. A step that needs more than the local devices hold
+  (all of them together: the check never refuses a step a mesh could shard)
+  would fail at its first allocation, after the task was built and files were
+  written; it is refused here in one line. Ghost clipping holds no
+  per-example gradients and is not checked.
+
+  Args:
+    spec: the validated spec.
+    task: the task (its trained parameters).
+  """
+  if not spec.private or spec.clipping_method != "vmap":
+    return
+  per = int(spec.microbatch_size or spec.physical_batch_size)
+  trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(task.params))
+  need, have = per * trained * 4, available_memory()
+  if have is not None and need > have:
+    fits = max(have // (trained * 4), 0)
+    raise SpecError(
+      f"{'microbatch_size' if spec.microbatch_size else 'physical_batch_size'}={per} holds "
+      f"{per} per-example gradients of {trained:,} trained parameters at once "
+      f"({need / 2**30:.1f} GiB), more than the {have / 2**30:.1f} GiB this machine's devices "
+      f"can hold: set microbatch_size to at most {fits}, or clipping_method='ghost'"
+    )
+
+
 def with_weight_distillation(cfg, task: Task) -> Task:
   """`cfg.weight_distillation` = dict(lam, reference): DP-Flat's term in every example's loss.
 
@@ -432,6 +475,7 @@ def prepare(
   """
   spec = spec_lib.validate(spec_lib.with_defaults(cfg))
   check_task_data(task)
+  check_fits(spec, task)
   meta, ran, no_ran = _resume_point(workdir)
   if workdir and meta is not None:
     rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)

@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import sys
+import time
 from typing import Any, Dict, Optional
 
 import jax
@@ -280,7 +281,11 @@ class RunLock:
   that was reused since) is free, and two processes can never both hold it
   (taking it is one atomic call; the file is checked to still be the one
   locked, since a releasing process removes it). The file names the holder's
-  PID and host for the message.
+  PID, host and process start time for the message. A PID reused by another
+  process after a crash or reboot therefore never blocks a run: the lock is
+  the OS's, not the PID's (so no start-time comparison is needed to call a
+  lock stale). Only a filesystem that does not honour `flock` across hosts
+  can keep a dead host's lock; the message says how to remove it.
   """
 
   def __init__(self, workdir: str):
@@ -300,13 +305,15 @@ class RunLock:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError:
-        who = os.read(fd, 256).decode(errors="replace").split() or ["?"]
+        who = os.read(fd, 256).decode(errors="replace").split(maxsplit=2) or ["?"]
         os.close(fd)
         on = f" on {who[1]}" if len(who) > 1 else ""
+        since = f" (started {who[2]})" if len(who) > 2 else ""
         raise RunLocked(
-          f"{os.path.dirname(self.path)} is in use by process {who[0]}{on} (lock file "
-          f"{self.path}, held by that live process: the OS frees it when the process ends); "
-          "wait for it or use another workdir"
+          f"{os.path.dirname(self.path)} is in use by process {who[0]}{on}{since}: its lock "
+          f"{self.path} is held by that live process and freed when it ends; wait for it or "
+          "use another workdir (only if no such process runs, e.g. its host crashed on a "
+          f"shared filesystem without flock, remove {self.path})"
         ) from None
       try:
         same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -316,7 +323,7 @@ class RunLock:
         break
       os.close(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
+    os.write(fd, f"{os.getpid()} {socket.gethostname()} {_process_start()}".encode())
     self._fd, self.held = fd, True
 
   def release(self) -> None:
@@ -329,6 +336,20 @@ class RunLock:
         pass
       os.close(self._fd)  # releases the flock
       self._fd = None
+
+
+def _process_start() -> str:
+  """This process's start time (UTC, ISO 8601, seconds), from /proc where there is one."""
+  t = time.time()
+  try:
+    with open("/proc/self/stat") as f:  # field 22 (after the parenthesised name): clock ticks
+      ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as f:
+      boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    t = boot + ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError, StopIteration):
+    pass  # the time the lock was taken instead
+  return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class RunLocked(RuntimeError):
