@@ -475,7 +475,6 @@ def prepare(
   """
   spec = spec_lib.validate(spec_lib.with_defaults(cfg))
   check_task_data(task)
-  check_fits(spec, task)
   meta, ran, no_ran = _resume_point(workdir)
   if workdir and meta is not None:
     rundir.check_same_run(workdir, spec.to_dict(), allow_privacy_change)
@@ -517,6 +516,7 @@ def prepare(
           allow_privacy_change=True,
           extra_event=extra_event,
         )
+  check_fits(spec, task)  # after the plan's own size checks (a batch larger than the data)
   if plan.private:  # the whole planned ledger, accounted before any compute
     try:
       accounting.check_accountable(plan.ledger_at(plan.steps).event())
