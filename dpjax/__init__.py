@@ -13,14 +13,28 @@ and events) -> `training` (spec, plan, step, loop) -> `tasks` -> `pipelines`
 (multi-stage runs) -> `cli`.
 """
 
+import sys as _sys
+
 from dpjax.core import accounting, mechanisms
 from dpjax.core.clipping import ClippedGradAux, clipped_grad, group_mean
 from dpjax.core.mechanisms import normalize
 from dpjax.methods import flatness
-from dpjax.pipelines import distil_dp as distill
-from dpjax.training.loop import Task, train
+from dpjax.pipelines import distill
+from dpjax.training.loop import train
+from dpjax.training.task import Task
 
 __version__ = "0.1.0"
+
+# The short paths are importable modules too (`import dpjax.mechanisms`,
+# `from dpjax.accounting import epsilon`): the same module objects.
+for _short, _module in {
+  "accounting": accounting,
+  "mechanisms": mechanisms,
+  "flatness": flatness,
+  "distill": distill,
+}.items():
+  _sys.modules.setdefault(f"{__name__}.{_short}", _module)
+del _short, _module
 
 __all__ = [
   "ClippedGradAux",

@@ -27,13 +27,14 @@ from dpjax.core.checks import (
 )
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.hf import export_decoder
-from dpjax.pipelines import distil_dp as distill
+from dpjax.pipelines import distill
 from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
-from dpjax.training.loop import RunInterrupted, evaluate, train
+from dpjax.training.loop import RunInterrupted, train
 from dpjax.training.rundir import RunLocked, check_writable, strict_json
+from dpjax.training.task import evaluate
 
 
 def _train(args) -> int:
@@ -308,13 +309,13 @@ def _account(args) -> int:
     return Ledger(
       (
         Segment(
-          "gaussian",
-          sigma,
-          args.sampling_rate,
-          args.unit,
-          sampling,
-          G,
-          args.steps,
+          mechanism="gaussian",
+          noise_multiplier=sigma,
+          sampling_rate=args.sampling_rate,
+          unit=args.unit,
+          sampling=sampling,
+          max_examples_per_user=G,
+          steps=args.steps,
           accountant=args.accountant,
         ),
       )
@@ -384,7 +385,14 @@ def _account_lmo(argv) -> int:
     eps = Ledger(
       (
         Segment(
-          "lmo", 0.0, args.sampling_rate, "example", None, 1, args.steps, lmo=params.as_dict()
+          mechanism="lmo",
+          noise_multiplier=0.0,
+          sampling_rate=args.sampling_rate,
+          unit="example",
+          sampling=None,
+          max_examples_per_user=1,
+          steps=args.steps,
+          lmo=params.as_dict(),
         ),
       )
     ).epsilon(args.delta)

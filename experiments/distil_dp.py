@@ -30,7 +30,7 @@ import rows as rows_lib  # experiments/rows.py, beside this script
 
 from dpjax.core import accounting
 from dpjax.models.decoder import Decoder, causal_lm_loss
-from dpjax.pipelines import distil_dp as distill
+from dpjax.pipelines import distill
 from dpjax.tasks import build_task
 from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import Task, prepare, train

@@ -250,9 +250,9 @@ def test_per_example_gradients_larger_than_the_machine_are_one_line(tmp_path, ca
   # The synthetic task trains 676 parameters: 128 per-example float32 copies are 346,112
   # bytes. With 300,000 bytes available the physical batch of 128 is refused before any
   # file is written (110 is the most that fits); a microbatch of 64 runs.
-  from dpjax.training import loop
+  from dpjax.training import task
 
-  monkeypatch.setattr(loop, "available_memory", lambda: 300_000)
+  monkeypatch.setattr(task, "available_memory", lambda: 300_000)
   w = tmp_path / "w"
   assert _cli_train(w, "steps=2") == 2
   err = capsys.readouterr().err.strip().splitlines()

@@ -233,3 +233,62 @@ def test_the_checks_catch_a_violation(case, monkeypatch):
   test = test_no_import_cycles if case == "cycle" else test_no_upward_or_sideways_imports
   with pytest.raises(AssertionError):
     test()
+
+
+# Functions over MAX_FUNCTION_LINES, each with why it is one function. Shrink, never grow.
+LONG_FUNCTIONS = {
+  "dpjax/pipelines/distill.py::run": (
+    "DistilDP's three resumable stages in order; each stage's skip-if-done reads the last's files"
+  ),
+  "dpjax/core/clipping/ghost.py::clip_chunk": (
+    "one traced pass: the norms of every intercepted layer must be summed in the trace that "
+    "captured them"
+  ),
+  "dpjax/tasks/text_classification.py::text_classification": (
+    "the task builder: data, tokenizer, model, trained subset and loss read in one order"
+  ),
+  "dpjax/cli.py::main": "the argument parser: one add_argument per option of every command",
+  "dpjax/data/tables.py::load_labelled_text": (
+    "one pass over the records that names the first bad one (text, split, label, pair)"
+  ),
+  "dpjax/training/plan.py::make_plan": "the plan's fields, fixed in dependency order",
+}
+MAX_FUNCTION_LINES = 120
+MAX_FIT_LINES = 80  # the step loop reads in one screen
+
+
+def _function_lengths() -> Dict[str, int]:
+  out = {}
+  for path in _modules().values():
+    rel = os.path.relpath(path, os.path.dirname(ROOT))
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        out[f"{rel}::{node.name}"] = node.end_lineno - node.lineno + 1
+  return out
+
+
+def test_no_function_is_longer_than_a_screen_or_two_unless_it_says_why():
+  lengths = _function_lengths()
+  long = {k for k, n in lengths.items() if n > MAX_FUNCTION_LINES}
+  assert long <= set(LONG_FUNCTIONS), sorted(long - set(LONG_FUNCTIONS))
+  assert lengths["dpjax/training/loop.py::fit"] <= MAX_FIT_LINES
+  stale = sorted(k for k in LONG_FUNCTIONS if lengths.get(k, 0) <= MAX_FUNCTION_LINES)
+  assert not stale, f"no longer long (remove from LONG_FUNCTIONS): {stale}"
+
+
+def test_the_facades_short_paths_are_importable_modules():
+  import importlib
+
+  import dpjax
+
+  for short, full in {
+    "accounting": "dpjax.core.accounting",
+    "mechanisms": "dpjax.core.mechanisms",
+    "flatness": "dpjax.methods.flatness",
+    "distill": "dpjax.pipelines.distill",
+  }.items():
+    assert importlib.import_module(f"dpjax.{short}") is importlib.import_module(full)
+    assert getattr(dpjax, short) is importlib.import_module(full)
+  from dpjax.mechanisms import gaussian  # noqa: F401  (the form users write)

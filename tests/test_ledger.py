@@ -11,7 +11,7 @@ DELTA = 1e-5
 
 
 def gaussian(sigma, q, steps, **kw):
-  return Segment("gaussian", sigma, q, "example", None, 1, steps, **kw)
+  return Segment(mechanism="gaussian", noise_multiplier=sigma, sampling_rate=q, steps=steps, **kw)
 
 
 def test_segments_compose_like_dp_accounting():
@@ -31,15 +31,25 @@ def test_segments_compose_like_dp_accounting():
 
 
 def test_els_and_lmo_segments_use_their_accountants():
-  els = Segment("gaussian", 1.0, 0.05, "user", "els", 3, 10)
+  els = Segment(
+    mechanism="gaussian",
+    noise_multiplier=1.0,
+    sampling_rate=0.05,
+    unit="user",
+    sampling="els",
+    max_examples_per_user=3,
+    steps=10,
+  )
   assert Ledger((els,)).epsilon(DELTA) == pytest.approx(
     user_level.els_epsilon(1.0, 0.05, 10, 3, DELTA), rel=1e-9
   )
   p = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
-  one = Segment("lmo", 0.0, 0.1, "example", None, 1, 6, lmo=p)
+  one = Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.1, steps=6, lmo=p)
   assert Ledger((one,)).epsilon(DELTA) == lmo.lmo_epsilon(lmo.LMOParams(**p), 0.1, 6, DELTA)
   # Two LMO segments: composed on one grid, never below either part alone.
-  two = Ledger((one, Segment("lmo", 0.0, 0.05, "example", None, 1, 6, lmo=p)))
+  two = Ledger(
+    (one, Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.05, steps=6, lmo=p))
+  )
   both = two.epsilon(DELTA)
   assert both > Ledger((one,)).epsilon(DELTA)
   assert both <= lmo.lmo_epsilon(lmo.LMOParams(**p), 0.1, 12, DELTA) * (1 + 1e-6)

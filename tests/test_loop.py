@@ -311,7 +311,7 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   back = flatness.load_reference(path, task.params)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  from dpjax.training.loop import with_weight_distillation
+  from dpjax.training.task import with_weight_distillation
 
   cfg = small_config(weight_distillation=dict(lam=0.5, reference=path))
   wd = with_weight_distillation(cfg, task)

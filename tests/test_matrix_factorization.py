@@ -145,7 +145,9 @@ def test_bandmf_epsilon_is_dpsgd_over_ceil_steps_over_bands(steps, bands):
   want = _dp_accounting_epsilon(sigma, q, math.ceil(steps / bands))
   got = accountants.epsilon(events.bandmf_event(sigma, q, steps, bands), 1e-5, "pld")
   assert got == pytest.approx(want, rel=1e-3)
-  seg = Segment("gaussian", sigma, q, "example", None, 1, steps, bands=bands)
+  seg = Segment(
+    mechanism="gaussian", noise_multiplier=sigma, sampling_rate=q, steps=steps, bands=bands
+  )
   assert Ledger((seg,)).epsilon(1e-5, "pld") == pytest.approx(want, rel=1e-3)
   if bands == 1:
     dpsgd = accountants.epsilon(events.dpsgd_event(sigma, q, steps), 1e-5, "pld")
@@ -154,12 +156,23 @@ def test_bandmf_epsilon_is_dpsgd_over_ceil_steps_over_bands(steps, bands):
 
 def test_a_bandmf_segment_refuses_what_its_bound_does_not_cover():
   with pytest.raises(ValueError, match="bands=4 .*needs mechanism 'gaussian'"):
-    Segment("laplace", 1.0, 0.1, "example", None, 1, 8, bands=4)
+    Segment(mechanism="laplace", noise_multiplier=1.0, sampling_rate=0.1, steps=8, bands=4)
   with pytest.raises(ValueError, match="bands=4"):
-    Segment("gaussian", 1.0, 0.1, "example", None, 1, 8, extra_releases=2, bands=4)
-  banded = Ledger((Segment("gaussian", 1.0, 0.1, "example", None, 1, 8, bands=4),))
+    Segment(
+      mechanism="gaussian",
+      noise_multiplier=1.0,
+      sampling_rate=0.1,
+      steps=8,
+      extra_releases=2,
+      bands=4,
+    )
+  banded = Ledger(
+    (Segment(mechanism="gaussian", noise_multiplier=1.0, sampling_rate=0.1, steps=8, bands=4),)
+  )
   with pytest.raises(ValueError, match="cannot share a ledger"):
-    banded.record(Segment("gaussian", 2.0, 0.1, "example", None, 1, 8, bands=4))
+    banded.record(
+      Segment(mechanism="gaussian", noise_multiplier=2.0, sampling_rate=0.1, steps=8, bands=4)
+    )
   old = Segment.from_json({k: v for k, v in banded.segments[0].to_json().items() if k != "bands"})
   assert old.bands == 1  # ledgers written before BandMF load as DP-SGD
 

@@ -102,7 +102,7 @@ def test_a_run_charges_the_count_and_moves_the_clip_norm_to_the_quantile(tmp_pat
   )
   q, sigma_b = 0.1, 60 / 20  # 60 expected of 600; the default count noise B / 20
   want = reference_epsilon([(1.0, q, 8)])  # the accounted sigma is the joint one, 1.0
-  assert want <= res.final_metrics["epsilon"] <= want * (1 + 1e-9)
+  assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-9)
   sigma_g = (1.0 - (2 * sigma_b) ** -2) ** -0.5
   assert (
     reference_epsilon([(sigma_g, q, 8)]) < want

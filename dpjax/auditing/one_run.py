@@ -30,6 +30,7 @@ from dpjax.auditing import estimators
 from dpjax.training import loop
 from dpjax.training import spec as spec_lib
 from dpjax.training.rundir import strict_json, write_json_atomic
+from dpjax.training.task import Task
 
 AUDIT_FILE = "audit.json"
 CANARY_FILE = "audit_canaries.json"  # which canaries a run directory was trained with
@@ -49,7 +50,7 @@ class CanarySet:
   included: np.ndarray
 
 
-def make_canaries(task: loop.Task, m: int, seed: int) -> CanarySet:
+def make_canaries(task: Task, m: int, seed: int) -> CanarySet:
   """Canaries for `task` (see the module docstring) and their coin flips.
 
   Args:
@@ -87,7 +88,7 @@ def make_canaries(task: loop.Task, m: int, seed: int) -> CanarySet:
   return CanarySet(examples, rng.random(int(m)) < 0.5)
 
 
-def with_canaries(task: loop.Task, canaries: CanarySet) -> loop.Task:
+def with_canaries(task: Task, canaries: CanarySet) -> Task:
   """`task` with the included canaries appended to its training data.
 
   Args:
@@ -111,7 +112,7 @@ def with_canaries(task: loop.Task, canaries: CanarySet) -> loop.Task:
   return task._replace(train=train, user_ids=user_ids)
 
 
-def canary_scores(task: loop.Task, params, canaries: CanarySet, chunk: int = 256) -> np.ndarray:
+def canary_scores(task: Task, params, canaries: CanarySet, chunk: int = 256) -> np.ndarray:
   """Minus each canary's loss under `params` (higher: more likely trained on).
 
   Args:
@@ -164,7 +165,7 @@ def _claim_workdir(workdir: str, canaries: Dict[str, int]) -> None:
 
 def audit_run(
   cfg,
-  task: loop.Task,
+  task: Task,
   workdir: Optional[str],
   *,
   canaries: int,

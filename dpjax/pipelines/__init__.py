@@ -1,1 +1,1 @@
-"""Multi-stage runs built on training: DistilDP (`distil_dp`)."""
+"""Multi-stage runs built on training: DistilDP (`distill`)."""

@@ -1,4 +1,4 @@
-"""Task builders: a config's `task` section -> a `dpjax.training.loop.Task`.
+"""Task builders: a config's `task` section -> a `dpjax.training.task.Task`.
 
 A task bundles the initial parameters, the per-example loss and the data
 splits. Builders are looked up by `cfg.task.name` in `TASKS`; each lives in
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from dpjax.tasks import causal_lm, shakespeare, synthetic, text_classification
-from dpjax.training.loop import Task
+from dpjax.training.task import Task
 
 TASKS: Dict[str, Callable] = {
   "synthetic": synthetic.synthetic,

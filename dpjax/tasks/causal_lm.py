@@ -28,7 +28,7 @@ from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.generate import generate, left_pad
 from dpjax.tasks.pretrained import compute_dtype, load_pretrained, remat_blocks
-from dpjax.training.loop import Task
+from dpjax.training.task import Task
 
 LORA_KEYS = ("rank", "alpha", "targets")
 

@@ -18,7 +18,7 @@ from dpjax.data.shakespeare import load_shakespeare
 from dpjax.data.text import load_rt_polarity
 from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_params
 from dpjax.tasks.pretrained import compute_dtype, pretrained_decoder, remat_blocks
-from dpjax.training.loop import Task
+from dpjax.training.task import Task
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2  # byte b is token b + 2
 CONTROL_CODES = ("comedy", "history", "romance", "tragedy")  # Shakespeare genres

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.training.loop import Task
+from dpjax.training.task import Task
 
 
 def _mlp_loss(params, ex, frozen):

@@ -27,7 +27,7 @@ from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
 from dpjax.tasks.pretrained import compute_dtype, remat_blocks, resolve
-from dpjax.training.loop import Task
+from dpjax.training.task import Task
 
 
 def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str):

@@ -8,6 +8,13 @@
       state = apply(state, gsum)              noise once -> normalize -> optimizer
       callbacks: checkpoint (with the ledger), metrics.jsonl, privacy.json, progress
 
+In code: `train` locks the run directory and calls `prepare` (spec, plan,
+the checkpoint to resume); the driver then makes or restores the state in
+its placement (`init_or_restore`), compiles the step once
+(`compile_step`), writes the start row (`run_header`) and runs `fit`, the
+step loop. The task and its checks are `dpjax.training.task`, the optimizer
+`dpjax.training.optimizer`, the hooks `dpjax.training.callbacks`.
+
 The privacy unit is `privacy_unit`: "example", or "user" (the task then
 carries `user_ids`; each user is capped to `max_examples_per_user` = G
 examples before sampling; `user_sampling` "els" samples the kept examples
@@ -42,7 +49,6 @@ NOT privatised: they are for monitoring, not for release.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -52,202 +58,47 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from dpjax.core import accounting
 from dpjax.core.accounting.ledger import Ledger
 from dpjax.core.clipping import GroupUnits
-from dpjax.core.sampling import eval_batches
-from dpjax.methods import dp_adam, flatness
 from dpjax.training import rundir
 from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
+from dpjax.training.callbacks import (
+  Callback,
+  Checkpointer,
+  LogLines,
+  MetricsFile,
+  PrivacyFile,
+  ProgressBar,
+  TensorBoardWriter,
+  now,
+  plan_line,
+)
+from dpjax.training.optimizer import fixed_noise_variance, make_optimizer
 from dpjax.training.plan import PrivacyPlan, ResumeRefused, Secret, make_plan
 from dpjax.training.spec import SpecError
 from dpjax.training.step import TrainState, accumulate, apply_update, perturb
+from dpjax.training.task import (
+  Task,
+  check_fits,
+  check_task_data,
+  evaluate,
+  make_eval_fn,
+  take,
+  with_weight_distillation,
+)
 
 PyTree = Any
 _JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
-
-
-class Task(NamedTuple):
-  """What the loop trains: a per-example loss over trainable params and data.
-
-  Attributes:
-    name: a short name for logs.
-    params: the initial trainable parameters (the only ones clipped, noised
-      and updated).
-    frozen: parameters passed to the loss but never trained.
-    loss_fn: `(params, example, frozen) -> (loss, metrics)` for ONE example
-      (no batch axis); `metrics` is a dict of scalars (e.g. accuracy).
-    train: the private training split, a dict of `[N, ...]` arrays.
-    splits: held-out splits by name (e.g. "dev", "test"), same layout.
-    user_ids: `[N]` user of each training example (user-level DP only).
-    info: task facts other stages need (e.g. a language model's "decoder"
-      config and its "encode(texts, seq_len)" function), or None.
-  """
-
-  name: str
-  params: PyTree
-  frozen: PyTree
-  loss_fn: Callable
-  train: Dict[str, np.ndarray]
-  splits: Dict[str, Dict[str, np.ndarray]]
-  user_ids: Optional[np.ndarray] = None
-  info: Optional[Dict[str, Any]] = None
-
-
-def make_optimizer(
-  name: str,
-  learning_rate: float,
-  weight_decay: float = 0.0,
-  warmup_steps: int = 0,
-  total_steps: int = 0,
-  learning_rates: dict | None = None,
-  noise_variance: Optional[float] = 0.0,
-) -> optax.GradientTransformation:
-  """The optax optimizer of a config's `optimizer` / `learning_rate` keys.
-
-  `learning_rates` maps a prefix of a top-level parameter name to its own
-  learning rate (e.g. {"layer_": 1e-3} for encoder layers beside a head at
-  `learning_rate`); the longest matching prefix wins, the rest use `learning_rate`.
-
-  Args:
-    name: "adamw", "adam", "adam_bc" (DP-AdamBC, `dpjax.methods.dp_adam`) or
-      "sgd" (momentum 0.9).
-    learning_rate: the peak learning rate.
-    weight_decay: AdamW's decoupled weight decay.
-    warmup_steps: warm-up steps of a warm-up + cosine schedule (0: constant).
-    total_steps: the run's steps (the cosine ends there at 0.1 x the peak).
-    learning_rates: {parameter-name prefix: learning rate}, or None.
-    noise_variance: the per-coordinate noise variance of the updates
-      (`PrivacyPlan.noise_variance`), which "adam_bc" removes; None: it is
-      given with each update (`update(..., noise_variance=Phi_t)`).
-
-  Returns:
-    The optax optimizer.
-  """
-  if learning_rates:
-    rates = {str(k): float(v) for k, v in learning_rates.items()}
-    for k, v in rates.items():
-      if not k or not v > 0:
-        raise ValueError(
-          f"learning_rates needs non-empty name prefixes and positive rates, got {k!r}: {v}"
-        )
-    # label "" = the default group (an empty prefix is refused above, so it cannot collide)
-    txs = {
-      "": make_optimizer(
-        name, learning_rate, weight_decay, warmup_steps, total_steps, noise_variance=noise_variance
-      )
-    }
-    txs.update(
-      {
-        k: make_optimizer(
-          name, v, weight_decay, warmup_steps, total_steps, noise_variance=noise_variance
-        )
-        for k, v in rates.items()
-      }
-    )
-
-    def labels(params):
-      if not isinstance(params, dict):
-        raise ValueError("learning_rates needs a dict of parameters (top-level names)")
-
-      def label(top):
-        hits = [k for k in rates if top.startswith(k)]
-        return max(hits, key=len) if hits else ""
-
-      return {top: jax.tree.map(lambda _, l=label(top): l, sub) for top, sub in params.items()}
-
-    return optax.multi_transform(txs, labels)
-  if warmup_steps > 0 and total_steps > warmup_steps:
-    lr = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, warmup_steps, total_steps, end_value=learning_rate * 0.1
-    )
-  else:
-    lr = learning_rate
-  if name == "adamw":
-    return optax.adamw(lr, weight_decay=weight_decay)
-  if name == "adam":
-    return optax.adam(lr)
-  if name == "sgd":
-    return optax.sgd(lr, momentum=0.9)
-  if name == "adam_bc":
-    return dp_adam.dp_adam_bc(lr, noise_variance)
-  raise ValueError(f"optimizer must be 'adamw', 'adam', 'adam_bc' or 'sgd', got {name!r}")
-
-
-def _fixed_noise_variance(spec, plan) -> Optional[float]:
-  """DP-AdamBC's Phi when it is fixed for the run; None when it comes with each update
-  (adaptive clipping); 0 for the other optimizers, which do not read it (BandMF's and
-  BLT's cost a pass over C^-1's coefficients)."""
-  if spec.optimizer != "adam_bc":
-    return 0.0
-  return None if plan.adaptive is not None else plan.noise_variance()
-
-
-def _take(data: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, jax.Array]:
-  return {k: jax.device_put(np.asarray(v)[idx]) for k, v in data.items()}
-
-
-def _num_rows(data: Dict[str, np.ndarray]) -> int:
-  return len(next(iter(data.values())))
-
-
-def make_eval_fn(task: Task) -> Callable:
-  """Jitted `(params, batch, mask) -> summed metrics` over a masked batch.
-
-  Args:
-    task: the task whose loss and metrics are evaluated.
-
-  Returns:
-    The jitted function (metrics include "loss").
-  """
-
-  def per_example(params, ex):
-    loss, metrics = task.loss_fn(params, ex, task.frozen)
-    return dict(metrics, loss=loss)
-
-  @jax.jit
-  def eval_fn(params, batch, mask):
-    out = jax.vmap(per_example, in_axes=(None, 0))(params, batch)
-    return {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in out.items()}
-
-  return eval_fn
-
-
-def evaluate(
-  task: Task, params: PyTree, split: str, batch_size: int, eval_fn: Optional[Callable] = None
-) -> Dict[str, float]:
-  """Mean metrics of `params` over one held-out split.
-
-  Args:
-    task: the task.
-    params: the trainable parameters.
-    split: the split's name in `task.splits`.
-    batch_size: the eval batch size.
-    eval_fn: a `make_eval_fn(task)` to reuse (compiled once), or None.
-
-  Returns:
-    {metric: mean over the split's units}.
-  """
-  data = task.splits[split]
-  eval_fn = eval_fn or make_eval_fn(task)
-  n = _num_rows(data)
-  totals: Dict[str, float] = {}
-  for pb in eval_batches(n, batch_size):
-    out = eval_fn(params, _take(data, pb.indices), jnp.asarray(pb.mask))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return {k: v / n for k, v in totals.items()}
 
 
 @dataclasses.dataclass
@@ -258,109 +109,6 @@ class RunResult:
   noise_multiplier: Optional[float] = None  # the sigma of the last segment; None if not private
   ledger: Ledger = Ledger()  # what the run released, all segments
   privacy: Optional[Dict[str, Any]] = None  # the privacy.json record
-
-
-def check_task_data(task: Task) -> None:
-  """Refuses data that would train silently wrong: non-finite values, labels out of range, empty.
-
-  Labels are checked when `task.info["num_classes"]` says how many there are.
-
-  Args:
-    task: the task whose data is checked (raises ValueError naming the split,
-      the field and the first bad row).
-  """
-  classes = (task.info or {}).get("num_classes")
-  for name, data in {"train": task.train, **task.splits}.items():
-    if not data or _num_rows(data) == 0:
-      raise SpecError(f"task {task.name!r}: the {name} split is empty")
-    for key, arr in data.items():
-      rows = np.asarray(arr).reshape(len(arr), -1)
-      if rows.dtype.kind == "f":
-        for lo in range(0, len(rows), 4096):  # chunks: no full-size boolean copy
-          bad = ~np.isfinite(rows[lo : lo + 4096])
-          if bad.any():
-            i = int(np.argmax(bad.any(axis=1)))
-            raise SpecError(
-              f"task {task.name!r}: {name} row {lo + i}, {key!r} holds "
-              f"{rows[lo + i][bad[i]][0]} (values must be finite)"
-            )
-      if key == "label" and classes is not None:
-        bad = np.flatnonzero((rows < 0).any(axis=1) | (rows >= classes).any(axis=1))
-        if len(bad):
-          raise SpecError(
-            f"task {task.name!r}: {name} row {int(bad[0])} has label "
-            f"{rows[bad[0]][0]}, outside [0, {classes - 1}] ({classes} classes)"
-          )
-
-
-def available_memory() -> Optional[int]:
-  """Bytes the local devices can hold: their allocators' limits, or the host's available memory
-  for CPU devices (None when neither says)."""
-  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
-  if all(limits):
-    return int(sum(limits))
-  try:
-    with open("/proc/meminfo") as f:
-      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-  except (OSError, StopIteration, ValueError):
-    return None
-
-
-def check_fits(spec, task: Task) -> None:
-  """Refuses a private step whose per-example gradients alone exceed the devices' memory.
-
-  The vmap path holds one gradient per example of a microbatch (the physical
-  batch unless `microbatch_size`) at once: that many float32 copies of the
-  trained parameters. A step that needs more than the local devices hold
-  (all of them together: the check never refuses a step a mesh could shard)
-  would fail at its first allocation, after the task was built and files were
-  written; it is refused here in one line. Ghost clipping holds no
-  per-example gradients and is not checked.
-
-  Args:
-    spec: the validated spec.
-    task: the task (its trained parameters).
-  """
-  if not spec.private or spec.clipping_method != "vmap":
-    return
-  per = int(spec.microbatch_size or spec.physical_batch_size)
-  trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(task.params))
-  need, have = per * trained * 4, available_memory()
-  if have is not None and need > have:
-    fits = max(have // (trained * 4), 0)
-    raise SpecError(
-      f"{'microbatch_size' if spec.microbatch_size else 'physical_batch_size'}={per} holds "
-      f"{per} per-example gradients of {trained:,} trained parameters at once "
-      f"({need / 2**30:.1f} GiB), more than the {have / 2**30:.1f} GiB this machine's devices "
-      f"can hold: set microbatch_size to at most {fits}, or clipping_method='ghost'"
-    )
-
-
-def with_weight_distillation(cfg, task: Task) -> Task:
-  """`cfg.weight_distillation` = dict(lam, reference): DP-Flat's term in every example's loss.
-
-  reference: "init" (the task's initial trainable parameters, e.g. public
-  pretrained weights: free) or a path written by `flatness.save_reference`
-  (a public or DP-trained copy; its own budget is the caller's to account).
-
-  Args:
-    cfg: the train config.
-    task: the task.
-
-  Returns:
-    The task with the term added to its loss (unchanged without the key).
-  """
-  spec = cfg.get("weight_distillation")
-  if not spec:
-    return task
-  spec = dict(spec)
-  if set(spec) != {"lam", "reference"}:
-    raise ValueError(f"weight_distillation takes lam and reference; got {sorted(spec)}")
-  if spec["reference"] == "init":
-    ref = task.params
-  else:
-    ref = flatness.load_reference(spec["reference"], task.params)
-  return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -602,201 +350,6 @@ def train(
         os.rmdir(workdir)
 
 
-class Callback:
-  """A hook of the driver; every method does nothing unless overridden.
-
-  `on_start(header)` once (the run's facts as logged), `on_step(step, state)`
-  after every step (`step` = steps done), `on_log(step, rec, state)` with each
-  metric row, `on_end(final, state)` once. Callbacks see released values
-  (parameters, privatised state) and monitoring metrics; what they compute
-  from the private data themselves is theirs to account. The state of
-  `on_step` / `on_log` is donated to the next step (its buffers reused): a
-  callback that keeps it copies it (`jax.device_get`) before returning.
-  """
-
-  def on_start(self, header: Dict[str, Any]) -> None:
-    pass
-
-  def on_step(self, step: int, state: TrainState) -> None:
-    pass
-
-  def on_log(self, step: int, rec: Dict[str, Any], state: TrainState) -> None:
-    pass
-
-  def on_end(self, final: Dict[str, Any], state: TrainState) -> None:
-    pass
-
-
-class MetricsFile(Callback):
-  """`metrics.jsonl`: the start row, one row per logged step, the final row; `curves.png`."""
-
-  def __init__(self, workdir: str, start: int, steps: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.curves = os.path.join(workdir, "curves.png")
-    self.steps = steps
-    rundir.truncate_metrics(self.path, start)  # replayed steps replace their rows
-
-  def on_start(self, header):
-    rundir.log_jsonl(self.path, header)
-
-  def on_log(self, step, rec, state):
-    rundir.log_jsonl(self.path, rec)
-
-  def on_end(self, final, state):
-    if final["step"] == self.steps:
-      rundir.log_jsonl(self.path, dict(final, event="final"))
-      rundir.plot_curves(self.path, self.curves)
-
-
-class PrivacyFile(Callback):
-  """`privacy.json`: the plan's record (epsilon of the ledger) after every logged step."""
-
-  def __init__(self, workdir: str, plan: PrivacyPlan):
-    self.path, self.plan = os.path.join(workdir, "privacy.json"), plan
-
-  def on_log(self, step, rec, state):
-    rundir.write_json_atomic(self.path, self.plan.privacy_record(step))
-
-  def on_end(self, final, state):
-    rundir.write_json_atomic(self.path, self.plan.privacy_record(final["step"]))
-
-
-class Checkpointer(Callback):
-  """Saves the state with the ledger every `every` steps and at `end` (asynchronously)."""
-
-  def __init__(self, ckpt: rundir.Checkpoints, plan: PrivacyPlan, every: int, end: int):
-    self.ckpt, self.plan, self.every, self.end = ckpt, plan, every, end
-
-  def due(self, step: int) -> bool:
-    """Whether `step` is saved.
-
-    Args:
-      step: steps done.
-
-    Returns:
-      True at every `every`-th step and at the end.
-    """
-    return step % self.every == 0 or step == self.end
-
-  def on_step(self, step, state):
-    if self.due(step):
-      plan = self.plan
-      self.ckpt.save(state, plan.ledger_at(step), plan.secret, stream=plan.stream, end=self.end)
-
-
-class ProgressBar(Callback):
-  """A tqdm bar with loss, dev accuracy and epsilon spent."""
-
-  def __init__(self, start: int, total: int):
-    self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-
-  def on_step(self, step, state):
-    self.bar.update(1)
-
-  def on_log(self, step, rec, state):
-    self.bar.set_postfix(
-      {
-        k: f"{rec[k]:.3g}"
-        for k in ("train_loss", "dev_accuracy", "epsilon")
-        if isinstance(rec.get(k), float)
-      }
-    )
-
-  def on_end(self, final, state):
-    self.bar.close()
-
-
-def _now() -> str:
-  """The wall-clock time of a metric row, ISO 8601 in UTC to the second."""
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def plan_line(spec, plan: PrivacyPlan) -> str:
-  """The privacy plan in one line, printed before the first step.
-
-  Args:
-    spec: the validated spec.
-    plan: its privacy plan.
-
-  Returns:
-    E.g. "privacy plan: target eps 3 at delta 1e-05 per example | gaussian
-    sigma 1.08 | Poisson q 0.05 (expected batch 50) | 400 steps | accountant pld".
-  """
-  if not plan.private:
-    return f"privacy plan: none (private=False, no guarantee) | {spec.steps} steps"
-  target = "none" if spec.target_epsilon is None else f"{spec.target_epsilon:g}"
-  unit = plan.unit if plan.sampling is None else f"{plan.unit} ({plan.sampling.upper()})"
-  if plan.lmo is not None:
-    noise = "lmo"
-  else:
-    noise = f"{plan.mechanism} sigma {plan.noise_multiplier:.4g}"
-  parts = [
-    f"privacy plan: target eps {target} at delta {plan.delta:g} per {unit}",
-    noise,
-    "fixed batches"
-    if plan.sampling_rate is None
-    else f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g})",
-    f"{spec.steps} steps",
-    f"accountant {plan.accountant}",
-  ]
-  if plan.bands > 1 and not plan.mf_buffers:
-    parts.append(f"BandMF {plan.bands} bands")
-  if plan.mf_buffers:
-    parts.append(
-      f"BLT {plan.mf_buffers} buffers, {plan.bands} group(s), C-sensitivity "
-      f"{plan.mf_sensitivity:.4g} (one Gaussian mechanism, no amplification)"
-    )
-  if plan.adaptive is not None:
-    parts.append(f"adaptive clipping (gradient sigma {plan.gradient_noise_multiplier:.4g})")
-  return " | ".join(parts)
-
-
-class LogLines(Callback):
-  """One plain line per metric row (time, step, loss, accuracy, epsilon) when the bar is off."""
-
-  KEYS = ("train_loss", "dev_loss", "dev_accuracy", "epsilon", "clip_norm", "examples_per_s")
-
-  def __init__(self, total: int, stream=None):
-    self.total, self.stream = total, stream or sys.stderr
-
-  def on_log(self, step, rec, state):
-    fields = [f"{k}={rec[k]:.4g}" for k in self.KEYS if isinstance(rec.get(k), (int, float))]
-    if rec.get("dropped_units"):
-      fields.append(f"dropped_units={rec['dropped_units']}")
-    print(f"{rec['time']} step {step}/{self.total} " + " ".join(fields), file=self.stream)
-    self.stream.flush()
-
-
-class TensorBoardWriter(Callback):
-  """TensorBoard event files under WORKDIR/tensorboard: each numeric metric by step.
-
-  Needs the optional `tensorboardX` (`pip install tensorboardX`); the spec
-  refuses `metric_writers=...tensorboard` without it before any compute.
-  """
-
-  def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter  # optional dependency
-
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def on_start(self, header):
-    self.writer.add_text("run", json.dumps(rundir.strict_json(header), indent=1), 0)
-
-  def _scalars(self, prefix: str, step: int, rec: Dict[str, Any]) -> None:
-    for k, v in rec.items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-        if k != "step":
-          self.writer.add_scalar(prefix + k, v, step)
-    self.writer.flush()
-
-  def on_log(self, step, rec, state):
-    self._scalars("", step, rec)
-
-  def on_end(self, final, state):
-    self._scalars("final/", final["step"], final)
-    self.writer.close()
-
-
 def run_mesh(spec) -> Optional[Mesh]:
   """The run's device mesh from `data_devices` x `model_devices`, or None on one device.
 
@@ -861,7 +414,7 @@ def _run(
   mesh: Optional[Mesh],
   stop: StopSignals,
 ) -> RunResult:
-  """The driver: state in, the pure step per sampled batch, callbacks out.
+  """The driver: the state in its placement, the compiled step, callbacks, `fit`, the result.
 
   Nothing inside the step loop reads the devices except at log and checkpoint
   steps: statistics are summed on the devices and read there; the state and
@@ -877,242 +430,33 @@ def _run(
     spec.warmup_steps,
     spec.steps,
     spec.learning_rates,
-    noise_variance=_fixed_noise_variance(spec, plan),
+    noise_variance=fixed_noise_variance(spec, plan),
   )
   tx = plan.transform(optimizer)
-
-  def host_batch(pb):
-    """A sampler's physical batch -> (device batch, unit mask)."""
-    batch = _take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
-    if plan.per_user:  # [P, G, ...] examples of P users and which of them are real
-      batch = GroupUnits(batch, jax.device_put(pb.example_mask))
-    mask = jax.device_put(pb.mask)
-    if mesh is not None:
-      batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
-    return batch, mask
-
-  def init(params):
-    params = jax.tree.map(jnp.copy, params)  # buffers of its own: the step donates them
-    return TrainState(params, tx.init(params), jnp.zeros([], jnp.int32))
-
-  abstract = jax.eval_shape(init, task.params)
-  if mesh is not None:
-    shardings = shard_lib.param_sharding(abstract, mesh)  # replicated on a data-only mesh
-    scalar = shard_lib.replicated(mesh)
-  else:
-    scalar = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: scalar, abstract)
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
+  place = _Placement.of(task, tx, mesh)
   ckpt = rundir.Checkpoints(workdir) if workdir else None
   try:
     start = 0 if meta is None else meta["step"]
     end = spec.steps if stop_at_step is None else min(spec.steps, stop_at_step)
-    if meta is not None:  # every array read straight onto its devices
-      state = ckpt.restore(target)
-      # a new segment draws its own noise: the restored key is the old segment's
-      state = state._replace(opt_state=plan.rekey(state.opt_state, meta["stream"]))
-    else:
-      state = jax.jit(init, out_shardings=shardings)(task.params)
-      if ckpt is not None:  # the secret is kept before anything is released
-        ckpt.save(state, Ledger(), plan.secret, stream=plan.stream, end=end, wait=True)
-
+    state = init_or_restore(plan, task, place, ckpt, meta, end)
     if lead:
       print(plan_line(spec, plan), file=sys.stderr, flush=True)
-
-    # The step, compiled once (ahead of time) for the state's placement.
-    t_compile = time.perf_counter()
-    zeros = (
-      jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
-      .lower(target.params)
-      .compile()
-    )
-    clip_now = plan.clip_norm_now(state.opt_state)
-    first = host_batch(plan.sampler.batches(start)[0])
-    acc = (
-      jax.jit(
-        functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
-        out_shardings=(shardings.params, scalar),
-        donate_argnums=0,
-      )
-      .lower(target.params, target.params, task.frozen, *first, clip_now)
-      .compile()
-    )
-    extra = {}
-    if clip_now is not None:
-      extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
-      if spec.optimizer == "adam_bc":
-        extra["noise_variance"] = extra["quantile_count"]
-    update = (
-      jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
-      .lower(target, target.params, **extra)
-      .compile()
-    )
-    at_fn = None
-    if plan.sam is not None:
-      at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
-    compile_s = time.perf_counter() - t_compile
-
-    def summed(params, batches, clip_norm=None, fn=None) -> _Sums:
-      """The gradient sum over a step's physical batches, and their stats, on the devices."""
-      gsum, stats, units, examples = zeros(params), None, 0.0, 0
-      for pb in batches:
-        gsum, s = (fn or acc)(gsum, params, task.frozen, *host_batch(pb), clip_norm)
-        stats = s if stats is None else _add(stats, s)
-        units += float(pb.mask.sum())
-        examples += int(pb.example_mask.sum() if plan.per_user else pb.mask.sum())
-      return _Sums(gsum, stats, units, examples)
-
-    def ascent_sum(params, batches) -> PyTree:
-      """Charged DP-SAM's clipped sum of an independent draw (at the plan's fixed bound)."""
-      fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)  # jitted, not AOT
-      return summed(params, batches, fn=fn).gsum
-
-    cbs: List[Callback] = []
-    checkpointer = None
-    writers = spec.metric_writers.split(",")
-    if workdir and lead:
-      with open(os.path.join(workdir, "config.json"), "w") as f:  # never the noise seed
-        config = {k: v for k, v in spec.to_dict().items() if k != "noise_seed"}
-        json.dump(rundir.strict_json(config), f, indent=2)
-      cbs.append(PrivacyFile(workdir, plan))  # first: a logged step is in it before anywhere
-      if "jsonl" in writers:
-        cbs.append(MetricsFile(workdir, start, spec.steps))
-    if ckpt is not None:
-      checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
-      cbs.append(checkpointer)
-    if workdir and lead and "tensorboard" in writers:
-      cbs.append(TensorBoardWriter(workdir))
-    if lead:
-      cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
-    cbs += list(callbacks)
-    full = plan.ledger_at(spec.steps)
-    header = {
-      "event": "start",
-      "time": _now(),
-      "task": task.name,
-      "private": plan.private,
-      "noise_multiplier": plan.noise_multiplier,
-      "mf_bands": plan.bands,
-      "mf_buffers": plan.mf_buffers,
-      "adaptive_clipping": plan.adaptive,
-      "gradient_noise_multiplier": plan.gradient_noise_multiplier,
-      "sampling_rate": plan.sampling_rate,
-      "expected_batch_size": plan.expected_batch_size,
-      "steps": spec.steps,
-      "resumed_from": start,
-      "privacy_unit": plan.unit,
-      "user_sampling": plan.sampling,
-      "max_examples_per_user": plan.max_examples_per_user,
-      "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
-      "dp_sam": None
-      if plan.sam is None
-      else {"rho": plan.sam.rho, "mode": plan.sam.mode, "active_steps": plan.sam.active_steps},
-      "releases": full.releases,
-      "ledger_segments": len(full.segments),
-      "noise_seed_secret": plan.noise_seed_secret,
-      "devices": 1 if mesh is None else int(mesh.devices.size),
-      "compile_s": compile_s,
-    }
-    for cb in cbs:
+    step = compile_step(spec, plan, task, tx, place, mesh, state, start)
+    cbs, checkpointer = _callbacks(spec, plan, workdir, lead, progress, ckpt, start, end)
+    header = run_header(spec, plan, task, start, mesh, step.compile_s)
+    for cb in [*cbs, *callbacks]:
       cb.on_start(header)
-
-    eval_fn = make_eval_fn(task) if task.splits else None
-    window, count, seen = None, 0.0, 0  # stats since the last log row (on the devices)
-    unchecked = _NO_DROPS  # dropped-unit counts since the last read (on the devices)
-    t0 = time.perf_counter()
-    last: Dict[str, Any] = {}
-    dropped_total = units_total = units_unchecked = 0.0
-
-    def read_dropped(done: int) -> None:
-      """Reads the dropped-unit counts before a step is saved or logged (stops if all dropped)."""
-      nonlocal unchecked, units_unchecked, dropped_total, units_total
-      dropped_total += _check_dropped(unchecked, done)
-      units_total += units_unchecked
-      unchecked, units_unchecked = _NO_DROPS, 0.0
-
-    stopped_after = None  # the step a SIGTERM / SIGINT stopped the run after
-    for step in range(start, end):
-      if stop.signum is not None:  # before the first step: nothing ran since the checkpoint
-        stopped_after = step
-        break
-      at = state.params
-      if at_fn is not None:
-        ascent = None
-        if plan.ascent_releases(step, step + 1):  # charged DP-SAM: an independent draw
-          ascent = ascent_sum(state.params, plan.sampler.batches(step, draw=1))
-        at = at_fn(state.params, state.opt_state, ascent, state.step)
-      clip_norm = plan.clip_norm_now(state.opt_state)
-      sums = summed(at, plan.sampler.batches(step), clip_norm)
-      window = sums.stats if window is None else _add(window, sums.stats)
-      count += sums.units
-      seen += sums.examples
-      unchecked = _note_dropped(unchecked, sums.stats["dropped_units"], sums.units, step + 1)
-      units_unchecked += sums.units
-      extra = {}
-      if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
-        kept = sums.units - sums.stats["dropped_units"]
-        extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
-        if spec.optimizer == "adam_bc":  # this step's (sigma_g C_t / B)^2, for DP-AdamBC
-          extra["noise_variance"] = plan.noise_variance(clip_norm).astype(jnp.float32)
-      state = update(state, sums.gsum, **extra)
-      done = step + 1
-      logs = done % spec.log_every == 0 or done == end
-      if logs or (checkpointer is not None and checkpointer.due(done)):
-        read_dropped(done)
-      for cb in cbs:
-        cb.on_step(done, state)
-      if logs:
-        totals = {k: float(v) for k, v in window.items()}  # the one read of the window
-        dropped = totals.pop("dropped_units")
-        rec = {
-          "step": done,
-          "time": _now(),
-          **{f"train_{k}": v / max(count, 1.0) for k, v in totals.items()},
-          "dropped_units": int(dropped),
-          **plan.epsilon_fields(done),
-          "delta": plan.delta,
-          "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-        }
-        if plan.adaptive is not None:  # a function of released counts: public
-          rec["clip_norm"] = float(plan.clip_norm_now(state.opt_state))
-        if eval_fn is not None and "dev" in task.splits:
-          rec.update(
-            {
-              f"dev_{k}": v
-              for k, v in evaluate(
-                task, state.params, "dev", spec.physical_batch_size, eval_fn
-              ).items()
-            }
-          )
-        for cb in cbs:
-          cb.on_log(done, rec, state)
-        last, window, count = rec, None, 0.0
-      if stop.signum is not None:  # a signal came during this step: it is done; save it, stop
-        if checkpointer is not None and not checkpointer.due(done):
-          read_dropped(done)
-          checkpointer.end = done
-          checkpointer.on_step(done, state)
-        stopped_after = done
-        break
-    if units_total and dropped_total > DROPPED_WARN_FRACTION * units_total:
-      warnings.warn(
-        f"{int(dropped_total)} of {int(units_total)} sampled units "
-        f"({dropped_total / units_total:.1%}) had a non-finite loss or gradient and "
-        "were dropped (dropped_units in metrics.jsonl)",
-        UserWarning,
-        stacklevel=3,
-      )
-
+    state, last, stopped_after = fit(
+      state, spec, plan, task, step, [*cbs, *callbacks], checkpointer, start, end, stop
+    )
     final = dict(last)
-    final["step"], final["time"] = int(state.step), _now()
+    final["step"], final["time"] = int(state.step), now()
     final.update(plan.epsilon_fields(int(state.step)))
-    if int(state.step) == spec.steps and eval_fn is not None:
+    if int(state.step) == spec.steps:
       for split in task.splits:
-        for k, v in evaluate(task, state.params, split, spec.physical_batch_size, eval_fn).items():
-          final[f"{split}_{k}"] = v
-    for cb in cbs:
+        metrics = evaluate(task, state.params, split, spec.physical_batch_size, step.eval_fn)
+        final.update({f"{split}_{k}": v for k, v in metrics.items()})
+    for cb in [*cbs, *callbacks]:
       cb.on_end(final, state)
     if stopped_after is not None:
       if ckpt is not None:
@@ -1129,6 +473,366 @@ def _run(
   finally:
     if ckpt is not None:  # a save still being written (at an error too) is finished
       ckpt.wait()
+
+
+def fit(
+  state: TrainState,
+  spec,
+  plan: PrivacyPlan,
+  task: Task,
+  step: _Step,
+  callbacks: Sequence[Callback],
+  checkpointer: Optional[Checkpointer],
+  start: int,
+  end: int,
+  stop: StopSignals,
+) -> Tuple[TrainState, Dict[str, Any], Optional[int]]:
+  """The step loop from `start` to `end`: step, tally, read at log / checkpoint steps, call back.
+
+  Args:
+    state: the state after `start` steps, in its placement.
+    spec: the validated spec.
+    plan: the privacy plan (sampler, noise, ledger).
+    task: the task (its dev split is evaluated at each log row).
+    step: the compiled step (`compile_step`).
+    callbacks: every callback, in order.
+    checkpointer: the one among them that saves, or None.
+    start: the steps already done.
+    end: the step to stop after.
+    stop: the signals that stop the loop after the step in flight.
+
+  Returns:
+    (state, the last metric row, the step a signal stopped the run after or None).
+  """
+  tally, last, stopped_after = _Tally(), {}, None
+  for i in range(start, end):
+    if stop.signum is not None:  # before the first step: nothing ran since the checkpoint
+      stopped_after = i
+      break
+    state, sums = step.run(state, i)
+    done = i + 1
+    tally.add(sums, done)
+    logs = done % spec.log_every == 0 or done == end
+    if logs or (checkpointer is not None and checkpointer.due(done)):
+      tally.read_dropped(done)  # before the step is saved or logged
+    for cb in callbacks:
+      cb.on_step(done, state)
+    if logs:
+      last = _log_row(done, tally, spec, plan, task, state, step.eval_fn)
+      for cb in callbacks:
+        cb.on_log(done, last, state)
+    if stop.signum is not None:  # a signal came during this step: it is done; save it, stop
+      if checkpointer is not None and not checkpointer.due(done):
+        tally.read_dropped(done)
+        checkpointer.end = done
+        checkpointer.on_step(done, state)
+      stopped_after = done
+      break
+  tally.warn_if_dropped()
+  return state, last, stopped_after
+
+
+def _log_row(
+  done: int, tally: _Tally, spec, plan: PrivacyPlan, task: Task, state: TrainState, eval_fn
+) -> Dict[str, Any]:
+  """The metric row after `done` steps: training stats since the last row, epsilon, dev metrics."""
+  rec = {"step": done, "time": now(), **tally.read_window(), **plan.epsilon_fields(done)}
+  rec["delta"] = plan.delta
+  rec["examples_per_s"] = tally.examples_per_s()
+  if plan.adaptive is not None:  # a function of released counts: public
+    rec["clip_norm"] = float(plan.clip_norm_now(state.opt_state))
+  if "dev" in task.splits:
+    dev = evaluate(task, state.params, "dev", spec.physical_batch_size, eval_fn)
+    rec.update({f"dev_{k}": v for k, v in dev.items()})
+  return rec
+
+
+class _Placement(NamedTuple):
+  """Where the state lives: its abstract shapes with shardings, and how to make it there."""
+
+  init: Callable  # params -> a fresh TrainState
+  target: PyTree  # TrainState of ShapeDtypeStructs with shardings
+  shardings: PyTree  # TrainState of shardings
+  scalar: jax.sharding.Sharding  # a replicated scalar's
+
+  @staticmethod
+  def of(task: Task, tx, mesh: Optional[Mesh]) -> _Placement:
+    def init(params):
+      params = jax.tree.map(jnp.copy, params)  # buffers of its own: the step donates them
+      return TrainState(params, tx.init(params), jnp.zeros([], jnp.int32))
+
+    abstract = jax.eval_shape(init, task.params)
+    if mesh is not None:
+      shardings = shard_lib.param_sharding(abstract, mesh)  # replicated on a data-only mesh
+      scalar = shard_lib.replicated(mesh)
+    else:
+      scalar = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: scalar, abstract)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return _Placement(init, target, shardings, scalar)
+
+
+def init_or_restore(
+  plan: PrivacyPlan,
+  task: Task,
+  place: _Placement,
+  ckpt: Optional[rundir.Checkpoints],
+  meta,
+  end: int,
+) -> TrainState:
+  """The state to start from, made or read straight into its placement.
+
+  A fresh run's state is saved at once with the secret (before anything is
+  released); a resumed one is rekeyed to this segment's stream (a new segment
+  draws its own noise: the restored key is the old segment's).
+
+  Args:
+    plan: the privacy plan.
+    task: the task (its initial parameters).
+    place: the placement.
+    ckpt: the run's checkpoints, or None.
+    meta: the checkpoint's metadata to resume from, or None.
+    end: the step the run stops after (recorded with the first save).
+
+  Returns:
+    The TrainState.
+  """
+  if meta is not None:  # every array read straight onto its devices
+    state = ckpt.restore(place.target)
+    return state._replace(opt_state=plan.rekey(state.opt_state, meta["stream"]))
+  state = jax.jit(place.init, out_shardings=place.shardings)(task.params)
+  if ckpt is not None:  # the secret is kept before anything is released
+    ckpt.save(state, Ledger(), plan.secret, stream=plan.stream, end=end, wait=True)
+  return state
+
+
+class _Step:
+  """One logical step, compiled once (ahead of time) for the state's placement.
+
+  `run(state, i)` is step i: DP-SAM's point (charged mode: from an
+  independent draw of its own), the clipped sum over the sampled physical
+  batches, then the update (noise -> normalize -> optimizer). Nothing is read
+  from the devices.
+  """
+
+  def __init__(self, spec, plan: PrivacyPlan, task: Task, zeros, acc, update, at_fn, host_batch):
+    self.spec, self.plan, self.task = spec, plan, task
+    self.zeros, self.acc, self.update, self.at_fn = zeros, acc, update, at_fn
+    self.host_batch = host_batch
+    self.eval_fn = make_eval_fn(task) if task.splits else None  # compiled once, at first use
+    self.compile_s = 0.0
+
+  def summed(self, params, batches, clip_norm=None, fn=None) -> _Sums:
+    """The gradient sum over a step's physical batches, and their stats, on the devices."""
+    gsum, stats, units, examples = self.zeros(params), None, 0.0, 0
+    for pb in batches:
+      gsum, s = (fn or self.acc)(gsum, params, self.task.frozen, *self.host_batch(pb), clip_norm)
+      stats = s if stats is None else _add(stats, s)
+      units += float(pb.mask.sum())
+      examples += int(pb.example_mask.sum() if self.plan.per_user else pb.mask.sum())
+    return _Sums(gsum, stats, units, examples)
+
+  def run(self, state: TrainState, i: int) -> Tuple[TrainState, _Sums]:
+    plan, at = self.plan, state.params
+    if self.at_fn is not None:
+      ascent = None
+      if plan.ascent_releases(i, i + 1):  # charged DP-SAM: an independent draw (jitted, not AOT)
+        fn = functools.partial(accumulate, plan=plan, loss_fn=self.task.loss_fn)
+        ascent = self.summed(state.params, plan.sampler.batches(i, draw=1), fn=fn).gsum
+      at = self.at_fn(state.params, state.opt_state, ascent, state.step)
+    clip_norm = plan.clip_norm_now(state.opt_state)
+    sums = self.summed(at, plan.sampler.batches(i), clip_norm)
+    extra = {}
+    if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
+      kept = sums.units - sums.stats["dropped_units"]
+      extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
+      if self.spec.optimizer == "adam_bc":  # this step's (sigma_g C_t / B)^2, for DP-AdamBC
+        extra["noise_variance"] = plan.noise_variance(clip_norm).astype(jnp.float32)
+    return self.update(state, sums.gsum, **extra), sums
+
+
+def compile_step(
+  spec, plan: PrivacyPlan, task: Task, tx, place: _Placement, mesh, state: TrainState, start: int
+) -> _Step:
+  """The step's pieces, lowered and compiled for the state's placement (the state donated).
+
+  Args:
+    spec: the validated spec.
+    plan: the privacy plan.
+    task: the task.
+    tx: the private optimizer (`plan.transform`).
+    place: the state's placement.
+    mesh: the device mesh, or None.
+    state: the state (for the current clip norm of adaptive clipping).
+    start: the first step (its batches give the shapes).
+
+  Returns:
+    The `_Step`, with the seconds compiling took.
+  """
+  t = time.perf_counter()
+
+  def host_batch(pb):
+    """A sampler's physical batch -> (device batch, unit mask)."""
+    batch = take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
+    if plan.per_user:  # [P, G, ...] examples of P users and which of them are real
+      batch = GroupUnits(batch, jax.device_put(pb.example_mask))
+    mask = jax.device_put(pb.mask)
+    if mesh is not None:
+      batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
+    return batch, mask
+
+  target, shardings, scalar = place.target, place.shardings, place.scalar
+  zeros = (
+    jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
+    .lower(target.params)
+    .compile()
+  )
+  clip_now = plan.clip_norm_now(state.opt_state)
+  first = host_batch(plan.sampler.batches(start)[0])
+  acc = (
+    jax.jit(
+      functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
+      out_shardings=(shardings.params, scalar),
+      donate_argnums=0,
+    )
+    .lower(target.params, target.params, task.frozen, *first, clip_now)
+    .compile()
+  )
+  extra = {}
+  if clip_now is not None:
+    extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
+    if spec.optimizer == "adam_bc":
+      extra["noise_variance"] = extra["quantile_count"]
+  update = (
+    jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
+    .lower(target, target.params, **extra)
+    .compile()
+  )
+  at_fn = None
+  if plan.sam is not None:
+    at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
+  step = _Step(spec, plan, task, zeros, acc, update, at_fn, host_batch)
+  step.compile_s = time.perf_counter() - t
+  return step
+
+
+def _callbacks(
+  spec, plan: PrivacyPlan, workdir, lead: bool, progress: bool, ckpt, start: int, end: int
+) -> Tuple[List[Callback], Optional[Checkpointer]]:
+  """The built-in callbacks (writing config.json first) and the checkpointer among them."""
+  cbs: List[Callback] = []
+  checkpointer = None
+  writers = spec.metric_writers.split(",")
+  if workdir and lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # never the noise seed
+      config = {k: v for k, v in spec.to_dict().items() if k != "noise_seed"}
+      json.dump(rundir.strict_json(config), f, indent=2)
+    cbs.append(PrivacyFile(workdir, plan))  # first: a logged step is in it before anywhere
+    if "jsonl" in writers:
+      cbs.append(MetricsFile(workdir, start, spec.steps))
+  if ckpt is not None:
+    checkpointer = Checkpointer(ckpt, plan, spec.checkpoint_every, end)
+    cbs.append(checkpointer)
+  if workdir and lead and "tensorboard" in writers:
+    cbs.append(TensorBoardWriter(workdir))
+  if lead:
+    cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
+  return cbs, checkpointer
+
+
+def run_header(
+  spec, plan: PrivacyPlan, task: Task, start: int, mesh: Optional[Mesh], compile_s: float
+) -> Dict[str, Any]:
+  """The run's start row (metrics.jsonl, `Callback.on_start`): the plan's facts as logged.
+
+  Args:
+    spec: the validated spec.
+    plan: the privacy plan.
+    task: the task.
+    start: the steps already done (a resume's checkpoint).
+    mesh: the device mesh, or None.
+    compile_s: the seconds compiling the step took.
+
+  Returns:
+    The row.
+  """
+  full = plan.ledger_at(spec.steps)
+  sam = plan.sam
+  return {
+    "event": "start",
+    "time": now(),
+    "task": task.name,
+    "private": plan.private,
+    "noise_multiplier": plan.noise_multiplier,
+    "mf_bands": plan.bands,
+    "mf_buffers": plan.mf_buffers,
+    "adaptive_clipping": plan.adaptive,
+    "gradient_noise_multiplier": plan.gradient_noise_multiplier,
+    "sampling_rate": plan.sampling_rate,
+    "expected_batch_size": plan.expected_batch_size,
+    "steps": spec.steps,
+    "resumed_from": start,
+    "privacy_unit": plan.unit,
+    "user_sampling": plan.sampling,
+    "max_examples_per_user": plan.max_examples_per_user,
+    "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
+    "dp_sam": None
+    if sam is None
+    else {"rho": sam.rho, "mode": sam.mode, "active_steps": sam.active_steps},
+    "releases": full.releases,
+    "ledger_segments": len(full.segments),
+    "noise_seed_secret": plan.noise_seed_secret,
+    "devices": 1 if mesh is None else int(mesh.devices.size),
+    "compile_s": compile_s,
+  }
+
+
+class _Tally:
+  """What the loop sums between reads, on the devices: the stats since the last log row,
+  and the dropped-unit counts since the last read (`_note_dropped`)."""
+
+  def __init__(self):
+    self.window, self.count, self.seen = None, 0.0, 0
+    self.unchecked, self.units_unchecked = _NO_DROPS, 0.0
+    self.dropped_total = self.units_total = 0.0
+    self.t0 = time.perf_counter()
+
+  def add(self, sums: _Sums, done: int) -> None:
+    self.window = sums.stats if self.window is None else _add(self.window, sums.stats)
+    self.count += sums.units
+    self.seen += sums.examples
+    self.unchecked = _note_dropped(self.unchecked, sums.stats["dropped_units"], sums.units, done)
+    self.units_unchecked += sums.units
+
+  def read_dropped(self, done: int) -> None:
+    """Reads the dropped-unit counts before a step is saved or logged (stops if all dropped)."""
+    self.dropped_total += _check_dropped(self.unchecked, done)
+    self.units_total += self.units_unchecked
+    self.unchecked, self.units_unchecked = _NO_DROPS, 0.0
+
+  def read_window(self) -> Dict[str, Any]:
+    """The mean training stats since the last log row (the one read of them), and resets."""
+    totals = {k: float(v) for k, v in self.window.items()}
+    dropped = totals.pop("dropped_units")
+    out = {f"train_{k}": v / max(self.count, 1.0) for k, v in totals.items()}
+    out["dropped_units"] = int(dropped)
+    self.window, self.count = None, 0.0
+    return out
+
+  def examples_per_s(self) -> float:
+    return self.seen / max(time.perf_counter() - self.t0, 1e-9)
+
+  def warn_if_dropped(self) -> None:
+    if self.units_total and self.dropped_total > DROPPED_WARN_FRACTION * self.units_total:
+      warnings.warn(
+        f"{int(self.dropped_total)} of {int(self.units_total)} sampled units "
+        f"({self.dropped_total / self.units_total:.1%}) had a non-finite loss or gradient and "
+        "were dropped (dropped_units in metrics.jsonl)",
+        UserWarning,
+        stacklevel=5,
+      )
 
 
 # Dropped-unit counts kept on the devices between reads, so that a run that logs

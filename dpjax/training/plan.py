@@ -304,19 +304,19 @@ class PrivacyPlan:
       The ledger Segment.
     """
     return Segment(
-      self.mechanism,
-      float(self.noise_multiplier),
-      float(self.sampling_rate),
-      self.unit,
-      self.sampling,
-      int(self.max_examples_per_user),
-      int(end - self.start_step),
-      self.ascent_releases(self.start_step, end),
-      self.accountant,
-      self.lmo.as_dict() if self.lmo is not None else None,
-      int(self.num_units),
-      self.origin,
-      int(self.bands),
+      mechanism=self.mechanism,
+      noise_multiplier=float(self.noise_multiplier),
+      sampling_rate=float(self.sampling_rate),
+      unit=self.unit,
+      sampling=self.sampling,
+      max_examples_per_user=int(self.max_examples_per_user),
+      steps=int(end - self.start_step),
+      extra_releases=self.ascent_releases(self.start_step, end),
+      accountant=self.accountant,
+      lmo=self.lmo.as_dict() if self.lmo is not None else None,
+      num_units=int(self.num_units),
+      origin=self.origin,
+      bands=int(self.bands),
       mf_buffers=int(self.mf_buffers),
       mf_horizon=int(self.steps) if self.mf_buffers else None,
     )
@@ -662,7 +662,7 @@ def make_plan(
 
   Args:
     spec: a validated spec (`dpjax.training.spec.validate`).
-    task: the `dpjax.training.loop.Task`.
+    task: the `dpjax.training.task.Task`.
     secret: the run's noise and sampling entropy.
     prior: the ledger of what ran before (empty for a fresh run).
     start_step: the step the state resumes from.

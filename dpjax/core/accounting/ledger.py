@@ -32,7 +32,7 @@ from dpjax.core.accounting.user_level import els_step
 MECHANISMS = ("gaussian", "laplace", "lmo")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Segment:
   """Releases of one mechanism at one noise multiplier and one sampling rate.
 
@@ -69,9 +69,9 @@ class Segment:
   mechanism: str
   noise_multiplier: float
   sampling_rate: float
-  unit: str
-  sampling: Optional[str]
-  max_examples_per_user: int
+  unit: str = "example"
+  sampling: Optional[str] = None
+  max_examples_per_user: int = 1
   steps: int
   extra_releases: int = 0
   accountant: str = "pld"

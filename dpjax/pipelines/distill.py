@@ -38,8 +38,9 @@ from dpjax.models.decoder import Decoder, causal_lm_loss, init_params
 from dpjax.models.generate import generate, left_pad
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
-from dpjax.training.loop import Task, train
+from dpjax.training.loop import train
 from dpjax.training.rundir import make_private_dir
+from dpjax.training.task import Task
 
 PyTree = Any
 
@@ -571,8 +572,15 @@ STUDENT_SIZES = (
 
 
 def teacher_config(cfg) -> ml_collections.ConfigDict:
-  """The teacher's train config: `cfg.teacher` with the distill budget (calibrated to
-  `total_epsilon` with the histogram, at `delta`)."""
+  """The teacher's train config: `cfg.teacher` with the distill budget.
+
+  Args:
+    cfg: the `dpjax distill` config.
+
+  Returns:
+    `cfg.teacher` with its noise calibrated so that teacher + histogram meet
+    `total_epsilon` at `delta`.
+  """
   tcfg = ml_collections.ConfigDict(cfg.teacher.to_dict(), type_safe=False)
   tcfg.delta = cfg.delta
   tcfg.target_epsilon = cfg.total_epsilon

@@ -10,7 +10,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dpjax.core import accounting
 from dpjax.models.decoder import Decoder, DecoderConfig
 from dpjax.models.decoder import init_params as init_decoder
-from dpjax.pipelines import distil_dp as distill
+from dpjax.pipelines import distill
 
 CFG = DecoderConfig(
   family="llama",
