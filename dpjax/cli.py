@@ -51,7 +51,7 @@ def _train(args) -> int:
 
     jax.distributed.initialize()  # cluster from the environment (SLURM, TPU, GKE, ...)
   cfg = load_config(args.config, args.set or [])
-  spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))  # once; errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   if args.workdir is not None and not args.workdir.strip():
     raise ValueError("--workdir must name a directory, got ''")
@@ -64,7 +64,7 @@ def _train(args) -> int:
     before = perplexity(evaluate(task, task.params, "dev", int(cfg.physical_batch_size)))
   try:
     result = train(
-      cfg,
+      spec,
       task,
       workdir,
       progress=not args.no_progress,

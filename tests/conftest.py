@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small steps: XLA's persistent compilation cache
 # shares them between tests, workers and the subprocesses they start (~25 %
 # of the default run). Keyed by the program and the jax version, so a stale
-# entry is never used; unset it by setting JAX_COMPILATION_CACHE_DIR yourself.
+# entry is never used. JAX_COMPILATION_CACHE_DIR= (empty) in the environment turns it off.
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR",
   os.path.join(tempfile.gettempdir(), f"dpjax-tests-xla-cache-{os.getuid()}"),

@@ -82,3 +82,27 @@ def test_the_privacy_spec_holds_every_privacy_key_and_nones_what_does_not_apply(
     assert ps[name] is None, name
   for name, v in overrides.items():
     assert ps[name] == v
+
+
+def test_a_cli_run_checks_its_config_once(tmp_path, monkeypatch, capsys):
+  # The CLI validates before building the task; train, prepare and the plan receive
+  # the Spec and do not check it again (a warning would otherwise repeat).
+  from dpjax import cli
+  from dpjax.training import spec as spec_lib
+
+  calls = []
+  check = spec_lib._check
+
+  def counted(cfg):
+    calls.append(1)
+    return check(cfg)
+
+  monkeypatch.setattr(spec_lib, "_check", counted)
+  argv = ["train", "synthetic", "--workdir", str(tmp_path / "w"), "--no-progress"]
+  assert cli.main(argv + ["--set", "steps=2", "--set", "log_every=1"]) == 0
+  assert len(calls) == 1
+  spec = spec_lib.validate(
+    spec_lib.with_defaults({"task": {"name": "synthetic"}, "private": False})
+  )
+  assert isinstance(spec, spec_lib.Spec) and spec_lib.validate(spec) is spec
+  assert spec_lib.with_defaults(spec) is spec

@@ -588,7 +588,7 @@ def teacher_config(cfg) -> ml_collections.ConfigDict:
   return tcfg
 
 
-def check_config(cfg) -> None:
+def check_config(cfg) -> spec_lib.Spec:
   """Checks every value of a `dpjax distill` config before anything is fetched or built.
 
   The teacher section is a train config (`dpjax.training.spec`); the others
@@ -598,6 +598,9 @@ def check_config(cfg) -> None:
 
   Args:
     cfg: the config.
+
+  Returns:
+    The teacher's validated train spec (`teacher_config`).
   """
   if "teacher" not in cfg:
     raise spec_lib.SpecError(
@@ -632,6 +635,7 @@ def check_config(cfg) -> None:
         "student.model.num_layers is missing: a student initialised from the public "
         "pretrained decoder keeps its first num_layers blocks"
       )
+  return spec
 
 
 def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any]:
@@ -659,11 +663,10 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
 
   import datasets
 
-  check_config(cfg)
+  tcfg = check_config(cfg)  # the teacher's Spec, checked once
   make_private_dir(run_dir)
 
   # Stage 1: the DP teacher (the only reader of the private data, with the histogram).
-  tcfg = teacher_config(cfg)
   if task is None:
     task = build_task(tcfg)
   hist_cfg = cfg.get("histogram")

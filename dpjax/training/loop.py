@@ -315,7 +315,8 @@ def train(
     A `RunResult` (final params and metrics, the ledger, the privacy record).
   """
   lead = jax.process_index() == 0  # multi-host: one process writes metrics and plots
-  mesh = run_mesh(spec_lib.validate(spec_lib.with_defaults(cfg)))  # device errors first
+  cfg = spec_lib.validate(spec_lib.with_defaults(cfg))  # checked once: a Spec from here on
+  mesh = run_mesh(cfg)  # device errors first
   if workdir and jax.process_count() > 1 and _JAX_VERSION < (0, 7):
     raise SpecError(
       f"checkpoints of a multi-process run need jax >= 0.7 (orbax writes arrays split "

@@ -478,15 +478,26 @@ def is_train_config(cfg) -> bool:
   return "task" in cfg and "teacher" not in cfg
 
 
+class Spec(ml_collections.FrozenConfigDict):
+  """A validated spec (what `validate` returns): every key present, checked, frozen.
+
+  `validate` and `with_defaults` return a Spec unchanged, so a run's checks
+  (and their warnings) happen once, at the boundary (the CLI or `train`),
+  however many layers below receive the spec.
+  """
+
+
 def with_defaults(cfg) -> ml_collections.ConfigDict:
   """`cfg` with every declared key present (its default where the file sets none).
 
   Args:
-    cfg: a config (ConfigDict or dict).
+    cfg: a config (ConfigDict or dict), or a `Spec` (returned as it is).
 
   Returns:
     A complete ConfigDict.
   """
+  if isinstance(cfg, Spec):
+    return cfg
   out = ml_collections.ConfigDict(_plain(cfg), type_safe=False)
   for k in KEYS:
     if k.name not in out:
@@ -540,19 +551,27 @@ def check_value(k: Key, v: Any) -> Any:
   return v
 
 
-def validate(cfg) -> ml_collections.FrozenConfigDict:
-  """Checks every key and the contradictions between keys; returns a frozen, complete spec.
+def validate(cfg) -> Spec:
+  """Checks every key and the contradictions between keys; returns a frozen, complete `Spec`.
 
   Warns (UserWarning) for privacy keys set under private=False. Checks that
   need the data (delta < 1/N, a sampling rate <= 1) are the plan's
   (`dpjax.training.plan.make_plan`).
 
   Args:
-    cfg: a config (missing keys take their defaults).
+    cfg: a config (missing keys take their defaults), or a `Spec` (returned
+      as it is: checked once).
 
   Returns:
-    The FrozenConfigDict (raises SpecError, one line, on a bad value).
+    The Spec (raises SpecError, one line, on a bad value).
   """
+  if isinstance(cfg, Spec):  # validated already
+    return cfg
+  return _check(cfg)
+
+
+def _check(cfg) -> Spec:
+  """`validate`'s checks, run once per config."""
   raw = _plain(cfg)
   unknown = sorted(set(raw) - set(BY_NAME))
   if unknown:
@@ -637,7 +656,7 @@ def validate(cfg) -> ml_collections.FrozenConfigDict:
     unknown = sorted(set(out["lmo_grid"]) - set(LMO_GRID_KEYS))
     if unknown:
       raise SpecError(f"lmo_grid takes {', '.join(LMO_GRID_KEYS)}; got unknown {unknown[0]!r}")
-  return ml_collections.FrozenConfigDict(out)
+  return Spec(out)
 
 
 PRIVACY_KEYS: Tuple[str, ...] = tuple(k.name for k in KEYS if k.privacy)
