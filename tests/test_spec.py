@@ -106,3 +106,15 @@ def test_a_cli_run_checks_its_config_once(tmp_path, monkeypatch, capsys):
   )
   assert isinstance(spec, spec_lib.Spec) and spec_lib.validate(spec) is spec
   assert spec_lib.with_defaults(spec) is spec
+
+
+def test_dp_sam_defaults_are_filled_once_by_validate():
+  from dpjax.training import spec as spec_lib
+
+  cfg = {"task": {"name": "synthetic"}, "noise_multiplier": 1.0, "dp_sam": {"rho": 0.1}}
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  defaults = {"mode": "free", "active_fraction": 0.5, "layerwise": True}
+  assert dict(spec.dp_sam) == {"rho": 0.1, **defaults} and spec_lib.DP_SAM_DEFAULTS == defaults
+  bad = dict(cfg, dp_sam={"rho": 0.1, "active_fraction": True})
+  with pytest.raises(spec_lib.SpecError, match="dp_sam.active_fraction must be in"):
+    spec_lib.validate(spec_lib.with_defaults(bad))

@@ -598,11 +598,11 @@ def _sam(spec) -> Optional[flatness.DPSAM]:
   s = spec.dp_sam
   if not s:
     return None
-  return flatness.dp_sam(
+  return flatness.dp_sam(  # every key present: `spec.DP_SAM_DEFAULTS` filled by validate
     s["rho"],
-    mode=s.get("mode", "free"),
-    layerwise=s.get("layerwise", True),
-    active_steps=int(round(s.get("active_fraction", 0.5) * spec.steps)),
+    mode=s["mode"],
+    layerwise=s["layerwise"],
+    active_steps=int(round(s["active_fraction"] * spec.steps)),
   )
 
 

@@ -633,7 +633,7 @@ def _check(cfg) -> Spec:
         stacklevel=3,
       )
   if out["dp_sam"] is not None:
-    _check_dp_sam(out["dp_sam"], out["private"])
+    out["dp_sam"] = _check_dp_sam(out["dp_sam"], out["private"])
   if out["weight_distillation"] is not None:
     wd = out["weight_distillation"]
     if set(wd) != {"lam", "reference"}:
@@ -771,22 +771,29 @@ def _number(v: Any) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_dp_sam(spec: Dict[str, Any], private: bool) -> None:
-  unknown = set(spec) - {"rho", "mode", "active_fraction", "layerwise"}
+# dp_sam's keys besides rho, with the defaults a run uses (filled by `validate`: read
+# nowhere else).
+DP_SAM_DEFAULTS = {"mode": "free", "active_fraction": 0.5, "layerwise": True}
+
+
+def _check_dp_sam(spec: Dict[str, Any], private: bool) -> Dict[str, Any]:
+  """dp_sam checked, with every key present (`DP_SAM_DEFAULTS` where the config sets none)."""
+  unknown = set(spec) - {"rho", *DP_SAM_DEFAULTS}
   if unknown or "rho" not in spec:
-    raise SpecError(f"dp_sam takes rho, mode, active_fraction, layerwise; got {sorted(spec)}")
+    raise SpecError(f"dp_sam takes rho, {', '.join(DP_SAM_DEFAULTS)}; got {sorted(spec)}")
+  spec = {**DP_SAM_DEFAULTS, **spec}
   if not (_number(spec["rho"]) and spec["rho"] >= 0):
     raise SpecError(f"dp_sam.rho must be a finite number >= 0, got {spec['rho']!r}")
-  if not isinstance(spec.get("layerwise", True), bool):
+  if not isinstance(spec["layerwise"], bool):
     raise SpecError(f"dp_sam.layerwise must be True or False, got {spec['layerwise']!r}")
-  frac = spec.get("active_fraction", 0.5)
-  if not (isinstance(frac, (int, float)) and 0 <= frac <= 1):
+  frac = spec["active_fraction"]
+  if not (_number(frac) and 0 <= frac <= 1):
     raise SpecError(f"dp_sam.active_fraction must be in [0, 1], got {frac!r}")
-  mode = spec.get("mode", "free")
-  if mode not in ("free", "charged"):
-    raise SpecError(f"dp_sam.mode must be one of 'free', 'charged', got {mode!r}")
-  if mode == "charged" and not private:
+  if spec["mode"] not in ("free", "charged"):
+    raise SpecError(f"dp_sam.mode must be one of 'free', 'charged', got {spec['mode']!r}")
+  if spec["mode"] == "charged" and not private:
     raise SpecError("dp_sam mode='charged' privatises an ascent gradient: needs private=True")
+  return spec
 
 
 def describe(cfg=None) -> List[str]:
