@@ -144,7 +144,7 @@ def _rss_mb() -> float:
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
 def test_epsilon_at_a_new_step_count_each_log_row_keeps_no_memory():
   # A run logs epsilon at a new count every row; each composition's FFT has its own
-  # length. scipy's FFT kept every length's plan: +70 MB over these 20 counts.
+  # length. scipy's FFT kept every length's plan: +100 MB over these 20 counts.
   event = lambda n: accounting.dpsgd_event(0.93, 0.0041, n)  # noqa: E731
   accounting.epsilon(event(4000), 1e-5)  # the largest working set, once
   before = _rss_mb()
