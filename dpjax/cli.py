@@ -264,12 +264,11 @@ def _config(args) -> int:
 def _distill(args) -> int:
 
   cfg = load_config(args.config, args.set or [])
-  distill.check_config(cfg)  # every value before an asset is fetched or a model built
   name = os.path.splitext(os.path.basename(args.config))[0]
   if args.run_dir is not None and not args.run_dir.strip():
     raise ValueError("--run-dir must name a directory, got ''")
   run_dir = args.run_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-  check_writable(run_dir)
+  # `run` checks every value and the directory before it fetches or builds anything
   report = distill.run(cfg, run_dir, progress=not args.no_progress)
   print(json.dumps(report, default=float))
   b = report["budget"]

@@ -215,16 +215,21 @@ BAD_TRAIN = [
 ]
 
 
+def _refused_in_one_line(capsys, argv, sets, msg, out_dir) -> None:
+  """`dpjax ARGV --set ...` exits 2 with one stderr line holding `msg`, writing no `out_dir`."""
+  for s in sets:
+    argv = argv + ["--set", s]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("dpjax: error: ") and msg in err[0], err
+  assert not out_dir.exists()
+
+
 @pytest.mark.parametrize("sets,msg", BAD_TRAIN)
 def test_bad_train_inputs_exit_2_with_one_line_and_no_files(tmp_path, capsys, sets, msg):
   workdir = tmp_path / "run"
   argv = ["train", "configs/synthetic.py", "--workdir", str(workdir), "--no-progress"]
-  for s in sets:
-    argv += ["--set", s]
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("dpjax: error: ") and msg in err[0], err
-  assert not workdir.exists()
+  _refused_in_one_line(capsys, argv, sets, msg, workdir)
 
 
 BAD_DISTILL = [
@@ -263,12 +268,7 @@ def test_bad_distill_inputs_exit_2_before_any_fetch(
   monkeypatch.setattr(assets, "fetch", no_fetch)
   run_dir = tmp_path / "run"
   argv = ["distill", config, "--run-dir", str(run_dir), "--no-progress"]
-  for s in sets:
-    argv += ["--set", s]
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("dpjax: error: ") and msg in err[0], err
-  assert not run_dir.exists()
+  _refused_in_one_line(capsys, argv, sets, msg, run_dir)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from dpjax.models.generate import generate, left_pad
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
 from dpjax.training.loop import train
-from dpjax.training.rundir import make_private_dir
+from dpjax.training.rundir import check_writable, make_private_dir
 from dpjax.training.task import Task
 
 PyTree = Any
@@ -663,7 +663,8 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
 
   import datasets
 
-  tcfg = check_config(cfg)  # the teacher's Spec, checked once
+  tcfg = check_config(cfg)  # the teacher's Spec, checked once, before anything is fetched
+  check_writable(run_dir)  # a read-only or full disk: one line, before the teacher is built
   make_private_dir(run_dir)
 
   # Stage 1: the DP teacher (the only reader of the private data, with the histogram).

@@ -622,6 +622,8 @@ class _Step:
     self.spec, self.plan, self.task = spec, plan, task
     self.zeros, self.acc, self.update, self.at_fn = zeros, acc, update, at_fn
     self.host_batch = host_batch
+    # charged DP-SAM's independent draw: jitted (not AOT), its clipped sum at the plan's bound
+    self.ascent_fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
     self.eval_fn = make_eval_fn(task) if task.splits else None  # compiled once, at first use
     self.compile_s = 0.0
 
@@ -639,9 +641,8 @@ class _Step:
     plan, at = self.plan, state.params
     if self.at_fn is not None:
       ascent = None
-      if plan.ascent_releases(i, i + 1):  # charged DP-SAM: an independent draw (jitted, not AOT)
-        fn = functools.partial(accumulate, plan=plan, loss_fn=self.task.loss_fn)
-        ascent = self.summed(state.params, plan.sampler.batches(i, draw=1), fn=fn).gsum
+      if plan.ascent_releases(i, i + 1):  # charged DP-SAM: an independent draw
+        ascent = self.summed(state.params, plan.sampler.batches(i, draw=1), fn=self.ascent_fn).gsum
       at = self.at_fn(state.params, state.opt_state, ascent, state.step)
     clip_norm = plan.clip_norm_now(state.opt_state)
     sums = self.summed(at, plan.sampler.batches(i), clip_norm)
