@@ -169,6 +169,20 @@ def test_no_intact_checkpoint_is_one_line(tmp_path):
     _train(_small(steps=6), w)
 
 
+def test_only_an_unfinished_first_save_is_no_checkpoint(tmp_path):
+  # A crash inside a run's first save (before any step) leaves checkpoints/ with
+  # orbax's temporary directory only: nothing was released, so it is no
+  # checkpoint (not "no intact checkpoint is left"); under jax.distributed this
+  # is also what a process saw that read the directory while process 0 was
+  # finalising its save (now kept apart by a barrier at each run's end).
+  from dpjax.training.rundir import Checkpoints
+
+  w = tmp_path / "w"
+  os.makedirs(w / "checkpoints" / "0.orbax-checkpoint-tmp-1")
+  assert Checkpoints.latest_meta(str(w)) is None
+  assert _train(_small(steps=3), w).ledger.steps == 3
+
+
 def test_a_torn_last_metrics_row_is_dropped_and_said(tmp_path, capfd):
   w = tmp_path / "w"
   _train(_small(), w, stop_at_step=3)

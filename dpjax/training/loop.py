@@ -329,6 +329,7 @@ def train(
     created = rundir.make_private_dir(workdir)
     lock.acquire()
   try:
+    _all_processes_here("dpjax-run-start")  # nothing is read before process 0 holds the lock
     with rundir.owner_only_files(), StopSignals() as stop:
       while True:  # each pass sets one damaged checkpoint aside, falling back to an older one
         spec, plan, meta = prepare(
@@ -337,9 +338,11 @@ def train(
         if workdir and lock is None:  # another process of a multi-host run holds the lock
           os.makedirs(workdir, mode=0o700, exist_ok=True)
         try:
-          return _run(
+          result = _run(
             spec, plan, meta, task, workdir, lead, progress, stop_at_step, callbacks, mesh, stop
           )
+          _all_processes_here("dpjax-run-end")  # every file is written before any process goes on
+          return result
         except rundir.DamagedCheckpoint as e:
           if not lead or jax.process_count() > 1:
             raise
@@ -349,6 +352,19 @@ def train(
       lock.release()
       if created and not os.listdir(workdir):  # refused before anything was written
         os.rmdir(workdir)
+
+
+def _all_processes_here(name: str) -> None:
+  """Under `jax.distributed`, waits until every process reaches this point (else nothing).
+
+  Every process reads the run directory (the checkpoint to resume, privacy.json)
+  but process 0 writes it: without these two points a process could read it
+  before process 0 holds the lock, or while process 0 finalises the last
+  checkpoint of a run that just ended, and resume from another step than the
+  others (their collectives then never meet).
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def run_mesh(spec) -> Optional[Mesh]:

@@ -123,7 +123,9 @@ class Checkpoints:
 
     A checkpoint whose privacy metadata cannot be read is set aside
     (`set_aside`, one line on stderr naming both) and the next newest is
-    tried; when none is left, the run is refused.
+    tried; when none is left, the run is refused. A directory holding no
+    finalised checkpoint and none set aside (a crash inside the first save,
+    which comes before any step) is no checkpoint.
 
     Args:
       workdir: the run directory.
@@ -157,6 +159,9 @@ class Checkpoints:
         }
       except Exception as e:  # noqa: BLE001 - any unreadable metadata: try the older one
         set_aside(workdir, step, e)
+    damaged = os.path.join(workdir, DAMAGED)
+    if not (os.path.isdir(damaged) and os.listdir(damaged)):
+      return None  # only unfinished saves (a crash in the first one): nothing was released
     raise ResumeRefused(
       f"no intact checkpoint is left in {path} (the damaged ones are in "
       f"{os.path.join(workdir, DAMAGED)}): the ledger cannot be continued; use a new workdir"
