@@ -391,7 +391,7 @@ def _account_lmo(argv) -> int:
           sampling=None,
           max_examples_per_user=1,
           steps=args.steps,
-          lmo=params.as_dict(),
+          settings=params.as_dict(),
         ),
       )
     ).epsilon(args.delta)

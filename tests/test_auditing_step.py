@@ -36,9 +36,8 @@ class HalfNoise(PrivacyPlan):
   """A mis-specified plan for the test: it adds half the noise its ledger claims."""
 
   def noise_transform(self, key):
-    honest = dataclasses.replace(
-      PrivacyPlan(**_fields(self)), noise_multiplier=self.noise_multiplier / 2
-    )
+    half = dataclasses.replace(self.mechanism, noise_multiplier=self.noise_multiplier / 2)
+    honest = dataclasses.replace(PrivacyPlan(**_fields(self)), mechanism=half)
     return honest.noise_transform(key)
 
 

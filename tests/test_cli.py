@@ -327,7 +327,7 @@ def test_every_key_is_listed_and_settable(capsys):
     if k.name == "task":
       continue
     assert f"\n{k.name} " in "\n" + out and f"  {k.name} " in help_text, k.name
-    str_value = repr(k.choices[0]) if k.choices else repr(k.default)
+    str_value = repr(k.options()[0]) if k.options() else repr(k.default)
     number = "1" if k.default is None else repr(k.default)
     value = {bool: "True", str: str_value, dict: "None"}.get(k.kind[0], number)
     cfg = load_config("configs/synthetic.py", [f"{k.name}={value}"])

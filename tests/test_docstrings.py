@@ -5,7 +5,7 @@ has no leading underscore) has a docstring; one that takes arguments has an
 "Args:" section, and one that takes arguments and returns a value has a
 "Returns:" (or "Yields:") section. Properties, flax's `setup`/`__call__` and
 the overrides of documented hooks (`Callback.on_*`, dp-accounting's
-`get_epsilon`/`get_delta`) are exempt: their contract is written once where
+`get_epsilon`/`get_delta`, a `Mechanism`'s methods) are exempt: their contract is written once where
 it is defined. So is a shipped config's `get_config()` (dpjax/configs): its
 module docstring says what the run is, and `dpjax train --list` shows it.
 """
@@ -18,6 +18,18 @@ from typing import Iterator, List, Tuple
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dpjax")
 HOOKS = {"on_start", "on_step", "on_log", "on_end", "get_epsilon", "get_delta", "setup"}
+# A mechanism's methods are documented once, on `dpjax.core.mechanisms.base.Mechanism`.
+MECHANISM_METHODS = {
+  "transform",
+  "step_event",
+  "user_step_event",
+  "noise_variance",
+  "describe",
+  "settings",
+  "from_settings",
+  "with_noise_multiplier",
+  "check_accountant",
+}
 
 
 def _public_functions(tree: ast.Module) -> Iterator[Tuple[str, ast.FunctionDef, bool]]:
@@ -54,6 +66,8 @@ def missing_sections(source: str, config: bool = False) -> List[str]:
   out = []
   for name, fn, is_method in _public_functions(ast.parse(source)):
     if _is_property(fn) or (is_method and fn.name in HOOKS):
+      continue
+    if is_method and fn.name in MECHANISM_METHODS and not name.startswith("Mechanism."):
       continue
     if config and name == "get_config":
       continue

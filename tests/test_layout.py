@@ -9,6 +9,7 @@ written in the README's layout section.
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import sys
 from typing import Dict, List, Set, Tuple
@@ -292,3 +293,53 @@ def test_the_facades_short_paths_are_importable_modules():
     assert importlib.import_module(f"dpjax.{short}") is importlib.import_module(full)
     assert getattr(dpjax, short) is importlib.import_module(full)
   from dpjax.mechanisms import gaussian  # noqa: F401  (the form users write)
+
+
+# Where dpjax/training/ still names a built-in mechanism in its code, and why. Everything
+# else a mechanism decides (its noise, its event, its norm, its accountants, its record)
+# is asked of its object (`dpjax.core.mechanisms`), which is what lets a user's own
+# registered mechanism train without an edit here (tests/test_howto_mechanism.py).
+MECHANISM_NAMES = ("gaussian", "laplace", "lmo")
+NAMED_MECHANISMS = {
+  "dpjax/training/spec.py::_check_bandmf": "BandMF and BLT correlate Gaussian noise only",
+  "dpjax/training/spec.py::_check_adaptive": "the quantile count is analysed with Gaussian noise",
+  "dpjax/training/plan.py::_search_lmo": "LMO's parameter search lives in dpjax.methods",
+  "dpjax/training/plan.py::<module>": "SEARCHES: the one mechanism a target epsilon searches",
+}
+
+
+def _mechanism_branches() -> List[str]:
+  """'file::function' for each comparison, dict key or `get(...)` naming a mechanism."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "training", "*.py"))):
+    rel = os.path.relpath(path, os.path.dirname(ROOT))
+
+    def names(node) -> bool:
+      if isinstance(node, ast.Constant):
+        return node.value in MECHANISM_NAMES
+      return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(map(names, node.elts))
+
+    def visit(node, where):
+      for child in ast.iter_child_nodes(node):
+        here = child.name if isinstance(child, (ast.FunctionDef, ast.ClassDef)) else where
+        if isinstance(child, ast.Compare) and any(map(names, [child.left, *child.comparators])):
+          found.append(f"{rel}::{where}")
+        elif isinstance(child, ast.Dict) and any(k is not None and names(k) for k in child.keys):
+          found.append(f"{rel}::{where}")
+        elif isinstance(child, ast.Call) and any(map(names, child.args)):
+          fn = child.func
+          if (fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")) == "get":
+            found.append(f"{rel}::{where}")
+        visit(child, here)
+
+    visit(ast.parse(open(path).read(), path), "<module>")
+  return found
+
+
+def test_training_asks_the_mechanism_object_not_its_name():
+  found = _mechanism_branches()
+  assert len(found) <= 5 and set(found) <= set(NAMED_MECHANISMS), sorted(
+    set(found) - set(NAMED_MECHANISMS)
+  )
+  stale = sorted(set(NAMED_MECHANISMS) - set(found))
+  assert not stale, f"no longer naming a mechanism (remove from NAMED_MECHANISMS): {stale}"

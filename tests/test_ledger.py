@@ -44,15 +44,18 @@ def test_els_and_lmo_segments_use_their_accountants():
     user_level.els_epsilon(1.0, 0.05, 10, 3, DELTA), rel=1e-9
   )
   p = dict(a1=0.3, a3=0.2, a4=0.5, theta=1.0, k=2.0, lam=1.0, Ua=1.0, Ub=2.0)
-  one = Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.1, steps=6, lmo=p)
+  one = Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.1, steps=6, settings=p)
   assert Ledger((one,)).epsilon(DELTA) == lmo.lmo_epsilon(lmo.LMOParams(**p), 0.1, 6, DELTA)
   # Two LMO segments: composed on one grid, never below either part alone.
   two = Ledger(
-    (one, Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.05, steps=6, lmo=p))
+    (one, Segment(mechanism="lmo", noise_multiplier=0.0, sampling_rate=0.05, steps=6, settings=p))
   )
   both = two.epsilon(DELTA)
   assert both > Ledger((one,)).epsilon(DELTA)
   assert both <= lmo.lmo_epsilon(lmo.LMOParams(**p), 0.1, 12, DELTA) * (1 + 1e-6)
+  # A ledger written before the parameters were named `settings` reads the same.
+  old = {k: v for k, v in one.to_json().items() if k != "settings"}
+  assert Segment.from_json(dict(old, lmo=p)) == one
 
 
 def test_bad_segments_are_refused():

@@ -254,7 +254,7 @@ def test_lmo_is_one_config_change(tmp_path):
   want = L.lmo_epsilon(L.LMOParams(**params), 60 / 600, 6, 1e-5)
   assert res.final_metrics["epsilon"] == pytest.approx(want, rel=1e-12)
   start = json.loads(open(tmp_path / "metrics.jsonl").readline())
-  assert start["lmo"] == params
+  assert start["mechanism"] == {"name": "lmo", "noise_multiplier": 0.0, "settings": params}
   # L1 noise needs L1 clipping: refused without it, for Laplace as for LMO.
   for mech in ("lmo", "laplace"):
     cfg = small_config(mechanism=mech, lmo=params)

@@ -177,7 +177,7 @@ def audit_plan(
   )
   gdp = estimators.gdp_mu(scores["in"], scores["out"], confidence=confidence, seed=seed)
   return StepAudit(
-    mechanism=plan.mechanism,
+    mechanism=plan.mechanism.name,
     unit=plan.unit,
     sampling=plan.sampling,
     noise_multiplier=float(plan.noise_multiplier),

@@ -159,35 +159,3 @@ def check_unit(unit: str, sampling: Optional[str], max_examples_per_user: int) -
       f"example-level DP samples examples (Poisson); sampling={sampling!r} "
       "applies to privacy_unit='user'"
     )
-
-
-def check_accountant_covers(
-  mechanism: str, unit: str, sampling: Optional[str], accountant: str
-) -> None:
-  """Raises ValueError unless dpjax has an accountant of kind `accountant` for this release.
-
-  LMO-DP noise is accounted by its own PLD (example level, or users sampled
-  as units); user-level ELS by the PLD of a mixture of Gaussians, so with
-  Gaussian noise only.
-
-  Args:
-    mechanism: "gaussian", "laplace" or "lmo".
-    unit: "example" or "user".
-    sampling: for users, "els" or "uls"; for examples, None or "poisson".
-    accountant: the accountant's kind ("pld", "rdp", "edgeworth", ...).
-  """
-  if mechanism == "lmo":
-    if sampling == "els":
-      raise ValueError(
-        "LMO noise has no ELS user-level accountant; use user_sampling='uls' or "
-        "privacy_unit='example'"
-      )
-    if accountant != "pld":
-      raise ValueError(
-        f"LMO noise is accounted by its own PLD; set accountant='pld', got {accountant!r}"
-      )
-  elif unit == "user" and sampling == "els" and (mechanism, accountant) != ("gaussian", "pld"):
-    raise ValueError(
-      "the user-level ELS accountant covers Gaussian noise with accountant='pld', "
-      f"got mechanism={mechanism!r}, accountant={accountant!r}"
-    )

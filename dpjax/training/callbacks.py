@@ -142,10 +142,7 @@ def plan_line(spec, plan: PrivacyPlan) -> str:
     return f"privacy plan: none (private=False, no guarantee) | {spec.steps} steps"
   target = "none" if spec.target_epsilon is None else f"{spec.target_epsilon:g}"
   unit = plan.unit if plan.sampling is None else f"{plan.unit} ({plan.sampling.upper()})"
-  if plan.lmo is not None:
-    noise = "lmo"
-  else:
-    noise = f"{plan.mechanism} sigma {plan.noise_multiplier:.4g}"
+  noise = plan.mechanism.describe()
   parts = [
     f"privacy plan: target eps {target} at delta {plan.delta:g} per {unit}",
     noise,

@@ -795,7 +795,7 @@ def run_header(
     "privacy_unit": plan.unit,
     "user_sampling": plan.sampling,
     "max_examples_per_user": plan.max_examples_per_user,
-    "lmo": plan.lmo.as_dict() if plan.lmo is not None else None,
+    "mechanism": plan.mechanism.to_json() if plan.private else None,
     "dp_sam": None
     if sam is None
     else {"rho": sam.rho, "mode": sam.mode, "active_steps": sam.active_steps},

@@ -37,11 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax.core import accounting
+from dpjax.core import accounting, mechanisms
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
 from dpjax.core.accounting.ledger import Ledger, Segment, changes
-from dpjax.core.accounting.lmo import LMOParams, noise_magnitude
-from dpjax.core.checks import check_accountant_covers
 from dpjax.core.clipping import clipped_grad, group_mean
 from dpjax.core.matrix_factorization import (
   blt_coefficients,
@@ -51,14 +49,12 @@ from dpjax.core.matrix_factorization import (
   toeplitz_sensitivity,
 )
 from dpjax.core.mechanisms import (
+  Mechanism,
   QuantileClipState,
   banded_gaussian,
   blt_gaussian,
   find_state,
-  gaussian,
   gradient_noise_multiplier,
-  laplace,
-  lmo,
   normalize,
   quantile_clipped_gaussian,
 )
@@ -75,8 +71,6 @@ from dpjax.methods import flatness
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.training import spec as spec_lib
 from dpjax.training.spec import SpecError
-
-L1_MECHANISMS = ("laplace", "lmo")  # noise calibrated to the L1 sensitivity
 
 
 class ResumeRefused(ValueError):
@@ -216,8 +210,7 @@ class PrivacyPlan:
   """
 
   private: bool
-  mechanism: Optional[str]
-  noise_multiplier: float  # sigma (0 when not private, or for LMO)
+  mechanism: Optional[Mechanism]  # the noise (None when not private)
   sampling_rate: Optional[float]
   unit: str
   sampling: Optional[str]
@@ -231,7 +224,6 @@ class PrivacyPlan:
   sampler: Any
   grad_fn: Any  # dpjax.clipped_grad result, None when not private
   sam: Optional[flatness.DPSAM]
-  lmo: Optional[Any]  # LMOParams
   secret: Secret
   prior: Ledger = Ledger()
   origin: Optional[Dict[str, Any]] = None  # the spec values that chose the noise
@@ -241,6 +233,11 @@ class PrivacyPlan:
   mf_blt: Optional[tuple] = None  # BLT's (decay, scale), fitted to the run's steps and groups
   adaptive: Optional[Dict[str, Any]] = None  # adaptive clipping, count_noise resolved
   stream: int = 0  # this segment's noise, sampling and ascent stream (`segment_stream`)
+
+  @property
+  def noise_multiplier(self) -> float:
+    """The mechanism's sigma (0 when not private, or for a mechanism without one: LMO)."""
+    return 0.0 if self.mechanism is None else float(self.mechanism.noise_multiplier)
 
   @property
   def gradient_noise_multiplier(self) -> float:
@@ -304,8 +301,8 @@ class PrivacyPlan:
       The ledger Segment.
     """
     return Segment(
-      mechanism=self.mechanism,
-      noise_multiplier=float(self.noise_multiplier),
+      mechanism=self.mechanism.name,
+      noise_multiplier=self.noise_multiplier,
       sampling_rate=float(self.sampling_rate),
       unit=self.unit,
       sampling=self.sampling,
@@ -313,7 +310,7 @@ class PrivacyPlan:
       steps=int(end - self.start_step),
       extra_releases=self.ascent_releases(self.start_step, end),
       accountant=self.accountant,
-      lmo=self.lmo.as_dict() if self.lmo is not None else None,
+      settings=self.mechanism.settings(),
       num_units=int(self.num_units),
       origin=self.origin,
       bands=int(self.bands),
@@ -418,8 +415,9 @@ class PrivacyPlan:
 
     What DP-AdamBC subtracts from its second moment: (sigma C / B)^2 for
     Gaussian noise (times sum_k d_k^2 of C^-1 for BandMF: its last step's),
-    2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO, with B the expected
-    batch size the sum is divided by; with adaptive clipping (sigma_g C_t /
+    2 (scale / B)^2 for Laplace, Var Z / B^2 for LMO (the mechanism's
+    `noise_variance` / B^2), with B the expected batch size the sum is
+    divided by; with adaptive clipping (sigma_g C_t /
     B)^2 at this step's clip norm C_t. Public: a function of the plan's noise,
     its sampling and earlier releases only.
 
@@ -441,14 +439,10 @@ class PrivacyPlan:
       c = blt_coefficients(*self.mf_blt, self.steps)
       gain = float(np.sum(inverse_coefficients(c, self.steps) ** 2)) * self.mf_sensitivity**2
       return float(gain * (self.noise_multiplier * sens / batch) ** 2)
-    if self.mechanism == "gaussian" and self.bands > 1:  # the largest, at the last step
+    if self.bands > 1:  # BandMF (Gaussian): the largest, at the last step
       gain = float(np.sum(inverse_coefficients(self.mf_coefs, self.steps) ** 2))
       return float(gain * (self.noise_multiplier * sens / batch) ** 2)
-    if self.mechanism == "gaussian":
-      return float((self.noise_multiplier * sens / batch) ** 2)
-    if self.mechanism == "laplace":
-      return float(2.0 * (self.noise_multiplier * sens / batch) ** 2)
-    return float(noise_magnitude(self.lmo, sens, "var") / batch**2)
+    return float(self.mechanism.noise_variance(sens) / batch**2)
 
   def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
     """The privatiser alone, on the clipped sum.
@@ -457,9 +451,9 @@ class PrivacyPlan:
       key: the noise key.
 
     Returns:
-      The Gaussian (BandMF-correlated with bands > 1; with an adaptive clip norm and
-      its count, which `update` then needs as `quantile_count=`), Laplace or LMO
-      transform at the plan's noise and sensitivity.
+      The mechanism's transform at the plan's sensitivity, or the Gaussian's
+      correlated (BandMF with bands > 1, BLT) or adaptive (with its count,
+      which `update` then needs as `quantile_count=`) variant.
     """
     sens = self.grad_fn.sensitivity()
     if self.adaptive is not None:
@@ -475,13 +469,9 @@ class PrivacyPlan:
       )
     if self.mf_buffers:
       return blt_gaussian(self.noise_multiplier, sens * self.mf_sensitivity, key, *self.mf_blt)
-    if self.mechanism == "gaussian" and self.bands > 1:
+    if self.bands > 1:
       return banded_gaussian(self.noise_multiplier, sens, key, self.mf_coefs)
-    if self.mechanism == "gaussian":
-      return gaussian(self.noise_multiplier, sens, key)
-    if self.mechanism == "laplace":
-      return laplace(self.noise_multiplier, sens, key)
-    return lmo(self.lmo, key, l1_sensitivity=sens)
+    return self.mechanism.transform(key, sens)
 
   def transform(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """noise -> [DP-SAM] -> normalize(expected batch) -> optimizer, as one optax chain.
@@ -616,12 +606,12 @@ def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
       into one unit before clipping), or None.
 
   Returns:
-    The `clipped_grad` function (L1 clipping for the L1 mechanisms).
+    The `clipped_grad` function (L1 clipping for a mechanism of `norm` "l1").
   """
   unit_loss = group_mean(loss_fn, has_aux=True) if sampling == "uls" else loss_fn
   clip = (
     {"l1_clip_norm": spec.l1_clip_norm}
-    if spec.mechanism in L1_MECHANISMS
+    if mechanisms.get(spec.mechanism).norm == "l1"
     else {"l2_clip_norm": spec.l2_clip_norm}
   )
   return clipped_grad(
@@ -644,8 +634,8 @@ def _adaptive(spec, expected_batch_size: float) -> Optional[Dict[str, Any]]:
   return a
 
 
-def _candidate(plan_args: Dict[str, Any], sigma: float, lmo_params) -> PrivacyPlan:
-  return PrivacyPlan(noise_multiplier=float(sigma), lmo=lmo_params, **plan_args)
+def _candidate(plan_args: Dict[str, Any], mechanism: Optional[Mechanism]) -> PrivacyPlan:
+  return PrivacyPlan(mechanism=mechanism, **plan_args)
 
 
 def make_plan(
@@ -696,7 +686,6 @@ def make_plan(
   grad_fn = make_grad_fn(spec, task.loss_fn, sampling) if spec.private else None
   args = dict(
     private=bool(spec.private),
-    mechanism=spec.mechanism if spec.private else None,
     sampling_rate=q,
     unit=unit,
     sampling=sampling,
@@ -737,9 +726,9 @@ def make_plan(
         f"resuming at step {start_step} with private=False would continue a private run "
         f"without noise ({prior.steps} private steps in its ledger): use a new workdir"
       )
-    return _candidate(args, 0.0, None)
+    return _candidate(args, None)
   try:
-    check_accountant_covers(spec.mechanism, unit, sampling, spec.accountant)
+    mechanisms.get(spec.mechanism).check_accountant(unit, sampling, spec.accountant)
   except ValueError as e:
     raise SpecError(str(e)) from None
 
@@ -748,11 +737,11 @@ def make_plan(
     return _with_stream(_plan_noise(spec, args, prior, start_step, extra_event), spec, task)
   last = prior.segments[-1]
   # The plan continuing the last segment's noise: any field that differs is a privacy change.
-  same_noise = _candidate(args, last.noise_multiplier, LMOParams(**last.lmo) if last.lmo else None)
+  same_noise = _candidate(args, last.noise)
   try:
     changed = last.differs_from(same_noise.segment(same_noise.steps))
     changed.pop("origin", None)  # said key by key below
-  except ValueError:  # the last noise does not fit this mechanism: the origin says what changed
+  except ValueError:  # the last noise does not fit this plan: the origin says what changed
     changed = {}
   changed.update(changes(last.origin or {}, args["origin"]))
   if not changed:  # the same noise, chosen the same way: continue the last segment
@@ -813,6 +802,38 @@ def _fmt(v) -> str:
   return f"{v:.4g}" if isinstance(v, float) else repr(v)
 
 
+def _search_lmo(spec, args) -> Mechanism:
+  """LMO-DP's parameters searched for the target epsilon (`dpjax.methods.lmo_search`)."""
+  releases = _candidate(args, None).ascent_releases(0, spec.steps) + spec.steps
+  found = lmo_search(
+    spec.target_epsilon,
+    spec.delta,
+    args["sampling_rate"],
+    releases,
+    grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
+    objective=spec.lmo_objective,
+    progress=True,
+  )
+  return mechanisms.get("lmo")(found["params"])
+
+
+# Mechanisms without a noise multiplier (not `Mechanism.scaled`) whose parameters a target
+# epsilon searches: name -> search(spec, plan arguments) -> the mechanism.
+SEARCHES = {"lmo": _search_lmo}
+
+
+def _searched(kind, spec, args, prior: Ledger) -> Mechanism:
+  key = kind.config_keys[0] if kind.config_keys else "its settings"
+  if kind.name not in SEARCHES:
+    raise SpecError(f"mechanism {kind.name!r} has no noise multiplier to calibrate: give {key}")
+  if prior.segments:
+    raise SpecError(
+      f"{kind.name} parameters cannot be searched against a spent budget on resume; give "
+      f"{key} explicitly"
+    )
+  return SEARCHES[kind.name](spec, args)
+
+
 def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> PrivacyPlan:
   """The plan with its noise: given, searched (LMO) or calibrated against `prior`."""
   args = dict(args, prior=prior, start_step=start_step)
@@ -834,31 +855,17 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         f"target_epsilon={target:g} is already spent: the ledger holds "
         f"eps={spent:.4g} ({bound}) after {prior.steps} steps; remaining 0"
       )
-  if spec.mechanism == "lmo":
-    if spec.lmo is not None:
-      try:
-        params = LMOParams(**dict(spec.lmo))
-      except TypeError as e:
-        raise SpecError(
-          f"lmo takes LMOParams fields (a1, a3, a4, theta, k, lam, Ua, Ub): {e}"
-        ) from None
-    elif prior.segments:
-      raise SpecError(
-        "LMO parameters cannot be searched against a spent budget on resume; give lmo explicitly"
-      )
-    else:
-      params = lmo_search(
-        target,
-        spec.delta,
-        args["sampling_rate"],
-        _candidate(args, 0.0, None).ascent_releases(0, spec.steps) + spec.steps,
-        grid=dict(spec.lmo_grid) if spec.lmo_grid else None,
-        objective=spec.lmo_objective,
-        progress=True,
-      )["params"]
-    plan = _candidate(args, 0.0, params)
+  kind = mechanisms.get(spec.mechanism)
+  settings = spec[kind.config_keys[0]] if kind.config_keys else None
+  if settings is not None:  # the mechanism's own parameters, given
+    try:
+      plan = _candidate(args, kind.from_settings(settings))
+    except ValueError as e:
+      raise SpecError(str(e)) from None
+  elif not kind.scaled:  # no noise multiplier to calibrate: its parameters are searched
+    plan = _candidate(args, _searched(kind, spec, args, prior))
   elif spec.noise_multiplier is not None:
-    plan = _candidate(args, spec.noise_multiplier, None)
+    plan = _candidate(args, kind.with_noise_multiplier(spec.noise_multiplier))
   else:
     if spec.accountant in accounting.ESTIMATES:
       warnings.warn(
@@ -871,9 +878,13 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
     try:
       coarse = None
       if spec.accountant == "pld":  # bracket on the coarse PLD, certify on the reported one
-        coarse = lambda s: total(_candidate(args, s, None), spec.accountant, coarse=True)
+        coarse = lambda s: total(
+          _candidate(args, kind.with_noise_multiplier(s)), spec.accountant, coarse=True
+        )
       sigma = calibrate_scale(
-        lambda s: total(_candidate(args, s, None), spec.accountant), target, coarse=coarse
+        lambda s: total(_candidate(args, kind.with_noise_multiplier(s)), spec.accountant),
+        target,
+        coarse=coarse,
       )
     except UnreachableTarget:
       if prior.segments:
@@ -888,7 +899,7 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         f"(delta={spec.delta:g}, q={args['sampling_rate']:.4g}, "
         f"steps={spec.steps})"
       ) from None
-    plan = _candidate(args, sigma, None)
+    plan = _candidate(args, kind.with_noise_multiplier(sigma))
   if target is not None and spec.accountant not in accounting.ESTIMATES:
     got = total(plan, bound)
     if got > target * (1 + 1e-9):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ml_collections
 
+from dpjax.core import mechanisms
 from dpjax.core.checks import MAX_RELEASES, MAX_TARGET_EPSILON
 
 ACCOUNTANT_NAMES = ("pld", "rdp", "edgeworth", "edgeworth-bound")
@@ -37,12 +38,16 @@ class Key:
   kind: Tuple[type, ...]  # allowed Python types of a non-None value
   doc: str
   optional: bool = False  # None allowed
-  choices: Optional[Tuple] = None
+  choices: Optional[Any] = None  # a tuple, or a function giving it (registered names)
   check: Optional[Callable[[Any], bool]] = None
   allowed: str = ""  # how to say what `check` allows
   why: str = ""  # one line: why the key does (or does not) change the guarantee
   privacy: bool = False  # changes a release or its accounting (the privacy spec holds it)
   run_control: bool = False  # may change when a run resumes
+
+  def options(self) -> Optional[Tuple]:
+    """The allowed values (`choices`, called if it is a function), or None (any of `kind`)."""
+    return self.choices() if callable(self.choices) else self.choices
 
 
 _pos = (lambda v: v > 0 and math.isfinite(v), "finite and > 0")
@@ -163,8 +168,9 @@ KEYS: Tuple[Key, ...] = (
     "mechanism",
     "gaussian",
     _STR,
-    "gaussian (L2 clipping) | laplace | lmo (L1 clipping)",
-    choices=("gaussian", "laplace", "lmo"),
+    "gaussian (L2 clipping) | laplace | lmo (L1 clipping) | a registered one "
+    "(dpjax.mechanisms.register)",
+    choices=mechanisms.names,
     why="the noise distribution and the norm it is calibrated to",
     privacy=True,
   ),
@@ -542,8 +548,9 @@ def check_value(k: Key, v: Any) -> Any:
     )
   if isinstance(v, float) and not math.isfinite(v) and k.check is not None:
     raise SpecError(f"{k.name} must be {k.allowed}, got {v!r}")
-  if k.choices is not None and v not in k.choices:
-    raise SpecError(f"{k.name} must be one of {', '.join(map(repr, k.choices))}, got {v!r}")
+  choices = k.options()
+  if choices is not None and v not in choices:
+    raise SpecError(f"{k.name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
   if k.check is not None and not k.check(v):
     raise SpecError(f"{k.name} must be {k.allowed}, got {v!r}")
   if isinstance(v, ml_collections.ConfigDict):
@@ -581,23 +588,22 @@ def _check(cfg) -> Spec:
   out = {}
   for k in KEYS:
     out[k.name] = check_value(k, raw.get(k.name, k.default))
+  kind = mechanisms.get(out["mechanism"])
   if out["private"]:
     if out["target_epsilon"] is not None and out["noise_multiplier"] is not None:
       raise SpecError(
         f"target_epsilon={out['target_epsilon']} and noise_multiplier="
         f"{out['noise_multiplier']} contradict each other: set one of them to None"
       )
-    if (
-      out["mechanism"] != "lmo"
-      and out["target_epsilon"] is None
-      and out["noise_multiplier"] is None
-    ):
+    if kind.scaled and out["target_epsilon"] is None and out["noise_multiplier"] is None:
       raise SpecError("private=True needs target_epsilon or noise_multiplier (both are None)")
-    if out["mechanism"] == "lmo" and out["lmo"] is None and out["target_epsilon"] is None:
+    own = kind.config_keys[0] if kind.config_keys else None
+    if not kind.scaled and out["target_epsilon"] is None and (own is None or out[own] is None):
       raise SpecError(
-        "mechanism='lmo' needs lmo (its parameters) or target_epsilon (to search them)"
+        f"mechanism={kind.name!r} needs {own or 'its settings'} (its parameters) or "
+        "target_epsilon (to search them)"
       )
-    if out["mechanism"] in ("laplace", "lmo") and out["l1_clip_norm"] is None:
+    if kind.norm == "l1" and out["l1_clip_norm"] is None:
       raise SpecError(
         f"mechanism={out['mechanism']!r} needs l1_clip_norm (its noise is "
         "calibrated to the L1 sensitivity; L2 clipping does not bound it)"
@@ -664,7 +670,11 @@ PRIVACY_KEYS: Tuple[str, ...] = tuple(k.name for k in KEYS if k.privacy)
 
 def _applies(name: str, spec) -> bool:
   """Whether privacy key `name` shapes the releases of `spec` (a value that does not is None)."""
-  user, l1 = spec["privacy_unit"] == "user", spec["mechanism"] in ("laplace", "lmo")
+  kind = mechanisms.get(spec["mechanism"])
+  own = kind.config_keys  # its settings, then what searches them (read without settings)
+  if any(name in mechanisms.get(m).config_keys for m in mechanisms.names()):
+    return name in own and (name == own[0] or spec[own[0]] is None)
+  user, l1 = spec["privacy_unit"] == "user", kind.norm == "l1"
   blt = spec["mf_strategy"] == "blt"
   return {
     "user_sampling": user,
@@ -675,9 +685,6 @@ def _applies(name: str, spec) -> bool:
     "l1_clip_norm": l1,
     "mf_strategy": spec["mf_bands"] > 1 or blt,
     "mf_buffers": blt,
-    "lmo": spec["mechanism"] == "lmo",
-    "lmo_grid": spec["mechanism"] == "lmo" and spec["lmo"] is None,
-    "lmo_objective": spec["mechanism"] == "lmo" and spec["lmo"] is None,
   }.get(name, True)
 
 

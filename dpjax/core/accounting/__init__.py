@@ -4,7 +4,9 @@ Layers, each importing only the ones before it: `events` (DpEvent builders and
 the leaf-accountant base) -> the accountants of dpjax's own releases
 (`edgeworth`, `lmo`, `step_pld`) -> `accountants` (by name; epsilon and delta
 of any event) -> `user_level` -> `calibrate` (the one noise search) ->
-`ledger` (what a run released).
+`ledger` (what a run released). `calibrate` and `ledger` find a mechanism's
+events through `dpjax.core.mechanisms` (which builds on `events`, `lmo` and
+`user_level`).
 """
 
 from dpjax.core.accounting.accountants import (

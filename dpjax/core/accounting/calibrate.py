@@ -24,13 +24,13 @@ from dpjax.core.accounting.accountants import ESTIMATES, epsilon
 from dpjax.core.accounting.edgeworth import bound_report
 from dpjax.core.accounting.user_level import els_epsilon
 from dpjax.core.checks import (
-  check_accountant_covers,
   check_delta,
   check_epsilon,
   check_sampling_rate,
   check_steps,
   check_unit,
 )
+from dpjax.core.mechanisms import base as mechanisms
 
 
 def epsilon_spent(
@@ -77,7 +77,7 @@ def epsilon_spent(
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  check_accountant_covers(mechanism, unit, sampling, accountant)
+  mechanisms.get(mechanism).check_accountant(unit, sampling, accountant)
   if unit == "user" and sampling == "els":
     return els_epsilon(noise_multiplier, sampling_rate, steps, G, delta)
   return epsilon(

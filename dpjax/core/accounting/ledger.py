@@ -26,10 +26,7 @@ import dp_accounting
 from dpjax.core import checks
 from dpjax.core.accounting import accountants
 from dpjax.core.accounting import events as ev
-from dpjax.core.accounting.lmo import LMODpEvent, LMOParams
-from dpjax.core.accounting.user_level import els_step
-
-MECHANISMS = ("gaussian", "laplace", "lmo")
+from dpjax.core.mechanisms import base as mechanisms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,9 +34,11 @@ class Segment:
   """Releases of one mechanism at one noise multiplier and one sampling rate.
 
   Attributes:
-    mechanism: "gaussian" (L2 sensitivity), "laplace" or "lmo" (L1).
+    mechanism: a registered mechanism's name (`dpjax.core.mechanisms`:
+      "gaussian", "laplace", "lmo" or one a user registered); `noise`
+      rebuilds it from this, `noise_multiplier` and `settings`.
     noise_multiplier: sigma (Gaussian), the Laplace scale / L1 sensitivity;
-      ignored by "lmo" (its noise is `lmo`).
+      0 for a mechanism whose noise is its `settings` (LMO).
     sampling_rate: Poisson rate per unit (per example for ELS).
     unit: "example" or "user".
     sampling: None (examples), "els" or "uls" (users).
@@ -48,7 +47,8 @@ class Segment:
     extra_releases: privatised gradients beyond one per step (charged DP-SAM's
       ascent gradients: same mechanism, own Poisson draw and noise).
     accountant: the accountant the run was planned with.
-    lmo: LMO-DP parameters (`LMOParams.as_dict()`) for mechanism "lmo".
+    settings: the mechanism's parameters besides its noise multiplier
+      (`Mechanism.settings()`: LMO-DP's `LMOParams.as_dict()`), or None.
     num_units: units the sampler drew from (informational).
     origin: the privacy spec the segment ran under
       (`dpjax.training.spec.privacy_spec`: every key that changes a release
@@ -75,7 +75,7 @@ class Segment:
   steps: int
   extra_releases: int = 0
   accountant: str = "pld"
-  lmo: Optional[Dict[str, float]] = None
+  settings: Optional[Dict[str, float]] = None
   num_units: Optional[int] = None
   origin: Optional[Dict[str, Any]] = None
   bands: int = 1
@@ -87,11 +87,17 @@ class Segment:
     """Noise correlated across steps (BandMF or BLT): one unchanged run, nothing composed."""
     return self.bands > 1 or self.mf_buffers > 0
 
+  @property
+  def noise(self) -> mechanisms.Mechanism:
+    """The segment's mechanism object (found by name in the registry)."""
+    return mechanisms.from_json(
+      {"name": self.mechanism, "noise_multiplier": self.noise_multiplier, "settings": self.settings}
+    )
+
   def __post_init__(self):
-    if self.mechanism not in MECHANISMS:
-      raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+    noise = self.noise  # an unknown name or bad parameters: ValueError
     checks.check_unit(self.unit, self.sampling, self.max_examples_per_user)
-    checks.check_accountant_covers(self.mechanism, self.unit, self.sampling, self.accountant)
+    type(noise).check_accountant(self.unit, self.sampling, self.accountant)
     checks.check_sampling_rate(self.sampling_rate)
     checks.check_steps(self.steps, minimum=0, name="segment steps")
     checks.check_steps(self.extra_releases, minimum=0, name="extra_releases")
@@ -112,11 +118,6 @@ class Segment:
         f"a BLT segment of {self.steps} steps exceeds the mf_horizon={self.mf_horizon} its "
         "noise was scaled for"
       )
-    if self.mechanism == "lmo":
-      if not self.lmo:
-        raise ValueError("an 'lmo' segment needs its LMO parameters")
-    else:
-      checks.check_noise_multiplier(self.noise_multiplier)
 
   @property
   def releases(self) -> int:
@@ -139,14 +140,10 @@ class Segment:
     return changes(mine, theirs)
 
   def step_event(self) -> dp_accounting.DpEvent:
-    """One release of this segment."""
-    if self.mechanism == "lmo":
-      return LMODpEvent(LMOParams(**self.lmo), self.sampling_rate)
+    """One release of this segment (its mechanism's event at its sampling rate)."""
     if self.unit == "user" and self.sampling == "els":
-      return els_step(self.noise_multiplier, self.sampling_rate, self.max_examples_per_user)
-    if self.mechanism == "laplace":
-      return ev.laplace_step(self.noise_multiplier, self.sampling_rate)
-    return ev.gaussian_step(self.noise_multiplier, self.sampling_rate)
+      return self.noise.user_step_event(self.sampling_rate, self.max_examples_per_user)
+    return self.noise.step_event(self.sampling_rate)
 
   def event(self) -> dp_accounting.DpEvent:
     """All the segment's releases (descent steps and charged ascent steps alike)."""
@@ -176,7 +173,7 @@ class Segment:
 
   @classmethod
   def from_json(cls, d: Dict[str, Any]) -> Segment:
-    """The segment written by `to_json` (older files with a `G` field load too).
+    """The segment written by `to_json` (older files with `G` or `lmo` fields load too).
 
     Args:
       d: the dict read from privacy.json or a checkpoint.
@@ -185,8 +182,8 @@ class Segment:
       The Segment.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    if "G" in d:  # checkpoints written before the field had its full name
-      d = {("max_examples_per_user" if k == "G" else k): v for k, v in d.items()}
+    old_names = {"G": "max_examples_per_user", "lmo": "settings"}  # earlier checkpoints' names
+    d = {old_names.get(k, k): v for k, v in d.items()}
     unknown = set(d) - fields
     if unknown:
       raise ValueError(f"unknown ledger segment fields {sorted(unknown)}")
