@@ -30,10 +30,9 @@ import json
 import math
 import secrets
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -41,22 +40,16 @@ from dpjax.core import accounting, mechanisms
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
 from dpjax.core.accounting.ledger import Ledger, Segment, changes
 from dpjax.core.clipping import clipped_grad, group_mean
-from dpjax.core.matrix_factorization import (
-  blt_coefficients,
-  blt_strategy,
-  inverse_coefficients,
-  strategy,
-  toeplitz_sensitivity,
-)
+from dpjax.core.matrix_factorization import blt_strategy, strategy
 from dpjax.core.mechanisms import (
+  BLT,
+  AdaptiveGaussian,
+  BandMF,
   Mechanism,
   QuantileClipState,
-  banded_gaussian,
-  blt_gaussian,
   find_state,
   gradient_noise_multiplier,
   normalize,
-  quantile_clipped_gaussian,
 )
 from dpjax.core.sampling import (
   CyclicPoissonSampler,
@@ -244,7 +237,7 @@ class PrivacyPlan:
     """sigma on the gradient sum: the accounted sigma, less what the quantile count takes."""
     if self.adaptive is None or not self.private:
       return float(self.noise_multiplier)
-    return gradient_noise_multiplier(self.noise_multiplier, self.adaptive["count_noise"])
+    return self.mechanism.gradient_noise_multiplier
 
   def clip_norm_now(self, opt_state) -> Optional[jax.Array]:
     """The clip norm this step must use (adaptive clipping), or None (the fixed bound).
@@ -263,10 +256,7 @@ class PrivacyPlan:
   def mf_sensitivity(self) -> float:
     """BLT: the sensitivity of C x over the run (units in at most ceil(steps / b) steps, b
     apart, `matrix_factorization.toeplitz_sensitivity`); 1 without BLT."""
-    if not self.mf_buffers:
-      return 1.0
-    n, b = int(self.steps), int(self.bands)
-    return toeplitz_sensitivity(blt_coefficients(*self.mf_blt, n), n, b, -(-n // b))
+    return self.mechanism.c_sensitivity if self.mf_buffers else 1.0
 
   @property
   def per_user(self) -> bool:
@@ -433,15 +423,8 @@ class PrivacyPlan:
     sens, batch = self.grad_fn.sensitivity(), self.expected_batch_size
     if (self.adaptive is None) != (clip_norm is None):
       raise ValueError("noise_variance takes this step's clip_norm exactly with adaptive clipping")
-    if self.adaptive is not None:
-      return jnp.square(self.gradient_noise_multiplier * clip_norm / batch)
-    if self.mf_buffers:  # the largest, at the last step, of noise at C x's sensitivity
-      c = blt_coefficients(*self.mf_blt, self.steps)
-      gain = float(np.sum(inverse_coefficients(c, self.steps) ** 2)) * self.mf_sensitivity**2
-      return float(gain * (self.noise_multiplier * sens / batch) ** 2)
-    if self.bands > 1:  # BandMF (Gaussian): the largest, at the last step
-      gain = float(np.sum(inverse_coefficients(self.mf_coefs, self.steps) ** 2))
-      return float(gain * (self.noise_multiplier * sens / batch) ** 2)
+    if clip_norm is not None:  # a device scalar: the variance is one too
+      return self.mechanism.noise_variance(clip_norm) / batch**2
     return float(self.mechanism.noise_variance(sens) / batch**2)
 
   def noise_transform(self, key: jax.Array) -> optax.GradientTransformation:
@@ -455,23 +438,7 @@ class PrivacyPlan:
       correlated (BandMF with bands > 1, BLT) or adaptive (with its count,
       which `update` then needs as `quantile_count=`) variant.
     """
-    sens = self.grad_fn.sensitivity()
-    if self.adaptive is not None:
-      a = self.adaptive
-      return quantile_clipped_gaussian(
-        self.gradient_noise_multiplier,
-        a["count_noise"],
-        key,
-        initial_clip_norm=sens,
-        target_quantile=a["target_quantile"],
-        learning_rate=a["learning_rate"],
-        expected_batch_size=self.expected_batch_size,
-      )
-    if self.mf_buffers:
-      return blt_gaussian(self.noise_multiplier, sens * self.mf_sensitivity, key, *self.mf_blt)
-    if self.bands > 1:
-      return banded_gaussian(self.noise_multiplier, sens, key, self.mf_coefs)
-    return self.mechanism.transform(key, sens)
+    return self.mechanism.transform(key, self.grad_fn.sensitivity())
 
   def transform(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """noise -> [DP-SAM] -> normalize(expected batch) -> optimizer, as one optax chain.
@@ -737,7 +704,11 @@ def make_plan(
     return _with_stream(_plan_noise(spec, args, prior, start_step, extra_event), spec, task)
   last = prior.segments[-1]
   # The plan continuing the last segment's noise: any field that differs is a privacy change.
-  same_noise = _candidate(args, last.noise)
+  kind = mechanisms.get(spec.mechanism)
+  if kind.scaled and last.mechanism == kind.name:  # this plan's noise at the last sigma
+    same_noise = _candidate(args, _noise_family(kind, args)(last.noise_multiplier))
+  else:
+    same_noise = _candidate(args, last.noise)
   try:
     changed = last.differs_from(same_noise.segment(same_noise.steps))
     changed.pop("origin", None)  # said key by key below
@@ -802,6 +773,25 @@ def _fmt(v) -> str:
   return f"{v:.4g}" if isinstance(v, float) else repr(v)
 
 
+def _noise_family(kind, args: Dict[str, Any]) -> Callable[[float], Mechanism]:
+  """sigma -> this plan's noise at sigma: the mechanism's, or the Gaussian's correlated
+  (BLT, BandMF) or adaptive variant the plan's arguments call for."""
+  if args["mf_buffers"]:
+    return lambda s: BLT(s, blt=args["mf_blt"], steps=args["steps"], bands=args["bands"])
+  if args["bands"] > 1:
+    return lambda s: BandMF(s, coefs=args["mf_coefs"], steps=args["steps"])
+  a = args["adaptive"]
+  if a is not None:
+    return lambda s: AdaptiveGaussian(
+      s,
+      count_noise=a["count_noise"],
+      target_quantile=a["target_quantile"],
+      learning_rate=a["learning_rate"],
+      expected_batch_size=args["expected_batch_size"],
+    )
+  return kind.with_noise_multiplier
+
+
 def _search_lmo(spec, args) -> Mechanism:
   """LMO-DP's parameters searched for the target epsilon (`dpjax.methods.lmo_search`)."""
   releases = _candidate(args, None).ascent_releases(0, spec.steps) + spec.steps
@@ -856,6 +846,7 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         f"eps={spent:.4g} ({bound}) after {prior.steps} steps; remaining 0"
       )
   kind = mechanisms.get(spec.mechanism)
+  family = _noise_family(kind, args)
   settings = spec[kind.config_keys[0]] if kind.config_keys else None
   if settings is not None:  # the mechanism's own parameters, given
     try:
@@ -865,7 +856,7 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
   elif not kind.scaled:  # no noise multiplier to calibrate: its parameters are searched
     plan = _candidate(args, _searched(kind, spec, args, prior))
   elif spec.noise_multiplier is not None:
-    plan = _candidate(args, kind.with_noise_multiplier(spec.noise_multiplier))
+    plan = _candidate(args, family(spec.noise_multiplier))
   else:
     if spec.accountant in accounting.ESTIMATES:
       warnings.warn(
@@ -878,11 +869,9 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
     try:
       coarse = None
       if spec.accountant == "pld":  # bracket on the coarse PLD, certify on the reported one
-        coarse = lambda s: total(
-          _candidate(args, kind.with_noise_multiplier(s)), spec.accountant, coarse=True
-        )
+        coarse = lambda s: total(_candidate(args, family(s)), spec.accountant, coarse=True)
       sigma = calibrate_scale(
-        lambda s: total(_candidate(args, kind.with_noise_multiplier(s)), spec.accountant),
+        lambda s: total(_candidate(args, family(s)), spec.accountant),
         target,
         coarse=coarse,
       )
@@ -899,7 +888,7 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         f"(delta={spec.delta:g}, q={args['sampling_rate']:.4g}, "
         f"steps={spec.steps})"
       ) from None
-    plan = _candidate(args, kind.with_noise_multiplier(sigma))
+    plan = _candidate(args, family(sigma))
   if target is not None and spec.accountant not in accounting.ESTIMATES:
     got = total(plan, bound)
     if got > target * (1 + 1e-9):

@@ -16,6 +16,7 @@ A new kind of noise is a `Mechanism` subclass passed to `register`.
 """
 
 from dpjax.core.mechanisms.adaptive import (
+  AdaptiveGaussian,
   QuantileClipState,
   effective_noise_multiplier,
   gradient_noise_multiplier,
@@ -38,7 +39,9 @@ from dpjax.core.mechanisms.draws import (
   threefry_words,
 )
 from dpjax.core.mechanisms.gaussian_noise import (
+  BLT,
   BandedNoiseState,
+  BandMF,
   BLTNoiseState,
   Gaussian,
   banded_gaussian,
@@ -49,6 +52,9 @@ from dpjax.core.mechanisms.laplace_noise import Laplace, laplace
 from dpjax.core.mechanisms.lmo_noise import LMO, lmo
 
 __all__ = [
+  "AdaptiveGaussian",
+  "BLT",
+  "BandMF",
   "BLTNoiseState",
   "BandedNoiseState",
   "EXPONENT_BITS",

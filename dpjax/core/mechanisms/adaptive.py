@@ -8,6 +8,7 @@ the two.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ import optax
 
 from dpjax.core.checks import check_positive
 from dpjax.core.mechanisms.draws import iid, standard_normal
+from dpjax.core.mechanisms.gaussian_noise import Gaussian
 
 
 def effective_noise_multiplier(noise_multiplier: float, count_noise_multiplier: float) -> float:
@@ -147,3 +149,44 @@ def quantile_clipped_gaussian(
     return jax.tree.unflatten(treedef, noised), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGaussian(Gaussian):
+  """The Gaussian with an adaptive clip norm: the sum and the quantile count, one release.
+
+  Recorded in the ledger as the Gaussian at the accounted sigma
+  (`effective_noise_multiplier` of the two parts); the sum gets
+  `gradient_noise_multiplier` of it. `noise_variance` takes this step's clip
+  norm C_t as the sensitivity.
+
+  Attributes:
+    count_noise: the count's noise multiplier.
+    target_quantile: the quantile of unit norms the clip norm moves to.
+    learning_rate: the geometric step of the clip norm.
+    expected_batch_size: B, what the noised count is divided by.
+  """
+
+  count_noise: float = 1.0
+  target_quantile: float = 0.5
+  learning_rate: float = 0.2
+  expected_batch_size: float = 1.0
+
+  @property
+  def gradient_noise_multiplier(self) -> float:
+    """sigma on the gradient sum: the accounted sigma, less what the count takes."""
+    return gradient_noise_multiplier(self.noise_multiplier, self.count_noise)
+
+  def transform(self, key, sensitivity):  # sensitivity: the initial clip norm
+    return quantile_clipped_gaussian(
+      self.gradient_noise_multiplier,
+      self.count_noise,
+      key,
+      initial_clip_norm=sensitivity,
+      target_quantile=self.target_quantile,
+      learning_rate=self.learning_rate,
+      expected_batch_size=self.expected_batch_size,
+    )
+
+  def noise_variance(self, sensitivity):  # sensitivity: this step's clip norm (on device)
+    return (self.gradient_noise_multiplier * sensitivity) ** 2

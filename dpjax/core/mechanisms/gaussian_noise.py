@@ -9,7 +9,7 @@ correlates it across steps through a b-banded strategy (BandMF, arXiv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,13 @@ import optax
 from dpjax.core.accounting import events
 from dpjax.core.accounting.user_level import els_step
 from dpjax.core.checks import check_noise_multiplier, check_positive
-from dpjax.core.matrix_factorization import check_blt, check_coefficients
+from dpjax.core.matrix_factorization import (
+  blt_coefficients,
+  check_blt,
+  check_coefficients,
+  inverse_coefficients,
+  toeplitz_sensitivity,
+)
 from dpjax.core.mechanisms.base import Mechanism, register
 from dpjax.core.mechanisms.draws import iid, noise_transform, standard_normal
 
@@ -241,3 +247,60 @@ class Gaussian(Mechanism):
 
   def noise_variance(self, sensitivity):
     return float((self.noise_multiplier * sensitivity) ** 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BandMF(Gaussian):
+  """Gaussian noise correlated across steps by a b-banded strategy C (BandMF, arXiv 2306.08153).
+
+  Recorded in the ledger as the Gaussian at its sigma in a segment of `bands`
+  b > 1 (`events.bandmf_event`: with cyclic Poisson sampling over b groups, the
+  steps compose as ceil(steps / b) DP-SGD steps).
+
+  Attributes:
+    coefs: the strategy's c_0..c_{b-1} (`matrix_factorization.strategy`).
+    steps: the run's steps (the noise's variance is the largest at the last).
+  """
+
+  coefs: Tuple[float, ...] = (1.0,)
+  steps: int = 1
+
+  def transform(self, key, sensitivity):
+    return banded_gaussian(self.noise_multiplier, sensitivity, key, self.coefs)
+
+  def noise_variance(self, sensitivity):
+    gain = float(np.sum(inverse_coefficients(self.coefs, self.steps) ** 2))
+    return float(gain * (self.noise_multiplier * sensitivity) ** 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BLT(Gaussian):
+  """Gaussian noise through a buffered linear Toeplitz strategy (BLT, arXiv 2408.08868).
+
+  The noise is scaled to C x's sensitivity over the run (`c_sensitivity`:
+  units in at most ceil(steps / b) steps, b apart); the ledger records the
+  whole run as one Gaussian mechanism at sigma (`events.blt_event`).
+
+  Attributes:
+    blt: the fitted (decay, scale) of its m buffers.
+    steps: the run's steps (the horizon the sensitivity covers).
+    bands: b, the minimum separation of a unit's steps.
+  """
+
+  blt: Tuple[Tuple[float, ...], Tuple[float, ...]] = ((), ())
+  steps: int = 1
+  bands: int = 1
+
+  @property
+  def c_sensitivity(self) -> float:
+    """The sensitivity of C x over the run (`matrix_factorization.toeplitz_sensitivity`)."""
+    n, b = int(self.steps), int(self.bands)
+    return toeplitz_sensitivity(blt_coefficients(*self.blt, n), n, b, -(-n // b))
+
+  def transform(self, key, sensitivity):
+    return blt_gaussian(self.noise_multiplier, sensitivity * self.c_sensitivity, key, *self.blt)
+
+  def noise_variance(self, sensitivity):  # the largest, at the last step
+    c = blt_coefficients(*self.blt, self.steps)
+    gain = float(np.sum(inverse_coefficients(c, self.steps) ** 2)) * self.c_sensitivity**2
+    return float(gain * (self.noise_multiplier * sensitivity) ** 2)
