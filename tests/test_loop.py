@@ -10,6 +10,7 @@ import pytest
 from dpjax.core import accounting
 from dpjax.tasks import build_task
 from dpjax.training import loop as loop_lib
+from dpjax.training import tally as tally_lib
 from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
 
@@ -410,7 +411,7 @@ def test_dropped_units_are_counted_warned_and_all_dropped_stops(tmp_path):
     loss, m = task.loss_fn(params, ex, frozen)
     return loss * jnp.nan, m
 
-  from dpjax.training.loop import NonFiniteData
+  from dpjax.training.tally import NonFiniteData
 
   with pytest.raises(NonFiniteData, match="every one of the .* sampled units"):
     train(cfg, task._replace(loss_fn=all_nan), None, progress=False)
@@ -596,14 +597,14 @@ class _NoReadsBetweenLogs:
       return value.fget(arr)
 
     monkeypatch.setattr(array_impl.ArrayImpl, "_value", property(read))
-    check = loop_lib._check_dropped  # the log step's first read: its dropped-unit counts
+    check = tally_lib.check_dropped  # the log step's first read: its dropped-unit counts
 
     def checked(unchecked, done):
       assert done % log_every == 0 or done == end, f"device reads after step {done}"
       self._guard(False)
       return check(unchecked, done)
 
-    monkeypatch.setattr(loop_lib, "_check_dropped", checked)
+    monkeypatch.setattr(tally_lib, "check_dropped", checked)
 
   def _guard(self, on):
     self.guarded = on

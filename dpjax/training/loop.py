@@ -11,9 +11,10 @@
 In code: `train` locks the run directory and calls `prepare` (spec, plan,
 the checkpoint to resume); the driver then makes or restores the state in
 its placement (`init_or_restore`), compiles the step once
-(`compile_step`), writes the start row (`run_header`) and runs `fit`, the
-step loop. The task and its checks are `dpjax.training.task`, the optimizer
-`dpjax.training.optimizer`, the hooks `dpjax.training.callbacks`.
+(`compile_step`; both `dpjax.training.compiled_step`), writes the start row
+(`run_header`) and runs `fit`, the step loop. The task and its checks are
+`dpjax.training.task`, the optimizer `dpjax.training.optimizer`, the hooks
+`dpjax.training.callbacks`.
 
 The privacy unit is `privacy_unit`: "example", or "user" (the task then
 carries `user_ids`; each user is capped to `max_examples_per_user` = G
@@ -49,26 +50,21 @@ NOT privatised: they are for monitoring, not for release.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
 import sys
 import threading
-import time
-import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dpjax.core import accounting
 from dpjax.core.accounting.ledger import Ledger
-from dpjax.core.clipping import GroupUnits
 from dpjax.training import rundir
 from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
@@ -83,17 +79,22 @@ from dpjax.training.callbacks import (
   now,
   plan_line,
 )
+from dpjax.training.compiled_step import (
+  CompiledStep,
+  Placement,
+  compile_step,
+  init_or_restore,
+)
 from dpjax.training.optimizer import fixed_noise_variance, make_optimizer
 from dpjax.training.plan import PrivacyPlan, ResumeRefused, Secret, make_plan
 from dpjax.training.spec import SpecError
-from dpjax.training.step import TrainState, accumulate, apply_update, perturb
+from dpjax.training.step import TrainState
+from dpjax.training.tally import Tally
 from dpjax.training.task import (
   Task,
   check_fits,
   check_task_data,
   evaluate,
-  make_eval_fn,
-  take,
   with_weight_distillation,
 )
 
@@ -404,20 +405,6 @@ def run_mesh(spec) -> Optional[Mesh]:
   return shard_lib.make_mesh(jax.devices()[: n_data * n_model], model=n_model)
 
 
-class _Sums(NamedTuple):
-  """One logical step's clipped sum and stats, still on the devices."""
-
-  gsum: PyTree
-  stats: Dict[str, jax.Array]  # summed over the step's physical batches
-  units: float  # sampled units (host: from the sampler's masks)
-  examples: int  # examples in them
-
-
-@jax.jit
-def _add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.add, a, b)
-
-
 def _run(
   spec,
   plan: PrivacyPlan,
@@ -450,7 +437,7 @@ def _run(
     noise_variance=fixed_noise_variance(spec, plan),
   )
   tx = plan.transform(optimizer)
-  place = _Placement.of(task, tx, mesh)
+  place = Placement.of(task, tx, mesh)
   ckpt = rundir.Checkpoints(workdir) if workdir else None
   try:
     start = 0 if meta is None else meta["step"]
@@ -497,7 +484,7 @@ def fit(
   spec,
   plan: PrivacyPlan,
   task: Task,
-  step: _Step,
+  step: CompiledStep,
   callbacks: Sequence[Callback],
   checkpointer: Optional[Checkpointer],
   start: int,
@@ -521,7 +508,7 @@ def fit(
   Returns:
     (state, the last metric row, the step a signal stopped the run after or None).
   """
-  tally, last, stopped_after = _Tally(), {}, None
+  tally, last, stopped_after = Tally(), {}, None
   for i in range(start, end):
     if stop.signum is not None:  # before the first step: nothing ran since the checkpoint
       stopped_after = i
@@ -550,7 +537,7 @@ def fit(
 
 
 def _log_row(
-  done: int, tally: _Tally, spec, plan: PrivacyPlan, task: Task, state: TrainState, eval_fn
+  done: int, tally: Tally, spec, plan: PrivacyPlan, task: Task, state: TrainState, eval_fn
 ) -> Dict[str, Any]:
   """The metric row after `done` steps: training stats since the last row, epsilon, dev metrics."""
   rec = {"step": done, "time": now(), **tally.read_window(), **plan.epsilon_fields(done)}
@@ -562,178 +549,6 @@ def _log_row(
     dev = evaluate(task, state.params, "dev", spec.physical_batch_size, eval_fn)
     rec.update({f"dev_{k}": v for k, v in dev.items()})
   return rec
-
-
-class _Placement(NamedTuple):
-  """Where the state lives: its abstract shapes with shardings, and how to make it there."""
-
-  init: Callable  # params -> a fresh TrainState
-  target: PyTree  # TrainState of ShapeDtypeStructs with shardings
-  shardings: PyTree  # TrainState of shardings
-  scalar: jax.sharding.Sharding  # a replicated scalar's
-
-  @staticmethod
-  def of(task: Task, tx, mesh: Optional[Mesh]) -> _Placement:
-    def init(params):
-      params = jax.tree.map(jnp.copy, params)  # buffers of its own: the step donates them
-      return TrainState(params, tx.init(params), jnp.zeros([], jnp.int32))
-
-    abstract = jax.eval_shape(init, task.params)
-    if mesh is not None:
-      shardings = shard_lib.param_sharding(abstract, mesh)  # replicated on a data-only mesh
-      scalar = shard_lib.replicated(mesh)
-    else:
-      scalar = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: scalar, abstract)
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    return _Placement(init, target, shardings, scalar)
-
-
-def init_or_restore(
-  plan: PrivacyPlan,
-  task: Task,
-  place: _Placement,
-  ckpt: Optional[rundir.Checkpoints],
-  meta,
-  end: int,
-) -> TrainState:
-  """The state to start from, made or read straight into its placement.
-
-  A fresh run's state is saved at once with the secret (before anything is
-  released); a resumed one is rekeyed to this segment's stream (a new segment
-  draws its own noise: the restored key is the old segment's).
-
-  Args:
-    plan: the privacy plan.
-    task: the task (its initial parameters).
-    place: the placement.
-    ckpt: the run's checkpoints, or None.
-    meta: the checkpoint's metadata to resume from, or None.
-    end: the step the run stops after (recorded with the first save).
-
-  Returns:
-    The TrainState.
-  """
-  if meta is not None:  # every array read straight onto its devices
-    state = ckpt.restore(place.target)
-    return state._replace(opt_state=plan.rekey(state.opt_state, meta["stream"]))
-  state = jax.jit(place.init, out_shardings=place.shardings)(task.params)
-  if ckpt is not None:  # the secret is kept before anything is released
-    ckpt.save(state, Ledger(), plan.secret, stream=plan.stream, end=end, wait=True)
-  return state
-
-
-class _Step:
-  """One logical step, compiled once (ahead of time) for the state's placement.
-
-  `run(state, i)` is step i: DP-SAM's point (charged mode: from an
-  independent draw of its own), the clipped sum over the sampled physical
-  batches, then the update (noise -> normalize -> optimizer). Nothing is read
-  from the devices.
-  """
-
-  def __init__(self, spec, plan: PrivacyPlan, task: Task, zeros, acc, update, at_fn, host_batch):
-    self.spec, self.plan, self.task = spec, plan, task
-    self.zeros, self.acc, self.update, self.at_fn = zeros, acc, update, at_fn
-    self.host_batch = host_batch
-    # charged DP-SAM's independent draw: jitted (not AOT), its clipped sum at the plan's bound
-    self.ascent_fn = functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn)
-    self.eval_fn = make_eval_fn(task) if task.splits else None  # compiled once, at first use
-    self.compile_s = 0.0
-
-  def summed(self, params, batches, clip_norm=None, fn=None) -> _Sums:
-    """The gradient sum over a step's physical batches, and their stats, on the devices."""
-    gsum, stats, units, examples = self.zeros(params), None, 0.0, 0
-    for pb in batches:
-      gsum, s = (fn or self.acc)(gsum, params, self.task.frozen, *self.host_batch(pb), clip_norm)
-      stats = s if stats is None else _add(stats, s)
-      units += float(pb.mask.sum())
-      examples += int(pb.example_mask.sum() if self.plan.per_user else pb.mask.sum())
-    return _Sums(gsum, stats, units, examples)
-
-  def run(self, state: TrainState, i: int) -> Tuple[TrainState, _Sums]:
-    plan, at = self.plan, state.params
-    if self.at_fn is not None:
-      ascent = None
-      if plan.ascent_releases(i, i + 1):  # charged DP-SAM: an independent draw
-        ascent = self.summed(state.params, plan.sampler.batches(i, draw=1), fn=self.ascent_fn).gsum
-      at = self.at_fn(state.params, state.opt_state, ascent, state.step)
-    clip_norm = plan.clip_norm_now(state.opt_state)
-    sums = self.summed(at, plan.sampler.batches(i), clip_norm)
-    extra = {}
-    if clip_norm is not None:  # sum_i (1[||g_i|| <= C] - 1/2) over the kept units, noised in tx
-      kept = sums.units - sums.stats["dropped_units"]
-      extra["quantile_count"] = (sums.stats["unclipped_units"] - 0.5 * kept).astype(jnp.float32)
-      if self.spec.optimizer == "adam_bc":  # this step's (sigma_g C_t / B)^2, for DP-AdamBC
-        extra["noise_variance"] = plan.noise_variance(clip_norm).astype(jnp.float32)
-    return self.update(state, sums.gsum, **extra), sums
-
-
-def compile_step(
-  spec, plan: PrivacyPlan, task: Task, tx, place: _Placement, mesh, state: TrainState, start: int
-) -> _Step:
-  """The step's pieces, lowered and compiled for the state's placement (the state donated).
-
-  Args:
-    spec: the validated spec.
-    plan: the privacy plan.
-    task: the task.
-    tx: the private optimizer (`plan.transform`).
-    place: the state's placement.
-    mesh: the device mesh, or None.
-    state: the state (for the current clip norm of adaptive clipping).
-    start: the first step (its batches give the shapes).
-
-  Returns:
-    The `_Step`, with the seconds compiling took.
-  """
-  t = time.perf_counter()
-
-  def host_batch(pb):
-    """A sampler's physical batch -> (device batch, unit mask)."""
-    batch = take(task.train, pb.indices)  # [P, ...] or [P, G, ...]
-    if plan.per_user:  # [P, G, ...] examples of P users and which of them are real
-      batch = GroupUnits(batch, jax.device_put(pb.example_mask))
-    mask = jax.device_put(pb.mask)
-    if mesh is not None:
-      batch, mask = shard_lib.shard_batch(batch, mesh), shard_lib.shard_batch(mask, mesh)
-    return batch, mask
-
-  target, shardings, scalar = place.target, place.shardings, place.scalar
-  zeros = (
-    jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
-    .lower(target.params)
-    .compile()
-  )
-  clip_now = plan.clip_norm_now(state.opt_state)
-  first = host_batch(plan.sampler.batches(start)[0])
-  acc = (
-    jax.jit(
-      functools.partial(accumulate, plan=plan, loss_fn=task.loss_fn),
-      out_shardings=(shardings.params, scalar),
-      donate_argnums=0,
-    )
-    .lower(target.params, target.params, task.frozen, *first, clip_now)
-    .compile()
-  )
-  extra = {}
-  if clip_now is not None:
-    extra["quantile_count"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
-    if spec.optimizer == "adam_bc":
-      extra["noise_variance"] = extra["quantile_count"]
-  update = (
-    jax.jit(functools.partial(apply_update, tx=tx), out_shardings=shardings, donate_argnums=0)
-    .lower(target, target.params, **extra)
-    .compile()
-  )
-  at_fn = None
-  if plan.sam is not None:
-    at_fn = jax.jit(functools.partial(perturb, plan=plan), out_shardings=shardings.params)
-  step = _Step(spec, plan, task, zeros, acc, update, at_fn, host_batch)
-  step.compile_s = time.perf_counter() - t
-  return step
 
 
 def _callbacks(
@@ -805,92 +620,3 @@ def run_header(
     "devices": 1 if mesh is None else int(mesh.devices.size),
     "compile_s": compile_s,
   }
-
-
-class _Tally:
-  """What the loop sums between reads, on the devices: the stats since the last log row,
-  and the dropped-unit counts since the last read (`_note_dropped`)."""
-
-  def __init__(self):
-    self.window, self.count, self.seen = None, 0.0, 0
-    self.unchecked, self.units_unchecked = _NO_DROPS, 0.0
-    self.dropped_total = self.units_total = 0.0
-    self.t0 = time.perf_counter()
-
-  def add(self, sums: _Sums, done: int) -> None:
-    self.window = sums.stats if self.window is None else _add(self.window, sums.stats)
-    self.count += sums.units
-    self.seen += sums.examples
-    self.unchecked = _note_dropped(self.unchecked, sums.stats["dropped_units"], sums.units, done)
-    self.units_unchecked += sums.units
-
-  def read_dropped(self, done: int) -> None:
-    """Reads the dropped-unit counts before a step is saved or logged (stops if all dropped)."""
-    self.dropped_total += _check_dropped(self.unchecked, done)
-    self.units_total += self.units_unchecked
-    self.unchecked, self.units_unchecked = _NO_DROPS, 0.0
-
-  def read_window(self) -> Dict[str, Any]:
-    """The mean training stats since the last log row (the one read of them), and resets."""
-    totals = {k: float(v) for k, v in self.window.items()}
-    dropped = totals.pop("dropped_units")
-    out = {f"train_{k}": v / max(self.count, 1.0) for k, v in totals.items()}
-    out["dropped_units"] = int(dropped)
-    self.window, self.count = None, 0.0
-    return out
-
-  def examples_per_s(self) -> float:
-    return self.seen / max(time.perf_counter() - self.t0, 1e-9)
-
-  def warn_if_dropped(self) -> None:
-    if self.units_total and self.dropped_total > DROPPED_WARN_FRACTION * self.units_total:
-      warnings.warn(
-        f"{int(self.dropped_total)} of {int(self.units_total)} sampled units "
-        f"({self.dropped_total / self.units_total:.1%}) had a non-finite loss or gradient and "
-        "were dropped (dropped_units in metrics.jsonl)",
-        UserWarning,
-        stacklevel=5,
-      )
-
-
-# Dropped-unit counts kept on the devices between reads, so that a run that logs
-# rarely holds three scalars, not one array per step: (dropped units since the
-# last read, the first step since then whose every sampled unit was dropped (0:
-# none), that step's sampled units).
-_NO_DROPS = (0.0, 0, 0.0)
-
-
-@jax.jit
-def _note_dropped(unchecked: tuple, dropped: jax.Array, units: float, step: int) -> tuple:
-  """Adds one step's dropped units to `unchecked` (on the devices: nothing is read)."""
-  since, bad_step, bad_units = unchecked
-  bad = (units > 0) & (dropped >= units) & (bad_step == 0)
-  return since + dropped, jnp.where(bad, step, bad_step), jnp.where(bad, units, bad_units)
-
-
-def _check_dropped(unchecked: tuple, done: int) -> float:
-  """Reads the dropped-unit counts of the steps since the last read; stops at an all-dropped step.
-
-  Args:
-    unchecked: `_NO_DROPS` or what `_note_dropped` returned.
-    done: the steps run (for the message).
-
-  Returns:
-    The units dropped over those steps.
-  """
-  since, bad_step, bad_units = (float(x) for x in unchecked)
-  if bad_step:
-    step = int(bad_step)
-    raise NonFiniteData(
-      f"step {step}: every one of the {int(bad_units)} sampled units had a non-finite "
-      "loss or gradient and was dropped; check the data and the learning rate "
-      f"(the run stopped at step {done}, before saving or logging any step past {step - 1})"
-    )
-  return since
-
-
-class NonFiniteData(ValueError):
-  """Every unit a step sampled had a non-finite loss or gradient."""
-
-
-DROPPED_WARN_FRACTION = 0.01  # warn when more of the sampled units were dropped
