@@ -17,9 +17,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import ml_collections
 
 from dpjax.core import mechanisms
+from dpjax.core.accounting import accountants
 from dpjax.core.checks import MAX_RELEASES, MAX_TARGET_EPSILON
-
-ACCOUNTANT_NAMES = ("pld", "rdp", "edgeworth", "edgeworth-bound")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +149,9 @@ KEYS: Tuple[Key, ...] = (
     "accountant",
     "pld",
     _STR,
-    "pld | rdp (bounds), edgeworth (an estimate; PLD reported beside it), edgeworth-bound",
-    choices=ACCOUNTANT_NAMES,
+    "pld | rdp (bounds), edgeworth (an estimate; PLD reported beside it), edgeworth-bound | "
+    "a registered one (dpjax.core.accounting.accountants.register)",
+    choices=accountants.names,
     why="how the releases are composed and the noise calibrated",
     privacy=True,
   ),

@@ -13,7 +13,8 @@ except fixed-batch (without-replacement) events, which are replace-one and
 RDP only.
 
 A new kind of release plugs in as a `DpEvent` and an accountant for it
-(`events.LeafAccountant`), dispatched in `_pld_accountant`.
+(`events.LeafAccountant`), dispatched in `_pld_accountant`; a new way to
+compose releases is an accountant added by name (`register`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _edgeworth(certified: bool):
   return make
 
 
-# Accountant name -> factory taking the event.
+# Accountant name -> factory taking the event (`register` adds one).
 # "edgeworth" is an ESTIMATE (not an upper bound); the others are upper bounds.
 ACCOUNTANTS: Dict[str, Callable] = {
   "pld": _pld_accountant,
@@ -89,7 +90,46 @@ ACCOUNTANTS: Dict[str, Callable] = {
   "edgeworth": _edgeworth(False),
   "edgeworth-bound": _edgeworth(True),
 }
-ESTIMATES = frozenset({"edgeworth"})  # accountants whose epsilon is not a guarantee
+ESTIMATES = {"edgeworth"}  # accountants whose epsilon is not a guarantee
+BUILT_IN = tuple(ACCOUNTANTS)
+
+
+def register(name: str, factory: Callable, *, estimate: bool = False) -> None:
+  """Adds an accountant: `accountant=name` then composes a run's releases with it.
+
+  Args:
+    name: a new name (letters, digits, '_' or '-').
+    factory: event -> a fresh `dp_accounting.PrivacyAccountant` that supports
+      it (`epsilon` composes the event into it and asks for epsilon).
+    estimate: its epsilon is an estimate, not an upper bound: a run then
+      reports the PLD bound as its guarantee, beside this estimate.
+  """
+  if not name or not name.replace("_", "").replace("-", "").isalnum():
+    raise ValueError(f"an accountant needs a name of letters, digits, '_' or '-', got {name!r}")
+  if name in BUILT_IN or (name in ACCOUNTANTS and ACCOUNTANTS[name] is not factory):
+    raise ValueError(f"accountant name {name!r} is taken")
+  if not callable(factory):
+    raise TypeError(f"an accountant's factory is a function of the event, got {factory!r}")
+  ACCOUNTANTS[name] = factory
+  if estimate:
+    ESTIMATES.add(name)
+
+
+def unregister(name: str) -> None:
+  """Removes an accountant `register` added (a test's own, after it).
+
+  Args:
+    name: its name.
+  """
+  if name in BUILT_IN:
+    raise ValueError(f"accountant {name!r} is built in")
+  ACCOUNTANTS.pop(name, None)
+  ESTIMATES.discard(name)
+
+
+def names() -> tuple:
+  """The accountants' names: the built-in ones, then the registered ones."""
+  return tuple(ACCOUNTANTS)
 
 
 def bound_accountant(accountant: str) -> str:

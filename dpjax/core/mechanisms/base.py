@@ -48,8 +48,6 @@ import dp_accounting
 import jax
 import optax
 
-ACCOUNTANTS = ("pld", "rdp", "edgeworth", "edgeworth-bound")
-
 
 class Mechanism(abc.ABC):
   """One kind of noise on the clipped sum: its transform, its event, its record.
@@ -57,7 +55,8 @@ class Mechanism(abc.ABC):
   Class attributes (what a subclass sets):
     name: the registered name (the config's `mechanism`, the ledger's).
     norm: "l2" or "l1": the clip norm its sensitivity is measured in.
-    accountants: the accountants that cover its releases.
+    accountants: the accountants that cover its releases (None: every one
+      whose `supports` takes its event, built-in or registered).
     scaled: it is a one-parameter family in `noise_multiplier`, which a
       config gives or a target epsilon calibrates (`with_noise_multiplier`);
       False for a mechanism whose parameters are its `settings`.
@@ -70,7 +69,7 @@ class Mechanism(abc.ABC):
 
   name: ClassVar[str] = ""
   norm: ClassVar[str] = "l2"
-  accountants: ClassVar[Tuple[str, ...]] = ACCOUNTANTS
+  accountants: ClassVar[Optional[Tuple[str, ...]]] = None
   scaled: ClassVar[bool] = True
   config_keys: ClassVar[Tuple[str, ...]] = ()
 
@@ -182,7 +181,7 @@ class Mechanism(abc.ABC):
         "the user-level ELS accountant covers Gaussian noise with accountant='pld', "
         f"got mechanism={cls.name!r}, accountant={accountant!r}"
       )
-    if accountant not in cls.accountants:
+    if cls.accountants is not None and accountant not in cls.accountants:
       raise ValueError(
         f"mechanism {cls.name!r} is accounted by {', '.join(cls.accountants)}; "
         f"got accountant={accountant!r}"
