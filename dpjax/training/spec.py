@@ -22,7 +22,7 @@ import ml_collections
 from dpjax.core import mechanisms
 from dpjax.training.keys import BY_NAME, KEYS, RUN_CONTROL, Key
 
-__all__ = [  # the key table is `dpjax.training.keys`'; its names are read here too
+__all__ = [  # the key table lives in `dpjax.training.keys`; its names are read from here too
   "BY_NAME",
   "KEYS",
   "RUN_CONTROL",
