@@ -187,7 +187,7 @@ def run_variant(variant, eps, seed, steps, rho, lam, mode="prefix", batch_size=5
   task = build_task(cfg)
   if variant in ("+wd", "all"):
     ref = public_reference(cfg, seed)
-    task = task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, lam))
+    task = task._replace(loss_fn=flatness.weight_anchor(task.loss_fn, ref, lam))
   res = train(cfg, task, None, progress=False)
   plain_task = build_task(cfg)  # sharpness of the task loss itself (no regulariser)
   return {

@@ -200,12 +200,12 @@ BAD_TRAIN = [
   (["dp_sam={'rho': 'x'}"], "dp_sam.rho must be a finite number >= 0, got 'x'"),
   (["dp_sam={'rho': 0.1, 'layerwise': 'maybe'}"], "dp_sam.layerwise must be True or False"),
   (
-    ["weight_distillation={'lam': 'x', 'reference': 'init'}"],
-    "weight_distillation.lam must be a finite number >= 0",
+    ["weight_anchor={'lam': 'x', 'reference': 'init'}"],
+    "weight_anchor.lam must be a finite number >= 0",
   ),
   (
-    ["weight_distillation={'lam': 1, 'reference': 'no/such/file'}"],
-    "weight_distillation.reference must be 'init' or an existing file",
+    ["weight_anchor={'lam': 1, 'reference': 'no/such/file'}"],
+    "weight_anchor.reference must be 'init' or an existing file",
   ),
   (["learning_rates={'layer_': 'fast'}"], "learning_rates maps non-empty parameter-name prefixes"),
   (["target_epsilon=True"], "target_epsilon must be an integer or a number or None, got True"),

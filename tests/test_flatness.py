@@ -181,10 +181,10 @@ def test_removed_prefix_equals_a_model_without_it_and_zeroing_does_not():
   assert float(jnp.max(jnp.abs(c - a))) > 1e-4
 
 
-def test_weight_distillation_term_is_clipped_with_each_example():
+def test_weight_anchor_term_is_clipped_with_each_example():
   params, batch = _setup()
   ref = jax.tree.map(lambda p: p + 0.5, params)
-  loss = flatness.weight_distillation(_loss, ref, lam=0.01)
+  loss = flatness.weight_anchor(_loss, ref, lam=0.01)
   ex = jax.tree.map(lambda x: x[0], batch)
   gap = float(
     jnp.sqrt(
@@ -193,7 +193,7 @@ def test_weight_distillation_term_is_clipped_with_each_example():
   )
   assert float(loss(params, ex)) == pytest.approx(float(_loss(params, ex)) + 0.01 * gap, rel=1e-6)
   # Zero at the reference, with a finite (zero) gradient of the term there.
-  at_ref = flatness.weight_distillation(lambda p, e: jnp.zeros(()), params, lam=0.01)
+  at_ref = flatness.weight_anchor(lambda p, e: jnp.zeros(()), params, lam=0.01)
   g = jax.grad(at_ref)(params, ex)
   assert all(
     np.all(np.isfinite(np.asarray(x))) and not np.any(np.asarray(x)) for x in jax.tree.leaves(g)
@@ -216,4 +216,4 @@ def test_weight_distillation_term_is_clipped_with_each_example():
   for a, b, r in zip(jax.tree.leaves(g_wd), jax.tree.leaves(g_base), jax.tree.leaves(g_reg)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b + n * r), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError):
-    flatness.weight_distillation(_loss, ref, lam=-1.0)
+    flatness.weight_anchor(_loss, ref, lam=-1.0)

@@ -302,7 +302,7 @@ def test_dp_sam_in_training_charges_only_charged_mode(tmp_path):
       train(cfg, build_task(cfg), None, progress=False)
 
 
-def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
+def test_weight_anchor_config_adds_the_term_to_each_example(tmp_path):
   from dpjax.methods import flatness
 
   task = build_task(small_config())
@@ -312,10 +312,10 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   back = flatness.load_reference(path, task.params)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  from dpjax.training.task import with_weight_distillation
+  from dpjax.training.task import with_weight_anchor
 
-  cfg = small_config(weight_distillation=dict(lam=0.5, reference=path))
-  wd = with_weight_distillation(cfg, task)
+  cfg = small_config(weight_anchor=dict(lam=0.5, reference=path))
+  wd = with_weight_anchor(cfg, task)
   ex = jax.tree.map(lambda x: x[0], task.train)
   gap = float(
     np.sqrt(
@@ -336,8 +336,8 @@ def test_weight_distillation_config_adds_the_term_to_each_example(tmp_path):
   with pytest.raises(ValueError, match="does not match"):
     flatness.load_reference(path, {"other": task.params})
   with pytest.raises(FileNotFoundError):
-    with_weight_distillation(
-      small_config(weight_distillation=dict(lam=0.1, reference=str(tmp_path / "none.npz"))), task
+    with_weight_anchor(
+      small_config(weight_anchor=dict(lam=0.1, reference=str(tmp_path / "none.npz"))), task
     )
 
 

@@ -50,7 +50,7 @@ NOT_PRIVACY = {
   "checkpoint_every",
   "data_devices",
   "model_devices",
-  "weight_distillation",
+  "weight_anchor",
 }
 
 
@@ -118,3 +118,12 @@ def test_dp_sam_defaults_are_filled_once_by_validate():
   bad = dict(cfg, dp_sam={"rho": 0.1, "active_fraction": True})
   with pytest.raises(spec_lib.SpecError, match="dp_sam.active_fraction must be in"):
     spec_lib.validate(spec_lib.with_defaults(bad))
+
+
+def test_the_anchor_keys_earlier_name_says_its_new_one():
+  cfg = {"task": {"name": "synthetic"}, "noise_multiplier": 1.0}
+  old = dict(cfg, weight_distillation={"lam": 0.1, "reference": "init"})
+  with pytest.raises(spec_lib.SpecError, match="weight_distillation is now weight_anchor"):
+    spec_lib.validate(old)
+  new = spec_lib.validate(dict(cfg, weight_anchor={"lam": 0.1, "reference": "init"}))
+  assert dict(new.weight_anchor) == {"lam": 0.1, "reference": "init"}

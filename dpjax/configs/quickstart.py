@@ -52,5 +52,5 @@ def get_config():
   c.log_every = 20
   c.checkpoint_every = 100
   c.dp_sam = None  # e.g. {"rho": 0.05, "mode": "free"}: DP-Flat's in-layer min-max
-  c.weight_distillation = None  # e.g. {"lam": 0.01, "reference": "init" | "ref.npz"}
+  c.weight_anchor = None  # e.g. {"lam": 0.01, "reference": "init" | "ref.npz"}
   return c

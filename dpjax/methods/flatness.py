@@ -20,7 +20,7 @@ Three independent, composable pieces:
   public data or along a privatised direction; the sharpest layers lose their
   prefix. `dpjax.models.adapters.select_prefix_layers` removes a prefix
   entirely (the layer then attends to its own tokens only).
-* **Between weights** (`weight_distillation`): each example's loss gains
+* **Between weights** (`weight_anchor`): each example's loss gains
   lam * ||P - P_ref||_F before clipping, towards a reference copy P_ref that
   is public (trained on public data) or itself DP (its budget accounted by
   the caller); the reference is a constant of the loss, never trained on the
@@ -297,7 +297,7 @@ def select_layers(curves: np.ndarray, keep: int) -> list:
 # --- between weights ---------------------------------------------------------
 
 
-def weight_distillation(
+def weight_anchor(
   loss_fn: Callable,
   reference: PyTree,
   lam: float,
@@ -348,7 +348,7 @@ def weight_distillation(
 
 
 def save_reference(params: PyTree, path: str) -> None:
-  """Write a reference copy (public or DP-trained) for `weight_distillation` to `.npz`.
+  """Write a reference copy (public or DP-trained) for `weight_anchor` to `.npz`.
 
   Args:
     params: the reference parameters.

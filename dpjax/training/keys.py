@@ -424,10 +424,11 @@ KEYS: Tuple[Key, ...] = (
     privacy=True,
   ),
   Key(
-    "weight_distillation",
+    "weight_anchor",
     None,
     _DICT,
-    "DP-Flat's weight distillation: {'lam': .., 'reference': 'init' | path}",
+    "lam * ||theta - reference|| added to each example's loss (DP-Flat's weight knowledge "
+    "distillation): {'lam': .., 'reference': 'init' | path}",
     optional=True,
     why="changes the loss whose per-unit gradient is clipped, not the sensitivity",
   ),

@@ -95,7 +95,7 @@ from dpjax.training.task import (
   check_fits,
   check_task_data,
   evaluate,
-  with_weight_distillation,
+  with_weight_anchor,
 )
 
 PyTree = Any
@@ -426,7 +426,7 @@ def _run(
   once, for the state's placement (`init` and `restore` put it there
   directly).
   """
-  task = with_weight_distillation(spec, task)
+  task = with_weight_anchor(spec, task)
   optimizer = make_optimizer(
     spec.optimizer,
     spec.learning_rate,

@@ -151,6 +151,8 @@ def _check(cfg) -> Spec:
   """`validate`'s checks, run once per config."""
   raw = _plain(cfg)
   unknown = sorted(set(raw) - set(BY_NAME))
+  if "weight_distillation" in unknown:  # the key's earlier name
+    raise SpecError("weight_distillation is now weight_anchor (the same term); rename the key")
   if unknown:
     raise SpecError(f"unknown config key {unknown[0]!r}; known keys: see `dpjax config`")
   if raw.get("task") is None:
@@ -210,17 +212,15 @@ def _check(cfg) -> Spec:
       )
   if out["dp_sam"] is not None:
     out["dp_sam"] = _check_dp_sam(out["dp_sam"], out["private"])
-  if out["weight_distillation"] is not None:
-    wd = out["weight_distillation"]
+  if out["weight_anchor"] is not None:
+    wd = out["weight_anchor"]
     if set(wd) != {"lam", "reference"}:
-      raise SpecError(f"weight_distillation takes lam and reference; got {sorted(wd)}")
+      raise SpecError(f"weight_anchor takes lam and reference; got {sorted(wd)}")
     if not (_number(wd["lam"]) and wd["lam"] >= 0):
-      raise SpecError(f"weight_distillation.lam must be a finite number >= 0, got {wd['lam']!r}")
+      raise SpecError(f"weight_anchor.lam must be a finite number >= 0, got {wd['lam']!r}")
     ref = wd["reference"]
     if not (ref == "init" or (isinstance(ref, str) and os.path.isfile(ref))):
-      raise SpecError(
-        f"weight_distillation.reference must be 'init' or an existing file, got {ref!r}"
-      )
+      raise SpecError(f"weight_anchor.reference must be 'init' or an existing file, got {ref!r}")
   if out["learning_rates"] is not None:
     for prefix, rate in out["learning_rates"].items():
       if not (isinstance(prefix, str) and prefix and _number(rate) and rate > 0):

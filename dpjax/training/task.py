@@ -197,28 +197,28 @@ def check_fits(spec, task: Task) -> None:
     )
 
 
-def with_weight_distillation(cfg, task: Task) -> Task:
-  """`cfg.weight_distillation` = dict(lam, reference): DP-Flat's term in every example's loss.
+def with_weight_anchor(cfg, task: Task) -> Task:
+  """`cfg.weight_anchor` = dict(lam, reference): lam * ||theta - reference|| in each example's loss.
+
+  DP-Flat's "weight knowledge distillation" (a pull towards reference weights,
+  not DistilDP's distillation through synthetic text).
 
   reference: "init" (the task's initial trainable parameters, e.g. public
   pretrained weights: free) or a path written by `flatness.save_reference`
   (a public or DP-trained copy; its own budget is the caller's to account).
 
   Args:
-    cfg: the train config.
+    cfg: the validated spec.
     task: the task.
 
   Returns:
     The task with the term added to its loss (unchanged without the key).
   """
-  spec = cfg.get("weight_distillation")
-  if not spec:
+  anchor = cfg.weight_anchor  # checked by `spec.validate`: lam and reference
+  if not anchor:
     return task
-  spec = dict(spec)
-  if set(spec) != {"lam", "reference"}:
-    raise ValueError(f"weight_distillation takes lam and reference; got {sorted(spec)}")
-  if spec["reference"] == "init":
+  if anchor["reference"] == "init":
     ref = task.params
   else:
-    ref = flatness.load_reference(spec["reference"], task.params)
-  return task._replace(loss_fn=flatness.weight_distillation(task.loss_fn, ref, spec["lam"]))
+    ref = flatness.load_reference(anchor["reference"], task.params)
+  return task._replace(loss_fn=flatness.weight_anchor(task.loss_fn, ref, anchor["lam"]))
