@@ -29,12 +29,13 @@ from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.hf import export_decoder
 from dpjax.pipelines import distill
 from dpjax.tasks import build_task
+from dpjax.tasks.causal_lm import DEFAULTS as CAUSAL_LM_DEFAULTS
 from dpjax.tasks.causal_lm import base_model, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import RunInterrupted, train
 from dpjax.training.rundir import RunLocked, check_writable, strict_json
-from dpjax.training.task import evaluate
+from dpjax.training.task import evaluate, task_section
 
 
 def _train(args) -> int:
@@ -57,7 +58,7 @@ def _train(args) -> int:
     raise ValueError("--workdir must name a directory, got ''")
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   check_writable(workdir)  # a read-only or full disk is one line, before the task is built
-  task = build_task(cfg)
+  task = build_task(spec)
   info = task.info or {}
   before = None
   if info.get("perplexity"):  # the held-out perplexity of the pretrained model, for comparison
@@ -166,13 +167,11 @@ def _export(args) -> int:
     raise FileNotFoundError(
       f"{trained}: no trained parameters (the run has not finished: resume it to its last step)"
     )
-  import ml_collections
-
-  t = ml_collections.ConfigDict(spec["task"])
+  t = task_section(spec["task"], CAUSAL_LM_DEFAULTS)
   pre, mcfg, params = base_model(t)
   merged = merged_params(t, params, load_trained(args.run_dir))
   out = export_decoder(mcfg, merged, args.out_dir, tokenizer=pre.tokenizer)
-  print(f"exported {args.run_dir} ({'LoRA merged' if t.get('lora') else 'full'}) to {out}")
+  print(f"exported {args.run_dir} ({'LoRA merged' if t.lora else 'full'}) to {out}")
   return 0
 
 
@@ -220,12 +219,12 @@ def _audit(args) -> int:
   if args.canaries < 2:
     raise ValueError(f"--canaries must be >= 2, got {args.canaries}")
   cfg = load_config(args.config, args.set or [])
-  spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))  # config errors before the task is built
   name = os.path.splitext(os.path.basename(args.config))[0]
   workdir = args.workdir or os.path.join("runs", f"{name}-audit-{time.strftime('%Y%m%d-%H%M%S')}")
   rec = one_run.audit_run(
-    cfg,
-    build_task(cfg),
+    spec,
+    build_task(spec),
     workdir,
     canaries=args.canaries,
     confidence=args.confidence,

@@ -343,3 +343,35 @@ def test_training_asks_the_mechanism_object_not_its_name():
   )
   stale = sorted(set(NAMED_MECHANISMS) - set(found))
   assert not stale, f"no longer naming a mechanism (remove from NAMED_MECHANISMS): {stale}"
+
+
+# Names a config, a spec or one of their sections goes by in dpjax's code.
+CONFIG_NAMES = {"cfg", "config", "spec", "t", "s", "tcfg", "hist", "hist_cfg", "section"}
+
+
+def _config_gets() -> List[str]:
+  """'file:line: text' for each `.get(` on a config or a section of it outside the spec."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)):
+    rel = os.path.relpath(path, os.path.dirname(ROOT))
+    if rel in ("dpjax/training/spec.py", "dpjax/training/keys.py"):
+      continue
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        continue
+      if node.func.attr != "get":
+        continue
+      root = node.func.value
+      while isinstance(root, (ast.Attribute, ast.Subscript)):
+        root = root.value
+      if isinstance(root, ast.Name) and root.id in CONFIG_NAMES:
+        found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+  return found
+
+
+def test_config_sections_are_read_as_declared_not_with_get_defaults():
+  # A key's default is declared once (the key table, a task's DEFAULTS, a distill
+  # section's keys) and read as an attribute; `.get(key, default)` would write a
+  # second default where the key is read.
+  found = _config_gets()
+  assert not found, "\n".join(found)

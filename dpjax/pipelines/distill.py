@@ -37,10 +37,11 @@ from dpjax.core.checks import MAX_RELEASES, MAX_TARGET_EPSILON
 from dpjax.models.decoder import Decoder, causal_lm_loss, init_params
 from dpjax.models.generate import generate, left_pad
 from dpjax.tasks import build_task
+from dpjax.tasks.shakespeare import DEFAULTS as SHAKESPEARE_DEFAULTS
 from dpjax.training import spec as spec_lib
 from dpjax.training.loop import train
 from dpjax.training.rundir import check_writable, make_private_dir
-from dpjax.training.task import Task
+from dpjax.training.task import Task, task_section
 
 PyTree = Any
 
@@ -571,6 +572,31 @@ STUDENT_SIZES = (
 )
 
 
+def with_defaults(cfg) -> ml_collections.ConfigDict:
+  """`cfg` with every declared key that has a default present: what a missing key means, once.
+
+  `histogram` None (uniform prompts, no histogram released) and the student's
+  keys with a default (`STUDENT_KEYS`: `init_from_public` True).
+
+  Args:
+    cfg: a `dpjax distill` config (its sections already checked as sections).
+
+  Returns:
+    A copy with the defaults filled.
+  """
+  out = ml_collections.ConfigDict(
+    cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), type_safe=False
+  )
+  for k in TOP_KEYS:
+    if k.optional and k.name not in out:
+      out[k.name] = None
+  for k in STUDENT_KEYS:
+    name = k.name.split(".")[-1]
+    if k.default is not None and name not in out.student:
+      out.student[name] = k.default
+  return out
+
+
 def teacher_config(cfg) -> ml_collections.ConfigDict:
   """The teacher's train config: `cfg.teacher` with the distill budget.
 
@@ -607,10 +633,12 @@ def check_config(cfg) -> spec_lib.Spec:
       "not a distill config: it has no teacher section (a train config runs with `dpjax train`)"
     )
   _section("the distill config", TOP_KEYS, cfg)
+  _section("student", STUDENT_KEYS, cfg.student)
+  cfg = with_defaults(cfg)
   spec = spec_lib.validate(spec_lib.with_defaults(teacher_config(cfg)))
-  if not spec.task.get("control_code"):
+  if not task_section(spec.task, SHAKESPEARE_DEFAULTS).control_code:
     raise spec_lib.SpecError("teacher.task.control_code must be True (prompts by label)")
-  hist = cfg.get("histogram")
+  hist = cfg.histogram
   if hist is not None:
     _section("histogram", HISTOGRAM_KEYS, hist)
   if hist and hist["epsilon"] >= cfg.total_epsilon:
@@ -619,7 +647,6 @@ def check_config(cfg) -> spec_lib.Spec:
       f"spends the rest), got {hist['epsilon']!r}"
     )
   _section("generation", GENERATION_KEYS, cfg.generation)
-  _section("student", STUDENT_KEYS, cfg.student)
   for name, v in dict(cfg.student.model).items():
     if name not in STUDENT_SIZES:
       raise spec_lib.SpecError(
@@ -629,7 +656,7 @@ def check_config(cfg) -> spec_lib.Spec:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise spec_lib.SpecError(f"student.model.{name} must be an integer >= 1, got {v!r}")
   model = dict(cfg.student.model)
-  if cfg.student.get("init_from_public", True) and "hidden_size" not in model:
+  if cfg.student.init_from_public and "hidden_size" not in model:
     if "num_layers" not in model:  # the student is the teacher's first num_layers blocks
       raise spec_lib.SpecError(
         "student.model.num_layers is missing: a student initialised from the public "
@@ -664,13 +691,14 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   import datasets
 
   tcfg = check_config(cfg)  # the teacher's Spec, checked once, before anything is fetched
+  cfg = with_defaults(cfg)
   check_writable(run_dir)  # a read-only or full disk: one line, before the teacher is built
   make_private_dir(run_dir)
 
   # Stage 1: the DP teacher (the only reader of the private data, with the histogram).
   if task is None:
     task = build_task(tcfg)
-  hist_cfg = cfg.get("histogram")
+  hist_cfg = cfg.histogram
   h_event = None
   if hist_cfg:
     h_event = histogram_event(
@@ -751,7 +779,7 @@ def run(cfg, run_dir: str, *, progress: bool = True, task=None) -> Dict[str, Any
   # The student: the teacher's architecture with `student.model` overrides
   # (fewer layers, or another width).
   scfg_model = dataclasses.replace(teacher_cfg, **dict(s.model))
-  if scfg_model.hidden_size == teacher_cfg.hidden_size and s.get("init_from_public", True):
+  if scfg_model.hidden_size == teacher_cfg.hidden_size and s.init_from_public:
     init = truncate_decoder(task.params, s.model.num_layers)  # public pretraining
   else:
     init = init_params(scfg_model, jax.random.PRNGKey(s.seed), L)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from dpjax.tasks import causal_lm, shakespeare, synthetic, text_classification
+from dpjax.training import spec as spec_lib
 from dpjax.training.task import Task
 
 TASKS: Dict[str, Callable] = {
@@ -24,13 +25,18 @@ TASKS: Dict[str, Callable] = {
 def build_task(cfg) -> Task:
   """The task named by `cfg.task.name`, built from the config's task section.
 
+  The builder receives the validated spec (every top-level key present and
+  checked; a `Spec` passed in is not checked again) and reads its task
+  section through `task_section` with the task's declared defaults.
+
   Args:
-    cfg: a train config.
+    cfg: a train config, or its validated `Spec`.
 
   Returns:
     The Task (raises ValueError naming the known tasks for an unknown name).
   """
-  name = cfg.task.name
+  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  name = spec.task.name
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-  return TASKS[name](cfg)
+  return TASKS[name](spec)

@@ -27,10 +27,23 @@ from dpjax.data.shakespeare import load_shakespeare
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.generate import generate, left_pad
-from dpjax.tasks.pretrained import compute_dtype, load_pretrained, remat_blocks
-from dpjax.training.task import Task
+from dpjax.tasks.pretrained import (
+  PRETRAINED_DEFAULTS,
+  compute_dtype,
+  load_pretrained,
+  remat_blocks,
+)
+from dpjax.training.task import Task, task_section
 
 LORA_KEYS = ("rank", "alpha", "targets")
+LORA_DEFAULTS = {"rank": 8, "alpha": None, "targets": r".*attn/(q|v)"}  # alpha None: the rank
+DEFAULTS = {  # the task section's optional keys
+  **PRETRAINED_DEFAULTS,
+  "num_layers": None,
+  "lora": None,
+  "dev_fraction": 0.05,
+  "max_eval": None,
+}
 
 
 def read_examples(path: str) -> List[Dict[str, Any]]:
@@ -99,17 +112,32 @@ def _truncate(cfg, params, num_layers: Optional[int]):
   return cfg.__class__(**{**cfg.__dict__, "num_layers": num_layers, "layer_types": types}), keep
 
 
+def _lora(t):
+  """`task.lora` with its defaults (alpha: the rank), or None without LoRA."""
+  if t.lora is None:
+    return None
+  lora = dict(t.lora)
+  unknown = sorted(set(lora) - set(LORA_KEYS))
+  if unknown:
+    raise ValueError(f"task.lora takes {', '.join(LORA_KEYS)}; got unknown {unknown[0]!r}")
+  lora = {**LORA_DEFAULTS, **lora}
+  if lora["alpha"] is None:
+    lora["alpha"] = lora["rank"]
+  return lora
+
+
 def base_model(t):
   """(Pretrained, config, params) of `task.model`, truncated to `task.num_layers`.
 
   Args:
-    t: the task section.
+    t: the task section (as a config or config.json gives it).
 
   Returns:
     The loaded model, its (truncated) config and parameters.
   """
+  t = task_section(t, DEFAULTS)
   pre = load_pretrained(t.model)
-  mcfg, params = _truncate(pre.config, pre.params, t.get("num_layers"))
+  mcfg, params = _truncate(pre.config, pre.params, t.num_layers)
   return pre, dataclasses.replace(mcfg, dtype=compute_dtype(t)), params
 
 
@@ -117,17 +145,17 @@ def merged_params(t, params, trained):
   """The full parameters of a run: `trained` itself, or the LoRA factors merged into `params`.
 
   Args:
-    t: the task section.
+    t: the task section (as a config or config.json gives it).
     params: the base model's parameters.
     trained: the run's trained parameters (the LoRA factors with `task.lora`).
 
   Returns:
     The parameter tree of the fine-tuned model.
   """
-  lora = t.get("lora")
+  lora = _lora(task_section(t, DEFAULTS))
   if lora is None:
     return trained
-  return adapters.merge_lora(params, trained, alpha=float(lora.get("alpha", lora.get("rank", 8))))
+  return adapters.merge_lora(params, trained, alpha=float(lora["alpha"]))
 
 
 def causal_lm(cfg) -> Task:
@@ -142,16 +170,11 @@ def causal_lm(cfg) -> Task:
   Returns:
     The Task (info: the decoder config, `perplexity` and `samples(params, n)`).
   """
-  t = cfg.task
+  t = task_section(cfg.task, DEFAULTS)
   remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
-  lora = t.get("lora")
-  if lora is not None:
-    lora = dict(lora)
-    unknown = sorted(set(lora) - set(LORA_KEYS))
-    if unknown:
-      raise ValueError(f"task.lora takes {', '.join(LORA_KEYS)}; got unknown {unknown[0]!r}")
-  frac = float(t.get("dev_fraction", 0.05))
+  lora = _lora(t)
+  frac = float(t.dev_fraction)
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")
   pre, mcfg, params = base_model(t)
@@ -174,7 +197,7 @@ def causal_lm(cfg) -> Task:
     raise ValueError(f"task.dev_fraction={frac} leaves no training examples")
   train = {k: v[~held] for k, v in enc.items()}
   dev = {k: v[held] for k, v in enc.items()}
-  if t.get("max_eval"):
+  if t.max_eval:
     dev = {k: v[: int(t.max_eval)] for k, v in dev.items()}
   model = Decoder(mcfg)
   scale = None
@@ -182,12 +205,12 @@ def causal_lm(cfg) -> Task:
     trainable = adapters.init_lora(
       params,
       jax.random.PRNGKey(int(cfg.seed)),
-      rank=int(lora.get("rank", 8)),
-      targets=lora.get("targets", r".*attn/(q|v)"),
+      rank=int(lora["rank"]),
+      targets=lora["targets"],
     )
     if not jax.tree.leaves(trainable):
-      raise ValueError(f"task.lora.targets={lora.get('targets')!r} matches no Dense layer")
-    scale = float(lora.get("alpha", lora.get("rank", 8)))
+      raise ValueError(f"task.lora.targets={lora['targets']!r} matches no Dense layer")
+    scale = float(lora["alpha"])
     frozen = params
   else:
     trainable, frozen = params, {}

@@ -10,21 +10,26 @@ import numpy as np
 
 from dpjax import assets
 from dpjax.models import hf, llama_cpp
+from dpjax.training.task import task_section
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+# The optional task keys of every task on a pretrained model.
+PRETRAINED_DEFAULTS = {"dtype": None, "remat": False}
 
 
 def compute_dtype(t, default: str = "float32") -> str:
   """`task.dtype`: the model's compute dtype; weights, clipping norms and noise stay float32.
 
   Args:
-    t: the task section.
+    t: the task section (`PRETRAINED_DEFAULTS` filled: dtype None without the key).
     default: the dtype without the key.
 
   Returns:
     "float32" or "bfloat16".
   """
-  dtype = t.get("dtype", default)
+  dtype = t.dtype or default
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(
       f"task.dtype must be 'float32' or 'bfloat16' (the compute dtype; weights, "
@@ -41,15 +46,15 @@ def remat_blocks(cfg) -> bool:
   ghost clipping, which must see each layer's inputs in the forward pass.
 
   Args:
-    cfg: the train config.
+    cfg: the validated train spec.
 
   Returns:
     Whether the model's blocks are rematerialised.
   """
-  remat = cfg.task.get("remat", False)
+  remat = task_section(cfg.task, PRETRAINED_DEFAULTS).remat
   if not isinstance(remat, bool):
     raise ValueError(f"task.remat must be True or False, got {remat!r}")
-  if remat and cfg.get("clipping_method", "vmap") == "ghost":
+  if remat and cfg.clipping_method == "ghost":
     raise ValueError(
       "task.remat=True hides each block's layers from ghost clipping (they would fall back "
       "to per-example gradients); use clipping_method='vmap' with it, or task.remat=False"

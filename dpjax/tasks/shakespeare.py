@@ -17,8 +17,13 @@ from dpjax import assets
 from dpjax.data.shakespeare import load_shakespeare
 from dpjax.data.text import load_rt_polarity
 from dpjax.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_params
-from dpjax.tasks.pretrained import compute_dtype, pretrained_decoder, remat_blocks
-from dpjax.training.task import Task
+from dpjax.tasks.pretrained import (
+  PRETRAINED_DEFAULTS,
+  compute_dtype,
+  pretrained_decoder,
+  remat_blocks,
+)
+from dpjax.training.task import Task, task_section
 
 BYTE_PAD, BYTE_BOS, BYTE_OFFSET = 0, 1, 2  # byte b is token b + 2
 CONTROL_CODES = ("comedy", "history", "romance", "tragedy")  # Shakespeare genres
@@ -104,6 +109,9 @@ def pretrain_public(mcfg, texts, seq_len: int, steps: int, batch_size: int, seed
   return params
 
 
+DEFAULTS = {**PRETRAINED_DEFAULTS, "control_code": False, "max_eval": None, "init_seed": 0}
+
+
 def byte_decoder_config(model: Dict, seq_len: int):
   """The Llama-family byte-level decoder config (`model`: width, layers, heads, MLP).
 
@@ -144,7 +152,7 @@ def shakespeare_lm(cfg) -> Task:
     The Task.
   """
 
-  t = cfg.task
+  t = task_section(cfg.task, DEFAULTS)
   remat = remat_blocks(cfg)
   ds = load_shakespeare(None if t.data == "shakespeare" else t.data)
   rows = [r for split in ds for r in ds[split]]
@@ -153,7 +161,7 @@ def shakespeare_lm(cfg) -> Task:
     mcfg, params, encode = pretrained_decoder(t.model)
   else:
     mcfg, encode = byte_decoder_config(t.model, t.seq_len), encode_bytes
-  if t.get("control_code"):  # DistilDP: "<genre>\t" before each speech
+  if t.control_code:  # DistilDP: "<genre>\t" before each speech
     texts = [f"{r['genre']}\t{r['line']}" for r in rows]
   else:
     texts = [r["line"] for r in rows]
@@ -170,7 +178,7 @@ def shakespeare_lm(cfg) -> Task:
   test_idx = np.flatnonzero(held)
   order = np.random.default_rng(0).permutation(len(test_idx))
   dev_idx, test_idx = test_idx[order[: len(order) // 2]], test_idx[order[len(order) // 2 :]]
-  if t.get("max_eval"):
+  if t.max_eval:
     dev_idx, test_idx = dev_idx[: t.max_eval], test_idx[: t.max_eval]
   splits = {
     "dev": {k: v[dev_idx] for k, v in enc.items()},
@@ -182,7 +190,7 @@ def shakespeare_lm(cfg) -> Task:
       public = [s for split in rt for s in rt[split]["sentence"]]
     else:
       public = []
-    params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.get("init_seed", 0))
+    params = pretrain_public(mcfg, public, t.seq_len, t.pretrain_steps, 64, t.init_seed)
   model = Decoder(dataclasses.replace(mcfg, dtype=compute_dtype(t, mcfg.dtype), remat=remat))
 
   def loss_fn(p, ex, frozen):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.training.task import Task
+from dpjax.training.task import Task, task_section
 
 
 def _mlp_loss(params, ex, frozen):
@@ -15,6 +15,9 @@ def _mlp_loss(params, ex, frozen):
   logits = h @ params["head"]["w"] + params["head"]["b"]
   loss = -jax.nn.log_softmax(logits)[ex["label"]]
   return loss, {"accuracy": (jnp.argmax(logits) == ex["label"]).astype(jnp.float32)}
+
+
+DEFAULTS = {"num_users": None}  # the task section's optional keys (user_ids when set)
 
 
 def synthetic(cfg) -> Task:
@@ -29,7 +32,7 @@ def synthetic(cfg) -> Task:
   Returns:
     The Task.
   """
-  t = cfg.task
+  t = task_section(cfg.task, DEFAULTS)
   rng = np.random.default_rng(t.data_seed)
   centers = rng.normal(size=(t.num_classes, t.dim)) * 0.4
 
@@ -52,7 +55,7 @@ def synthetic(cfg) -> Task:
     },
   }
   user_ids = None
-  if t.get("num_users"):
+  if t.num_users:
     # Skewed user sizes (Zipf-like), as real user data is: a few users hold many examples.
     weights = 1.0 / np.arange(1, t.num_users + 1)
     user_ids = rng.choice(t.num_users, size=t.num_train, p=weights / weights.sum())

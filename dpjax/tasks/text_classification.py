@@ -26,8 +26,8 @@ from dpjax.models import adapters
 from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
-from dpjax.tasks.pretrained import compute_dtype, remat_blocks, resolve
-from dpjax.training.task import Task
+from dpjax.tasks.pretrained import PRETRAINED_DEFAULTS, compute_dtype, remat_blocks, resolve
+from dpjax.training.task import Task, task_section
 
 
 def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str):
@@ -49,6 +49,23 @@ def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str)
   return out
 
 
+DEFAULTS = {  # the task section's optional keys
+  **PRETRAINED_DEFAULTS,
+  "labels": None,
+  "text_column": "text",
+  "label_column": "label",
+  "num_labels": None,
+  "text_pair_column": None,
+  "split_column": None,
+  "split_seed": 0,
+  "pool_scale": 1.0,
+  "train_embeddings": False,
+  "prefix_tokens": 0,
+  "prefix_layers": None,
+  "prefix_init_scale": 0.02,
+}
+
+
 def _is_rt(data: str) -> bool:
   if data == "rt-polarity":
     return True
@@ -61,16 +78,16 @@ def _data(t):
   """The task section's data as (DatasetDict with sentence[, sentence_pair], label; num_labels)."""
   if _is_rt(t.data):
     return load_rt_polarity(None if t.data == "rt-polarity" else t.data), 2
-  labels = t.get("labels")
+  labels = t.labels
   data = load_labelled_text(
     t.data,
-    text_column=t.get("text_column", "text"),
-    label_column=t.get("label_column", "label"),
-    num_labels=t.get("num_labels"),
+    text_column=t.text_column,
+    label_column=t.label_column,
+    num_labels=t.num_labels,
     labels=None if labels is None else list(labels),
-    text_pair_column=t.get("text_pair_column"),
-    split_column=t.get("split_column"),
-    split_seed=t.get("split_seed", 0),
+    text_pair_column=t.text_pair_column,
+    split_column=t.split_column,
+    split_seed=t.split_seed,
   )
   return data, len(labels) if labels is not None else t.num_labels
 
@@ -94,7 +111,7 @@ def text_classification(cfg) -> Task:
     The Task.
   """
 
-  t = cfg.task
+  t = task_section(cfg.task, DEFAULTS)
   remat = remat_blocks(cfg)
   data, num_labels = _data(t)
   model_dir = resolve(t.model)
@@ -102,7 +119,7 @@ def text_classification(cfg) -> Task:
     model_dir,
     num_labels=num_labels,
     pooling=t.pooling,
-    pool_scale=t.get("pool_scale", 1.0),
+    pool_scale=t.pool_scale,
     head_key=jax.random.PRNGKey(cfg.seed),
   )
   mcfg = dataclasses.replace(mcfg, dtype=compute_dtype(t), remat=remat)  # float32 weights
@@ -111,7 +128,7 @@ def text_classification(cfg) -> Task:
   if not (0 <= t.train_layers <= L):
     raise ValueError(f"task.train_layers must be in [0, {L}], got {t.train_layers}")
   start = L - t.train_layers
-  full = t.get("train_embeddings", False)
+  full = t.train_embeddings
   if full and start != 0:
     raise ValueError("train_embeddings=True needs train_layers == num_layers")
   tok = load_tokenizer(model_dir)
@@ -171,13 +188,13 @@ def text_classification(cfg) -> Task:
     ]
   trainable = {k: params[k] for k in trainable_names}
   frozen = {}
-  P = t.get("prefix_tokens", 0) or 0
+  P = t.prefix_tokens or 0
   if P:
     # Prefix-tuning of the top layers: their weights are frozen, each keeps
     # (or, per `prefix_layers`, has removed) a trainable key/value prefix.
     if full:
       raise ValueError("prefix_tokens needs train_embeddings=False")
-    on = list(t.get("prefix_layers") or [True] * t.train_layers)
+    on = list(t.prefix_layers or [True] * t.train_layers)
     if len(on) != t.train_layers:
       raise ValueError(f"prefix_layers has {len(on)} entries for train_layers={t.train_layers}")
     frozen = {k: trainable.pop(k) for k in list(trainable) if k.startswith("layer_")}
@@ -188,7 +205,7 @@ def text_classification(cfg) -> Task:
       num_kv_heads=mcfg.num_heads,
       head_dim=mcfg.hidden_size // mcfg.num_heads,
       layers=[False] * start + on,
-      scale=t.get("prefix_init_scale", 0.02),
+      scale=t.prefix_init_scale,
     )
 
   def loss_fn(p, ex, frozen):

@@ -8,10 +8,11 @@ gradients larger than the devices' memory), before anything is written.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dpjax.core.sampling import eval_batches
@@ -222,3 +223,21 @@ def with_weight_anchor(cfg, task: Task) -> Task:
   else:
     ref = flatness.load_reference(anchor["reference"], task.params)
   return task._replace(loss_fn=flatness.weight_anchor(task.loss_fn, ref, anchor["lam"]))
+
+
+def task_section(section, defaults: Mapping[str, Any]) -> ml_collections.FrozenConfigDict:
+  """A config's task section with every optional key a task declares present.
+
+  Each task declares its optional keys and their defaults once (a
+  module-level `DEFAULTS`), and its builder reads every key as an
+  attribute: what a key means without a value is written in one place.
+
+  Args:
+    section: the config's task section (a ConfigDict or a dict).
+    defaults: the task's optional keys -> their defaults.
+
+  Returns:
+    The section, frozen, with the defaults where it sets none.
+  """
+  given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  return ml_collections.FrozenConfigDict({**defaults, **given})
