@@ -25,9 +25,12 @@ TASKS: Dict[str, Callable] = {
 def build_task(cfg) -> Task:
   """The task named by `cfg.task.name`, built from the config's task section.
 
-  The builder receives the validated spec (every top-level key present and
-  checked; a `Spec` passed in is not checked again) and reads its task
-  section through `task_section` with the task's declared defaults.
+  The builder receives the config with every top-level key present (its
+  default where the config sets none; a validated `Spec`, as the CLI passes,
+  as it is: values are checked once, by `validate`, not here, so a task can
+  be built from a section the run completes later, e.g. DistilDP's teacher)
+  and reads its task section through `task_section` with the task's
+  declared defaults.
 
   Args:
     cfg: a train config, or its validated `Spec`.
@@ -35,7 +38,7 @@ def build_task(cfg) -> Task:
   Returns:
     The Task (raises ValueError naming the known tasks for an unknown name).
   """
-  spec = spec_lib.validate(spec_lib.with_defaults(cfg))
+  spec = spec_lib.with_defaults(cfg)
   name = spec.task.name
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
