@@ -197,3 +197,23 @@ def test_gaussian_pairs_are_isotropic():
   quad = (x > 0).astype(int) * 2 + (y > 0)
   counts = np.bincount(quad, minlength=4)
   assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_register_refuses_a_mechanism_it_could_not_make_in_one_line():
+  class NoField(mechanisms.Mechanism):  # scaled, but not made from a noise multiplier
+    name = "no_field"
+
+    def transform(self, key, sensitivity):
+      return mechanisms.gaussian(1.0, sensitivity, key)
+
+    def step_event(self, sampling_rate):
+      return None
+
+    def noise_variance(self, sensitivity):
+      return 0.0
+
+  with pytest.raises(ValueError, match="cannot be made from a noise multiplier alone"):
+    mechanisms.register(NoField)
+  with pytest.raises(ValueError, match="name 'gaussian' is taken"):
+    mechanisms.register(type("Other", (mechanisms.Gaussian,), {"name": "gaussian"}))
+  assert "no_field" not in mechanisms.names()

@@ -207,6 +207,17 @@ def register(cls: type) -> type:
     raise ValueError(f"a mechanism needs a name of letters, digits, '_' or '-', got {cls.name!r}")
   if cls.norm not in ("l1", "l2"):
     raise ValueError(f"{cls.__name__}.norm must be 'l1' or 'l2', got {cls.norm!r}")
+  if cls.scaled:  # calibration and the ledger make it from its noise multiplier alone
+    try:
+      probe = cls.with_noise_multiplier(1.0)
+    except TypeError as e:  # an abstract method left, or no noise_multiplier field
+      raise ValueError(
+        f"{cls.__name__} cannot be made from a noise multiplier alone ({e}); a scaled "
+        "mechanism is a dataclass with a noise_multiplier field (or sets scaled = False "
+        "and gives from_settings)"
+      ) from None
+    if getattr(probe, "noise_multiplier", None) != 1.0:
+      raise ValueError(f"{cls.__name__}.with_noise_multiplier(1.0) has another noise_multiplier")
   old = _REGISTRY.get(cls.name)
   if old is not None and old is not cls:
     raise ValueError(f"mechanism name {cls.name!r} is taken by {old.__module__}.{old.__name__}")
