@@ -112,7 +112,10 @@ class Mechanism(abc.ABC):
       sensitivity: the sum's sensitivity in `norm` under add/remove of one unit.
 
     Returns:
-      The transform (its state holds the key: a checkpoint carries it).
+      The transform. Its state is a NamedTuple with a `key` field (as
+      `draws.noise_transform`'s `NoiseState`): a checkpoint carries the key,
+      and a resume on a new ledger segment replaces it with that segment's
+      (`PrivacyPlan.rekey`), so no released draw is drawn again.
     """
 
   @abc.abstractmethod
