@@ -18,18 +18,16 @@ from typing import Iterator, List, Tuple
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dpjax")
 HOOKS = {"on_start", "on_step", "on_log", "on_end", "get_epsilon", "get_delta", "setup"}
-# A mechanism's methods are documented once, on `dpjax.core.mechanisms.base.Mechanism`.
+# A mechanism's methods are documented once, on `dpjax.core.mechanisms.base.Mechanism`:
+# the public methods that class defines, read from its source.
 MECHANISM_METHODS = {
-  "transform",
-  "step_event",
-  "user_step_event",
-  "noise_variance",
-  "describe",
-  "settings",
-  "from_settings",
-  "with_noise_multiplier",
-  "check_accountant",
+  item.name
+  for node in ast.parse(open(os.path.join(ROOT, "core", "mechanisms", "base.py")).read()).body
+  if isinstance(node, ast.ClassDef) and node.name == "Mechanism"
+  for item in node.body
+  if isinstance(item, ast.FunctionDef) and not item.name.startswith("_")
 }
+assert {"transform", "step_event", "noise_variance"} <= MECHANISM_METHODS
 
 
 def _public_functions(tree: ast.Module) -> Iterator[Tuple[str, ast.FunctionDef, bool]]:
