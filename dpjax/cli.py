@@ -26,7 +26,7 @@ from dpjax.core.checks import (
   check_target_epsilon,
 )
 from dpjax.methods.lmo_search import lmo_search
-from dpjax.models.hf import export_decoder
+from dpjax.models.hf_export import export_decoder
 from dpjax.pipelines import distill
 from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import DEFAULTS as CAUSAL_LM_DEFAULTS

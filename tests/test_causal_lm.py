@@ -137,7 +137,7 @@ def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
   import ml_collections
 
   from dpjax.cli import load_trained
-  from dpjax.models import hf
+  from dpjax.models import hf, hf_export
   from dpjax.tasks.causal_lm import base_model, merged_params
 
   data = _jsonl(tmp_path / "d.jsonl", [{"text": s} for s in _sentences(60)])
@@ -167,12 +167,12 @@ def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
   assert tok("the king speaks")["input_ids"][-3:] == [
     4 + WORDS.index(w) for w in ("the", "king", "speaks")
   ]
-  reloaded = hf.convert(hf.to_hf_weights(mcfg, merged), hf._LLAMA_RULES)
+  reloaded = hf.convert(hf_export.to_hf_weights(mcfg, merged), hf.LLAMA_RULES)
   assert jax.tree.structure(reloaded) == jax.tree.structure(merged)
   for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(merged)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
   with pytest.raises(FileExistsError):
-    hf.export_decoder(mcfg, merged, str(out))
+    hf_export.export_decoder(mcfg, merged, str(out))
 
 
 @pytest.mark.slow  # bf16 clipping stays in the default run (test_ghost)

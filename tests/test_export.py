@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax.models import hf
+from dpjax.models import hf, hf_export
 from dpjax.models.decoder import Decoder, DecoderConfig, init_params
 
 torch = pytest.importorskip("torch", reason="torch (CPU) runs the exported model")
@@ -42,8 +42,8 @@ def test_export_of_every_family_runs_the_same_in_transformers(tmp_path, family, 
   hf_tiny.model(family, tie).save_pretrained(tmp_path / "src")
   cfg, params = hf.load_decoder(str(tmp_path / "src"))
   params = _moved(params)
-  assert hf.export_type(cfg) == kind
-  out = hf.export_decoder(cfg, params, str(tmp_path / "out"))
+  assert hf_export.export_type(cfg) == kind
+  out = hf_export.export_decoder(cfg, params, str(tmp_path / "out"))
   ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert ref.config.model_type == kind
   ids = hf_tiny.ids((2, 12))
@@ -62,7 +62,7 @@ def test_hand_made_configs_export_with_their_defaults_written_out(tmp_path):
     intermediate_size=48, max_position=32,
   )  # fmt: skip
   params = init_params(cfg, jax.random.PRNGKey(0))
-  out = hf.export_decoder(cfg, params, str(tmp_path / "out"))
+  out = hf_export.export_decoder(cfg, params, str(tmp_path / "out"))
   back = hf.decoder_config(out)
   assert (back.act, back.kv_heads, back.dim_per_head, back.bias) == ("silu", 4, 8, False)
   ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -79,8 +79,8 @@ def test_what_transformers_cannot_express_is_refused_before_writing(tmp_path):
   )  # fmt: skip
   params = init_params(cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="cannot express this decoder's \\['qk_norm'\\]"):
-    hf.export_decoder(cfg, params, str(tmp_path / "out"))
+    hf_export.export_decoder(cfg, params, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
   extra = dict(params, prefix={"kv": np.zeros((2, 2), np.float32)})
   with pytest.raises(ValueError, match="parameter prefix/kv has no Hugging Face name"):
-    hf.to_hf_weights(dataclasses.replace(cfg, qk_norm=False), extra)
+    hf_export.to_hf_weights(dataclasses.replace(cfg, qk_norm=False), extra)

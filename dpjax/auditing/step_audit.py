@@ -85,7 +85,7 @@ def _linear_loss(params, example, frozen):
 
 def _clipped_canary(spec, plan: PrivacyPlan) -> jax.Array:
   """The clipped sum of a batch holding only the canary: the sensitivity along e_0."""
-  grad_fn = make_grad_fn(spec, _linear_loss, plan.sampling)
+  grad_fn = make_grad_fn(spec, _linear_loss, plan.per_user)
   sens = grad_fn.sensitivity()
   if abs(sens - plan.grad_fn.sensitivity()) > 1e-9 * sens:
     raise AssertionError("the audit's clipping differs from the plan's")  # make_grad_fn changed

@@ -39,6 +39,9 @@ import numpy as np
 import optax
 
 STRATEGIES = ("optimal", "sqrt")
+# Strategies fitted to the run's horizon by an optimiser (BandMF's "optimal", and "blt",
+# `blt_strategy`): a resume refits them, and must land on the same values.
+FITTED = ("optimal", "blt")
 
 
 def check_coefficients(coefs: Sequence[float]) -> np.ndarray:

@@ -73,6 +73,7 @@ class PoissonSampler:
   """
 
   STREAM = 0
+  per_user = False  # a unit is one example row (ULSSampler: a user's group of rows)
 
   def __init__(self, num_units: int, sampling_rate: float, physical_batch_size: int, seed: int):
     if num_units < 1:
@@ -209,6 +210,7 @@ class ShuffledSampler:
   """
 
   STREAM = 1
+  per_user = False
 
   def __init__(self, num_units: int, batch_size: int, seed: int, drop_remainder: bool = True):
     if num_units < 1 or batch_size < 1:
@@ -370,6 +372,8 @@ class ULSSampler:
     Gaussian with users as the unit (`user_level.uls_event`). Overflow users
     go to extra physical batches, never dropped.
   """
+
+  per_user = True  # batches of `UserBatch`: [P, G, ...] examples of P users
 
   def __init__(self, index: UserIndex, user_sampling_rate: float, physical_users: int, seed: int):
     self.index = index

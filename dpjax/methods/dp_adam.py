@@ -46,7 +46,7 @@ def scale_by_adam_bc(
 ) -> optax.GradientTransformationExtraArgs:
   """Adam's scaling with the noise variance removed from the second moment.
 
-  Example:
+  Examples:
     >>> tx = scale_by_adam_bc(noise_variance=0.0)   # no noise: Adam with eps -> sqrt(gamma)
     >>> state = tx.init(jnp.zeros(2))
     >>> u, state = tx.update(jnp.array([1.0, -2.0]), state)

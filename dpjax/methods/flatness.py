@@ -101,6 +101,11 @@ class DPSAM(NamedTuple):
   mode: str
   active_steps: Optional[int]
 
+  @property
+  def charged(self) -> bool:
+    """Whether each ascent is a release of its own (charged), not the last update (free)."""
+    return self.mode == "charged"
+
 
 def dp_sam(
   rho: float, *, mode: str = "free", layerwise: bool = True, active_steps: Optional[int] = None

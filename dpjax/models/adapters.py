@@ -16,12 +16,14 @@
 
 Example:
 
-  lora = adapters.init_lora(params, key, rank=8, targets=r".*attn/(q|v)")
-  def loss(lora, ex, base):
-    with adapters.lora(lora, alpha=16):
-      logits, _ = model.apply({"params": base}, ex["ids"][None])
-    ...
-  grads, aux = dpjax.clipped_grad(loss, l2_clip_norm=1.0)(lora, batch, base)
+```python
+lora = adapters.init_lora(params, key, rank=8, targets=r".*attn/(q|v)")
+def loss(lora, ex, base):
+  with adapters.lora(lora, alpha=16):
+    logits, _ = model.apply({"params": base}, ex["ids"][None])
+  ...
+grads, aux = dpjax.clipped_grad(loss, l2_clip_norm=1.0)(lora, batch, base)
+```
 """
 
 from __future__ import annotations

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from dpjax.core import accounting, mechanisms
 from dpjax.core.accounting.calibrate import UnreachableTarget, calibrate_scale
 from dpjax.core.accounting.ledger import Ledger, changes
 from dpjax.core.clipping import clipped_grad, group_mean
-from dpjax.core.matrix_factorization import blt_strategy, strategy
+from dpjax.core.matrix_factorization import FITTED, blt_strategy, strategy
 from dpjax.core.mechanisms import (
   BLT,
+  LMO,
   AdaptiveGaussian,
   BandMF,
   Mechanism,
@@ -74,56 +75,89 @@ class BudgetExhausted(ValueError):
   """The target epsilon is already spent, or the remaining steps cannot fit in it."""
 
 
-def _unit_sampler(spec, task, seed: int):
-  """(unit, sampling, G, sampler, q, expected, num_units)."""
+class _Units(NamedTuple):
+  """How a private plan samples its units: what the ledger records and the sampler."""
+
+  unit: str  # "example" or "user"
+  sampling: Optional[str]  # the user-level sampling ("els", "uls"), None for examples
+  max_examples_per_user: int  # G (1 for example-level)
+  sampler: Any
+  q: Optional[float]  # the sampling rate, None without privacy
+  expected: float  # expected logical batch, in examples
+  num_units: int  # N: units the rate is over
+
+
+def _unit_sampler(spec, task, seed: int) -> _Units:
+  """The units of `spec` on `task` and their sampler, drawing from `seed`."""
   n = len(next(iter(task.train.values())))
-  unit = spec.privacy_unit
   if not spec.private:
     batch = int(spec.batch_size)
     if batch > n:
       raise SpecError(f"batch_size={batch} exceeds the {n} training examples")
-    return unit, None, 1, ShuffledSampler(n, batch, spec.seed), None, float(batch), n
+    sampler = ShuffledSampler(n, batch, spec.seed)
+    return _Units(spec.privacy_unit, None, 1, sampler, None, float(batch), n)
   if spec.physical_batch_size > n:  # rows no step can fill, allocated on every device
     raise SpecError(
       f"physical_batch_size={spec.physical_batch_size} exceeds the {n} training examples: "
       f"use at most {n} (a step never samples more)"
     )
-  if unit == "example":
-    bands = spec.mf_bands
-    if bands > n:
-      raise SpecError(f"mf_bands={bands} exceeds the {n} training examples (one group each)")
-    # With b groups sampled in turn, q is the rate within a group: batch_size b / N.
-    q = spec.sampling_rate or spec.batch_size * bands / n
-    if bands > 1 and not spec.sampling_rate and q > 1:
-      raise SpecError(
-        f"batch_size={spec.batch_size:g} with mf_bands={bands} over {n} examples samples each "
-        f"group of ~{n // bands} at rate {q:.4g} > 1: lower batch_size to at most {n // bands}"
-      )
-    _check_q(q, spec, n, "examples")
-    if bands > 1:
-      sampler = CyclicPoissonSampler(n, q, spec.physical_batch_size, seed, bands)
-    else:
-      sampler = PoissonSampler(n, q, spec.physical_batch_size, seed)
-    return unit, None, 1, sampler, q, sampler.expected_batch_size, n
+  sampling = spec.user_sampling if spec.privacy_unit == "user" else None
+  return SAMPLINGS[sampling](spec, task, seed, n)
+
+
+def _examples(spec, task, seed: int, n: int) -> _Units:
+  """Example-level: Poisson sampling, cyclic over b groups for BandMF/BLT."""
+  bands = spec.mf_bands
+  if bands > n:
+    raise SpecError(f"mf_bands={bands} exceeds the {n} training examples (one group each)")
+  # With b groups sampled in turn, q is the rate within a group: batch_size b / N.
+  q = spec.sampling_rate or spec.batch_size * bands / n
+  if bands > 1 and not spec.sampling_rate and q > 1:
+    raise SpecError(
+      f"batch_size={spec.batch_size:g} with mf_bands={bands} over {n} examples samples each "
+      f"group of ~{n // bands} at rate {q:.4g} > 1: lower batch_size to at most {n // bands}"
+    )
+  _check_q(q, spec, n, "examples")
+  if bands > 1:
+    sampler = CyclicPoissonSampler(n, q, spec.physical_batch_size, seed, bands)
+  else:
+    sampler = PoissonSampler(n, q, spec.physical_batch_size, seed)
+  return _Units("example", None, 1, sampler, q, sampler.expected_batch_size, n)
+
+
+def _users(spec, task, n: int):
+  """(G, the user index) of a user-level spec: each user capped to G examples."""
   if task.user_ids is None:
     raise SpecError(f"privacy_unit='user' needs a task with user_ids; task {task.name!r} has none")
   if len(task.user_ids) != n:
     raise SpecError(f"task.user_ids has {len(task.user_ids)} entries for {n} examples")
   G = spec.max_examples_per_user
   G = median_group_size(task.user_ids) if G == "median" else int(G)
-  index = bound_contributions(task.user_ids, G, spec.seed)
-  if spec.user_sampling == "els":
-    kept = len(index.kept_examples())
-    q = spec.sampling_rate or spec.batch_size / kept
-    _check_q(q, spec, kept, "kept examples")
-    sampler = ELSSampler(index, q, spec.physical_batch_size, seed)
-    units = kept
-  else:
-    units = len(index.users)
-    q = spec.sampling_rate or spec.users_per_step / units
-    _check_q(q, spec, units, "users")
-    sampler = ULSSampler(index, q, spec.physical_batch_size, seed)
-  return unit, spec.user_sampling, G, sampler, q, sampler.expected_batch_size, units
+  return G, bound_contributions(task.user_ids, G, spec.seed)
+
+
+def _els(spec, task, seed: int, n: int) -> _Units:
+  """Example-level sampling of the capped examples (ELS): a user's examples each drawn."""
+  G, index = _users(spec, task, n)
+  kept = len(index.kept_examples())
+  q = spec.sampling_rate or spec.batch_size / kept
+  _check_q(q, spec, kept, "kept examples")
+  sampler = ELSSampler(index, q, spec.physical_batch_size, seed)
+  return _Units("user", spec.user_sampling, G, sampler, q, sampler.expected_batch_size, kept)
+
+
+def _uls(spec, task, seed: int, n: int) -> _Units:
+  """User-level sampling (ULS): whole users drawn, their examples averaged into one unit."""
+  G, index = _users(spec, task, n)
+  units = len(index.users)
+  q = spec.sampling_rate or spec.users_per_step / units
+  _check_q(q, spec, units, "users")
+  sampler = ULSSampler(index, q, spec.physical_batch_size, seed)
+  return _Units("user", spec.user_sampling, G, sampler, q, sampler.expected_batch_size, units)
+
+
+# The user-level sampling (None: example-level) -> the units it samples and how.
+SAMPLINGS: Dict[Optional[str], Callable[..., _Units]] = {None: _examples, "els": _els, "uls": _uls}
 
 
 def _check_q(q: float, spec, n: int, what: str) -> None:
@@ -157,19 +191,19 @@ def _sam(spec) -> Optional[flatness.DPSAM]:
   )
 
 
-def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
+def make_grad_fn(spec, loss_fn, per_user: bool):
   """The clipped-gradient function a private plan of `spec` uses, on `loss_fn`.
 
   Args:
     spec: a validated spec (clip norm, mechanism, clipping method, microbatch).
     loss_fn: a per-example `(params, example, frozen) -> (loss, metrics)`.
-    sampling: the plan's user sampling ("uls" averages a user's examples
-      into one unit before clipping), or None.
+    per_user: whether a unit is a user's group of examples, averaged into
+      one unit before clipping (user-level sampling; `PrivacyPlan.per_user`).
 
   Returns:
     The `clipped_grad` function (L1 clipping for a mechanism of `norm` "l1").
   """
-  unit_loss = group_mean(loss_fn, has_aux=True) if sampling == "uls" else loss_fn
+  unit_loss = group_mean(loss_fn, has_aux=True) if per_user else loss_fn
   clip = (
     {"l1_clip_norm": spec.l1_clip_norm}
     if mechanisms.get(spec.mechanism).norm == "l1"
@@ -183,6 +217,27 @@ def make_grad_fn(spec, loss_fn, sampling: Optional[str]):
     automatic=spec.automatic_clipping,
     **clip,
   )
+
+
+def _correlation(spec) -> Dict[str, Any]:
+  """The plan's correlated-noise fields: bands b, BandMF's coefficients, BLT's buffers and
+  parameters (b = 1 and none of them: independent noise)."""
+  if not spec.private:
+    return dict(bands=1, mf_coefs=None, mf_buffers=0, mf_blt=None)
+  if spec.mf_strategy == "blt":
+    blt = blt_strategy(
+      spec.mf_buffers, spec.steps, spec.mf_bands, -(-int(spec.steps) // spec.mf_bands)
+    )
+    return dict(
+      bands=int(spec.mf_bands),
+      mf_coefs=None,
+      mf_buffers=int(spec.mf_buffers),
+      mf_blt=tuple(tuple(v.tolist()) for v in blt),
+    )
+  coefs = None
+  if spec.mf_bands > 1:
+    coefs = tuple(strategy(spec.mf_strategy, spec.mf_bands, spec.steps).tolist())
+  return dict(bands=int(spec.mf_bands), mf_coefs=coefs, mf_buffers=0, mf_blt=None)
 
 
 def _adaptive(spec, expected_batch_size: float) -> Optional[Dict[str, Any]]:
@@ -241,45 +296,28 @@ def make_plan(
       "steps or use a new workdir"
     )
   seed = secret.sampling_seed()
-  unit, sampling, G, sampler, q, expected, units = _unit_sampler(spec, task, seed)
-  blt = bool(spec.private and spec.mf_strategy == "blt")
+  units = _unit_sampler(spec, task, seed)
   sam = _sam(spec)
-  grad_fn = make_grad_fn(spec, task.loss_fn, sampling) if spec.private else None
+  grad_fn = make_grad_fn(spec, task.loss_fn, units.sampler.per_user) if spec.private else None
   args = dict(
     private=bool(spec.private),
-    sampling_rate=q,
-    unit=unit,
-    sampling=sampling,
-    max_examples_per_user=G,
-    expected_batch_size=expected,
+    sampling_rate=units.q,
+    unit=units.unit,
+    sampling=units.sampling,
+    max_examples_per_user=units.max_examples_per_user,
+    expected_batch_size=units.expected,
     accountant=spec.accountant,
     delta=spec.delta if spec.private else None,
     steps=int(spec.steps),
     start_step=int(start_step),
-    num_units=units,
-    sampler=sampler,
+    num_units=units.num_units,
+    sampler=units.sampler,
     grad_fn=grad_fn,
     sam=sam,
     secret=secret,
     prior=prior,
-    bands=int(spec.mf_bands) if spec.private else 1,
-    mf_coefs=(
-      tuple(strategy(spec.mf_strategy, spec.mf_bands, spec.steps).tolist())
-      if spec.private and spec.mf_bands > 1 and not blt
-      else None
-    ),
-    mf_buffers=int(spec.mf_buffers) if blt else 0,
-    mf_blt=(
-      tuple(
-        tuple(v.tolist())
-        for v in blt_strategy(
-          spec.mf_buffers, spec.steps, spec.mf_bands, -(-int(spec.steps) // spec.mf_bands)
-        )
-      )
-      if blt
-      else None
-    ),
-    adaptive=_adaptive(spec, expected),
+    **_correlation(spec),
+    adaptive=_adaptive(spec, units.expected),
   )
   if not spec.private:
     if prior.segments:
@@ -289,7 +327,7 @@ def make_plan(
       )
     return _candidate(args, None)
   try:
-    mechanisms.get(spec.mechanism).check_accountant(unit, sampling, spec.accountant)
+    mechanisms.get(spec.mechanism).check_accountant(units.unit, units.sampling, spec.accountant)
   except ValueError as e:
     raise SpecError(str(e)) from None
 
@@ -338,7 +376,7 @@ def _with_stream(plan: PrivacyPlan, spec, task) -> PrivacyPlan:
   stream = segment_stream(earlier, seg)
   if stream == plan.stream:
     return plan
-  sampler = _unit_sampler(spec, task, plan.secret.sampling_seed(stream))[3]
+  sampler = _unit_sampler(spec, task, plan.secret.sampling_seed(stream)).sampler
   return dataclasses.replace(plan, stream=stream, sampler=sampler)
 
 
@@ -353,10 +391,10 @@ def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
   out["task"] = spec.task.to_dict()
   if args["mf_blt"] is not None:  # a resume that refits the strategy changes the noise
     out["mf_blt"] = [list(v) for v in args["mf_blt"]]
-  elif args["mf_coefs"] is not None and spec.mf_strategy == "optimal":
+  elif args["mf_coefs"] is not None and spec.mf_strategy in FITTED:
     out["mf_coefs"] = list(args["mf_coefs"])
-  if spec.mf_bands > 1 or spec.mf_strategy == "blt":
-    out["mf_horizon"] = int(spec.steps) if spec.mf_strategy in ("optimal", "blt") else None
+  if args["bands"] > 1 or args["mf_buffers"]:
+    out["mf_horizon"] = int(spec.steps) if spec.mf_strategy in FITTED else None
   if spec.noise_multiplier is None:  # calibrated: over the run's length, with what it composes
     out["steps"] = int(spec.steps)
     out["composed_with"] = repr(extra_event) if extra_event is not None else None
@@ -398,7 +436,7 @@ def _search_lmo(spec, args) -> Mechanism:
     objective=spec.lmo_objective,
     progress=True,
   )
-  return mechanisms.get("lmo")(found["params"])
+  return LMO(found["params"])
 
 
 # Mechanisms without a noise multiplier (not `Mechanism.scaled`) whose parameters a target

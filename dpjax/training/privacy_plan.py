@@ -221,7 +221,8 @@ class PrivacyPlan:
 
   @property
   def per_user(self) -> bool:
-    return self.sampling == "uls"
+    """Whether a unit is a user's group of examples (`PhysicalBatch` of `UserBatch`es)."""
+    return self.sampler.per_user
 
   @property
   def noise_seed_secret(self) -> bool:
@@ -237,7 +238,7 @@ class PrivacyPlan:
     Returns:
       The number of charged ascent releases.
     """
-    if self.sam is None or self.sam.mode != "charged":
+    if self.sam is None or not self.sam.charged:
       return 0
     active = self.steps if self.sam.active_steps is None else self.sam.active_steps
     return max(0, min(end, active) - start)

@@ -122,7 +122,7 @@ def perturb(
     return params
   state = flatness.find_state(opt_state)
   if ascent_sum is None:
-    if sam.mode == "charged":  # past active_steps: no ascent, no perturbation
+    if sam.charged:  # past active_steps: no ascent, no perturbation
       return params
     return sam.perturb(params, state)
   noise = plan.noise_transform(jax.random.fold_in(plan.secret.ascent_key(plan.stream), step))

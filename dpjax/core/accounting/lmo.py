@@ -49,6 +49,11 @@ M the MGF of b (the formula of the paper); q < 1 uses the general
 Poisson-subsampled RDP bound of Zhu & Wang 2019 at integer orders. It is also
 an upper bound, looser than the PLD, and infinite whenever M(a-1) is (heavy
 Gamma/Exp tails), so it is never the reported number.
+
+One module, longer than most, on purpose: the argument above and the code of
+each of its steps (the parameters of b and their density, the binned
+per-step PLD, the event and its accountant, the RDP cross-check) are read and
+checked together.
 """
 
 from __future__ import annotations

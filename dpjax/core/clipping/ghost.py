@@ -38,7 +38,7 @@ cut, and a weight whose tangent still reaches anything (a regulariser on it,
 a manual `x @ W`) falls back to vmap. So the result equals the vmap path's
 whatever the loss does with its parameters; only the speed differs.
 
-Example:
+Examples:
   >>> import flax.linen as nn, jax, jax.numpy as jnp, dpjax
   >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(1)])
   >>> x = jnp.ones((4, 3, 5))                              # [units, T, features]
