@@ -76,12 +76,28 @@ def test_every_key_is_classified_with_a_reason():
 )
 def test_the_privacy_spec_holds_every_privacy_key_and_nones_what_does_not_apply(overrides, none):
   cfg = dict(task={"name": "synthetic"}, noise_multiplier=1.0, **overrides)
-  ps = spec_lib.privacy_spec(spec_lib.validate(spec_lib.with_defaults(cfg)))
+  ps = spec_lib.privacy_spec(spec_lib.validate(spec_lib.with_defaults(cfg))).to_dict()
   assert set(ps) == PRIVACY
   for name in none:
     assert ps[name] is None, name
   for name, v in overrides.items():
     assert ps[name] == v
+
+
+def test_the_privacy_spec_is_one_frozen_keyword_only_value():
+  import dataclasses
+
+  cfg = {"task": {"name": "synthetic"}, "noise_multiplier": 1.0}
+  ps = spec_lib.privacy_spec(spec_lib.validate(spec_lib.with_defaults(cfg)))
+  assert isinstance(ps, spec_lib.PrivacySpec)
+  assert [f.name for f in dataclasses.fields(ps)] == list(spec_lib.PRIVACY_KEYS)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    ps.noise_multiplier = 2.0
+  with pytest.raises(TypeError):  # keyword-only: no field taken by its position
+    spec_lib.PrivacySpec(*ps.to_dict().values())
+  same = spec_lib.privacy_spec(spec_lib.validate(spec_lib.with_defaults(cfg)))
+  other = spec_lib.validate(spec_lib.with_defaults(dict(cfg, noise_multiplier=2.0)))
+  assert ps == same and ps != spec_lib.privacy_spec(other)
 
 
 def test_a_cli_run_checks_its_config_once(tmp_path, monkeypatch, capsys):

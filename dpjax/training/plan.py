@@ -387,7 +387,7 @@ def _origin(spec, args: Dict[str, Any], extra_event) -> Dict[str, Any]:
   strategy, the horizon a calibrated noise was fitted over and what it was
   composed with, and the data's identity (the task section).
   """
-  out = spec_lib.privacy_spec(spec)
+  out = spec_lib.privacy_spec(spec).to_dict()
   out["task"] = spec.task.to_dict()
   if args["mf_blt"] is not None:  # a resume that refits the strategy changes the noise
     out["mf_blt"] = [list(v) for v in args["mf_blt"]]

@@ -12,6 +12,7 @@ checked against what the config file declares, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ __all__ = [  # the key table lives in `dpjax.training.keys`; its names are read 
   "KEYS",
   "RUN_CONTROL",
   "Key",
+  "PrivacySpec",
   "SpecError",
   "Spec",
   "check_value",
@@ -258,27 +260,52 @@ def _applies(name: str, spec) -> bool:
   }.get(name, True)
 
 
-def privacy_spec(spec) -> Dict[str, Any]:
+class _PrivacyFields:
+  """`PrivacySpec`'s methods (its fields come from the key table)."""
+
+  def to_dict(self) -> Dict[str, Any]:
+    """{key: value} over the privacy keys, as `Segment.origin` records them."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# What the guarantee of a private spec depends on, one frozen value: a keyword-only field per
+# key marked `privacy` in the key table (`dpjax.training.keys`), the inapplicable None.
+PrivacySpec = dataclasses.make_dataclass(
+  "PrivacySpec",
+  [(name, Any) for name in PRIVACY_KEYS],
+  bases=(_PrivacyFields,),
+  frozen=True,
+  kw_only=True,
+)
+PrivacySpec.__module__ = __name__
+PrivacySpec.__doc__ = (
+  "What the guarantee of a private spec depends on: every privacy key (a frozen, "
+  "keyword-only field each, from the key table), the inapplicable None. Made by "
+  "`privacy_spec`."
+)
+
+
+def privacy_spec(spec) -> PrivacySpec:
   """What the guarantee of a private spec depends on: every privacy key, the inapplicable None.
 
-  The one definition of a privacy change: the ledger's segment keeps this
-  (`Segment.origin`, with what the plan derives from it: the fitted
-  strategy, the calibration's horizon, the data's identity), and a resume
-  whose privacy spec differs is refused unless allowed, then appends a
-  segment. Keys with `privacy=False` say in `Key.why` why they cannot change
-  a release.
+  The one definition of a privacy change: the ledger's segment keeps it
+  (`Segment.origin`: `PrivacySpec.to_dict()`, with what the plan derives
+  from it: the fitted strategy, the calibration's horizon, the data's
+  identity), and a resume whose privacy spec differs is refused unless
+  allowed, then appends a segment. Keys with `privacy=False` say in
+  `Key.why` why they cannot change a release.
 
   Args:
     spec: a validated spec (`validate`).
 
   Returns:
-    {key: value} over `PRIVACY_KEYS` (plain dicts for dict values).
+    The frozen PrivacySpec (plain dicts for dict values).
   """
   out = {}
   for name in PRIVACY_KEYS:
     v = spec[name] if _applies(name, spec) else None
     out[name] = v.to_dict() if hasattr(v, "to_dict") else (dict(v) if isinstance(v, dict) else v)
-  return out
+  return PrivacySpec(**out)
 
 
 def _check_bandmf(out: Dict[str, Any]) -> None:
