@@ -42,7 +42,7 @@ $py -c "import json, sys; sys.path.insert(0, 'experiments'); import report
 print(report.step_table([json.loads(l) for l in open('$out/peers.jsonl')]))" > "$out/peers.md" 2>> "$out/peers.err"
 
 s=$(date +%s)
-timeout 180 $py -m dpjax train dpjax/configs/rt_full_gpu.py --no-progress \
+timeout 180 $py -m dpjax train configs/rt_full_gpu.py --no-progress \
   --workdir "$out/rt_full" $rt > "$out/rt_full.out" 2> "$out/rt_full.err"
 rc=$?
 wall=$(( $(date +%s) - s ))

@@ -6,7 +6,7 @@ has no leading underscore) has a docstring; one that takes arguments has an
 "Returns:" (or "Yields:") section. Properties, flax's `setup`/`__call__` and
 the overrides of documented hooks (`Callback.on_*`, dp-accounting's
 `get_epsilon`/`get_delta`, a `Mechanism`'s methods) are exempt: their contract is written once where
-it is defined. So is a shipped config's `get_config()` (dpjax/configs): its
+it is defined. So is a shipped config's `get_config()` (configs/): its
 module docstring says what the run is, and `dpjax train --list` shows it.
 """
 
@@ -88,14 +88,15 @@ def missing_sections(source: str, config: bool = False) -> List[str]:
 
 def test_every_public_function_documents_its_arguments_and_result():
   problems = []
-  for folder, _, files in os.walk(ROOT):
-    for f in sorted(files):
-      if f.endswith(".py"):
-        path = os.path.join(folder, f)
-        with open(path) as fh:
-          rel = os.path.relpath(path, os.path.dirname(ROOT))
-          config = rel.startswith(os.path.join("dpjax", "configs") + os.sep)
-          problems += [f"{rel} {m}" for m in missing_sections(fh.read(), config)]
+  configs = os.path.join(os.path.dirname(ROOT), "configs")  # shipped as dpjax.configs
+  for top in (ROOT, configs):
+    for folder, _, files in os.walk(top):
+      for f in sorted(files):
+        if f.endswith(".py"):
+          path = os.path.join(folder, f)
+          with open(path) as fh:
+            rel = os.path.relpath(path, os.path.dirname(ROOT))
+            problems += [f"{rel} {m}" for m in missing_sections(fh.read(), top == configs)]
   assert not problems, "\n".join(problems)
 
 

@@ -69,15 +69,18 @@ CORE_THIRD_PARTY = {"jax", "optax", "chex", "numpy", "scipy", "dp_accounting", "
 
 
 def _modules() -> Dict[str, str]:
+  """Module name -> file: the package, and the top-level configs/ it ships as dpjax.configs."""
   out = {}
-  for dirpath, _, files in os.walk(ROOT):
-    for f in files:
-      if f.endswith(".py"):
-        rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))
-        parts = rel[:-3].split(os.sep)
-        if parts[-1] == "__init__":
-          parts = parts[:-1]
-        out[".".join(parts)] = os.path.join(dirpath, f)
+  top = os.path.dirname(ROOT)
+  for base, prefix in ((ROOT, ["dpjax"]), (os.path.join(top, "configs"), ["dpjax", "configs"])):
+    for dirpath, _, files in os.walk(base):
+      for f in files:
+        if f.endswith(".py"):
+          rel = os.path.relpath(os.path.join(dirpath, f), base)
+          parts = prefix + rel[:-3].split(os.sep)
+          if parts[-1] == "__init__":
+            parts = parts[:-1]
+          out[".".join(parts)] = os.path.join(dirpath, f)
   return out
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,20 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
     env=env,
   )
   (wheel,) = glob.glob(str(dist / "dpjax-*.whl"))
+  # The repository's one copy of the configs is the top-level configs/; the wheel ships each
+  # file as dpjax/configs/<the same path>.
+  assert not os.path.exists(src / "dpjax" / "configs")
+  shipped = {
+    os.path.relpath(p, src / "configs").replace(os.sep, "/")
+    for p in glob.glob(str(src / "configs" / "**" / "*.py"), recursive=True)
+  }
+  assert {"quickstart.py", "dp_flat/full.py", "__init__.py"} <= shipped
+  with zipfile.ZipFile(wheel) as whl:
+    in_wheel = {
+      n[len("dpjax/configs/") :] for n in whl.namelist() if n.startswith("dpjax/configs/")
+    }
+    assert {n for n in whl.namelist() if n.startswith("configs/")} == set()  # not top-level
+  assert in_wheel == shipped
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   py = str(venv / "bin" / "python")
@@ -64,3 +79,59 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   assert (elsewhere / "run" / "privacy.json").is_file()
   listed = output([str(venv / "bin" / "dpjax"), "train", "--list"], elsewhere)
   assert "quickstart" in listed and "lm_lora" in listed
+
+
+def _pins_module():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("pins", os.path.join(ROOT, ".ci", "pins.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_requirements_txt_pins_every_declared_requirement_within_its_range():
+  # setup.cfg declares the loose requirements; requirements.txt pins the environment CI
+  # tests with (.ci/run installs it and checks that the installed set is exactly it).
+  import configparser
+
+  from packaging.requirements import Requirement
+
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(ROOT, "setup.cfg"))
+  declared = cfg["options"]["install_requires"].splitlines()
+  for extra in ("test", "parity", "docs"):
+    declared += cfg["options.extras_require"][extra].splitlines()
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    pins = _pins_module().parse(f)
+  checked = 0
+  for line in declared:
+    line = line.split("#", 1)[0].strip()
+    if not line:
+      continue
+    req = Requirement(line)
+    name = _pins_module()._name(req.name)
+    assert name in pins, f"{req.name} is declared in setup.cfg but not pinned"
+    assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+    checked += 1
+  assert checked >= 20 and {"jax", "flax", "optax", "torch", "pytest"} <= set(pins)
+
+
+def test_the_pins_check_fails_on_each_kind_of_difference(monkeypatch, capsys):
+  pins = _pins_module()
+  assert pins.parse(["torch==2.13.0+cpu", "# a comment", "Foo_Bar.baz==1.0", ""]) == {
+    "torch": "2.13.0",
+    "foo-bar-baz": "1.0",
+  }
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    pinned = pins.parse(f)
+  monkeypatch.setattr(pins, "_installed", lambda: dict(pinned))
+  assert pins.main(["check"]) == 0
+  moved = dict(pinned, jax="0.0.1", newdep="1.0")
+  del moved["flax"]
+  monkeypatch.setattr(pins, "_installed", lambda: moved)
+  assert pins.main(["check"]) == 1
+  err = capsys.readouterr().err
+  assert f"jax is 0.0.1, pinned {pinned['jax']}" in err
+  assert "newdep==1.0 is installed but not pinned" in err
+  assert f"flax=={pinned['flax']} is pinned but not installed" in err

@@ -10,9 +10,19 @@ from typing import Dict, Sequence
 
 from dpjax.training import spec as spec_lib
 
-# The configs shipped inside the package (dpjax/configs): found the same way
-# from a checkout, an editable install or a wheel.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def _config_dir() -> str:
+  """Where the shipped configs are: the `dpjax.configs` package (the repository's top-level
+  configs/, which setup.py maps to that name; a wheel holds them under dpjax/configs/), or
+  configs/ beside the package in a checkout on sys.path that was not installed."""
+  found = importlib.util.find_spec("dpjax.configs")  # found, not imported: nothing runs
+  if found is not None and found.submodule_search_locations:
+    return list(found.submodule_search_locations)[0]
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
+
+
+# The shipped configs: found the same way from a checkout, an editable install or a wheel.
+CONFIG_DIR = _config_dir()
 
 
 def _shipped_name(path: str) -> str:
@@ -51,7 +61,8 @@ def resolve_config_path(path: str) -> str:
   """`path` as given if that file exists, else the shipped config of that name.
 
   "configs/quickstart.py", "quickstart.py" and "quickstart" all name
-  dpjax/configs/quickstart.py (`list_configs`), from any working directory.
+  configs/quickstart.py (`list_configs`, installed as dpjax/configs/), from
+  any working directory.
 
   Args:
     path: a config file's path, or a shipped config's name.
