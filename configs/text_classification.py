@@ -12,6 +12,8 @@ labels are integers in [0, num_labels), or the values listed in `task.labels`
 test by a hash of the text (`task.split_seed` salts it) unless
 `task.split_column` names each row's split. Sentence pairs:
 `task.text_pair_column`. Left at its default, `task.data` is the RT asset.
+The expected batch follows the data (`batch_size=None`: N / 8 training rows,
+at most 1024; the plan line says what it chose); set `batch_size` to choose.
 Copy this file to change anything else.
 """
 
@@ -22,6 +24,7 @@ from dpjax.training.config import load_config
 
 def get_config():
   c = load_config(os.path.join(os.path.dirname(__file__), "quickstart.py"))
+  c.batch_size = None  # follows the data: N / 8, at most 1024
   c.task.update(
     dict(
       data="rt-polarity",

@@ -261,3 +261,67 @@ def test_unreadable_data_files_are_one_line_naming_the_file(tmp_path, capfd, nam
     read_table(str(path))
   assert str(path) in str(e.value) and msg in str(e.value) and "\n" not in str(e.value)
   assert capfd.readouterr().err == ""  # the reader's own log lines are not printed too
+
+
+def _own_data_argv(data, model, *more):
+  argv = ["train", "configs/text_classification.py", "--workdir", "run", "--no-progress"]
+  for kv in [
+    f"task.data={data}",
+    "task.text_column=review",
+    "task.label_column=stars",
+    f"task.model={model}",
+    "task.max_length=8",
+    *more,
+  ]:
+    argv += ["--set", kv]
+  return argv
+
+
+def test_own_table_of_1000_rows_without_a_batch_size_runs_and_the_plan_says_its_batch(
+  tmp_path, tiny_bert, monkeypatch, capsys
+):
+  # The guide's command as written: no batch_size. The config's batch follows the data
+  # (N / 8 of the training rows, at most 1024) instead of the quickstart's 1024 for RT's 8,441.
+  model = tiny_bert(WORDS)
+  data = _write(_rows(1000), str(tmp_path / "my.csv"))
+  monkeypatch.chdir(tmp_path)
+  capsys.readouterr()
+  argv = _own_data_argv(data, model, "task.num_labels=5", "steps=3", "noise_multiplier=1.0")
+  assert cli.main(argv + ["--set", "target_epsilon=None"]) == 0
+  plan = capsys.readouterr().err  # the plan line
+  (segment,) = json.load(open(tmp_path / "run" / "privacy.json"))["ledger"]
+  n = sum(hash_split(r["review"]) == "train" for r in _rows(1000))  # the training rows, N
+  assert segment["sampling_rate"] == pytest.approx((n // 8) / n, rel=1e-12), (segment, n)
+  assert f"expected batch {n // 8} = N / 8, at most 1024: batch_size=None" in plan
+
+
+def test_a_batch_the_data_cannot_hold_is_refused_before_any_feature_is_computed(
+  tmp_path, tiny_bert, monkeypatch, capsys
+):
+  from dpjax.tasks import text_classification
+
+  model = tiny_bert(WORDS)
+  data = _write(_rows(300), str(tmp_path / "my.csv"))
+  monkeypatch.chdir(tmp_path)
+  computed = []
+  real = text_classification._frozen_features
+  monkeypatch.setattr(
+    text_classification, "_frozen_features", lambda *a, **k: computed.append(1) or real(*a, **k)
+  )
+  capsys.readouterr()
+  argv = _own_data_argv(data, model, "task.num_labels=5", "batch_size=500")
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "from batch_size with" in err[0] and "lower batch_size" in err[0], err
+  assert computed == []  # nothing derived from the data before the check
+  assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_missing_data_file_is_said_before_a_missing_num_labels(tmp_path, tiny_bert, capsys):
+  model = tiny_bert(WORDS)
+  capsys.readouterr()
+  argv = _own_data_argv(str(tmp_path / "typo.csv"), model)
+  argv[argv.index("run")] = str(tmp_path / "run")
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no such file" in err[0] and "typo.csv" in err[0], err

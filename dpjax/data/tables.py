@@ -197,6 +197,7 @@ def load_labelled_text(
   """
   import datasets
 
+  table = read_table(source)  # a missing or unreadable file is said first
   if labels is not None:
     labels = list(labels)
     if len(set(labels)) != len(labels) or not labels:
@@ -211,7 +212,6 @@ def load_labelled_text(
       )
     index = None
   num = len(labels) if labels is not None else num_labels
-  table = read_table(source)
   if isinstance(table, datasets.DatasetDict):
     if split_column is None:
       parts = {}

@@ -27,6 +27,8 @@ from dpjax.models.adapters import prefix_layers
 from dpjax.models.encoder import Encoder
 from dpjax.models.hf import load_encoder
 from dpjax.tasks.pretrained import PRETRAINED_DEFAULTS, compute_dtype, remat_blocks, resolve
+from dpjax.training.plan import check_sizes
+from dpjax.training.spec import Spec
 from dpjax.training.task import Task, task_section
 
 
@@ -114,6 +116,8 @@ def text_classification(cfg) -> Task:
   t = task_section(cfg.task, DEFAULTS)
   remat = remat_blocks(cfg)
   data, num_labels = _data(t)
+  if isinstance(cfg, Spec):  # the data's size against the batch, before any feature is computed
+    check_sizes(cfg, len(data["train"]))
   model_dir = resolve(t.model)
   mcfg, params = load_encoder(
     model_dir,

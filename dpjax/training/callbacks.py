@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpjax.training import rundir
-from dpjax.training.plan import PrivacyPlan
+from dpjax.training.plan import AUTO_BATCH_CAP, AUTO_BATCH_DIVISOR, PrivacyPlan
 from dpjax.training.step import TrainState
 
 
@@ -143,12 +143,16 @@ def plan_line(spec, plan: PrivacyPlan) -> str:
   target = "none" if spec.target_epsilon is None else f"{spec.target_epsilon:g}"
   unit = plan.unit if plan.sampling is None else f"{plan.unit} ({plan.sampling.upper()})"
   noise = plan.mechanism.describe()
+  follows = ""
+  if spec.batch_size is None and spec.sampling_rate is None:  # said: the user set no batch
+    follows = f" = N / {AUTO_BATCH_DIVISOR}, at most {AUTO_BATCH_CAP}: batch_size=None"
   parts = [
     f"privacy plan: target eps {target} at delta {plan.delta:g} per {unit}",
     noise,
     "fixed batches"
     if plan.sampling_rate is None
-    else f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g})",
+    else f"Poisson q {plan.sampling_rate:.4g} (expected batch {plan.expected_batch_size:g}"
+    f"{follows})",
     f"{spec.steps} steps",
     f"accountant {plan.accountant}",
   ]

@@ -246,9 +246,11 @@ KEYS: Tuple[Key, ...] = (
     "batch_size",
     256,
     _NUM,
-    "expected units per step (sampling_rate = batch_size / N)",
+    "expected units per step (sampling_rate = batch_size / N); None: follows the data, "
+    "N / 8 capped at 1024",
+    optional=True,
     check=lambda v: 1 <= v < math.inf,
-    allowed="finite and >= 1 (expected units per step)",
+    allowed="finite and >= 1 (expected units per step), or None (N / 8, at most 1024)",
     why="sets the sampling rate q = batch_size / N",
     privacy=True,
   ),

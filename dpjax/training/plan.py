@@ -60,6 +60,8 @@ __all__ = [  # the plan's object and its entropy are the privacy_plan module's, 
   "PrivacyPlan",
   "ResumeRefused",
   "Secret",
+  "batch_size_for",
+  "check_sizes",
   "guarantee_note",
   "make_grad_fn",
   "make_plan",
@@ -87,11 +89,52 @@ class _Units(NamedTuple):
   num_units: int  # N: units the rate is over
 
 
-def _unit_sampler(spec, task, seed: int) -> _Units:
-  """The units of `spec` on `task` and their sampler, drawing from `seed`."""
-  n = len(next(iter(task.train.values())))
+# batch_size=None: the expected batch follows the data, N / AUTO_BATCH_DIVISOR units (at least
+# one) capped at AUTO_BATCH_CAP: q = 1/8 up to 8,192 units, the quickstart's rate.
+AUTO_BATCH_DIVISOR = 8
+AUTO_BATCH_CAP = 1024
+
+
+def batch_size_for(spec, num_units: int) -> float:
+  """The expected batch of `spec` over `num_units` units: `batch_size`, or the data's share.
+
+  Args:
+    spec: a validated spec.
+    num_units: N, the units the sampling rate is over.
+
+  Returns:
+    `spec.batch_size`, or for None min(AUTO_BATCH_CAP, max(1, N // AUTO_BATCH_DIVISOR)).
+  """
+  if spec.batch_size is not None:
+    return spec.batch_size
+  return float(min(AUTO_BATCH_CAP, max(1, num_units // AUTO_BATCH_DIVISOR)))
+
+
+def check_sizes(spec, num_examples: int) -> None:
+  """The plan's checks that need only the number of training examples, for a task builder to
+  run as soon as its data is read (before computing anything from it).
+
+  Example-level runs only (a user-level plan needs the users: its checks are the plan's).
+
+  Args:
+    spec: a validated spec.
+    num_examples: N, the training examples.
+
+  Raises:
+    SpecError: a batch, a physical batch or a sampling rate the data cannot hold.
+  """
+  if spec.private and spec.privacy_unit != "example":
+    return
+  with warnings.catch_warnings():  # the plan warns once, later
+    warnings.simplefilter("ignore")
+    _unit_sampler(spec, None, 0, n=num_examples)
+
+
+def _unit_sampler(spec, task, seed: int, *, n: Optional[int] = None) -> _Units:
+  """The units of `spec` on `task` (or on `n` examples) and their sampler, drawing from `seed`."""
+  n = len(next(iter(task.train.values()))) if n is None else n
   if not spec.private:
-    batch = int(spec.batch_size)
+    batch = int(batch_size_for(spec, n))
     if batch > n:
       raise SpecError(f"batch_size={batch} exceeds the {n} training examples")
     sampler = ShuffledSampler(n, batch, spec.seed)
@@ -111,10 +154,11 @@ def _examples(spec, task, seed: int, n: int) -> _Units:
   if bands > n:
     raise SpecError(f"mf_bands={bands} exceeds the {n} training examples (one group each)")
   # With b groups sampled in turn, q is the rate within a group: batch_size b / N.
-  q = spec.sampling_rate or spec.batch_size * bands / n
+  batch = batch_size_for(spec, n // bands)
+  q = spec.sampling_rate or batch * bands / n
   if bands > 1 and not spec.sampling_rate and q > 1:
     raise SpecError(
-      f"batch_size={spec.batch_size:g} with mf_bands={bands} over {n} examples samples each "
+      f"batch_size={batch:g} with mf_bands={bands} over {n} examples samples each "
       f"group of ~{n // bands} at rate {q:.4g} > 1: lower batch_size to at most {n // bands}"
     )
   _check_q(q, spec, n, "examples")
@@ -140,7 +184,7 @@ def _els(spec, task, seed: int, n: int) -> _Units:
   """Example-level sampling of the capped examples (ELS): a user's examples each drawn."""
   G, index = _users(spec, task, n)
   kept = len(index.kept_examples())
-  q = spec.sampling_rate or spec.batch_size / kept
+  q = spec.sampling_rate or batch_size_for(spec, kept) / kept
   _check_q(q, spec, kept, "kept examples")
   sampler = ELSSampler(index, q, spec.physical_batch_size, seed)
   return _Units("user", spec.user_sampling, G, sampler, q, sampler.expected_batch_size, kept)
