@@ -203,3 +203,43 @@ def test_bfloat16_compute_keeps_float32_weights(model_dir, tmp_path):
   cfg.task.dtype = "float16"
   with pytest.raises(ValueError, match="task.dtype must be 'float32' or 'bfloat16'.*got 'float16'"):
     build_task(cfg)
+
+
+def test_a_hub_model_id_is_a_snapshot_and_offline_is_one_line(
+  model_dir, tmp_path, capsys, monkeypatch
+):
+  # `task.model=org/name@revision` downloads a snapshot through huggingface_hub (never the
+  # network here: the download is replaced by the tiny checkpoint's directory).
+  import huggingface_hub
+
+  from dpjax.tasks.pretrained import HUB_FILES
+
+  calls = []
+
+  def snapshot(repo, revision=None, allow_patterns=None):
+    calls.append((repo, revision, tuple(allow_patterns)))
+    return model_dir
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+  data = _jsonl(tmp_path / "d.jsonl", [{"text": s} for s in _sentences(60)])
+  sets = ["task.model=org/tiny-llama@0123abc", f"task.data={data}", "task.seq_len=16"]
+  sets += ["batch_size=8", "physical_batch_size=16", "steps=2", "log_every=2"]
+  argv = ["train", CONFIG, "--no-progress", "--workdir", str(tmp_path / "run")]
+  assert main(argv + sum((["--set", s] for s in sets), [])) == 0
+  assert calls == [("org/tiny-llama", "0123abc", HUB_FILES)]
+
+  def offline(repo, revision=None, allow_patterns=None):
+    raise huggingface_hub.errors.LocalEntryNotFoundError(
+      "Cannot find the requested files in the local cache."
+    )
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  capsys.readouterr()
+  sets[0] = "task.model=org/not-cached"
+  argv = ["train", CONFIG, "--no-progress", "--workdir", str(tmp_path / "run2")]
+  assert main(argv + sum((["--set", s] for s in sets), [])) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert "'org/not-cached' is not a local path" in err[0] and "HF_HUB_OFFLINE is set" in err[0]
+  assert not (tmp_path / "run2").exists() or not any((tmp_path / "run2").iterdir())

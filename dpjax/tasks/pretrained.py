@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Any, Callable, Dict, NamedTuple
 
 import numpy as np
@@ -62,22 +63,63 @@ def remat_blocks(cfg) -> bool:
   return remat
 
 
+# A Hugging Face model id, optionally pinned to a revision (a branch, tag or commit):
+# "org/name" or "org/name@revision".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# What a snapshot downloads: the config, safetensors weights and the tokenizer's files (never
+# code: nothing is run from the hub; never pickled .bin weights, nor every GGUF quantisation).
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken")
+
+
 def resolve(name_or_path: str) -> str:
-  """An asset name (fetched on demand) or a local directory.
+  """An asset name (fetched on demand), a local path, or a Hugging Face model id.
+
+  In that order: a name of `dpjax.assets`, then an existing path, then
+  "org/name" or "org/name@revision" downloaded with
+  `huggingface_hub.snapshot_download` (its cache, its token, `HF_HUB_OFFLINE`
+  respected: offline, only a cached snapshot is used).
 
   Args:
-    name_or_path: an asset's name or a path.
+    name_or_path: an asset's name, a path, or a hub model id.
 
   Returns:
-    A local path.
+    A local path (raises FileNotFoundError, one line, for none of those).
   """
   if name_or_path in assets.ASSETS:
     return assets.fetch(name_or_path)
-  if not os.path.exists(name_or_path):
+  if os.path.exists(name_or_path):
+    return name_or_path
+  if HUB_ID.match(name_or_path):
+    return hub_snapshot(name_or_path)
+  raise FileNotFoundError(
+    f"{name_or_path!r} is neither a known asset ({sorted(assets.ASSETS)}), a local path, "
+    "nor a Hugging Face model id (org/name or org/name@revision)"
+  )
+
+
+def hub_snapshot(model_id: str) -> str:
+  """The local directory of a Hugging Face model id's snapshot (downloaded if not cached).
+
+  Args:
+    model_id: "org/name" or "org/name@revision".
+
+  Returns:
+    The snapshot's directory (raises FileNotFoundError, one line, when the hub
+    cannot give it: offline without a cached copy, an unknown or gated repo, no network).
+  """
+  repo, _, revision = model_id.partition("@")
+  from huggingface_hub import snapshot_download
+
+  try:
+    return snapshot_download(repo, revision=revision or None, allow_patterns=list(HUB_FILES))
+  except Exception as e:  # the hub's errors: offline, not found, gated, HTTP, network
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise FileNotFoundError(
-      f"{name_or_path!r} is neither a known asset ({sorted(assets.ASSETS)}) nor a local path"
-    )
-  return name_or_path
+      f"{model_id!r} is not a local path, and the Hugging Face hub gave no snapshot of it "
+      f"({type(e).__name__}: {why})"
+      + ("; HF_HUB_OFFLINE is set: only a cached snapshot can be used" if offline else "")
+    ) from None
 
 
 class Pretrained(NamedTuple):
