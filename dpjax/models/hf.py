@@ -21,6 +21,10 @@ import numpy as np
 from dpjax.models.decoder import ROPE_TYPES, DecoderConfig, init_params
 from dpjax.models.encoder import Encoder, EncoderConfig
 
+# A Hugging Face model id, optionally pinned to a revision (a branch, tag or commit):
+# "org/name" or "org/name@revision".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
 _T = lambda w: w.T
 _I = lambda w: w
 

@@ -7,6 +7,7 @@ and exported has the names and layouts it was loaded with.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Callable, Dict, List, Tuple
@@ -207,7 +208,8 @@ def _plain(cfg: DecoderConfig) -> DecoderConfig:
 
 
 def export_decoder(cfg: DecoderConfig, params, out_dir: str, tokenizer=None) -> str:
-  """Writes `model.safetensors` + `config.json` (+ the tokenizer) that transformers loads.
+  """Writes `model.safetensors`, `config.json` (with `architectures`) and
+  `generation_config.json` (+ the tokenizer): what transformers and servers load.
 
   Every family dpjax loads is written (`export_type` names the transformers
   class); `decoder_config(out_dir)` gives `cfg` back.
@@ -222,16 +224,107 @@ def export_decoder(cfg: DecoderConfig, params, out_dir: str, tokenizer=None) -> 
     `out_dir`.
   """
   from safetensors.numpy import save_file
+  from transformers import GenerationConfig
+  from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
   if os.path.exists(os.path.join(out_dir, "model.safetensors")):
     raise FileExistsError(f"{out_dir} already holds a model.safetensors; choose a new directory")
   hf_cfg = to_hf_config(cfg)
+  hf_cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf_cfg.model_type]]  # servers read it
   weights = to_hf_weights(cfg, params)
   os.makedirs(out_dir, exist_ok=True)
   tmp = os.path.join(out_dir, "model.safetensors.tmp")
   save_file(weights, tmp, metadata={"format": "pt"})
   hf_cfg.save_pretrained(out_dir)
+  GenerationConfig.from_model_config(hf_cfg).save_pretrained(out_dir)  # bos / eos / pad ids
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
   os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # the model last: complete or absent
+  return out_dir
+
+
+def export_lora_adapter(
+  cfg: DecoderConfig,
+  factors,
+  out_dir: str,
+  *,
+  alpha: float,
+  base_model: str,
+  tokenizer=None,
+) -> str:
+  """Writes a PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`).
+
+  `peft.PeftModel.from_pretrained(base, out_dir)` loads it onto the base
+  model: dpjax's `W + (alpha / r) A B` on a `[in, out]` kernel is PEFT's
+  `W + (lora_alpha / r) B' A'` on the torch `[out, in]` weight with
+  `lora_A.weight = A^T` (`[r, in]`) and `lora_B.weight = B^T` (`[out, r]`).
+  The adapted modules are named in full (`target_modules`), so exactly the
+  layers dpjax trained carry the adapter.
+
+  Args:
+    cfg: the base decoder's config.
+    factors: the LoRA factors tree (`dpjax.models.adapters.init_lora`'s layout).
+    out_dir: the directory to write (created; an existing adapter there is refused).
+    alpha: the run's LoRA alpha.
+    base_model: the base model's name or path, as the adapter records it.
+    tokenizer: a transformers tokenizer to save beside, or None.
+
+  Returns:
+    `out_dir` (raises ValueError for a family whose adapted layer is fused in
+    transformers' layout: GPT-2's c_attn).
+  """
+  from safetensors.numpy import save_file
+
+  if os.path.exists(os.path.join(out_dir, "adapter_model.safetensors")):
+    raise FileExistsError(f"{out_dir} already holds an adapter; choose a new directory")
+  if cfg.family == "gpt2":
+    raise ValueError(
+      "a PEFT adapter of a GPT-2 model cannot be written: transformers fuses its q, k and v "
+      "into one Conv1D (c_attn); export it merged (without --adapter)"
+    )
+  rules = _inverse(SANDWICH_RULES if cfg.sandwich_norms else LLAMA_RULES)
+  tensors, modules, ranks = {}, [], set()
+  for path, _ in jax.tree_util.tree_leaves_with_path(factors):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[-1] != "a":  # one visit per layer: its A factor
+      continue
+    module = "/".join(keys[:-1])
+    name = next(
+      (m.expand(t) for r, t, _ in rules if (m := re.fullmatch(r, module + "/kernel"))), None
+    )
+    if name is None or not name.endswith(".weight"):
+      raise ValueError(f"LoRA layer {module} has no Hugging Face Linear weight")
+    node = factors
+    for k in keys[:-1]:
+      node = node[k]
+    a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
+    stem = name[: -len(".weight")]
+    tensors[f"base_model.model.{stem}.lora_A.weight"] = np.ascontiguousarray(a.T)
+    tensors[f"base_model.model.{stem}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    modules.append(stem)
+    ranks.add(a.shape[1])
+  if len(ranks) != 1:
+    raise ValueError(f"the LoRA factors have ranks {sorted(ranks)}; one adapter has one rank")
+  (rank,) = ranks
+  config = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model,
+    "r": int(rank),
+    "lora_alpha": float(alpha),
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "target_modules": sorted(modules),
+    "inference_mode": True,
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
+  save_file(tensors, tmp, metadata={"format": "pt"})
+  os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))  # complete or absent
   return out_dir

@@ -112,8 +112,15 @@ def _truncate(cfg, params, num_layers: Optional[int]):
   return cfg.__class__(**{**cfg.__dict__, "num_layers": num_layers, "layer_types": types}), keep
 
 
-def _lora(t):
-  """`task.lora` with its defaults (alpha: the rank), or None without LoRA."""
+def lora_settings(t):
+  """`task.lora` with its defaults (alpha: the rank), or None without LoRA.
+
+  Args:
+    t: the task section (its declared defaults filled: `task_section(t, DEFAULTS)`).
+
+  Returns:
+    {"rank", "alpha", "targets"}, or None.
+  """
   if t.lora is None:
     return None
   lora = dict(t.lora)
@@ -152,7 +159,7 @@ def merged_params(t, params, trained):
   Returns:
     The parameter tree of the fine-tuned model.
   """
-  lora = _lora(task_section(t, DEFAULTS))
+  lora = lora_settings(task_section(t, DEFAULTS))
   if lora is None:
     return trained
   return adapters.merge_lora(params, trained, alpha=float(lora["alpha"]))
@@ -173,7 +180,7 @@ def causal_lm(cfg) -> Task:
   t = task_section(cfg.task, DEFAULTS)
   remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
-  lora = _lora(t)
+  lora = lora_settings(t)
   frac = float(t.dev_fraction)
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")

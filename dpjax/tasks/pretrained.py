@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from typing import Any, Callable, Dict, NamedTuple
 
 import numpy as np
 
 from dpjax import assets
 from dpjax.models import hf, llama_cpp
+from dpjax.models.hf import HUB_ID
 from dpjax.training.task import task_section
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -63,9 +63,6 @@ def remat_blocks(cfg) -> bool:
   return remat
 
 
-# A Hugging Face model id, optionally pinned to a revision (a branch, tag or commit):
-# "org/name" or "org/name@revision".
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # What a snapshot downloads: the config, safetensors weights and the tokenizer's files (never
 # code: nothing is run from the hub; never pickled .bin weights, nor every GGUF quantisation).
 HUB_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken")
