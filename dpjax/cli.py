@@ -7,7 +7,6 @@ import importlib.metadata
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -27,17 +26,14 @@ from dpjax.core.checks import (
   check_target_epsilon,
 )
 from dpjax.methods.lmo_search import lmo_search
-from dpjax.models.hf_export import export_decoder, export_lora_adapter
-from dpjax.models.model_card import model_card
 from dpjax.pipelines import distill
+from dpjax.pipelines.export import export_run
 from dpjax.tasks import build_task
-from dpjax.tasks.causal_lm import DEFAULTS as CAUSAL_LM_DEFAULTS
-from dpjax.tasks.causal_lm import base_model, lora_settings, merged_params
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import RunInterrupted, train
-from dpjax.training.rundir import RunLocked, check_writable, strict_json
-from dpjax.training.task import evaluate, task_section
+from dpjax.training.rundir import RunLocked, check_writable, save_trained, strict_json
+from dpjax.training.task import evaluate
 
 
 def _train(args) -> int:
@@ -102,134 +98,10 @@ def _train(args) -> int:
   return 0
 
 
-TRAINED = "trained.npz"
-
-
-def save_trained(workdir: str, params) -> None:
-  """The trained parameters as `RUN_DIR/trained.npz` (keys: '/'-joined paths).
-
-  Args:
-    workdir: the run directory.
-    params: the trained tree.
-  """
-  import jax
-  import numpy as np
-
-  flat = {
-    jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
-    for k, v in jax.tree_util.tree_leaves_with_path(params)
-  }
-  tmp = os.path.join(workdir, TRAINED + ".tmp.npz")
-  np.savez(tmp, **flat)
-  os.replace(tmp, os.path.join(workdir, TRAINED))
-
-
-def load_trained(workdir: str):
-  """The tree `save_trained` wrote.
-
-  Args:
-    workdir: the run directory.
-
-  Returns:
-    The nested dict of arrays.
-  """
-  import numpy as np
-
-  path = os.path.join(workdir, TRAINED)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no trained parameters (a finished causal_lm run writes them)")
-  tree: dict = {}
-  with np.load(path) as z:
-    for key in z.files:
-      node = tree
-      *head, last = key.split("/")
-      for h in head:
-        node = node.setdefault(h, {})
-      node[last] = z[key]
-  return tree
-
-
 def _export(args) -> int:
-  conf = os.path.join(args.run_dir, "config.json")
-  if not os.path.exists(conf):
-    raise FileNotFoundError(f"{conf}: not a run directory (no config.json)")
-  try:
-    with open(conf) as f:
-      spec = json.load(f)
-    task_name = spec["task"]["name"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"{conf} is not a run's config ({type(e).__name__}: {e}): export a run directory that "
-      "dpjax train wrote"
-    ) from None
-  if task_name != "causal_lm":
-    raise ValueError(f"dpjax export takes causal_lm runs, got task {task_name!r}")
-  trained = os.path.join(args.run_dir, TRAINED)
-  if not os.path.exists(trained):  # before the base model is loaded
-    raise FileNotFoundError(
-      f"{trained}: no trained parameters (the run has not finished: resume it to its last step)"
-    )
-  t = task_section(spec["task"], CAUSAL_LM_DEFAULTS)
-  privacy = _run_privacy(args.run_dir)
-  if args.adapter and not t.lora:
-    raise ValueError(
-      f"{args.run_dir} fine-tuned every weight (task.lora=None): it has no "
-      "LoRA adapter to write; export it without --adapter"
-    )
-  if args.adapter and t.num_layers is not None:
-    raise ValueError(
-      f"{args.run_dir} trained the first task.num_layers={t.num_layers} layers of "
-      f"{t.model}: an adapter on the whole base model is another model; export it merged"
-    )
-  weights = "adapter_model.safetensors" if args.adapter else "model.safetensors"
-  if os.path.exists(os.path.join(args.out_dir, weights)):  # before the base model loads
-    raise FileExistsError(f"{args.out_dir} already holds a {weights}; choose a new directory")
-  check_writable(args.out_dir)  # a read-only or full disk is one line before the model loads
-  pre, mcfg, params = base_model(t)
-  trained = load_trained(args.run_dir)
-  how = (
-    "a PEFT LoRA adapter (load it onto the base model with peft.PeftModel.from_pretrained)"
-    if args.adapter
-    else ("the LoRA factors merged into the base weights" if t.lora else "every weight")
-  )
-  # The card and the privacy record first, the weights last: a directory holding weights
-  # holds their guarantee.
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, "README.md"), "w") as f:
-    f.write(model_card(privacy, base=t.model, how=how, run_dir=args.run_dir))
-  shutil.copyfile(
-    os.path.join(args.run_dir, "privacy.json"), os.path.join(args.out_dir, "privacy.json")
-  )
-  if args.adapter:
-    lora = lora_settings(t)
-    out = export_lora_adapter(
-      mcfg,
-      trained,
-      args.out_dir,
-      alpha=float(lora["alpha"]),
-      base_model=t.model,
-      tokenizer=pre.tokenizer,
-    )
-  else:
-    merged = merged_params(t, params, trained)
-    out = export_decoder(mcfg, merged, args.out_dir, tokenizer=pre.tokenizer)
+  out, how = export_run(args.run_dir, args.out_dir, adapter=args.adapter)
   print(f"exported {args.run_dir} ({how}) to {out}, with its model card and privacy.json")
   return 0
-
-
-def _run_privacy(run_dir: str):
-  """The run's privacy.json (one line naming the file when it is missing or unreadable)."""
-  path = os.path.join(run_dir, "privacy.json")
-  try:
-    with open(path) as f:
-      privacy = json.load(f)
-    privacy["private"], privacy["steps"]  # noqa: B018  (the keys the card reads first)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"{path}: the run's privacy record is missing or unreadable ({type(e).__name__}: {e}); "
-      "an export carries it, so resume the run to its end first"
-    ) from None
-  return privacy
 
 
 def perplexity(metrics) -> float:

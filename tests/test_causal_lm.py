@@ -136,9 +136,9 @@ def test_cli_lora_run_reports_privacy_and_perplexity(model_dir, tmp_path, capsys
 def test_export_round_trips_through_transformers(model_dir, tmp_path, lora):
   import ml_collections
 
-  from dpjax.cli import load_trained
   from dpjax.models import hf, hf_export
   from dpjax.tasks.causal_lm import base_model, merged_params
+  from dpjax.training.rundir import load_trained
 
   data = _jsonl(tmp_path / "d.jsonl", [{"text": s} for s in _sentences(60)])
   work, out = tmp_path / "run", tmp_path / "hf"

@@ -466,8 +466,10 @@ def test_account_lmo_grid_takes_only_its_keys(capsys):
 
 
 def test_export_checks_the_run_before_loading_anything(tmp_path, capsys, monkeypatch):
+  from dpjax.pipelines import export
+
   loaded = []
-  monkeypatch.setattr(cli, "base_model", lambda t: loaded.append(t))
+  monkeypatch.setattr(export, "base_model", lambda t: loaded.append(t))
   run = tmp_path / "run"
   run.mkdir()
   for text, msg in [
@@ -477,6 +479,17 @@ def test_export_checks_the_run_before_loading_anything(tmp_path, capsys, monkeyp
   ]:
     (run / "config.json").write_text(text)
     assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+  (run / "trained.npz").write_bytes(b"")  # a finished run's file; its record missing:
+  (run / "config.json").write_text('{"task": {"name": "causal_lm", "lora": null}}')
+  for argv, msg in [
+    ([], "privacy.json: the run's privacy record is missing or unreadable"),
+    (["--adapter"], "fine-tuned every weight (task.lora=None): it has no LoRA adapter"),
+  ]:
+    if argv:
+      (run / "privacy.json").write_text('{"private": true, "steps": 3}')
+    assert cli.main(["export", str(run), str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
   assert not loaded and not (tmp_path / "out").exists()

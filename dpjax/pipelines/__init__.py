@@ -1,1 +1,1 @@
-"""Multi-stage runs built on training: DistilDP (`distill`)."""
+"""Multi-stage runs built on training: DistilDP (`distill`); a finished run exported (`export`)."""

@@ -123,15 +123,14 @@ def check_sizes(spec, num_examples: int) -> None:
   Raises:
     SpecError: a batch, a physical batch or a sampling rate the data cannot hold.
   """
-  if spec.private and spec.privacy_unit != "example":
-    return
   with warnings.catch_warnings():  # the plan warns once, later
     warnings.simplefilter("ignore")
     _unit_sampler(spec, None, 0, n=num_examples)
 
 
-def _unit_sampler(spec, task, seed: int, *, n: Optional[int] = None) -> _Units:
-  """The units of `spec` on `task` (or on `n` examples) and their sampler, drawing from `seed`."""
+def _unit_sampler(spec, task, seed: int, *, n: Optional[int] = None) -> Optional[_Units]:
+  """The units of `spec` on `task` (or on `n` examples) and their sampler, drawing from `seed`
+  (None without a task for user-level units: they need the task's users)."""
   n = len(next(iter(task.train.values()))) if n is None else n
   if not spec.private:
     batch = int(batch_size_for(spec, n))
@@ -145,6 +144,8 @@ def _unit_sampler(spec, task, seed: int, *, n: Optional[int] = None) -> _Units:
       f"use at most {n} (a step never samples more)"
     )
   sampling = spec.user_sampling if spec.privacy_unit == "user" else None
+  if task is None and sampling is not None:  # `check_sizes`: users are the plan's to check
+    return None
   return SAMPLINGS[sampling](spec, task, seed, n)
 
 

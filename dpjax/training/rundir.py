@@ -559,3 +559,46 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
+
+
+# The trained parameters of a finished run that `dpjax export` reads (causal_lm runs).
+TRAINED = "trained.npz"
+
+
+def save_trained(workdir: str, params) -> None:
+  """The trained parameters as `RUN_DIR/trained.npz` (keys: '/'-joined paths).
+
+  Args:
+    workdir: the run directory.
+    params: the trained tree.
+  """
+  flat = {
+    jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
+  tmp = os.path.join(workdir, TRAINED + ".tmp.npz")
+  np.savez(tmp, **flat)
+  os.replace(tmp, os.path.join(workdir, TRAINED))
+
+
+def load_trained(workdir: str):
+  """The tree `save_trained` wrote.
+
+  Args:
+    workdir: the run directory.
+
+  Returns:
+    The nested dict of arrays.
+  """
+  path = os.path.join(workdir, TRAINED)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no trained parameters (a finished causal_lm run writes them)")
+  tree: dict = {}
+  with np.load(path) as z:
+    for key in z.files:
+      node = tree
+      *head, last = key.split("/")
+      for h in head:
+        node = node.setdefault(h, {})
+      node[last] = z[key]
+  return tree
