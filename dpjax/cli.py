@@ -82,6 +82,9 @@ def _train(args) -> int:
       {k[4:]: v for k, v in result.final_metrics.items() if k.startswith("dev_")}
     )
   print(json.dumps(strict_json(summary), allow_nan=False))
+  said = result_line(summary)
+  if said:
+    print(said)
   p = result.privacy
   if p["private"]:
     print(privacy_line(p))
@@ -116,6 +119,26 @@ def perplexity(metrics) -> float:
   import math
 
   return math.exp(metrics["nll_sum"] / max(metrics["tokens"], 1e-9))
+
+
+def result_line(summary) -> str:
+  """The final evaluation in words (the JSON line above it is for scripts).
+
+  Args:
+    summary: the final metrics (`test_accuracy`, `dev_perplexity`, ...).
+
+  Returns:
+    E.g. "result: test accuracy 78.64 %, dev accuracy 76.45 %", or "" without any.
+  """
+  parts = []
+  for split in ("test", "dev"):
+    if summary.get(f"{split}_accuracy") is not None:
+      parts.append(f"{split} accuracy {100 * summary[f'{split}_accuracy']:.2f} %")
+    if summary.get(f"{split}_perplexity") is not None:
+      parts.append(f"{split} perplexity {summary[f'{split}_perplexity']:.4g}")
+  if summary.get("dev_perplexity_before") is not None:
+    parts.append(f"dev perplexity before training {summary['dev_perplexity_before']:.4g}")
+  return "result: " + ", ".join(parts) if parts else ""
 
 
 def privacy_line(p) -> str:
@@ -529,6 +552,8 @@ def main(argv=None) -> int:
   s.add_argument("names", nargs="*")
   s.set_defaults(fn=_assets)
 
+  # transformers' "PyTorch was not found" advice: dpjax runs its models in JAX, not torch
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     if argv[:2] == ["account", "lmo"]:

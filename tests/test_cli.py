@@ -493,3 +493,30 @@ def test_export_checks_the_run_before_loading_anything(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
   assert not loaded and not (tmp_path / "out").exists()
+
+
+def test_a_run_says_where_it_writes_first_and_its_result_in_words(tmp_path, capsys):
+  w = tmp_path / "w"
+  argv = ["train", "synthetic", "--workdir", str(w), "--no-progress"]
+  assert cli.main(argv + ["--set", "steps=2", "--set", "log_every=1"]) == 0
+  out, err = capsys.readouterr()
+  first = [line for line in err.splitlines() if not line.startswith("20")]  # not log rows
+  assert first[0].startswith("privacy plan: ")
+  assert first[1] == f"run directory: {w} (resume: --workdir {w})"
+  lines = out.splitlines()
+  summary = json.loads(lines[0])  # the JSON line for scripts, then the same in words
+  assert lines[1] == (
+    f"result: test accuracy {100 * summary['test_accuracy']:.2f} %, "
+    f"dev accuracy {100 * summary['dev_accuracy']:.2f} %"
+  )
+  assert cli.result_line({"dev_perplexity": 12.345, "dev_perplexity_before": 20.0}) == (
+    "result: dev perplexity 12.35, dev perplexity before training 20"
+  )
+  assert cli.result_line({"step": 3}) == ""
+  from dpjax.training import rundir
+
+  rows = [json.loads(line) for line in open(w / "metrics.jsonl")]
+  rows = [r for r in rows if "step" in r and "event" not in r]
+  eps = [r for r in rows if r.get("epsilon") is not None][-1]["epsilon"]
+  assert rundir.curves_title("w", rows) == f"w: 2 steps, ({eps:.4g}, 1e-05)-DP per example"
+  assert rundir.curves_title("w", [{"step": 5}]) == "w: 5 steps, not private"

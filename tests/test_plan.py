@@ -8,6 +8,7 @@ logged (never through dpjax's accounting code).
 import json
 import os
 import shutil
+import warnings
 
 import dp_accounting
 import jax
@@ -468,3 +469,20 @@ def test_a_resume_between_lmo_and_another_mechanism_is_refused_as_a_privacy_chan
     _plan(over[then], ledger, 3)
   segs = _plan(over[then], ledger, 3, allow=True).ledger_at(6).segments
   assert [s.mechanism for s in segs] == [first, then]
+
+
+def test_a_nearly_spent_target_warns_that_the_noise_it_calibrates_cannot_learn(tmp_path):
+  w = tmp_path / "w"
+  run(cfg_of(steps=6), w, stop_at_step=3)
+  spent = json.load(open(w / "privacy.json"))["epsilon"]
+  nearly = cfg_of(steps=6, noise_multiplier=None, target_epsilon=spent * 1.0001)
+  with pytest.warns(UserWarning, match=r"over 10x the first segment's 1: the 3 steps left will"):
+    run(nearly, w, allow_privacy_change=True)
+  last = json.load(open(w / "privacy.json"))["ledger"][-1]
+  assert last["noise_multiplier"] > 10.0  # what the warning said, as the ledger records it
+  w2 = tmp_path / "w2"  # a target with room left: no warning
+  run(cfg_of(steps=6), w2, stop_at_step=3)
+  roomy = cfg_of(steps=6, noise_multiplier=None, target_epsilon=spent * 2)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*will hardly learn.*")
+    run(roomy, w2, allow_privacy_change=True)

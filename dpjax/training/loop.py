@@ -445,6 +445,8 @@ def _run(
     state = init_or_restore(plan, task, place, ckpt, meta, end)
     if lead:
       print(plan_line(spec, plan), file=sys.stderr, flush=True)
+      if workdir:  # where to look while it runs, and what resumes it
+        print(f"run directory: {workdir} (resume: --workdir {workdir})", file=sys.stderr)
     step = compile_step(spec, plan, task, tx, place, mesh, state, start)
     cbs, checkpointer = _callbacks(spec, plan, workdir, lead, progress, ckpt, start, end)
     header = run_header(spec, plan, task, start, mesh, step.compile_s)

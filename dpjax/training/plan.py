@@ -69,6 +69,10 @@ __all__ = [  # the plan's object and its entropy are the privacy_plan module's, 
 ]
 
 
+# A resume whose calibrated noise exceeds this multiple of the first segment's is warned of.
+NOISE_JUMP = 10.0
+
+
 class ResumeRefused(ValueError):
   """A resume would change what the ledger's last segment released, and was not allowed."""
 
@@ -566,6 +570,16 @@ def _plan_noise(spec, args, prior: Ledger, start_step: int, extra_event) -> Priv
         f"steps={spec.steps})"
       ) from None
     plan = _candidate(args, family(sigma))
+    first = prior.segments[0].noise_multiplier if prior.segments else None
+    if first and sigma > NOISE_JUMP * first:  # what is left of the budget buys little
+      warnings.warn(
+        f"the remaining target_epsilon={target:g} (after {prior.steps} steps) calibrates "
+        f"noise_multiplier {sigma:.4g}, over {NOISE_JUMP:g}x the first segment's {first:.4g}: "
+        f"the {spec.steps - start_step} steps left will hardly learn; raise target_epsilon "
+        "or lower steps",
+        UserWarning,
+        stacklevel=3,
+      )
   if target is not None and spec.accountant not in accounting.ESTIMATES:
     got = total(plan, bound)
     if got > target * (1 + 1e-9):

@@ -556,9 +556,29 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
       ax.plot(*zip(*pts), marker=".")
     ax.set_title(title)
     ax.set_xlabel("step")
+  fig.suptitle(curves_title(os.path.basename(os.path.dirname(os.path.abspath(out_path))), recs))
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
+
+
+def curves_title(run: str, recs) -> str:
+  """`curves.png`'s title: the run, its steps, and the epsilon spent at its delta and unit.
+
+  Args:
+    run: the run's name (its directory).
+    recs: the metrics rows (with "step").
+
+  Returns:
+    E.g. "quickstart-20261206: 300 steps, (2.994, 1e-05)-DP per example".
+  """
+  last = recs[-1]
+  spent = [r for r in recs if r.get("epsilon") is not None]
+  if not spent:
+    return f"{run}: {last['step']} steps, not private"
+  r = spent[-1]
+  guarantee = f"({r['epsilon']:.4g}, {r.get('delta', float('nan')):g})-DP"
+  return f"{run}: {last['step']} steps, {guarantee} per {r.get('privacy_unit', 'example')}"
 
 
 # The trained parameters of a finished run that `dpjax export` reads (causal_lm runs).

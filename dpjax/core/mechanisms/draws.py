@@ -11,6 +11,7 @@ sum by the public expected batch; `find_state` finds one state in a chain.
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -20,6 +21,24 @@ import optax
 from dpjax.core.checks import check_positive
 
 PyTree = Any
+
+
+def secret_key() -> jax.Array:
+  """A fresh noise key from 64 bits of OS entropy (`secrets`), for a private step of your own.
+
+  The guarantee of a noise transform assumes nobody can predict its key: a
+  fixed `jax.random.PRNGKey(0)` lets anyone who knows the code subtract the
+  noise. Keep the key where the noise may be seen (never log or publish it).
+
+  Example:
+    >>> k1, k2 = secret_key(), secret_key()
+    >>> k1.shape, str(k1.dtype), bool((k1 != k2).any())
+    ((2,), 'uint32', True)
+
+  Returns:
+    A raw uint32[2] threefry key (what `jax.random.PRNGKey` returns).
+  """
+  return jnp.asarray([secrets.randbits(32), secrets.randbits(32)], dtype=jnp.uint32)
 
 
 class NoiseState(NamedTuple):
