@@ -137,3 +137,25 @@ def test_the_pins_check_fails_on_each_kind_of_difference(monkeypatch, capsys):
   assert f"jax is 0.0.1, pinned {pinned['jax']}" in err
   assert "newdep==1.0 is installed but not pinned" in err
   assert f"flax=={pinned['flax']} is pinned but not installed" in err
+
+
+def test_ci_reruns_the_files_the_readme_run_skipped_for_want_of_an_extra(tmp_path, monkeypatch):
+  # .ci/run runs the README's test command before torch and peft are installed, then the
+  # files whose tests skipped for want of them (a module skipped whole, or a test whose
+  # fixture skipped), and not those skipped for another reason.
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("skipped", os.path.join(ROOT, ".ci", "skipped.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.chdir(ROOT)
+  report = """<testsuites><testsuite>
+  <testcase classname="" name="tests.test_causal_lm"><skipped message="collection skipped">
+    could not import 'torch': No module named 'torch'</skipped></testcase>
+  <testcase classname="tests.test_tables" name="test_own[.csv]"><skipped
+    message="torch (CPU) writes the tiny BERT fixture" /></testcase>
+  <testcase classname="tests.test_tables" name="test_other" />
+  <testcase classname="tests.test_auditing_estimators" name="test_peer"><skipped
+    message="could not import 'jax_privacy.auditing'" /></testcase>
+  </testsuite></testsuites>"""
+  assert module.skipped_files(report) == ["tests/test_causal_lm.py", "tests/test_tables.py"]
