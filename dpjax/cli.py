@@ -32,8 +32,14 @@ from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
 from dpjax.training.loop import RunInterrupted, train
-from dpjax.training.rundir import RunLocked, check_writable, save_trained, strict_json
-from dpjax.training.task import evaluate
+from dpjax.training.rundir import (
+  RunLocked,
+  check_writable,
+  remove_unstarted,
+  save_trained,
+  strict_json,
+)
+from dpjax.training.task import derived_data_dir, evaluate
 
 
 def _train(args) -> int:
@@ -56,7 +62,20 @@ def _train(args) -> int:
     raise ValueError("--workdir must name a directory, got ''")
   workdir = args.workdir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   check_writable(workdir)  # a read-only or full disk is one line, before the task is built
-  task = build_task(spec)
+  fresh = not os.path.exists(workdir)
+  try:
+    return _run(args, cfg, spec, workdir)
+  except BaseException:
+    if fresh:  # a run that never checkpointed leaves nothing derived from its data behind
+      remove_unstarted(workdir)
+    raise
+
+
+def _run(args, cfg, spec, workdir: str) -> int:
+  """`dpjax train`'s run in `workdir`: the task (what it derives from the data kept in
+  `workdir/features`), the training, and what the command prints."""
+  with derived_data_dir(os.path.join(workdir, "features")):
+    task = build_task(spec)
   info = task.info or {}
   before = None
   if info.get("perplexity"):  # the held-out perplexity of the pretrained model, for comparison

@@ -325,3 +325,40 @@ def test_a_missing_data_file_is_said_before_a_missing_num_labels(tmp_path, tiny_
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no such file" in err[0] and "typo.csv" in err[0], err
+
+
+def test_features_of_your_own_data_stay_in_the_run_directory_owner_only(
+  tmp_path, tiny_bert, monkeypatch, capsys
+):
+  # Frozen features computed from the training rows are private data: they live in the run
+  # directory (owner-only, removed with it), never in the shared cache of $DPJAX_HOME; a run
+  # stopped by bad input found after they were computed leaves none of them.
+  model = tiny_bert(WORDS)
+  data = _write(_rows(300), str(tmp_path / "my.csv"))
+  monkeypatch.chdir(tmp_path)
+  argv = _own_data_argv(data, model, "task.num_labels=5", "steps=2", "batch_size=32")
+  assert cli.main(argv) == 0
+  features = sorted((tmp_path / "run" / "features").iterdir())
+  assert len(features) == 3  # train, dev, test
+  assert oct((tmp_path / "run" / "features").stat().st_mode & 0o777) == "0o700"
+  assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in features)
+  home = tmp_path / "home"  # DPJAX_HOME (the fixture's)
+  assert not [p for p in home.rglob("features-*")], "features of private data in the cache"
+  written = [f.stat().st_mtime_ns for f in features]
+  assert cli.main(argv + ["--allow-privacy-change", "--set", "steps=3"]) == 0  # a resume
+  assert [f.stat().st_mtime_ns for f in features] == written  # reused, not recomputed
+  assert sorted((tmp_path / "run" / "features").iterdir()) == features
+  capsys.readouterr()
+  late = ["--workdir", "late", "--set", "mechanism=laplace", "--set", "l1_clip_norm=1.0"]
+  late += ["--set", "accountant=rdp"]  # found by the plan, after the features
+  from dpjax.tasks import text_classification
+
+  computed = []
+  real = text_classification._frozen_features
+  monkeypatch.setattr(
+    text_classification, "_frozen_features", lambda *a, **k: computed.append(1) or real(*a, **k)
+  )
+  assert cli.main(argv[:2] + late + argv[4:]) == 2
+  assert computed  # they were written, then removed
+  assert "accountant 'rdp' does not support" in capsys.readouterr().err
+  assert not (tmp_path / "late").exists()

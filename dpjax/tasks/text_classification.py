@@ -29,7 +29,7 @@ from dpjax.models.hf import load_encoder
 from dpjax.tasks.pretrained import PRETRAINED_DEFAULTS, compute_dtype, remat_blocks, resolve
 from dpjax.training.plan import check_sizes
 from dpjax.training.spec import Spec
-from dpjax.training.task import Task, task_section
+from dpjax.training.task import Task, derived_dir, task_section
 
 
 def _frozen_features(model, params, enc, start: int, batch_size: int, desc: str):
@@ -98,7 +98,9 @@ def text_classification(cfg) -> Task:
   """Fine-tune the top `train_layers` layers + head of a pretrained encoder.
 
   The frozen bottom (embeddings and the first L - train_layers layers) is
-  run once over every split and cached under `$DPJAX_HOME/cache`; training
+  run once over every split and cached (the public RT asset's under
+  `$DPJAX_HOME/cache`, shared by runs; your own data's in the run directory,
+  `derived_data_dir`, or in memory only); training
   then clips, noises and updates only the top layers and the head. With
   `train_layers == L` the whole network (embeddings included) is trained.
   Frozen features are computed from public weights, per example: the
@@ -138,6 +140,9 @@ def text_classification(cfg) -> Task:
   tok = load_tokenizer(model_dir)
 
   arrays = {}
+  # The shipped RT asset is public: its features are shared by every run ($DPJAX_HOME/cache).
+  # Features of your own data stay with the run (`derived_data_dir`), or in memory only.
+  cache = os.path.join(assets.home(), "cache") if t.data == "rt-polarity" else derived_dir()
   pairs = "sentence_pair" in data["train"].column_names
   for split in data:
     second = data[split]["sentence_pair"] if pairs else None
@@ -164,20 +169,20 @@ def text_classification(cfg) -> Task:
           )
         ).encode()
       ).hexdigest()[:16]
-      path = os.path.join(assets.home(), "cache", f"features-{key}.npy")
-      if os.path.exists(path):
+      path = os.path.join(cache, f"features-{key}.npy") if cache else None
+      if path and os.path.exists(path):
         ex["hidden"] = np.load(path)
       else:
         ex["hidden"] = _frozen_features(
           model, params, enc, start, 128, f"frozen layers 0..{start} on {split}"
         )
-        cache = os.path.dirname(path)  # features of the private data: owner-only
-        os.makedirs(cache, mode=0o700, exist_ok=True)
-        os.chmod(cache, 0o700)
-        tmp = os.open(path + ".tmp.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(tmp, "wb") as f:
-          np.save(f, ex["hidden"])
-        os.replace(path + ".tmp.npy", path)
+        if path:  # owner-only: features of private data are private data
+          os.makedirs(cache, mode=0o700, exist_ok=True)
+          os.chmod(cache, 0o700)
+          tmp = os.open(path + ".tmp.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+          with os.fdopen(tmp, "wb") as f:
+            np.save(f, ex["hidden"])
+          os.replace(path + ".tmp.npy", path)
     arrays[split] = ex
 
   trainable_names = [f"layer_{i}" for i in range(start, L)] + ["classifier"]

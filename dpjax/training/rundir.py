@@ -18,6 +18,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -405,6 +406,24 @@ def check_writable(path: str) -> None:
       os.remove(probe)
     if created and not os.listdir(path):
       os.rmdir(path)
+
+
+def remove_unstarted(path: str) -> None:
+  """Removes what a run that never checkpointed left in `path` (made by that run).
+
+  The frozen features of its data (`features/`) are private-data-derived:
+  a run that stopped before its first checkpoint (bad input found late, an
+  interrupt while building) leaves none of them, and no empty directory.
+  A directory holding a checkpoint is left as it is.
+
+  Args:
+    path: the run directory this invocation created.
+  """
+  if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+    return
+  shutil.rmtree(os.path.join(path, "features"), ignore_errors=True)
+  if not os.listdir(path):
+    os.rmdir(path)
 
 
 @contextlib.contextmanager

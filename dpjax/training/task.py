@@ -8,7 +8,9 @@ gradients larger than the devices' memory), before anything is written.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +243,37 @@ def task_section(section, defaults: Mapping[str, Any]) -> ml_collections.FrozenC
   """
   given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
   return ml_collections.FrozenConfigDict({**defaults, **given})
+
+
+# Where a task builder may keep what it derives from the training data (frozen features of
+# private rows): the run's own directory, set by whoever builds the task for a run.
+_DERIVED_DIR: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+  "dpjax_derived_dir", default=None
+)
+
+
+@contextlib.contextmanager
+def derived_data_dir(path: Optional[str]) -> Iterator[None]:
+  """Within: task builders keep what they derive from the training data under `path`.
+
+  `dpjax train` builds its task inside `derived_data_dir(<run dir>/features)`,
+  so features of private data live with the run (owner-only, removed with it)
+  and nowhere else; outside any (None), a builder keeps them in memory only.
+
+  Args:
+    path: the directory (created owner-only when first written), or None.
+  """
+  token = _DERIVED_DIR.set(path)
+  try:
+    yield
+  finally:
+    _DERIVED_DIR.reset(token)
+
+
+def derived_dir() -> Optional[str]:
+  """The directory of `derived_data_dir` in force, or None (keep derived data in memory).
+
+  Returns:
+    The path, or None.
+  """
+  return _DERIVED_DIR.get()
