@@ -26,6 +26,7 @@ from dpjax.core.checks import (
   check_target_epsilon,
 )
 from dpjax.methods.lmo_search import lmo_search
+from dpjax.models.llama_cpp import MissingExtra
 from dpjax.pipelines import distill
 from dpjax.pipelines.export import export_run
 from dpjax.tasks import build_task
@@ -579,7 +580,7 @@ def main(argv=None) -> int:
       return _account_lmo(argv[2:])
     args = p.parse_args(argv)
     return args.fn(args)
-  except (ValueError, FileNotFoundError, FileExistsError, RunLocked) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, RunLocked, MissingExtra) as e:
     print(f"dpjax: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:  # a full or read-only disk, a directory we may not write

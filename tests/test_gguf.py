@@ -357,5 +357,8 @@ def test_without_torch_the_tokenizer_says_what_to_install(tmp_path, monkeypatch)
 
   (tmp_path / "t.gguf").write_bytes(b"")
   monkeypatch.setattr(tu, "is_torch_available", lambda: False)
-  with pytest.raises(ImportError, match="install the CPU wheel"):
+  from dpjax.models.llama_cpp import MissingExtra
+
+  with pytest.raises(MissingExtra, match=r"pip install 'dpjax\[llm\]'"):  # the guide's extra
     gguf_tokenizer(str(tmp_path / "t.gguf"))
+  assert issubclass(MissingExtra, ImportError)

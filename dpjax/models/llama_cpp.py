@@ -93,6 +93,10 @@ _UNSUPPORTED_TENSORS = {
 _IGNORED_KEYS = ("rope.scaling.finetuned",)
 
 
+class MissingExtra(ImportError):
+  """A feature needs an optional dependency that is not installed (the message names the extra)."""
+
+
 def hf_name(arch: str, name: str) -> str:
   """The Hugging Face name of a GGUF tensor of `arch`.
 
@@ -357,9 +361,9 @@ def gguf_tokenizer(path: str, **kwargs):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
   if not is_torch_available():
-    raise ImportError(
-      f"{path}: transformers reads a GGUF tokenizer with torch; install the CPU wheel "
-      "(pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+    raise MissingExtra(
+      f"{path}: transformers reads a GGUF tokenizer with torch: pip install 'dpjax[llm]' "
+      "(the CPU wheel: add --extra-index-url https://download.pytorch.org/whl/cpu)"
     )
   folder, name = os.path.split(os.path.abspath(path))
   return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True, **kwargs)
