@@ -25,7 +25,9 @@ def get_config():
       dev_fraction=0.05,
       max_eval=256,
       lora=dict(rank=8, alpha=16, targets=r".*attn/(q|v)"),  # None: full fine-tuning
-      dtype="float32",  # compute dtype; "bfloat16" keeps float32 weights, norms and noise
+      dtype="float32",  # compute dtype; "bfloat16" keeps the trained weights, norms and noise
+      # float32
+      frozen_dtype="bfloat16",  # the base model's weights (never trained, with LoRA) as stored
       remat=False,  # recompute each block in the backward pass (less memory; vmap clipping)
     )
   )

@@ -273,3 +273,43 @@ def test_a_hub_model_id_is_a_snapshot_and_offline_is_one_line(
   assert len(err) == 1, err
   assert "'org/not-cached' is not a local path" in err[0] and "HF_HUB_OFFLINE is set" in err[0]
   assert not (tmp_path / "run2").exists() or not any((tmp_path / "run2").iterdir())
+
+
+def test_lora_base_weights_are_stored_in_bfloat16_at_half_the_bytes_with_the_same_loss(
+  model_dir, tmp_path
+):
+  # task.frozen_dtype (bfloat16 by default): the base model's weights, never trained with
+  # LoRA, are stored in bfloat16; the factors stay float32. The loss equals the float32 base's
+  # within bfloat16's rounding; the compiled loss takes half the frozen bytes; ghost clipping's
+  # LoRA rule gives the vmap sum on the bfloat16 base.
+  from dpjax.core.clipping import clipped_grad
+
+  data = _jsonl(tmp_path / "d.jsonl", [{"text": s} for s in _sentences(40)])
+  tasks = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = _cfg(model_dir, data)
+    cfg.task.frozen_dtype = dtype
+    tasks[dtype] = build_task(cfg)
+  f32, bf16 = tasks["float32"], tasks["bfloat16"]
+  assert {str(x.dtype) for x in jax.tree.leaves(bf16.frozen)} == {"bfloat16"}
+  assert {str(x.dtype) for x in jax.tree.leaves(bf16.params)} == {"float32"}
+  ex = {k: v[0] for k, v in bf16.train.items()}
+  loss32, _ = f32.loss_fn(f32.params, ex, f32.frozen)
+  loss16, _ = bf16.loss_fn(bf16.params, ex, bf16.frozen)
+  assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+  assert float(loss16) != float(loss32)  # the base really is rounded
+
+  def argument_bytes(task):
+    compiled = jax.jit(task.loss_fn).lower(task.params, ex, task.frozen).compile()
+    return compiled.memory_analysis().argument_size_in_bytes
+
+  frozen32 = sum(x.nbytes for x in jax.tree.leaves(f32.frozen))
+  assert argument_bytes(f32) - argument_bytes(bf16) == frozen32 // 2
+
+  batch = {k: v[:4] for k, v in bf16.train.items()}
+  sums = {}
+  for method in ("vmap", "ghost"):
+    fn = clipped_grad(bf16.loss_fn, has_aux=True, l2_clip_norm=0.01, method=method)
+    sums[method], _ = fn(bf16.params, batch, bf16.frozen)
+  for a, b in zip(jax.tree.leaves(sums["ghost"]), jax.tree.leaves(sums["vmap"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

@@ -9,7 +9,10 @@ there are user ids) is held out by a seeded shuffle. LoRA (Hu et al., arXiv
 2106.09685): `task.lora = {"rank", "alpha", "targets"}` trains low-rank
 factors of the matching Dense layers and freezes the rest; `task.lora =
 None` trains every parameter. `task.num_layers` keeps the first layers only
-(a truncated model for CPU-scale runs).
+(a truncated model for CPU-scale runs). With LoRA the base model's weights,
+never trained, are stored in `task.frozen_dtype` (bfloat16 by default: half
+the memory of float32) and computed in `task.dtype`; the factors, their
+optimizer state, clipping and noise are float32.
 """
 
 from __future__ import annotations
@@ -37,10 +40,15 @@ from dpjax.training.task import Task, task_section
 
 LORA_KEYS = ("rank", "alpha", "targets")
 LORA_DEFAULTS = {"rank": 8, "alpha": None, "targets": r".*attn/(q|v)"}  # alpha None: the rank
+# How the weights that are not trained (LoRA's base model) are stored on the device: bfloat16
+# halves their memory; the trained parameters (the LoRA factors), their optimizer state, the
+# clipping norms and the noise stay float32.
+FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULTS = {  # the task section's optional keys
   **PRETRAINED_DEFAULTS,
   "num_layers": None,
   "lora": None,
+  "frozen_dtype": "bfloat16",
   "dev_fraction": 0.05,
   "max_eval": None,
 }
@@ -165,6 +173,23 @@ def merged_params(t, params, trained):
   return adapters.merge_lora(params, trained, alpha=float(lora["alpha"]))
 
 
+def frozen_weights(params, dtype: str):
+  """The weights that are not trained, as the device stores them (`task.frozen_dtype`).
+
+  Args:
+    params: the base model's parameters.
+    dtype: one of `FROZEN_DTYPES`.
+
+  Returns:
+    The tree, each floating-point leaf in `dtype` (one leaf converted at a time).
+  """
+  if dtype not in FROZEN_DTYPES:
+    raise ValueError(f"task.frozen_dtype must be one of {FROZEN_DTYPES}, got {dtype!r}")
+  return jax.tree.map(
+    lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+  )
+
+
 def causal_lm(cfg) -> Task:
   """DP fine-tuning of a pretrained decoder on `task.data` (see the module docstring).
 
@@ -218,7 +243,8 @@ def causal_lm(cfg) -> Task:
     if not jax.tree.leaves(trainable):
       raise ValueError(f"task.lora.targets={lora['targets']!r} matches no Dense layer")
     scale = float(lora["alpha"])
-    frozen = params
+    frozen = frozen_weights(params, t.frozen_dtype)
+    params = None  # the float32 copy is not kept (samples merge into the stored weights)
   else:
     trainable, frozen = params, {}
 
@@ -237,7 +263,7 @@ def causal_lm(cfg) -> Task:
 
   def samples(p, n: int = 3, prompt_tokens: int = 8, new_tokens: int = 24, seed: int = 0):
     """n continuations of the first dev examples' first tokens (greedy), as text."""
-    merged = merged_params(t, params, p)
+    merged = p if lora is None else adapters.merge_lora(frozen, p, alpha=scale)
     rows_ = [
       list(dev["input_ids"][i][: min(prompt_tokens, int(dev["attention_mask"][i].sum()))])
       for i in range(min(n, len(dev["input_ids"])))
