@@ -223,6 +223,11 @@ def _audit(args) -> int:
 
 
 def _config(args) -> int:
+  if args.set and not args.config:
+    raise ValueError(
+      f"--set {args.set[0]} needs a config to apply to: `dpjax config NAME --set ...` "
+      "(without a config, `dpjax config` lists every key's default)"
+    )
   cfg = load_config(args.config, args.set or []) if args.config else None
   if cfg is not None and "teacher" in cfg:
     cfg = cfg.teacher

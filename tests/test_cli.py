@@ -444,6 +444,7 @@ def test_bad_workdirs_and_config_overrides_are_one_line(tmp_path, capsys):
     (["train", "synthetic", "--workdir", ""], "--workdir must name a directory, got ''"),
     (["train", str(tmp_path / "c.json")], "a config is a Python file (.py)"),
     (["config", "synthetic", "--set", "steps=-1"], "steps must be in [1, 10000000]"),
+    (["config", "--set", "steps=-1"], "--set steps=-1 needs a config to apply to"),
   ]:
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
