@@ -595,9 +595,9 @@ def curves_title(run: str, recs) -> str:
   spent = [r for r in recs if r.get("epsilon") is not None]
   if not spent:
     return f"{run}: {last['step']} steps, not private"
-  r = spent[-1]
-  guarantee = f"({r['epsilon']:.4g}, {r.get('delta', float('nan')):g})-DP"
-  return f"{run}: {last['step']} steps, {guarantee} per {r.get('privacy_unit', 'example')}"
+  r = spent[-1]  # a row with epsilon has its delta and unit (the loop writes them together)
+  guarantee = f"({r['epsilon']:.4g}, {r['delta']:g})-DP per {r['privacy_unit']}"
+  return f"{run}: {last['step']} steps, {guarantee}"
 
 
 # The trained parameters of a finished run that `dpjax export` reads (causal_lm runs).
