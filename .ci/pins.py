@@ -1,10 +1,10 @@
 """requirements.txt: every package and version of the environment CI tests with.
 
-    python .ci/pins.py write   # in a fresh venv after `pip install -e ".[test,parity,docs]"`
+    python .ci/pins.py write   # in a fresh venv after `pip install -e ".[test,parity,docs,wandb]"`
     python .ci/pins.py check   # this environment is exactly requirements.txt (.ci/run)
 
 setup.cfg keeps the loose install requirements (floors); requirements.txt pins
-what CI installs (`pip install -r requirements.txt -e ".[test,parity,docs]"`)
+what CI installs (`pip install -r requirements.txt -e ".[test,parity,docs,wandb]"`)
 and what a RESULTS.md figure's revision was measured with. `check` fails, one
 line per package, when the installed set differs from the pins: a dependency
 setup.cfg added that is not pinned, a pin nothing needs any more, or a
@@ -24,7 +24,7 @@ PINS = os.path.join(ROOT, "requirements.txt")
 HEADER = """\
 # The environment CI tests with: every package and version, pinned (the loose install
 # requirements and their floors are setup.cfg's). Generated in a fresh venv by
-#   pip install -e ".[test,parity,docs]" && python .ci/pins.py write
+#   pip install -e ".[test,parity,docs,wandb]" && python .ci/pins.py write
 # and checked by .ci/run (`python .ci/pins.py check`). Rebuild the environment a
 # RESULTS.md figure was measured in from its revision's copy of this file:
 #   pip install -r requirements.txt -e .

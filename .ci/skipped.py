@@ -1,4 +1,4 @@
-"""The test files a pytest run skipped tests of for want of an extra (torch, peft), one line.
+"""The test files a pytest run skipped tests of for want of an extra (torch, peft, wandb).
 
     python .ci/skipped.py JUNIT_XML   # e.g. "tests/test_causal_lm.py tests/test_tables.py"
 
@@ -14,7 +14,7 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import List
 
-EXTRAS = re.compile(r"torch|peft", re.I)
+EXTRAS = re.compile(r"torch|peft|wandb", re.I)
 
 
 def _file(dotted: str) -> str:

@@ -66,11 +66,37 @@ def test_plain_lines_timestamps_and_tensorboard(tmp_path, capsys):
 
 def test_bad_metric_writer_is_one_line_before_any_compute(tmp_path, capsys):
   w = tmp_path / "run"
-  argv = ["train", "configs/synthetic.py", "--workdir", str(w), "--set", "metric_writers=wandb"]
+  argv = ["train", "configs/synthetic.py", "--workdir", str(w), "--set", "metric_writers=mlflow"]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [
-    "dpjax: error: metric_writers must be comma-separated names from jsonl, tensorboard "
-    "(tensorboard needs tensorboardX), got 'wandb'"
+    "dpjax: error: metric_writers must be comma-separated names from jsonl, tensorboard, wandb "
+    "(tensorboard needs tensorboardX, wandb needs wandb), got 'mlflow'"
   ]
   assert not w.exists()
+
+
+def test_weights_and_biases_offline_gets_the_metrics_rows(tmp_path, monkeypatch, capsys):
+  wandb = pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account: files under WORKDIR
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  logged = []
+  real_init = wandb.init
+
+  def init(**kw):  # the real offline run, its log calls seen
+    run = real_init(**kw)
+    log = run.log
+    run.log = lambda row, step=None: logged.append((step, dict(row))) or log(row, step=step)
+    return run
+
+  monkeypatch.setattr(wandb, "init", init)
+  w = tmp_path / "run"
+  argv = ["train", "configs/synthetic.py", "--workdir", str(w), "--no-progress"]
+  argv += ["--set", "steps=4", "--set", "log_every=2", "--set", "metric_writers=jsonl,wandb"]
+  assert cli.main(argv) == 0
+  rows = [json.loads(line) for line in open(w / "metrics.jsonl")]
+  rows = [r for r in rows if "step" in r and "event" not in r and r["step"] > 0]
+  assert [s for s, _ in logged] == [r["step"] for r in rows] == [2, 4]
+  for (_, got), row in zip(logged, rows):
+    assert got["epsilon"] == pytest.approx(row["epsilon"]) and "step" not in got
+  assert list((w / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's file

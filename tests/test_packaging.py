@@ -102,7 +102,7 @@ def test_requirements_txt_pins_every_declared_requirement_within_its_range():
   cfg = configparser.ConfigParser()
   cfg.read(os.path.join(ROOT, "setup.cfg"))
   declared = cfg["options"]["install_requires"].splitlines()
-  for extra in ("test", "parity", "docs"):
+  for extra in ("test", "parity", "docs", "wandb"):
     declared += cfg["options.extras_require"][extra].splitlines()
   with open(os.path.join(ROOT, "requirements.txt")) as f:
     pins = _pins_module().parse(f)

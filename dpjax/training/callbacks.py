@@ -184,6 +184,47 @@ class LogLines(Callback):
     self.stream.flush()
 
 
+class WandbWriter(Callback):
+  """Weights & Biases: the run header as the W&B run's config, each numeric metric by step.
+
+  Needs the optional `wandb` (`pip install 'dpjax[wandb]'`); the spec refuses
+  `metric_writers=...wandb` without it before any compute. The project is
+  `WANDB_PROJECT` (default "dpjax"), the run named after the run directory;
+  `WANDB_MODE=offline` keeps everything under WORKDIR/wandb (`wandb sync`
+  uploads it later). The rows are those of metrics.jsonl: training, dev and
+  test metrics computed on your data without noise (monitoring, not a DP
+  release), so a W&B project holding them is as private as the data.
+  """
+
+  def __init__(self, workdir: str):
+    import wandb  # optional dependency
+
+    self.run = wandb.init(
+      project=os.environ.get("WANDB_PROJECT", "dpjax"),
+      name=os.path.basename(os.path.abspath(workdir)),
+      dir=workdir,
+    )
+
+  @staticmethod
+  def _numbers(rec: Dict[str, Any]) -> Dict[str, float]:
+    return {
+      k: v
+      for k, v in rec.items()
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+      if k != "step"
+    }
+
+  def on_start(self, header):
+    self.run.config.update(rundir.strict_json(header), allow_val_change=True)
+
+  def on_log(self, step, rec, state):
+    self.run.log(self._numbers(rec), step=int(step))
+
+  def on_end(self, final, state):
+    self.run.summary.update({f"final/{k}": v for k, v in self._numbers(final).items()})
+    self.run.finish()
+
+
 class TensorBoardWriter(Callback):
   """TensorBoard event files under WORKDIR/tensorboard: each numeric metric by step.
 

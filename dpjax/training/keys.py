@@ -48,14 +48,16 @@ _rate = (lambda v: 1e-12 <= v <= 1, "in [1e-12, 1]")
 _norm = (lambda v: 0 < v <= 1e9, "finite, > 0 and <= 1e9 (float32 sums overflow beyond)")
 _NUM, _INT, _STR, _DICT = (int, float), (int,), (str,), (dict, ml_collections.ConfigDict)
 
-METRIC_WRITERS = ("jsonl", "tensorboard")
+# Metric writers and the optional module each needs (None: none).
+METRIC_WRITERS = {"jsonl": None, "tensorboard": "tensorboardX", "wandb": "wandb"}
 
 
 def _writers_ok(value: str) -> bool:
   names = value.split(",")
   if not names or any(n not in METRIC_WRITERS for n in names) or len(set(names)) < len(names):
     return False
-  return "tensorboard" not in names or importlib.util.find_spec("tensorboardX") is not None
+  needs = [METRIC_WRITERS[n] for n in names if METRIC_WRITERS[n]]
+  return all(importlib.util.find_spec(m) is not None for m in needs)
 
 
 KEYS: Tuple[Key, ...] = (
@@ -379,9 +381,11 @@ KEYS: Tuple[Key, ...] = (
     "jsonl",
     _STR,
     "where metric rows go, comma-separated: jsonl (metrics.jsonl, curves.png), tensorboard "
-    "(WORKDIR/tensorboard, needs `pip install tensorboardX`)",
+    "(WORKDIR/tensorboard, needs `pip install tensorboardX`), wandb (Weights & Biases, needs "
+    "`pip install 'dpjax[wandb]'`; WANDB_MODE=offline keeps it under WORKDIR/wandb)",
     check=lambda v: _writers_ok(v),
-    allowed="comma-separated names from jsonl, tensorboard (tensorboard needs tensorboardX)",
+    allowed="comma-separated names from jsonl, tensorboard, wandb (tensorboard needs "
+    "tensorboardX, wandb needs wandb)",
     why="where metrics are written",
     run_control=True,
   ),

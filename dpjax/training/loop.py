@@ -76,6 +76,7 @@ from dpjax.training.callbacks import (
   PrivacyFile,
   ProgressBar,
   TensorBoardWriter,
+  WandbWriter,
   now,
   plan_line,
 )
@@ -572,6 +573,8 @@ def _callbacks(
     cbs.append(checkpointer)
   if workdir and lead and "tensorboard" in writers:
     cbs.append(TensorBoardWriter(workdir))
+  if workdir and lead and "wandb" in writers:
+    cbs.append(WandbWriter(workdir))
   if lead:
     cbs.append(ProgressBar(start, spec.steps) if progress else LogLines(spec.steps))
   return cbs, checkpointer
