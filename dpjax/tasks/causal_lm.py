@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +190,35 @@ def frozen_weights(params, dtype: str):
   )
 
 
+def lm_loss(model: Decoder, lora_alpha: Optional[float] = None) -> Callable:
+  """The per-example loss of the causal_lm task: mean next-token NLL over counted targets.
+
+  Args:
+    model: the decoder.
+    lora_alpha: LoRA's alpha when the trained parameters are LoRA factors over
+      the frozen base (`frozen`), or None when they are the model's own.
+
+  Returns:
+    `loss_fn(params, example, frozen) -> (loss, {"nll_sum", "tokens"})`; an
+    example holds `input_ids`, `attention_mask` and `loss_mask` [T].
+  """
+
+  def loss_fn(p, ex, frozen):
+    ids, mask, targets = ex["input_ids"][None], ex["attention_mask"][None], ex["loss_mask"]
+    if lora_alpha is None:
+      logits, _ = model.apply({"params": p}, ids, mask)
+    else:
+      with adapters.lora(p, alpha=lora_alpha):
+        logits, _ = model.apply({"params": frozen}, ids, mask)
+    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]
+    w = (targets[1:] * mask[0, 1:] * mask[0, :-1]).astype(jnp.float32)
+    total, count = jnp.sum(nll * w), jnp.sum(w)
+    return total / jnp.maximum(count, 1.0), {"nll_sum": total, "tokens": count}
+
+  return loss_fn
+
+
 def causal_lm(cfg) -> Task:
   """DP fine-tuning of a pretrained decoder on `task.data` (see the module docstring).
 
@@ -248,18 +277,7 @@ def causal_lm(cfg) -> Task:
   else:
     trainable, frozen = params, {}
 
-  def loss_fn(p, ex, frozen):
-    ids, mask, targets = ex["input_ids"][None], ex["attention_mask"][None], ex["loss_mask"]
-    if lora is None:
-      logits, _ = model.apply({"params": p}, ids, mask)
-    else:
-      with adapters.lora(p, alpha=scale):
-        logits, _ = model.apply({"params": frozen}, ids, mask)
-    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]
-    w = (targets[1:] * mask[0, 1:] * mask[0, :-1]).astype(jnp.float32)
-    total, count = jnp.sum(nll * w), jnp.sum(w)
-    return total / jnp.maximum(count, 1.0), {"nll_sum": total, "tokens": count}
+  loss_fn = lm_loss(model, None if lora is None else scale)
 
   def samples(p, n: int = 3, prompt_tokens: int = 8, new_tokens: int = 24, seed: int = 0):
     """n continuations of the first dev examples' first tokens (greedy), as text."""

@@ -1,0 +1,292 @@
+"""`dpjax plan-memory`: will a private step of this model fit, before any hardware is rented.
+
+From a Hugging Face `config.json` (or a shipped preset: `PRESETS`), a method
+(LoRA rank and targets, or full fine-tuning), dtypes, a physical batch and a
+sequence length, it builds the run's real private step -- the plan of a
+validated spec (`make_plan`), the loop's `accumulate` (clipped sum) and
+`apply_update` (noise -> normalize -> optimizer) -- on abstract shapes
+(`jax.ShapeDtypeStruct`: no weight is ever allocated), lowers and compiles
+it, and reads XLA's own `memory_analysis` and `cost_analysis`; the same for
+the non-private step of the same model and batch.
+
+What the numbers are: XLA's estimate for the backend it compiles for here.
+On a CPU that is the CPU compiler's buffer assignment; a GPU or TPU compile
+fuses differently (its temporaries are usually smaller, attention kernels
+differ), so treat a CPU figure as a planning estimate and leave headroom,
+as the output says. Parameters, optimizer state and the batch are exact
+(their shapes and dtypes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.models import adapters, hf
+from dpjax.models.decoder import Decoder, DecoderConfig, init_params
+from dpjax.tasks.causal_lm import FROZEN_DTYPES, lm_loss
+from dpjax.training import spec as spec_lib
+from dpjax.training.optimizer import make_optimizer
+from dpjax.training.plan import Secret, make_plan
+from dpjax.training.step import TrainState, accumulate, apply_update
+from dpjax.training.task import Task
+
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(hf.__file__)), "presets")
+CPU_NOTE = (
+  "XLA's estimate for this machine's backend ({backend}); a GPU/TPU compile fuses "
+  "differently (temporaries usually smaller): leave headroom"
+)
+
+
+def preset_names() -> list:
+  """The shipped model shapes (`config.json` files of public models, no weights).
+
+  Returns:
+    Their names, e.g. ["gemma-2-2b", "llama-3.1-8b", ...].
+  """
+  return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRESETS, "*.json")))
+
+
+def decoder_config(model: str, dtype: str) -> DecoderConfig:
+  """The decoder a preset name, a `config.json` file or a model directory describes.
+
+  Args:
+    model: a preset (`preset_names`), a config.json path, or a directory holding one.
+    dtype: the compute dtype.
+
+  Returns:
+    The DecoderConfig (raises FileNotFoundError, one line, for none of those).
+  """
+  from transformers import AutoConfig
+
+  path = os.path.join(PRESETS, model + ".json") if model in preset_names() else model
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{model!r} is neither a preset ({', '.join(preset_names())}), a config.json, nor a "
+      "directory holding one"
+    )
+  with open(path) as f:
+    fields = json.load(f)
+  kind = fields.pop("model_type", None)
+  if kind is None:
+    raise ValueError(f"{path}: no model_type (a Hugging Face config.json names its model type)")
+  return hf.from_hf_config(AutoConfig.for_model(kind, **fields), path, dtype)
+
+
+def _spec(private: bool, batch: int, clipping: str, optimizer: str):
+  cfg = {
+    "task": {"name": "plan-memory"},
+    "private": private,
+    "noise_multiplier": 1.0 if private else None,
+    "target_epsilon": None,
+    "batch_size": batch,
+    "physical_batch_size": batch,
+    "clipping_method": clipping,
+    "optimizer": optimizer,
+    "steps": 1,
+  }
+  return spec_lib.validate(spec_lib.with_defaults(cfg))
+
+
+def _bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def compiled_step(
+  cfg: DecoderConfig,
+  trainable,
+  frozen,
+  loss_fn,
+  *,
+  private: bool,
+  batch: int,
+  seq: int,
+  clipping: str,
+  optimizer: str,
+) -> Dict[str, Any]:
+  """One step of the loop (the plan's `accumulate` then `apply_update`), compiled on shapes.
+
+  Args:
+    cfg: the decoder's config.
+    trainable: the trained parameters' shapes (ShapeDtypeStructs).
+    frozen: the frozen parameters' shapes.
+    loss_fn: the per-example loss.
+    private: the DP step, or the non-private one.
+    batch: units per physical batch.
+    seq: tokens per unit.
+    clipping: "ghost" or "vmap".
+    optimizer: the optimizer's name.
+
+  Returns:
+    {"argument", "output", "alias", "temp", "peak", "flops", "bytes_accessed",
+    "optimizer_state"} (bytes, FLOPs).
+  """
+  spec = _spec(private, batch, clipping, optimizer)
+  ids = np.zeros((batch, seq), np.int32)  # the plan reads the data's size; nothing is run
+  data = {"input_ids": ids, "attention_mask": ids + 1, "loss_mask": ids + 1}
+  task = Task("plan-memory", trainable, frozen, loss_fn, data, {})
+  plan = make_plan(spec, task, secret=Secret.fresh())
+  tx = plan.transform(make_optimizer(spec.optimizer, 1e-3))
+  opt_state = jax.eval_shape(tx.init, trainable)
+
+  def step(params, opt_state, frozen, examples, mask):
+    gsum = jax.tree.map(jnp.zeros_like, params)
+    gsum, _ = accumulate(gsum, params, frozen, examples, mask, plan=plan, loss_fn=loss_fn)
+    return apply_update(TrainState(params, opt_state, jnp.zeros([], jnp.int32)), gsum, tx)
+
+  examples = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in data}
+  mask = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  compiled = (
+    jax.jit(step, donate_argnums=(0, 1))
+    .lower(trainable, opt_state, frozen, examples, mask)
+    .compile()
+  )
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = {
+    "argument": int(mem.argument_size_in_bytes),
+    "output": int(mem.output_size_in_bytes),
+    "alias": int(mem.alias_size_in_bytes),
+    "temp": int(mem.temp_size_in_bytes),
+    "flops": float(cost.get("flops", float("nan"))),
+    "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+    "optimizer_state": _bytes(opt_state),
+  }
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def plan_memory(
+  model: str,
+  *,
+  lora_rank: int = 16,
+  lora_targets: str = r".*attn/(q|k|v|o)",
+  dtype: str = "bfloat16",
+  frozen_dtype: str = "bfloat16",
+  batch: int = 4,
+  seq: int = 256,
+  clipping: str = "ghost",
+  optimizer: str = "adam",
+) -> Dict[str, Any]:
+  """The DP step's and the non-private step's memory and FLOPs, on one device.
+
+  Args:
+    model: a preset, a config.json, or a model directory (`decoder_config`).
+    lora_rank: LoRA's rank, or 0 for full fine-tuning.
+    lora_targets: the LoRA layers (a regex on parameter paths).
+    dtype: the compute dtype ("float32" or "bfloat16").
+    frozen_dtype: how the frozen base is stored (LoRA).
+    batch: units per physical batch.
+    seq: tokens per unit.
+    clipping: "ghost" or "vmap".
+    optimizer: the optimizer's name.
+
+  Returns:
+    {"model", "parameters", "trained", "trained_bytes", "frozen_bytes", "dp", "non_private",
+    "backend", "batch", "seq"}: "dp" and "non_private" as `compiled_step` gives them.
+  """
+  if batch < 1 or seq < 2:
+    raise ValueError(f"batch must be >= 1 and seq >= 2, got batch={batch}, seq={seq}")
+  if frozen_dtype not in FROZEN_DTYPES:
+    raise ValueError(f"frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+  cfg = dataclasses.replace(decoder_config(model, dtype), remat=False)
+  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
+  decoder = Decoder(cfg)
+  if lora_rank:
+    re.compile(lora_targets)
+    trainable = jax.eval_shape(
+      lambda p: adapters.init_lora(p, jax.random.PRNGKey(0), rank=lora_rank, targets=lora_targets),
+      params,
+    )
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), params)
+    loss_fn = lm_loss(decoder, float(lora_rank))
+  else:
+    trainable, frozen, loss_fn = params, {}, lm_loss(decoder)
+  run = dict(batch=batch, seq=seq, clipping=clipping, optimizer=optimizer)
+  return {
+    "model": model,
+    "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+    "trained": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable))),
+    "trained_bytes": _bytes(trainable),
+    "frozen_bytes": _bytes(frozen),
+    "dp": compiled_step(cfg, trainable, frozen, loss_fn, private=True, **run),
+    "non_private": compiled_step(cfg, trainable, frozen, loss_fn, private=False, **run),
+    "backend": jax.default_backend(),
+    "batch": batch,
+    "seq": seq,
+  }
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.4g} M"
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def parse_size(text: str) -> int:
+  """'16GiB', '80 GB', '512MiB' -> bytes.
+
+  Args:
+    text: a number and a unit (B, KB/KiB, MB/MiB, GB/GiB, TB/TiB).
+
+  Returns:
+    The bytes (raises ValueError naming what is allowed).
+  """
+  m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)\s*", text, flags=re.I)
+  if not m:
+    raise ValueError(f"--device-memory must look like 16GiB or 80GB, got {text!r}")
+  unit = m.group(2).upper()
+  power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+  return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
+
+
+def report(r: Dict[str, Any], device_memory: Optional[int] = None) -> str:
+  """`plan_memory`'s result as the lines `dpjax plan-memory` prints.
+
+  Args:
+    r: the result.
+    device_memory: one device's memory in bytes, or None.
+
+  Returns:
+    The text.
+  """
+  dp, base = r["dp"], r["non_private"]
+  rows = [
+    ("trained parameters", r["trained_bytes"], r["trained_bytes"]),
+    ("frozen parameters", r["frozen_bytes"], r["frozen_bytes"]),
+    ("optimizer state", dp["optimizer_state"], base["optimizer_state"]),
+    ("temporaries (activations, gradients)", dp["temp"], base["temp"]),
+    ("peak (arguments + outputs - donated + temporaries)", dp["peak"], base["peak"]),
+  ]
+  lines = [
+    f"{r['model']}: {_count(r['parameters'])} parameters, {_count(r['trained'])} trained, "
+    f"batch {r['batch']} x {r['seq']} tokens; one device",
+    f"{'':52s} {'DP step':>12s} {'non-private':>12s} {'ratio':>7s}",
+  ]
+  for name, a, b in rows:
+    ratio = f"{a / b:.3f}x" if b else "-"
+    lines.append(f"{name:52s} {_size(a):>12s} {_size(b):>12s} {ratio:>7s}")
+  for name, key in (("GFLOPs", "flops"), ("GB accessed", "bytes_accessed")):
+    a, b = dp[key] / 1e9, base[key] / 1e9
+    lines.append(f"{name:52s} {a:12.4g} {b:12.4g} {a / b if b else float('nan'):6.3f}x")
+  if device_memory:
+    fits = "fits" if dp["peak"] <= device_memory else "does NOT fit"
+    lines.append(f"the DP step {fits} a {_size(device_memory)} device (peak {_size(dp['peak'])})")
+  lines.append(CPU_NOTE.format(backend=r["backend"]))
+  return "\n".join(lines)
