@@ -38,10 +38,15 @@ def test_wheel_installed_in_a_fresh_venv_runs_a_shipped_config(tmp_path):
   }
   assert {"quickstart.py", "dp_flat/full.py", "__init__.py"} <= shipped
   with zipfile.ZipFile(wheel) as whl:
+    whl_names = whl.namelist()
     in_wheel = {
       n[len("dpjax/configs/") :] for n in whl.namelist() if n.startswith("dpjax/configs/")
     }
     assert {n for n in whl.namelist() if n.startswith("configs/")} == set()  # not top-level
+  presets = glob.glob(os.path.join(src, "dpjax", "models", "presets", "*.json"))
+  assert presets and {"dpjax/models/presets/" + os.path.basename(p) for p in presets} <= set(
+    whl_names
+  )  # `dpjax plan-memory`'s model shapes
   assert in_wheel == shipped
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
