@@ -33,6 +33,7 @@ def get_config():
   )
   c.private = True
   c.privacy_unit = "example"
+  c.users_per_step = 64  # with --set privacy_unit=user (ULS): expected users per step
   c.target_epsilon = 3.0
   c.noise_multiplier = None
   c.delta = 1e-5

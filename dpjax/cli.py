@@ -470,6 +470,33 @@ def main(argv=None) -> int:
   Returns:
     The exit status.
   """
+  # transformers' "PyTorch was not found" advice: dpjax runs its models in JAX, not torch
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    if argv[:2] == ["account", "lmo"]:
+      return _account_lmo(argv[2:])
+    args = parser().parse_args(argv)
+    return args.fn(args)
+  except (ValueError, FileNotFoundError, FileExistsError, RunLocked, MissingExtra) as e:
+    print(f"dpjax: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a full or read-only disk, a directory we may not write
+    where = f": {e.filename}" if e.filename else ""
+    print(
+      f"dpjax: error: {e.strerror or e}{where} (what was saved before it is intact: free "
+      "space or fix the permissions and rerun the same command to resume)",
+      file=sys.stderr,
+    )
+    return 2
+
+
+def parser() -> argparse.ArgumentParser:
+  """The `dpjax` command's argument parser (each subcommand's `fn` is what runs it).
+
+  Returns:
+    The parser.
+  """
   p = argparse.ArgumentParser(prog="dpjax", description=__doc__)
   p.add_argument("--version", action="version", version=f"dpjax {_version()}")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -613,25 +640,7 @@ def main(argv=None) -> int:
   s.add_argument("names", nargs="*")
   s.set_defaults(fn=_assets)
 
-  # transformers' "PyTorch was not found" advice: dpjax runs its models in JAX, not torch
-  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    if argv[:2] == ["account", "lmo"]:
-      return _account_lmo(argv[2:])
-    args = p.parse_args(argv)
-    return args.fn(args)
-  except (ValueError, FileNotFoundError, FileExistsError, RunLocked, MissingExtra) as e:
-    print(f"dpjax: error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:  # a full or read-only disk, a directory we may not write
-    where = f": {e.filename}" if e.filename else ""
-    print(
-      f"dpjax: error: {e.strerror or e}{where} (what was saved before it is intact: free "
-      "space or fix the permissions and rerun the same command to resume)",
-      file=sys.stderr,
-    )
-    return 2
+  return p
 
 
 if __name__ == "__main__":

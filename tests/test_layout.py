@@ -252,7 +252,7 @@ LONG_FUNCTIONS = {
   "dpjax/tasks/text_classification.py::text_classification": (
     "the task builder: data, tokenizer, model, trained subset and loss read in one order"
   ),
-  "dpjax/cli.py::main": "the argument parser: one add_argument per option of every command",
+  "dpjax/cli.py::parser": "the argument parser: one add_argument per option of every command",
   "dpjax/data/tables.py::load_labelled_text": (
     "one pass over the records that names the first bad one (text, split, label, pair)"
   ),
