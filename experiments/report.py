@@ -956,6 +956,57 @@ def bench_memory(file: str = "bench_memory") -> str:
   )
 
 
+@renderer
+def plan_memory(file: str = "plan_memory") -> str:
+  """`dpjax plan-memory` rows (`plan_memory.py`): the DP step beside the non-private one."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file),
+    lambda r: {
+      k: r[k] for k in ("model", "lora_rank", "batch", "seq", "dtype", "frozen_dtype", "clipping")
+    },
+  )
+  gib = 2**30
+  lines = []
+  for r in index.values():
+    dp, base = r["dp"], r["non_private"]
+    fits = ", ".join(f"{'yes' if dp['peak'] <= g * gib else 'no'}" for g in (16, 80))
+    lines.append(
+      [
+        r["revision"],
+        r["model"],
+        f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "full",
+        f"{r['batch']} x {r['seq']}",
+        f"{r['parameters'] / 1e9:.3f} B / {r['trained'] / 1e6:.3g} M",
+        f"{r['frozen_bytes'] / gib:.2f}",
+        f"{dp['peak'] / gib:.2f}",
+        f"{base['peak'] / gib:.2f}",
+        f"{dp['peak'] / base['peak']:.3f}x",
+        f"{dp['flops'] / 1e12:.3f}",
+        f"{dp['flops'] / base['flops']:.3f}x",
+        fits,
+        f"{r['seconds']:.0f}",
+      ]
+    )
+  return _table(
+    [
+      "revision",
+      "model",
+      "method",
+      "batch x seq",
+      "parameters / trained",
+      "frozen GiB (bf16)",
+      "DP peak GiB",
+      "non-private peak GiB",
+      "memory ratio",
+      "DP TFLOPs",
+      "FLOPs ratio",
+      "fits 16 / 80 GiB",
+      "compile s",
+    ],
+    lines,
+  )
+
+
 # --- the driver --------------------------------------------------------------
 
 
