@@ -976,7 +976,8 @@ def plan_memory(file: str = "plan_memory") -> str:
         r["model"],
         f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "full",
         f"{r['batch']} x {r['seq']}",
-        f"{r['parameters'] / 1e9:.3f} B / {r['trained'] / 1e6:.3g} M",
+        f"{r['parameters'] / 1e9:.3f} B / "
+        + (f"{r['trained'] / 1e9:.3f} B" if r["trained"] >= 1e9 else f"{r['trained'] / 1e6:.3g} M"),
         f"{r['frozen_bytes'] / gib:.2f}",
         f"{dp['peak'] / gib:.2f}",
         f"{base['peak'] / gib:.2f}",
