@@ -235,6 +235,8 @@ def causal_lm(cfg) -> Task:
   remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
   lora = lora_settings(t)
+  if t.frozen_dtype not in FROZEN_DTYPES:  # checked whatever the method, before any load
+    raise ValueError(f"task.frozen_dtype must be one of {FROZEN_DTYPES}, got {t.frozen_dtype!r}")
   frac = float(t.dev_fraction)
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")
