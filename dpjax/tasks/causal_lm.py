@@ -235,7 +235,7 @@ def causal_lm(cfg) -> Task:
   remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
   lora = lora_settings(t)
-  if t.frozen_dtype not in FROZEN_DTYPES:  # checked whatever the method, before any load
+  if t.frozen_dtype not in FROZEN_DTYPES:  # whatever the method, before the model loads
     raise ValueError(f"task.frozen_dtype must be one of {FROZEN_DTYPES}, got {t.frozen_dtype!r}")
   frac = float(t.dev_fraction)
   if not 0 < frac < 1:
