@@ -214,6 +214,7 @@ def test_bfloat16_compute_keeps_float32_weights(model_dir, tmp_path):
   for dtype in ("float32", "bfloat16"):
     cfg = _cfg(model_dir, data, noise_seed=3, clipping_method="ghost")
     cfg.task.dtype = dtype
+    cfg.task.frozen_dtype = "float32"  # the compute dtype alone (storage: the test above)
     task = build_task(cfg)
     assert task.info["decoder"].dtype == dtype
     ex = {k: v[0] for k, v in task.train.items()}

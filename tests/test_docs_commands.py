@@ -47,6 +47,8 @@ def test_the_docs_show_commands_of_every_kind():
 @pytest.mark.parametrize("where,command", DOCUMENTED, ids=[c for _, c in DOCUMENTED])
 def test_a_documented_command_is_taken_as_written(where, command, monkeypatch, capsys):
   monkeypatch.chdir(ROOT)  # the guides run from a checkout
+  if "metric_writers=" in command and "wandb" in command:  # the command names its extra
+    pytest.importorskip("wandb", reason="wandb: the command needs the wandb extra")
   argv = shlex.split(command)[1:]
   if argv[:2] == ["account", "lmo"]:
     assert cli.main(argv) == 0, (where, capsys.readouterr().err)
