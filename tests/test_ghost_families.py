@@ -1,11 +1,12 @@
 """Ghost clipping on every decoder family dpjax loads, against per-example (vmap) gradients.
 
 Tiny checkpoints with every parameter random (`hf_tiny`), loaded through the Hugging
-Face reader, a batch with padded units (attention masks), ignored tokens (loss masks) and
-padding units of the batch (`mask`): `clipped_grad(method="ghost")` must give the clipped
-sum, the per-unit norms and the loss of `method="vmap"`, in full fine-tuning and with LoRA
-factors on the attention projections (the base frozen, stored in bfloat16 as the LoRA task
-stores it). A LoRA step changes the factors only.
+Face reader, the causal_lm task's own loss (`lm_loss`), a batch with padded units
+(attention masks), ignored tokens (loss masks) and padding units of the batch (`mask`):
+`clipped_grad(method="ghost")` must give the clipped sum, the per-unit norms and the loss
+of `method="vmap"`, in full fine-tuning and with LoRA factors on the attention projections
+(the base frozen, stored in bfloat16 as the LoRA task stores it). A LoRA step changes the
+factors only.
 """
 
 import jax
@@ -17,6 +18,7 @@ import dpjax
 from dpjax.models import adapters
 from dpjax.models.decoder import Decoder
 from dpjax.models.hf import load_decoder
+from dpjax.tasks.causal_lm import lm_loss
 
 pytest.importorskip("torch", reason="torch (CPU) writes the tiny checkpoints")
 from tests import hf_tiny  # noqa: E402
@@ -60,34 +62,18 @@ def _batch(n=5, seed=0):
   lengths = r.integers(T // 2, T + 1, n)
   mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
   ignored = r.random((n, T)) < 0.3  # tokens the loss does not count
-  return {
-    "ids": jnp.asarray(hf_tiny.ids((n, T), seed)),
-    "mask": jnp.asarray(mask),
+  return {  # the causal_lm task's example layout
+    "input_ids": jnp.asarray(hf_tiny.ids((n, T), seed)),
+    "attention_mask": jnp.asarray(mask),
     "loss_mask": jnp.asarray((~ignored).astype(np.int32)),
   }
-
-
-def _loss(model, lora_alpha=None):
-  def loss(p, ex, frozen=None):
-    ids, mask, counted = ex["ids"][None], ex["mask"][None], ex["loss_mask"]
-    if lora_alpha is None:
-      logits, _ = model.apply({"params": p}, ids, mask)
-    else:
-      with adapters.lora(p, alpha=lora_alpha):
-        logits, _ = model.apply({"params": frozen}, ids, mask)
-    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]
-    w = (counted[1:] * mask[0, 1:] * mask[0, :-1]).astype(jnp.float32)
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-  return loss
 
 
 def _check_ghost_equals_vmap(loss, params, batch, *args, clip):
   units = jnp.array([1.0, 0.0, 1.0, 1.0, 1.0])  # a padding unit of the batch
   out = {}
   for method in ("vmap", "ghost"):
-    fn = dpjax.clipped_grad(loss, l2_clip_norm=clip, method=method)
+    fn = dpjax.clipped_grad(loss, has_aux=True, l2_clip_norm=clip, method=method)
     out[method] = jax.jit(lambda p, b, *a, fn=fn: fn(p, b, *a, mask=units))(params, batch, *args)
   (gv, av), (gg, ag) = out["vmap"], out["ghost"]
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(gv))
@@ -97,7 +83,8 @@ def _check_ghost_equals_vmap(loss, params, batch, *args, clip):
     np.testing.assert_allclose(np.asarray(ng), np.asarray(nv), rtol=2e-5)
   np.testing.assert_allclose(np.asarray(ag.loss), np.asarray(av.loss), rtol=1e-6)
   assert float(jnp.max(jax.tree.leaves(av.norms)[0])) > clip  # the bound binds
-  rules = dpjax.clipped_grad(loss, l2_clip_norm=clip, method="ghost").rules(params, batch, *args)
+  ghost = dpjax.clipped_grad(loss, has_aux=True, l2_clip_norm=clip, method="ghost")
+  rules = ghost.rules(params, batch, *args)
   return rules
 
 
@@ -108,7 +95,7 @@ def _check_ghost_equals_vmap(loss, params, batch, *args, clip):
 )
 def test_full_fine_tuning_ghost_equals_vmap(tmp_path, family, tie, over):
   cfg, params = _checkpoint(tmp_path, family, tie, over)
-  rules = _check_ghost_equals_vmap(_loss(Decoder(cfg)), params, _batch(), clip=0.05)
+  rules = _check_ghost_equals_vmap(lm_loss(Decoder(cfg)), params, _batch(), {}, clip=0.05)
   assert "ghost" in rules.values()  # not everything fell back to per-example gradients
 
 
@@ -131,7 +118,7 @@ def test_lora_ghost_equals_vmap_on_a_bfloat16_base(tmp_path, family, tie, over):
     factors,
   )
   frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  loss = _loss(Decoder(cfg), lora_alpha=8.0)
+  loss = lm_loss(Decoder(cfg), lora_alpha=8.0)
   rules = _check_ghost_equals_vmap(loss, factors, _batch(), frozen, clip=0.05)
   assert "ghost" in rules.values()
 
@@ -143,7 +130,9 @@ def test_a_lora_step_changes_the_factors_only(tmp_path):
   factors = adapters.init_lora(params, jax.random.PRNGKey(1), rank=4, targets=r".*attn/(q|v)")
   frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   before = jax.tree.map(np.asarray, frozen)
-  grad_fn = dpjax.clipped_grad(_loss(Decoder(cfg), 8.0), l2_clip_norm=1.0, method="ghost")
+  grad_fn = dpjax.clipped_grad(
+    lm_loss(Decoder(cfg), 8.0), has_aux=True, l2_clip_norm=1.0, method="ghost"
+  )
   tx = optax.chain(
     dpjax.mechanisms.gaussian(
       noise_multiplier=1.0, l2_sensitivity=grad_fn.sensitivity(), key=jax.random.PRNGKey(2)

@@ -32,7 +32,7 @@ import numpy as np
 
 from dpjax.models import adapters, hf
 from dpjax.models.decoder import Decoder, DecoderConfig, init_params
-from dpjax.tasks.causal_lm import FROZEN_DTYPES, lm_loss
+from dpjax.tasks.causal_lm import check_frozen_dtype, lm_loss
 from dpjax.training import spec as spec_lib
 from dpjax.training.optimizer import make_optimizer
 from dpjax.training.plan import Secret, make_plan
@@ -198,8 +198,7 @@ def plan_memory(
   """
   if batch < 1 or seq < 2:
     raise ValueError(f"batch must be >= 1 and seq >= 2, got batch={batch}, seq={seq}")
-  if frozen_dtype not in FROZEN_DTYPES:
-    raise ValueError(f"frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+  check_frozen_dtype(frozen_dtype, "frozen_dtype")
   cfg = dataclasses.replace(decoder_config(model, dtype), remat=False)
   params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
   decoder = Decoder(cfg)

@@ -173,6 +173,17 @@ def merged_params(t, params, trained):
   return adapters.merge_lora(params, trained, alpha=float(lora["alpha"]))
 
 
+def check_frozen_dtype(dtype: str, name: str = "task.frozen_dtype") -> None:
+  """Raises ValueError (one line naming `name`) unless `dtype` is one of `FROZEN_DTYPES`.
+
+  Args:
+    dtype: the storage dtype asked for.
+    name: how the caller's user sets it.
+  """
+  if dtype not in FROZEN_DTYPES:
+    raise ValueError(f"{name} must be one of {FROZEN_DTYPES}, got {dtype!r}")
+
+
 def frozen_weights(params, dtype: str):
   """The weights that are not trained, as the device stores them (`task.frozen_dtype`).
 
@@ -183,8 +194,7 @@ def frozen_weights(params, dtype: str):
   Returns:
     The tree, each floating-point leaf in `dtype` (one leaf converted at a time).
   """
-  if dtype not in FROZEN_DTYPES:
-    raise ValueError(f"task.frozen_dtype must be one of {FROZEN_DTYPES}, got {dtype!r}")
+  check_frozen_dtype(dtype)
   return jax.tree.map(
     lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
   )
@@ -235,8 +245,7 @@ def causal_lm(cfg) -> Task:
   remat = remat_blocks(cfg)
   rows = _shakespeare_rows() if t.data == "shakespeare" else read_examples(t.data)
   lora = lora_settings(t)
-  if t.frozen_dtype not in FROZEN_DTYPES:  # whatever the method, before the model loads
-    raise ValueError(f"task.frozen_dtype must be one of {FROZEN_DTYPES}, got {t.frozen_dtype!r}")
+  check_frozen_dtype(t.frozen_dtype)  # whatever the method, before the model loads
   frac = float(t.dev_fraction)
   if not 0 < frac < 1:
     raise ValueError(f"task.dev_fraction must be in (0, 1), got {frac}")

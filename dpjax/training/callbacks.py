@@ -184,6 +184,15 @@ class LogLines(Callback):
     self.stream.flush()
 
 
+def _numbers(rec: Dict[str, Any]) -> Dict[str, float]:
+  """A metrics row's finite numbers, its step left out: what the metric writers plot."""
+  return {
+    k: v
+    for k, v in rec.items()
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and k != "step"
+  }
+
+
 class WandbWriter(Callback):
   """Weights & Biases: the run header as the W&B run's config, each numeric metric by step.
 
@@ -205,23 +214,14 @@ class WandbWriter(Callback):
       dir=workdir,
     )
 
-  @staticmethod
-  def _numbers(rec: Dict[str, Any]) -> Dict[str, float]:
-    return {
-      k: v
-      for k, v in rec.items()
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-      if k != "step"
-    }
-
   def on_start(self, header):
     self.run.config.update(rundir.strict_json(header), allow_val_change=True)
 
   def on_log(self, step, rec, state):
-    self.run.log(self._numbers(rec), step=int(step))
+    self.run.log(_numbers(rec), step=int(step))
 
   def on_end(self, final, state):
-    self.run.summary.update({f"final/{k}": v for k, v in self._numbers(final).items()})
+    self.run.summary.update({f"final/{k}": v for k, v in _numbers(final).items()})
     self.run.finish()
 
 
@@ -241,10 +241,8 @@ class TensorBoardWriter(Callback):
     self.writer.add_text("run", json.dumps(rundir.strict_json(header), indent=1), 0)
 
   def _scalars(self, prefix: str, step: int, rec: Dict[str, Any]) -> None:
-    for k, v in rec.items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-        if k != "step":
-          self.writer.add_scalar(prefix + k, v, step)
+    for k, v in _numbers(rec).items():
+      self.writer.add_scalar(prefix + k, v, step)
     self.writer.flush()
 
   def on_log(self, step, rec, state):
