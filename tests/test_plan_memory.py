@@ -70,10 +70,15 @@ def test_the_lora_step_is_compiled_on_shapes_with_a_bfloat16_base(tmp_path):
 
 
 def test_bad_plan_memory_input_is_one_line_before_compiling(tmp_path, capsys):
+  n = jax.device_count()  # JAX has started: no virtual devices are made any more
   for argv, msg in [
     (["plan-memory", "llama-9b"], "is neither a preset (gemma-2-2b, llama-3.1-8b"),
     (["plan-memory", "llama-3.2-1b", "--device-memory", "16 parsecs"], "must look like 16GiB"),
     (["plan-memory", "llama-3.2-1b", "--batch", "0"], "batch must be >= 1"),
+    (["plan-memory", "llama-3.2-1b", "--mesh", "0x2"], "--mesh must be DATAxMODEL with both >= 1"),
+    (["plan-memory", "llama-3.2-1b", "--mesh", "8"], "--mesh must be DATAxMODEL"),
+    (["plan-memory", "llama-3.2-1b", "--batch", "3", "--mesh", "2x1"], "batch 3 must divide"),
+    (["plan-memory", "llama-3.2-1b", "--mesh", "4x4"], f"needs 16 devices; this process has {n}"),
   ]:
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()

@@ -24,15 +24,17 @@ import glob
 import json
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from dpjax.models import adapters, hf
 from dpjax.models.decoder import Decoder, DecoderConfig, init_params
 from dpjax.tasks.causal_lm import check_frozen_dtype, lm_loss
+from dpjax.training import sharding as shard_lib
 from dpjax.training import spec as spec_lib
 from dpjax.training.optimizer import make_optimizer
 from dpjax.training.plan import Secret, make_plan
@@ -102,6 +104,54 @@ def _bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def _device_bytes(tree, mesh: Optional[Mesh]) -> int:
+  """One device's share of `tree` as the loop places it (`sharding.param_sharding`)."""
+  if mesh is None:
+    return _bytes(tree)
+  at = shard_lib.param_sharding(tree, mesh)
+  return int(
+    sum(
+      np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+      for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(at))
+    )
+  )
+
+
+def mesh_devices(data: int, model: int) -> Optional[Mesh]:
+  """A `("data", "model")` mesh of `data` x `model` devices, virtual CPU ones if need be.
+
+  When this process has fewer devices than the mesh needs and JAX has not
+  started yet, CPU devices are made (`jax_num_cpu_devices`, never fewer than
+  XLA_FLAGS asks for): the compile then plans a pod from one machine.
+
+  Args:
+    data: devices on the batch axis.
+    model: devices on the parameter axis (FSDP-style splits).
+
+  Returns:
+    The Mesh, or None for one device (raises ValueError, one line, when the
+    devices cannot be had).
+  """
+  if data < 1 or model < 1:
+    raise ValueError(f"--mesh must be DATAxMODEL with both >= 1, got {data}x{model}")
+  n = data * model
+  if n == 1:
+    return None
+  flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  try:
+    jax.config.update("jax_num_cpu_devices", max(n, int(flag.group(1)) if flag else 1))
+  except RuntimeError:  # JAX has started: the devices it has are the ones there are
+    pass
+  devices = jax.devices() if jax.device_count() >= n else jax.devices("cpu")
+  if len(devices) < n:
+    raise ValueError(
+      f"--mesh {data}x{model} needs {n} devices; this process has {len(devices)} "
+      f"(virtual CPU devices are made before JAX starts: XLA_FLAGS="
+      f"--xla_force_host_platform_device_count={n}, or `dpjax plan-memory` in a fresh process)"
+    )
+  return shard_lib.make_mesh(devices[:n], model=model)
+
+
 def compiled_step(
   cfg: DecoderConfig,
   trainable,
@@ -113,8 +163,13 @@ def compiled_step(
   seq: int,
   clipping: str,
   optimizer: str,
+  mesh: Optional[Mesh] = None,
 ) -> Dict[str, Any]:
   """One step of the loop (the plan's `accumulate` then `apply_update`), compiled on shapes.
+
+  On a mesh the step is compiled as the loop places it: the batch split over
+  "data", the trained and frozen parameters and the optimizer state split over
+  "model" (`sharding.param_sharding`); XLA's analyses are then per device.
 
   Args:
     cfg: the decoder's config.
@@ -122,14 +177,15 @@ def compiled_step(
     frozen: the frozen parameters' shapes.
     loss_fn: the per-example loss.
     private: the DP step, or the non-private one.
-    batch: units per physical batch.
+    batch: units per physical batch (all devices together).
     seq: tokens per unit.
     clipping: "ghost" or "vmap".
     optimizer: the optimizer's name.
+    mesh: the device mesh, or None (one device).
 
   Returns:
     {"argument", "output", "alias", "temp", "peak", "flops", "bytes_accessed",
-    "optimizer_state"} (bytes, FLOPs).
+    "optimizer_state"} (bytes and FLOPs per device).
   """
   spec = _spec(private, batch, clipping, optimizer)
   ids = np.zeros((batch, seq), np.int32)  # the plan reads the data's size; nothing is run
@@ -146,11 +202,23 @@ def compiled_step(
 
   examples = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in data}
   mask = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  compiled = (
-    jax.jit(step, donate_argnums=(0, 1))
-    .lower(trainable, opt_state, frozen, examples, mask)
-    .compile()
-  )
+  args = (trainable, opt_state, frozen, examples, mask)
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  if mesh is not None:
+    rows = shard_lib.batch_sharding(mesh)
+    params_at = shard_lib.param_sharding(trainable, mesh)
+    state_at = TrainState(
+      params_at, shard_lib.param_sharding(opt_state, mesh), shard_lib.replicated(mesh)
+    )
+    in_at = (
+      params_at,
+      state_at.opt_state,
+      shard_lib.param_sharding(frozen, mesh),
+      jax.tree.map(lambda _: rows, examples),
+      rows,
+    )
+    jitted = jax.jit(step, donate_argnums=(0, 1), in_shardings=in_at, out_shardings=state_at)
+  compiled = jitted.lower(*args).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -161,7 +229,7 @@ def compiled_step(
     "temp": int(mem.temp_size_in_bytes),
     "flops": float(cost.get("flops", float("nan"))),
     "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-    "optimizer_state": _bytes(opt_state),
+    "optimizer_state": _device_bytes(opt_state, mesh),
   }
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
@@ -178,8 +246,9 @@ def plan_memory(
   seq: int = 256,
   clipping: str = "ghost",
   optimizer: str = "adam",
+  mesh: Tuple[int, int] = (1, 1),
 ) -> Dict[str, Any]:
-  """The DP step's and the non-private step's memory and FLOPs, on one device.
+  """The DP step's and the non-private step's memory and FLOPs, per device.
 
   Args:
     model: a preset, a config.json, or a model directory (`decoder_config`).
@@ -191,14 +260,19 @@ def plan_memory(
     seq: tokens per unit.
     clipping: "ghost" or "vmap".
     optimizer: the optimizer's name.
+    mesh: (data, model) devices (`mesh_devices`); (1, 1) is one device.
 
   Returns:
     {"model", "parameters", "trained", "trained_bytes", "frozen_bytes", "dp", "non_private",
-    "backend", "batch", "seq"}: "dp" and "non_private" as `compiled_step` gives them.
+    "backend", "batch", "seq", "mesh", "device_trained_bytes", "device_frozen_bytes"}: "dp"
+    and "non_private" as `compiled_step` gives them; "device_*" one device's share.
   """
   if batch < 1 or seq < 2:
     raise ValueError(f"batch must be >= 1 and seq >= 2, got batch={batch}, seq={seq}")
   check_frozen_dtype(frozen_dtype, "frozen_dtype")
+  devices = mesh_devices(*mesh)  # before compiling anything
+  if batch % mesh[0]:
+    raise ValueError(f"batch {batch} must divide over the mesh's {mesh[0]} data devices")
   cfg = dataclasses.replace(decoder_config(model, dtype), remat=False)
   params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
   decoder = Decoder(cfg)
@@ -212,7 +286,7 @@ def plan_memory(
     loss_fn = lm_loss(decoder, float(lora_rank))
   else:
     trainable, frozen, loss_fn = params, {}, lm_loss(decoder)
-  run = dict(batch=batch, seq=seq, clipping=clipping, optimizer=optimizer)
+  run = dict(batch=batch, seq=seq, clipping=clipping, optimizer=optimizer, mesh=devices)
   return {
     "model": model,
     "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
@@ -224,6 +298,9 @@ def plan_memory(
     "backend": jax.default_backend(),
     "batch": batch,
     "seq": seq,
+    "mesh": list(mesh),
+    "device_trained_bytes": _device_bytes(trainable, devices),
+    "device_frozen_bytes": _device_bytes(frozen, devices),
   }
 
 
@@ -255,6 +332,21 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
+def parse_mesh(text: str) -> Tuple[int, int]:
+  """'8x8' -> (8, 8): devices on the data axis and on the model axis.
+
+  Args:
+    text: DATAxMODEL.
+
+  Returns:
+    (data, model) (raises ValueError naming what is allowed).
+  """
+  m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+  if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+    raise ValueError(f"--mesh must be DATAxMODEL with both >= 1, e.g. 8x8, got {text!r}")
+  return int(m.group(1)), int(m.group(2))
+
+
 def report(r: Dict[str, Any], device_memory: Optional[int] = None) -> str:
   """`plan_memory`'s result as the lines `dpjax plan-memory` prints.
 
@@ -266,16 +358,20 @@ def report(r: Dict[str, Any], device_memory: Optional[int] = None) -> str:
     The text.
   """
   dp, base = r["dp"], r["non_private"]
+  data, model = r["mesh"]
+  where = "one device"
+  if data * model > 1:
+    where = f"per device of a {data} x {model} (data x model) mesh"
   rows = [
-    ("trained parameters", r["trained_bytes"], r["trained_bytes"]),
-    ("frozen parameters", r["frozen_bytes"], r["frozen_bytes"]),
+    ("trained parameters", r["device_trained_bytes"], r["device_trained_bytes"]),
+    ("frozen parameters", r["device_frozen_bytes"], r["device_frozen_bytes"]),
     ("optimizer state", dp["optimizer_state"], base["optimizer_state"]),
     ("temporaries (activations, gradients)", dp["temp"], base["temp"]),
     ("peak (arguments + outputs - donated + temporaries)", dp["peak"], base["peak"]),
   ]
   lines = [
     f"{r['model']}: {_count(r['parameters'])} parameters, {_count(r['trained'])} trained, "
-    f"batch {r['batch']} x {r['seq']} tokens; one device",
+    f"batch {r['batch']} x {r['seq']} tokens; {where}",
     f"{'':52s} {'DP step':>12s} {'non-private':>12s} {'ratio':>7s}",
   ]
   for name, a, b in rows:
@@ -289,3 +385,54 @@ def report(r: Dict[str, Any], device_memory: Optional[int] = None) -> str:
     lines.append(f"the DP step {fits} a {_size(device_memory)} device (peak {_size(dp['peak'])})")
   lines.append(CPU_NOTE.format(backend=r["backend"]))
   return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+  """`dpjax plan-memory`'s arguments.
+
+  Args:
+    parser: its argparse parser.
+  """
+  parser.add_argument(
+    "model",
+    help="a preset (" + ", ".join(preset_names()) + "), a config.json, or a model directory",
+  )
+  parser.add_argument("--lora-rank", type=int, default=16, help="LoRA's rank; 0: full fine-tuning")
+  parser.add_argument("--lora-targets", default=r".*attn/(q|k|v|o)", help="LoRA layers (a regex)")
+  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--frozen-dtype", default="bfloat16", help="the frozen base's storage dtype")
+  parser.add_argument("--batch", type=int, default=4, help="units per physical batch (all devices)")
+  parser.add_argument("--seq", type=int, default=256, help="tokens per unit")
+  parser.add_argument("--clipping", default="ghost", choices=["ghost", "vmap"])
+  parser.add_argument("--device-memory", default=None, help="one device's memory, e.g. 16GiB, 80GB")
+  parser.add_argument(
+    "--mesh",
+    default="1x1",
+    help="DATAxMODEL devices, e.g. 8x8: batch split over data, parameters over model "
+    "(virtual CPU devices when this machine has fewer)",
+  )
+
+
+def command(args) -> int:
+  """`dpjax plan-memory`: every input checked (one line each), then the compiles, then the table.
+
+  Args:
+    args: the parsed arguments (`add_arguments`).
+
+  Returns:
+    The exit status.
+  """
+  device = parse_size(args.device_memory) if args.device_memory else None
+  result = plan_memory(
+    args.model,
+    lora_rank=args.lora_rank,
+    lora_targets=args.lora_targets,
+    dtype=args.dtype,
+    frozen_dtype=args.frozen_dtype,
+    batch=args.batch,
+    seq=args.seq,
+    clipping=args.clipping,
+    mesh=parse_mesh(args.mesh),
+  )
+  print(report(result, device))
+  return 0

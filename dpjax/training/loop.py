@@ -439,6 +439,8 @@ def _run(
   )
   tx = plan.transform(optimizer)
   place = Placement.of(task, tx, mesh)
+  if mesh is not None:  # the frozen base split like the trained parameters, never replicated
+    task = task._replace(frozen=shard_lib.shard_params(task.frozen, mesh))
   ckpt = rundir.Checkpoints(workdir) if workdir else None
   try:
     start = 0 if meta is None else meta["step"]
