@@ -24,7 +24,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -152,8 +152,15 @@ def mesh_devices(data: int, model: int) -> Optional[Mesh]:
   return shard_lib.make_mesh(devices[:n], model=model)
 
 
-def compiled_step(
-  cfg: DecoderConfig,
+class Step(NamedTuple):
+  """One step of the loop for a model and a batch shape, jitted, not yet compiled."""
+
+  fn: Callable  # (params, opt_state, frozen, examples, mask) -> TrainState, params/state donated
+  tx: Any  # the private (or plain) optimizer: tx.init(params) is the optimizer state
+  args: tuple  # the arguments' shapes (ShapeDtypeStructs)
+
+
+def build_step(
   trainable,
   frozen,
   loss_fn,
@@ -164,17 +171,17 @@ def compiled_step(
   clipping: str,
   optimizer: str,
   mesh: Optional[Mesh] = None,
-) -> Dict[str, Any]:
-  """One step of the loop (the plan's `accumulate` then `apply_update`), compiled on shapes.
+) -> Step:
+  """One step of the loop (the plan's `accumulate` then `apply_update`) on one physical batch.
 
-  On a mesh the step is compiled as the loop places it: the batch split over
-  "data", the trained and frozen parameters and the optimizer state split over
-  "model" (`sharding.param_sharding`); XLA's analyses are then per device.
+  The plan is a validated spec's (`make_plan`) with a fresh secret; on a mesh
+  the step is jitted as the loop places it: the batch split over "data", the
+  trained and frozen parameters and the optimizer state split over "model"
+  (`sharding.param_sharding`).
 
   Args:
-    cfg: the decoder's config.
-    trainable: the trained parameters' shapes (ShapeDtypeStructs).
-    frozen: the frozen parameters' shapes.
+    trainable: the trained parameters (or their ShapeDtypeStructs).
+    frozen: the frozen parameters (or their shapes).
     loss_fn: the per-example loss.
     private: the DP step, or the non-private one.
     batch: units per physical batch (all devices together).
@@ -184,8 +191,7 @@ def compiled_step(
     mesh: the device mesh, or None (one device).
 
   Returns:
-    {"argument", "output", "alias", "temp", "peak", "flops", "bytes_accessed",
-    "optimizer_state"} (bytes and FLOPs per device).
+    The `Step`.
   """
   spec = _spec(private, batch, clipping, optimizer)
   ids = np.zeros((batch, seq), np.int32)  # the plan reads the data's size; nothing is run
@@ -193,7 +199,8 @@ def compiled_step(
   task = Task("plan-memory", trainable, frozen, loss_fn, data, {})
   plan = make_plan(spec, task, secret=Secret.fresh())
   tx = plan.transform(make_optimizer(spec.optimizer, 1e-3))
-  opt_state = jax.eval_shape(tx.init, trainable)
+  shapes = jax.eval_shape(lambda t: t, (trainable, frozen))
+  opt_state = jax.eval_shape(tx.init, shapes[0])
 
   def step(params, opt_state, frozen, examples, mask):
     gsum = jax.tree.map(jnp.zeros_like, params)
@@ -202,23 +209,40 @@ def compiled_step(
 
   examples = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in data}
   mask = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  args = (trainable, opt_state, frozen, examples, mask)
-  jitted = jax.jit(step, donate_argnums=(0, 1))
-  if mesh is not None:
-    rows = shard_lib.batch_sharding(mesh)
-    params_at = shard_lib.param_sharding(trainable, mesh)
-    state_at = TrainState(
-      params_at, shard_lib.param_sharding(opt_state, mesh), shard_lib.replicated(mesh)
-    )
-    in_at = (
-      params_at,
-      state_at.opt_state,
-      shard_lib.param_sharding(frozen, mesh),
-      jax.tree.map(lambda _: rows, examples),
-      rows,
-    )
-    jitted = jax.jit(step, donate_argnums=(0, 1), in_shardings=in_at, out_shardings=state_at)
-  compiled = jitted.lower(*args).compile()
+  args = (shapes[0], opt_state, shapes[1], examples, mask)
+  if mesh is None:
+    return Step(jax.jit(step, donate_argnums=(0, 1)), tx, args)
+  rows = shard_lib.batch_sharding(mesh)
+  params_at = shard_lib.param_sharding(shapes[0], mesh)
+  state_at = TrainState(
+    params_at, shard_lib.param_sharding(opt_state, mesh), shard_lib.replicated(mesh)
+  )
+  in_at = (
+    params_at,
+    state_at.opt_state,
+    shard_lib.param_sharding(shapes[1], mesh),
+    jax.tree.map(lambda _: rows, examples),
+    rows,
+  )
+  fn = jax.jit(step, donate_argnums=(0, 1), in_shardings=in_at, out_shardings=state_at)
+  return Step(fn, tx, args)
+
+
+def compiled_step(trainable, frozen, loss_fn, **run) -> Dict[str, Any]:
+  """XLA's memory and cost analyses of `build_step(trainable, frozen, loss_fn, **run)`.
+
+  Args:
+    trainable: the trained parameters' shapes.
+    frozen: the frozen parameters' shapes.
+    loss_fn: the per-example loss.
+    **run: `build_step`'s keywords (private, batch, seq, clipping, optimizer, mesh).
+
+  Returns:
+    {"argument", "output", "alias", "temp", "peak", "flops", "bytes_accessed",
+    "optimizer_state"} (bytes and FLOPs per device).
+  """
+  step = build_step(trainable, frozen, loss_fn, **run)
+  compiled = step.fn.lower(*step.args).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -229,10 +253,41 @@ def compiled_step(
     "temp": int(mem.temp_size_in_bytes),
     "flops": float(cost.get("flops", float("nan"))),
     "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-    "optimizer_state": _device_bytes(opt_state, mesh),
+    "optimizer_state": _device_bytes(step.args[1], run.get("mesh")),
   }
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
+
+
+def model_parts(
+  model: str, *, lora_rank: int, lora_targets: str, dtype: str, frozen_dtype: str
+) -> Tuple[DecoderConfig, Any, Any, Any, Callable]:
+  """The decoder a model names and what a run of it trains, as shapes.
+
+  Args:
+    model: a preset, a config.json, or a model directory (`decoder_config`).
+    lora_rank: LoRA's rank, or 0 for full fine-tuning.
+    lora_targets: the LoRA layers (a regex on parameter paths).
+    dtype: the compute dtype.
+    frozen_dtype: how the frozen base is stored (LoRA).
+
+  Returns:
+    (config, every parameter's shape, the trained ones', the frozen ones', the
+    per-example loss).
+  """
+  check_frozen_dtype(frozen_dtype, "frozen_dtype")
+  cfg = dataclasses.replace(decoder_config(model, dtype), remat=False)
+  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
+  decoder = Decoder(cfg)
+  if not lora_rank:
+    return cfg, params, params, {}, lm_loss(decoder)
+  re.compile(lora_targets)
+  trainable = jax.eval_shape(
+    lambda p: adapters.init_lora(p, jax.random.PRNGKey(0), rank=lora_rank, targets=lora_targets),
+    params,
+  )
+  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), params)
+  return cfg, params, trainable, frozen, lm_loss(decoder, float(lora_rank))
 
 
 def plan_memory(
@@ -269,23 +324,16 @@ def plan_memory(
   """
   if batch < 1 or seq < 2:
     raise ValueError(f"batch must be >= 1 and seq >= 2, got batch={batch}, seq={seq}")
-  check_frozen_dtype(frozen_dtype, "frozen_dtype")
   devices = mesh_devices(*mesh)  # before compiling anything
   if batch % mesh[0]:
     raise ValueError(f"batch {batch} must divide over the mesh's {mesh[0]} data devices")
-  cfg = dataclasses.replace(decoder_config(model, dtype), remat=False)
-  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
-  decoder = Decoder(cfg)
-  if lora_rank:
-    re.compile(lora_targets)
-    trainable = jax.eval_shape(
-      lambda p: adapters.init_lora(p, jax.random.PRNGKey(0), rank=lora_rank, targets=lora_targets),
-      params,
-    )
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), params)
-    loss_fn = lm_loss(decoder, float(lora_rank))
-  else:
-    trainable, frozen, loss_fn = params, {}, lm_loss(decoder)
+  _, params, trainable, frozen, loss_fn = model_parts(
+    model,
+    lora_rank=lora_rank,
+    lora_targets=lora_targets,
+    dtype=dtype,
+    frozen_dtype=frozen_dtype,
+  )
   run = dict(batch=batch, seq=seq, clipping=clipping, optimizer=optimizer, mesh=devices)
   return {
     "model": model,
@@ -293,8 +341,8 @@ def plan_memory(
     "trained": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable))),
     "trained_bytes": _bytes(trainable),
     "frozen_bytes": _bytes(frozen),
-    "dp": compiled_step(cfg, trainable, frozen, loss_fn, private=True, **run),
-    "non_private": compiled_step(cfg, trainable, frozen, loss_fn, private=False, **run),
+    "dp": compiled_step(trainable, frozen, loss_fn, private=True, **run),
+    "non_private": compiled_step(trainable, frozen, loss_fn, private=False, **run),
     "backend": jax.default_backend(),
     "batch": batch,
     "seq": seq,
