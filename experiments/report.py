@@ -20,7 +20,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import rows as rows_lib  # experiments/rows.py, beside this script
@@ -957,28 +957,36 @@ def bench_memory(file: str = "bench_memory") -> str:
 
 
 @renderer
-def plan_memory(file: str = "plan_memory") -> str:
-  """`dpjax plan-memory` rows (`plan_memory.py`): the DP step beside the non-private one."""
+def plan_memory(file: str = "plan_memory", seq: Optional[str] = None) -> str:
+  """`dpjax plan-memory` rows (`plan_memory.py`): the DP step beside the non-private one.
+
+  Per device. `seq`: "256" for the rows at that length, "long" for the others.
+  """
   index = rows_lib.dedupe(
     rows_lib.load(file),
     lambda r: {
-      k: r[k] for k in ("model", "lora_rank", "batch", "seq", "dtype", "frozen_dtype", "clipping")
+      k: r.get(k, "1x1") if k == "mesh" else r[k]
+      for k in ("model", "lora_rank", "batch", "seq", "mesh", "dtype", "frozen_dtype", "clipping")
     },
   )
   gib = 2**30
   lines = []
   for r in index.values():
+    if seq is not None and (r["seq"] == 256) != (seq == "256"):
+      continue
     dp, base = r["dp"], r["non_private"]
     fits = ", ".join(f"{'yes' if dp['peak'] <= g * gib else 'no'}" for g in (16, 80))
+    frozen = r.get("device_frozen_bytes", r["frozen_bytes"])  # rows before meshes: one device
     lines.append(
       [
         r["revision"],
         r["model"],
         f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "full",
+        r.get("mesh", "1x1"),
         f"{r['batch']} x {r['seq']}",
         f"{r['parameters'] / 1e9:.3f} B / "
         + (f"{r['trained'] / 1e9:.3f} B" if r["trained"] >= 1e9 else f"{r['trained'] / 1e6:.3g} M"),
-        f"{r['frozen_bytes'] / gib:.2f}",
+        f"{frozen / gib:.2f}",
         f"{dp['peak'] / gib:.2f}",
         f"{base['peak'] / gib:.2f}",
         f"{dp['peak'] / base['peak']:.3f}x",
@@ -993,16 +1001,64 @@ def plan_memory(file: str = "plan_memory") -> str:
       "revision",
       "model",
       "method",
-      "batch x seq",
+      "mesh (data x model)",
+      "batch x seq (all devices)",
       "parameters / trained",
-      "frozen GiB (bf16)",
-      "DP peak GiB",
+      "frozen GiB per device (bf16)",
+      "DP peak GiB per device",
       "non-private peak GiB",
       "memory ratio",
-      "DP TFLOPs",
+      "DP TFLOPs per device",
       "FLOPs ratio",
       "fits 16 / 80 GiB",
       "compile s",
+    ],
+    lines,
+  )
+
+
+@renderer
+def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
+  """`bench_1b_cpu.py` rows: the 1B-shaped DP-LoRA step beside the non-private one."""
+  runs: Dict[tuple, Dict[str, dict]] = {}
+  for r in rows_lib.load(file):
+    key = (r["revision"], r["model"], r["lora_rank"], r["batch"], r["seq"], r["steps"])
+    runs.setdefault(key, {})[r["mode"]] = r
+  lines = []
+  for (revision, model, rank, batch, seq, steps), modes in runs.items():
+    if set(modes) != {"dp", "non_private"}:
+      continue
+    dp, base = modes["dp"], modes["non_private"]
+    lines.append(
+      [
+        revision,
+        model,
+        f"LoRA r{rank}",
+        f"{batch} x {seq}",
+        str(steps),
+        _ms(dp["step_s"], ".1f"),
+        _ms(base["step_s"], ".1f"),
+        f"{dp['step_s_mean'] / base['step_s_mean']:.3f}x",
+        f"{dp['peak_rss_gib']:.2f}",
+        f"{base['peak_rss_gib']:.2f}",
+        f"{dp['peak_rss_gib'] / base['peak_rss_gib']:.3f}x",
+        f"{dp['base_rss_gib']:.2f}",
+      ]
+    )
+  return _table(
+    [
+      "revision",
+      "model",
+      "method",
+      "batch x seq",
+      "timed steps",
+      "DP s / step",
+      "non-private s / step",
+      "time ratio",
+      "DP peak RSS GiB",
+      "non-private peak RSS GiB",
+      "RSS ratio",
+      "RSS with the weights built GiB",
     ],
     lines,
   )
