@@ -1018,14 +1018,15 @@ def plan_memory(file: str = "plan_memory", seq: Optional[str] = None) -> str:
 
 
 @renderer
-def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
-  """`bench_1b_cpu.py` rows: the 1B-shaped DP-LoRA step beside the non-private one."""
+def bench_1b(file: str = "bench_1b", rows: Optional[List[dict]] = None) -> str:
+  """`bench_1b.py` rows (`file`'s, or `rows`): the DP-LoRA step beside the non-private one."""
   runs: Dict[tuple, Dict[str, dict]] = {}
-  for r in rows_lib.load(file):
-    key = (r["revision"], r["model"], r["lora_rank"], r["batch"], r["seq"], r["steps"])
+  for r in rows_lib.load(file) if rows is None else rows:
+    dtype = r.get("dtype", "float32")  # the first rows: float32 compute, on this CPU
+    key = (r["revision"], r["model"], r["lora_rank"], r["batch"], r["seq"], dtype, r["steps"])
     runs.setdefault(key, {})[r["mode"]] = r
   lines = []
-  for (revision, model, rank, batch, seq, steps), modes in runs.items():
+  for (revision, model, rank, batch, seq, dtype, steps), modes in runs.items():
     if set(modes) != {"dp", "non_private"}:
       continue
     dp, base = modes["dp"], modes["non_private"]
@@ -1035,6 +1036,7 @@ def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
         model,
         f"LoRA r{rank}",
         f"{batch} x {seq}",
+        dtype,
         str(steps),
         _ms(dp["step_s"], ".1f"),
         _ms(base["step_s"], ".1f"),
@@ -1043,6 +1045,10 @@ def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
         f"{base['peak_rss_gib']:.2f}",
         f"{dp['peak_rss_gib'] / base['peak_rss_gib']:.3f}x",
         f"{dp['base_rss_gib']:.2f}",
+        " / ".join(
+          "-" if m.get("device_peak_gib") is None else f"{m['device_peak_gib']:.2f}"
+          for m in (dp, base)
+        ),
       ]
     )
   return _table(
@@ -1051,6 +1057,7 @@ def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
       "model",
       "method",
       "batch x seq",
+      "compute",
       "timed steps",
       "DP s / step",
       "non-private s / step",
@@ -1059,6 +1066,7 @@ def bench_1b_cpu(file: str = "bench_1b_cpu") -> str:
       "non-private peak RSS GiB",
       "RSS ratio",
       "RSS with the weights built GiB",
+      "device peak GiB (DP / non-private)",
     ],
     lines,
   )

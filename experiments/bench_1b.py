@@ -1,15 +1,17 @@
-"""A Llama-3.2-1B-shaped DP-LoRA step on this CPU, beside the non-private LoRA step.
+"""A Llama-3.2-1B-shaped DP-LoRA step, beside the non-private LoRA step (CPU or GPU).
 
-  python experiments/bench_1b_cpu.py                  # the run recorded in RESULTS.md
-  python experiments/bench_1b_cpu.py --model /path/to/config.json --steps 2 --seq 32
-  (add --record to append the rows to experiments/results/bench_1b_cpu.jsonl)
+  python experiments/bench_1b.py                  # the CPU run recorded in RESULTS.md
+  python experiments/bench_1b.py --model /path/to/config.json --steps 2 --seq 32
+  python experiments/bench_1b.py --dtype bfloat16 --steps 8 --out OUT.jsonl   # on a GPU
+  (add --record to append the rows to experiments/results/bench_1b.jsonl)
 
 The model is the `llama-3.2-1b` preset's shape (`dpjax plan-memory`'s presets: the
 public config.json, 1.236 B parameters) with RANDOM weights: no 1B checkpoint is on the
 package index, and a step's time and memory do not depend on the weights' values. LoRA
 rank 16 on q/k/v/o (float32 factors, the only trained parameters), the frozen base
 stored in bfloat16 (`task.frozen_dtype`'s default), float32 compute (`task.dtype`'s
-default), ghost clipping, Adam; one physical batch of 4 x 256 random tokens per step.
+default; `--dtype bfloat16` on an accelerator), ghost clipping, Adam; one physical batch
+of 4 x 256 random tokens per step.
 
 Each mode (dp, non_private) runs in a process of its own, so that its peak RSS is its
 own: the process builds the base leaf by leaf in bfloat16, resets the kernel's
@@ -17,12 +19,13 @@ high-water mark (/proc/self/clear_refs), compiles the loop's step
 (`dpjax.pipelines.plan_memory.build_step`: the plan's `accumulate` then `apply_update`,
 the parameters and optimizer state donated), runs `--steps` steps after one warm-up
 step, and reports: seconds per step (mean, std), the peak RSS over compile and steps
-(VmHWM), the compile seconds, and how far the factors moved (the steps did train).
+(VmHWM), on an accelerator its peak device memory (`memory_stats`), the compile
+seconds, and how far the factors moved (the steps did train).
 The modes run one after the other, never at once (a timing).
 
-Row (JSON line): mode, model, lora_rank, batch, seq, steps, step_s (list), step_s_mean,
-step_s_std, compile_s, peak_rss_gib, base_rss_gib (after the weights were built),
-factors_moved, revision, machine.
+Row (JSON line): mode, model, lora_rank, batch, seq, dtype, steps, step_s (list),
+step_s_mean, step_s_std, compile_s, peak_rss_gib, base_rss_gib (after the weights were
+built), device_peak_gib (None on a CPU), backend, factors_moved, revision, machine.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import rows as rows_lib  # noqa: E402
 
-NAME = "bench_1b_cpu"
+NAME = "bench_1b"
 MODES = ("dp", "non_private")
 
 
@@ -65,7 +68,7 @@ def _one(a) -> dict:
     a.model,
     lora_rank=a.rank,
     lora_targets=r".*attn/(q|k|v|o)",
-    dtype="float32",
+    dtype=a.dtype,
     frozen_dtype="bfloat16",
   )
   rng = np.random.default_rng(0)
@@ -114,7 +117,11 @@ def _one(a) -> dict:
     print(f"{a.mode} step {i}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
   end = jax.tree.leaves(params)
   moved = max(float(np.max(np.abs(np.asarray(x) - y))) for x, y in zip(end, start))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
   return dict(
+    backend=jax.default_backend(),
+    device_peak_gib=None if peak is None or jax.default_backend() == "cpu" else peak / 2**30,
     step_s=times,
     step_s_mean=float(np.mean(times)),
     step_s_std=float(np.std(times)),
@@ -132,22 +139,30 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute")
+  p.add_argument("--out", help="also append the rows to this JSONL file")
   p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in this process
   p.add_argument("--record", action="store_true")
   a = p.parse_args(argv)
   if a.mode:
     print(json.dumps(_one(a)))
     return 0
-  setting = dict(model=a.model, lora_rank=a.rank, batch=a.batch, seq=a.seq, steps=a.steps)
+  setting = dict(
+    model=a.model, lora_rank=a.rank, batch=a.batch, seq=a.seq, dtype=a.dtype, steps=a.steps
+  )
   rows = []
   for mode in MODES:
     cmd = [sys.executable, __file__, "--mode", mode, "--model", a.model, "--rank", str(a.rank)]
     cmd += ["--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps)]
+    cmd += ["--dtype", a.dtype]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     row = dict(json.loads(out.strip().splitlines()[-1]), mode=mode, **setting)
     row.update(revision=rows_lib.revision(), machine=rows_lib.machine())
     print(json.dumps(row), flush=True)
     rows.append(row)
+    if a.out:
+      with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
   dp, base = rows
   print(
     f"DP / non-private: step time {dp['step_s_mean'] / base['step_s_mean']:.3f}x, "
