@@ -93,6 +93,8 @@ def test_dpjax_plan_prints_a_certified_table(capsys):
     (["--steps", "40", "--batch", "9000"], "1 <= batch <= 8441 units"),
     (["--budget", "10240", "--accountant", "edgeworth"], "estimates epsilon"),
     (["--budget", "10240", "--delta", "2"], "delta"),
+    (["--budget", "10240", "--tuning", "1"], "--tuning must be ETA,GAMMA"),
+    (["--budget", "10240", "--tuning=-2,0.1"], "eta must be a number > -1"),
   ],
 )
 def test_what_cannot_be_planned_is_one_line(extra, msg, capsys):
@@ -100,3 +102,22 @@ def test_what_cannot_be_planned_is_one_line(extra, msg, capsys):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
+
+
+def test_a_tuned_plan_covers_the_best_of_k_runs():
+  """With --tuning the epsilon is the selection's (test_selection checks that bound)."""
+  from dpjax.core.accounting import events, selection
+
+  (p,) = planner.plan_points(3.0, 1e-5, N, budget=10240, batches=[256], tuning=(1.0, 0.1))
+  (one,) = planner.plan_points(3.0, 1e-5, N, budget=10240, batches=[256])
+  assert p.expected_runs == pytest.approx(10.0) and one.expected_runs == 1.0
+  assert p.noise_multiplier > one.noise_multiplier  # ten expected runs cost noise
+
+  def tuned(sigma):
+    return selection.selection_epsilon(events.dpsgd_event(sigma, 256 / N, 40), 1e-5, 1.0, 0.1)
+
+  assert tuned(p.noise_multiplier) == pytest.approx(p.epsilon)
+  assert 3.0 * 0.99 <= p.epsilon <= 3.0
+  assert tuned(0.98 * p.noise_multiplier) > 3.0  # calibrated: a little less noise fails
+  with pytest.raises(ValueError, match="gamma must be in"):
+    planner.plan_points(3.0, 1e-5, N, budget=10240, tuning=(1.0, 0.0))

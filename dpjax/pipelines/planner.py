@@ -18,15 +18,26 @@ optimiser can use: points with fewer than `min_steps` steps are left out,
 and the output says so. The planner does not suggest a learning rate: with
 a TAN ranking that is not modelled (a rule of thumb from the same paper: at
 equal sigma / B, the learning rate found at a small batch carries over).
+
+Tuning. The plan is for ONE run. Trying several configurations on the
+private data and keeping the best is a release too: with `tuning=(eta,
+gamma)` each point's sigma is calibrated so that the best of K ~ TNB(eta,
+gamma) runs at that point (each with its own noise) meets the target
+(`dpjax.core.accounting.selection`, Papernot and Steinke 2022; RDP, so
+the calibration is by the RDP accountant whatever `accountant` says).
+Without it, choose among the points on public or held-out data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from dpjax.core import accounting
+from dpjax.core.accounting import events as ev
+from dpjax.core.accounting import selection
+from dpjax.core.accounting.calibrate import calibrate_scale
 from dpjax.core.checks import check_delta, check_epsilon, check_unit
 
 MIN_STEPS = 40  # the fewest steps a ranked point may take (the utility study's 40)
@@ -46,6 +57,7 @@ class OperatingPoint:
   epochs: float  # T B / N
   tan: float  # sigma / (q sqrt(T)): the total amount of noise
   score: float  # the criterion's value (smaller is better)
+  expected_runs: float = 1.0  # E[K] of the tuning the epsilon covers (1: one run)
 
 
 def batch_grid(num_units: int, budget: int, min_steps: int, min_batch: int = MIN_BATCH) -> list:
@@ -83,6 +95,7 @@ def plan_points(
   max_examples_per_user: int = 1,
   accountant: str = "pld",
   criterion: Optional[Callable[[OperatingPoint], float]] = None,
+  tuning: Optional[Tuple[float, float]] = None,
 ) -> List[OperatingPoint]:
   """The operating points meeting the target within the budget, best first.
 
@@ -100,6 +113,7 @@ def plan_points(
     max_examples_per_user: ELS's cap G.
     accountant: a name in `dpjax.core.accounting.ACCOUNTANTS` that bounds epsilon.
     criterion: a point -> its predicted loss (smaller is better); default TAN.
+    tuning: (eta, gamma): the epsilon covers the best of K ~ TNB(eta, gamma) runs.
 
   Returns:
     The points, ranked (raises ValueError, one line, when none can be planned).
@@ -107,6 +121,10 @@ def plan_points(
   check_epsilon(target_epsilon)
   check_delta(delta)
   check_unit(unit, sampling, max_examples_per_user)
+  if tuning is not None:
+    selection.check_tnb(*tuning)
+    if unit != "example":
+      raise ValueError("a tuning's epsilon is planned per example only (unit='example')")
   if accountant in accounting.ESTIMATES:
     raise ValueError(f"accountant {accountant!r} estimates epsilon; a plan is certified by a bound")
   if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
@@ -134,13 +152,27 @@ def plan_points(
   for b in grid:
     t = steps if steps is not None else budget // b
     q = b / num_units
-    kw = dict(unit=unit, sampling=sampling, max_examples_per_user=max_examples_per_user)
-    sigma = accounting.calibrate_noise(target_epsilon, delta, q, t, accountant, **kw)
-    eps = accounting.epsilon_spent(sigma, q, t, delta, accountant, **kw)
+    if tuning is None:
+      kw = dict(unit=unit, sampling=sampling, max_examples_per_user=max_examples_per_user)
+      sigma = accounting.calibrate_noise(target_epsilon, delta, q, t, accountant, **kw)
+      eps, runs = accounting.epsilon_spent(sigma, q, t, delta, accountant, **kw), 1.0
+    else:
+      sigma, eps = _tuned_noise(target_epsilon, delta, q, t, *tuning)
+      runs = selection.tnb_mean(*tuning)
     tan = sigma / (q * math.sqrt(t))
-    p = OperatingPoint(b, t, sigma, q, eps, sigma / b, t * b / num_units, tan, tan)
+    p = OperatingPoint(b, t, sigma, q, eps, sigma / b, t * b / num_units, tan, tan, runs)
     points.append(dataclasses.replace(p, score=criterion(p)) if criterion else p)
   return sorted(points, key=lambda p: (p.score, -p.batch))
+
+
+def _tuned_noise(target_epsilon, delta, q, steps, eta, gamma) -> Tuple[float, float]:
+  """The least sigma (to 0.5 % in epsilon) whose best-of-TNB tuning meets the target."""
+
+  def eps_of(sigma: float) -> float:
+    return selection.selection_epsilon(ev.dpsgd_event(sigma, q, steps), delta, eta, gamma)
+
+  sigma = calibrate_scale(eps_of, target_epsilon)
+  return sigma, eps_of(sigma)
 
 
 def report(
@@ -170,6 +202,13 @@ def report(
     The text.
   """
   what = f"a budget of {budget} gradient evaluations" if budget else "the given steps x batch"
+  runs = points[0].expected_runs if points else 1.0
+  if runs != 1.0:  # a tuning: RDP's selection bound, over the best of K runs
+    what += (
+      f" per run; the epsilon covers releasing the best of K random runs (E[K] = {runs:.3g}, "
+      "Papernot-Steinke TNB), each with the sigma shown"
+    )
+    accountant = "rdp"
   lines = [
     f"({target_epsilon}, {delta})-DP per {unit}, {what}; sigma calibrated and epsilon "
     f"certified by the {accountant} accountant (an upper bound); ranked by TAN = "
@@ -186,6 +225,23 @@ def report(
   if len(points) > top:
     lines.append(f"({len(points) - top} more; --top N shows them)")
   return "\n".join(lines)
+
+
+def parse_tuning(text: str) -> Tuple[float, float]:
+  """'1,0.1' -> (1.0, 0.1): TNB's eta and gamma.
+
+  Args:
+    text: ETA,GAMMA.
+
+  Returns:
+    (eta, gamma) (raises ValueError, one line, naming what is allowed).
+  """
+  try:
+    eta, gamma = (float(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"--tuning must be ETA,GAMMA (e.g. 1,0.1), got {text!r}") from None
+  selection.check_tnb(eta, gamma)
+  return eta, gamma
 
 
 def add_arguments(parser) -> None:
@@ -215,6 +271,12 @@ def add_arguments(parser) -> None:
     "--max-examples-per-user", "--G", dest="G", type=int, default=1, help="ELS: the cap G"
   )
   parser.add_argument("--accountant", default="pld")
+  parser.add_argument(
+    "--tuning",
+    metavar="ETA,GAMMA",
+    help="the epsilon covers the best of K ~ TNB(ETA, GAMMA) runs, e.g. 1,0.1 (geometric, "
+    "10 runs expected): hyper-parameter search on the private data, accounted",
+  )
   parser.add_argument("--top", type=int, default=10, help="points printed")
   parser.add_argument("--json", action="store_true", help="one JSON line per point instead")
 
@@ -245,6 +307,7 @@ def command(args) -> int:
     batch=args.batch,
     sampling=args.user_sampling if user else None,
     max_examples_per_user=args.G if user else 1,
+    tuning=parse_tuning(args.tuning) if args.tuning else None,
     **kw,
   )
   if args.json:
