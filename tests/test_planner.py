@@ -86,7 +86,7 @@ def test_dpjax_plan_prints_a_certified_table(capsys):
 @pytest.mark.parametrize(
   "extra,msg",
   [
-    (["--budget", "100"], "allows no batch of >= 16 units"),
+    (["--budget", "100"], "allows no batch >= 16 (each <= N = 8441) for 40 steps"),
     (["--budget", "0"], "the budget must be >= 1"),
     (["--budget", "10240", "--steps", "40", "--batch", "256"], "not both"),
     (["--steps", "40"], "give a budget of gradient evaluations, or steps and batch"),
@@ -94,6 +94,8 @@ def test_dpjax_plan_prints_a_certified_table(capsys):
     (["--budget", "10240", "--accountant", "edgeworth"], "estimates epsilon"),
     (["--budget", "10240", "--delta", "2"], "delta"),
     (["--budget", "10240", "--tuning", "1"], "--tuning must be ETA,GAMMA"),
+    (["--budget", "10240", "--batches", "64,x"], "--batches must be integers >= 1"),
+    (["--budget", "10240", "--batches", "4096"], "allows none of the batches [4096]"),
     (["--budget", "10240", "--tuning=-2,0.1"], "eta must be a number > -1"),
   ],
 )

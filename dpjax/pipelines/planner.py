@@ -143,10 +143,10 @@ def plan_points(
     grid = sorted(batches) if batches else batch_grid(num_units, budget, min_steps)
     grid = [b for b in grid if 1 <= b <= num_units and budget // b >= min_steps]
     if not grid:
+      which = f"none of the batches {sorted(batches)}" if batches else f"no batch >= {MIN_BATCH}"
       raise ValueError(
-        f"a budget of {budget} gradient evaluations allows no batch of >= {MIN_BATCH} units "
-        f"(and <= N = {num_units}) for {min_steps} steps: raise the budget or lower "
-        "the fewest steps"
+        f"a budget of {budget} gradient evaluations allows {which} (each <= N = {num_units}) "
+        f"for {min_steps} steps: raise the budget or lower the fewest steps (--min-steps)"
       )
   points = []
   for b in grid:
@@ -244,6 +244,24 @@ def parse_tuning(text: str) -> Tuple[float, float]:
   return eta, gamma
 
 
+def parse_batches(text: str) -> List[int]:
+  """'64,256' -> [64, 256].
+
+  Args:
+    text: B,B,... (integers >= 1).
+
+  Returns:
+    The batches (raises ValueError, one line, naming what is allowed).
+  """
+  try:
+    out = [int(x) for x in text.split(",")]
+  except ValueError:
+    out = []
+  if not out or min(out) < 1:
+    raise ValueError(f"--batches must be integers >= 1 like 64,256, got {text!r}")
+  return out
+
+
 def add_arguments(parser) -> None:
   """`dpjax plan`'s arguments.
 
@@ -256,6 +274,11 @@ def add_arguments(parser) -> None:
   parser.add_argument("--budget", type=int, help="gradient evaluations: steps x expected batch")
   parser.add_argument("--steps", type=int, help="with --batch: certify this one point")
   parser.add_argument("--batch", type=int, help="expected units per step (with --steps)")
+  parser.add_argument(
+    "--batches",
+    metavar="B,B,...",
+    help="the expected batches to try (default: 2^k and 3 x 2^(k-1) from 16 to what fits)",
+  )
   parser.add_argument(
     "--min-steps", type=int, default=MIN_STEPS, help="the fewest steps a ranked point may take"
   )
@@ -308,6 +331,7 @@ def command(args) -> int:
     sampling=args.user_sampling if user else None,
     max_examples_per_user=args.G if user else 1,
     tuning=parse_tuning(args.tuning) if args.tuning else None,
+    batches=parse_batches(args.batches) if args.batches else None,
     **kw,
   )
   if args.json:
