@@ -1072,6 +1072,49 @@ def bench_1b(file: str = "bench_1b", rows: Optional[List[dict]] = None) -> str:
   )
 
 
+@renderer
+def utility_model(file: str = "utility_model") -> str:
+  """`utility_model.py` rows: the frozen-head task's grid over (eps, B, T)."""
+  index = rows_lib.dedupe(
+    rows_lib.load(file), lambda r: {k: r[k] for k in ("eps", "batch", "steps")}
+  )
+  lines = []
+  for r in sorted(index.values(), key=lambda r: (r["eps"], r["batch"], r["steps"])):
+    lines.append(
+      [
+        r["revision"],
+        _g(r["eps"]),
+        str(r["batch"]),
+        str(r["steps"]),
+        f"{r['sigma']:.3f}",
+        f"{r['noise_batch_ratio']:.2e}",
+        f"{r['tan']:.3f}",
+        f"{r['dev_loss']:.4f}",
+        f"{100 * r['dev_accuracy']:.2f} %",
+        f"{100 * r['test_accuracy']:.2f} %",
+        f"{r['epsilon']:.3f}",
+        f"{r['seconds']:.0f}",
+      ]
+    )
+  return _table(
+    [
+      "revision",
+      "target eps",
+      "batch B",
+      "steps T",
+      "sigma",
+      "sigma / B",
+      "TAN",
+      "dev loss",
+      "dev accuracy",
+      "test accuracy",
+      "epsilon",
+      "run s",
+    ],
+    lines,
+  )
+
+
 # --- the driver --------------------------------------------------------------
 
 

@@ -94,6 +94,7 @@ def test_dpjax_plan_prints_a_certified_table(capsys):
     (["--budget", "10240", "--accountant", "edgeworth"], "estimates epsilon"),
     (["--budget", "10240", "--delta", "2"], "delta"),
     (["--budget", "10240", "--tuning", "1"], "--tuning must be ETA,GAMMA"),
+    (["--budget", "10240", "--min-steps", "0"], "--top and --min-steps must be >= 1"),
     (["--budget", "10240", "--batches", "64,x"], "--batches must be integers >= 1"),
     (["--budget", "10240", "--batches", "4096"], "allows none of the batches [4096]"),
     (["--budget", "10240", "--tuning=-2,0.1"], "eta must be a number > -1"),
@@ -123,3 +124,34 @@ def test_a_tuned_plan_covers_the_best_of_k_runs():
   assert tuned(0.98 * p.noise_multiplier) > 3.0  # calibrated: a little less noise fails
   with pytest.raises(ValueError, match="gamma must be in"):
     planner.plan_points(3.0, 1e-5, N, budget=10240, tuning=(1.0, 0.0))
+
+
+def test_a_fitted_model_ranks_the_points_and_flags_those_outside_its_grid(tmp_path, capsys):
+  # loss = -log T: more steps predicted better; the grid covers T in [40, 60] only
+  model = {
+    "family": "toy",
+    "target": "dev_loss",
+    "coef": [0.0, 0.0, -1.0, 0.0, 0.0],
+    "ratio_range": [1e-6, 1.0],
+    "steps_range": [40, 60],
+    "loo_rmse": 0.01,
+    "constant_rmse": 0.02,
+    "source": "a test",
+  }
+  path = tmp_path / "toy.json"
+  path.write_text(json.dumps(model))
+  argv = ["plan", "--target-epsilon", "3", "--units", str(N), "--budget", "2560"]
+  assert cli.main(argv + ["--model", str(path)]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert "fitted toy model's predicted dev_loss" in out[0]
+  rows = [line.split() for line in out[2:]]
+  # inside the grid (T = 2560 / B in [40, 60]: B = 48 and 64) first, each part by -log T
+  assert [int(r[1]) for r in rows] == [48, 64, 16, 24, 32]
+  assert [r[-1] == "*" for r in rows] == [False, False, True, True, True]
+  for r in rows:
+    steps = int(r[2])
+    predicted = float(r[9])
+    assert predicted == pytest.approx(-math.log(steps), abs=1e-4)  # features @ coef by hand
+  assert cli.main(argv + ["--model", str(tmp_path / "none.json")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "none.json': no such file" in err[0]

@@ -31,7 +31,9 @@ Without it, choose among the points on public or held-out data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from dpjax.core import accounting
@@ -58,6 +60,67 @@ class OperatingPoint:
   tan: float  # sigma / (q sqrt(T)): the total amount of noise
   score: float  # the criterion's value (smaller is better)
   expected_runs: float = 1.0  # E[K] of the tuning the epsilon covers (1: one run)
+
+
+def model_features(ratio, steps):
+  """A utility model's inputs: 1, x, y, x^2, x y with x = log(sigma / B), y = log T.
+
+  Args:
+    ratio: sigma / B (array or float).
+    steps: T (same shape).
+
+  Returns:
+    The design matrix [..., 5].
+  """
+  import numpy as np
+
+  x, y = np.log(np.asarray(ratio, float)), np.log(np.asarray(steps, float))
+  return np.stack([np.ones_like(x), x, y, x * x, x * y], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilityModel:
+  """A fitted model of a task family's loss against (sigma / B, T) (`model_features`).
+
+  Fitted by `experiments/utility_model.py` on a grid of private runs; valid inside
+  the grid's ranges (`ratio_range`, `steps_range`), for that task and learning rate.
+  """
+
+  family: str
+  target: str  # what it predicts, e.g. "dev_loss"
+  coef: tuple
+  ratio_range: tuple  # (min, max) sigma / B of the grid
+  steps_range: tuple  # (min, max) T of the grid
+  loo_rmse: float  # its leave-one-out error on the grid
+  constant_rmse: float  # the leave-one-out error of predicting the grid's mean
+  source: str  # how it was fitted
+
+  @staticmethod
+  def load(path: str) -> UtilityModel:
+    """A model from its JSON file (`experiments/utility_model.py fit` writes one).
+
+    Args:
+      path: the file.
+
+    Returns:
+      The model (raises ValueError, one line, when there is none).
+    """
+    if not os.path.isfile(path):
+      raise ValueError(f"--model {path!r}: no such file (experiments/utility_model.py fits one)")
+    with open(path) as f:
+      fields = json.load(f)
+    return UtilityModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+  def predict(self, point: OperatingPoint) -> float:
+    """The predicted loss at a point (smaller is better)."""
+    import numpy as np
+
+    return float(model_features(point.noise_batch_ratio, point.steps) @ np.asarray(self.coef))
+
+  def inside(self, point: OperatingPoint) -> bool:
+    """Whether the point lies in the grid the model was fitted on."""
+    (r0, r1), (t0, t1) = self.ratio_range, self.steps_range
+    return r0 <= point.noise_batch_ratio <= r1 and t0 <= point.steps <= t1
 
 
 def batch_grid(num_units: int, budget: int, min_steps: int, min_batch: int = MIN_BATCH) -> list:
@@ -185,6 +248,7 @@ def report(
   min_steps,
   budget=None,
   top: int = 10,
+  model: Optional[UtilityModel] = None,
 ) -> str:
   """The points as `dpjax plan` prints them.
 
@@ -197,6 +261,7 @@ def report(
     min_steps: the fewest steps a point could take.
     budget: the budget, or None for a fixed point.
     top: how many points to print.
+    model: the fitted model that ranked them, or None (TAN).
 
   Returns:
     The text.
@@ -209,18 +274,25 @@ def report(
       "Papernot-Steinke TNB), each with the sigma shown"
     )
     accountant = "rdp"
+  ranked = "TAN = sigma / (q sqrt(T)), smaller first"
+  if model is not None:
+    ranked = (
+      f"the fitted {model.family} model's predicted {model.target} (leave-one-out RMSE "
+      f"{model.loo_rmse:.3g}; a constant's {model.constant_rmse:.3g}), smaller first; * outside "
+      "its grid, ranked after"
+    )
   lines = [
     f"({target_epsilon}, {delta})-DP per {unit}, {what}; sigma calibrated and epsilon "
-    f"certified by the {accountant} accountant (an upper bound); ranked by TAN = "
-    "sigma / (q sqrt(T)), smaller first"
+    f"certified by the {accountant} accountant (an upper bound); ranked by {ranked}"
     + (f"; points under {min_steps} steps left out" if budget else ""),
     f"{'rank':>4s} {'batch':>7s} {'steps':>7s} {'sigma':>8s} {'q':>9s} {'sigma/B':>10s} "
-    f"{'epochs':>7s} {'TAN':>8s} {'epsilon':>8s}",
+    f"{'epochs':>7s} {'TAN':>8s} {'epsilon':>8s}" + ("  predicted" if model else ""),
   ]
   for i, p in enumerate(points[:top], 1):
     lines.append(
       f"{i:4d} {p.batch:7d} {p.steps:7d} {p.noise_multiplier:8.4f} {p.sampling_rate:9.5f} "
       f"{p.noise_batch_ratio:10.3g} {p.epochs:7.2f} {p.tan:8.4g} {p.epsilon:8.4f}"
+      + (f" {p.score:10.4f}{'' if model.inside(p) else ' *'}" if model else "")
     )
   if len(points) > top:
     lines.append(f"({len(points) - top} more; --top N shows them)")
@@ -302,6 +374,10 @@ def add_arguments(parser) -> None:
   )
   parser.add_argument("--top", type=int, default=10, help="points printed")
   parser.add_argument("--json", action="store_true", help="one JSON line per point instead")
+  parser.add_argument(
+    "--model",
+    help="rank by a fitted utility model, its JSON file (experiments/utility_model.py fits one)",
+  )
 
 
 def command(args) -> int:
@@ -315,7 +391,10 @@ def command(args) -> int:
   """
   import json
 
+  if args.top < 1 or args.min_steps < 1:
+    raise ValueError(f"--top and --min-steps must be >= 1, got {args.top} and {args.min_steps}")
   user = args.unit == "user"
+  model = UtilityModel.load(args.model) if args.model else None  # before any calibration
   kw = dict(
     target_epsilon=args.target_epsilon,
     delta=args.delta,
@@ -332,11 +411,14 @@ def command(args) -> int:
     max_examples_per_user=args.G if user else 1,
     tuning=parse_tuning(args.tuning) if args.tuning else None,
     batches=parse_batches(args.batches) if args.batches else None,
+    criterion=model.predict if model else None,
     **kw,
   )
+  if model is not None:  # the points the model was fitted near first (a stable sort)
+    points = sorted(points, key=lambda p: not model.inside(p))
   if args.json:
     for p in points[: args.top]:
       print(json.dumps(dataclasses.asdict(p)))
   else:
-    print(report(points, budget=args.budget, top=args.top, **kw))
+    print(report(points, budget=args.budget, top=args.top, model=model, **kw))
   return 0

@@ -1,0 +1,156 @@
+"""A fitted model of utility against the operating point (sigma / B, T), per task family.
+
+  python experiments/utility_model.py run              # the grid below (resumes)
+  python experiments/utility_model.py fit              # the fit and its held-out error
+
+Task family: the quickstart's frozen-head task (MiniLM frozen and cached, a cosine head
+trained with DP-SGD on RT, Adam lr 0.01, clip 1.0, physical batch 128). Grid, sized to
+this 2-core CPU (about 20 min with cached features): target epsilon 1 and 3 (delta
+1e-5), expected batch B in 256 / 1024 / 4096, steps T in 50 / 150 / 450: 18 runs, seed 0,
+noise and batches from OS entropy (the default), sigma calibrated by PLD for each (q, T).
+A row: eps, batch, steps, sigma, q, noise_batch_ratio, tan, dev/test loss and accuracy,
+seconds, revision, machine.
+
+The fit (`fit`): the target (dev error by default; `--target dev_loss` and others) ~
+a + b x + c y + d x^2 + e x y with x = log(sigma / B) and y = log T
+(`dpjax.pipelines.planner.model_features`), least squares; its held-out error is
+leave-one-out over the grid points (each point predicted by the fit to the other 17),
+beside a constant-mean baseline's. It writes the model
+(`experiments/results/utility_model_TARGET.json`) that `dpjax plan --model FILE` ranks
+by; it describes THIS task at THIS learning rate, no other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import rows as rows_lib  # noqa: E402
+
+NAME = "utility_model"
+EPSILONS = (1.0, 3.0)
+BATCHES = (256, 1024, 4096)
+STEPS = (50, 150, 450)
+
+
+def point(row: dict) -> dict:
+  """A row's grid point."""
+  return {k: row[k] for k in ("eps", "batch", "steps")}
+
+
+def value(row: dict, target: str) -> float:
+  """A row's `target`: a recorded field, or dev_error / test_error (1 - accuracy)."""
+  if target.endswith("_error"):
+    return 1.0 - row[target[: -len("_error")] + "_accuracy"]
+  return row[target]
+
+
+def fit(rows, target: str = "dev_error"):
+  """Least squares of `target` on `features`; (coefficients, leave-one-out errors)."""
+  from dpjax.pipelines.planner import model_features
+
+  X = model_features(
+    np.array([r["noise_batch_ratio"] for r in rows]), np.array([r["steps"] for r in rows])
+  )
+  y = np.array([value(r, target) for r in rows])
+  coef = np.linalg.lstsq(X, y, rcond=None)[0]
+  held = []
+  for i in range(len(rows)):
+    keep = np.arange(len(rows)) != i
+    c = np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
+    held.append(float(X[i] @ c - y[i]))
+  base = [float(np.mean(np.delete(y, i)) - y[i]) for i in range(len(rows))]
+  return coef, np.array(held), np.array(base)
+
+
+def run(a) -> int:
+  from dpjax.tasks import build_task
+  from dpjax.training.config import CONFIG_DIR, load_config
+  from dpjax.training.loop import train
+
+  done = rows_lib.dedupe(rows_lib.load(NAME), point)
+  task = None
+  for eps, batch, steps in itertools.product(EPSILONS, BATCHES, STEPS):
+    if rows_lib.find(done, dict(eps=eps, batch=batch, steps=steps)) is not None:
+      continue
+    over = [
+      f"target_epsilon={eps}",
+      f"batch_size={batch}",
+      f"steps={steps}",
+      f"log_every={steps}",
+      f"checkpoint_every={steps}",
+    ]
+    cfg = load_config(os.path.join(CONFIG_DIR, "quickstart.py"), over)
+    task = task or build_task(cfg)  # the same features for every point
+    t0 = time.time()
+    res = train(cfg, task, None, progress=False)
+    m = res.final_metrics
+    q = batch / len(next(iter(task.train.values())))
+    sigma = res.noise_multiplier
+    row = dict(
+      eps=eps,
+      batch=batch,
+      steps=steps,
+      sigma=sigma,
+      q=q,
+      noise_batch_ratio=sigma / batch,
+      tan=sigma / (q * math.sqrt(steps)),
+      epsilon=m["epsilon"],
+      dev_loss=m["dev_loss"],
+      dev_accuracy=m["dev_accuracy"],
+      test_loss=m["test_loss"],
+      test_accuracy=m["test_accuracy"],
+      seconds=round(time.time() - t0, 1),
+    )
+    rows_lib.append(NAME, [row])
+    print(json.dumps(row), flush=True)
+  return 0
+
+
+def report(a) -> int:
+  rows = list(rows_lib.dedupe(rows_lib.load(NAME), point).values())
+  coef, held, base = fit(rows, a.target)
+  print(f"{len(rows)} points; coefficients (1, x, y, x^2, xy): {np.round(coef, 4).tolist()}")
+  loo, const = np.sqrt(np.mean(held**2)), np.sqrt(np.mean(base**2))
+  print(f"leave-one-out RMSE {loo:.4f} (constant mean {const:.4f})")
+  ratios, steps = [r["noise_batch_ratio"] for r in rows], [r["steps"] for r in rows]
+  model = dict(
+    family="frozen_head",
+    target=a.target,
+    coef=[round(float(c), 6) for c in coef],
+    ratio_range=[min(ratios), max(ratios)],
+    steps_range=[min(steps), max(steps)],
+    loo_rmse=round(float(loo), 6),
+    constant_rmse=round(float(const), 6),
+    source=f"experiments/utility_model.py fit: {len(rows)} runs of the quickstart task "
+    f"(Adam lr 0.01, eps {sorted(set(r['eps'] for r in rows))}), revisions "
+    f"{sorted(set(r['revision'] for r in rows))}",
+  )
+  path = rows_lib.path(f"{NAME}_{a.target}")[: -len(".jsonl")] + ".json"
+  with open(path, "w") as f:
+    json.dump(model, f, indent=1)
+    f.write("\n")
+  print(f"wrote {path}")
+  return 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("action", choices=["run", "fit"])
+  p.add_argument("--target", default="dev_error", help="dev_error, dev_loss, test_error, ...")
+  a = p.parse_args(argv)
+  return run(a) if a.action == "run" else report(a)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
