@@ -92,6 +92,7 @@ def test_dpjax_plan_prints_a_certified_table(capsys):
     (["--steps", "40"], "give a budget of gradient evaluations, or steps and batch"),
     (["--steps", "40", "--batch", "9000"], "1 <= batch <= 8441 units"),
     (["--budget", "10240", "--accountant", "edgeworth"], "estimates epsilon"),
+    (["--budget", "10240", "--accountant", "pdl"], "accountant must be one of"),
     (["--budget", "10240", "--delta", "2"], "delta"),
     (["--budget", "10240", "--tuning", "1"], "--tuning must be ETA,GAMMA"),
     (["--budget", "10240", "--min-steps", "0"], "--top and --min-steps must be >= 1"),
@@ -155,3 +156,7 @@ def test_a_fitted_model_ranks_the_points_and_flags_those_outside_its_grid(tmp_pa
   assert cli.main(argv + ["--model", str(tmp_path / "none.json")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "none.json': no such file" in err[0]
+  (tmp_path / "bad.json").write_text(json.dumps({"family": "toy"}))
+  assert cli.main(argv + ["--model", str(tmp_path / "bad.json")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "is not a utility model's JSON" in err[0]

@@ -15,9 +15,9 @@ the noise-batch ratio sigma / B (McKenna et al., ICML 2025) times N / sqrt(T).
 At a fixed budget TAN falls as the batch grows (amplification by sampling is
 worth less than the steps it costs), down to one giant step, which no
 optimiser can use: points with fewer than `min_steps` steps are left out,
-and the output says so. The planner does not suggest a learning rate: with
-a TAN ranking that is not modelled (a rule of thumb from the same paper: at
-equal sigma / B, the learning rate found at a small batch carries over).
+and the output says so. The planner does not suggest a learning rate (the
+same paper tunes hyper-parameters at a small batch with sigma / B held fixed
+and carries them over; a fitted model holds one learning rate).
 
 Tuning. The plan is for ONE run. Trying several configurations on the
 private data and keeping the best is a release too: with `tuning=(eta,
@@ -35,6 +35,8 @@ import json
 import math
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from dpjax.core import accounting
 from dpjax.core.accounting import events as ev
@@ -72,8 +74,6 @@ def model_features(ratio, steps):
   Returns:
     The design matrix [..., 5].
   """
-  import numpy as np
-
   x, y = np.log(np.asarray(ratio, float)), np.log(np.asarray(steps, float))
   return np.stack([np.ones_like(x), x, y, x * x, x * y], axis=-1)
 
@@ -107,14 +107,15 @@ class UtilityModel:
     """
     if not os.path.isfile(path):
       raise ValueError(f"--model {path!r}: no such file (experiments/utility_model.py fits one)")
-    with open(path) as f:
-      fields = json.load(f)
-    return UtilityModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+      with open(path) as f:
+        fields = json.load(f)
+      return UtilityModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (json.JSONDecodeError, TypeError) as e:
+      raise ValueError(f"--model {path!r} is not a utility model's JSON: {e}") from None
 
   def predict(self, point: OperatingPoint) -> float:
     """The predicted loss at a point (smaller is better)."""
-    import numpy as np
-
     return float(model_features(point.noise_batch_ratio, point.steps) @ np.asarray(self.coef))
 
   def inside(self, point: OperatingPoint) -> bool:
@@ -188,6 +189,10 @@ def plan_points(
     selection.check_tnb(*tuning)
     if unit != "example":
       raise ValueError("a tuning's epsilon is planned per example only (unit='example')")
+  if accountant not in accounting.ACCOUNTANTS:
+    raise ValueError(
+      f"accountant must be one of {sorted(accounting.ACCOUNTANTS)}, got {accountant!r}"
+    )
   if accountant in accounting.ESTIMATES:
     raise ValueError(f"accountant {accountant!r} estimates epsilon; a plan is certified by a bound")
   if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
