@@ -26,6 +26,7 @@ from dpjax.training import sharding as shard_lib
 from dpjax.training.loop import train
 from dpjax.training.task import Task
 from tests import hf_tiny
+from tests.test_plan_memory import _tiny as tiny_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 virtual devices")
 
@@ -131,31 +132,9 @@ def test_the_step_on_a_data_by_model_mesh_equals_one_device(family, tuning, meth
   assert _max_diff(one.params, _train(task, method, noise_seed=6).params) > 100 * 1e-5
 
 
-def _tiny_config(tmp_path):
-  import json
-  import os
-
-  with open(os.path.join(pm.PRESETS, "llama-3.2-1b.json")) as f:
-    fields = json.load(f)
-  fields.update(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=256,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(fields))
-  return str(path)
-
-
 def test_one_devices_share_of_the_parameters_is_a_model_axis_fraction(tmp_path):
   """From the compiled step's memory analysis: arguments per device on a 2 x 4 mesh."""
-  path = _tiny_config(tmp_path)
+  path = tiny_config(tmp_path)
   one = pm.plan_memory(path, lora_rank=RANK, batch=4, seq=16)
   split = pm.plan_memory(path, lora_rank=RANK, batch=4, seq=16, mesh=(2, 4))
   assert split["mesh"] == [2, 4] and "per device of a 2 x 4 (data x model) mesh" in pm.report(split)
