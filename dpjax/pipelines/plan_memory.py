@@ -343,7 +343,8 @@ def plan_memory(
     "frozen_bytes": _bytes(frozen),
     "dp": compiled_step(trainable, frozen, loss_fn, private=True, **run),
     "non_private": compiled_step(trainable, frozen, loss_fn, private=False, **run),
-    "backend": jax.default_backend(),
+    # the compile's platform: a mesh larger than the accelerators is planned on CPU devices
+    "backend": jax.default_backend() if devices is None else devices.devices.flat[0].platform,
     "batch": batch,
     "seq": seq,
     "mesh": list(mesh),
