@@ -33,7 +33,7 @@ def test_the_tnb_distribution_sums_to_one_with_its_stated_mean(eta, gamma):
 
 def _exact_selection_rdp(order, delta_mu, eta, gamma):
   """max(D_order(A(D) || A(D')), D_order(A(D') || A(D))), by quadrature on a fine grid."""
-  x = np.linspace(-20, 20 + delta_mu, 20_001)
+  x = np.linspace(-15, 15 + delta_mu, 10_001)
   k = np.arange(1, 4000)
   p = selection.tnb_pmf(k, eta, gamma)
   keep = np.cumsum(p) < 1 - 1e-16  # K's mass past here is below 1e-16
@@ -56,17 +56,8 @@ def _exact_selection_rdp(order, delta_mu, eta, gamma):
   return max(out)
 
 
-@pytest.mark.parametrize(
-  "eta,gamma,order",
-  [
-    (1.0, 0.1, 2.0),
-    (1.0, 0.1, 8.0),
-    pytest.param(1.0, 0.1, 4.0, marks=pytest.mark.slow),
-    pytest.param(0.0, 0.05, 2.0, marks=pytest.mark.slow),
-    (0.0, 0.05, 4.0),
-    pytest.param(0.0, 0.05, 8.0, marks=pytest.mark.slow),
-  ],
-)
+@pytest.mark.parametrize("eta,gamma", [(1.0, 0.1), (0.0, 0.05)])
+@pytest.mark.parametrize("order", [2.0, 4.0, 8.0])
 def test_the_bound_holds_over_the_exact_divergence_of_a_selection(eta, gamma, order):
   delta_mu = 0.5  # each run: (lambda, lambda * 0.125)-RDP, the Gaussian mechanism exactly
   exact = _exact_selection_rdp(order, delta_mu, eta, gamma)

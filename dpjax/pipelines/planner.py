@@ -115,11 +115,25 @@ class UtilityModel:
       raise ValueError(f"--model {path!r} is not a utility model's JSON: {e}") from None
 
   def predict(self, point: OperatingPoint) -> float:
-    """The predicted loss at a point (smaller is better)."""
+    """The predicted loss at a point (smaller is better).
+
+    Args:
+      point: an operating point.
+
+    Returns:
+      The model's prediction of its target there.
+    """
     return float(model_features(point.noise_batch_ratio, point.steps) @ np.asarray(self.coef))
 
   def inside(self, point: OperatingPoint) -> bool:
-    """Whether the point lies in the grid the model was fitted on."""
+    """Whether the point lies in the grid the model was fitted on.
+
+    Args:
+      point: an operating point.
+
+    Returns:
+      True when its sigma / B and T are within the grid's ranges.
+    """
     (r0, r1), (t0, t1) = self.ratio_range, self.steps_range
     return r0 <= point.noise_batch_ratio <= r1 and t0 <= point.steps <= t1
 
