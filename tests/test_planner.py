@@ -54,6 +54,14 @@ def test_planned_sigmas_equal_dp_accountings_calibration():
   assert [p.tan for p in points] == sorted(p.tan for p in points)  # smaller TAN first
 
 
+def test_each_calibration_is_announced_before_it_runs():
+  seen = []
+  planner.plan_points(
+    3.0, 1e-5, N, budget=2560, batches=[32, 64], progress=lambda *a: seen.append(a)
+  )
+  assert seen == [(1, 2, 32), (2, 2, 64)]
+
+
 def test_the_default_grid_keeps_min_steps_and_a_criterion_reranks():
   assert planner.batch_grid(N, 2560, 40) == [16, 24, 32, 48, 64]
   assert planner.batch_grid(100, 10**6, 40) == [16, 24, 32, 48, 64, 96]  # never above N

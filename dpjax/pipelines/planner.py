@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -174,6 +175,7 @@ def plan_points(
   accountant: str = "pld",
   criterion: Optional[Callable[[OperatingPoint], float]] = None,
   tuning: Optional[Tuple[float, float]] = None,
+  progress: Optional[Callable[[int, int, int], None]] = None,
 ) -> List[OperatingPoint]:
   """The operating points meeting the target within the budget, best first.
 
@@ -192,6 +194,7 @@ def plan_points(
     accountant: a name in `dpjax.core.accounting.ACCOUNTANTS` that bounds epsilon.
     criterion: a point -> its predicted loss (smaller is better); default TAN.
     tuning: (eta, gamma): the epsilon covers the best of K ~ TNB(eta, gamma) runs.
+    progress: called as (i, n, batch) before the i-th of n calibrations, or None.
 
   Returns:
     The points, ranked (raises ValueError, one line, when none can be planned).
@@ -231,7 +234,9 @@ def plan_points(
         f"for {min_steps} steps: raise the budget or lower the fewest steps (--min-steps)"
       )
   points = []
-  for b in grid:
+  for i, b in enumerate(grid, 1):
+    if progress is not None:
+      progress(i, len(grid), b)
     t = steps if steps is not None else budget // b
     q = b / num_units
     if tuning is None:
@@ -316,6 +321,12 @@ def report(
   if len(points) > top:
     lines.append(f"({len(points) - top} more; --top N shows them)")
   return "\n".join(lines)
+
+
+def _progress(i: int, n: int, batch: int) -> None:
+  """One overwritten stderr line per calibration (a terminal only)."""
+  end = "\n" if i == n else ""
+  print(f"\rcalibrating sigma {i}/{n} (batch {batch})", end=end, file=sys.stderr, flush=True)
 
 
 def parse_tuning(text: str) -> Tuple[float, float]:
@@ -430,6 +441,7 @@ def command(args) -> int:
     max_examples_per_user=args.G if user else 1,
     tuning=parse_tuning(args.tuning) if args.tuning else None,
     batches=parse_batches(args.batches) if args.batches else None,
+    progress=_progress if sys.stderr.isatty() else None,
     criterion=model.predict if model else None,
     **kw,
   )
