@@ -1,4 +1,4 @@
-"""Tiny transformers decoders of every family dpjax loads, every parameter random (needs torch)."""
+"""Tiny decoders of every family dpjax loads, all parameters random (models need torch)."""
 
 import numpy as np
 
@@ -13,6 +13,14 @@ SMALL = dict(
   num_key_value_heads=2,
 )
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Llama 3's rope scaling at the tiny checkpoints' 64 positions (changes the logits of 12 tokens).
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 64,
+}
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2")
 
 
@@ -165,3 +173,35 @@ def logits(ref, tokens):
 
   with torch.no_grad():
     return ref(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def preset_config(directory):
+  """A tiny config.json of the llama-3.2-1b preset's kind (2 layers, width 64), no weights.
+
+  Args:
+    directory: where to write it (a pathlib.Path).
+
+  Returns:
+    The file's path.
+  """
+  import json
+  import os
+
+  from dpjax.pipelines import plan_memory
+
+  with open(os.path.join(plan_memory.PRESETS, "llama-3.2-1b.json")) as f:
+    fields = json.load(f)
+  fields.update(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  path = directory / "config.json"
+  path.write_text(json.dumps(fields))
+  return str(path)

@@ -24,18 +24,11 @@ pytest.importorskip("torch", reason="torch (CPU) writes the tiny checkpoints")
 from tests import hf_tiny  # noqa: E402
 
 T = 12
-LLAMA3_ROPE = {
-  "rope_type": "llama3",
-  "factor": 8.0,
-  "low_freq_factor": 1.0,
-  "high_freq_factor": 4.0,
-  "original_max_position_embeddings": 64,
-}
 # (family, tied embeddings, config fields replaced): each family's own features (Llama 3's
 # rope scaling, Qwen2's biases, Qwen3's q/k norms, Gemma's soft-capping and sandwich norms,
 # Mistral's and Phi-3's sliding windows, Phi-3's fused projections, GPT-2's learned positions).
 FAMILIES = [
-  ("llama", False, {"rope_scaling": LLAMA3_ROPE}),
+  ("llama", False, {"rope_scaling": hf_tiny.LLAMA3_ROPE}),
   ("mistral", False, {}),
   ("qwen2", True, {}),
   ("qwen3", False, {}),

@@ -1,8 +1,5 @@
 """`dpjax plan-memory`: the compiled step's memory and FLOPs on shapes, never on weights."""
 
-import json
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -10,6 +7,7 @@ import pytest
 from dpjax import cli
 from dpjax.models.decoder import init_params
 from dpjax.pipelines import plan_memory as pm
+from tests import hf_tiny
 
 # Parameter counts of the public models the presets describe (their model cards / the
 # safetensors index of each checkpoint): an independent check of every shape in a preset.
@@ -32,28 +30,9 @@ def test_each_preset_has_the_published_parameter_count(name):
   assert _count(pm.decoder_config(name, "bfloat16")) == PUBLISHED[name]
 
 
-def _tiny(tmp_path):
-  with open(os.path.join(pm.PRESETS, "llama-3.2-1b.json")) as f:
-    fields = json.load(f)
-  fields.update(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=256,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(fields))
-  return str(path)
-
-
 def test_the_lora_step_is_compiled_on_shapes_with_a_bfloat16_base(tmp_path):
-  r = pm.plan_memory(_tiny(tmp_path), lora_rank=4, batch=2, seq=16)
-  cfg = pm.decoder_config(_tiny(tmp_path), "bfloat16")
+  r = pm.plan_memory(hf_tiny.preset_config(tmp_path), lora_rank=4, batch=2, seq=16)
+  cfg = pm.decoder_config(hf_tiny.preset_config(tmp_path), "bfloat16")
   n = _count(cfg)
   assert r["parameters"] == n and r["frozen_bytes"] == 2 * n  # bfloat16: two bytes each
   # LoRA r4 on q, k, v, o of 2 layers: (64 + out) * 4 float32 values per projection

@@ -26,20 +26,12 @@ from dpjax.training import sharding as shard_lib
 from dpjax.training.loop import train
 from dpjax.training.task import Task
 from tests import hf_tiny
-from tests.test_plan_memory import _tiny as tiny_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 virtual devices")
 
 T, N, RANK = 12, 32, 4
-LLAMA3_ROPE = {
-  "rope_type": "llama3",
-  "factor": 8.0,
-  "low_freq_factor": 1.0,
-  "high_freq_factor": 4.0,
-  "original_max_position_embeddings": 64,
-}
 FAMILIES = {
-  "llama": (False, {"rope_scaling": LLAMA3_ROPE}),
+  "llama": (False, {"rope_scaling": hf_tiny.LLAMA3_ROPE}),
   "gemma2": (True, {}),
   "qwen2": (True, {}),
 }
@@ -134,7 +126,7 @@ def test_the_step_on_a_data_by_model_mesh_equals_one_device(family, tuning, meth
 
 def test_one_devices_share_of_the_parameters_is_a_model_axis_fraction(tmp_path):
   """From the compiled step's memory analysis: arguments per device on a 2 x 4 mesh."""
-  path = tiny_config(tmp_path)
+  path = hf_tiny.preset_config(tmp_path)
   one = pm.plan_memory(path, lora_rank=RANK, batch=4, seq=16)
   split = pm.plan_memory(path, lora_rank=RANK, batch=4, seq=16, mesh=(2, 4))
   assert split["mesh"] == [2, 4] and "per device of a 2 x 4 (data x model) mesh" in pm.report(split)
