@@ -195,7 +195,7 @@ def utility(task: str, epsilon: str) -> str:
   key = _utility_metric(task)
   scale, fmt = (1.0, ".3f") if key == "test_perplexity" else (100.0, ".2f")
   latest = rows_lib.dedupe(
-    rows_lib.load("utility"),
+    [r for r in rows_lib.load("utility") if not r.get("planned")],
     lambda r: {k: r[k] for k in ("task", "method", "epsilon_target", "seed", "clip")},
   )
   rows = [r for r in latest.values() if r["task"] == task and r["epsilon_target"] == eps]

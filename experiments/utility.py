@@ -3,6 +3,8 @@
   python experiments/utility.py run [--tasks rt-top2 rt-head shakespeare] [--epsilons 3]
                                     [--seeds 0 1 2]
                                     [--methods dp-sgd automatic ...]
+  python experiments/utility.py run --budget 40960 [--tasks rt-top2] [--methods dp-sgd adaptive]
+                                    # at the operating point `dpjax plan` ranks first
   python experiments/utility.py report          # the tables, from the recorded rows
   python experiments/utility.py bands           # the BandMF band choice per task and epsilon
 
@@ -42,11 +44,17 @@ the same number of gradient evaluations, and the same target epsilon:
              BandMF are refused)
   non-private  the same config without privacy (the reference of "gap closed")
 The hyperparameter choices (tuning on dev) are not accounted, as is usual.
+
+--budget E replaces the task's steps and expected batch by the point `dpjax plan`
+ranks first for E gradient evaluations at the target (TAN, at least 40 steps);
+the clip stays the one tuned at the task's own point. Such rows are told apart by
+their steps and batch (`report utility_planned` tabulates them).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -58,6 +66,7 @@ import rows as rows_lib  # experiments/rows.py, beside this script
 from dpjax.core import matrix_factorization as mf
 from dpjax.core.accounting import accountants, events
 from dpjax.core.accounting.calibrate import calibrate_scale
+from dpjax.pipelines.planner import plan_points
 from dpjax.tasks import build_task
 from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
@@ -80,16 +89,28 @@ SHAKESPEARE = {  # per-example DP at the user-level grid's compute (48 steps of 
 METHODS = report_lib.UTILITY_METHODS
 TUNE_CLIPS = (0.1, 0.3, 1.0)
 TRAIN_EXAMPLES = 8441  # rt-polarity's training split
+DELTA = 1e-5
 
 
-def base(task: str):
-  """The task's config (its steps, batch, learning rates)."""
+def base(task: str, shape=None):
+  """The task's config (its steps, batch, learning rates); `shape` = (steps, batch) replaces its own."""
   cfg = load_config(TASKS[task])
   if task == "shakespeare":
     for k, v in SHAKESPEARE.items():
       cfg[k] = v
+  if shape is not None:
+    cfg.steps, cfg.batch_size = shape
   cfg.log_every = cfg.checkpoint_every = cfg.steps
   return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def planned_shape(task: str, eps: float, budget: int):
+  """(steps, batch) of the point `dpjax plan` ranks first for `budget` gradient evaluations."""
+  if task == "shakespeare":
+    raise SystemExit("--budget: the planner needs N; give it for rt-top2 or rt-head")
+  point = plan_points(eps, DELTA, TRAIN_EXAMPLES, budget=budget)[0]
+  return point.steps, point.batch
 
 
 def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
@@ -145,9 +166,9 @@ def tuned_clip(task: str, index) -> float | None:
   return max(dev, key=lambda c: (dev[c], c))
 
 
-def spec(task, method, eps, seed, clip):
+def spec(task, method, eps, seed, clip, shape=None):
   """The settings that identify a row."""
-  cfg = base(task)
+  cfg = base(task, shape)
   return {
     "task": task,
     "method": method,
@@ -166,9 +187,9 @@ def spec_of(r):
   }
 
 
-def config(task, method, eps, seed, clip):
+def config(task, method, eps, seed, clip, shape=None):
   """The dpjax config of one cell."""
-  cfg = base(task)
+  cfg = base(task, shape)
   cfg.seed = seed
   cfg.target_epsilon = eps
   cfg.noise_multiplier = None
@@ -193,9 +214,9 @@ def config(task, method, eps, seed, clip):
   return cfg
 
 
-def run_cell(task, method, eps, seed, clip):
+def run_cell(task, method, eps, seed, clip, shape=None):
   """One training run; its row."""
-  cfg = config(task, method, eps, seed, clip)
+  cfg = config(task, method, eps, seed, clip, shape)
   t0 = time.time()
   res = train(cfg, build_task(cfg), None, progress=False)
   m = res.final_metrics
@@ -207,7 +228,8 @@ def run_cell(task, method, eps, seed, clip):
   else:
     scores = {"test_accuracy": m["test_accuracy"], "dev_accuracy": m["dev_accuracy"]}
   return {
-    **spec(task, method, eps, seed, clip),
+    **spec(task, method, eps, seed, clip, shape),
+    "planned": shape is not None,
     "bands": int(cfg.mf_bands) if "mf_bands" in cfg else 1,
     "noise_multiplier": res.noise_multiplier,
     "epsilon": m.get("epsilon") if cfg.private else None,
@@ -217,21 +239,22 @@ def run_cell(task, method, eps, seed, clip):
   }
 
 
-def cells(tasks, epsilons, seeds, methods, index):
-  """(task, method, eps, seed, clip) in run order; tuning first, then what it needs."""
+def cells(tasks, epsilons, seeds, methods, index, budget=None):
+  """(task, method, eps, seed, clip, shape) in run order; tuning first, then what it needs."""
   for task in tasks:
     if task == "rt-top2":
       for c in TUNE_CLIPS:
-        yield task, "dp-sgd", 3.0, 0, c
+        yield task, "dp-sgd", 3.0, 0, c, None
     clip = tuned_clip(task, index)
     if clip is None:
       return
     for i, eps in enumerate(epsilons):
+      shape = None if budget is None else planned_shape(task, eps, budget)
       for method in methods:
         if method == "non-private" and i:
           continue  # one non-private run per seed, whatever the epsilons
         for seed in seeds:
-          yield task, method, None if method == "non-private" else eps, seed, clip
+          yield task, method, None if method == "non-private" else eps, seed, clip, shape
 
 
 def main(argv=None):
@@ -243,6 +266,9 @@ def main(argv=None):
   p.add_argument("--epsilons", type=float, nargs="+", default=[3.0])
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("non-private",))
+  p.add_argument(
+    "--budget", type=int, help="gradient evaluations; run at the planner's first point for it"
+  )
   args = p.parse_args(argv)
   if args.command == "bands":
     for task in args.tasks:
@@ -262,17 +288,19 @@ def main(argv=None):
       index = rows_lib.dedupe(rows_lib.load(NAME), spec_of)
       todo = [
         c
-        for c in cells(args.tasks, args.epsilons, args.seeds, args.methods, index)
+        for c in cells(args.tasks, args.epsilons, args.seeds, args.methods, index, args.budget)
         if rows_lib.find(index, spec(*c)) is None
       ]
       if not todo:
         break
-      task, method, eps, seed, clip = todo[0]
+      task, method, eps, seed, clip, shape = todo[0]
+      at = "" if shape is None else f" {shape[0]} steps of {shape[1]}"
       print(
-        f"[{len(todo)} left] {task} {method} eps={eps or math.inf:g} seed={seed} clip={clip:g}",
+        f"[{len(todo)} left] {task} {method} eps={eps or math.inf:g} seed={seed} clip={clip:g}"
+        f"{at}",
         flush=True,
       )
-      r = run_cell(task, method, eps, seed, clip)
+      r = run_cell(task, method, eps, seed, clip, shape)
       rows_lib.append(NAME, [r])
       score = (
         f"test ppl {r['test_perplexity']:.3f} dev ppl {r['dev_perplexity']:.3f}"
