@@ -160,6 +160,51 @@ def test_random_words_are_both_halves_of_jax_threefry(size):
         np.testing.assert_array_equal(np.asarray(hi ^ lo), bits)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 4), (4, 7), (5, 6), (2,), (), (3,)])
+def test_draws_in_their_shape_pair_neighbours_on_the_last_axis(shape):
+  """Words at `counters(shape)` are the flat counters' words, row-major. A normal draw
+  is Box-Muller on pairs of neighbours: (sqrt(2 E) cos, sqrt(2 E) sin)(2 pi V) of pair j
+  at positions 2j and 2j + 1 of the last axis (of the flat draw when it is odd)."""
+  k = jax.random.key(5)
+  n = int(np.prod(shape))
+  for got, flat in zip(mechanisms.threefry_words(k, shape), mechanisms.threefry_words(k, n)):
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.asarray(flat))
+  z = np.asarray(mechanisms.standard_normal(k, shape))
+  assert z.shape == shape
+  ke, ku = jax.random.split(k)
+  r = np.sqrt(2 * np.asarray(mechanisms.standard_exponential(ke, (-(-n // 2),))))
+  c, s = mechanisms.cos_sin_turns(mechanisms.threefry_words(ku, -(-n // 2))[0])
+  want = np.stack([r * np.asarray(c), r * np.asarray(s)], axis=-1).reshape(-1)[:n]
+  np.testing.assert_allclose(z.reshape(-1), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_sharded_draw_is_split_over_the_devices(axis):
+  """Noise for a parameter split over 8 devices: each device hashes only its slice (an
+  eighth of one device's FLOPs), and the values are one device's draw."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  mesh = jax.make_mesh((8,), ("model",), devices=jax.devices()[:8])
+  spec = [None, None]
+  spec[axis] = "model"
+  at = NamedSharding(mesh, PartitionSpec(*spec))
+  shape = (512, 256)
+
+  def draw(k):
+    return mechanisms.standard_normal(k, shape)
+
+  k = jax.random.key(2)
+  one = jax.jit(draw).lower(k).compile()
+  split = jax.jit(draw, out_shardings=at).lower(k).compile()
+
+  def flops(c):
+    cost = c.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  assert flops(split) < 0.15 * flops(one)
+  np.testing.assert_array_equal(np.asarray(split(k)), np.asarray(one(k)))
+
+
 def test_other_key_implementations_take_jax_randoms_path():
   k = jax.random.key(4, impl="rbg")
   hi, lo = mechanisms.threefry_words(k, 5)

@@ -127,8 +127,32 @@ def _threefry_key_data(key) -> Optional[jax.Array]:
   return None
 
 
-def threefry_words(key: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """The two uint32 halves of Threefry-2x32 under `key` at the counters 0..size-1.
+def counters(shape) -> jax.Array:
+  """uint32 row-major positions 0..n-1 laid out in `shape`, built from per-axis iotas.
+
+  Elementwise in every axis, so a sharded consumer draws only its own slice:
+  XLA partitions the hash over the mesh like any elementwise op, where a flat
+  `iota(n)` reshaped to a sharded shape is computed whole on every device.
+
+  Example:
+    >>> counters((2, 3)).tolist()
+    [[0, 1, 2], [3, 4, 5]]
+
+  Args:
+    shape: the array shape (fewer than 2^32 entries).
+
+  Returns:
+    A uint32 array of `shape`.
+  """
+  shape = tuple(shape)
+  pos = jnp.zeros(shape, jnp.uint32)
+  for axis, n in enumerate(shape):
+    pos = pos * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return pos
+
+
+def threefry_words(key: jax.Array, shape) -> tuple[jax.Array, jax.Array]:
+  """The two uint32 halves of Threefry-2x32 under `key` at the counters `counters(shape)`.
 
   Example:
     >>> hi, lo = threefry_words(jax.random.key(0), 4)
@@ -137,21 +161,22 @@ def threefry_words(key: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
 
   Args:
     key: a PRNG key (typed, or a raw uint32[2] threefry key).
-    size: the number of counters.
+    shape: the output shape (an int: a flat size); entry i (row-major) is counter i.
 
   Returns:
-    Two `[size]` uint32 arrays of independent random words (for a key of
-    another implementation, `jax.random.bits(key, (2, size))`'s two rows).
+    Two `shape` uint32 arrays of independent random words (for a key of
+    another implementation, `jax.random.bits(key, (2, *shape))`'s two rows).
   """
+  shape = (shape,) if isinstance(shape, int) else tuple(shape)
   data = _threefry_key_data(key)
-  if data is None or size >= 2**32:
-    words = jax.random.bits(key, (2, size), jnp.uint32)
+  if data is None or math.prod(shape) >= 2**32:
+    words = jax.random.bits(key, (2,) + shape, jnp.uint32)
     return words[0], words[1]
   k1, k2 = data[0], data[1]
   ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
   # The counter of word i is the 64-bit i as (hi, lo) = (0, i) below 2^32.
-  x0 = jnp.zeros((size,), jnp.uint32) + ks[0]
-  x1 = jax.lax.iota(jnp.uint32, size) + ks[1]
+  x0 = jnp.zeros(shape, jnp.uint32) + ks[0]
+  x1 = counters(shape) + ks[1]
   for i in range(5):
     for r in _THREEFRY_ROTATIONS[i % 2]:
       x0 = x0 + x1
@@ -200,12 +225,10 @@ def standard_exponential(key: jax.Array, shape) -> jax.Array:
   Returns:
     A float32 array of Exp(1) draws.
   """
-  shape = tuple(shape)
-  size = math.prod(shape)
   ka, kb = jax.random.split(key)
-  w0, w1 = threefry_words(ka, size)
-  w2, significand = threefry_words(kb, size)
-  return exponential_from_bits((w0, w1, w2), significand).reshape(shape)
+  w0, w1 = threefry_words(ka, shape)
+  w2, significand = threefry_words(kb, shape)
+  return exponential_from_bits((w0, w1, w2), significand)
 
 
 def standard_laplace(key: jax.Array, shape) -> jax.Array:
@@ -218,10 +241,9 @@ def standard_laplace(key: jax.Array, shape) -> jax.Array:
   Returns:
     A float32 array of Laplace(0, 1) draws.
   """
-  shape = tuple(shape)
   ke, ks = jax.random.split(key)
-  coin, _ = threefry_words(ks, math.prod(shape))
-  sign = jnp.where(coin < jnp.uint32(2**31), 1.0, -1.0).reshape(shape)  # the top bit
+  coin, _ = threefry_words(ks, shape)
+  sign = jnp.where(coin < jnp.uint32(2**31), 1.0, -1.0)  # the top bit
   return sign * standard_exponential(ke, shape)
 
 
@@ -289,17 +311,22 @@ def standard_normal(key: jax.Array, shape) -> jax.Array:
     A float32 array of N(0, 1) draws.
   """
   shape = tuple(shape)
-  size = math.prod(shape)
-  pairs = -(-size // 2)
+  # Pair j's two draws sit side by side on the last axis (its cosine, then its
+  # sine), so any slice of whole pairs is drawn from its own counters alone: a
+  # device holding a slice of a sharded parameter hashes only that slice.
+  in_shape = bool(shape) and shape[-1] % 2 == 0
+  pairs = shape[:-1] + (shape[-1] // 2,) if in_shape else (-(-math.prod(shape) // 2),)
   ke, ku = jax.random.split(key)
-  r = jnp.sqrt(2.0 * standard_exponential(ke, (pairs,)))
+  r = jnp.sqrt(2.0 * standard_exponential(ke, pairs))[..., None]
   v, _ = threefry_words(ku, pairs)
-  cos, sin = cos_sin_turns(v)
-  # The cosines then the sines, as one [2, pairs] select: XLA's CPU fusion of a
-  # concatenate with these producers is several times slower than this.
-  rows = jnp.arange(2)[:, None]
-  z = jnp.where(rows == 0, r * cos, r * sin).reshape(-1)[:size]
-  return z.reshape(shape)
+  cos, sin = cos_sin_turns(v[..., None])
+  # One select into [*pairs, 2]: XLA's CPU fusion of a concatenate (or a stack)
+  # with these producers is several times slower than this.
+  side = jax.lax.broadcasted_iota(jnp.int32, pairs + (2,), len(pairs))
+  z = jnp.where(side == 0, r * cos, r * sin)
+  if in_shape:
+    return z.reshape(shape)
+  return z.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 def iid(sample: Callable[[jax.Array, tuple], jax.Array], std_scale: float):
