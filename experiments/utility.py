@@ -93,7 +93,7 @@ DELTA = 1e-5
 
 
 def base(task: str, shape=None):
-  """The task's config (its steps, batch, learning rates); `shape` = (steps, batch) replaces its own."""
+  """The task's config (steps, batch, learning rates); `shape` = (steps, batch) replaces its own."""
   cfg = load_config(TASKS[task])
   if task == "shakespeare":
     for k, v in SHAKESPEARE.items():
@@ -104,7 +104,7 @@ def base(task: str, shape=None):
   return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def planned_shape(task: str, eps: float, budget: int):
   """(steps, batch) of the point `dpjax plan` ranks first for `budget` gradient evaluations."""
   if task == "shakespeare":
