@@ -296,8 +296,7 @@ def main(argv=None):
       task, method, eps, seed, clip, shape = todo[0]
       at = "" if shape is None else f" {shape[0]} steps of {shape[1]}"
       print(
-        f"[{len(todo)} left] {task} {method} eps={eps or math.inf:g} seed={seed} clip={clip:g}"
-        f"{at}",
+        f"[{len(todo)} left] {task} {method} eps={eps or math.inf:g} seed={seed} clip={clip:g}{at}",
         flush=True,
       )
       r = run_cell(task, method, eps, seed, clip, shape)
