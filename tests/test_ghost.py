@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 import dpjax
+from dpjax.core.clipping import ghost
 from dpjax.models import adapters
 from dpjax.models import decoder as dec
 from dpjax.models import encoder as enc
+
+# The Gram path at test widths (see the fixture).
+pytestmark = pytest.mark.usefixtures("ghost_norms_at_tiny_shapes")
 
 VOCAB, T = 128, 20  # tied embedding: (2T)^2 = 1600 < 128 x 16, so the ghost rule
 
@@ -138,6 +142,26 @@ def test_rules_mixed_and_fallback():
   assert rules["layer_0/attn/q/bias"] == "materialised"
   assert rules["layer_0/attn_norm/scale"] == "vmap"  # no rule: LayerNorm
   assert set(rules.values()) == {"ghost", "materialised", "vmap"}
+
+
+def test_the_mixed_rule_weighs_time_and_memory(monkeypatch):
+  """Unpinned, the rule materialises what is no larger than the layer's own rows (every
+  layer of the tiny decoder, whose embedding is over the Grams' size too) and the sum
+  still equals vmap's; at the 1B shape it keeps ghost norms where a unit's gradient
+  outgrows its rows, and materialises the 128k embedding once T (rows + cols) passes
+  rows x cols (ghost norms there cost 3 T^2 V per unit)."""
+  monkeypatch.undo()  # this module pins the memory-only rule; this test is of the real one
+  _, params, loss = _decoder("gpt2", True)
+  rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, _batch())
+  assert rules["layer_0/mlp/up/kernel"] == "materialised"  # 16 x 32 <= 20 x 48
+  assert rules["layer_0/attn/q/kernel"] == "materialised"
+  (gv, _), (gg, _) = _both(loss, params, _batch(), l2_clip_norm=0.5)
+  assert _rel_err(gv, gg) < 1e-5
+  vocab, d, ff = 128256, 2048, 8192
+  for t, mlp, embed in ((256, False, False), (1024, False, False), (2048, True, True)):
+    assert ghost.materialise(t, d, ff) is mlp
+    assert ghost.materialise(t, vocab, d) is embed
+  assert ghost.materialise(1024, d, d) and not ghost.materialise(1023, d, d)
 
 
 def test_weight_used_outside_its_layer_falls_back():

@@ -23,6 +23,9 @@ from dpjax.tasks.causal_lm import lm_loss
 pytest.importorskip("torch", reason="torch (CPU) writes the tiny checkpoints")
 from tests import hf_tiny  # noqa: E402
 
+# The Gram path at test widths (see the fixture).
+pytestmark = pytest.mark.usefixtures("ghost_norms_at_tiny_shapes")
+
 T = 12
 # (family, tied embeddings, config fields replaced): each family's own features (Llama 3's
 # rope scaling, Qwen2's biases, Qwen3's q/k norms, Gemma's soft-capping and sandwich norms,

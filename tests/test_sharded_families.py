@@ -27,7 +27,10 @@ from dpjax.training.loop import train
 from dpjax.training.task import Task
 from tests import hf_tiny
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 virtual devices")
+pytestmark = [
+  pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 virtual devices"),
+  pytest.mark.usefixtures("ghost_norms_at_tiny_shapes"),  # the Gram path at test widths
+]
 
 T, N, RANK = 12, 32, 4
 FAMILIES = {

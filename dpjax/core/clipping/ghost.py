@@ -8,8 +8,9 @@ at its outputs `[T, d_out]`), so
 
 - its norm is `sum_{t,s} (x_t . x_s)(g_t . g_s)` (ghost norm, Li et al. 2021,
   arXiv 2110.05679; cost T^2 (d_in + d_out)), or that of the materialised
-  `x^T g` (cost T d_in d_out) -- whichever is cheaper for the layer (the mixed
-  rule of Bu et al., arXiv 2205.10683; an embedding's `x` is one-hot, its
+  `x^T g` (cost T d_in d_out, which the weight gradient costs anyway, and
+  d_in d_out memory per unit) -- `materialise` picks per layer (the mixed
+  rule of Bu et al., arXiv 2205.10683, weighing time and memory; an embedding's `x` is one-hot, its
   Gram a token-equality matrix, its materialised gradient a scatter of `g`);
 - the clipped sum is `sum_u c_u x_u^T g_u`, one einsum over activations,
   output gradients and clip factors (book-keeping, Bu et al., arXiv
@@ -268,8 +269,37 @@ def _matrix_shape(site: _Site, shape) -> tuple:
   return math.prod(shape[: site.n_in]), math.prod(shape[site.n_in :])
 
 
+def materialise(t: int, rows: int, cols: int) -> bool:
+  """The mixed rule: materialise a unit's `rows x cols` gradient from its `t` rows of inputs
+  and output gradients, or take ghost norms (True: materialise).
+
+  Ghost norms cost about t^2 (rows + cols) per unit and hold two t x t Grams; a
+  materialised gradient costs no more than the weight gradient the step computes
+  anyway (t rows cols) and holds rows x cols. Materialise when that gradient is no
+  larger than the unit's own inputs and output gradients at the layer
+  (rows cols <= t (rows + cols), so the memory stays within what the layer already
+  holds; ghost would then also be the slower, t^2 (rows + cols) >= rows cols), or
+  when it is smaller than the Grams (t^2 > rows cols).
+
+  Example:
+    >>> materialise(256, 2048, 2048), materialise(1024, 2048, 2048)
+    (False, True)
+    >>> materialise(1024, 128256, 2048), materialise(2048, 128256, 2048)
+    (False, True)
+
+  Args:
+    t: the unit's rows at the layer (tokens, times the group's examples).
+    rows: the weight's rows (its inputs).
+    cols: its columns (its outputs).
+
+  Returns:
+    Whether to materialise.
+  """
+  return rows * cols <= t * (rows + cols) or t * t > rows * cols
+
+
 def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str]:
-  """The mixed rule per taken leaf: ghost unless T^2 > rows * cols (T: the unit's rows)."""
+  """The mixed rule (`materialise`) per taken leaf (t: the unit's rows)."""
   tokens: Dict[int, int] = {}
   matrix: Dict[int, tuple] = {}
   out = {}
@@ -283,7 +313,7 @@ def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str
       out[s.bias] = "materialised"
   for i, t in tokens.items():
     rows, cols = matrix[i]
-    out[i] = "materialised" if t * t > rows * cols else "ghost"
+    out[i] = "materialised" if materialise(t, rows, cols) else "ghost"
   return out
 
 
@@ -534,8 +564,8 @@ class GhostClippedGradFn(ClippedGradFn):
     """How each parameter's per-unit norm and clipped sum are computed, by path.
 
     "ghost" (Gram of inputs x Gram of output gradients), "materialised"
-    (`x^T g` per unit from the taps: a bias, or a weight where T^2 > rows x
-    cols, e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use
+    (`x^T g` per unit from the taps: a bias, or a weight `materialise` picks,
+    e.g. a small vocabulary's embedding) or "vmap" (no rule, or a use
     outside the intercepted layers). Traces the loss once; nothing is computed.
 
     Args:
