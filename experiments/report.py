@@ -287,6 +287,92 @@ def utility(task: str, epsilon: str) -> str:
   return _table(header, lines) + note
 
 
+@renderer
+def utility_planned(task: str, epsilon: str) -> str:
+  """DP-SGD and adaptive clipping at the study's point and at `dpjax plan`'s (`--budget`)."""
+  eps = float(epsilon)
+  key = _utility_metric(task)
+  rows = [
+    r
+    for r in rows_lib.load("utility")
+    if r["task"] == task and r["epsilon_target"] == eps and r["method"] in ("dp-sgd", "adaptive")
+  ]
+  planned = [r for r in rows if r.get("planned")]
+  clips = {r["clip"] for r in planned}
+  latest = rows_lib.dedupe(
+    [r for r in rows if r.get("planned") or r["clip"] in clips],
+    lambda r: {
+      **{k: r[k] for k in ("method", "seed", "clip", "steps", "batch_size")},
+      "planned": bool(r.get("planned")),
+    },
+  )
+  study = {
+    r["seed"]: r for r in latest.values() if r["method"] == "dp-sgd" and not r.get("planned")
+  }
+  free = _non_private(task)
+  free_mean = float(np.mean(list(free.values()))) if free else float("nan")
+  base_mean = float(np.mean([r[key] for r in study.values()])) if study else float("nan")
+  groups: Dict[tuple, Dict[int, dict]] = {}
+  for r in latest.values():
+    point = (r["steps"] * r["batch_size"], bool(r.get("planned")), r["steps"], r["batch_size"])
+    groups.setdefault(point + (r["method"],), {})[r["seed"]] = r
+  lines = []
+  order = ("dp-sgd", "adaptive")
+  for (budget, is_planned, steps, batch, method), got in sorted(
+    groups.items(), key=lambda kv: kv[0][:4] + (order.index(kv[0][4]),)
+  ):
+    seeds = sorted(got)
+    mean = float(np.mean([got[k][key] for k in seeds]))
+    closed = (mean - base_mean) / (free_mean - base_mean)
+    lines.append(
+      [
+        f"{budget:,}",
+        "plan" if is_planned else "study",
+        f"{steps} x {batch}",
+        method,
+        ",".join(map(str, seeds)),
+        _ms([100 * got[k][key] for k in seeds], ".2f"),
+        _paired(_test(got, key), _test(study, key)) or "-",
+        f"{int(round(100 * closed)):+d} %" if np.isfinite(closed) else "-",
+        f"{max(got[k]['epsilon'] for k in seeds):.3f}",
+        f"{got[seeds[0]]['noise_multiplier']:.3f}",
+      ]
+    )
+  peers = rows_lib.dedupe(
+    [r for r in rows_lib.load("opacus_rt") if r["task"] == task and r["epsilon_target"] == eps],
+    lambda r: {"seed": r["seed"], "method": r["method"]},
+  )
+  for method in sorted({r["method"] for r in peers.values()}):
+    got = {r["seed"]: r for r in peers.values() if r["method"] == method}
+    seeds = sorted(got)
+    lines.append(
+      ["10,240", "study", "40 x 256", method, ",".join(map(str, seeds))]
+      + [_ms([100 * got[k]["test_accuracy"] for k in seeds], ".2f")]
+      + [_paired(_test(got), _test(study)) or "-", "-"]
+      + [f"{max(got[k]['epsilon'] for k in seeds):.3f}", f"{got[seeds[0]]['noise_multiplier']:.3f}"]
+    )
+  if free:
+    seeds = sorted(free)
+    lines.append(
+      ["-", "-", "-", "non-private", ",".join(map(str, seeds))]
+      + [_ms([100 * free[k] for k in seeds], ".2f"), _paired(free, _test(study, key)) or "-"]
+      + ["+100 %", "inf", "-"]
+    )
+  header = [
+    "gradient evaluations",
+    "point",
+    "steps x expected batch",
+    "method",
+    "seeds",
+    "test acc (%)",
+    "paired diff. vs the study's DP-SGD (points)",
+    "gap to non-private closed",
+    "epsilon",
+    "sigma",
+  ]
+  return _table(header, lines)
+
+
 # --- LMO-DP ------------------------------------------------------------------
 
 
