@@ -29,7 +29,7 @@ def ghost_norms_at_tiny_shapes(monkeypatch):
   """
   from dpjax.core.clipping import ghost
 
-  monkeypatch.setattr(ghost, "materialise", lambda t, rows, cols: t * t > rows * cols)
+  monkeypatch.setattr(ghost, "materialise", lambda t, rows, cols, held=None: t * t > rows * cols)
 
 
 @pytest.fixture

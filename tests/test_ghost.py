@@ -148,8 +148,8 @@ def test_the_mixed_rule_weighs_time_and_memory(monkeypatch):
   """Unpinned, the rule materialises what is no larger than the layer's own rows (every
   layer of the tiny decoder, whose embedding is over the Grams' size too) and the sum
   still equals vmap's; at the 1B shape it keeps ghost norms where a unit's gradient
-  outgrows its rows, and materialises the 128k embedding once T (rows + cols) passes
-  rows x cols (ghost norms there cost 3 T^2 V per unit)."""
+  outgrows its rows, and materialises the tied 128k embedding once the rows its two uses
+  hold pass its size (ghost norms there cost 3 T^2 V per unit)."""
   monkeypatch.undo()  # this module pins the memory-only rule; this test is of the real one
   _, params, loss = _decoder("gpt2", True)
   rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, _batch())
@@ -160,7 +160,8 @@ def test_the_mixed_rule_weighs_time_and_memory(monkeypatch):
   vocab, d, ff = 128256, 2048, 8192
   for t, mlp, embed in ((256, False, False), (1024, False, False), (2048, True, True)):
     assert ghost.materialise(t, d, ff) is mlp
-    assert ghost.materialise(t, vocab, d) is embed
+    tied = t * (1 + d) + t * (vocab + d)  # the lookup's ids and g, the logits' g and x
+    assert ghost.materialise(2 * t, vocab, d, tied) is embed
   assert ghost.materialise(1024, d, d) and not ghost.materialise(1023, d, d)
 
 

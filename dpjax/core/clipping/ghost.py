@@ -79,6 +79,7 @@ another trace; it gets no rule and its weights take the vmap path
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -269,51 +270,58 @@ def _matrix_shape(site: _Site, shape) -> tuple:
   return math.prod(shape[: site.n_in]), math.prod(shape[site.n_in :])
 
 
-def materialise(t: int, rows: int, cols: int) -> bool:
+def materialise(t: int, rows: int, cols: int, held: Optional[int] = None) -> bool:
   """The mixed rule: materialise a unit's `rows x cols` gradient from its `t` rows of inputs
   and output gradients, or take ghost norms (True: materialise).
 
-  Ghost norms cost about t^2 (rows + cols) per unit and hold two t x t Grams; a
+  Ghost norms cost about t^2 (rows + cols) per unit and hold t x t Grams; a
   materialised gradient costs no more than the weight gradient the step computes
-  anyway (t rows cols) and holds rows x cols. Materialise when that gradient is no
-  larger than the unit's own inputs and output gradients at the layer
-  (rows cols <= t (rows + cols), so the memory stays within what the layer already
-  holds; ghost would then also be the slower, t^2 (rows + cols) >= rows cols), or
-  when it is smaller than the Grams (t^2 > rows cols).
+  anyway (t rows cols) and holds rows x cols per unit. Materialise when that
+  gradient is no larger than what the layer holds per unit already, its inputs and
+  output gradients (`held`; t (rows + cols) for a dense layer: ghost norms are then
+  also the slower, t^2 (rows + cols) >= rows cols), or when it is smaller than the
+  Grams (t^2 > rows cols).
 
   Example:
     >>> materialise(256, 2048, 2048), materialise(1024, 2048, 2048)
     (False, True)
-    >>> materialise(1024, 128256, 2048), materialise(2048, 128256, 2048)
-    (False, True)
+    >>> vocab, d = 128256, 2048  # a tied embedding: the lookup's ids and g, the logits' g and x
+    >>> [materialise(2 * t, vocab, d, t * (1 + d) + t * (vocab + d)) for t in (1024, 2048)]
+    [False, True]
 
   Args:
-    t: the unit's rows at the layer (tokens, times the group's examples).
+    t: the unit's rows at the layer (tokens over its uses, times the group's examples).
     rows: the weight's rows (its inputs).
     cols: its columns (its outputs).
+    held: elements of the layer's inputs and output gradients per unit (default
+      t (rows + cols)).
 
   Returns:
     Whether to materialise.
   """
-  return rows * cols <= t * (rows + cols) or t * t > rows * cols
+  held = t * (rows + cols) if held is None else held
+  return rows * cols <= held or t * t > rows * cols
 
 
 def _rules(sites: Sequence[_Site], leaves, group_size: int = 1) -> Dict[int, str]:
   """The mixed rule (`materialise`) per taken leaf (t: the unit's rows)."""
   tokens: Dict[int, int] = {}
+  held: Dict[int, int] = {}
   matrix: Dict[int, tuple] = {}
   out = {}
   for s in sites:
     t = group_size
     for d in s.out.shape[: len(s.out.shape) - s.n_out]:  # rows of x^T g: all but the features
       t *= d
+    rows, cols = matrix[s.weight] = _matrix_shape(s, leaves[s.weight].shape)
     tokens[s.weight] = tokens.get(s.weight, 0) + t
-    matrix[s.weight] = _matrix_shape(s, leaves[s.weight].shape)
+    # A lookup holds ids and g [t, cols]; the logits (attend) g [t, rows] and x [t, cols].
+    held[s.weight] = held.get(s.weight, 0) + t * ((1 if s.kind == "embed" else rows) + cols)
     if s.bias is not None:
       out[s.bias] = "materialised"
   for i, t in tokens.items():
     rows, cols = matrix[i]
-    out[i] = "materialised" if materialise(t, rows, cols) else "ghost"
+    out[i] = "materialised" if materialise(t, rows, cols, held[i]) else "ghost"
   return out
 
 
@@ -530,33 +538,32 @@ class GhostClippedGradFn(ClippedGradFn):
       c = factor_list[group_of[i]].astype(_F32)
       out[i] = jnp.tensordot(c, kept(g).astype(_F32), axes=1)
 
-    def bookkeep(sanitize: bool):
-      """sum_u c_u left_u^T right_u per weight. Units with factor 0 must add exactly
+    def bookkeep(sanitize: bool, i: int):
+      """sum_u c_u left_u^T right_u of weight i. Units with factor 0 must add exactly
       0; with finite inputs c = 0 does it, a non-finite input needs the where()."""
       prep = kept if sanitize else (lambda a: a)
-      sums = []
-      for i, us in uses.items():
-        c = factor_list[group_of[i]].astype(_F32)
-        total = jnp.zeros(matrix_of[i], _F32)
-        for u in us:
-          right = prep(u.right).astype(_F32) * c[:, None, None]
-          if u.left_kind == "index":
-            ids = u.left.reshape(-1)
-            total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
-          else:
-            total = total + jnp.einsum(
-              "uti,utj->ij", prep(u.left), right, preferred_element_type=_F32
-            )
-        sums.append(total.reshape(leaves[i].shape))
-      return sums
+      c = factor_list[group_of[i]].astype(_F32)
+      total = jnp.zeros(matrix_of[i], _F32)
+      for u in uses[i]:
+        right = prep(u.right).astype(_F32) * c[:, None, None]
+        if u.left_kind == "index":
+          ids = u.left.reshape(-1)
+          total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
+        else:
+          total = total + jnp.einsum(
+            "uti,utj->ij", prep(u.left), right, preferred_element_type=_F32
+          )
+      return total.reshape(leaves[i].shape)
 
     # Any non-finite activation or output gradient makes its unit's squared
     # norm non-finite, so the copies that zero such units are made only then.
+    # One cond per weight: each sum is complete (and, on a mesh, reduced over the
+    # data axis) as it is made, so the sums of all weights are never held at once.
     poisoned = jnp.any(~jnp.isfinite(sum(group_sq))) | jnp.any(~jnp.isfinite(loss.astype(_F32)))
-    if uses:
-      sums = jax.lax.cond(poisoned, lambda: bookkeep(True), lambda: bookkeep(False))
-      for i, total in zip(uses, sums):
-        out[i] = total
+    for i in uses:
+      out[i] = jax.lax.cond(
+        poisoned, functools.partial(bookkeep, True, i), functools.partial(bookkeep, False, i)
+      )
     summed = jax.tree.unflatten(treedef, [o.astype(l.dtype) for o, l in zip(out, leaves)])
     return summed, self.unit_aux(loss, norms, mask, keep, dropped, aux)
 
