@@ -1,0 +1,79 @@
+"""The LLM and own-data guides' commands run end to end as written, at small steps.
+
+docs/lora.md and docs/own-data.md name the user's data and model by placeholders
+(`my.jsonl`, `/path/to/hf_dir`, `my.csv`, `RUN_DIR`, `OUT_DIR`). Each command is read
+from the guide, its placeholders replaced by tiny stand-ins written here (a random
+Llama and BERT, a few hundred rows), a few `--set` keys appended for small steps and
+a tiny model, and run by the CLI in order, so an export runs on the guide's own
+training run. Needs torch, which the guides install (`.[llm]`): skipped without it,
+and run by `.ci/run` once the extras are in.
+"""
+
+import os
+import shlex
+
+from dpjax import cli
+from tests.test_causal_lm import _jsonl, _sentences, model_dir  # noqa: F401 (a fixture)
+from tests.test_docs_commands import DOCUMENTED, ROOT
+from tests.test_tables import WORDS, _rows, _write
+
+SMALL = ["--no-progress"] + sum(
+  (["--set", kv] for kv in ("steps=2", "log_every=2", "checkpoint_every=2")), []
+)
+
+
+def _commands(guide):
+  return [shlex.split(c)[1:] for where, c in DOCUMENTED if where == guide]
+
+
+def _filled(argv, stand_ins):
+  """`argv` with each placeholder (a whole argument, or the value of a --set) replaced."""
+  out = []
+  for a in argv:
+    key, eq, value = a.rpartition("=")
+    out.append(f"{key}={stand_ins[value]}" if eq and value in stand_ins else stand_ins.get(a, a))
+  return out
+
+
+def test_the_lora_guide_trains_and_exports_both_ways(model_dir, tmp_path, monkeypatch):  # noqa: F811
+  monkeypatch.chdir(ROOT)
+  run = tmp_path / "run"
+  stand_ins = {
+    "my.jsonl": _jsonl(tmp_path / "my.jsonl", [{"text": s} for s in _sentences(120)]),
+    "/path/to/hf_dir": model_dir,
+    "RUN_DIR": str(run),
+  }
+  small = [
+    "--workdir",
+    str(run),
+    "--set",
+    "task.seq_len=16",
+    "--set",
+    "task.dev_fraction=0.2",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "physical_batch_size=16",
+  ]
+  commands = _commands("lora.md")
+  assert [c[0] for c in commands] == ["train", "export", "export"]
+  for i, argv in enumerate(commands):
+    stand_ins["OUT_DIR"] = str(tmp_path / f"out{i}")
+    extra = SMALL + small if argv[0] == "train" else []
+    assert cli.main(_filled(argv, stand_ins) + extra) == 0, argv
+    if argv[0] == "export":
+      out = tmp_path / f"out{i}"
+      want = "adapter_config.json" if "--adapter" in argv else "config.json"
+      assert (out / want).is_file() and (out / "privacy.json").is_file()
+      assert "epsilon" in (out / "README.md").read_text()
+
+
+def test_the_own_data_guide_trains_on_a_table(tiny_bert, tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  rows = _rows(300)
+  stand_ins = {"my.csv": _write(rows, str(tmp_path / "my.csv"))}
+  (argv,) = _commands("own-data.md")
+  small = ["--workdir", str(tmp_path / "run"), "--set", f"task.model={tiny_bert(WORDS)}"]
+  small += ["--set", "task.max_length=8"]
+  assert cli.main(_filled(argv, stand_ins) + SMALL + small) == 0
+  assert os.path.isfile(tmp_path / "run" / "privacy.json")
