@@ -1,4 +1,4 @@
-"""The LLM and own-data guides' commands run end to end as written, at small steps.
+"""The LLM, own-data and scaling guides' commands run end to end as written, at small steps.
 
 docs/lora.md and docs/own-data.md name the user's data and model by placeholders
 (`my.jsonl`, `/path/to/hf_dir`, `my.csv`, `RUN_DIR`, `OUT_DIR`). Each command is read
@@ -6,7 +6,9 @@ from the guide, its placeholders replaced by tiny stand-ins written here (a rand
 Llama and BERT, a few hundred rows), a few `--set` keys appended for small steps and
 a tiny model, and run by the CLI in order, so an export runs on the guide's own
 training run. Needs torch, which the guides install (`.[llm]`): skipped without it,
-and run by `.ci/run` once the extras are in.
+and run by `.ci/run` once the extras are in. The commands on the shipped assets (the
+quickstart's, the user-level guide's) are validated by `test_docs_commands.py`, and
+the quickstart runs whole in the notebook CI executes; `--distributed` needs hosts.
 """
 
 import os
@@ -77,3 +79,13 @@ def test_the_own_data_guide_trains_on_a_table(tiny_bert, tmp_path, monkeypatch):
   small += ["--set", "task.max_length=8"]
   assert cli.main(_filled(argv, stand_ins) + SMALL + small) == 0
   assert os.path.isfile(tmp_path / "run" / "privacy.json")
+
+
+def test_the_scaling_guides_mesh_command_trains(tmp_path, monkeypatch):
+  """docs/scaling.md's one-host mesh (4 x 2 of the 8 virtual CPU devices the tests make)."""
+  monkeypatch.chdir(ROOT)
+  meshes = [c for c in _commands("scaling.md") if c[0] == "train" and "--distributed" not in c]
+  assert meshes
+  for argv in meshes:
+    assert cli.main(argv + SMALL + ["--workdir", str(tmp_path / "run")]) == 0
+    assert os.path.isfile(tmp_path / "run" / "privacy.json")
