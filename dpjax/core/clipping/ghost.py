@@ -9,9 +9,10 @@ at its outputs `[T, d_out]`), so
 - its norm is `sum_{t,s} (x_t . x_s)(g_t . g_s)` (ghost norm, Li et al. 2021,
   arXiv 2110.05679; cost T^2 (d_in + d_out)), or that of the materialised
   `x^T g` (cost T d_in d_out, which the weight gradient costs anyway, and
-  d_in d_out memory per unit) -- `materialise` picks per layer (the mixed
-  rule of Bu et al., arXiv 2205.10683, weighing time and memory; an embedding's `x` is one-hot, its
-  Gram a token-equality matrix, its materialised gradient a scatter of `g`);
+  d_in d_out memory per unit) -- `materialise` picks per layer, weighing time
+  and memory (the mixed rule of Bu et al., arXiv 2205.10683; an embedding's
+  `x` is one-hot, its Gram a token-equality matrix, its materialised
+  gradient a scatter of `g`);
 - the clipped sum is `sum_u c_u x_u^T g_u`, one einsum over activations,
   output gradients and clip factors (book-keeping, Bu et al., arXiv
   2210.00038): no second backward pass.
