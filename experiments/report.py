@@ -322,6 +322,7 @@ def utility_planned(task: str, epsilon: str) -> str:
     groups.items(), key=lambda kv: kv[0][:4] + (order.index(kv[0][4]),)
   ):
     seeds = sorted(got)
+    base = method == "dp-sgd" and not is_planned  # the study's DP-SGD: the reference
     mean = float(np.mean([got[k][key] for k in seeds]))
     closed = (mean - base_mean) / (free_mean - base_mean)
     lines.append(
@@ -332,8 +333,8 @@ def utility_planned(task: str, epsilon: str) -> str:
         method,
         ",".join(map(str, seeds)),
         _ms([100 * got[k][key] for k in seeds], ".2f"),
-        _paired(_test(got, key), _test(study, key)) or "-",
-        f"{int(round(100 * closed)):+d} %" if np.isfinite(closed) else "-",
+        "-" if base else _paired(_test(got, key), _test(study, key)) or "-",
+        "-" if base or not np.isfinite(closed) else f"{int(round(100 * closed)):+d} %",
         f"{max(got[k]['epsilon'] for k in seeds):.3f}",
         f"{got[seeds[0]]['noise_multiplier']:.3f}",
       ]
