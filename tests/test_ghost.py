@@ -146,15 +146,16 @@ def test_rules_mixed_and_fallback():
 
 def test_the_mixed_rule_weighs_time_and_memory(monkeypatch):
   """Unpinned, the rule materialises what is no larger than the layer's own rows (every
-  layer of the tiny decoder, whose embedding is over the Grams' size too) and the sum
-  still equals vmap's; at the 1B shape it keeps ghost norms where a unit's gradient
-  outgrows its rows, and materialises the tied 128k embedding once the rows its two uses
-  hold pass its size (ghost norms there cost 3 T^2 V per unit)."""
+  layer of the tiny decoder, its tied embedding included) and the sum still equals
+  vmap's; at the 1B shape it keeps ghost norms where a unit's gradient outgrows its
+  rows, and materialises the tied 128k embedding once the rows its two uses hold pass
+  its size (ghost norms there cost 3 T^2 V per unit)."""
   monkeypatch.undo()  # this module pins the memory-only rule; this test is of the real one
   _, params, loss = _decoder("gpt2", True)
   rules = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="ghost").rules(params, _batch())
   assert rules["layer_0/mlp/up/kernel"] == "materialised"  # 16 x 32 <= 20 x 48
   assert rules["layer_0/attn/q/kernel"] == "materialised"
+  assert rules["embed/embedding"] == "materialised"  # 128 x 16 <= 20 (1 + 16) + 20 (128 + 16)
   (gv, _), (gg, _) = _both(loss, params, _batch(), l2_clip_norm=0.5)
   assert _rel_err(gv, gg) < 1e-5
   vocab, d, ff = 128256, 2048, 8192

@@ -19,9 +19,12 @@ from tests.test_causal_lm import _jsonl, _sentences, model_dir  # noqa: F401 (a 
 from tests.test_docs_commands import DOCUMENTED, ROOT
 from tests.test_tables import WORDS, _rows, _write
 
-SMALL = ["--no-progress"] + sum(
-  (["--set", kv] for kv in ("steps=2", "log_every=2", "checkpoint_every=2")), []
-)
+
+def _sets(*kvs):
+  return [a for kv in kvs for a in ("--set", kv)]
+
+
+SMALL = ["--no-progress"] + _sets("steps=2", "log_every=2", "checkpoint_every=2")
 
 
 def _commands(guide):
@@ -45,18 +48,9 @@ def test_the_lora_guide_trains_and_exports_both_ways(model_dir, tmp_path, monkey
     "/path/to/hf_dir": model_dir,
     "RUN_DIR": str(run),
   }
-  small = [
-    "--workdir",
-    str(run),
-    "--set",
-    "task.seq_len=16",
-    "--set",
-    "task.dev_fraction=0.2",
-    "--set",
-    "batch_size=16",
-    "--set",
-    "physical_batch_size=16",
-  ]
+  small = ["--workdir", str(run)] + _sets(
+    "task.seq_len=16", "task.dev_fraction=0.2", "batch_size=16", "physical_batch_size=16"
+  )
   commands = _commands("lora.md")
   assert [c[0] for c in commands] == ["train", "export", "export"]
   for i, argv in enumerate(commands):
@@ -75,8 +69,8 @@ def test_the_own_data_guide_trains_on_a_table(tiny_bert, tmp_path, monkeypatch):
   rows = _rows(300)
   stand_ins = {"my.csv": _write(rows, str(tmp_path / "my.csv"))}
   (argv,) = _commands("own-data.md")
-  small = ["--workdir", str(tmp_path / "run"), "--set", f"task.model={tiny_bert(WORDS)}"]
-  small += ["--set", "task.max_length=8"]
+  small = ["--workdir", str(tmp_path / "run")]
+  small += _sets(f"task.model={tiny_bert(WORDS)}", "task.max_length=8")
   assert cli.main(_filled(argv, stand_ins) + SMALL + small) == 0
   assert os.path.isfile(tmp_path / "run" / "privacy.json")
 

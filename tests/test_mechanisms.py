@@ -160,22 +160,31 @@ def test_random_words_are_both_halves_of_jax_threefry(size):
         np.testing.assert_array_equal(np.asarray(hi ^ lo), bits)
 
 
-@pytest.mark.parametrize("shape", [(6, 5, 4), (4, 7), (5, 6), (2,), (), (3,)])
-def test_draws_in_their_shape_pair_neighbours_on_the_last_axis(shape):
+def test_draws_in_their_shape_pair_neighbours_on_the_last_axis():
   """Words at `counters(shape)` are the flat counters' words, row-major. A normal draw
   is Box-Muller on pairs of neighbours: (sqrt(2 E) cos, sqrt(2 E) sin)(2 pi V) of pair j
   at positions 2j and 2j + 1 of the last axis (of the flat draw when it is odd)."""
+  words, normal, exponential, turns = (
+    jax.jit(f, static_argnums=1)
+    for f in (
+      mechanisms.threefry_words,
+      mechanisms.standard_normal,
+      mechanisms.standard_exponential,
+      lambda v, _: mechanisms.cos_sin_turns(v),
+    )
+  )
   k = jax.random.key(5)
-  n = int(np.prod(shape))
-  for got, flat in zip(mechanisms.threefry_words(k, shape), mechanisms.threefry_words(k, n)):
-    np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.asarray(flat))
-  z = np.asarray(mechanisms.standard_normal(k, shape))
-  assert z.shape == shape
   ke, ku = jax.random.split(k)
-  r = np.sqrt(2 * np.asarray(mechanisms.standard_exponential(ke, (-(-n // 2),))))
-  c, s = mechanisms.cos_sin_turns(mechanisms.threefry_words(ku, -(-n // 2))[0])
-  want = np.stack([r * np.asarray(c), r * np.asarray(s)], axis=-1).reshape(-1)[:n]
-  np.testing.assert_allclose(z.reshape(-1), want, rtol=1e-6, atol=1e-6)
+  for shape in [(6, 5, 4), (4, 7), (), (3,)]:
+    n, pairs = int(np.prod(shape)), -(-int(np.prod(shape)) // 2)
+    for got, flat in zip(words(k, shape), words(k, n)):
+      np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.asarray(flat))
+    z = np.asarray(normal(k, shape))
+    assert z.shape == shape
+    r = np.sqrt(2 * np.asarray(exponential(ke, (pairs,))))
+    c, s = (np.asarray(a) for a in turns(words(ku, pairs)[0], 0))
+    want = np.stack([r * c, r * s], axis=-1).reshape(-1)[:n]
+    np.testing.assert_allclose(z.reshape(-1), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("axis", [0, 1])

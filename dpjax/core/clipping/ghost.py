@@ -287,8 +287,8 @@ def materialise(t: int, rows: int, cols: int, held: Optional[int] = None) -> boo
     >>> materialise(256, 2048, 2048), materialise(1024, 2048, 2048)
     (False, True)
     >>> vocab, d = 128256, 2048  # a tied embedding: the lookup's ids and g, the logits' g and x
-    >>> [materialise(2 * t, vocab, d, t * (1 + d) + t * (vocab + d)) for t in (1024, 2048)]
-    [False, True]
+    >>> tuple(materialise(2 * t, vocab, d, t * (1 + d) + t * (vocab + d)) for t in (1024, 2048))
+    (False, True)
 
   Args:
     t: the unit's rows at the layer (tokens over its uses, times the group's examples).
