@@ -14,10 +14,14 @@ the quickstart runs whole in the notebook CI executes; `--distributed` needs hos
 import os
 import shlex
 
-from dpjax import cli
-from tests.test_causal_lm import _jsonl, _sentences, model_dir  # noqa: F401 (a fixture)
-from tests.test_docs_commands import DOCUMENTED, ROOT
-from tests.test_tables import WORDS, _rows, _write
+import pytest
+
+pytest.importorskip("torch", reason="torch (the guides' llm extra) writes the tiny models")
+
+from dpjax import cli  # noqa: E402
+from tests.test_causal_lm import _jsonl, _sentences, model_dir  # noqa: E402, F401 (a fixture)
+from tests.test_docs_commands import DOCUMENTED, ROOT  # noqa: E402
+from tests.test_tables import WORDS, _rows, _write  # noqa: E402
 
 
 def _sets(*kvs):
