@@ -188,6 +188,18 @@ def _non_private(task: str) -> Dict[int, float]:
   return {r["run"]: r["test_accuracy"] for r in latest.values()}
 
 
+def _peer_runs(task: str, eps: float) -> Dict[str, Dict[int, dict]]:
+  """The peer library's rows (`opacus_rt.py`) of a task and target: {method: {seed: row}}."""
+  peers = rows_lib.dedupe(
+    [r for r in rows_lib.load("opacus_rt") if r["task"] == task and r["epsilon_target"] == eps],
+    lambda r: {"seed": r["seed"], "method": r["method"]},
+  )
+  out: Dict[str, Dict[int, dict]] = {}
+  for r in sorted(peers.values(), key=lambda r: r["method"]):
+    out.setdefault(r["method"], {})[r["seed"]] = r
+  return out
+
+
 @renderer
 def utility(task: str, epsilon: str) -> str:
   """Every method at one target epsilon: accuracy, paired differences, the gap closed."""
@@ -236,12 +248,7 @@ def utility(task: str, epsilon: str) -> str:
         str(got[seeds[0]]["bands"]),
       ]
     )
-  peers = rows_lib.dedupe(
-    [r for r in rows_lib.load("opacus_rt") if r["task"] == task and r["epsilon_target"] == eps],
-    lambda r: {"seed": r["seed"], "method": r["method"]},
-  )
-  for method in sorted({r["method"] for r in peers.values()}):
-    got = {r["seed"]: r for r in peers.values() if r["method"] == method}
+  for method, got in _peer_runs(task, eps).items():
     seeds = sorted(got)
     acc = [100 * got[k]["test_accuracy"] for k in seeds]
     diff = _paired(_test(got), _test(base))
@@ -339,12 +346,7 @@ def utility_planned(task: str, epsilon: str) -> str:
         f"{got[seeds[0]]['noise_multiplier']:.3f}",
       ]
     )
-  peers = rows_lib.dedupe(
-    [r for r in rows_lib.load("opacus_rt") if r["task"] == task and r["epsilon_target"] == eps],
-    lambda r: {"seed": r["seed"], "method": r["method"]},
-  )
-  for method in sorted({r["method"] for r in peers.values()}):
-    got = {r["seed"]: r for r in peers.values() if r["method"] == method}
+  for method, got in _peer_runs(task, eps).items():
     seeds = sorted(got)
     lines.append(
       ["10,240", "study", "40 x 256", method, ",".join(map(str, seeds))]
