@@ -1,5 +1,6 @@
 """Ghost-norm / book-keeping clipping equals the vmap path (dpjax/ghost.py)."""
 
+import re
 import warnings
 
 import flax.linen as nn
@@ -414,3 +415,52 @@ def test_a_large_parameter_on_the_vmap_path_is_warned_about():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     grad_fn(small, jnp.ones((2, 10)))
+
+
+def _collectives_in_conditionals(hlo: str):
+  """Collective ops reached from a conditional's branches in an HLO module's text."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  called = re.compile(r"(?:branch_computations=\{|true_computation=|false_computation=)([^}\n]+)")
+  todo = [
+    n
+    for lines in bodies.values()
+    for ln in lines
+    for m in called.findall(ln)
+    for n in re.findall(r"%?([\w.\-]+)", m)
+    if n in bodies
+  ]
+  seen, found = set(), []
+  while todo:
+    n = todo.pop()
+    if n in seen:
+      continue
+    seen.add(n)
+    for ln in bodies[n]:
+      found += re.findall(
+        r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", ln
+      )
+      todo += [m for m in re.findall(r"%([\w.\-]+)", ln) if m in bodies]
+  return found
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 virtual devices")
+def test_no_collective_runs_inside_a_conditional_on_a_mesh():
+  """XLA:CPU runs a conditional's collectives on a blocking thread: with more devices
+  than threads a rendezvous can wait forever (it aborted a 4 x 2 step on 2 cores)."""
+  from dpjax.training import sharding as shard_lib
+
+  _, params, loss = _decoder("llama", True)
+  mesh = shard_lib.make_mesh(jax.devices()[:8], model=2)
+  fn = dpjax.clipped_grad(loss, l2_clip_norm=0.5, method="ghost")
+  placed = shard_lib.shard_params(params, mesh)
+  batch = shard_lib.shard_batch(_batch(n=8), mesh)
+  hlo = jax.jit(fn).lower(placed, batch).compile().as_text()
+  assert re.search(r"\ball-reduce\(", hlo)  # the step is partitioned: sums are reduced
+  assert _collectives_in_conditionals(hlo) == []

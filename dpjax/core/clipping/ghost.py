@@ -80,7 +80,6 @@ another trace; it gets no rule and its weights take the vmap path
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -539,32 +538,31 @@ class GhostClippedGradFn(ClippedGradFn):
       c = factor_list[group_of[i]].astype(_F32)
       out[i] = jnp.tensordot(c, kept(g).astype(_F32), axes=1)
 
-    def bookkeep(sanitize: bool, i: int):
-      """sum_u c_u left_u^T right_u of weight i. Units with factor 0 must add exactly
-      0; with finite inputs c = 0 does it, a non-finite input needs the where()."""
-      prep = kept if sanitize else (lambda a: a)
+    def bookkeep(i: int):
+      """sum_u c_u left_u^T right_u of weight i. A unit with factor 0 must add exactly
+      0 even when its inputs are not finite (0 x inf is nan), so both sides of a
+      dropped unit are zeroed; the zeroing of the right side fuses with its scaling.
+
+      No conditional skips the zeroing when every input is finite: on a mesh each
+      sum is reduced over the data axis inside the step, and XLA:CPU runs a
+      collective inside a conditional on a blocking thread, which with more
+      devices than threads can wait forever (an abort after its rendezvous times
+      out; seen on 8 virtual devices on 2 cores)."""
       c = factor_list[group_of[i]].astype(_F32)
       total = jnp.zeros(matrix_of[i], _F32)
       for u in uses[i]:
-        right = prep(u.right).astype(_F32) * c[:, None, None]
-        if u.left_kind == "index":
+        right = kept(u.right.astype(_F32) * c[:, None, None])
+        if u.left_kind == "index":  # ids: finite, and a dropped unit adds rows of zeros
           ids = u.left.reshape(-1)
           total = total.at[ids].add(right.reshape(-1, right.shape[-1]), mode="drop")
         else:
           total = total + jnp.einsum(
-            "uti,utj->ij", prep(u.left), right, preferred_element_type=_F32
+            "uti,utj->ij", kept(u.left), right, preferred_element_type=_F32
           )
       return total.reshape(leaves[i].shape)
 
-    # Any non-finite activation or output gradient makes its unit's squared
-    # norm non-finite, so the copies that zero such units are made only then.
-    # One cond per weight: each sum is complete (and, on a mesh, reduced over the
-    # data axis) as it is made, so the sums of all weights are never held at once.
-    poisoned = jnp.any(~jnp.isfinite(sum(group_sq))) | jnp.any(~jnp.isfinite(loss.astype(_F32)))
     for i in uses:
-      out[i] = jax.lax.cond(
-        poisoned, functools.partial(bookkeep, True, i), functools.partial(bookkeep, False, i)
-      )
+      out[i] = bookkeep(i)
     summed = jax.tree.unflatten(treedef, [o.astype(l.dtype) for o, l in zip(out, leaves)])
     return summed, self.unit_aux(loss, norms, mask, keep, dropped, aux)
 
