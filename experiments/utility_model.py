@@ -1,13 +1,21 @@
 """A fitted model of utility against the operating point (sigma / B, T), per task family.
 
-  python experiments/utility_model.py run              # the grid below (resumes)
-  python experiments/utility_model.py fit              # the fit and its held-out error
+  python experiments/utility_model.py run [--family rt_top2]   # the grid below (resumes)
+  python experiments/utility_model.py fit [--family rt_top2]   # the fit and its held-out error
 
-Task family: the quickstart's frozen-head task (MiniLM frozen and cached, a cosine head
-trained with DP-SGD on RT, Adam lr 0.01, clip 1.0, physical batch 128). Grid, sized to
-this 2-core CPU (about 20 min with cached features): target epsilon 1 and 3 (delta
-1e-5), expected batch B in 256 / 1024 / 4096, steps T in 50 / 150 / 450: 18 runs, seed 0,
-noise and batches from OS entropy (the default), sigma calibrated by PLD for each (q, T).
+Task families, each with a grid sized to this 2-core CPU; noise and batches from OS
+entropy (the default), sigma calibrated by PLD for each (q, T), delta 1e-5:
+  frozen_head  the quickstart's task (MiniLM frozen and cached, a cosine head trained
+               with DP-SGD on RT, Adam lr 0.01, clip 1.0, physical batch 128): target
+               epsilon 1 and 3, expected batch B in 256 / 1024 / 4096, steps T in
+               50 / 150 / 450; 18 runs, about 20 min with cached features. Rows in
+               results/utility_model.jsonl.
+  rt_top2      the equal-budget study's task (`experiments/utility.py`'s rt-top2:
+               MiniLM's top 2 layers and the cosine head, ghost clipping, the study's
+               learning rates and tuned clip 0.3, seed 0): target epsilon 3, B in
+               128 / 256 / 512, T in 20 / 40 / 80; 9 runs, about an hour (the study's
+               point, 40 x 256, is the middle one). Rows in
+               results/utility_model_rt_top2.jsonl.
 A row: eps, batch, steps, sigma, q, noise_batch_ratio, tan, dev/test loss and accuracy,
 seconds, revision, machine.
 
@@ -37,10 +45,12 @@ sys.path.insert(0, HERE)
 
 import rows as rows_lib  # noqa: E402
 
-NAME = "utility_model"
-EPSILONS = (1.0, 3.0)
-BATCHES = (256, 1024, 4096)
-STEPS = (50, 150, 450)
+# family: (rows file, target epsilons, expected batches, steps)
+FAMILIES = {
+  "frozen_head": ("utility_model", (1.0, 3.0), (256, 1024, 4096), (50, 150, 450)),
+  "rt_top2": ("utility_model_rt_top2", (3.0,), (128, 256, 512), (20, 40, 80)),
+}
+RT_TOP2_CLIP = 0.3  # the study's clip, tuned on dev at its own point (utility.py)
 
 
 def point(row: dict) -> dict:
@@ -73,25 +83,36 @@ def fit(rows, target: str = "dev_error"):
   return coef, np.array(held), np.array(base)
 
 
+def _config(family: str, eps: float, batch: int, steps: int):
+  """The dpjax config of one grid point of `family`."""
+  from dpjax.training.config import CONFIG_DIR, load_config
+
+  if family == "rt_top2":
+    import utility  # experiments/utility.py: the study's own config of the task
+
+    return utility.config("rt-top2", "dp-sgd", eps, 0, RT_TOP2_CLIP, shape=(steps, batch))
+  over = [
+    f"target_epsilon={eps}",
+    f"batch_size={batch}",
+    f"steps={steps}",
+    f"log_every={steps}",
+    f"checkpoint_every={steps}",
+  ]
+  return load_config(os.path.join(CONFIG_DIR, "quickstart.py"), over)
+
+
 def run(a) -> int:
   from dpjax.tasks import build_task
-  from dpjax.training.config import CONFIG_DIR, load_config
   from dpjax.training.loop import train
 
-  done = rows_lib.dedupe(rows_lib.load(NAME), point)
+  name, epsilons, batches, steps_grid = FAMILIES[a.family]
+  done = rows_lib.dedupe(rows_lib.load(name), point)
   task = None
-  for eps, batch, steps in itertools.product(EPSILONS, BATCHES, STEPS):
+  for eps, batch, steps in itertools.product(epsilons, batches, steps_grid):
     if rows_lib.find(done, dict(eps=eps, batch=batch, steps=steps)) is not None:
       continue
-    over = [
-      f"target_epsilon={eps}",
-      f"batch_size={batch}",
-      f"steps={steps}",
-      f"log_every={steps}",
-      f"checkpoint_every={steps}",
-    ]
-    cfg = load_config(os.path.join(CONFIG_DIR, "quickstart.py"), over)
-    task = task or build_task(cfg)  # the same features for every point
+    cfg = _config(a.family, eps, batch, steps)
+    task = task or build_task(cfg)  # the same data (and cached features) for every point
     t0 = time.time()
     res = train(cfg, task, None, progress=False)
     m = res.final_metrics
@@ -112,31 +133,32 @@ def run(a) -> int:
       test_accuracy=m["test_accuracy"],
       seconds=round(time.time() - t0, 1),
     )
-    rows_lib.append(NAME, [row])
+    rows_lib.append(name, [row])
     print(json.dumps(row), flush=True)
   return 0
 
 
 def report(a) -> int:
-  rows = list(rows_lib.dedupe(rows_lib.load(NAME), point).values())
+  name = FAMILIES[a.family][0]
+  rows = list(rows_lib.dedupe(rows_lib.load(name), point).values())
   coef, held, base = fit(rows, a.target)
   print(f"{len(rows)} points; coefficients (1, x, y, x^2, xy): {np.round(coef, 4).tolist()}")
   loo, const = np.sqrt(np.mean(held**2)), np.sqrt(np.mean(base**2))
   print(f"leave-one-out RMSE {loo:.4f} (constant mean {const:.4f})")
   ratios, steps = [r["noise_batch_ratio"] for r in rows], [r["steps"] for r in rows]
   model = dict(
-    family="frozen_head",
+    family=a.family,
     target=a.target,
     coef=[round(float(c), 6) for c in coef],
     ratio_range=[min(ratios), max(ratios)],
     steps_range=[min(steps), max(steps)],
     loo_rmse=round(float(loo), 6),
     constant_rmse=round(float(const), 6),
-    source=f"experiments/utility_model.py fit: {len(rows)} runs of the quickstart task "
-    f"(Adam lr 0.01, eps {sorted(set(r['eps'] for r in rows))}), revisions "
+    source=f"experiments/utility_model.py fit --family {a.family}: {len(rows)} runs "
+    f"(eps {sorted(set(r['eps'] for r in rows))}), revisions "
     f"{sorted(set(r['revision'] for r in rows))}",
   )
-  path = rows_lib.path(f"{NAME}_{a.target}")[: -len(".jsonl")] + ".json"
+  path = rows_lib.path(f"{name}_{a.target}")[: -len(".jsonl")] + ".json"
   with open(path, "w") as f:
     json.dump(model, f, indent=1)
     f.write("\n")
@@ -147,6 +169,7 @@ def report(a) -> int:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("action", choices=["run", "fit"])
+  p.add_argument("--family", default="frozen_head", choices=list(FAMILIES))
   p.add_argument("--target", default="dev_error", help="dev_error, dev_loss, test_error, ...")
   a = p.parse_args(argv)
   return run(a) if a.action == "run" else report(a)
