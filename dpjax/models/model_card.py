@@ -53,6 +53,17 @@ def model_card(privacy: Dict[str, Any], *, base: str, how: str, run_dir: str) ->
     f"{'an upper bound' if privacy.get('upper_bound') else 'an estimate'} from the "
     f"`{privacy['accountant']}` accountant over every release the run made (its ledger, below).",
     "",
+  ]
+  if privacy.get("tuning"):
+    t = privacy["tuning"]
+    lines += [
+      f"The run was selected as the best of K random runs, K ~ TNB(eta={t['eta']:g}, "
+      f"gamma={t['gamma']:g}) (E[K] = {t['expected_runs']:.3g}), by `dpjax tune`: the "
+      "epsilon covers the whole tuning (Papernot-Steinke's selection bound over one run's "
+      "RDP curve), not this run alone.",
+      "",
+    ]
+  lines += [
     f"It assumes: {privacy.get('assumes', 'see privacy.json')}. The base model and anything "
     "public it was given are outside the guarantee; it covers the private training data only.",
     "",

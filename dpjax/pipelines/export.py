@@ -15,6 +15,7 @@ from typing import Tuple
 
 from dpjax.models.hf_export import export_decoder, export_lora_adapter
 from dpjax.models.model_card import model_card
+from dpjax.pipelines.tune import tuned_privacy
 from dpjax.tasks.causal_lm import DEFAULTS as CAUSAL_LM_DEFAULTS
 from dpjax.tasks.causal_lm import base_model, lora_settings, merged_params
 from dpjax.training.rundir import TRAINED, check_writable, load_trained
@@ -86,7 +87,11 @@ def export_run(run_dir: str, out_dir: str, *, adapter: bool = False) -> Tuple[st
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
     f.write(model_card(privacy, base=t.model, how=how, run_dir=run_dir))
-  shutil.copyfile(os.path.join(run_dir, "privacy.json"), os.path.join(out_dir, "privacy.json"))
+  if privacy.get("tuning"):  # the record as released: the tuning's epsilon, the run's ledger
+    with open(os.path.join(out_dir, "privacy.json"), "w") as f:
+      json.dump(privacy, f, indent=2)
+  else:
+    shutil.copyfile(os.path.join(run_dir, "privacy.json"), os.path.join(out_dir, "privacy.json"))
   if adapter:
     lora = lora_settings(t)
     out = export_lora_adapter(
@@ -115,4 +120,4 @@ def _run_privacy(run_dir: str):
       f"{path}: the run's privacy record is missing or unreadable ({type(e).__name__}: {e}); "
       "an export carries it, so resume the run to its end first"
     ) from None
-  return privacy
+  return tuned_privacy(run_dir, privacy)  # a tuned run's guarantee is its tuning's
