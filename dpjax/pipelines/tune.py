@@ -156,7 +156,6 @@ def tune(
     score and ledger epsilon), selected (the best run's index), epsilon (the
     tuning's, at the config's delta), sigma, sampling_rate, steps.
   """
-
   eta, gamma = tuning
   selection.check_tnb(eta, gamma)
   grid = parse_grid(grid_items)
@@ -210,6 +209,8 @@ def tune(
       run_dir = os.path.join(workdir, f"run-{i + 1}")
       if progress:
         print(f"tune: run {i + 1}: {' '.join(rec['draws'][i])}", flush=True)
+      rundir.make_private_dir(run_dir)
+      _mark(run_dir, None, rec)  # pending: no export until the selection is made
       res = loop.train(run_spec, task, run_dir, progress=progress)
       seg = res.ledger.segments
       if len(seg) != 1 or seg[0].steps != steps or seg[0].extra_releases:
@@ -228,7 +229,6 @@ def tune(
         )
       )
       rundir.write_json_atomic(path, rec)
-      _mark(run_dir, None, rec)  # pending: no export until the selection is made
     scores = [r["score"] for r in rec["runs"]]
     best = int(np.argmin(scores) if lower else np.argmax(scores))
     event = ev.dpsgd_event(sigma, q, steps)
