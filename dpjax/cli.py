@@ -550,27 +550,7 @@ def parser() -> argparse.ArgumentParser:
   a.add_argument("--steps", type=int, required=True)
   a.add_argument("--delta", type=float, default=1e-5)
   a.add_argument("--accountant", default="pld")
-  a.add_argument(
-    "--unit",
-    choices=["example", "user"],
-    default="example",
-    help="privacy unit of the reported epsilon",
-  )
-  a.add_argument(
-    "--user-sampling",
-    choices=["els", "uls"],
-    default="uls",
-    help="with --unit user: sample examples (els; --sampling-rate per example) "
-    "or users (uls; --sampling-rate per user)",
-  )
-  a.add_argument(
-    "--max-examples-per-user",
-    "--G",
-    dest="G",
-    type=int,
-    default=1,
-    help="with --unit user: the cap on each user's examples (G in the papers)",
-  )
+  planner.add_unit_arguments(a, "--sampling-rate per user", "--sampling-rate per example")
   g = a.add_mutually_exclusive_group(required=True)
   g.add_argument("--noise-multiplier", type=float)
   g.add_argument("--target-epsilon", type=float)

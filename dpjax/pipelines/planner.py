@@ -364,6 +364,33 @@ def parse_batches(text: str) -> List[int]:
   return out
 
 
+def add_unit_arguments(parser, per_user: str, per_example: str) -> None:
+  """The privacy unit's options (`--unit`, `--user-sampling`, `--max-examples-per-user`).
+
+  Args:
+    parser: the (sub)parser.
+    per_user: what ULS means for the command's sampling option, e.g. "--units is users".
+    per_example: the same for ELS.
+  """
+  parser.add_argument(
+    "--unit", default="example", choices=["example", "user"], help="the privacy unit"
+  )
+  parser.add_argument(
+    "--user-sampling",
+    default="uls",
+    choices=["uls", "els"],
+    help=f"with --unit user: sample users (uls; {per_user}) or examples (els; {per_example})",
+  )
+  parser.add_argument(
+    "--max-examples-per-user",
+    "--G",
+    dest="G",
+    type=int,
+    default=1,
+    help="with --unit user and els: the cap on each user's examples (G in the papers)",
+  )
+
+
 def add_arguments(parser) -> None:
   """`dpjax plan`'s arguments.
 
@@ -384,17 +411,7 @@ def add_arguments(parser) -> None:
   parser.add_argument(
     "--min-steps", type=int, default=MIN_STEPS, help="the fewest steps a ranked point may take"
   )
-  parser.add_argument("--unit", default="example", choices=["example", "user"])
-  parser.add_argument(
-    "--user-sampling",
-    default="uls",
-    choices=["uls", "els"],
-    help="with --unit user: sample users (uls; --units is users) or examples (els; --units "
-    "is the examples kept)",
-  )
-  parser.add_argument(
-    "--max-examples-per-user", "--G", dest="G", type=int, default=1, help="ELS: the cap G"
-  )
+  add_unit_arguments(parser, "--units is users", "--units is the examples kept")
   parser.add_argument("--accountant", default="pld")
   parser.add_argument(
     "--tuning",
