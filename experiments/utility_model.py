@@ -45,10 +45,16 @@ sys.path.insert(0, HERE)
 
 import rows as rows_lib  # noqa: E402
 
-# family: (rows file, target epsilons, expected batches, steps)
+# family: (rows file, target epsilons, expected batches, steps, learning rates)
 FAMILIES = {
-  "frozen_head": ("utility_model", (1.0, 3.0), (256, 1024, 4096), (50, 150, 450)),
-  "rt_top2": ("utility_model_rt_top2", (3.0,), (128, 256, 512), (20, 40, 80)),
+  "frozen_head": ("utility_model", (1.0, 3.0), (256, 1024, 4096), (50, 150, 450), "Adam 0.01"),
+  "rt_top2": (
+    "utility_model_rt_top2",
+    (3.0,),
+    (128, 256, 512),
+    (20, 40, 80),
+    "Adam 1e-3 (layers) / 0.01 (head)",
+  ),
 }
 RT_TOP2_CLIP = 0.3  # the study's clip, tuned on dev at its own point (utility.py)
 
@@ -105,7 +111,7 @@ def run(a) -> int:
   from dpjax.tasks import build_task
   from dpjax.training.loop import train
 
-  name, epsilons, batches, steps_grid = FAMILIES[a.family]
+  name, epsilons, batches, steps_grid, _ = FAMILIES[a.family]
   done = rows_lib.dedupe(rows_lib.load(name), point)
   task = None
   for eps, batch, steps in itertools.product(epsilons, batches, steps_grid):
@@ -148,6 +154,7 @@ def report(a) -> int:
   ratios, steps = [r["noise_batch_ratio"] for r in rows], [r["steps"] for r in rows]
   model = dict(
     family=a.family,
+    learning_rate=FAMILIES[a.family][4],
     target=a.target,
     coef=[round(float(c), 6) for c in coef],
     ratio_range=[min(ratios), max(ratios)],

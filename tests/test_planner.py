@@ -147,6 +147,7 @@ def test_a_fitted_model_ranks_the_points_and_flags_those_outside_its_grid(tmp_pa
     "loo_rmse": 0.01,
     "constant_rmse": 0.02,
     "source": "a test",
+    "learning_rate": "Adam 0.02",
   }
   path = tmp_path / "toy.json"
   path.write_text(json.dumps(model))
@@ -154,7 +155,8 @@ def test_a_fitted_model_ranks_the_points_and_flags_those_outside_its_grid(tmp_pa
   assert cli.main(argv + ["--model", str(path)]) == 0
   out = capsys.readouterr().out.splitlines()
   assert "fitted toy model's predicted dev_loss" in out[0]
-  rows = [line.split() for line in out[2:]]
+  assert out[-1].startswith("learning rate: Adam 0.02, the rate the model's grid ran at")
+  rows = [line.split() for line in out[2:-1]]
   # inside the grid (T = 2560 / B in [40, 60]: B = 48 and 64) first, each part by -log T
   assert [int(r[1]) for r in rows] == [48, 64, 16, 24, 32]
   assert [r[-1] == "*" for r in rows] == [False, False, True, True, True]

@@ -15,9 +15,10 @@ the noise-batch ratio sigma / B (McKenna et al., ICML 2025) times N / sqrt(T).
 At a fixed budget TAN falls as the batch grows (amplification by sampling is
 worth less than the steps it costs), down to one giant step, which no
 optimiser can use: points with fewer than `min_steps` steps are left out,
-and the output says so. The planner does not suggest a learning rate (the
+and the output says so. The planner suggests no learning rate of its own (the
 same paper tunes hyper-parameters at a small batch with sigma / B held fixed
-and carries them over; a fitted model holds one learning rate).
+and carries them over); a fitted model names the rate its grid ran at, and
+the output repeats it.
 
 Tuning. The plan is for ONE run. Trying several configurations on the
 private data and keeping the best is a release too: with `tuning=(eta,
@@ -95,6 +96,7 @@ class UtilityModel:
   loo_rmse: float  # its leave-one-out error on the grid
   constant_rmse: float  # the leave-one-out error of predicting the grid's mean
   source: str  # how it was fitted
+  learning_rate: Optional[str] = None  # the learning rate(s) of the grid's runs
 
   @staticmethod
   def load(path: str) -> UtilityModel:
@@ -320,6 +322,11 @@ def report(
     )
   if len(points) > top:
     lines.append(f"({len(points) - top} more; --top N shows them)")
+  if model is not None and model.learning_rate:
+    lines.append(
+      f"learning rate: {model.learning_rate}, the rate the model's grid ran at (its "
+      "predictions hold for it; Sander et al. carry a rate over at fixed sigma / B)"
+    )
   return "\n".join(lines)
 
 
