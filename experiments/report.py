@@ -1163,7 +1163,7 @@ def bench_1b(file: str = "bench_1b", rows: Optional[List[dict]] = None) -> str:
 
 @renderer
 def utility_model(file: str = "utility_model") -> str:
-  """`utility_model.py` rows: the frozen-head task's grid over (eps, B, T)."""
+  """`utility_model.py` rows of one task family (`file`): its grid over (eps, B, T)."""
   index = rows_lib.dedupe(
     rows_lib.load(file), lambda r: {k: r[k] for k in ("eps", "batch", "steps")}
   )
