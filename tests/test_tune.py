@@ -14,7 +14,7 @@ from dpjax.pipelines import tune as tune_lib
 from dpjax.training import loop
 from dpjax.training.spec import SpecError
 
-SETS = ["steps=4", "log_every=4", "checkpoint_every=4"]
+SETS = ["steps=4", "log_every=4", "checkpoint_every=4", "task.num_eval=200"]
 GRID = ["learning_rate=1e-3,3e-2"]
 
 

@@ -81,13 +81,24 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
 
 
 def candidates(grid: Dict[str, List[str]]) -> List[List[str]]:
-  """Every combination of the grid, as `--set` items."""
+  """Every combination of the grid, as `--set` items.
+
+  Args:
+    grid: {key: [values]} (`parse_grid`).
+
+  Returns:
+    One list of `KEY=VALUE` items per candidate.
+  """
   keys = list(grid)
   return [[f"{k}={v}" for k, v in zip(keys, vals)] for vals in itertools.product(*grid.values())]
 
 
 def check_tunable(spec) -> None:
-  """One line unless the spec is DP-SGD per example (the event the selection bound is on)."""
+  """One line unless the spec is DP-SGD per example (the event the selection bound is on).
+
+  Args:
+    spec: a validated spec (raises SpecError otherwise).
+  """
   if not spec.private:
     raise SpecError("tune: the config is not private (private=False): nothing to account")
   if spec.privacy_unit != "example" or spec.mechanism != "gaussian":
@@ -290,7 +301,11 @@ def tuned_privacy(run_dir: str, privacy: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def add_arguments(p) -> None:
-  """`dpjax tune`'s arguments on the parser `p`."""
+  """`dpjax tune`'s arguments.
+
+  Args:
+    p: the (sub)parser.
+  """
   p.add_argument("config", help="a config file or a shipped config's name, as `dpjax train` takes")
   p.add_argument(
     "--grid",
@@ -314,7 +329,14 @@ def add_arguments(p) -> None:
 
 
 def command(args) -> int:
-  """`dpjax tune`: run or resume the tuning; print the selected run and the epsilon."""
+  """`dpjax tune`: run or resume the tuning; print the selected run and the epsilon.
+
+  Args:
+    args: the parsed arguments (`add_arguments`).
+
+  Returns:
+    The exit status.
+  """
   rec = tune(
     args.config,
     args.grid,
