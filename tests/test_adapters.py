@@ -59,7 +59,9 @@ def test_partition_combine_round_trip_and_mask_errors():
     adapters.trainable_mask(params, r"nothing/.*")
 
 
-@pytest.mark.parametrize("cfg", [DEC, GPT], ids=["llama", "gpt2"])
+@pytest.mark.parametrize(
+  "cfg", [DEC, pytest.param(GPT, marks=pytest.mark.slow)], ids=["llama", "gpt2"]
+)
 def test_lora_equals_merged_weights(cfg):
   params = init_decoder(cfg, jax.random.PRNGKey(0))
   lora = adapters.init_lora(params, jax.random.PRNGKey(1), rank=4, targets=r".*attn/(q|v)|.*mlp/up")

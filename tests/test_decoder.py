@@ -27,7 +27,9 @@ _ids = hf_tiny.ids
 _randomise = hf_tiny.randomise
 
 
-@pytest.fixture(scope="module", params=["llama", "llama-tied", "gpt2"])
+@pytest.fixture(
+  scope="module", params=["llama", pytest.param("llama-tied", marks=pytest.mark.slow), "gpt2"]
+)
 def tiny(request, tmp_path_factory):
   family = request.param.split("-")[0]
   if torch is None:  # the same shapes, dpjax's own random init

@@ -57,7 +57,13 @@ def _started(workdir: str, logged: int) -> subprocess.Popen:
   return proc
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+  "signum, code",
+  [
+    (signal.SIGTERM, 143),
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+  ],  # the same path
+)
 def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(tmp_path, signum, code):
   w = str(tmp_path / "w")
   proc = _started(w, logged=3)
