@@ -4,6 +4,7 @@
                                     [--seeds 0 1 2]
                                     [--methods dp-sgd automatic ...]
   python experiments/utility.py run --budget 40960 [--tasks rt-top2] [--methods dp-sgd adaptive]
+                                    [--model FIT.json --batches 128,256,512,1024]
                                     # at the operating point `dpjax plan` ranks first
   python experiments/utility.py report          # the tables, from the recorded rows
   python experiments/utility.py bands           # the BandMF band choice per task and epsilon
@@ -46,9 +47,11 @@ the same number of gradient evaluations, and the same target epsilon:
 The hyperparameter choices (tuning on dev) are not accounted, as is usual.
 
 --budget E replaces the task's steps and expected batch by the point `dpjax plan`
-ranks first for E gradient evaluations at the target (TAN, at least 40 steps);
-the clip stays the one tuned at the task's own point. Such rows are told apart by
-their steps and batch (`report utility_planned` tabulates them).
+ranks first for E gradient evaluations at the target (TAN, at least 40 steps;
+with --model, the fitted model's ranking over --batches, points inside its grid
+first, as `dpjax plan --model` prints it); the clip stays the one tuned at the
+task's own point. Such rows are told apart by their steps and batch (`report
+utility_planned` tabulates them).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ import rows as rows_lib  # experiments/rows.py, beside this script
 from dpjax.core import matrix_factorization as mf
 from dpjax.core.accounting import accountants, events
 from dpjax.core.accounting.calibrate import calibrate_scale
-from dpjax.pipelines.planner import plan_points
+from dpjax.pipelines.planner import UtilityModel, plan_points
 from dpjax.tasks import build_task
 from dpjax.training.config import CONFIG_DIR, load_config
 from dpjax.training.loop import train
@@ -105,12 +108,26 @@ def base(task: str, shape=None):
 
 
 @functools.cache
-def planned_shape(task: str, eps: float, budget: int):
-  """(steps, batch) of the point `dpjax plan` ranks first for `budget` gradient evaluations."""
+def planned_shape(task: str, eps: float, budget: int, model: str | None = None, batches=None):
+  """(steps, batch) of the point `dpjax plan` ranks first for `budget` gradient evaluations.
+
+  With `model` (a fitted model's JSON) it ranks by the model over `batches`, the points
+  inside the model's grid first, as `dpjax plan --model` does.
+  """
   if task == "shakespeare":
     raise SystemExit("--budget: the planner needs N; give it for rt-top2 or rt-head")
-  point = plan_points(eps, DELTA, TRAIN_EXAMPLES, budget=budget)[0]
-  return point.steps, point.batch
+  fit = UtilityModel.load(model) if model else None
+  points = plan_points(
+    eps,
+    DELTA,
+    TRAIN_EXAMPLES,
+    budget=budget,
+    batches=batches,
+    criterion=fit.predict if fit else None,
+  )
+  if fit is not None:
+    points = sorted(points, key=lambda p: not fit.inside(p))
+  return points[0].steps, points[0].batch
 
 
 def choose_bands(eps: float, steps: int, batch: int, delta: float = 1e-5) -> dict:
@@ -239,7 +256,7 @@ def run_cell(task, method, eps, seed, clip, shape=None):
   }
 
 
-def cells(tasks, epsilons, seeds, methods, index, budget=None):
+def cells(tasks, epsilons, seeds, methods, index, budget=None, model=None, batches=None):
   """(task, method, eps, seed, clip, shape) in run order; tuning first, then what it needs."""
   for task in tasks:
     if task == "rt-top2":
@@ -249,7 +266,7 @@ def cells(tasks, epsilons, seeds, methods, index, budget=None):
     if clip is None:
       return
     for i, eps in enumerate(epsilons):
-      shape = None if budget is None else planned_shape(task, eps, budget)
+      shape = None if budget is None else planned_shape(task, eps, budget, model, batches)
       for method in methods:
         if method == "non-private" and i:
           continue  # one non-private run per seed, whatever the epsilons
@@ -268,6 +285,12 @@ def main(argv=None):
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("non-private",))
   p.add_argument(
     "--budget", type=int, help="gradient evaluations; run at the planner's first point for it"
+  )
+  p.add_argument("--model", help="with --budget: rank by this fitted utility model's JSON")
+  p.add_argument(
+    "--batches",
+    type=lambda s: tuple(int(b) for b in s.split(",")),
+    help="with --model: the expected batches the planner tries, comma-separated",
   )
   args = p.parse_args(argv)
   if args.command == "bands":
@@ -288,7 +311,16 @@ def main(argv=None):
       index = rows_lib.dedupe(rows_lib.load(NAME), spec_of)
       todo = [
         c
-        for c in cells(args.tasks, args.epsilons, args.seeds, args.methods, index, args.budget)
+        for c in cells(
+          args.tasks,
+          args.epsilons,
+          args.seeds,
+          args.methods,
+          index,
+          args.budget,
+          args.model,
+          args.batches,
+        )
         if rows_lib.find(index, spec(*c)) is None
       ]
       if not todo:
