@@ -1163,12 +1163,21 @@ def bench_1b(file: str = "bench_1b", rows: Optional[List[dict]] = None) -> str:
 
 @renderer
 def utility_model(file: str = "utility_model") -> str:
-  """`utility_model.py` rows of one task family (`file`): its grid over (eps, B, T)."""
+  """`utility_model.py` rows of one task family (`file`): its grid over (eps, B, T).
+
+  A language model's rows (no accuracy) show dev and test perplexity instead."""
   index = rows_lib.dedupe(
     rows_lib.load(file), lambda r: {k: r[k] for k in ("eps", "batch", "steps")}
   )
+  rows = sorted(index.values(), key=lambda r: (r["eps"], r["batch"], r["steps"]))
+  lm = bool(rows) and "dev_accuracy" not in rows[0]
+  scores = ("dev perplexity", "test perplexity") if lm else ("dev accuracy", "test accuracy")
   lines = []
-  for r in sorted(index.values(), key=lambda r: (r["eps"], r["batch"], r["steps"])):
+  for r in rows:
+    if lm:
+      score = [f"{r['dev_perplexity']:.3f}", f"{r['test_perplexity']:.3f}"]
+    else:
+      score = [f"{100 * r['dev_accuracy']:.2f} %", f"{100 * r['test_accuracy']:.2f} %"]
     lines.append(
       [
         r["revision"],
@@ -1179,8 +1188,7 @@ def utility_model(file: str = "utility_model") -> str:
         f"{r['noise_batch_ratio']:.2e}",
         f"{r['tan']:.3f}",
         f"{r['dev_loss']:.4f}",
-        f"{100 * r['dev_accuracy']:.2f} %",
-        f"{100 * r['test_accuracy']:.2f} %",
+        *score,
         f"{r['epsilon']:.3f}",
         f"{r['seconds']:.0f}",
       ]
@@ -1195,8 +1203,7 @@ def utility_model(file: str = "utility_model") -> str:
       "sigma / B",
       "TAN",
       "dev loss",
-      "dev accuracy",
-      "test accuracy",
+      *scores,
       "epsilon",
       "run s",
     ],

@@ -16,10 +16,18 @@ entropy (the default), sigma calibrated by PLD for each (q, T), delta 1e-5:
                128 / 256 / 512, T in 20 / 40 / 80; 9 runs, about an hour (the study's
                point, 40 x 256, is the middle one). Rows in
                results/utility_model_rt_top2.jsonl.
+  shakespeare  the study's byte-level language model (`experiments/utility.py`'s
+               shakespeare: the decoder pretrained on public text, fine-tuned on the
+               plays with per-example DP, ghost clipping, Adam 1e-3, clip 1): target
+               epsilon 3, B in 64 / 128 / 256, T in 24 / 48 / 96; 9 runs, about 15 min
+               (the study's point, 48 x 128, is the middle one); its target is the dev
+               loss (mean NLL per byte, log perplexity), it has no accuracy. Rows in
+               results/utility_model_shakespeare.jsonl.
 A row: eps, batch, steps, sigma, q, noise_batch_ratio, tan, dev/test loss and accuracy,
 seconds, revision, machine.
 
-The fit (`fit`): the target (dev error by default; `--target dev_loss` and others) ~
+The fit (`fit`): the target (dev error by default, dev loss for shakespeare; `--target
+dev_loss` and others) ~
 a + b x + c y + d x^2 + e x y with x = log(sigma / B) and y = log T
 (`dpjax.pipelines.planner.model_features`), least squares; its held-out error is
 leave-one-out over the grid points (each point predicted by the fit to the other 17),
@@ -55,7 +63,9 @@ FAMILIES = {
     (20, 40, 80),
     "Adam 1e-3 (layers) / 0.01 (head)",
   ),
+  "shakespeare": ("utility_model_shakespeare", (3.0,), (64, 128, 256), (24, 48, 96), "Adam 1e-3"),
 }
+DEFAULT_TARGET = {"shakespeare": "dev_loss"}  # the others: dev_error
 RT_TOP2_CLIP = 0.3  # the study's clip, tuned on dev at its own point (utility.py)
 
 
@@ -93,10 +103,11 @@ def _config(family: str, eps: float, batch: int, steps: int):
   """The dpjax config of one grid point of `family`."""
   from dpjax.training.config import CONFIG_DIR, load_config
 
-  if family == "rt_top2":
+  if family in ("rt_top2", "shakespeare"):
     import utility  # experiments/utility.py: the study's own config of the task
 
-    return utility.config("rt-top2", "dp-sgd", eps, 0, RT_TOP2_CLIP, shape=(steps, batch))
+    task, clip = ("rt-top2", RT_TOP2_CLIP) if family == "rt_top2" else ("shakespeare", 1.0)
+    return utility.config(task, "dp-sgd", eps, 0, clip, shape=(steps, batch))
   over = [
     f"target_epsilon={eps}",
     f"batch_size={batch}",
@@ -105,6 +116,18 @@ def _config(family: str, eps: float, batch: int, steps: int):
     f"checkpoint_every={steps}",
   ]
   return load_config(os.path.join(CONFIG_DIR, "quickstart.py"), over)
+
+
+def scores(m: dict) -> dict:
+  """A run's dev and test scores: loss and accuracy, or (a language model) loss per token
+  and perplexity."""
+  if "dev_nll_sum" in m:
+    loss = {s: m[f"{s}_nll_sum"] / m[f"{s}_tokens"] for s in ("dev", "test")}
+    return {
+      **{f"{s}_loss": v for s, v in loss.items()},
+      **{f"{s}_perplexity": math.exp(v) for s, v in loss.items()},
+    }
+  return {k: m[k] for k in ("dev_loss", "dev_accuracy", "test_loss", "test_accuracy")}
 
 
 def run(a) -> int:
@@ -133,10 +156,7 @@ def run(a) -> int:
       noise_batch_ratio=sigma / batch,
       tan=sigma / (q * math.sqrt(steps)),
       epsilon=m["epsilon"],
-      dev_loss=m["dev_loss"],
-      dev_accuracy=m["dev_accuracy"],
-      test_loss=m["test_loss"],
-      test_accuracy=m["test_accuracy"],
+      **scores(m),
       seconds=round(time.time() - t0, 1),
     )
     rows_lib.append(name, [row])
@@ -177,8 +197,11 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("action", choices=["run", "fit"])
   p.add_argument("--family", default="frozen_head", choices=list(FAMILIES))
-  p.add_argument("--target", default="dev_error", help="dev_error, dev_loss, test_error, ...")
+  p.add_argument(
+    "--target", help="dev_error (shakespeare: dev_loss), dev_loss, test_error, test_loss, ..."
+  )
   a = p.parse_args(argv)
+  a.target = a.target or DEFAULT_TARGET.get(a.family, "dev_error")
   return run(a) if a.action == "run" else report(a)
 
 
