@@ -13,7 +13,12 @@ and events) -> `training` (spec, plan, step, loop) -> `tasks` -> `pipelines`
 (multi-stage runs) -> `cli`.
 """
 
+import os as _os
 import sys as _sys
+
+# transformers' "PyTorch was not found" advice, printed on its import without torch: dpjax runs
+# its models in JAX and needs torch only for what its extras say (a user's own setting wins)
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from dpjax.core import accounting, mechanisms
 from dpjax.core.clipping import ClippedGradAux, clipped_grad, group_mean

@@ -454,8 +454,6 @@ def main(argv=None) -> int:
   Returns:
     The exit status.
   """
-  # transformers' "PyTorch was not found" advice: dpjax runs its models in JAX, not torch
-  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     if argv[:2] == ["account", "lmo"]:

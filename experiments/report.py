@@ -348,8 +348,10 @@ def utility_planned(task: str, epsilon: str) -> str:
     )
   for method, got in _peer_runs(task, eps).items():
     seeds = sorted(got)
+    first = got[seeds[0]]
     lines.append(
-      ["10,240", "study", "40 x 256", method, ",".join(map(str, seeds))]
+      [f"{first['steps'] * first['batch_size']:,}", "study"]
+      + [f"{first['steps']} x {first['batch_size']}", method, ",".join(map(str, seeds))]
       + [_ms([100 * got[k]["test_accuracy"] for k in seeds], ".2f")]
       + [_paired(_test(got), _test(study)) or "-", "-"]
       + [f"{max(got[k]['epsilon'] for k in seeds):.3f}", f"{got[seeds[0]]['noise_multiplier']:.3f}"]

@@ -164,3 +164,26 @@ def test_ci_reruns_the_files_the_readme_run_skipped_for_want_of_an_extra(tmp_pat
     message="could not import 'jax_privacy.auditing'" /></testcase>
   </testsuite></testsuites>"""
   assert module.skipped_files(report) == ["tests/test_causal_lm.py", "tests/test_tables.py"]
+
+
+_ADVICE = (
+  "import dpjax, os\n"
+  "from transformers.utils import logging\n"
+  "logging.get_logger('transformers').warning_advice('ADVICE')\n"
+  "print(os.environ['TRANSFORMERS_NO_ADVISORY_WARNINGS'])\n"
+)
+
+
+def test_importing_dpjax_silences_transformers_advice_unless_the_user_set_it():
+  """transformers' advice ("PyTorch was not found ...") is silenced by `import dpjax`; a
+  user's own TRANSFORMERS_NO_ADVISORY_WARNINGS is kept."""
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  got = subprocess.run(
+    [sys.executable, "-c", _ADVICE], env=env, capture_output=True, text=True, check=True
+  )
+  assert "ADVICE" not in got.stderr + got.stdout and got.stdout.strip() == "1"
+  env["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = ""  # the user's: advice shown
+  got = subprocess.run(
+    [sys.executable, "-c", _ADVICE], env=env, capture_output=True, text=True, check=True
+  )
+  assert "ADVICE" in got.stderr and got.stdout.strip() == ""
