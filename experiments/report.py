@@ -299,6 +299,7 @@ def utility_planned(task: str, epsilon: str) -> str:
   """DP-SGD and adaptive clipping at the study's point and at `dpjax plan`'s (`--budget`)."""
   eps = float(epsilon)
   key = _utility_metric(task)
+  scale, fmt = (1.0, ".3f") if key == "test_perplexity" else (100.0, ".2f")
   rows = [
     r
     for r in rows_lib.load("utility")
@@ -339,8 +340,8 @@ def utility_planned(task: str, epsilon: str) -> str:
         f"{steps} x {batch}",
         method,
         ",".join(map(str, seeds)),
-        _ms([100 * got[k][key] for k in seeds], ".2f"),
-        "-" if base else _paired(_test(got, key), _test(study, key)) or "-",
+        _ms([scale * got[k][key] for k in seeds], fmt),
+        "-" if base else _paired(_test(got, key), _test(study, key), scale, "+" + fmt) or "-",
         "-" if base or not np.isfinite(closed) else f"{int(round(100 * closed)):+d} %",
         f"{max(got[k]['epsilon'] for k in seeds):.3f}",
         f"{got[seeds[0]]['noise_multiplier']:.3f}",
@@ -360,7 +361,8 @@ def utility_planned(task: str, epsilon: str) -> str:
     seeds = sorted(free)
     lines.append(
       ["-", "-", "-", "non-private", ",".join(map(str, seeds))]
-      + [_ms([100 * free[k] for k in seeds], ".2f"), _paired(free, _test(study, key)) or "-"]
+      + [_ms([scale * free[k] for k in seeds], fmt)]
+      + [_paired(free, _test(study, key), scale, "+" + fmt) or "-"]
       + ["+100 %", "inf", "-"]
     )
   header = [
@@ -369,8 +371,8 @@ def utility_planned(task: str, epsilon: str) -> str:
     "steps x expected batch",
     "method",
     "seeds",
-    "test acc (%)",
-    "paired diff. vs the study's DP-SGD (points)",
+    "test perplexity" if key == "test_perplexity" else "test acc (%)",
+    "paired diff. vs the study's DP-SGD" + ("" if key == "test_perplexity" else " (points)"),
     "gap to non-private closed",
     "epsilon",
     "sigma",

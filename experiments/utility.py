@@ -92,6 +92,11 @@ SHAKESPEARE = {  # per-example DP at the user-level grid's compute (48 steps of 
 METHODS = report_lib.UTILITY_METHODS
 TUNE_CLIPS = (0.1, 0.3, 1.0)
 TRAIN_EXAMPLES = 8441  # rt-polarity's training split
+UNITS = {  # N, the examples a task samples from (the planner's --units)
+  "rt-top2": TRAIN_EXAMPLES,
+  "rt-head": TRAIN_EXAMPLES,
+  "shakespeare": 27104,  # the plays' training windows (q = B / N in its rows)
+}
 DELTA = 1e-5
 
 
@@ -114,13 +119,11 @@ def planned_shape(task: str, eps: float, budget: int, model: str | None = None, 
   With `model` (a fitted model's JSON) it ranks by the model over `batches`, the points
   inside the model's grid first, as `dpjax plan --model` does.
   """
-  if task == "shakespeare":
-    raise SystemExit("--budget: the planner needs N; give it for rt-top2 or rt-head")
   fit = UtilityModel.load(model) if model else None
   points = plan_points(
     eps,
     DELTA,
-    TRAIN_EXAMPLES,
+    UNITS[task],
     budget=budget,
     batches=batches,
     criterion=fit.predict if fit else None,
