@@ -19,18 +19,18 @@ entropy (the default), sigma calibrated by PLD for each (q, T), delta 1e-5:
   shakespeare  the study's byte-level language model (`experiments/utility.py`'s
                shakespeare: the decoder pretrained on public text, fine-tuned on the
                plays with per-example DP, ghost clipping, Adam 1e-3, clip 1): target
-               epsilon 3, B in 64 / 128 / 256, T in 24 / 48 / 96; 9 runs, about 15 min
-               (the study's point, 48 x 128, is the middle one); its target is the dev
+               epsilon 3, B in 64 / 128 / 256, T in 24 / 48 / 96; 9 runs, about 17 min
+               after the public pretraining the first run does once (13 min; the
+               study's point, 48 x 128, is the middle one); its target is the dev
                loss (mean NLL per byte, log perplexity), it has no accuracy. Rows in
                results/utility_model_shakespeare.jsonl.
 A row: eps, batch, steps, sigma, q, noise_batch_ratio, tan, dev/test loss and accuracy,
 seconds, revision, machine.
 
 The fit (`fit`): the target (dev error by default, dev loss for shakespeare; `--target
-dev_loss` and others) ~
-a + b x + c y + d x^2 + e x y with x = log(sigma / B) and y = log T
+dev_loss` and others) ~ a + b x + c y + d x^2 + e x y with x = log(sigma / B) and y = log T
 (`dpjax.pipelines.planner.model_features`), least squares; its held-out error is
-leave-one-out over the grid points (each point predicted by the fit to the other 17),
+leave-one-out over the grid points (each point predicted by the fit to the others),
 beside a constant-mean baseline's. It writes the model
 (`experiments/results/utility_model_TARGET.json`) that `dpjax plan --model FILE` ranks
 by; it describes THIS task at THIS learning rate, no other.
