@@ -129,7 +129,7 @@ def planned_shape(task: str, eps: float, budget: int, model: str | None = None, 
     criterion=fit.predict if fit else None,
   )
   if fit is not None:
-    points = sorted(points, key=lambda p: not fit.inside(p))
+    points = fit.inside_first(points)
   return points[0].steps, points[0].batch
 
 

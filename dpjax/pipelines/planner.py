@@ -140,6 +140,17 @@ class UtilityModel:
     (r0, r1), (t0, t1) = self.ratio_range, self.steps_range
     return r0 <= point.noise_batch_ratio <= r1 and t0 <= point.steps <= t1
 
+  def inside_first(self, points: Sequence[OperatingPoint]) -> List[OperatingPoint]:
+    """The points inside the model's grid first, each part in its given order.
+
+    Args:
+      points: operating points, ranked by this model (`plan_points(criterion=predict)`).
+
+    Returns:
+      The same points, those the model was fitted near first (a stable sort).
+    """
+    return sorted(points, key=lambda p: not self.inside(p))
+
 
 def batch_grid(num_units: int, budget: int, min_steps: int, min_batch: int = MIN_BATCH) -> list:
   """Expected batches to try: 2^k and 3 * 2^(k-1) from `min_batch` to what the budget allows.
@@ -469,8 +480,8 @@ def command(args) -> int:
     criterion=model.predict if model else None,
     **kw,
   )
-  if model is not None:  # the points the model was fitted near first (a stable sort)
-    points = sorted(points, key=lambda p: not model.inside(p))
+  if model is not None:
+    points = model.inside_first(points)
   if args.json:
     for p in points[: args.top]:
       print(json.dumps(dataclasses.asdict(p)))
